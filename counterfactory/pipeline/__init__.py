@@ -1,0 +1,1 @@
+"""Config, stage graph, Ray runner and output writer."""

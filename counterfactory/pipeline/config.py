@@ -1,0 +1,276 @@
+"""Typed pipeline configuration: one YAML file, validated completely before anything runs.
+
+Every stage entry names a backend; the backend's own pydantic params model validates its
+``params`` here too, so a typo in a stage parameter fails at load time, not an hour into a run.
+Relative paths are resolved against the config file's folder; ``pkg:PACKAGE/path`` names a file
+shipped inside an installed package (the bundled demo data and scikit-image's photographs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config problem, reported as one line: ``FILE: KEY: what is wrong``."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def resolve_path(path: str, base: Path | None) -> Path:
+    """Resolve ``pkg:PACKAGE/rel/path`` or a path relative to ``base`` (the config's folder)."""
+    if path.startswith("pkg:"):
+        package, _, rel = path[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"package {package!r} is not installed") from exc
+        return Path(str(root.joinpath(rel)))
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return p
+
+
+class Resources(Strict):
+    """Where and how wide a stage runs; turned into Ray Data ``map_batches`` arguments."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes of heap memory to reserve per worker")
+    # None: stateless stages run as Ray tasks (fused with neighbours); an int or [min, max]
+    # runs an actor pool, which stages holding models always use.
+    concurrency: int | tuple[int, int] | None = None
+    batch_size: int = Field(8, ge=1)
+
+
+class StageConfig(Strict):
+    name: str
+    backend: str = "default"
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> StageConfig:
+        from counterfactory.stages import get_backend
+
+        cls = get_backend(self.name, self.backend)  # raises ValueError naming the choices
+        self.params = cls.Params.model_validate(self.params).model_dump(mode="json")
+        return self
+
+
+class ManifestInput(Strict):
+    """JSONL, one image per line with one question (``question``) or several (``questions``)."""
+
+    kind: Literal["manifest"]
+    path: str
+    images_root: str | None = None  # default: the manifest's folder
+
+
+class CocoInput(Strict):
+    """COCO instance annotations; questions are generated per (image, category)."""
+
+    kind: Literal["coco"]
+    path: str
+    images_root: str | None = None
+    question_kinds: list[Literal["existence", "count", "color", "position"]] = ["existence", "count"]
+    max_categories_per_image: int = Field(3, ge=1)
+
+
+class ProceduralInput(Strict):
+    """Seeded synthetic scenes with exact masks, rendered in memory (tests and benchmarks)."""
+
+    kind: Literal["procedural"]
+    count: int = Field(ge=0)
+    seed: int = 0
+    size: tuple[int, int] = (256, 256)  # width, height
+    questions_per_scene: int = Field(2, ge=1, le=4)
+
+
+InputConfig = Annotated[ManifestInput | CocoInput | ProceduralInput, Field(discriminator="kind")]
+
+
+class OutputConfig(Strict):
+    root: str = "outputs"
+    shard_size: int = Field(64, ge=1, description="samples per shard")
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class LimitsConfig(Strict):
+    max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
+    min_side: int = Field(16, ge=1)
+    oversize: Literal["reject", "downscale"] = "reject"
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: $RAY_ADDRESS if set, else a local instance
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance")
+    preserve_order: bool = False  # output never depends on it; the writer reorders by input index
+
+
+REQUIRED_STAGES = ("ingest", "localize", "segment", "edit", "qa", "verify")
+
+
+class PipelineConfig(Strict):
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+    seed: int = 0
+    inputs: list[InputConfig] = Field(min_length=1)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    abstain_answer: str = "unknown"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    stages: list[StageConfig]
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        order = [n for n in names if n in REQUIRED_STAGES]
+        if order != list(REQUIRED_STAGES):
+            raise ValueError(f"stages must include, in this order, {list(REQUIRED_STAGES)}; got {names}")
+        return stages
+
+    # Set by load_config: the folder relative paths are resolved against.
+    base_dir: Path | None = Field(None, exclude=True)
+
+    def path(self, p: str) -> Path:
+        return resolve_path(p, self.base_dir)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"base_dir"})
+
+    def config_hash(self) -> str:
+        """Hash of everything that shapes the output (Ray placement and address excluded)."""
+        d = self.resolved()
+        d.pop("ray")
+        for s in d["stages"]:
+            s.pop("resources")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``a.b.c=v`` into nested dicts; a list of stages is addressed by stage name or index."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if match:
+                idx = node.index(match[0])
+            elif part.isdigit() and int(part) < len(node):
+                idx = int(part)
+            else:
+                raise ConfigError(f"override {dotted}: no list item named {part!r}")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _loc(err: dict[str, Any], data: dict[str, Any]) -> str:
+    """Pydantic's error location as a dotted key, list indices replaced by stage names."""
+    out: list[str] = []
+    node: Any = data
+    for part in err["loc"]:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            item = node[part]
+            name = item.get("name") if isinstance(item, dict) else None
+            out.append(str(name) if name else str(part))
+            node = item
+        else:
+            if isinstance(node, dict):
+                node = node.get(part)
+            else:
+                node = None
+            # discriminated unions add the tag to the location; it is not a key of the file
+            if part in ("manifest", "coco", "procedural") and out and out[-1].isdigit():
+                continue
+            out.append(str(part))
+    return ".".join(out) or "(top level)"
+
+
+def _check_files(cfg: PipelineConfig, source: str) -> None:
+    for i, inp in enumerate(cfg.inputs):
+        for key in ("path", "images_root"):
+            value = getattr(inp, key, None)
+            if value is None:
+                continue
+            try:
+                p = cfg.path(value)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: inputs.{i}.{key}: {exc}") from None
+            if not p.exists():
+                raise ConfigError(f"{source}: inputs.{i}.{key}: file not found: {p}")
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True
+) -> PipelineConfig:
+    """Read, override, validate. Every problem becomes one ConfigError line."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping at the top level")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return validate_config(data, source=source, base_dir=path.resolve().parent, check_files=check_files)
+
+
+def validate_config(
+    data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None, check_files: bool = True
+) -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {_loc(err, data)}: {msg}{more}") from None
+    cfg.base_dir = base_dir
+    if check_files:
+        _check_files(cfg, source)
+    return cfg

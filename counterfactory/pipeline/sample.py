@@ -1,0 +1,158 @@
+"""The unit that flows through the stage graph, and the base class every stage derives from.
+
+A Ray Data batch is a dict of numpy columns with one row per input:
+
+- ``idx``    int64   position of the input in the run's input list (the writer's stable order)
+- ``key``    str     the sample key ("" until ingest computes it)
+- ``status`` str     "ok" or "rejected"
+- ``meta``   str     JSON: everything small (source, questions, boxes, answers, metrics, rejects)
+- ``blob``   bytes   pickled dict of numpy arrays (image, masks, variants); empty once rejected
+
+Arrays travel as one pickled blob instead of tensor columns because their shapes differ per
+row and per variant; pickle protocol 5 of contiguous arrays is a plain memory copy. The blob is
+produced and consumed only inside the pipeline, never read from user-supplied files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+COLUMNS = ("idx", "key", "status", "meta", "blob")
+
+
+class Reject(Exception):
+    """Raised inside a stage's ``process`` to reject the sample with a reason (a data fault)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Sample:
+    idx: int
+    key: str
+    status: str
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def reject(self, stage: str, reason: str, detail: str = "") -> None:
+        self.status = "rejected"
+        self.meta["reject"] = {"stage": stage, "reason": reason, "detail": detail[:500]}
+        self.arrays = {}
+
+    def reject_variant(self, stage: str, variant: str, reason: str, detail: str = "") -> None:
+        """Drop one variant of an otherwise good sample, recording why (never silently)."""
+        self.meta.setdefault("variant_rejects", []).append(
+            {"stage": stage, "variant": variant, "reason": reason, "detail": detail[:500]}
+        )
+        self.arrays.pop(f"variant/{variant}", None)
+        self.arrays.pop(f"mask/{variant}", None)
+        self.meta["variants"] = [v for v in self.meta.get("variants", []) if v != variant]
+        self.meta.get("edits", {}).pop(variant, None)
+        for item in self.meta.get("qa", []):
+            item["answers"].pop(variant, None)
+
+    @property
+    def seed(self) -> int:
+        """Per-sample seed from the run seed and the key: independent of batching and order."""
+        digest = hashlib.sha256(f"{self.meta['run_seed']}:{self.key}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> list[Sample]:
+    out = []
+    for i in range(len(batch["idx"])):
+        blob = batch["blob"][i]
+        out.append(
+            Sample(
+                idx=int(batch["idx"][i]),
+                key=str(batch["key"][i]),
+                status=str(batch["status"][i]),
+                meta=json.loads(batch["meta"][i]),
+                arrays=pickle.loads(blob) if len(blob) else {},
+            )
+        )
+    return out
+
+
+def encode_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
+    return {
+        "idx": np.array([s.idx for s in samples], dtype=np.int64),
+        "key": np.array([s.key for s in samples], dtype=object),
+        "status": np.array([s.status for s in samples], dtype=object),
+        "meta": np.array([json.dumps(s.meta, sort_keys=True) for s in samples], dtype=object),
+        "blob": np.array(
+            [pickle.dumps(s.arrays, protocol=5) if s.ok and s.arrays else b"" for s in samples],
+            dtype=object,
+        ),
+    }
+
+
+class Stage:
+    """One pipeline step. Subclasses set ``name``/``backend``/``Params`` and implement ``process``.
+
+    The constructor receives validated params and run-level settings and builds any heavy state
+    (models) once per Ray worker; ``__call__`` is what Ray Data's ``map_batches`` invokes.
+    A bad sample never raises out of ``__call__``: it is marked rejected with a reason.
+    """
+
+    name: ClassVar[str]
+    backend: ClassVar[str] = "default"
+    # Stages that hold models set this: they always run as a Ray actor pool.
+    stateful: ClassVar[bool] = False
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> None:
+        self.params = self.Params.model_validate(params or {})
+        self.run = run or {}
+
+    def describe(self) -> dict[str, Any]:
+        """Backend name and parameters, recorded in every sample's provenance."""
+        return {"backend": self.backend, "params": self.params.model_dump(mode="json")}
+
+    def process(self, sample: Sample) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def process_batch(self, samples: list[Sample]) -> None:
+        """Per-sample by default; model backends override this to batch on the GPU."""
+        for s in samples:
+            self.guarded(s, self.process)
+
+    def guarded(self, sample: Sample, fn: Any) -> None:
+        try:
+            fn(sample)
+        except Reject as r:
+            sample.reject(self.name, r.reason, r.detail)
+        except Exception as exc:  # a bug or an unexpected input: reject this one, keep the run
+            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            sample.reject(self.name, "stage_error", f"{type(exc).__name__}: {exc} | {tb}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = decode_batch(batch)
+        live = [s for s in samples if s.ok]
+        t0 = time.perf_counter()
+        if live:
+            self.process_batch(live)
+        share = (time.perf_counter() - t0) / max(len(live), 1)
+        for s in live:
+            s.meta.setdefault("seconds", {})[self.name] = round(share, 6)
+            if s.ok:
+                s.meta.setdefault("provenance", {}).setdefault("stages", {})[self.name] = self.describe()
+        return encode_batch(samples)

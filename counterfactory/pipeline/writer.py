@@ -1,0 +1,316 @@
+"""The output format: WebDataset shards of paired samples, an index, a rejects ledger, a manifest.
+
+Two halves: ``PartEncoder`` runs on the Ray workers as the last map step and turns a sample's
+arrays into the bytes of its tar members; ``DatasetWriter`` runs in the driver and only writes
+bytes. It reorders rows by input index so shard contents never depend on Ray's execution order,
+writes each shard under a temporary name, fsyncs and renames it, and streams index and rejects
+rows to parquet as shards complete. The manifest (per-shard sha256, bytes, sample count) holds
+no timestamps, so the same config and inputs give a byte-identical manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+import yaml
+
+from counterfactory import __version__
+from counterfactory.pipeline.sample import decode_batch, encode_batch
+
+FORMAT = "counterfactory/1"
+TAR_MTIME = 0  # fixed member metadata: reruns give identical bytes
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("input_index", pa.int64()),
+    ("source", pa.string()),
+    ("source_sha256", pa.string()),
+    ("variants", pa.list_(pa.string())),
+    ("questions", pa.list_(pa.string())),
+    ("question_kinds", pa.list_(pa.string())),
+    ("answers", pa.string()),  # JSON: one {variant: answer} per question, in question order
+    ("targets", pa.list_(pa.string())),
+    ("n_instances", pa.int32()),
+    ("mask_area_frac", pa.float64()),
+    ("metrics", pa.string()),  # JSON
+])
+
+REJECT_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("input_index", pa.int64()),
+    ("source", pa.string()),
+    ("origin", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("variant", pa.string()),  # null: the whole input was rejected
+])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _encode_image(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    if arr.ndim == 3:
+        arr = arr[..., ::-1]  # RGB -> BGR for OpenCV
+    if fmt == "jpg":
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(arr), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    else:
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {arr.shape} image as {fmt}")
+    return buf.tobytes()
+
+
+def sample_json(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """The ``KEY.json`` member: everything a trainer or auditor needs, nothing run-dependent."""
+    prov = dict(meta.get("provenance", {}))
+    prov["run_seed"] = meta.get("run_seed")
+    prov["config_hash"] = meta.get("config_hash")
+    prov["package_version"] = __version__
+    out = {
+        "key": key,
+        "source": meta["source"],
+        "qa": meta["qa"],
+        "targets": meta["targets"],
+        "instances": meta["instances"],
+        "variants": meta["variants"],
+        "edits": meta["edits"],
+        "mask": meta["mask"],
+        "metrics": meta["metrics"],
+        "provenance": prov,
+    }
+    if meta.get("variant_rejects"):
+        out["variant_rejects"] = meta["variant_rejects"]
+    if meta.get("notes"):
+        out["notes"] = meta["notes"]
+    return out
+
+
+class PartEncoder:
+    """Last map step, on the workers: arrays -> encoded tar members (image encode is the costly
+    part of writing, so it runs in parallel rather than in the driver)."""
+
+    def __init__(self, image_format: str = "jpg", jpeg_quality: int = 95) -> None:
+        self.fmt = image_format
+        self.quality = jpeg_quality
+        cv2.setNumThreads(1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = decode_batch(batch)
+        for s in samples:
+            if not s.ok:
+                continue
+            a = s.arrays
+            parts = {f"orig.{self.fmt}": _encode_image(a["image"], self.fmt, self.quality),
+                     "mask.png": _encode_image(a["mask"], "png", 0)}
+            for v in s.meta["variants"]:
+                parts[f"{v}.{self.fmt}"] = _encode_image(a[f"variant/{v}"], self.fmt, self.quality)
+            if "random_mask" in s.meta["variants"]:
+                parts["control_mask.png"] = _encode_image(a["mask/random_mask"], "png", 0)
+            doc = sample_json(s.meta, s.key)
+            doc["parts"] = sorted([*parts, "json"])
+            parts["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
+            s.arrays = {"parts": parts}
+        return encode_batch(samples)
+
+
+class DatasetWriter:
+    """Driver side: ordered, atomic, streaming. ``add`` rows in any order; ``close`` at the end."""
+
+    def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
+                 config: dict[str, Any], config_hash: str) -> None:
+        self.out_dir = out_dir
+        self.dataset = dataset
+        self.shard_size = shard_size
+        self.n_inputs = n_inputs
+        self.config = config
+        self.config_hash = config_hash
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[int, tuple[str, str, dict[str, Any], dict[str, bytes]]] = {}
+        self.next_idx = 0
+        self.keys: set[str] = set()
+        self.shards: list[dict[str, Any]] = []
+        self._tar: wds.TarWriter | None = None
+        self._tar_file: Any = None
+        self._tar_tmp: Path | None = None
+        self._in_shard = 0
+        self._index_rows: list[dict[str, Any]] = []
+        self._index_writer = pq.ParquetWriter(out_dir / ".index.parquet.tmp", INDEX_SCHEMA)
+        self._rejects: list[dict[str, Any]] = []
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self.variant_counts: Counter[str] = Counter()
+        self.kind_counts: Counter[str] = Counter()
+        self.samples = 0
+
+    # -- rows in ---------------------------------------------------------------------------
+    def add_batch(self, batch: dict[str, np.ndarray]) -> None:
+        for s in decode_batch(batch):
+            self.add(s.idx, s.key, s.status, s.meta, s.arrays.get("parts", {}))
+
+    def add(self, idx: int, key: str, status: str, meta: dict[str, Any], parts: dict[str, bytes]) -> None:
+        if idx in self.pending or idx < self.next_idx:
+            raise RuntimeError(f"input {idx} arrived twice")
+        self.pending[idx] = (key, status, meta, parts)
+        while self.next_idx in self.pending:
+            self._emit(self.next_idx, *self.pending.pop(self.next_idx))
+            self.next_idx += 1
+
+    def _emit(self, idx: int, key: str, status: str, meta: dict[str, Any], parts: dict[str, bytes]) -> None:
+        for stage, sec in meta.get("seconds", {}).items():
+            self.stage_seconds[stage] += sec
+        source = meta.get("source", {}).get("image") or meta.get("image", "")
+        origin = meta.get("source", {}).get("origin") or meta.get("origin", "")
+        if status != "ok":
+            r = meta.get("reject", {"stage": "unknown", "reason": "unknown", "detail": ""})
+            self._reject(key, idx, source, origin, r["stage"], r["reason"], r.get("detail", ""), None)
+            return
+        if key in self.keys:
+            self._reject(key, idx, source, origin, "shard", "duplicate",
+                         "same source bytes and question as an earlier input", None)
+            return
+        self.keys.add(key)
+        for vr in meta.get("variant_rejects", []):
+            self._reject(key, idx, source, origin, vr["stage"], vr["reason"], vr["detail"], vr["variant"])
+        shard = self._write_sample(key, parts)
+        self.samples += 1
+        self.variant_counts.update(meta["variants"])
+        self.kind_counts.update(q["kind"] for q in meta["qa"])
+        self._index_rows.append({
+            "key": key, "shard": shard, "input_index": idx, "source": source,
+            "source_sha256": meta["source"]["sha256"], "variants": meta["variants"],
+            "questions": [q["question"] for q in meta["qa"]],
+            "question_kinds": [q["kind"] for q in meta["qa"]],
+            "answers": json.dumps([q["answers"] for q in meta["qa"]], sort_keys=True),
+            "targets": meta["targets"], "n_instances": len(meta["instances"]),
+            "mask_area_frac": meta["mask"]["area_frac"],
+            "metrics": json.dumps(meta["metrics"], sort_keys=True),
+        })
+
+    def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
+        self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
+                              "stage": stage, "reason": reason, "detail": detail, "variant": variant})
+
+    # -- shards ------------------------------------------------------------------------------
+    def _shard_name(self, i: int) -> str:
+        return f"{self.dataset}-{i:06d}.tar"
+
+    def _write_sample(self, key: str, parts: dict[str, bytes]) -> str:
+        if self._tar is None:
+            name = self._shard_name(len(self.shards))
+            self._tar_tmp = self.out_dir / f".{name}.tmp"
+            self._tar_file = open(self._tar_tmp, "wb")
+            self._tar = wds.TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=TAR_MTIME)
+        self._tar.write({"__key__": key, **parts})
+        self._in_shard += 1
+        name = self._shard_name(len(self.shards))
+        if self._in_shard >= self.shard_size:
+            self._close_shard()
+        return name
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        assert self._tar_tmp is not None
+        self._tar.close()  # closes the tar stream; the file object stays ours
+        if not self._tar_file.closed:
+            self._tar_file.flush()
+            os.fsync(self._tar_file.fileno())
+            self._tar_file.close()
+        name = self._shard_name(len(self.shards))
+        final = self.out_dir / name
+        os.replace(self._tar_tmp, final)
+        self.shards.append({"name": name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
+                            "samples": self._in_shard})
+        self._index_writer.write_table(pa.Table.from_pylist(self._index_rows, schema=INDEX_SCHEMA))
+        self._index_rows = []
+        self._tar = None
+        self._in_shard = 0
+
+    # -- the end ----------------------------------------------------------------------------
+    def close(self) -> dict[str, Any]:
+        if self.pending or self.next_idx != self.n_inputs:
+            missing = self.n_inputs - self.next_idx
+            raise RuntimeError(f"{missing} input(s) never came back from the pipeline; nothing finalized")
+        self._close_shard()
+        self._index_writer.close()
+        os.replace(self.out_dir / ".index.parquet.tmp", self.out_dir / "index.parquet")
+        rej = pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(rej, sink)
+        atomic_write(self.out_dir / "rejects.parquet", sink.getvalue().to_pybytes())
+        atomic_write(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False).encode())
+        rejected_inputs = sum(1 for r in self._rejects if r["variant"] is None)
+        by_reason = Counter(
+            (r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in self._rejects
+        )
+        files = {n: {"sha256": sha256_file(self.out_dir / n), "bytes": (self.out_dir / n).stat().st_size}
+                 for n in ("index.parquet", "rejects.parquet", "config.yaml")}
+        manifest = {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "package_version": __version__,
+            "config_hash": self.config_hash,
+            "counts": {
+                "inputs": self.n_inputs,
+                "samples": self.samples,
+                "rejected_inputs": rejected_inputs,
+                "rejected_variants": len(self._rejects) - rejected_inputs,
+                "variants": dict(sorted(self.variant_counts.items())),
+                "question_kinds": dict(sorted(self.kind_counts.items())),
+            },
+            "rejects": [{"stage": s, "reason": r, "scope": sc, "count": c}
+                        for (s, r, sc), c in sorted(by_reason.items())],
+            "shards": self.shards,
+            "files": files,
+        }
+        if self.samples + rejected_inputs != self.n_inputs:
+            raise RuntimeError(f"accounting error: {self.samples} samples + {rejected_inputs} rejects != {self.n_inputs} inputs")
+        atomic_write(self.out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return manifest
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Swap a finished staging folder into place; the previous output is removed only after."""
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""ingest: read the source bytes, decode to upright 8-bit RGB under the pixel cap, hash, key.
+
+Odd but valid images are normalized, not rejected: EXIF orientation is applied, grayscale,
+palette, CMYK and 16-bit images become 8-bit RGB, alpha is composited on white, and the first
+frame of a multi-frame file is used; what was done is recorded in the sample's source info.
+Broken files (missing, empty, truncated, not an image, too small, over the cap) are rejected
+with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict
+
+from counterfactory import scenes
+from counterfactory.pipeline.config import resolve_path
+from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.stages import register
+
+# The pipeline checks the declared size against its own cap before decoding, so PIL's
+# decompression-bomb guard (which raises on large but legitimate photos) is not needed.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def sample_key(source_sha256: str, question: str) -> str:
+    """Stable key from the source content and the question; hex only (no dots for webdataset)."""
+    return hashlib.sha256(f"{source_sha256}\n{question.strip()}".encode()).hexdigest()[:24]
+
+
+def _to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        # 16-bit sources use the full 0..65535 range; PIL's own convert("L") would clip at 255.
+        arr8 = (np.clip(arr.astype(np.float64), 0, 65535) / 257.0).round().astype(np.uint8)
+        notes.append(f"{mode} scaled to 8 bit")
+        return np.repeat(arr8[..., None], 3, axis=2), notes
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr8 = ((arr - lo) / (hi - lo or 1.0) * 255).round().astype(np.uint8)
+        notes.append("float image min-max scaled to 8 bit")
+        return np.repeat(arr8[..., None], 3, axis=2), notes
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+        notes.append("alpha composited on white")
+    if img.mode != "RGB":
+        notes.append(f"{mode} converted to RGB")
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy(), notes
+
+
+def _scale_objects(objects: list[dict[str, Any]], s: float) -> list[dict[str, Any]]:
+    out = []
+    for o in objects:
+        o = dict(o)
+        if "box" in o:
+            o["box"] = [float(v) * s for v in o["box"]]
+        if "polygon" in o:
+            o["polygon"] = [[float(x) * s, float(y) * s] for x, y in o["polygon"]]
+        if "polygons" in o:
+            o["polygons"] = [[[float(x) * s, float(y) * s] for x, y in p] for p in o["polygons"]]
+        out.append(o)
+    return out
+
+
+@register
+class Ingest(Stage):
+    name = "ingest"
+    backend = "default"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def _read(self, ref: str) -> tuple[bytes | None, np.ndarray | None]:
+        if ref.startswith("procedural://"):
+            seed, index, size = scenes.parse_procedural_uri(ref)
+            return None, scenes.render_scene(scenes.scene_spec(seed, index, size))
+        path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
+        if not path.exists():
+            raise Reject("file_not_found", str(path))
+        if not path.is_file():
+            raise Reject("not_a_file", str(path))
+        try:
+            return path.read_bytes(), None
+        except OSError as exc:
+            raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
+
+    def _decode(self, data: bytes, sample: Sample) -> tuple[np.ndarray, dict[str, Any]]:
+        limits = self.run.get("limits", {})
+        max_pixels = int(limits.get("max_pixels", 16_000_000))
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Reject("not_an_image", f"{len(data)} bytes that no image decoder recognizes") from None
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt headers
+            raise Reject("decode_error", f"{type(exc).__name__}: {exc}") from None
+        info: dict[str, Any] = {"format": img.format, "mode": img.mode, "frames": getattr(img, "n_frames", 1)}
+        w, h = img.size
+        scale = 1.0
+        if w * h > max_pixels:
+            if limits.get("oversize", "reject") == "reject":
+                raise Reject("too_large", f"{w}x{h} = {w * h} pixels > cap {max_pixels}")
+            scale = (max_pixels / (w * h)) ** 0.5
+            img.draft("RGB", (int(w * scale), int(h * scale)))  # JPEG: decode at reduced size
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+                oriented = ImageOps.exif_transpose(img)
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+            raise Reject("decode_error", f"{type(exc).__name__}: {exc}") from None
+        info["exif_orientation"] = int(img.getexif().get(0x0112, 1) or 1)
+        arr, notes = _to_rgb(oriented)
+        if scale < 1.0:
+            import cv2
+
+            # annotation coordinates refer to the full-size upright image, not to a JPEG draft
+            ow, oh = (h, w) if info["exif_orientation"] in (5, 6, 7, 8) else (w, h)
+            nh, nw = max(1, int(oh * scale)), max(1, int(ow * scale))
+            # draft() may already have reduced a JPEG; resize the rest of the way
+            arr = cv2.resize(arr, (nw, nh), interpolation=cv2.INTER_AREA)
+            scale = nw / ow
+            notes.append(f"downscaled from {ow}x{oh} to {nw}x{nh}")
+        info["scale"] = scale
+        info["notes"] = notes
+        return arr, info
+
+    def process(self, sample: Sample) -> None:
+        m = sample.meta
+        if "error" in m:
+            reason, _, detail = m["error"].partition(": ")
+            raise Reject(reason, detail)
+        data, rendered = self._read(m["image"])
+        if rendered is not None:
+            arr = rendered
+            digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+            info: dict[str, Any] = {"format": "procedural", "mode": "RGB", "frames": 1, "scale": 1.0, "notes": []}
+        else:
+            assert data is not None
+            if not data:
+                raise Reject("empty_file", m["image"])
+            digest = hashlib.sha256(data).hexdigest()
+            arr, info = self._decode(data, sample)
+        h, w = arr.shape[:2]
+        min_side = int(self.run.get("limits", {}).get("min_side", 16))
+        if min(h, w) < min_side:
+            raise Reject("too_small", f"{w}x{h} < min side {min_side}")
+        if info["scale"] != 1.0:
+            m["objects"] = _scale_objects(m.get("objects", []), info["scale"])
+        sample.key = sample_key(digest, m["question"]["question"])
+        m["source"] = {"image": m.pop("image"), "origin": m.pop("origin"), "sha256": digest,
+                       "width": w, "height": h, **info}
+        sample.arrays["image"] = np.ascontiguousarray(arr)

@@ -1,0 +1,97 @@
+"""localize: map the question to the evidence it depends on.
+
+Embedded default: the question's explicit targets, or question words matched to the image's
+annotation categories (singular/plural, a small synonym table); every instance of a matched
+category is evidence, narrowed by a color word when the question names one and the
+annotations carry colors. Geometry is clipped to the image; instances wholly outside it are
+dropped, and a question left with no evidence is rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.rules import match_categories, singular, words
+from counterfactory.stages import register
+
+
+def instance_polygons(obj: dict[str, Any]) -> list[list[list[float]]]:
+    if "polygons" in obj:
+        return [p for p in obj["polygons"] if len(p) >= 3]
+    if "polygon" in obj and len(obj["polygon"]) >= 3:
+        return [obj["polygon"]]
+    return []
+
+
+def _clip_box(obj: dict[str, Any], w: int, h: int) -> list[int] | None:
+    polys = instance_polygons(obj)
+    if polys:
+        pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polys])
+        x0, y0 = pts.min(axis=0)
+        x1, y1 = pts.max(axis=0)
+    elif "box" in obj and len(obj["box"]) == 4:
+        x0, y0, x1, y1 = (float(v) for v in obj["box"])
+    else:
+        return None
+    if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0:
+        return None
+    bx = [int(np.floor(max(0.0, x0))), int(np.floor(max(0.0, y0))),
+          int(np.ceil(min(float(w), x1))), int(np.ceil(min(float(h), y1)))]
+    if bx[2] - bx[0] < 1 or bx[3] - bx[1] < 1:
+        return None
+    return bx
+
+
+@register
+class AnnotationLocalize(Stage):
+    name = "localize"
+    backend = "default"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        use_color_words: bool = True
+        min_box_side: int = Field(2, ge=1)
+
+    def process(self, sample: Sample) -> None:
+        m = sample.meta
+        q = m["question"]
+        objects = [o for o in m.get("objects", []) if isinstance(o, dict) and o.get("category")]
+        categories = {str(o["category"]) for o in objects}
+        if q.get("targets"):
+            wanted = " ".join(str(t) for t in q["targets"])
+            targets = match_categories(wanted, categories)
+        else:
+            targets = match_categories(q["question"], categories)
+        if not targets:
+            asked = q.get("targets") or q["question"]
+            raise Reject("target_not_found", f"{asked!r} matches none of {sorted(categories) or 'no annotations'}")
+        chosen = [o for o in objects if o["category"] in targets]
+        if self.params.use_color_words and q.get("kind") != "color":
+            qwords = set(words(q["question"]))
+            colors = {singular(str(o.get("attributes", {}).get("color", ""))) for o in chosen} - {""}
+            named = qwords & colors
+            if named:
+                chosen = [o for o in chosen if singular(str(o.get("attributes", {}).get("color", ""))) in named]
+        w, h = m["source"]["width"], m["source"]["height"]
+        instances, dropped = [], 0
+        for o in chosen:
+            box = _clip_box(o, w, h)
+            if box is None or min(box[2] - box[0], box[3] - box[1]) < self.params.min_box_side:
+                dropped += 1
+                continue
+            inst = {"category": o["category"], "box": box, "attributes": o.get("attributes", {})}
+            polys = instance_polygons(o)
+            if polys:
+                inst["polygons"] = polys
+            instances.append(inst)
+        if not instances:
+            raise Reject("box_outside_image", f"all {len(chosen)} instances of {targets} lie outside the {w}x{h} image or are empty")
+        m["targets"] = targets
+        m["instances"] = instances
+        if dropped:
+            m.setdefault("notes", []).append(f"localize: {dropped} instance(s) outside the image dropped")
+        m.pop("objects", None)

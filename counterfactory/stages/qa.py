@@ -1,0 +1,114 @@
+"""qa: question/answer pairs for every variant, by template, with the answer-rule table.
+
+The input question is kept and its answer on each variant follows ``rules.ANSWER_RULES``;
+template questions about the same evidence (existence, count, and color/position where the
+annotations determine them) are added, so one sample teaches several kinds of looking. No
+question mentions the edit: the same question is asked of the original and every variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.rules import answer_for, plural
+from counterfactory.stages import register
+
+
+def side_of(mask: np.ndarray, lo: float = 0.4, hi: float = 0.6) -> str | None:
+    """"left"/"right" from the mask centroid, None when it is too central to say."""
+    xs = np.nonzero(mask)[1]
+    cx = xs.mean() / mask.shape[1]
+    return "left" if cx < lo else "right" if cx > hi else None
+
+
+def original_answer(kind: str, given: str | None, instances: list[dict[str, Any]], core: np.ndarray) -> str | None:
+    n = len(instances)
+    if kind == "existence":
+        derived = "yes"
+    elif kind == "count":
+        derived = str(n)
+    elif kind == "color":
+        colors = {str(i.get("attributes", {}).get("color", "")).lower() for i in instances} - {""}
+        derived = colors.pop() if len(colors) == 1 else None
+    elif kind == "position":
+        derived = side_of(core) if n == 1 else None
+    else:
+        derived = None
+    return given if given is not None else derived
+
+
+@register
+class TemplateQA(Stage):
+    name = "qa"
+    backend = "default"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        extra_questions: list[str] = Field(
+            ["existence", "count", "color", "position"],
+            description="template question kinds added about the same evidence",
+        )
+
+    def _templates(self, sample: Sample, core: np.ndarray) -> list[dict[str, Any]]:
+        instances = sample.meta["instances"]
+        cat = sample.meta["targets"][0] if len(sample.meta["targets"]) == 1 else None
+        if cat is None:
+            return []
+        out = []
+        for kind in self.params.extra_questions:
+            text = {
+                "existence": f"Is there a {cat} in the image?",
+                "count": f"How many {plural(cat)} are there?",
+                "color": f"What color is the {cat}?",
+                "position": f"Is the {cat} on the left or the right?",
+            }.get(kind)
+            if text is None:
+                continue
+            ans = original_answer(kind, None, instances, core)
+            if ans is not None:
+                out.append({"question": text, "kind": kind, "answer": ans, "targets": [cat], "source": "template"})
+        return out
+
+    def process(self, sample: Sample) -> None:
+        m = sample.meta
+        q = m["question"]
+        core = sample.arrays["mask_core"]
+        instances = m["instances"]
+        kind = q.get("kind", "other")
+        given = q.get("answer")
+        answer = original_answer(kind, given, instances, core)
+        if answer is None:
+            raise Reject("no_answer", f"no answer given and none derivable for a {kind} question")
+        norm = answer.strip().lower()
+        if kind == "existence" and norm in ("no", "false"):
+            raise Reject("answer_contradicts_annotations", f"answer {answer!r} but {len(instances)} instance(s) found")
+        if kind == "count":
+            if not norm.isdigit():
+                raise Reject("bad_count_answer", f"count answer {answer!r} is not a whole number")
+            if int(norm) < len(instances):
+                raise Reject("count_mismatch", f"answer {answer} < {len(instances)} annotated instances")
+        primary = {"question": q["question"], "kind": kind, "answer": answer,
+                   "targets": m["targets"], "source": "input"}
+        items = [primary]
+        seen = {(kind, primary["question"].strip().lower())}
+        for t in self._templates(sample, core):
+            if t["kind"] == kind or (t["kind"], t["question"].lower()) in seen:
+                continue  # the input question already covers this kind
+            seen.add((t["kind"], t["question"].lower()))
+            items.append(t)
+        abstain = self.run.get("abstain_answer", "unknown")
+        qa = []
+        for it in items:
+            answers = {"orig": it["answer"]}
+            for v in m["variants"]:
+                removed = m["edits"][v]["removed_instances"]
+                try:
+                    answers[v] = answer_for(v, it["kind"], it["answer"], removed=removed, abstain=abstain)
+                except ValueError as exc:
+                    raise Reject("answer_rule_failed", str(exc)) from None
+            qa.append({k: it[k] for k in ("question", "kind", "targets", "source")} | {"answers": answers})
+        m["qa"] = qa

@@ -1,0 +1,101 @@
+"""verify: measure every variant against the original and reject the ones that fail.
+
+Metrics (kept in the sample's JSON whether they pass or not):
+- ``mask_area_frac``: the evidence mask's share of the image, within bounds;
+- ``outside_changed_frac``: share of pixels outside the edited region that differ (must be 0);
+- ``inside_mad``: mean absolute difference inside the edited region (it really changed);
+- ``contrast_ratio`` (remove): how far the filled region stands out from the ring around it,
+  relative to how far the object stood out (the object no longer looks like it);
+- ``control_overlap_px`` (random_mask): control pixels on the evidence (must be 0).
+A sample left without any counterfactual variant is rejected whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.stages import register
+
+COUNTERFACTUALS = ("remove", "blackout")
+
+
+def _ring(mask: np.ndarray, px: int) -> np.ndarray:
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+    return (cv2.dilate(mask, k) > 0) & ~(mask > 0)
+
+
+def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    return img[sel].reshape(-1, 3).astype(np.float64).mean(axis=0)
+
+
+@register
+class PixelVerify(Stage):
+    name = "verify"
+    backend = "default"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        min_area_frac: float = Field(0.0005, ge=0, le=1)
+        max_area_frac: float = Field(0.6, ge=0, le=1)
+        max_outside_changed_frac: float = Field(0.0, ge=0, le=1)
+        min_inside_mad: float = Field(6.0, ge=0, description="mean |difference| inside the region, 0-255 scale")
+        max_contrast_ratio: float = Field(0.8, ge=0, description="remove: filled-vs-ring contrast over object-vs-ring contrast")
+        min_object_contrast: float = Field(12.0, ge=0, description="apply max_contrast_ratio only above this object contrast")
+        ring_px: int = Field(6, ge=1)
+
+    def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
+        sel = region > 0
+        diff = np.abs(out.astype(np.int16) - img.astype(np.int16)).max(axis=2)
+        outside = diff[~sel]
+        return {
+            "outside_changed_frac": round(float((outside > 0).mean()) if outside.size else 0.0, 6),
+            "inside_mad": round(float(np.abs(out[sel].astype(np.int16) - img[sel].astype(np.int16)).mean()), 3),
+        }
+
+    def process(self, sample: Sample) -> None:
+        p = self.params
+        a, m = sample.arrays, sample.meta
+        img, mask = a["image"], a["mask"]
+        area_frac = m["mask"]["area_frac"]
+        metrics: dict[str, Any] = {"mask_area_frac": area_frac}
+        m["metrics"] = metrics
+        if not (p.min_area_frac <= area_frac <= p.max_area_frac):
+            raise Reject("mask_area_out_of_bounds",
+                         f"mask_area_frac={area_frac} not in [{p.min_area_frac}, {p.max_area_frac}]")
+        ring = _ring(mask, p.ring_px)
+        for v in list(m["variants"]):
+            out = a[f"variant/{v}"]
+            region = a["mask/random_mask"] if v == "random_mask" else mask
+            vm = self._metrics(img, out, region)
+            if v == "random_mask":
+                vm["control_overlap_px"] = int(((region > 0) & (mask > 0)).sum())
+            if v == "remove" and ring.any():
+                sel = mask > 0
+                before = float(np.abs(_mean_color(img, sel) - _mean_color(img, ring)).max())
+                after = float(np.abs(_mean_color(out, sel) - _mean_color(out, ring)).max())
+                vm["object_contrast"] = round(before, 3)
+                vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
+            metrics[v] = vm
+            failure = self._failure(v, vm)
+            if failure:
+                sample.reject_variant(self.name, v, failure[0], failure[1])
+        if not any(v in COUNTERFACTUALS for v in m["variants"]):
+            raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
+
+    def _failure(self, v: str, vm: dict[str, Any]) -> tuple[str, str] | None:
+        p = self.params
+        if vm["outside_changed_frac"] > p.max_outside_changed_frac:
+            return "pixels_outside_changed", f"outside_changed_frac={vm['outside_changed_frac']}"
+        if vm["inside_mad"] < p.min_inside_mad:
+            return "region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}"
+        if vm.get("control_overlap_px", 0) > 0:
+            return "control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}"
+        if (v == "remove" and vm.get("object_contrast", 0) >= p.min_object_contrast
+                and vm["contrast_ratio"] > p.max_contrast_ratio):
+            return "object_still_visible", f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}"
+        return None
