@@ -161,6 +161,7 @@ class PipelineConfig(Strict):
         """Hash of everything that shapes the output (Ray placement and address excluded)."""
         d = self.resolved()
         d.pop("ray")
+        d["output"].pop("root")  # where a dataset is written does not change its bytes
         for s in d["stages"]:
             s.pop("resources")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()

@@ -16,7 +16,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import PipelineConfig
@@ -79,18 +82,43 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(**kwargs)
 
 
+def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    chash = cfg.config_hash()
+    return [
+        {"idx": i, "key": "", "status": "ok", "blob": b"",
+         "meta": json.dumps({**rec, "run_seed": cfg.seed, "config_hash": chash})}
+        for i, rec in enumerate(records)
+    ]
+
+
+def local_batches(cfg: PipelineConfig, records: list[dict[str, Any]], *, stop_after: str | None = None,
+                  encode: bool = True, batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
+    the benchmark floor. ``stop_after`` ends after the named stage (arrays left unencoded)."""
+    run = run_settings(cfg)
+    stages = []
+    for sc in cfg.stages:
+        stages.append(get_backend(sc.name, sc.backend)(params=sc.params, run=run))
+        if sc.name == stop_after:
+            encode = False
+            break
+    encoder = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality) if encode else None
+    rows = initial_rows(cfg, records)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = {k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
+        for st in stages:
+            batch = st(batch)
+        yield encoder(batch) if encoder else batch
+
+
 def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     run = run_settings(cfg)
-    chash = cfg.config_hash()
-    items = [
-        {"idx": i, "key": "", "status": "ok", "blob": b"",
-         "meta": json.dumps({**rec, "run_seed": cfg.seed, "config_hash": chash})}
-        for i, rec in enumerate(records)
-    ]
+    items = initial_rows(cfg, records)
     first = cfg.stages[0].resources.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // first))))
     for sc in cfg.stages:
@@ -132,7 +160,10 @@ class RunResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
+                 local: bool = False) -> RunResult:
+    """Run and publish ``ROOT/DATASET``. ``local=True`` runs the stages in this process
+    without Ray (same code, same bytes): the benchmark floor and a debugging aid."""
     t0 = time.perf_counter()
     records = load_records(cfg, limit)
     out_root = cfg.path(cfg.output.root)
@@ -141,9 +172,15 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     staging = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{cfg.dataset}.staging-"))
     staging.chmod(0o755)
     try:
+        saved = cfg.resolved()
+        # the saved spec is location-free so that the same run elsewhere has the same manifest
+        saved["output"].pop("root")
         writer = DatasetWriter(staging, cfg.dataset, cfg.output.shard_size, len(records),
-                               cfg.resolved(), cfg.config_hash())
-        if records:
+                               saved, cfg.config_hash())
+        if records and local:
+            for batch in local_batches(cfg, records):
+                writer.add_batch(batch)
+        elif records:
             init_ray(cfg)
             import ray
 

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh clone: `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip's notes about local index folders it skips are noise; real errors still fail the pipe
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: setup demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: it comes from this machine's disk and must not be resolved by pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, torchvision, ray, webdataset, cv2, counterfactory"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/counterfactory run configs/demo.yaml
+	@echo "demo dataset written to outputs/demo (card: outputs/demo/README.md)"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run.py
+
+lint: setup
+	$(VENV)/bin/ruff check counterfactory tests bench
+
+clean:
+	rm -rf outputs build .pytest_cache
