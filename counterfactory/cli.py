@@ -43,8 +43,9 @@ def _print_summary(res) -> None:
         t.add_row(f"  {r['stage']}/{r['reason']}", f"{r['count']} ({r['scope']})")
     t.add_row("seconds per stage", ", ".join(f"{k} {v:.2f}" for k, v in res.stage_seconds.items()) or "-")
     t.add_row("wall seconds", f"{res.seconds:.1f}")
-    t.add_row("output", str(res.out_dir))
     con.print(t)
+    # plain print: a path must never be wrapped or truncated by the table
+    print(f"output: {res.out_dir.resolve()}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -89,8 +89,16 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 _WORD = re.compile(r"[a-z]+")
 
 
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children",
+                     "mouse": "mice", "foot": "feet", "tooth": "teeth", "goose": "geese",
+                     "sheep": "sheep", "fish": "fish", "knife": "knives", "leaf": "leaves"}
+_IRREGULAR_SINGULAR = {v: k for k, v in IRREGULAR_PLURALS.items()}
+
+
 def singular(word: str) -> str:
     w = word.lower()
+    if w in _IRREGULAR_SINGULAR:
+        return _IRREGULAR_SINGULAR[w]
     if len(w) > 4 and w.endswith("ies"):
         return w[:-3] + "y"
     if len(w) > 4 and w.endswith(("ches", "shes", "xes", "sses")):
@@ -101,6 +109,9 @@ def singular(word: str) -> str:
 
 
 def plural(word: str) -> str:
+    head, _, last = word.rpartition(" ")
+    if last in IRREGULAR_PLURALS:
+        return f"{head} {IRREGULAR_PLURALS[last]}".strip()
     if word.endswith(("ch", "sh", "x", "ss")):
         return word + "es"
     if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":

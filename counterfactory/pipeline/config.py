@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -58,14 +58,6 @@ class StageConfig(Strict):
     backend: str = "default"
     params: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-
-    @model_validator(mode="after")
-    def _check_backend(self) -> StageConfig:
-        from counterfactory.stages import get_backend
-
-        cls = get_backend(self.name, self.backend)  # raises ValueError naming the choices
-        self.params = cls.Params.model_validate(self.params).model_dump(mode="json")
-        return self
 
 
 class ManifestInput(Strict):
@@ -217,6 +209,24 @@ def _loc(err: dict[str, Any], data: dict[str, Any]) -> str:
     return ".".join(out) or "(top level)"
 
 
+def _check_stages(cfg: PipelineConfig, source: str) -> None:
+    """Resolve each stage's backend and validate its params with the backend's own model
+    (defaults filled in, so the saved config is the complete one that ran)."""
+    from counterfactory.stages import get_backend
+
+    for sc in cfg.stages:
+        try:
+            cls = get_backend(sc.name, sc.backend)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: stages.{sc.name}.backend: {exc}") from None
+        try:
+            sc.params = cls.Params.model_validate(sc.params).model_dump(mode="json")
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"{source}: stages.{sc.name}.params.{loc}: {err['msg']}") from None
+
+
 def _check_files(cfg: PipelineConfig, source: str) -> None:
     for i, inp in enumerate(cfg.inputs):
         for key in ("path", "images_root"):
@@ -271,6 +281,7 @@ def validate_config(
         msg = err["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{source}: {_loc(err, data)}: {msg}{more}") from None
+    _check_stages(cfg, source)
     cfg.base_dir = base_dir
     if check_files:
         _check_files(cfg, source)

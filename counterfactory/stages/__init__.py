@@ -21,9 +21,8 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 def _load() -> None:
-    if not _REGISTRY:
-        for mod in _MODULES:
-            importlib.import_module(f"counterfactory.stages.{mod}")
+    for mod in _MODULES:  # cheap after the first time: modules are cached by Python
+        importlib.import_module(f"counterfactory.stages.{mod}")
 
 
 def get_backend(stage: str, backend: str) -> type[Stage]:

@@ -54,7 +54,7 @@ def _to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        img = Image.alpha_composite(white, rgba).convert("RGB")
         notes.append("alpha composited on white")
     if img.mode != "RGB":
         notes.append(f"{mode} converted to RGB")

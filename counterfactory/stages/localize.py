@@ -76,6 +76,9 @@ class AnnotationLocalize(Stage):
             named = qwords & colors
             if named:
                 chosen = [o for o in chosen if singular(str(o.get("attributes", {}).get("color", ""))) in named]
+                if len(targets) == 1 and len(named) == 1:
+                    # template questions must ask about the same narrowed evidence
+                    m["target_phrase"] = f"{named.pop()} {targets[0]}"
         w, h = m["source"]["width"], m["source"]["height"]
         instances, dropped = [], 0
         for o in chosen:

@@ -55,11 +55,14 @@ class TemplateQA(Stage):
 
     def _templates(self, sample: Sample, core: np.ndarray) -> list[dict[str, Any]]:
         instances = sample.meta["instances"]
-        cat = sample.meta["targets"][0] if len(sample.meta["targets"]) == 1 else None
-        if cat is None:
+        if len(sample.meta["targets"]) != 1:
             return []
+        narrowed = "target_phrase" in sample.meta  # e.g. "red circle": only those were removed
+        cat = sample.meta.get("target_phrase", sample.meta["targets"][0])
         out = []
         for kind in self.params.extra_questions:
+            if kind == "color" and narrowed:
+                continue
             text = {
                 "existence": f"Is there a {cat} in the image?",
                 "count": f"How many {plural(cat)} are there?",
@@ -70,7 +73,7 @@ class TemplateQA(Stage):
                 continue
             ans = original_answer(kind, None, instances, core)
             if ans is not None:
-                out.append({"question": text, "kind": kind, "answer": ans, "targets": [cat], "source": "template"})
+                out.append({"question": text, "kind": kind, "answer": ans, "targets": sample.meta["targets"], "source": "template"})
         return out
 
     def process(self, sample: Sample) -> None:

@@ -35,7 +35,7 @@ class ClassicalSegment(Stage):
         grabcut_iters: int = Field(4, ge=1, le=20)
         grabcut_min_fill: float = Field(0.15, ge=0, le=1, description="below this share of the box, use the box")
         dilate_px: int = Field(4, ge=0, description="fixed dilation margin in pixels")
-        dilate_frac: float = Field(0.03, ge=0, le=0.5, description="extra margin as a share of sqrt(mask area)")
+        dilate_frac: float = Field(0.03, ge=0, le=0.5, description="extra margin as a share of sqrt(median instance area)")
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -88,7 +88,9 @@ class ClassicalSegment(Stage):
             inst["mask_area"] = int(m.sum())
             core |= m
         area = int(core.sum())
-        px = self.params.dilate_px + int(round(self.params.dilate_frac * np.sqrt(area)))
+        # margin scales with the typical instance, not the union: 24 coins are not one big coin
+        typical = float(np.median([i["mask_area"] for i in sample.meta["instances"]]))
+        px = self.params.dilate_px + int(round(self.params.dilate_frac * np.sqrt(typical)))
         mask = dilate(core, px)
         sample.arrays["mask_core"] = core * 255
         sample.arrays["mask"] = mask * 255

@@ -1,0 +1,88 @@
+"""Config validation: every problem is one line naming the file and the key, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from counterfactory.cli import main
+from counterfactory.pipeline.config import ConfigError, load_config
+from tests.conftest import DEMO, demo_dict
+
+
+def _write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def _procedural(data):
+    data["inputs"] = [{"kind": "procedural", "count": 2}]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d.update(colour=1), "colour: Extra inputs are not permitted"),
+        (lambda d: d["output"].update(shard_size="many"), "output.shard_size: Input should be a valid integer"),
+        (lambda d: d["stages"][3]["params"].update(inpaint_radius="x"), "stages.edit.params.inpaint_radius"),
+        (lambda d: d["stages"][3]["params"].update(radius=3), "stages.edit.params.radius: Extra inputs"),
+        (lambda d: d["stages"][2].update(backend="sam9"), "stages.segment.backend: unknown backend 'sam9'"),
+        (lambda d: d["stages"][1]["resources"].update(num_gpus=-1), "stages.localize.resources.num_gpus"),
+        (lambda d: d["inputs"].append({"kind": "manifest", "path": "nope.jsonl"}), "inputs.1.path: file not found"),
+        (lambda d: d["inputs"].append({"kind": "webcam"}), "inputs.1: Input tag 'webcam'"),
+        (lambda d: d.pop("dataset"), "dataset: Field required"),
+        (lambda d: d["stages"].pop(4), "stages must include"),
+    ],
+)
+def test_bad_config_is_one_line_with_key(tmp_path, mutate, expect, capsys):
+    data = _procedural(demo_dict())
+    mutate(data)
+    path = _write(tmp_path, data)
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: ") and expect in err, err
+
+
+def test_invalid_yaml_and_missing_config(tmp_path, capsys):
+    path = _write(tmp_path, "dataset: [unclosed\n")
+    assert main(["run", str(path)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_overrides_address_stages_by_name():
+    cfg = load_config(DEMO, ["output.shard_size=3", "stages.edit.params.inpaint_radius=9", "seed=7",
+                             "stages.edit.params.variants=[remove]"], check_files=False)
+    assert cfg.output.shard_size == 3 and cfg.seed == 7
+    assert cfg.stage("edit").params["inpaint_radius"] == 9
+    assert cfg.stage("edit").params["variants"] == ["remove"]
+    with pytest.raises(ConfigError, match="no list item named 'paint'"):
+        load_config(DEMO, ["stages.paint.params.x=1"], check_files=False)
+    with pytest.raises(ConfigError, match="seed: Input should be a valid integer"):
+        load_config(DEMO, ["seed=abc"], check_files=False)
+
+
+def test_config_hash_ignores_placement_and_location():
+    a = load_config(DEMO, check_files=False)
+    b = load_config(DEMO, ["output.root=/elsewhere", "stages.edit.resources.batch_size=2"], check_files=False)
+    c = load_config(DEMO, ["seed=1"], check_files=False)
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_cli_dry_run_prints_plan_and_bad_config_exits_2(tmp_path):
+    exe = Path(sys.executable).parent / "counterfactory"
+    path = _write(tmp_path, _procedural(demo_dict()))
+    ok = subprocess.run([exe, "run", str(path), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "stage plan (4 inputs)" in ok.stdout and "tasks" in ok.stdout
+    bad = subprocess.run([exe, "run", str(path), "output.shard_size=0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"error: {path}: output.shard_size: Input should be greater than or equal to 1"

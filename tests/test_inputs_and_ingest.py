@@ -1,0 +1,120 @@
+"""Bad and odd inputs: every one is either normalized and kept, or rejected with its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from counterfactory.pipeline.inputs import load_records
+from counterfactory.pipeline.runner import local_batches
+from counterfactory.pipeline.sample import decode_batch
+from tests.conftest import make_config
+
+
+def _run(cfg, upto: str):
+    records = load_records(cfg)
+    out = []
+    for b in local_batches(cfg, records, stop_after=upto):
+        out.extend(decode_batch(b))
+    return records, out
+
+
+def _name(rec) -> str:
+    return "<bad line>" if "error" in rec and rec["error"].startswith("bad_manifest_line") else Path(rec["image"]).name
+
+
+def test_odd_inputs_are_normalized_or_rejected_with_reason(tmp_path: Path, odd_inputs):
+    manifest, expect = odd_inputs
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}], limits={"max_pixels": 200_000})
+    records, samples = _run(cfg, "localize")
+    assert len(samples) == len(records) == len(expect)
+    for rec, s in zip(records, samples, strict=True):
+        want = expect[_name(rec)]
+        if want == "ok":
+            assert s.ok, (_name(rec), s.meta.get("reject"))
+            img = s.arrays["image"]
+            assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+        else:
+            assert not s.ok, _name(rec)
+            assert s.meta["reject"]["reason"] == want, (_name(rec), s.meta["reject"])
+            assert s.meta["reject"]["stage"] in ("ingest", "localize")
+
+
+def test_conversions_keep_content(tmp_path: Path, odd_inputs):
+    manifest, _ = odd_inputs
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}], limits={"max_pixels": 200_000})
+    records, samples = _run(cfg, "ingest")
+    by = {_name(r): s for r, s in zip(records, samples, strict=True)}
+    good = by["good.png"].arrays["image"].astype(int)
+    gray = good.mean(axis=2)
+    # 16-bit grayscale is scaled, not clipped to white
+    g16 = by["gray16.png"].arrays["image"][..., 0].astype(int)
+    assert abs(g16.mean() - by["gray.png"].arrays["image"][..., 0].mean()) < 1.0
+    assert g16.max() < 255 or gray.max() > 250
+    # RGBA with alpha 200 composited on white: brighter than the original, same geometry
+    rgba = by["rgba.png"].arrays["image"].astype(int)
+    assert rgba.shape == good.shape and rgba.mean() > good.mean()
+    assert by["rgba.png"].meta["source"]["notes"] == ["alpha composited on white"]
+    # CMYK comes back close to the RGB it was made from
+    assert np.abs(by["cmyk.jpg"].arrays["image"].astype(int) - good).mean() < 12
+    # EXIF orientation 6 is applied: the image is upright (120 wide, 160 high) and the red
+    # square sits where the upright annotation says
+    ex = by["exif.jpg"].arrays["image"]
+    assert ex.shape[:2] == (160, 120)
+    assert ex[55:95, 35:75, 0].mean() > 180 and ex[55:95, 35:75, 1].mean() < 80
+    assert by["exif.jpg"].meta["source"]["exif_orientation"] == 6
+
+
+def test_keys_are_stable_and_dot_free(tmp_path: Path, odd_inputs):
+    manifest, _ = odd_inputs
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}], limits={"max_pixels": 200_000})
+    _, a = _run(cfg, "ingest")
+    _, b = _run(cfg, "ingest")
+    keys = [s.key for s in a if s.ok]
+    assert keys == [s.key for s in b if s.ok]
+    assert all(k and "." not in k and len(k) == 24 for k in keys)
+
+
+def test_oversize_downscale_scales_annotations(tmp_path: Path):
+    from tests.conftest import save, square_line, square_scene
+
+    img = square_scene(400, 300, box=(100, 100, 200, 200))
+    save(img, tmp_path / "big.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps(square_line("big.png", box=(100, 100, 200, 200))) + "\n")
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}],
+                      limits={"max_pixels": 30_000, "oversize": "downscale"})
+    _, samples = _run(cfg, "segment")
+    s = samples[0]
+    assert s.ok, s.meta.get("reject")
+    h, w = s.arrays["image"].shape[:2]
+    assert h * w <= 30_000 and abs(w / h - 4 / 3) < 0.02
+    core = s.arrays["mask_core"] > 0
+    img_small = s.arrays["image"]
+    assert img_small[core][:, 0].mean() > 180  # the scaled polygon still covers the red square
+
+
+def test_coco_inputs_generate_questions(tmp_path: Path):
+    from tests.conftest import save, square_scene
+
+    save(square_scene(), tmp_path / "a.png")
+    save(square_scene(seed=1), tmp_path / "b.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 120},
+                   {"id": 2, "file_name": "b.png", "width": 160, "height": 120}],
+        "categories": [{"id": 7, "name": "box"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [50, 30, 50, 50],
+                         "segmentation": [[50, 30, 99, 30, 99, 79, 50, 79]], "area": 2500, "iscrowd": 0}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    cfg = make_config(tmp_path, [{"kind": "coco", "path": str(tmp_path / "instances.json"),
+                                  "question_kinds": ["existence", "count", "position"]}])
+    records = load_records(cfg)
+    qs = [r["question"]["question"] for r in records if "question" in r]
+    assert qs == ["Is there a box in the image?", "How many boxes are there?", "Is the box on the left or the right?"]
+    assert [r.get("error", "")[:11] for r in records][-1] == "no_question"  # b.png has no annotations
+    _, samples = _run(cfg, "qa")
+    assert [s.ok for s in samples] == [True, True, False, False]
+    assert samples[2].meta["reject"]["reason"] == "no_answer"  # centred box: left/right is undecidable
+    assert samples[1].meta["qa"][0]["answers"]["remove"] == "0"
