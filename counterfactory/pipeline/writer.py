@@ -273,12 +273,22 @@ class DatasetWriter:
         pq.write_table(rej, sink)
         atomic_write(self.out_dir / "rejects.parquet", sink.getvalue().to_pybytes())
         atomic_write(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False).encode())
+        # Shard index in the wids format (webdataset's indexed reader), plus our sha256:
+        # loaders size epochs from it without opening a tar. URLs are relative to this file.
+        shard_index = {
+            "__kind__": "wids-shard-index-v1",
+            "wids_version": 1,
+            "name": self.dataset,
+            "shardlist": [{"url": s["name"], "nsamples": s["samples"], "filesize": s["bytes"],
+                           "sha256": s["sha256"]} for s in self.shards],
+        }
+        atomic_write(self.out_dir / "shards.json", json.dumps(shard_index, indent=1).encode())
         rejected_inputs = sum(1 for r in self._rejects if r["variant"] is None)
         by_reason = Counter(
             (r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in self._rejects
         )
         files = {n: {"sha256": sha256_file(self.out_dir / n), "bytes": (self.out_dir / n).stat().st_size}
-                 for n in ("index.parquet", "rejects.parquet", "config.yaml")}
+                 for n in ("index.parquet", "rejects.parquet", "config.yaml", "shards.json")}
         manifest = {
             "format": FORMAT,
             "dataset": self.dataset,

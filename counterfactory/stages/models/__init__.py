@@ -1,0 +1,6 @@
+"""Model backends (GPU workers): grounding, SAM, diffusion inpainting, LLM question answering.
+
+Each module registers its Stage classes on import; heavy libraries (torch, transformers,
+diffusers, segment-anything) are imported inside constructors so that importing the registry
+stays cheap on machines that only run the CPU default.
+"""
