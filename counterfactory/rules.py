@@ -9,35 +9,65 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-QuestionKind = Literal["existence", "count", "color", "position", "other"]
-QUESTION_KINDS: tuple[str, ...] = ("existence", "count", "color", "position", "other")
+QuestionKind = Literal["existence", "count", "color", "position", "direction", "order", "temporal", "other"]
+QUESTION_KINDS: tuple[str, ...] = (
+    "existence", "count", "color", "position",  # about the evidence in one image or frame
+    "direction", "order", "temporal",  # about motion and time (video)
+    "other",
+)
+
+_ALL = QUESTION_KINDS
 
 # edit type -> question kind -> rule. Rules:
-#   keep         the original answer (controls: the evidence is untouched)
-#   no           the evidence is gone, so existence is denied
-#   minus_removed  count minus the instances removed
-#   abstain      the evidence is hidden or gone, so the question cannot be answered from the image
+#   keep              the original answer (the evidence is untouched)
+#   no / yes          existence is denied / affirmed
+#   yes_if_remaining  "yes" while instances remain after the edit, else "no"
+#   minus_removed     count minus the instances removed
+#   plus_inserted     count plus the instances inserted
+#   new_value         the value the edit set (a new color, the swapped side, ...)
+#   swap_lr           left <-> right (mirror; also motion direction)
+#   flip_order        before <-> after, and yes <-> no for "does A happen before B?"
+#   abstain           the evidence is hidden, gone or scrambled: not answerable from the data
 ANSWER_RULES: dict[str, dict[str, str]] = {
-    "orig": {k: "keep" for k in QUESTION_KINDS},
-    "remove": {
-        "existence": "no",
-        "count": "minus_removed",
-        "color": "abstain",
-        "position": "abstain",
-        "other": "abstain",
-    },
+    "orig": {k: "keep" for k in _ALL},
+    "remove": {k: "abstain" for k in _ALL} | {"existence": "no", "count": "minus_removed"},
     # DeFacto: masked evidence means the model should abstain, not guess "no".
-    "blackout": {k: "abstain" for k in QUESTION_KINDS},
+    "blackout": {k: "abstain" for k in _ALL},
     # DeFacto's control: an equal-area region elsewhere is masked; the answer must not change.
-    "random_mask": {k: "keep" for k in QUESTION_KINDS},
+    "random_mask": {k: "keep" for k in _ALL},
+    # HalluciDoctor: an object pasted where no evidence is; questions are about the inserted one.
+    "insert": {k: "abstain" for k in _ALL} | {"existence": "yes", "count": "plus_inserted",
+                                               "color": "new_value", "position": "new_value"},
+    "attribute": {k: "keep" for k in _ALL} | {"color": "new_value", "other": "abstain"},
+    # CounterCurate: mirror image, left and right swap.
+    "flip": {k: "keep" for k in _ALL} | {"position": "swap_lr", "direction": "swap_lr"},
+    "swap": {k: "keep" for k in _ALL} | {"position": "new_value"},
+    # remove k of n instances
+    "count": {k: "keep" for k in _ALL} | {"existence": "yes_if_remaining", "count": "minus_removed",
+                                           "position": "abstain", "other": "abstain"},
+    # temporal counterfactuals (video)
+    "reverse": {k: "keep" for k in _ALL} | {"direction": "swap_lr", "order": "flip_order", "temporal": "abstain"},
+    "shuffle": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
+    "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "temporal": "abstain"},
 }
 
 RULE_TEXT = {
     "keep": "original answer",
     "no": '"no"',
+    "yes": '"yes"',
+    "yes_if_remaining": '"yes" if instances remain, else "no"',
     "minus_removed": "original count minus instances removed",
+    "plus_inserted": "original count plus instances inserted",
+    "new_value": "the value the edit set",
+    "swap_lr": "left and right swapped",
+    "flip_order": "before/after (and yes/no) swapped",
     "abstain": "abstention answer",
 }
+
+_LR = {"left": "right", "right": "left", "forward": "backward", "backward": "forward",
+       "clockwise": "counterclockwise", "counterclockwise": "clockwise"}
+_ORDER = {"before": "after", "after": "before", "yes": "no", "no": "yes", "first": "last", "last": "first"}
+
 
 _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("count", re.compile(r"^\s*how many\b|\bnumber of\b|\bcount\b", re.I)),
@@ -55,21 +85,36 @@ def classify_question(question: str) -> str:
 
 
 def answer_for(
-    edit: str, kind: str, original: str, *, removed: int, abstain: str
+    edit: str, kind: str, original: str, *, removed: int = 0, inserted: int = 0,
+    new_value: str | None = None, remaining: int | None = None, abstain: str = "unknown",
 ) -> str:
-    """The answer to a question about the edited evidence after ``edit``."""
+    """The answer to a question about the edited evidence after ``edit`` (see ANSWER_RULES)."""
     rule = ANSWER_RULES[edit].get(kind, "abstain")
     if rule == "keep":
         return original
-    if rule == "no":
-        return "no"
+    if rule in ("no", "yes"):
+        return rule
     if rule == "abstain":
         return abstain
+    if rule == "yes_if_remaining":
+        if remaining is None:
+            raise ValueError(f"edit {edit!r} needs the number of remaining instances")
+        return "yes" if remaining > 0 else "no"
     if rule == "minus_removed":
         n = int(original)
         if removed > n:
             raise ValueError(f"count answer {n} is smaller than the {removed} instances removed")
         return str(n - removed)
+    if rule == "plus_inserted":
+        return str(int(original) + inserted)
+    if rule == "new_value":
+        if new_value is None:
+            raise ValueError(f"edit {edit!r} sets a new value for {kind} questions but none was given")
+        return new_value
+    if rule == "swap_lr":
+        return _LR.get(original.strip().lower(), original)
+    if rule == "flip_order":
+        return _ORDER.get(original.strip().lower(), abstain)
     raise ValueError(f"unknown rule {rule!r}")
 
 
