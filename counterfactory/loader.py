@@ -1,0 +1,562 @@
+"""Feed counterfactory shards to trainers: one record per source, original and counterfactuals together.
+
+Paired objectives (contrastive original-vs-counterfactual losses, pair-wise advantage
+normalization, DeFacto-style rewards) need an image and its edited variants in the same batch,
+with the answer each variant should get. ``load`` returns a ``PairDataset``, a PyTorch
+``IterableDataset`` built on ``webdataset`` (``DataPipeline``, ``shuffle``, ``map``,
+``with_epoch``) that yields exactly that, or, with ``flat=True``, one
+(image, question, answer, variant) row at a time for plain SFT.
+
+Reading is streaming and in memory: members are read with ``tarfile`` in stream mode straight
+from the (fsspec) file object and nothing is ever extracted to disk. The member iterator is
+ours rather than webdataset's because webdataset silently skips links and device entries and
+cannot tell a shard cut at a member boundary from a complete one; here a link, a device entry,
+an absolute name or a ``..`` component is refused (``UnsafeMemberError``), and a short shard
+(fewer samples than ``shards.json`` says, a sample missing a part its JSON lists, fewer bytes
+than recorded) raises ``ShardError`` naming the shard, or is skipped with a warning when
+``errors="skip"``.
+
+Epochs are sized from ``shards.json`` (and ``index.parquet`` in flat mode) without opening a tar.
+Without resampling every sample is read exactly once per epoch across nodes and DataLoader
+workers (shards are split by rank, then by worker). With ``resampled=True`` shards are drawn
+with replacement and every rank yields exactly ``samples_per_epoch`` items, so ranks with
+uneven shard shares still take the same number of steps and distributed training cannot hang
+on a rank that ran out early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import tarfile
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+__all__ = [
+    "LoaderError",
+    "PairDataset",
+    "Shard",
+    "ShardError",
+    "UnsafeMemberError",
+    "collate_pairs",
+    "load",
+    "resolve_shards",
+]
+
+SHARD_INDEX = "shards.json"
+INDEX_PARQUET = "index.parquet"
+MASK_PARTS = ("mask", "control_mask")
+DEFAULT_MAX_MEMBER_BYTES = 1 << 30  # one member never legitimately approaches this
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class LoaderError(RuntimeError):
+    """Base class: a dataset reference or a shard the loader cannot use."""
+
+
+class ShardError(LoaderError):
+    """A shard that cannot be read completely (missing, truncated, corrupt). Skippable."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"shard {url}: {message}")
+        self.url = url
+
+
+class UnsafeMemberError(LoaderError):
+    """A tar member that a counterfactory writer never produces and that would be dangerous if
+    someone extracted the shard: never skipped, because it means the shard was tampered with."""
+
+    def __init__(self, url: str, member: str, why: str) -> None:
+        super().__init__(f"shard {url}: refusing member {member!r}: {why}")
+        self.url = url
+        self.member = member
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard as listed in ``shards.json``; counts are None for bare URL lists."""
+
+    url: str
+    nsamples: int | None = None
+    filesize: int | None = None
+    sha256: str | None = None
+
+
+# -- resolving a dataset reference ----------------------------------------------------------
+
+
+def _as_fsspec(filesystem: Any) -> fsspec.AbstractFileSystem | None:
+    """Accept an fsspec filesystem or a pyarrow one (wrapped), so one code path reads both."""
+    if filesystem is None or isinstance(filesystem, fsspec.AbstractFileSystem):
+        return filesystem
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.FileSystem):
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        return ArrowFSWrapper(filesystem)
+    raise TypeError(f"filesystem must be an fsspec or pyarrow filesystem, not {type(filesystem).__name__}")
+
+
+def _fs_for(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    if fs is not None:
+        return fs, url
+    return fsspec.core.url_to_fs(url)
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    return base.rstrip("/") + "/" + name
+
+
+def _is_dataset_ref(source: str) -> bool:
+    """``NAME@VERSION``: no scheme, no path separator, exactly one ``@``."""
+    return "://" not in source and "/" not in source and source.count("@") == 1
+
+
+def _dataset_dir(source: str, root: str | None, fs: fsspec.AbstractFileSystem | None) -> str:
+    """The folder holding ``shards.json`` for a path, a ``shards.json`` path, a dataset folder
+    with a ``latest`` link (or a ``latest`` file naming the version), or ``NAME@VERSION``."""
+    if _is_dataset_ref(source):
+        name, version = source.split("@")
+        if not name or not version:
+            raise LoaderError(f"{source!r}: expected DATASET@VERSION")
+        base = root or os.environ.get("COUNTERFACTORY_ROOT") or "outputs"
+        source = _join(_join(base, name), version)
+    fsys, path = _fs_for(source, fs)
+    if path.endswith(SHARD_INDEX) and fsys.isfile(path):
+        return source[: -len(SHARD_INDEX)].rstrip("/") or "/"
+    for _ in range(2):  # the folder itself, or the version its `latest` points at
+        if fsys.isfile(_join(path, SHARD_INDEX)):
+            return source
+        latest = _join(path, "latest")
+        if fsys.isdir(latest):
+            source, path = _join(source, "latest"), latest
+        elif fsys.isfile(latest):
+            version = fsys.cat_file(latest).decode().strip()
+            if not version or "/" in version or version in (".", ".."):
+                raise LoaderError(f"{source}: the 'latest' file names no version ({version!r})")
+            source, path = _join(source, version), _join(path, version)
+        else:
+            break
+    raise LoaderError(f"{source}: no {SHARD_INDEX} here (nor under a 'latest' version); "
+                      "expected a dataset folder written by `counterfactory run`")
+
+
+def resolve_shards(source: str | Sequence[str], *, root: str | None = None,
+                   filesystem: Any = None) -> tuple[list[Shard], str | None]:
+    """Shards of a dataset, and its folder (None for a bare URL list).
+
+    ``source``: a dataset folder (local path, ``file://`` or any fsspec URL), a ``shards.json``
+    path, ``DATASET@VERSION`` (resolved as ``ROOT/DATASET/VERSION``; ``root`` defaults to
+    ``$COUNTERFACTORY_ROOT`` or ``outputs``), a brace pattern ``x-{000000..000003}.tar``, or a
+    list of shard URLs.
+    """
+    fs = _as_fsspec(filesystem)
+    if not isinstance(source, str):
+        urls = [str(u) for u in source]
+        if not urls:
+            raise LoaderError("an empty list of shard URLs")
+        return [Shard(u) for u in urls], None
+    if source.endswith(".tar") or "{" in source:
+        return [Shard(u) for u in wds.shardlists.expand_urls(source)], None
+    folder = _dataset_dir(source, root, fs)
+    fsys, path = _fs_for(folder, fs)
+    doc = json.loads(fsys.cat_file(_join(path, SHARD_INDEX)))
+    if doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
+        raise LoaderError(f"{folder}/{SHARD_INDEX}: not a wids-shard-index-v1 shard index")
+    shards = [Shard(_join(folder, s["url"]), int(s["nsamples"]), s.get("filesize"), s.get("sha256"))
+              for s in doc["shardlist"]]
+    return shards, folder
+
+
+# -- reading shards safely -------------------------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts (and optionally hashes) the bytes tarfile pulls, so the end of a shard can be
+    checked against ``shards.json`` without a second pass over the file."""
+
+    def __init__(self, raw: Any, hash_it: bool) -> None:
+        self.raw = raw
+        self.nbytes = 0
+        self.sha = hashlib.sha256() if hash_it else None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.nbytes += len(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_member(info: tarfile.TarInfo, url: str, max_bytes: int) -> None:
+    name = info.name
+    if info.issym() or info.islnk():
+        raise UnsafeMemberError(url, name, f"a {'symbolic' if info.issym() else 'hard'} link "
+                                f"(to {info.linkname!r}); shards hold regular files only")
+    if info.ischr() or info.isblk() or info.isfifo():
+        raise UnsafeMemberError(url, name, "a device or FIFO entry; shards hold regular files only")
+    if not info.isreg():
+        raise UnsafeMemberError(url, name, "not a regular file; shards hold regular files only")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\x00" in name:
+        raise UnsafeMemberError(url, name, "an absolute path")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise UnsafeMemberError(url, name, "a '..' path component")
+    if info.size > max_bytes:
+        raise UnsafeMemberError(url, name, f"{info.size} bytes, over the {max_bytes}-byte member limit")
+
+
+def _complete(sample: dict[str, Any], url: str) -> dict[str, Any]:
+    """Parse the JSON and check that every part it lists is there: a shard cut at a member
+    boundary leaves a sample that parses but lacks its last parts."""
+    key = sample["__key__"]
+    if "json" not in sample:
+        raise ShardError(url, f"sample {key} has no json member (truncated or not a counterfactory shard)")
+    try:
+        doc = json.loads(sample["json"])
+    except ValueError as e:
+        raise ShardError(url, f"sample {key}: unreadable json ({e})") from None
+    missing = [p for p in doc.get("parts", []) if p not in sample]
+    if missing:
+        raise ShardError(url, f"sample {key} lacks {missing} (truncated?)")
+    sample["json"] = doc
+    return sample
+
+
+def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, verify: bool = False,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
+    """Samples of one shard, in order, as ``{"__key__", "__url__", "json": dict, SUFFIX: bytes}``.
+
+    Raises ``ShardError`` (shard named) when the shard cannot be read to its end or disagrees
+    with ``shards.json``; ``verify=True`` also checks its sha256. An incomplete trailing sample
+    is never yielded.
+    """
+    url = shard.url
+    try:
+        fsys, path = _fs_for(url, fs)
+        raw = fsys.open(path, "rb")
+    except (OSError, ValueError) as e:
+        raise ShardError(url, f"cannot open ({e})") from None
+    n = 0
+    with raw:
+        counter = _CountingReader(raw, hash_it=verify and shard.sha256 is not None)
+        current: dict[str, Any] | None = None
+        try:
+            with tarfile.open(fileobj=counter, mode="r|*") as tf:
+                for info in tf:
+                    _check_member(info, url, max_member_bytes)
+                    key, suffix = base_plus_ext(info.name)
+                    if key is None:
+                        continue  # a name without an extension belongs to no sample
+                    member = tf.extractfile(info)
+                    data = member.read() if member is not None else b""
+                    if len(data) != info.size:
+                        raise ShardError(url, f"member {info.name} ends after {len(data)} of {info.size} bytes")
+                    if current is None or current["__key__"] != key:
+                        if current is not None:
+                            yield _complete(current, url)
+                            n += 1
+                        current = {"__key__": key, "__url__": url}
+                    suffix = suffix.lower()
+                    if suffix in current:
+                        raise ShardError(url, f"duplicate member {info.name}")
+                    current[suffix] = data
+                    tf.members = []  # stream mode keeps every TarInfo otherwise
+            counter.drain()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise ShardError(url, f"corrupt or truncated after {n} complete samples ({e})") from None
+        if current is not None:
+            yield _complete(current, url)
+            n += 1
+    if shard.nsamples is not None and n != shard.nsamples:
+        raise ShardError(url, f"ended after {n} of {shard.nsamples} samples listed in {SHARD_INDEX} (truncated?)")
+    if shard.filesize is not None and counter.nbytes != shard.filesize:
+        raise ShardError(url, f"{counter.nbytes} bytes, {SHARD_INDEX} lists {shard.filesize} (truncated?)")
+    if counter.sha is not None and counter.sha.hexdigest() != shard.sha256:
+        raise ShardError(url, f"sha256 {counter.sha.hexdigest()} differs from {SHARD_INDEX}")
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def _image_part(sample: dict[str, Any], name: str) -> bytes | None:
+    for ext in ("jpg", "png", "jpeg", "webp"):
+        data = sample.get(f"{name}.{ext}")
+        if data is not None:
+            return data
+    return None
+
+
+def _decode_image(data: bytes, mode: str, size: tuple[int, int] | None) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert(mode)
+    if size is not None and im.size != (size[1], size[0]):
+        # masks stay binary: nearest neighbour; pictures bilinear (PIL antialiases when shrinking)
+        resample = Image.Resampling.NEAREST if mode == "L" else Image.Resampling.BILINEAR
+        im = im.resize((size[1], size[0]), resample)
+    return im
+
+
+def _to_tensor(im: Image.Image, mask: bool) -> torch.Tensor:
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    t = t.view(im.height, im.width, len(im.getbands())).permute(2, 0, 1)
+    return (t > 127).float() if mask else t.float().div_(255.0)
+
+
+# -- the dataset -----------------------------------------------------------------------------
+
+
+class PairDataset(IterableDataset):
+    """Counterfactual pairs (or flat SFT rows) streamed from shards; see ``load``."""
+
+    def __init__(self, shards: Sequence[Shard], *, folder: str | None = None, filesystem: Any = None,
+                 variants: Sequence[str] | None = None, flat: bool = False,
+                 image_size: int | tuple[int, int] | None = None,
+                 decode: Literal["tensor", "pil"] = "tensor", transform: Transform | None = None,
+                 shuffle: int = 0, seed: int = 0, resampled: bool = False,
+                 samples_per_epoch: int | None = None, rank: int | None = None,
+                 world_size: int | None = None, errors: Literal["raise", "skip"] = "raise",
+                 verify: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
+        super().__init__()
+        if decode not in ("tensor", "pil"):
+            raise ValueError(f"decode must be 'tensor' or 'pil', not {decode!r}")
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+        if not shards:
+            raise LoaderError("no shards")
+        self.shards = list(shards)
+        self.folder = folder
+        self.fs = _as_fsspec(filesystem)
+        self.variants = tuple(variants) if variants is not None else None
+        if self.variants is not None and "orig" in self.variants:
+            raise ValueError("'orig' is always included; variants names the counterfactuals")
+        self.flat = flat
+        self.size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.decode = decode
+        self.transform = transform
+        self.shuffle = shuffle
+        self.seed = seed
+        self.resampled = resampled
+        self.errors = errors
+        self.verify = verify
+        self.max_member_bytes = max_member_bytes
+        self.epoch = 0
+        if rank is None or world_size is None:
+            rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self._rows_per_shard: dict[str, int] | None = None
+        if resampled and samples_per_epoch is None:
+            # one node's share of a full pass, the same on every rank
+            samples_per_epoch = math.ceil(self._epoch_total(self.shards) / world_size)
+        self.samples_per_epoch = samples_per_epoch
+
+    # epoch sizing ----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shard order, shuffle buffer and resampling (call before each epoch; DataLoader
+        workers are re-created per epoch unless persistent, so set it before iterating)."""
+        self.epoch = epoch
+
+    def node_shards(self) -> list[Shard]:
+        """This rank's shards for the current epoch, in the order they will be read."""
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        return order[self.rank::self.world_size]
+
+    def _rows(self, shard: Shard) -> int:
+        if not self.flat:
+            if shard.nsamples is None:
+                raise TypeError("length unknown: shard URLs without shards.json (pass samples_per_epoch with resampled=True)")
+            return shard.nsamples
+        if self._rows_per_shard is None:
+            self._rows_per_shard = self._flat_rows()
+        return self._rows_per_shard.get(shard.url, 0)
+
+    def _flat_rows(self) -> dict[str, int]:
+        """Rows per shard in flat mode: questions x (orig + chosen variants), from index.parquet."""
+        if self.folder is None:
+            raise TypeError("length unknown: flat rows are counted from index.parquet, which a bare URL list lacks")
+        import pyarrow.parquet as pq
+
+        fsys, path = _fs_for(self.folder, self.fs)
+        with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
+            table = pq.read_table(f, columns=["shard", "questions", "variants"])
+        rows: dict[str, int] = {}
+        for shard, qs, vs in zip(*(table.column(c).to_pylist() for c in ("shard", "questions", "variants")),
+                                 strict=True):
+            chosen = [v for v in vs if self.variants is None or v in self.variants]
+            url = _join(self.folder, shard)
+            rows[url] = rows.get(url, 0) + len(qs) * (1 + len(chosen))
+        return rows
+
+    def _epoch_total(self, shards: Sequence[Shard]) -> int:
+        return sum(self._rows(s) for s in shards)
+
+    def __len__(self) -> int:
+        """Items this rank yields per epoch (over all its DataLoader workers)."""
+        if self.resampled:
+            assert self.samples_per_epoch is not None
+            return self.samples_per_epoch
+        return self._epoch_total(self.node_shards())
+
+    # iteration ----------------------------------------------------------------------------------
+    def _shard_stream(self, worker: int, num_workers: int) -> Iterator[Shard]:
+        if not self.resampled:
+            yield from self.node_shards()[worker::num_workers]
+            return
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/resample")
+        while True:
+            yield rng.choice(self.shards)
+
+    def _samples(self, shards: Iterator[Shard]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            try:
+                yield from read_shard(shard, fs=self.fs, verify=self.verify,
+                                      max_member_bytes=self.max_member_bytes)
+            except ShardError as e:
+                if self.errors == "raise":
+                    raise
+                warnings.warn(f"skipping the rest of {e}", stacklevel=2)
+
+    def _record(self, sample: dict[str, Any]) -> dict[str, Any]:
+        doc = sample["json"]
+        present = [v for v in doc.get("variants", []) if self.variants is None or v in self.variants]
+        mode_images: dict[str, tuple[str, bytes]] = {}
+        for name in ("orig", *present, *MASK_PARTS):
+            data = _image_part(sample, name)
+            if data is None:
+                if name in ("orig", "mask") or name in present:
+                    raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no {name} image")
+                continue
+            if name == "control_mask" and "random_mask" not in present:
+                continue
+            mode_images[name] = ("L" if name in MASK_PARTS else "RGB", data)
+        images: dict[str, Any] = {n: _decode_image(d, m, self.size) for n, (m, d) in mode_images.items()}
+        if self.decode == "tensor":
+            from torchvision import tv_tensors
+
+            images = {n: (tv_tensors.Mask if n in MASK_PARTS else tv_tensors.Image)(
+                _to_tensor(im, n in MASK_PARTS)) for n, im in images.items()}
+        if self.transform is not None:
+            images = self.transform(images)
+        if self.decode == "tensor":
+            images = {n: t.as_subclass(torch.Tensor) for n, t in images.items()}
+        shown = ("orig", *present)
+        qa = [{"question": q["question"], "kind": q.get("kind"), "targets": q.get("targets", []),
+               "answers": {v: q["answers"][v] for v in shown if v in q.get("answers", {})}}
+              for q in doc.get("qa", [])]
+        return {"key": sample["__key__"], "url": sample["__url__"], "orig": images["orig"],
+                "variants": {v: images[v] for v in present}, "mask": images["mask"],
+                "control_mask": images.get("control_mask"), "qa": qa, "meta": doc}
+
+    @staticmethod
+    def _rows_of(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for r in records:
+            for v in ("orig", *r["variants"]):
+                image = r["orig"] if v == "orig" else r["variants"][v]
+                for i, q in enumerate(r["qa"]):
+                    if v in q["answers"]:
+                        yield {"key": r["key"], "image": image, "question": q["question"],
+                               "answer": q["answers"][v], "variant": v, "kind": q["kind"], "qa_index": i}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        salt = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        stages: list[Any] = [lambda: self._shard_stream(worker, num_workers), self._samples]
+        if self.shuffle:
+            stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100),
+                                      rng=random.Random(salt + "/samples")))
+        stages.append(wds.map(self._record))
+        if self.flat:
+            stages.append(self._rows_of)
+            if self.shuffle:
+                stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100),
+                                          rng=random.Random(salt + "/rows")))
+        pipeline = wds.DataPipeline(*stages)
+        if self.resampled:
+            assert self.samples_per_epoch is not None
+            per, extra = divmod(self.samples_per_epoch, num_workers)
+            pipeline = pipeline.with_epoch(per + (1 if worker < extra else 0))
+        return iter(pipeline)
+
+
+def load(source: str | Sequence[str], *, root: str | None = None, filesystem: Any = None,
+         **options: Any) -> PairDataset:
+    """Open a dataset version for training.
+
+    ``source``: see ``resolve_shards`` (folder, ``DATASET@VERSION`` with ``root=``, a folder
+    with a ``latest`` version, brace pattern or list of URLs; local, ``file://`` or any fsspec
+    URL, or paths on an fsspec/pyarrow ``filesystem``). Options (``PairDataset``):
+
+    - ``variants``: counterfactuals to include (default: all a sample has); orig always comes.
+    - ``image_size`` (int or (height, width)): resize pictures (bilinear) and masks (nearest).
+    - ``decode``: ``"tensor"`` (float32 CHW in [0, 1]; masks float32 1xHxW of 0/1) or ``"pil"``.
+    - ``transform``: called once per record with ``{"orig", VARIANT..., "mask", "control_mask"}``;
+      in tensor mode pictures are ``tv_tensors.Image`` and masks ``tv_tensors.Mask``, so one
+      ``torchvision.transforms.v2`` call applies the same random draw to all of them (pairs stay
+      aligned) and keeps masks binary.
+    - ``shuffle``: buffer size (0: shard order, samples in order); ``seed``; ``set_epoch(e)``.
+    - ``resampled`` + ``samples_per_epoch``: draw shards with replacement, fixed epoch length.
+    - ``rank``/``world_size``: node split (default: torch.distributed or $RANK/$WORLD_SIZE).
+    - ``flat``: one ``{"image", "question", "answer", "variant", "kind", "key", "qa_index"}`` row
+      per variant x question.
+    - ``errors="skip"``: warn and skip the rest of a missing/truncated/corrupt shard.
+    - ``verify``: check each shard's sha256 against ``shards.json`` while streaming it.
+    """
+    shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
+    return PairDataset(shards, folder=folder, filesystem=filesystem, **options)
+
+
+def collate_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch pair records for a DataLoader. Variants a sample lacks are zero images with
+    ``present[variant] = False``, so batches stay rectangular and a loss can mask them out."""
+    if not records or not isinstance(records[0]["orig"], torch.Tensor):
+        raise TypeError("collate_pairs needs decode='tensor' records")
+    shapes = {tuple(r["orig"].shape) for r in records}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different sizes {sorted(shapes)}: pass image_size= to load()")
+    names = sorted({v for r in records for v in r["variants"]})
+    orig = torch.stack([r["orig"] for r in records])
+    mask = torch.stack([r["mask"] for r in records])
+    blank, blank_mask = torch.zeros_like(orig[0]), torch.zeros_like(mask[0])
+    return {
+        "key": [r["key"] for r in records],
+        "orig": orig,
+        "mask": mask,
+        "variants": {v: torch.stack([r["variants"].get(v, blank) for r in records]) for v in names},
+        "present": {v: torch.tensor([v in r["variants"] for r in records]) for v in names},
+        "control_mask": torch.stack([blank_mask if r["control_mask"] is None else r["control_mask"]
+                                     for r in records]),
+        "qa": [r["qa"] for r in records],
+    }
