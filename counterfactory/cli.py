@@ -1,9 +1,22 @@
-"""Command line: ``counterfactory run CONFIG [dotted.key=value ...] [--limit N] [--dry-run]``."""
+"""Command line.
+
+    counterfactory run CONFIG [dotted.key=value ...] [--limit N] [--dry-run] [--force]
+    counterfactory versions DATASET
+    counterfactory card DATASET[@VERSION] [--html [--out DIR]] [--serve [--port N]]
+    counterfactory regenerate DATASET@VERSION [--scratch DIR] [--keep] [--local]
+    counterfactory verify DATASET@VERSION
+    counterfactory diff DATASET@A DATASET@B [--json]
+
+DATASET is a dataset name under --root (default ./outputs) or a path to ROOT/DATASET;
+VERSION is a label (v1, v2, ...) or ``latest`` (the default when no @VERSION is given).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -45,7 +58,15 @@ def _print_summary(res) -> None:
     t.add_row("wall seconds", f"{res.seconds:.1f}")
     con.print(t)
     # plain print: a path must never be wrapped or truncated by the table
+    print(f"version: {m['dataset']}@{res.label}  spec id {res.spec_id[:12]}  content id {res.content_id[:12]}")
     print(f"output: {res.out_dir.resolve()}")
+
+
+def _command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return "counterfactory " + " ".join(shlex.quote(a) for a in args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -57,8 +78,164 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from counterfactory.pipeline.runner import run_pipeline
 
-    res = run_pipeline(cfg, limit=args.limit, progress=not args.quiet)
+    res = run_pipeline(cfg, limit=args.limit, progress=not args.quiet, command=args.command_line,
+                       force=args.force)
+    if res.reused:
+        print(f"{cfg.dataset}@{res.label} already holds this spec (spec id {res.spec_id[:12]}, "
+              f"content id {res.content_id[:12]}): nothing to do. Use --force to build a new version.")
+        print(f"output: {res.out_dir.resolve()}")
+        return 0
     _print_summary(res)
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from counterfactory import versions as V
+
+    ds_dir = V.locate_dataset(args.dataset, args.root)
+    latest = V.read_latest(ds_dir)
+    t = Table(title=f"{ds_dir}")
+    for col in ("label", "spec id", "content id", "date", "samples", "rejects", "status"):
+        t.add_column(col, no_wrap=True)
+    for v in V.list_versions(ds_dir):
+        try:
+            c = v.manifest()["counts"]
+            samples, rejects = str(c["samples"]), f"{c['rejected_inputs']} + {c['rejected_variants']} var."
+        except (OSError, ValueError, KeyError):
+            samples = rejects = "-"
+        label = v.label + (" (latest)" if v.label == latest else "")
+        t.add_row(label, (v.info.get("spec_id") or "-")[:12], (v.info.get("content_id") or "-")[:12],
+                  v.info.get("created") or "-", samples, rejects, v.status())
+    for p in sorted(ds_dir.glob(".staging-*")):
+        t.add_row(p.name, "-", "-", "-", "-", "-", "unfinished run (in progress or crashed)")
+    Console(width=max(140, Console().width)).print(t)
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from counterfactory import versions as V
+
+    v = V.locate(args.dataset, args.root)
+    if args.html or args.serve:
+        from counterfactory import viewer
+
+        page = viewer.build_viewer(v, out_dir=Path(args.out) if args.out else None,
+                                   max_samples=args.max_samples)
+        print(page.resolve())
+        if args.serve:
+            server = viewer.serve(page.parent, port=args.port)
+            host, port = server.server_address[:2]
+            print(f"serving http://{host}:{port}/{page.name}  (Ctrl-C to stop)", flush=True)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
+        return 0
+    readme = v.path / "README.md"
+    if not readme.exists():
+        print(f"error: {v.path} has no README.md card", file=sys.stderr)
+        return 1
+    text = readme.read_text()
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        body = text.split("---", 2)[2] if text.startswith("---") else text
+        Console().print(Markdown(body))
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from counterfactory import versions as V
+
+    v = V.locate(args.dataset, args.root)
+    checks = V.verify(v)
+    bad = [c for c in checks if not c.ok]
+    for c in checks:
+        if not c.ok or args.verbose:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    name = f"{v.path.parent.name}@{v.label}"
+    if bad:
+        print(f"{name}: {len(bad)} problem(s) in {len(checks)} checks: " + ", ".join(c.name for c in bad))
+        return 1
+    n = sum(1 for c in checks if c.name.endswith(".tar"))
+    print(f"{name}: ok ({n} shard(s), {len(checks)} checks, content id {V.content_id(v.path)[:12]})")
+    return 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from counterfactory import versions as V
+
+    v = V.locate(args.dataset, args.root)
+    if not (v.info.get("spec") or {}).get("config") and not (v.path / "config.yaml").exists():
+        print(f"error: {v.path} records no spec to regenerate", file=sys.stderr)
+        return 2
+    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="counterfactory-regen-"))
+    try:
+        rep = V.regenerate(v, scratch, local=args.local, progress=not args.quiet)
+    finally:
+        if not args.keep and not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        for ch in rep["spec_changes"]:
+            print(f"note: {ch['key']} differs from the stored spec: {ch['a']} -> {ch['b']}")
+        if rep["identical"]:
+            print(f"{rep['version']}: identical: content id {rep['content_id'][:12]} regenerated byte for byte")
+        else:
+            print(f"{rep['version']}: DIFFERENT: content id {rep['content_id'][:12]} "
+                  f"!= regenerated {rep['regenerated_content_id'][:12]}")
+            print(f"  differing shards ({len(rep['shards'])}): " + (", ".join(rep["shards"]) or "-"))
+            print(f"  differing samples ({len(rep['samples'])}): " + (", ".join(rep["samples"][:50]) or "-")
+                  + (" ..." if len(rep["samples"]) > 50 else ""))
+            if rep["files"]:
+                print("  differing files: " + ", ".join(rep["files"]))
+            if rep["manifest_fields"]:
+                print("  differing manifest fields: " + ", ".join(rep["manifest_fields"]))
+        if args.keep or args.scratch:
+            print(f"scratch: {rep['scratch']}")
+    return 0 if rep["identical"] else 1
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from counterfactory import versions as V
+
+    a, b = V.locate(args.a, args.root), V.locate(args.b, args.root)
+    d = V.diff(a, b)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print(f"{d['a']} -> {d['b']}" + ("  (content identical)" if d["content_identical"] else ""))
+    print("config changes:" + ("" if d["config"] else " none"))
+    for c in d["config"]:
+        note = "  (placement only: no effect on bytes)" if c.get("placement_only") else ""
+        print(f"  {c['key']}: {c['a']!r} -> {c['b']!r}{note}")
+    for c in d["spec"]:
+        print(f"  {c['key']}: {c['a']!r} -> {c['b']!r}")
+    print("counts:")
+    for k, c in d["counts"].items():
+        mark = f" ({c['delta']:+d})" if c["delta"] else ""
+        print(f"  {k}: {c['a']} -> {c['b']}{mark}")
+    print("reject reasons:" + ("" if d["rejects"] else " unchanged"))
+    for k, c in d["rejects"].items():
+        print(f"  {k}: {c['a']} -> {c['b']} ({c['delta']:+d})")
+    s = d["samples"]
+    print(f"samples: {len(s['added'])} added, {len(s['removed'])} removed, {len(s['changed'])} changed, "
+          f"{s['unchanged']} unchanged")
+    for label, keys in (("added", s["added"]), ("removed", s["removed"]), ("changed", s["changed"])):
+        if keys:
+            print(f"  {label}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
     return 0
 
 
@@ -72,15 +249,57 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None, help="process only the first N inputs")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--force", action="store_true", help="build a new version even if this spec has one")
     r.set_defaults(func=cmd_run)
+
+    def root(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--root", default="outputs",
+                        help="folder holding the datasets (default: ./outputs); DATASET may also be a path")
+
+    v = sub.add_parser("versions", help="list the versions of a dataset")
+    v.add_argument("dataset", metavar="ROOT/DATASET")
+    root(v)
+    v.set_defaults(func=cmd_versions)
+    c = sub.add_parser("card", help="print a version's data card; --html writes the viewer")
+    c.add_argument("dataset", metavar="DATASET[@VERSION]")
+    root(c)
+    c.add_argument("--html", action="store_true", help="write the static HTML viewer and print its path")
+    c.add_argument("--serve", action="store_true", help="write the viewer and serve it on 127.0.0.1")
+    c.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
+    c.add_argument("--out", default=None, help="viewer folder (default: VERSION/viewer)")
+    c.add_argument("--max-samples", type=int, default=300, help="samples shown in the viewer")
+    c.set_defaults(func=cmd_card)
+    g = sub.add_parser("regenerate", help="re-run a version's spec in a scratch folder and compare bytes")
+    g.add_argument("dataset", metavar="DATASET@VERSION")
+    root(g)
+    g.add_argument("--scratch", default=None, help="where to write (kept); default: a temporary folder")
+    g.add_argument("--keep", action="store_true", help="keep the temporary scratch folder")
+    g.add_argument("--local", action="store_true", help="run in this process without Ray (same bytes)")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(func=cmd_regenerate)
+    f = sub.add_parser("verify", help="recompute shard checksums and sample counts against the manifest")
+    f.add_argument("dataset", metavar="DATASET@VERSION")
+    root(f)
+    f.add_argument("-v", "--verbose", action="store_true", help="print passing checks too")
+    f.set_defaults(func=cmd_verify)
+    d = sub.add_parser("diff", help="compare two versions")
+    d.add_argument("a", metavar="DATASET@A")
+    d.add_argument("b", metavar="DATASET@B")
+    root(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_diff)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from counterfactory.versions import VersionError
+
     args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, VersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

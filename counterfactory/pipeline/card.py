@@ -1,75 +1,417 @@
-"""The data card written beside the shards: Hugging Face dataset-card style, every figure taken
-from the manifest (which is itself computed from the shards, index and rejects)."""
+"""The data card of a version: ``README.md`` (Hugging Face dataset-card style, YAML front matter),
+``card.json`` with the same figures, and PNG histograms under ``plots/``.
+
+Every figure is computed from the files of the version folder: ``index.parquet`` (samples,
+variants, question kinds, answers, metrics), ``rejects.parquet`` (the yield of every filter),
+``manifest.json`` (shards, content id), ``config.yaml`` (seed, stages, models), ``summary.json``
+(time per stage) and ``version.json`` (spec, parent). Card files are not listed in the manifest,
+so they never change a content id; the PNGs are written without software/date metadata anyway.
+
+The markdown skeleton is ``CARD_TEMPLATE``; ``data_cards/TEMPLATE.md`` is a copy kept equal
+by a test.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
-from counterfactory.pipeline.config import PipelineConfig
 from counterfactory.pipeline.writer import atomic_write
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, RULE_TEXT
 
+CARD_TEMPLATE = """\
+---
+{front_matter}
+---
 
-def rule_table(variants: list[str]) -> str:
-    head = "| question kind | " + " | ".join(["orig", *variants]) + " |"
-    sep = "|" + "---|" * (len(variants) + 2)
-    rows = [f"| {k} | " + " | ".join(RULE_TEXT[ANSWER_RULES[v][k]] for v in ["orig", *variants]) + " |"
-            for k in QUESTION_KINDS]
-    return "\n".join([head, sep, *rows])
+# {dataset} {version}
+
+{summary}
+
+| spec id | content id | parent | created by |
+|---|---|---|---|
+| `{spec_id_short}` | `{content_id_short}` | {parent} | counterfactory {package_version} |
+
+## Counts
+
+{counts_table}
+
+Samples by variant and question kind (a sample carries every question of its input, answered
+for the original and for every variant it kept):
+
+{kind_variant_table}
+
+Abstentions ("{abstain}") by variant and question kind:
+
+{abstain_table}
+
+## Answer rules
+
+{rule_table}
+
+## Filters and rejects (the yield of every filter)
+
+Whole inputs, in stage order:
+
+{yield_table}
+
+Variants dropped from otherwise good samples:
+
+{variant_reject_table}
+
+## Mask area and verification metrics
+
+![mask area](plots/mask_area.png)
+
+![verification metrics](plots/metrics.png)
+
+{histogram_table}
+
+## Sample schema
+
+{schema}
+
+## Models
+
+{models}
+
+## Time per stage
+
+{timing_table}
+
+## Reproduce
+
+- seed: {seed}
+- config hash: `{config_hash}`
+- spec id: `{spec_id}`
+- content id (sha256 of manifest.json): `{content_id}`
+
+```bash
+{commands}
+```
+
+## Parent version and what changed
+
+{changes}
+"""
+
+SCHEMA_MEMBERS = [
+    ("KEY.orig.jpg", "the original image (8-bit RGB, EXIF orientation applied)"),
+    ("KEY.<variant>.jpg", "one per kept variant: remove (evidence inpainted away), blackout (evidence "
+                          "covered with a flat fill), random_mask (control: equal area, clear of the evidence)"),
+    ("KEY.mask.png", "evidence mask (all instances, dilated), 0/255"),
+    ("KEY.control_mask.png", "the control region (only with random_mask)"),
+    ("KEY.json", "key, source (path, sha256, size, origin), qa (question, kind, source, answers per "
+                 "variant), targets, instances, variants, edits, mask, metrics, provenance, variant_rejects"),
+]
+
+PLOT_METADATA = {"Software": None}  # no matplotlib version in the PNG bytes
 
 
-def card_text(manifest: dict[str, Any], cfg: PipelineConfig) -> str:
-    c = manifest["counts"]
-    variants = list(c["variants"])
-    front = {
-        "pretty_name": cfg.dataset,
-        "task_categories": ["visual-question-answering"],
-        "tags": ["counterfactual", "webdataset", "counterfactory"],
-        "size_categories": ["n<1K" if c["samples"] < 1000 else "1K<n<10K" if c["samples"] < 10_000 else "10K<n"],
-    }
-    lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {cfg.dataset}", "",
-        "Paired counterfactual data made by counterfactory: each sample holds an original image, "
-        "variants in which the evidence a question depends on was removed or masked (plus an "
-        "equal-area control), the evidence mask, and the same questions answered for every variant.",
-        "",
-        "## Counts", "",
-        "| inputs | samples | rejected inputs | rejected variants | shards |",
-        "|---|---|---|---|---|",
-        f"| {c['inputs']} | {c['samples']} | {c['rejected_inputs']} | {c['rejected_variants']} | {len(manifest['shards'])} |",
-        "",
-        "Variants: " + (", ".join(f"{k} {v}" for k, v in c["variants"].items()) or "none"),
-        "",
-        "Questions by kind: " + (", ".join(f"{k} {v}" for k, v in c["question_kinds"].items()) or "none"),
-        "",
-        "## Answer rules", "",
-        rule_table(variants or ["remove", "blackout", "random_mask"]),
-        "",
-        f'The abstention answer is "{cfg.abstain_answer}".',
-        "",
-        "## Rejects (the yield of every filter)", "",
-        "| stage | reason | scope | count |", "|---|---|---|---|",
-        *[f"| {r['stage']} | {r['reason']} | {r['scope']} | {r['count']} |" for r in manifest["rejects"]],
-        "",
-        "## Sample layout", "",
-        "One WebDataset sample per source and question: `KEY.orig.jpg`, one `KEY.<variant>.jpg` per "
-        "variant, `KEY.mask.png` (evidence, dilated), `KEY.control_mask.png` (random_mask region), "
-        "`KEY.json` (questions, answers per variant, instances, metrics, provenance).",
-        "",
-        "## Provenance", "",
-        f"- config hash: `{manifest['config_hash']}`",
-        f"- seed: {cfg.seed}",
-        f"- counterfactory {manifest['package_version']}",
-        "- stages: " + ", ".join(f"{s.name}={s.backend}" for s in cfg.stages),
-        "- regenerate: `counterfactory run config.yaml` (the resolved config saved beside this card)",
-        "",
-    ]
+def _short(x: str | None) -> str:
+    return (x or "-")[:12]
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return "_none_"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_card(out_dir: Path, manifest: dict[str, Any], cfg: PipelineConfig) -> None:
-    atomic_write(out_dir / "README.md", card_text(manifest, cfg).encode())
+def rule_table(variants: list[str]) -> str:
+    cols = ["orig", *variants]
+    return _table(["question kind", *cols],
+                  [[k, *(RULE_TEXT[ANSWER_RULES[v][k]] for v in cols)] for k in QUESTION_KINDS
+                   if all(k in ANSWER_RULES.get(v, {}) for v in cols)])
+
+
+def _hist(values: list[float], edges: np.ndarray | None = None, bins: int = 20) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    if edges is None:
+        edges = np.histogram_bin_edges(arr, bins=bins) if arr.size else np.linspace(0, 1, bins + 1)
+    counts, edges = np.histogram(arr, bins=edges)
+    return {"n": int(arr.size), "edges": [round(float(e), 6) for e in edges],
+            "counts": [int(c) for c in counts],
+            "min": round(float(arr.min()), 6) if arr.size else None,
+            "median": round(float(np.median(arr)), 6) if arr.size else None,
+            "max": round(float(arr.max()), 6) if arr.size else None}
+
+
+def compute_card(vdir: Path) -> dict[str, Any]:
+    """All figures of the card, from the files of one version folder."""
+    from counterfactory import versions
+
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    cfg = yaml.safe_load((vdir / "config.yaml").read_text())
+    info = json.loads((vdir / versions.VERSION_FILE).read_text()) if (vdir / versions.VERSION_FILE).exists() else {}
+    summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
+    index = pq.read_table(vdir / "index.parquet").to_pylist()
+    rejects = pq.read_table(vdir / "rejects.parquet").to_pylist()
+    abstain = cfg.get("abstain_answer", "unknown")
+    stage_names = [s["name"] for s in cfg.get("stages", [])]
+
+    variants_c: Counter[str] = Counter()
+    kinds_c: Counter[str] = Counter()
+    kind_variant: dict[str, Counter[str]] = defaultdict(Counter)
+    abstentions: dict[str, Counter[str]] = defaultdict(Counter)
+    metric_values: dict[str, list[float]] = defaultdict(list)
+    for row in index:
+        variants_c.update(row["variants"])
+        kinds_c.update(row["question_kinds"])
+        answers = json.loads(row["answers"])
+        for kind, ans in zip(row["question_kinds"], answers, strict=True):
+            for v in ["orig", *row["variants"]]:
+                kind_variant[kind][v] += 1
+                if ans.get(v) == abstain:
+                    abstentions[kind][v] += 1
+        metrics = json.loads(row["metrics"])
+        for v, m in sorted(metrics.items()):
+            if isinstance(m, dict):
+                for name, val in sorted(m.items()):
+                    if isinstance(val, int | float):
+                        metric_values[f"{v}.{name}"].append(float(val))
+
+    whole = [r for r in rejects if r["variant"] is None]
+    per_stage: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in whole:
+        per_stage[r["stage"]][r["reason"]] += 1
+    order = stage_names + sorted(s for s in per_stage if s not in stage_names)
+    entered = manifest["counts"]["inputs"]
+    filters = []
+    for st in order:
+        rej = sum(per_stage[st].values())
+        passed = entered - rej
+        filters.append({"stage": st, "entered": entered, "rejected": rej, "passed": passed,
+                        "yield": round(passed / entered, 4) if entered else None,
+                        "reasons": dict(sorted(per_stage[st].items()))})
+        entered = passed
+    vrej = Counter((r["stage"], r["variant"], r["reason"]) for r in rejects if r["variant"] is not None)
+    variant_rejects = [{"stage": s, "variant": v, "reason": why, "count": n}
+                       for (s, v, why), n in sorted(vrej.items())]
+
+    histograms = {"mask_area_frac": _hist([r["mask_area_frac"] for r in index], np.linspace(0, 1, 21))}
+    for k in sorted(metric_values):
+        histograms[k] = _hist(metric_values[k])
+
+    stages_cfg = cfg.get("stages", [])
+    prov = versions.first_sample_provenance(vdir, manifest)
+    models = versions.model_refs([{"name": n, **p} for n, p in prov.items()]) or versions.model_refs(stages_cfg)
+    variants_order = [v for v in ("remove", "blackout", "random_mask") if v in variants_c]
+    variants_order += sorted(v for v in variants_c if v not in variants_order)
+    label = info.get("label") or vdir.name
+    dataset = manifest["dataset"]
+    root = info.get("root")
+    root_arg = _display_root(root)
+    commands = [f"counterfactory regenerate {dataset}@{label} --root {root_arg}   "
+                "# re-run this spec in a scratch folder, compare content ids",
+                f"counterfactory verify {dataset}@{label} --root {root_arg}"]
+    if info.get("command"):
+        commands.insert(0, f"{info['command']}   # the command that made it")
+    changes = _changes(vdir, info)
+    return {
+        "format": "counterfactory-card/1",
+        "dataset": dataset,
+        "version": label,
+        "spec_id": info.get("spec_id"),
+        "content_id": info.get("content_id"),
+        "parent": info.get("parent"),
+        "package_version": manifest["package_version"],
+        "config_hash": manifest["config_hash"],
+        "seed": cfg.get("seed"),
+        "abstain_answer": abstain,
+        "counts": {
+            "inputs": manifest["counts"]["inputs"],
+            "samples": len(index),
+            "shards": len(manifest["shards"]),
+            "rejected_inputs": len(whole),
+            "rejected_variants": len(rejects) - len(whole),
+            "questions": sum(kinds_c.values()),
+            "variants": dict(sorted(variants_c.items())),
+            "question_kinds": dict(sorted(kinds_c.items())),
+            "by_kind_and_variant": {k: dict(sorted(c.items())) for k, c in sorted(kind_variant.items())},
+            "abstentions": {k: dict(sorted(c.items())) for k, c in sorted(abstentions.items())},
+        },
+        "variants": variants_order,
+        "filters": filters,
+        "variant_rejects": variant_rejects,
+        "histograms": histograms,
+        "plots": ["plots/mask_area.png", "plots/metrics.png"],
+        "schema": [{"member": m, "description": d} for m, d in SCHEMA_MEMBERS],
+        "models": models,
+        "stages": [{"name": s["name"], "backend": s.get("backend", "default")} for s in stages_cfg],
+        "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {})},
+        "regenerate": commands,
+        "changes": changes,
+    }
+
+
+def _display_root(root: str | None) -> str:
+    if not root:
+        return "ROOT"
+    try:
+        rel = os.path.relpath(root)
+    except ValueError:
+        return root
+    return rel if not rel.startswith("..") else root
+
+
+def _changes(vdir: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    """What changed since the parent (the version ``latest`` named when this one was made)."""
+    from counterfactory import versions
+
+    parent = info.get("parent")
+    if not parent:
+        return None
+    pdir = vdir.parent / parent
+    if not (pdir / "manifest.json").exists():
+        return {"parent": parent, "missing": True}
+    me = versions.Version(info.get("label", vdir.name), vdir, info)
+    d = versions.diff(versions.read_version(pdir), me)
+    s = d["samples"]
+    return {"parent": parent, "config": d["config"], "spec": d["spec"],
+            "counts": {k: v for k, v in d["counts"].items() if v["delta"]},
+            "rejects": d["rejects"],
+            "samples": {"added": len(s["added"]), "removed": len(s["removed"]),
+                        "changed": len(s["changed"]), "unchanged": s["unchanged"]}}
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    return json.dumps(x) if not isinstance(x, str) else x
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    c = card["counts"]
+    variants = card["variants"]
+    cols = ["orig", *variants]
+    front = {
+        "pretty_name": f"{card['dataset']} {card['version']}",
+        "task_categories": ["visual-question-answering"],
+        "tags": ["counterfactual", "webdataset", "counterfactory"],
+        "size_categories": ["n<1K" if c["samples"] < 1000 else "1K<n<10K" if c["samples"] < 10_000 else "10K<n<100K"
+                            if c["samples"] < 100_000 else "100K<n"],
+        "configs": [{"config_name": "default", "data_files": f"{card['dataset']}-*.tar"}],
+        "counterfactory": {"version": card["version"], "spec_id": card["spec_id"],
+                           "content_id": card["content_id"], "parent": card["parent"]},
+    }
+    summary = (
+        f"Paired counterfactual data made by counterfactory: {c['samples']} samples in {c['shards']} "
+        f"WebDataset shard(s), from {c['inputs']} inputs. Each sample holds an original image, variants "
+        "in which the evidence a question depends on was removed or masked (plus an equal-area control), "
+        "the evidence mask, and the same questions answered for every variant by an explicit rule."
+    )
+    counts_table = _table(["inputs", "samples", "questions", "rejected inputs", "rejected variants", "shards"],
+                          [[c["inputs"], c["samples"], c["questions"], c["rejected_inputs"],
+                            c["rejected_variants"], c["shards"]]])
+    kinds = sorted(c["by_kind_and_variant"])
+    kv = _table(["question kind", *cols, "questions"],
+                [[k, *(c["by_kind_and_variant"][k].get(v, 0) for v in cols), c["question_kinds"].get(k, 0)]
+                 for k in kinds] + [["samples", c["samples"], *(c["variants"].get(v, 0) for v in variants), ""]])
+    ab = _table(["question kind", *cols], [[k, *(c["abstentions"].get(k, {}).get(v, 0) for v in cols)]
+                                          for k in kinds])
+    yt = _table(["stage", "entered", "rejected", "passed", "yield", "reasons"],
+                [[f["stage"], f["entered"], f["rejected"], f["passed"],
+                  "-" if f["yield"] is None else f"{100 * f['yield']:.1f}%",
+                  ", ".join(f"{r} {n}" for r, n in f["reasons"].items()) or "-"] for f in card["filters"]])
+    vt = _table(["stage", "variant", "reason", "count"],
+                [[r["stage"], r["variant"], r["reason"], r["count"]] for r in card["variant_rejects"]])
+    ht = _table(["figure", "n", "min", "median", "max"],
+                [[k, h["n"], h["min"], h["median"], h["max"]] for k, h in card["histograms"].items()])
+    schema = _table(["member", "content"], [[f"`{s['member']}`", s["description"]] for s in card["schema"]])
+    if card["models"]:
+        models = _table(["stage", "backend", "model ids and revisions"],
+                        [[m["stage"], m["backend"], ", ".join(f"{k}={v}" for k, v in m.items()
+                                                              if k not in ("stage", "backend"))]
+                         for m in card["models"]])
+    else:
+        models = ("No learned weights: every stage runs the embedded default ("
+                  + ", ".join(f"{s['name']}={s['backend']}" for s in card["stages"])
+                  + "): annotation matching, polygon/GrabCut masks, OpenCV inpainting, template QA.")
+    t = card["timing"]
+    timing = _table(["stage", "seconds (summed over samples)"],
+                    [[k, f"{v:.3f}"] for k, v in sorted(t["stage_seconds"].items())]
+                    + [["wall", "-" if t["wall_seconds"] is None else f"{t['wall_seconds']:.3f}"]])
+    ch = card["changes"]
+    if ch is None:
+        changes = "None: this is the first version of the dataset."
+    elif ch.get("missing"):
+        changes = f"Parent {ch['parent']} (no longer on disk)."
+    else:
+        parts = [f"Parent: {ch['parent']}.", ""]
+        diffs = [f"- `{x['key']}`: {_fmt(x['a'])} → {_fmt(x['b'])}"
+                 + (" (placement only)" if x.get("placement_only") else "") for x in ch["config"] + ch["spec"]]
+        parts += diffs or ["- spec: unchanged"]
+        parts += [f"- `{k}`: {v['a']} → {v['b']} ({v['delta']:+d})" for k, v in ch["counts"].items()]
+        parts += [f"- rejects {k}: {v['a']} → {v['b']}" for k, v in ch["rejects"].items()]
+        s = ch["samples"]
+        parts.append(f"- samples: {s['added']} added, {s['removed']} removed, {s['changed']} changed, "
+                     f"{s['unchanged']} unchanged")
+        changes = "\n".join(parts)
+    return CARD_TEMPLATE.format(
+        front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
+        dataset=card["dataset"], version=card["version"], summary=summary,
+        spec_id_short=_short(card["spec_id"]), content_id_short=_short(card["content_id"]),
+        parent=card["parent"] or "-", package_version=card["package_version"],
+        counts_table=counts_table, kind_variant_table=kv, abstain=card["abstain_answer"], abstain_table=ab,
+        rule_table=rule_table(variants or ["remove", "blackout", "random_mask"]),
+        yield_table=yt, variant_reject_table=vt, histogram_table=ht, schema=schema, models=models,
+        timing_table=timing, seed=card["seed"], config_hash=card["config_hash"],
+        spec_id=card["spec_id"] or "-", content_id=card["content_id"] or "-",
+        commands="\n".join(card["regenerate"]), changes=changes,
+    )
+
+
+def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes of the histograms (matplotlib Agg, no pyplot state, no metadata)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def png(fig: Figure) -> bytes:
+        FigureCanvasAgg(fig)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, metadata=PLOT_METADATA)
+        return buf.getvalue()
+
+    def bars(ax: Any, h: dict[str, Any], title: str) -> None:
+        e = np.asarray(h["edges"])
+        ax.bar(e[:-1], h["counts"], width=np.diff(e), align="edge", color="#4c72b0", edgecolor="white")
+        ax.set_title(f"{title} (n={h['n']})", fontsize=9)
+        ax.tick_params(labelsize=7)
+
+    hs = card["histograms"]
+    fig = Figure(figsize=(5, 3))
+    bars(fig.add_subplot(1, 1, 1), hs["mask_area_frac"], "mask area (fraction of image)")
+    fig.tight_layout()
+    out = {"plots/mask_area.png": png(fig)}
+    keys = [k for k in hs if k != "mask_area_frac"]
+    ncol = 3
+    nrow = max(1, -(-len(keys) // ncol))
+    fig = Figure(figsize=(4 * ncol, 2.6 * nrow))
+    for i, k in enumerate(keys):
+        bars(fig.add_subplot(nrow, ncol, i + 1), hs[k], k)
+    if not keys:
+        fig.text(0.5, 0.5, "no verification metrics", ha="center")
+    fig.tight_layout()
+    out["plots/metrics.png"] = png(fig)
+    return out
+
+
+def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
+    """Write README.md, card.json and plots/ into a version folder (or its staging folder)."""
+    card = compute_card(vdir)
+    (vdir / "plots").mkdir(exist_ok=True)
+    for name, data in render_plots(card).items():
+        atomic_write(vdir / name, data)
+    atomic_write(vdir / "card.json", json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False).encode())
+    atomic_write(vdir / "README.md", render_markdown(card).encode())
+    return card

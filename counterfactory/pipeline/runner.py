@@ -14,17 +14,19 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from counterfactory import versions
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import PipelineConfig
 from counterfactory.pipeline.inputs import load_records
-from counterfactory.pipeline.writer import DatasetWriter, PartEncoder, atomic_write, publish
+from counterfactory.pipeline.writer import DatasetWriter, PartEncoder, atomic_write
 from counterfactory.stages import get_backend
 
 _STAGE_CACHE: dict[str, Any] = {}
@@ -117,6 +119,7 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
     run = run_settings(cfg)
     items = initial_rows(cfg, records)
     first = cfg.stages[0].resources.batch_size
@@ -154,22 +157,36 @@ def _encode_task(batch: dict, *, image_format: str, jpeg_quality: int) -> dict:
 
 @dataclass
 class RunResult:
-    out_dir: Path
+    out_dir: Path  # the version folder, ROOT/DATASET/vN
     manifest: dict[str, Any]
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    label: str = ""
+    spec_id: str = ""
+    content_id: str = ""
+    reused: bool = False  # the spec's complete version existed: nothing ran
 
 
 def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
-                 local: bool = False) -> RunResult:
-    """Run and publish ``ROOT/DATASET``. ``local=True`` runs the stages in this process
-    without Ray (same code, same bytes): the benchmark floor and a debugging aid."""
+                 local: bool = False, command: str | None = None, force: bool = False) -> RunResult:
+    """Run and publish a new version ``ROOT/DATASET/vN`` (see ``counterfactory.versions``).
+
+    When a complete version with the same spec id exists, nothing runs and that version is
+    returned (``reused=True``) unless ``force``. ``local=True`` runs the stages in this process
+    without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
     t0 = time.perf_counter()
     records = load_records(cfg, limit)
-    out_root = cfg.path(cfg.output.root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / cfg.dataset
-    staging = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{cfg.dataset}.staging-"))
+    ds_dir = cfg.path(cfg.output.root) / cfg.dataset
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    versions.migrate_flat_layout(ds_dir)
+    spec, source_hashes = versions.build_spec(cfg, records, limit, ds_dir / versions.HASH_CACHE)
+    sid = versions.spec_id(spec)
+    existing = None if force else versions.find_complete(ds_dir, sid)
+    if existing is not None:
+        return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
+                         existing.label, sid, existing.info["content_id"], reused=True)
+    parent = versions.read_latest(ds_dir)
+    staging = Path(tempfile.mkdtemp(dir=ds_dir, prefix=".staging-"))
     staging.chmod(0o755)
     try:
         saved = cfg.resolved()
@@ -189,14 +206,27 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 writer.add_batch(batch)
         manifest = writer.close()
+        changed = versions.check_sources_unchanged(
+            source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"]).to_pylist())
+        if changed:
+            raise RuntimeError(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
+                               "nothing published")
         seconds = time.perf_counter() - t0
         summary = {"wall_seconds": round(seconds, 3),
                    "stage_seconds": {k: round(v, 3) for k, v in writer.stage_seconds.items()},
                    "limit": limit, "counts": manifest["counts"]}
         atomic_write(staging / "summary.json", json.dumps(summary, indent=2).encode())
-        write_card(staging, manifest, cfg)
-        publish(staging, final)
+        cid = versions.content_id(staging)
+
+        def make_info(label: str) -> dict[str, Any]:
+            return {"format": "counterfactory-version/1", "label": label, "dataset": cfg.dataset,
+                    "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
+                    "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
+                    "root": str(ds_dir.parent), "command": command}
+
+        version = versions.publish_version(staging, ds_dir, make_info,
+                                           lambda d, info: write_card(d))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return RunResult(final, manifest, seconds, dict(writer.stage_seconds))
+    return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid)

@@ -1,0 +1,605 @@
+"""Dataset versions: identity, layout, lookup, verification, comparison and regeneration.
+
+Layout::
+
+    ROOT/DATASET/
+      v1/ v2/ ...        one folder per version, labels in order of creation, never overwritten
+      latest             a small text file holding the newest label ("v2\\n"); a file rather than
+                         a symlink so that it works on every filesystem (SMB, FAT, object-store
+                         mounts) and is replaced atomically like every other file we write
+      .cache/            source-hash cache (stat-keyed), safe to delete
+      .staging-*         a run in progress (or one that crashed); never a version
+
+Identity:
+
+- **spec id** = sha256 of the spec: the resolved config (Ray placement, stage resources and the
+  output location excluded: they do not change a byte), the model ids and revisions it names,
+  the input-set hash, ``--limit`` and the package version. Two runs with the same spec id are
+  expected to produce the same bytes; running a spec whose complete version exists is a no-op.
+- **input-set hash** = sha256 over the sorted hashes of every source the spec reads: each
+  distinct image (stream-hashed in the driver, cached by path, size, mtime and inode) plus the
+  annotation files (JSONL manifests, COCO json); a procedural image hashes its URI, which fully
+  determines its pixels. After the run, the hashes that ingest computed from the bytes it
+  actually read are checked against these: an input changed mid-run fails the run, so a
+  version's spec id always describes the bytes it was built from.
+- **content id** = sha256 of ``manifest.json`` (per-shard sha256 and counts, no timestamps), so
+  equal content ids mean byte-identical shards, index, rejects and config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from counterfactory import __version__
+
+VERSION_FILE = "version.json"
+LATEST = "latest"
+HASH_CACHE = Path(".cache") / "source-hashes.json"
+LABEL_RE = re.compile(r"^v(\d+)$")
+MODEL_KEY_RE = re.compile(r"(model|checkpoint|weights|revision|repo_id)", re.I)
+
+
+class VersionError(Exception):
+    """A version that cannot be found or read; reported as one line by the CLI."""
+
+
+# -- identity --------------------------------------------------------------------------------
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def spec_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that shapes the output (same rule as ``config_hash``)."""
+    d = json.loads(json.dumps(cfg_dict))
+    d.pop("ray", None)
+    d.get("output", {}).pop("root", None)
+    for s in d.get("stages", []):
+        s.pop("resources", None)
+    return d
+
+
+def model_refs(stages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Model ids and revisions named in stage params (or provenance): any key that mentions
+    model/checkpoint/weights/revision/repo_id, found at any depth."""
+    def walk(node: Any, prefix: str, found: dict[str, Any]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{prefix}{k}"
+                if MODEL_KEY_RE.search(str(k)) and not isinstance(v, dict | list):
+                    found[key] = v
+                else:
+                    walk(v, f"{key}.", found)
+
+    out = []
+    for s in stages:
+        found: dict[str, Any] = {}
+        walk(s.get("params", {}), "", found)
+        if found:
+            out.append({"stage": s.get("name", "?"), "backend": s.get("backend", "default"), **found})
+    return out
+
+
+class SourceHasher:
+    """Stream-hash source files in a thread pool (hashlib releases the GIL), with a cache keyed
+    by (path, size, mtime_ns, inode) so a second run of a large input set costs one stat per file."""
+
+    def __init__(self, cache_path: Path | None) -> None:
+        self.cache_path = cache_path
+        self.cache: dict[str, list[Any]] = {}
+        if cache_path and cache_path.exists():
+            try:
+                self.cache = json.loads(cache_path.read_text())
+            except (OSError, ValueError):
+                self.cache = {}
+        self.dirty = False
+
+    def _one(self, ref: str) -> tuple[str, str]:
+        if ref.startswith("procedural://"):
+            return ref, "uri:" + sha256_bytes(ref.encode())
+        from counterfactory.pipeline.config import resolve_path
+
+        try:
+            path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
+            st = path.stat()
+        except (OSError, ValueError):
+            return ref, "missing:" + sha256_bytes(ref.encode())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self.cache.get(str(path))
+        if hit and hit[:3] == stamp:
+            return ref, hit[3]
+        try:
+            digest = _hash_file(path)
+        except OSError:
+            return ref, "unreadable:" + sha256_bytes(ref.encode())
+        self.cache[str(path)] = [*stamp, digest]
+        self.dirty = True
+        return ref, digest
+
+    def hash_all(self, refs: Iterable[str]) -> dict[str, str]:
+        refs = sorted(set(refs))
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(refs)))) as pool:
+            out = dict(pool.map(self._one, refs))
+        if self.dirty and self.cache_path:
+            try:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self.cache_path, json.dumps(self.cache).encode())
+            except OSError:
+                pass  # a cache is an optimisation, never a reason to fail
+        return out
+
+
+def input_sources(cfg: Any, records: list[dict[str, Any]]) -> dict[str, str]:
+    """ref -> role for every file a run reads: images and annotation files."""
+    refs: dict[str, str] = {}
+    for inp in cfg.inputs:
+        path = getattr(inp, "path", None)
+        if path:
+            refs[str(cfg.path(path))] = "annotations"
+    for rec in records:
+        img = rec.get("image")
+        if isinstance(img, str) and img and "error" not in rec:
+            refs.setdefault(img, "image")
+    return refs
+
+
+def build_spec(cfg: Any, records: list[dict[str, Any]], limit: int | None,
+               cache_path: Path | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The spec (what the spec id hashes) and the per-source hashes it was computed from."""
+    sources = input_sources(cfg, records)
+    hashes = SourceHasher(cache_path).hash_all(sources)
+    resolved = spec_config(cfg.resolved())
+    spec = {
+        "config": resolved,
+        "models": model_refs(resolved.get("stages", [])),
+        "input_set_hash": sha256_bytes("\n".join(sorted(hashes.values())).encode()),
+        "inputs": {"records": len(records), "sources": len(hashes)},
+        "limit": limit,
+        "package_version": __version__,
+    }
+    return spec, hashes
+
+
+def spec_id(spec: dict[str, Any]) -> str:
+    return sha256_bytes(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode())
+
+
+def check_sources_unchanged(hashes: dict[str, str], index_rows: list[dict[str, Any]]) -> list[str]:
+    """Sources whose bytes, as ingest read them, differ from the pre-run hash (changed mid-run)."""
+    bad = []
+    for row in index_rows:
+        pre = hashes.get(row["source"])
+        if pre and ":" not in pre and pre != row["source_sha256"]:
+            bad.append(row["source"])
+    return sorted(set(bad))
+
+
+# -- layout ----------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def content_id(version_dir: Path) -> str:
+    return _hash_file(version_dir / "manifest.json")
+
+
+@dataclass
+class Version:
+    label: str
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return int(self.label[1:])
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    def status(self) -> str:
+        """Cheap health check (existence and sizes; ``verify`` recomputes checksums)."""
+        mf = self.path / "manifest.json"
+        if not mf.exists():
+            return "incomplete: no manifest"
+        if self.info.get("content_id") and content_id(self.path) != self.info["content_id"]:
+            return "modified: manifest changed"
+        missing = [s["name"] for s in self.manifest()["shards"] if not (self.path / s["name"]).exists()]
+        if missing:
+            return f"damaged: {len(missing)} shard(s) missing"
+        wrong = [s["name"] for s in self.manifest()["shards"]
+                 if (self.path / s["name"]).stat().st_size != s["bytes"]]
+        if wrong:
+            return f"damaged: {len(wrong)} shard(s) of the wrong size"
+        return "complete"
+
+
+def read_version(path: Path) -> Version:
+    info_path = path / VERSION_FILE
+    info: dict[str, Any] = {}
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+    return Version(path.name, path, info)
+
+
+def list_versions(ds_dir: Path) -> list[Version]:
+    if not ds_dir.is_dir():
+        return []
+    found = [read_version(p) for p in ds_dir.iterdir() if p.is_dir() and LABEL_RE.match(p.name)]
+    return sorted(found, key=lambda v: v.number)
+
+
+def read_latest(ds_dir: Path) -> str | None:
+    p = ds_dir / LATEST
+    if p.is_symlink():  # tolerated if someone made one by hand
+        return Path(os.readlink(p)).name
+    if p.is_file():
+        label = p.read_text().strip()
+        return label or None
+    versions = list_versions(ds_dir)
+    return versions[-1].label if versions else None
+
+
+def write_latest(ds_dir: Path, label: str) -> None:
+    _atomic_write(ds_dir / LATEST, f"{label}\n".encode())
+
+
+def find_complete(ds_dir: Path, sid: str) -> Version | None:
+    for v in reversed(list_versions(ds_dir)):
+        if v.info.get("spec_id") == sid and v.status() == "complete":
+            return v
+    return None
+
+
+def next_label(ds_dir: Path) -> str:
+    nums = [v.number for v in list_versions(ds_dir)]
+    return f"v{max(nums, default=0) + 1}"
+
+
+def migrate_flat_layout(ds_dir: Path) -> str | None:
+    """A dataset written before versions existed (files directly in ROOT/DATASET) becomes v1,
+    by two renames; returns the label, or None when there was nothing to migrate."""
+    if not (ds_dir / "manifest.json").is_file():
+        return None
+    tmp = ds_dir.with_name(f".{ds_dir.name}.migrating")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    os.replace(ds_dir, tmp / "v1")
+    info = {"format": "counterfactory-version/1", "label": "v1", "dataset": ds_dir.name,
+            "spec_id": None, "content_id": content_id(tmp / "v1"), "created": None, "parent": None,
+            "note": "migrated from the flat layout (no spec recorded)"}
+    _atomic_write(tmp / "v1" / VERSION_FILE, json.dumps(info, indent=2).encode())
+    _atomic_write(tmp / LATEST, b"v1\n")
+    os.replace(tmp, ds_dir)
+    return "v1"
+
+
+def publish_version(staging: Path, ds_dir: Path, make_info: Callable[[str], dict[str, Any]],
+                    finish: Callable[[Path, dict[str, Any]], None]) -> Version:
+    """Name the staging folder with the next free label and rename it into place.
+
+    ``make_info(label)`` gives version.json; ``finish(staging, info)`` writes label-dependent
+    files (the card). Two concurrent runs may pick the same label: the rename of the loser
+    fails (the target exists and is not empty), and it retries with the next label."""
+    for _ in range(100):
+        label = next_label(ds_dir)
+        info = make_info(label)
+        _atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+        finish(staging, info)
+        target = ds_dir / label
+        try:
+            target.mkdir()  # claims the label (atomic); fails if another run took it
+        except FileExistsError:
+            continue
+        os.replace(staging, target)  # onto an empty folder: atomic on POSIX
+        write_latest(ds_dir, label)
+        return read_version(target)
+    raise RuntimeError(f"could not allocate a version label in {ds_dir}")
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- locating --------------------------------------------------------------------------------
+def split_ref(ref: str) -> tuple[str, str | None]:
+    name, at, label = ref.rpartition("@")
+    if not at:
+        return ref, None
+    return name, label or None
+
+
+def locate_dataset(name: str, root: str | Path = "outputs") -> Path:
+    """``DATASET`` is a name under ``--root`` or a path to ``ROOT/DATASET``."""
+    p = Path(name).expanduser()
+    if p.is_dir() and (list_versions(p) or (p / LATEST).exists()):
+        return p
+    q = Path(root).expanduser() / name
+    if q.is_dir():
+        return q
+    if p.is_dir() and (p / "manifest.json").exists():
+        raise VersionError(f"{p} is a dataset in the flat layout; run it again to migrate it to {p}/v1")
+    raise VersionError(f"no dataset {name!r} (looked for {q} and {p})")
+
+
+def locate(ref: str, root: str | Path = "outputs") -> Version:
+    """``DATASET[@VERSION]`` -> the version (``latest`` when no label is given). A path to a
+    version folder (``ROOT/DATASET/v2``) works as well."""
+    name, label = split_ref(ref)
+    p = Path(name).expanduser()
+    if label is None and LABEL_RE.match(p.name) and (p / "manifest.json").exists():
+        return read_version(p)
+    ds_dir = locate_dataset(name, root)
+    if label in (None, LATEST):
+        label = read_latest(ds_dir)
+        if label is None:
+            raise VersionError(f"{ds_dir} has no versions yet")
+    if not LABEL_RE.match(label):
+        raise VersionError(f"bad version label {label!r}: expected v1, v2, ... or latest")
+    vdir = ds_dir / label
+    if not vdir.is_dir():
+        have = ", ".join(v.label for v in list_versions(ds_dir)) or "none"
+        raise VersionError(f"{ds_dir.name} has no version {label} (versions: {have})")
+    return read_version(vdir)
+
+
+# -- verify ----------------------------------------------------------------------------------
+def count_tar_samples(path: Path) -> int:
+    """Distinct sample keys in a tar, reading headers only (members are skipped, not read)."""
+    keys = set()
+    with tarfile.open(path, mode="r:") as tf:
+        for m in tf:
+            if m.isfile():
+                keys.add(m.name.split(".", 1)[0])
+    return len(keys)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def verify(version: Version) -> list[Check]:
+    """Recompute every shard's sha256, size and sample count, and every listed file's sha256,
+    against the manifest; and the manifest's own sha256 against the recorded content id."""
+    out: list[Check] = []
+    vdir = version.path
+    if not (vdir / "manifest.json").exists():
+        return [Check("manifest.json", False, "missing")]
+    cid = content_id(vdir)
+    want = version.info.get("content_id")
+    out.append(Check("manifest.json", want in (None, cid),
+                     f"content id {cid[:12]}" + ("" if want in (None, cid) else f" != recorded {want[:12]}")))
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        p = vdir / s["name"]
+        if not p.exists():
+            out.append(Check(s["name"], False, "missing"))
+            continue
+        problems = []
+        size = p.stat().st_size
+        if size != s["bytes"]:
+            problems.append(f"{size} bytes, manifest says {s['bytes']}")
+        digest = _hash_file(p)
+        if digest != s["sha256"]:
+            problems.append(f"sha256 {digest[:12]} != manifest {s['sha256'][:12]}")
+        try:
+            n = count_tar_samples(p)
+            if n != s["samples"]:
+                problems.append(f"{n} samples, manifest says {s['samples']}")
+        except (tarfile.TarError, OSError) as exc:
+            problems.append(f"unreadable tar: {exc}")
+            n = -1
+        out.append(Check(s["name"], not problems, "; ".join(problems) or f"ok, {n} samples"))
+    for name, meta in sorted(manifest.get("files", {}).items()):
+        p = vdir / name
+        if not p.exists():
+            out.append(Check(name, False, "missing"))
+        elif _hash_file(p) != meta["sha256"]:
+            out.append(Check(name, False, "sha256 differs from the manifest"))
+        else:
+            out.append(Check(name, True, "ok"))
+    return out
+
+
+# -- diff ------------------------------------------------------------------------------------
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys; lists of named items (stages) are keyed by name, so a
+    change reads ``stages.edit.params.inpaint_radius``."""
+    out: dict[str, Any] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(node, list) and node and all(isinstance(x, dict) and "name" in x for x in node):
+        for x in node:
+            out.update(flatten({k: v for k, v in x.items() if k != "name"}, f"{prefix}{x['name']}."))
+    elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        for i, x in enumerate(node):
+            out.update(flatten(x, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = node
+    return out
+
+
+def config_changes(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    fa, fb = flatten(a), flatten(b)
+    changes = []
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>"):
+            # Ray placement and stage resources change where work runs, never a byte of output
+            placement = k.startswith("ray.") or ".resources." in k
+            changes.append({"key": k, "a": fa.get(k, "<absent>"), "b": fb.get(k, "<absent>"),
+                            "placement_only": placement})
+    return changes
+
+
+def _load_cfg(vdir: Path) -> dict[str, Any]:
+    return yaml.safe_load((vdir / "config.yaml").read_text()) or {}
+
+
+def _index(vdir: Path) -> dict[str, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return {r["key"]: r for r in pq.read_table(vdir / "index.parquet").to_pylist()}
+
+
+def _reject_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    return {f"{r['stage']}/{r['reason']} ({r['scope']})": r["count"] for r in manifest["rejects"]}
+
+
+def spec_changes(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Differences outside the config: inputs, limit, package version."""
+    out = []
+    sa, sb = a.get("spec") or {}, b.get("spec") or {}
+    for key in ("input_set_hash", "limit", "package_version"):
+        if sa.get(key) != sb.get(key):
+            out.append({"key": key, "a": sa.get(key), "b": sb.get(key)})
+    return out
+
+
+def diff(a: Version, b: Version, *, samples: bool = True) -> dict[str, Any]:
+    ma, mb = a.manifest(), b.manifest()
+    ca, cb = ma["counts"], mb["counts"]
+    counts = {}
+    for k in ("inputs", "samples", "rejected_inputs", "rejected_variants"):
+        counts[k] = {"a": ca[k], "b": cb[k], "delta": cb[k] - ca[k]}
+    for group in ("variants", "question_kinds"):
+        for k in sorted(set(ca[group]) | set(cb[group])):
+            x, y = ca[group].get(k, 0), cb[group].get(k, 0)
+            counts[f"{group}.{k}"] = {"a": x, "b": y, "delta": y - x}
+    ra, rb = _reject_counts(ma), _reject_counts(mb)
+    rejects = {k: {"a": ra.get(k, 0), "b": rb.get(k, 0), "delta": rb.get(k, 0) - ra.get(k, 0)}
+               for k in sorted(set(ra) | set(rb)) if ra.get(k, 0) != rb.get(k, 0)}
+    out: dict[str, Any] = {
+        "a": f"{a.path.parent.name}@{a.label}", "b": f"{b.path.parent.name}@{b.label}",
+        "content_identical": content_id(a.path) == content_id(b.path),
+        "config": config_changes(_load_cfg(a.path), _load_cfg(b.path)),
+        "spec": spec_changes(a.info, b.info),
+        "counts": counts,
+        "rejects": rejects,
+    }
+    if samples:
+        ia, ib = _index(a.path), _index(b.path)
+        common = set(ia) & set(ib)
+        fields = ("variants", "questions", "answers", "metrics", "mask_area_frac")
+        out["samples"] = {
+            "added": sorted(set(ib) - set(ia)),
+            "removed": sorted(set(ia) - set(ib)),
+            "changed": sorted(k for k in common if any(ia[k][f] != ib[k][f] for f in fields)),
+            "unchanged": len([k for k in common if all(ia[k][f] == ib[k][f] for f in fields)]),
+        }
+    return out
+
+
+# -- regenerate ------------------------------------------------------------------------------
+def tar_sample_digests(path: Path) -> dict[str, str]:
+    """key -> sha256 over the sample's member names and bytes, read in memory, never extracted."""
+    acc: dict[str, Any] = {}
+    with tarfile.open(path, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key = m.name.split(".", 1)[0]
+            f = tf.extractfile(m)
+            data = f.read() if f else b""
+            acc.setdefault(key, hashlib.sha256()).update(m.name.encode() + b"\0" + data)
+    return {k: h.hexdigest() for k, h in acc.items()}
+
+
+def compare_versions(a: Path, b: Path) -> dict[str, Any]:
+    """Which shards and samples differ between two version folders (content ids differ)."""
+    ma = json.loads((a / "manifest.json").read_text())
+    mb = json.loads((b / "manifest.json").read_text())
+    sa = {s["name"]: s for s in ma["shards"]}
+    sb = {s["name"]: s for s in mb["shards"]}
+    shards = sorted(n for n in set(sa) | set(sb) if sa.get(n, {}).get("sha256") != sb.get(n, {}).get("sha256"))
+    samples: set[str] = set()
+    for n in shards:
+        da = tar_sample_digests(a / n) if n in sa and (a / n).exists() else {}
+        db = tar_sample_digests(b / n) if n in sb and (b / n).exists() else {}
+        samples |= {k for k in set(da) | set(db) if da.get(k) != db.get(k)}
+    files = sorted(n for n in set(ma.get("files", {})) | set(mb.get("files", {}))
+                   if ma.get("files", {}).get(n) != mb.get("files", {}).get(n))
+    other = sorted(k for k in set(ma) | set(mb) if k not in ("shards", "files") and ma.get(k) != mb.get(k))
+    return {"shards": shards, "samples": sorted(samples), "files": files, "manifest_fields": other}
+
+
+def regenerate(version: Version, scratch: Path, *, local: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Re-run the stored spec into ``scratch`` and compare content ids byte for byte."""
+    from counterfactory.pipeline.config import validate_config
+    from counterfactory.pipeline.runner import run_pipeline
+
+    info = version.info
+    data = _load_cfg(version.path)
+    data.setdefault("output", {})["root"] = str(scratch)
+    base = info.get("base_dir")
+    cfg = validate_config(data, source=str(version.path / "config.yaml"),
+                          base_dir=Path(base) if base else version.path)
+    res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local)
+    want = info.get("content_id") or content_id(version.path)
+    got = content_id(res.out_dir)
+    report: dict[str, Any] = {
+        "version": f"{version.path.parent.name}@{version.label}",
+        "scratch": str(res.out_dir),
+        "content_id": want, "regenerated_content_id": got, "identical": want == got,
+        "spec_id": info.get("spec_id"), "regenerated_spec_id": res.spec_id,
+        "spec_changes": spec_changes(info, read_version(res.out_dir).info),
+    }
+    if want != got:
+        report.update(compare_versions(version.path, res.out_dir))
+    return report
+
+
+# -- helpers for the card ----------------------------------------------------------------------
+def first_sample_provenance(vdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Stage provenance of the first sample (every sample of a version has the same stages)."""
+    for s in manifest.get("shards", []):
+        p = vdir / s["name"]
+        if not p.exists():
+            continue
+        with tarfile.open(p, mode="r:") as tf:
+            for m in tf:
+                if m.name.endswith(".json"):
+                    f = tf.extractfile(m)
+                    doc = json.load(io.BytesIO(f.read())) if f else {}
+                    return doc.get("provenance", {}).get("stages", {})
+    return {}
+
+
+def counter_dict(c: Counter) -> dict[str, int]:
+    return dict(sorted(c.items()))
