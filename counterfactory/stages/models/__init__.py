@@ -4,3 +4,5 @@ Each module registers its Stage classes on import; heavy libraries (torch, trans
 diffusers, segment-anything) are imported inside constructors so that importing the registry
 stays cheap on machines that only run the CPU default.
 """
+
+from counterfactory.stages.models import grounding, inpaint, llm, sam, verify  # noqa: F401

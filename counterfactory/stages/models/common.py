@@ -1,0 +1,199 @@
+"""Shared plumbing for model backends: optional dependencies, device/dtype, safe loading,
+provenance of weights, and CUDA out-of-memory back-off.
+
+Nothing heavy is imported at module level: ``torch`` and friends are imported inside the
+functions, so importing the stage registry stays cheap on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float16", "bfloat16", "float32"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class MissingDependency(ImportError):
+    """An optional library a backend needs is not installed (raised at stage construction)."""
+
+
+def require(module: str, install: str, backend: str) -> Any:
+    """Import ``module`` or fail with a message naming the package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"backend {backend!r} needs the Python module {module!r}: pip install '{install}' ({exc})"
+        ) from exc
+
+
+class ModelParams(BaseModel):
+    """Parameters every model backend shares: where the weights are and where they run."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str = Field(description="hub id or local directory (an air-gapped mirror works the same)")
+    revision: str | None = Field(None, description="git revision of a hub id; recorded in provenance")
+    trust_remote_code: bool = Field(False, description="allow custom code shipped with the model (off by default)")
+    device: Device = "auto"
+    dtype: DType = Field("auto", description="auto: bfloat16/float16 on GPU, float32 on CPU")
+    batch_size: int = Field(8, ge=1, description="model micro-batch; halved on CUDA out-of-memory")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str, prefer: str = "float16"):
+    """float32 on CPU always (half precision there is slow or unsupported)."""
+    import torch
+
+    if device == "cpu":
+        return torch.float32
+    if dtype == "auto":
+        if prefer == "bfloat16" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    return getattr(torch, dtype)
+
+
+def is_local(ref: str) -> bool:
+    return Path(ref).expanduser().exists()
+
+
+def refuse_pickles(ref: str) -> None:
+    """A local model directory (or file) must hold safetensors weights: pickle checkpoints run
+    code when loaded, so one without safetensors is refused before anything reads it."""
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return  # a hub id: from_pretrained(use_safetensors=True) refuses pickles there
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    safe = [f for f in files if f.suffix == ".safetensors"]
+    if p.is_file() and p.suffix != ".safetensors":
+        raise ValueError(f"{p}: only .safetensors checkpoints are loaded (pickle checkpoints run code); "
+                         "convert it with safetensors.torch.save_file")
+    if pickles and not safe:
+        raise ValueError(f"{p}: holds only pickle checkpoints ({pickles[0].name}); "
+                         "only safetensors weights are loaded")
+
+
+def fingerprint(ref: str) -> str | None:
+    """For a local directory: a short hash of its config files and weight file sizes, so
+    provenance tells two local copies apart without reading gigabytes."""
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        rel = f.name if p.is_file() else str(f.relative_to(p))
+        h.update(rel.encode())
+        if f.suffix == ".json" and f.stat().st_size < 1_000_000:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def model_record(ref: str, revision: str | None, **extra: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": ref, "revision": revision}
+    fp = fingerprint(ref)
+    if fp:
+        rec["local_fingerprint"] = fp
+    rec.update(extra)
+    return rec
+
+
+def load_kwargs(p: ModelParams) -> dict[str, Any]:
+    return {"revision": p.revision, "trust_remote_code": p.trust_remote_code, "use_safetensors": True}
+
+
+def is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _empty_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class BatchRun:
+    """Outputs per item (None where it failed), failures per item index, and the batch sizes
+    actually tried (for the log and the tests)."""
+
+    outputs: list[Any]
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+
+
+def run_batched(fn: Callable[[Sequence[Any]], Sequence[Any]], items: Sequence[Any], batch_size: int,
+                *, oom: Callable[[BaseException], bool] = is_oom,
+                on_oom: Callable[[], None] = _empty_cache) -> BatchRun:
+    """Call ``fn`` on micro-batches. CUDA out-of-memory halves the batch size (it stays halved
+    for the rest of the call) down to 1; an item that still runs out of memory alone fails
+    with ``cuda_oom`` and the rest go on. Any other error of a multi-item batch is retried
+    item by item, so one bad input fails alone (``model_error``)."""
+    out: list[Any] = [None] * len(items)
+    run = BatchRun(out)
+    bs = max(1, int(batch_size))
+    i = 0
+    singles_until = -1  # after a non-OOM error, run items one by one up to this index
+    while i < len(items):
+        size = 1 if i < singles_until else bs
+        chunk = items[i:i + size]
+        run.sizes.append(len(chunk))
+        try:
+            res = list(fn(chunk))
+            if len(res) != len(chunk):
+                raise RuntimeError(f"model step returned {len(res)} outputs for {len(chunk)} inputs")
+        except Exception as exc:  # noqa: BLE001 - sorted into OOM / other below
+            if oom(exc):
+                on_oom()
+                if len(chunk) > 1:
+                    bs = max(1, len(chunk) // 2)
+                    continue
+                run.failures[i] = ("cuda_oom", f"out of memory at batch size 1: {str(exc)[:200]}")
+                i += 1
+                continue
+            if len(chunk) > 1:
+                singles_until = i + len(chunk)
+                continue
+            run.failures[i] = ("model_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+            i += 1
+            continue
+        out[i:i + len(chunk)] = res
+        i += len(chunk)
+    return run
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

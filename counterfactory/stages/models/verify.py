@@ -1,0 +1,97 @@
+"""verify by re-detection: the pixel checks of the default, then the detector is run on the
+EDITED image of every ``remove`` variant (never on the original) for the sample's targets.
+A box of a target that overlaps the edited region and scores at or above ``redetect_threshold``
+means the object is still there: that variant is rejected (``target_still_detected``). The best
+score is kept in the sample's metrics either way (``redetect_score``), next to the same score on
+the original (``redetect_score_orig``) when ``score_original`` is on, so a reader can see the drop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from counterfactory.pipeline.sample import Sample
+from counterfactory.stages import register
+from counterfactory.stages.models.common import ModelParams
+from counterfactory.stages.models.grounding import Detector, DetectorKind
+from counterfactory.stages.verify import COUNTERFACTUALS, PixelVerify
+
+
+def overlap_score(dets: list[dict[str, Any]], targets: list[str], mask: np.ndarray, min_overlap: float) -> float:
+    """Best score of a target's box whose area lies at least ``min_overlap`` inside the mask."""
+    best = 0.0
+    h, w = mask.shape
+    for d in dets:
+        if d["phrase"] not in targets:
+            continue
+        x0, y0, x1, y1 = (int(round(c)) for c in d["box"])
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        inside = float((mask[y0:y1, x0:x1] > 0).mean())
+        if inside >= min_overlap:
+            best = max(best, d["score"])
+    return best
+
+
+@register
+class RedetectVerify(PixelVerify):
+    name = "verify"
+    backend = "redetect"
+    stateful = True
+
+    class Params(PixelVerify.Params, ModelParams):
+        detector: DetectorKind = "grounding-dino"
+        redetect_threshold: float = Field(0.35, ge=0, le=1, description="a target box scoring this much is still there")
+        text_threshold: float = Field(0.25, ge=0, le=1)
+        min_overlap: float = Field(0.5, ge=0, le=1, description="share of a box inside the edited region")
+        variants: list[str] = Field(["remove"], description="variants whose target must be gone")
+        score_original: bool = Field(True, description="also score the original, for the metrics")
+
+    def __init__(self, params=None, run=None) -> None:
+        super().__init__(params, run)
+        self.detector = Detector(self.params.detector, self.params, self.backend)
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"models": {"detector": self.detector.record}}
+
+    def process_batch(self, samples: list[Sample]) -> None:
+        for s in samples:
+            self.guarded(s, super().process)  # pixel checks first: no detector time on failures
+        jobs: list[tuple[Sample, str]] = []
+        for s in samples:
+            if not s.ok:
+                continue
+            if self.params.score_original:
+                jobs.append((s, "orig"))
+            jobs += [(s, v) for v in s.meta["variants"] if v in self.params.variants]
+        if not jobs:
+            return
+        images = [s.arrays["image"] if v == "orig" else s.arrays[f"variant/{v}"] for s, v in jobs]
+        phrases = [list(s.meta["targets"]) for s, _ in jobs]
+        dets, failures = self.detector.detect(images, phrases, box_threshold=0.0,
+                                              text_threshold=self.params.text_threshold, nms_iou=0.5,
+                                              max_detections=50)
+        for i, (s, v) in enumerate(jobs):
+            if not s.ok:
+                continue
+            metrics = s.meta["metrics"]
+            if i in failures:
+                if v != "orig":
+                    s.reject_variant(self.name, v, *failures[i])
+                continue
+            score = round(overlap_score(dets[i], s.meta["targets"], s.arrays["mask"], self.params.min_overlap), 4)
+            if v == "orig":
+                metrics["redetect_score_orig"] = score
+                continue
+            metrics.setdefault(v, {})["redetect_score"] = score
+            if score >= self.params.redetect_threshold:
+                s.reject_variant(self.name, v, "target_still_detected",
+                                 f"{self.detector.kind} score {score} >= {self.params.redetect_threshold} "
+                                 f"for {s.meta['targets']} inside the edited region")
+        for s in samples:
+            if s.ok and not any(v in COUNTERFACTUALS for v in s.meta["variants"]):
+                s.reject(self.name, "no_valid_counterfactual", "every counterfactual variant failed verification")
