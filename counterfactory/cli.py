@@ -126,9 +126,12 @@ def cmd_card(args: argparse.Namespace) -> int:
                                    max_samples=args.max_samples)
         print(page.resolve())
         if args.serve:
-            server = viewer.serve(page.parent, port=args.port)
+            # the default viewer links ../README.md and ../card.json: serve the version folder
+            base = v.path if page.parent == v.path / "viewer" else page.parent
+            server = viewer.serve(base, port=args.port)
             host, port = server.server_address[:2]
-            print(f"serving http://{host}:{port}/{page.name}  (Ctrl-C to stop)", flush=True)
+            print(f"serving http://{host}:{port}/{page.relative_to(base).as_posix()}  (Ctrl-C to stop)",
+                  flush=True)
             try:
                 server.serve_forever()
             except KeyboardInterrupt:

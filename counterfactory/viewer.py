@@ -1,0 +1,355 @@
+"""A static HTML viewer for one dataset version: no server needed (open ``index.html``), or
+``counterfactory card DATASET --serve`` on 127.0.0.1.
+
+Shows each sample's original and variants side by side with the evidence mask outlined (SVG
+over the image; the control region outlined on ``random_mask``), the questions with the answer
+per variant, filters by variant and question kind, and the rejects with thumbnails and reasons.
+
+Images are read from the shards in memory (tar members are streamed, never extracted) and
+written as small JPEG thumbnails into ``viewer/img/`` beside the page; the page itself is one
+file with the sample data embedded as JSON and rendered by a few lines of JavaScript (text is
+inserted with ``textContent``, never as HTML).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+THUMB = 240
+MAX_SOURCE_PIXELS = 40_000_000  # a rejected "too_large" source is not decoded for a thumbnail
+
+
+def _iter_samples(shard: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {part: bytes}) for the wanted keys of one shard; members of a sample are contiguous."""
+    cur: str | None = None
+    parts: dict[str, bytes] = {}
+    with tarfile.open(shard, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, part = m.name.partition(".")
+            if key != cur:
+                if cur in wanted:
+                    yield cur, parts
+                cur, parts = key, {}
+            if key in wanted:
+                f = tf.extractfile(m)
+                parts[part] = f.read() if f else b""
+    if cur in wanted:
+        yield cur, parts
+
+
+def _thumb(img: Image.Image, size: int) -> Image.Image:
+    img = img.convert("RGB")
+    img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return img
+
+
+def _save_jpeg(img: Image.Image, path: Path) -> None:
+    img.save(path, "JPEG", quality=82, optimize=True)
+
+
+def _outline(mask_png: bytes, w: int, h: int) -> list[list[list[int]]]:
+    """Outer contours of a mask, at thumbnail size, as SVG polygon point lists."""
+    import cv2
+
+    m = Image.open(io.BytesIO(mask_png)).convert("L").resize((w, h), Image.Resampling.NEAREST)
+    arr = (np.asarray(m) > 127).astype(np.uint8)
+    contours, _ = cv2.findContours(arr, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1, 2).tolist() for c in contours if len(c) >= 2]
+
+
+def _source_thumb(ref: str, size: int) -> Image.Image | None:
+    """Thumbnail of a rejected input's source, when it can be read at all."""
+    try:
+        if ref.startswith("procedural://"):
+            from counterfactory import scenes
+
+            seed, index, wh = scenes.parse_procedural_uri(ref)
+            return _thumb(Image.fromarray(scenes.render_scene(scenes.scene_spec(seed, index, wh))), size)
+        from counterfactory.pipeline.config import resolve_path
+
+        path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
+        if not path.is_file():
+            return None
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_SOURCE_PIXELS:
+                return None
+            im.draft("RGB", (size * 2, size * 2))
+            from PIL import ImageOps
+
+            return _thumb(ImageOps.exif_transpose(im), size)
+    except Exception:  # noqa: BLE001 - a broken source is exactly why it was rejected
+        return None
+
+
+def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects: int = 300,
+            thumb: int = THUMB) -> dict[str, Any]:
+    """Read index, rejects and shards of a version; write thumbnails; return the page data."""
+    vdir: Path = version.path
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    index = pq.read_table(vdir / "index.parquet").to_pylist()
+    rejects = pq.read_table(vdir / "rejects.parquet").to_pylist()
+    shown = index[:max_samples]
+    rej_shown = rejects[:max_rejects]
+    wanted = {r["key"] for r in shown} | {r["key"] for r in rej_shown if r["variant"] is not None}
+    by_key: dict[str, dict[str, Any]] = {}
+    for s in manifest["shards"]:
+        if not wanted:
+            break
+        for key, parts in _iter_samples(vdir / s["name"], wanted):
+            wanted.discard(key)
+            doc = json.loads(parts.get("json", b"{}"))
+            frames = {}
+            size = None
+            for name in ["orig", *doc.get("variants", [])]:
+                data = next((parts[p] for p in parts if p.split(".")[0] == name and p != "json"), None)
+                if data is None:
+                    continue
+                t = _thumb(Image.open(io.BytesIO(data)), thumb)
+                size = t.size
+                fname = f"{key}.{name}.jpg"
+                _save_jpeg(t, img_dir / fname)
+                frames[name] = f"img/{fname}"
+            w, h = size or (thumb, thumb)
+            by_key[key] = {
+                "key": key, "w": w, "h": h, "frames": frames,
+                "outline": _outline(parts["mask.png"], w, h) if "mask.png" in parts else [],
+                "control": _outline(parts["control_mask.png"], w, h) if "control_mask.png" in parts else [],
+                "doc": doc,
+            }
+    samples = []
+    for row in shown:
+        s = by_key.get(row["key"])
+        if s is None:
+            continue
+        doc = s["doc"]
+        samples.append({
+            "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"],
+            "outline": s["outline"], "control": s["control"],
+            "variants": doc.get("variants", []),
+            "source": doc.get("source", {}).get("image", ""),
+            "origin": doc.get("source", {}).get("origin", ""),
+            "targets": doc.get("targets", []),
+            "qa": [{"question": q["question"], "kind": q["kind"], "answers": q["answers"]} for q in doc.get("qa", [])],
+            "mask_area": doc.get("mask", {}).get("area_frac"),
+            "variant_rejects": doc.get("variant_rejects", []),
+        })
+    rej_out = []
+    for i, r in enumerate(rej_shown):
+        img = None
+        if r["variant"] is not None and r["key"] in by_key:
+            img = by_key[r["key"]]["frames"].get("orig")
+        elif r["variant"] is None:
+            t = _source_thumb(r["source"] or "", thumb // 2 * 1)
+            if t is not None:
+                fname = f"reject-{i:05d}.jpg"
+                _save_jpeg(t, img_dir / fname)
+                img = f"img/{fname}"
+        rej_out.append({"stage": r["stage"], "reason": r["reason"], "detail": r["detail"] or "",
+                        "variant": r["variant"], "source": r["source"] or "", "origin": r["origin"] or "",
+                        "key": r["key"] or "", "img": img})
+    kinds = sorted({q["kind"] for s in samples for q in s["qa"]})
+    variants = [v for v in ("remove", "blackout", "random_mask") if any(v in s["variants"] for s in samples)]
+    variants += sorted({v for s in samples for v in s["variants"]} - set(variants))
+    return {
+        "dataset": manifest["dataset"], "version": version.label,
+        "spec_id": version.info.get("spec_id"), "content_id": version.info.get("content_id"),
+        "counts": manifest["counts"], "n_index": len(index), "n_rejects": len(rejects),
+        "samples": samples, "rejects": rej_out, "kinds": kinds, "variants": variants,
+    }
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
+header{background:#1f2933;color:#fff;padding:12px 20px}
+header h1{margin:0;font-size:20px} header .ids{font:12px monospace;opacity:.8}
+.bar{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 20px;z-index:2}
+.bar label{margin-right:16px}
+main{padding:12px 20px}
+.sample{background:#fff;border:1px solid #ddd;border-radius:6px;margin:0 0 14px;padding:10px}
+.sample h3{margin:0 0 6px;font:600 13px monospace}
+.sample .meta{color:#555;font-size:12px;margin-bottom:6px}
+.frames{display:flex;gap:8px;flex-wrap:wrap}
+figure{margin:0;position:relative}
+figure img{display:block;border-radius:3px}
+figure svg{position:absolute;left:0;top:0;pointer-events:none}
+figure figcaption{text-align:center;font-size:12px;color:#333}
+svg polygon.ev{fill:none;stroke:#ffd400;stroke-width:2}
+svg polygon.ctl{fill:none;stroke:#00e5ff;stroke-width:2;stroke-dasharray:4 2}
+body.no-outline svg{display:none}
+table{border-collapse:collapse;margin-top:8px;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f0f2f5}
+td.abstain{color:#999;font-style:italic} td.changed{font-weight:700;color:#b00020}
+.rejects{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:10px}
+.reject{background:#fff;border:1px solid #e0b4b4;border-radius:6px;padding:8px;font-size:12px}
+.reject img{max-width:120px;display:block;margin-bottom:4px}
+.reject .noimg{width:120px;height:60px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
+.reject b{color:#b00020}
+.hidden{display:none!important}
+</style></head>
+<body>
+<header><h1>__TITLE__</h1><div class="ids">__IDS__</div>
+<div>__COUNTS__ &middot; <a style="color:#9cf" href="../README.md">card</a>
+ &middot; <a style="color:#9cf" href="../card.json">card.json</a></div></header>
+<div class="bar">
+<label>variant <select id="variant-filter"><option value="">all</option></select></label>
+<label>question kind <select id="kind-filter"><option value="">all</option></select></label>
+<label><input type="checkbox" id="outline-toggle" checked> outline mask</label>
+<span id="shown-count"></span>
+</div>
+<main>
+<section id="samples"></section>
+<h2 id="rejects-title">Rejects</h2>
+<section id="rejects" class="rejects"></section>
+</main>
+<script type="application/json" id="cf-data">__DATA__</script>
+<script>
+(function(){
+const D = JSON.parse(document.getElementById('cf-data').textContent);
+const NS = 'http://www.w3.org/2000/svg';
+const ABSTAIN = __ABSTAIN__;
+function el(tag, attrs, text){const e=document.createElement(tag);
+  for(const k in (attrs||{})) e.setAttribute(k, attrs[k]); if(text!==undefined) e.textContent=text; return e;}
+function svgFor(s, name){
+  const svg=document.createElementNS(NS,'svg');
+  svg.setAttribute('width',s.w); svg.setAttribute('height',s.h); svg.setAttribute('viewBox','0 0 '+s.w+' '+s.h);
+  const polys=[[s.outline,'ev']]; if(name==='random_mask') polys.push([s.control,'ctl']);
+  for(const [list,cls] of polys){ for(const pts of list){
+    const p=document.createElementNS(NS,'polygon'); p.setAttribute('class',cls);
+    p.setAttribute('points', pts.map(q=>q[0]+','+q[1]).join(' ')); svg.appendChild(p);}}
+  return svg;}
+const vf=document.getElementById('variant-filter'), kf=document.getElementById('kind-filter');
+for(const v of D.variants) vf.appendChild(el('option',{value:v},v));
+for(const k of D.kinds) kf.appendChild(el('option',{value:k},k));
+const root=document.getElementById('samples');
+for(const s of D.samples){
+  const card=el('div',{'class':'sample','data-key':s.key,'data-variants':s.variants.join(' '),
+    'data-kinds':[...new Set(s.qa.map(q=>q.kind))].join(' ')});
+  card.appendChild(el('h3',{},s.key));
+  card.appendChild(el('div',{'class':'meta'}, s.source+'  ('+s.origin+')  targets: '+s.targets.join(', ')+
+    '  mask area: '+(s.mask_area===null?'-':(100*s.mask_area).toFixed(1)+'%')));
+  const frames=el('div',{'class':'frames'});
+  for(const name of ['orig'].concat(s.variants)){
+    if(!s.frames[name]) continue;
+    const f=el('figure',{'data-variant':name});
+    f.appendChild(el('img',{src:s.frames[name],width:s.w,height:s.h,alt:s.key+' '+name,loading:'eager'}));
+    f.appendChild(svgFor(s,name)); f.appendChild(el('figcaption',{},name)); frames.appendChild(f);}
+  card.appendChild(frames);
+  const cols=['orig'].concat(s.variants);
+  const t=el('table'); const hr=el('tr'); hr.appendChild(el('th',{},'question')); hr.appendChild(el('th',{},'kind'));
+  for(const c of cols) hr.appendChild(el('th',{'data-variant':c},c)); t.appendChild(hr);
+  for(const q of s.qa){
+    const tr=el('tr',{'class':'qa','data-kind':q.kind}); tr.appendChild(el('td',{},q.question)); tr.appendChild(el('td',{},q.kind));
+    for(const c of cols){ const a=q.answers[c]; let cls='';
+      if(a===ABSTAIN) cls='abstain'; else if(c!=='orig' && a!==q.answers.orig) cls='changed';
+      tr.appendChild(el('td',{'data-variant':c,'class':cls}, a===undefined?'-':a));}
+    t.appendChild(tr);}
+  card.appendChild(t);
+  for(const r of s.variant_rejects) card.appendChild(el('div',{'class':'meta'},
+    'variant '+r.variant+' dropped at '+r.stage+': '+r.reason+(r.detail?' ('+r.detail+')':'')));
+  root.appendChild(card);}
+const rj=document.getElementById('rejects');
+document.getElementById('rejects-title').textContent='Rejects ('+D.rejects.length+(D.n_rejects>D.rejects.length?' of '+D.n_rejects:'')+')';
+for(const r of D.rejects){
+  const c=el('div',{'class':'reject','data-stage':r.stage,'data-variant':r.variant||''});
+  if(r.img) c.appendChild(el('img',{src:r.img,alt:r.reason})); else c.appendChild(el('div',{'class':'noimg'},'no image'));
+  const head=el('div'); head.appendChild(el('b',{},r.stage+' / '+r.reason));
+  head.appendChild(document.createTextNode(r.variant?'  (variant '+r.variant+')':'  (whole input)')); c.appendChild(head);
+  if(r.detail) c.appendChild(el('div',{},r.detail));
+  c.appendChild(el('div',{'class':'meta'}, (r.origin||'')+' '+(r.source||'')));
+  rj.appendChild(c);}
+function apply(){
+  const v=vf.value, k=kf.value; let n=0;
+  for(const card of root.children){
+    const ok=(!v || card.dataset.variants.split(' ').includes(v)) && (!k || card.dataset.kinds.split(' ').includes(k));
+    card.classList.toggle('hidden',!ok); if(ok) n++;
+    for(const e of card.querySelectorAll('[data-variant]')){const d=e.dataset.variant;
+      e.classList.toggle('hidden', !!v && d!=='orig' && d!==v);}
+    for(const tr of card.querySelectorAll('tr.qa')) tr.classList.toggle('hidden', !!k && tr.dataset.kind!==k);}
+  for(const c of rj.children) c.classList.toggle('hidden', !!v && c.dataset.variant!=='' && c.dataset.variant!==v);
+  document.getElementById('shown-count').textContent='showing '+n+' of '+D.samples.length+' samples'+
+    (D.n_index>D.samples.length?' (first '+D.samples.length+' of '+D.n_index+')':'');}
+vf.addEventListener('change',apply); kf.addEventListener('change',apply);
+document.getElementById('outline-toggle').addEventListener('change',e=>document.body.classList.toggle('no-outline',!e.target.checked));
+apply();
+})();
+</script>
+</body></html>
+"""
+
+
+def render_page(data: dict[str, Any], abstain: str = "unknown") -> str:
+    c = data["counts"]
+    title = html.escape(f"{data['dataset']} {data['version']}")
+    ids = html.escape(f"spec id {(data['spec_id'] or '-')[:12]}  content id {(data['content_id'] or '-')[:12]}")
+    counts = html.escape(f"{c['samples']} samples, {c['rejected_inputs']} rejected inputs, "
+                         f"{c['rejected_variants']} rejected variants")
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    return (PAGE.replace("__TITLE__", title).replace("__IDS__", ids).replace("__COUNTS__", counts)
+            .replace("__ABSTAIN__", json.dumps(abstain)).replace("__DATA__", blob))
+
+
+def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int = 300,
+                 max_rejects: int = 300, thumb: int = THUMB) -> Path:
+    """Write ``index.html`` and ``img/`` (default: ``VERSION/viewer/``); returns the page path.
+    Built in a temporary folder and swapped in, so a reader never sees half a viewer."""
+    import yaml
+
+    out = Path(out_dir) if out_dir else version.path / "viewer"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        (tmp / "img").mkdir()
+        data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
+        cfg = yaml.safe_load((version.path / "config.yaml").read_text()) or {}
+        page = render_page(data, cfg.get("abstain_answer", "unknown"))
+        if out_dir:  # the card links are relative to VERSION/viewer; point them at the version
+            rel = os.path.relpath(version.path, out)
+            page = page.replace('href="../README.md"', f'href="{rel}/README.md"').replace(
+                'href="../card.json"', f'href="{rel}/card.json"')
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        pass
+
+
+def serve(directory: Path, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """An HTTP server for the viewer folder on localhost only (``port=0``: any free port).
+    The caller runs ``serve_forever`` (in a thread for tests)."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    return ThreadingHTTPServer((host, port), handler)
