@@ -88,7 +88,31 @@ class ProceduralInput(Strict):
     questions_per_scene: int = Field(2, ge=1, le=4)
 
 
-InputConfig = Annotated[ManifestInput | CocoInput | ProceduralInput, Field(discriminator="kind")]
+class VideoManifestInput(Strict):
+    """JSONL, one video per line: ``{"video": "a.mp4", "questions": [...], "targets": [...],
+    "span": [t0, t1], "objects": [{"category", "attributes", "keyframes": [{"t"|"frame", "polygon"|"box"}]}]}``;
+    one sample per clip (all its questions). Read by the ``video`` stage backends."""
+
+    kind: Literal["video_manifest"]
+    path: str
+    videos_root: str | None = None  # default: the manifest's folder
+
+
+class ProceduralVideoInput(Strict):
+    """Seeded short clips: a scikit-image photograph with shapes moving across it, exact masks."""
+
+    kind: Literal["procedural_video"]
+    count: int = Field(ge=0)
+    seed: int = 0
+    size: tuple[int, int] = (256, 192)  # width, height
+    frames: int = Field(24, ge=8, le=240)
+    fps: int = Field(8, ge=1, le=60)
+
+
+InputConfig = Annotated[
+    ManifestInput | CocoInput | ProceduralInput | VideoManifestInput | ProceduralVideoInput,
+    Field(discriminator="kind"),
+]
 
 
 class OutputConfig(Strict):
@@ -203,7 +227,7 @@ def _loc(err: dict[str, Any], data: dict[str, Any]) -> str:
             else:
                 node = None
             # discriminated unions add the tag to the location; it is not a key of the file
-            if part in ("manifest", "coco", "procedural") and out and out[-1].isdigit():
+            if part in ("manifest", "coco", "procedural", "video_manifest", "procedural_video") and out and out[-1].isdigit():
                 continue
             out.append(str(part))
     return ".".join(out) or "(top level)"
@@ -229,7 +253,7 @@ def _check_stages(cfg: PipelineConfig, source: str) -> None:
 
 def _check_files(cfg: PipelineConfig, source: str) -> None:
     for i, inp in enumerate(cfg.inputs):
-        for key in ("path", "images_root"):
+        for key in ("path", "images_root", "videos_root"):
             value = getattr(inp, key, None)
             if value is None:
                 continue

@@ -135,6 +135,13 @@ class PartEncoder:
             if not s.ok:
                 continue
             a = s.arrays
+            if "video" in a:
+                parts = self._video_parts(s.meta, a)
+                doc = sample_json(s.meta, s.key)
+                doc["parts"] = sorted([*parts, "json"])
+                parts["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
+                s.arrays = {"parts": parts}
+                continue
             parts = {f"orig.{self.fmt}": _encode_image(a["image"], self.fmt, self.quality),
                      "mask.png": _encode_image(a["mask"], "png", 0)}
             for v in s.meta["variants"]:
@@ -146,6 +153,20 @@ class PartEncoder:
             parts["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
             s.arrays = {"parts": parts}
         return encode_batch(samples)
+
+    @staticmethod
+    def _video_parts(meta: dict[str, Any], a: dict[str, np.ndarray]) -> dict[str, bytes]:
+        """One clip: H.264 mp4 per variant (fixed encoder settings) and the per-frame masks."""
+        from counterfactory.video_io import encode_mp4, encode_npz
+
+        fps = meta["source"]["fps_fraction"]
+        parts = {"orig.mp4": encode_mp4(a["video"], fps)}
+        for v in meta["variants"]:
+            parts[f"{v}.mp4"] = encode_mp4(a[f"variant/{v}"], fps)
+        parts["masks.npz"] = encode_npz({
+            "masks": a["masks"], "masks_core": a["masks_core"], "labels": a["labels"],
+            "times": np.asarray(meta["source"]["times"], dtype=np.float64)})
+        return parts
 
 
 class DatasetWriter:

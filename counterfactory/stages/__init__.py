@@ -11,7 +11,7 @@ import importlib
 from counterfactory.pipeline.sample import Stage
 
 # Modules that define stages; imported lazily so that `counterfactory --help` stays fast.
-_MODULES = ("ingest", "localize", "segment", "edit", "qa", "verify", "models")
+_MODULES = ("ingest", "localize", "segment", "edit", "qa", "verify", "models", "video")
 _REGISTRY: dict[tuple[str, str], type[Stage]] = {}
 
 
