@@ -26,19 +26,21 @@ from counterfactory import versions
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import PipelineConfig
 from counterfactory.pipeline.inputs import load_records
+from counterfactory.pipeline.sample import StageChain
 from counterfactory.pipeline.writer import DatasetWriter, PartEncoder, atomic_write
 from counterfactory.stages import get_backend
 
-_STAGE_CACHE: dict[str, Any] = {}
+_CHAIN_CACHE: dict[str, StageChain] = {}
 
 
-def _stage_task(batch: dict, *, name: str, backend: str, params: dict, run: dict) -> dict:
-    """Task-mode entry: build the stage once per worker process and reuse it for every batch."""
-    cache_key = json.dumps([name, backend, params, run], sort_keys=True)
-    stage = _STAGE_CACHE.get(cache_key)
-    if stage is None:
-        stage = _STAGE_CACHE[cache_key] = get_backend(name, backend)(params=params, run=run)
-    return stage(batch)
+def _chain_task(batch: dict, *, specs: list[dict], run: dict, encode: dict | None) -> dict:
+    """Task-mode entry: build the chain once per worker process and reuse it for every batch."""
+    cache_key = json.dumps([specs, run, encode], sort_keys=True)
+    chain = _CHAIN_CACHE.get(cache_key)
+    if chain is None:
+        encoder = PartEncoder(**encode) if encode else None
+        chain = _CHAIN_CACHE[cache_key] = StageChain(specs, run, encoder)
+    return chain(batch)
 
 
 def run_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -93,25 +95,51 @@ def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]]) -> list[dic
     ]
 
 
+@dataclass
+class Step:
+    """One map_batches step: a chain of stages sharing resources and execution mode."""
+
+    specs: list[dict[str, Any]]
+    actors: bool
+    resources: Any  # config Resources of the step's stages
+
+    @property
+    def names(self) -> str:
+        return "+".join(s["name"] for s in self.specs)
+
+
+def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]:
+    """Group consecutive task-mode stages with identical resources (what Ray would fuse);
+    a stage that holds a model or sets ``concurrency`` is an actor-pool step of its own."""
+    steps: list[Step] = []
+    for sc in cfg.stages:
+        cls = get_backend(sc.name, sc.backend)
+        actors = cls.stateful or sc.resources.concurrency is not None
+        spec = {"name": sc.name, "backend": sc.backend, "params": sc.params}
+        last = steps[-1] if steps else None
+        if last and not actors and not last.actors and last.resources == sc.resources:
+            last.specs.append(spec)
+        else:
+            steps.append(Step([spec], actors, sc.resources))
+        if sc.name == stop_after:
+            break
+    return steps
+
+
 def local_batches(cfg: PipelineConfig, records: list[dict[str, Any]], *, stop_after: str | None = None,
                   encode: bool = True, batch_size: int = 8) -> Iterator[dict[str, Any]]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
     the benchmark floor. ``stop_after`` ends after the named stage (arrays left unencoded)."""
     run = run_settings(cfg)
-    stages = []
-    for sc in cfg.stages:
-        stages.append(get_backend(sc.name, sc.backend)(params=sc.params, run=run))
-        if sc.name == stop_after:
-            encode = False
-            break
-    encoder = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality) if encode else None
+    specs = [spec for step in plan_steps(cfg, stop_after) for spec in step.specs]
+    encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
+               if encode and stop_after is None else None)
+    chain = StageChain(specs, run, encoder)
     rows = initial_rows(cfg, records)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = {k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
-        for st in stages:
-            batch = st(batch)
-        yield encoder(batch) if encoder else batch
+        yield chain(batch)
 
 
 def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
@@ -124,35 +152,27 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
     items = initial_rows(cfg, records)
     first = cfg.stages[0].resources.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // first))))
-    for sc in cfg.stages:
-        cls = get_backend(sc.name, sc.backend)
-        r = sc.resources
+    steps = plan_steps(cfg)
+    encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
+    for i, step in enumerate(steps):
+        r = step.resources
         common: dict[str, Any] = {"batch_size": r.batch_size, "batch_format": "numpy", "num_cpus": r.num_cpus}
         if r.num_gpus:
             common["num_gpus"] = r.num_gpus
         if r.memory:
             common["memory"] = r.memory
-        if cls.stateful or r.concurrency is not None:
-            ds = ds.map_batches(cls, fn_constructor_kwargs={"params": sc.params, "run": run},
+        # Image encoding is the heavy half of writing: done on the workers, chained onto the
+        # last CPU step rather than in the driver.
+        enc = encode if i == len(steps) - 1 and not step.actors and not r.num_gpus else None
+        if step.actors:
+            ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": step.specs, "run": run},
                                 concurrency=r.concurrency or 1, **common)
         else:
-            ds = ds.map_batches(_stage_task, fn_kwargs={"name": sc.name, "backend": sc.backend,
-                                                         "params": sc.params, "run": run}, **common)
-    # Image encoding is the heavy half of writing: do it on the workers, not in the driver.
-    ds = ds.map_batches(_encode_task, fn_kwargs={"image_format": cfg.output.image_format,
-                                                 "jpeg_quality": cfg.output.jpeg_quality},
-                        batch_size=cfg.stages[-1].resources.batch_size, batch_format="numpy", num_cpus=1)
-    return ds
-
-
-_ENCODERS: dict[tuple[str, int], PartEncoder] = {}
-
-
-def _encode_task(batch: dict, *, image_format: str, jpeg_quality: int) -> dict:
-    enc = _ENCODERS.get((image_format, jpeg_quality))
+            ds = ds.map_batches(_chain_task, fn_kwargs={"specs": step.specs, "run": run, "encode": enc}, **common)
     if enc is None:
-        enc = _ENCODERS[(image_format, jpeg_quality)] = PartEncoder(image_format, jpeg_quality)
-    return enc(batch)
+        ds = ds.map_batches(_chain_task, fn_kwargs={"specs": [], "run": run, "encode": encode},
+                            batch_size=steps[-1].resources.batch_size, batch_format="numpy", num_cpus=1)
+    return ds
 
 
 @dataclass

@@ -144,15 +144,43 @@ class Stage:
             tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
             sample.reject(self.name, "stage_error", f"{type(exc).__name__}: {exc} | {tb}")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = decode_batch(batch)
+    def apply(self, samples: list[Sample]) -> None:
+        """Process the live samples in place: timing, provenance, rejects."""
         live = [s for s in samples if s.ok]
+        if not live:
+            return
         t0 = time.perf_counter()
-        if live:
-            self.process_batch(live)
-        share = (time.perf_counter() - t0) / max(len(live), 1)
+        self.process_batch(live)
+        share = (time.perf_counter() - t0) / len(live)
+        desc = self.describe()
         for s in live:
             s.meta.setdefault("seconds", {})[self.name] = round(share, 6)
             if s.ok:
-                s.meta.setdefault("provenance", {}).setdefault("stages", {})[self.name] = self.describe()
+                s.meta.setdefault("provenance", {}).setdefault("stages", {})[self.name] = desc
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = decode_batch(batch)
+        self.apply(samples)
         return encode_batch(samples)
+
+
+class StageChain:
+    """Consecutive stages applied to one batch with a single decode and encode.
+
+    Ray would fuse these map steps into one operator anyway (same resources, task mode);
+    chaining them ourselves also skips the row (de)serialization between them, which cost
+    about a third of the CPU default's time per sample.
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], run: dict[str, Any], encoder: Any = None) -> None:
+        from counterfactory.stages import get_backend
+
+        self.stages = [get_backend(s["name"], s["backend"])(params=s["params"], run=run) for s in specs]
+        self.encoder = encoder
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = decode_batch(batch)
+        for st in self.stages:
+            st.apply(samples)
+        out = encode_batch(samples)
+        return self.encoder(out) if self.encoder is not None else out

@@ -22,15 +22,18 @@ from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 
 COUNTERFACTUALS = ("remove", "blackout")
+_ONES = np.ones((1, 3), np.float32)
 
 
 def _ring(mask: np.ndarray, px: int) -> np.ndarray:
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    return (cv2.dilate(mask, k) > 0) & ~(mask > 0)
+    ring = cv2.dilate(mask, k)
+    ring[mask > 0] = 0
+    return ring
 
 
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    return img[sel].reshape(-1, 3).astype(np.float64).mean(axis=0)
+    return np.array(cv2.mean(img, mask=sel)[:3])
 
 
 @register
@@ -49,12 +52,16 @@ class PixelVerify(Stage):
         ring_px: int = Field(6, ge=1)
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
-        sel = region > 0
-        diff = np.abs(out.astype(np.int16) - img.astype(np.int16)).max(axis=2)
-        outside = diff[~sel]
+        # OpenCV reductions with masks: several times faster than numpy fancy indexing here
+        absdiff = cv2.absdiff(out, img)
+        # channel sum, saturating at 255: non-zero exactly where any channel changed
+        changed = cv2.transform(absdiff, _ONES)
+        changed[region > 0] = 0
+        n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(region)
+        inside = cv2.mean(absdiff, mask=region)[:3]
         return {
-            "outside_changed_frac": round(float((outside > 0).mean()) if outside.size else 0.0, 6),
-            "inside_mad": round(float(np.abs(out[sel].astype(np.int16) - img[sel].astype(np.int16)).mean()), 3),
+            "outside_changed_frac": round(cv2.countNonZero(changed) / n_out, 6) if n_out else 0.0,
+            "inside_mad": round(float(np.mean(inside)), 3),
         }
 
     def process(self, sample: Sample) -> None:
@@ -73,11 +80,10 @@ class PixelVerify(Stage):
             region = a["mask/random_mask"] if v == "random_mask" else mask
             vm = self._metrics(img, out, region)
             if v == "random_mask":
-                vm["control_overlap_px"] = int(((region > 0) & (mask > 0)).sum())
-            if v == "remove" and ring.any():
-                sel = mask > 0
-                before = float(np.abs(_mean_color(img, sel) - _mean_color(img, ring)).max())
-                after = float(np.abs(_mean_color(out, sel) - _mean_color(out, ring)).max())
+                vm["control_overlap_px"] = int(cv2.countNonZero(cv2.bitwise_and(region, mask)))
+            if v == "remove" and cv2.countNonZero(ring):
+                before = float(np.abs(_mean_color(img, mask) - _mean_color(img, ring)).max())
+                after = float(np.abs(_mean_color(out, mask) - _mean_color(out, ring)).max())
                 vm["object_contrast"] = round(before, 3)
                 vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
             metrics[v] = vm

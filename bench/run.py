@@ -1,0 +1,207 @@
+"""CPU benchmarks of the embedded default (issue 7). Prints one table; `make bench`.
+
+  floor      the stage code in a plain loop in one process (runner.local_batches + writer)
+  ray-1cpu   the Ray Data pipeline on a local Ray instance with 1 CPU
+  ray-2cpu   the same with 2 CPUs
+  growth     time per pair and peak RSS (driver + Ray workers) at N = 100, 1,000, 10,000
+  writer     DatasetWriter vs a plain tarfile loop writing the same member bytes
+  profile    share of stage time in the demo run
+
+Timings exclude Ray start-up (one `ray.init` per CPU setting, before the clock starts);
+they include reading inputs, all stages, encoding and writing shards.
+
+Usage: python bench/run.py [--n 1000] [--growth 100,1000,10000] [--only floor,ray,growth,writer,profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from counterfactory.pipeline.config import load_config, validate_config  # noqa: E402
+from counterfactory.pipeline.runner import run_pipeline  # noqa: E402
+
+
+def scenes_config(n: int, root: Path, num_cpus: int | None = None):
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["inputs"] = [{"kind": "procedural", "count": n, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
+    data["output"]["root"] = str(root)
+    data["output"]["shard_size"] = 256
+    if num_cpus:
+        data["ray"]["num_cpus"] = num_cpus
+    return validate_config(data, source="bench", base_dir=REPO)
+
+
+class PeakRSS:
+    """Peak of (this process + every Ray worker process) RSS, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in cmd or "default_worker.py" in cmd:
+                    total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def timed_run(cfg, *, local: bool) -> tuple[float, int, int]:
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        res = run_pipeline(cfg, local=local, progress=False)
+        dt = time.perf_counter() - t0
+    return dt, res.manifest["counts"]["samples"], mem.peak
+
+
+def ray_child(n: int, cpus: int, root: str) -> None:
+    """One Ray setting per process, so each gets a fresh local instance of the given size."""
+    import ray
+
+    cfg = scenes_config(n, Path(root), cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    run_pipeline(scenes_config(min(n, 32), Path(root) / "warm", cpus), progress=False)  # warm workers
+    dt, samples, peak = timed_run(cfg, local=False)
+    print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak}))
+
+
+def run_ray(n: int, cpus: int, root: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--ray-child", str(n), str(cpus), str(root)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_writer(n: int, root: Path) -> dict:
+    """Our writer against a plain tarfile loop on the same member bytes (encode measured apart)."""
+    from counterfactory.pipeline.inputs import load_records
+    from counterfactory.pipeline.runner import local_batches
+    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.pipeline.writer import DatasetWriter
+
+    cfg = scenes_config(n, root)
+    root.mkdir(parents=True, exist_ok=True)
+    records = load_records(cfg)
+    t0 = time.perf_counter()
+    batches = list(local_batches(cfg, records, stop_after="verify"))
+    stages_s = time.perf_counter() - t0
+    from counterfactory.pipeline.writer import PartEncoder
+
+    enc = PartEncoder("jpg", 95)
+    t0 = time.perf_counter()
+    encoded = [enc(b) for b in batches]
+    encode_s = time.perf_counter() - t0
+    n_images = sum(len(s.arrays["parts"]) - 1 for b in encoded for s in decode_batch(b) if s.ok)
+
+    samples = [(s.key, s.arrays["parts"]) for b in encoded for s in decode_batch(b) if s.ok]
+    t0 = time.perf_counter()
+    with tarfile.open(root / "plain.tar", "w") as tf:
+        for key, parts in samples:
+            for ext in sorted(parts):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(parts[ext])
+                tf.addfile(ti, io.BytesIO(parts[ext]))
+    plain_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    w = DatasetWriter(root / "ours", "bench", 256, len(records), {}, "x")
+    for b in encoded:
+        w.add_batch(b)
+    w.close()
+    ours_s = time.perf_counter() - t0
+    mb = sum(len(v) for _, p in samples for v in p.values()) / 1e6
+    return {"samples": len(samples), "MB": mb, "plain_s": plain_s, "ours_s": ours_s,
+            "encode_ms_per_image": 1000 * encode_s / max(n_images, 1), "stages_s": stages_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--growth", default="100,1000,10000")
+    ap.add_argument("--only", default="floor,ray,growth,writer,profile")
+    ap.add_argument("--ray-child", nargs=3)
+    args = ap.parse_args()
+    if args.ray_child:
+        ray_child(int(args.ray_child[0]), int(args.ray_child[1]), args.ray_child[2])
+        return
+    only = set(args.only.split(","))
+    rows: list[tuple[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="cf-bench-"))
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}")
+    floor = None
+    if "floor" in only or "ray" in only:
+        dt, samples, peak = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
+        floor = samples / dt
+        rows.append((f"floor (plain loop, 1 process), N={args.n}", f"{floor:.1f} pairs/s  ({dt:.1f} s)"))
+    if "ray" in only:
+        for cpus in (1, 2):
+            r = run_ray(args.n, cpus, tmp / f"ray{cpus}")
+            rate = r["samples"] / r["seconds"]
+            rows.append((f"ray pipeline, {cpus} CPU, N={args.n}",
+                         f"{rate:.1f} pairs/s  ({r['seconds']:.1f} s)  = {rate / floor:.2f}x floor"))
+    if "growth" in only:
+        base = None
+        for n in [int(x) for x in args.growth.split(",")]:
+            r = run_ray(n, 2, tmp / f"growth{n}")
+            per = 1000 * r["seconds"] / r["samples"]
+            base = base or (per, r["peak_rss"])
+            rows.append((f"growth N={n} (ray, 2 CPU)",
+                         f"{per:.2f} ms/pair ({per / base[0]:.2f}x)  peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
+                         f"({r['peak_rss'] / base[1]:.2f}x)"))
+    if "writer" in only:
+        w = bench_writer(min(args.n, 500), tmp / "writer")
+        rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB",
+                     f"ours {w['MB'] / w['ours_s']:.0f} MB/s vs plain tarfile {w['MB'] / w['plain_s']:.0f} MB/s "
+                     f"= {w['plain_s'] / w['ours_s']:.2f}x; encode {w['encode_ms_per_image']:.2f} ms/image"))
+    if "profile" in only:
+        cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp / 'demo'}"])
+        res = run_pipeline(cfg, local=True)
+        total = sum(res.stage_seconds.values())
+        share = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
+                          sorted(res.stage_seconds.items(), key=lambda kv: -kv[1]))
+        rows.append((f"demo profile ({res.manifest['counts']['inputs']} inputs, {total:.2f} s in stages)", share))
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'benchmark'.ljust(width)} | result |")
+    print(f"|{'-' * (width + 2)}|--------|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
