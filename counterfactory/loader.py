@@ -53,7 +53,9 @@ __all__ = [
     "ShardError",
     "UnsafeMemberError",
     "collate_pairs",
+    "hf_webdataset_args",
     "load",
+    "read_shard",
     "resolve_shards",
 ]
 
@@ -124,20 +126,28 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _is_dataset_ref(source: str) -> bool:
-    """``NAME@VERSION``: no scheme, no path separator, exactly one ``@``."""
-    return "://" not in source and "/" not in source and source.count("@") == 1
+def _split_ref(source: str, root: str | None, fs: fsspec.AbstractFileSystem | None) -> str:
+    """``DATASET@VERSION`` -> ``ROOT/DATASET/VERSION`` (``PATH/DATASET@VERSION`` -> that path's
+    version; ``DATASET`` alone -> ``ROOT/DATASET``); an existing path is left alone."""
+    fsys, path = _fs_for(source, fs)
+    if fsys.exists(path):
+        return source
+    if "@" not in source:  # a bare DATASET name under root: its latest version
+        bare = root is not None and "/" not in source and "://" not in source
+        return _join(root, source) if bare else source
+    name, _, version = source.rpartition("@")
+    if not name or not version or "/" in version:
+        raise LoaderError(f"{source!r}: expected DATASET@VERSION")
+    if "/" not in name and "://" not in name:
+        name = _join(root or os.environ.get("COUNTERFACTORY_ROOT") or "outputs", name)
+    # `latest` is resolved by _dataset_dir: a file naming the version, or a link/folder
+    return name if version == "latest" else _join(name, version)
 
 
 def _dataset_dir(source: str, root: str | None, fs: fsspec.AbstractFileSystem | None) -> str:
     """The folder holding ``shards.json`` for a path, a ``shards.json`` path, a dataset folder
-    with a ``latest`` link (or a ``latest`` file naming the version), or ``NAME@VERSION``."""
-    if _is_dataset_ref(source):
-        name, version = source.split("@")
-        if not name or not version:
-            raise LoaderError(f"{source!r}: expected DATASET@VERSION")
-        base = root or os.environ.get("COUNTERFACTORY_ROOT") or "outputs"
-        source = _join(_join(base, name), version)
+    whose ``latest`` file (or symlink) names the version, or ``DATASET@VERSION``."""
+    source = _split_ref(source, root, fs)
     fsys, path = _fs_for(source, fs)
     if path.endswith(SHARD_INDEX) and fsys.isfile(path):
         return source[: -len(SHARD_INDEX)].rstrip("/") or "/"
@@ -158,7 +168,7 @@ def _dataset_dir(source: str, root: str | None, fs: fsspec.AbstractFileSystem | 
                       "expected a dataset folder written by `counterfactory run`")
 
 
-def resolve_shards(source: str | Sequence[str], *, root: str | None = None,
+def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = None,
                    filesystem: Any = None) -> tuple[list[Shard], str | None]:
     """Shards of a dataset, and its folder (None for a bare URL list).
 
@@ -168,6 +178,8 @@ def resolve_shards(source: str | Sequence[str], *, root: str | None = None,
     list of shard URLs.
     """
     fs = _as_fsspec(filesystem)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if not isinstance(source, str):
         urls = [str(u) for u in source]
         if not urls:
@@ -511,7 +523,7 @@ class PairDataset(IterableDataset):
         return iter(pipeline)
 
 
-def load(source: str | Sequence[str], *, root: str | None = None, filesystem: Any = None,
+def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = None, filesystem: Any = None,
          **options: Any) -> PairDataset:
     """Open a dataset version for training.
 
@@ -536,6 +548,41 @@ def load(source: str | Sequence[str], *, root: str | None = None, filesystem: An
     """
     shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
     return PairDataset(shards, folder=folder, filesystem=filesystem, **options)
+
+
+def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = None, filesystem: Any = None,
+                       split: str = "train") -> dict[str, Any]:
+    """Keyword arguments for ``datasets.load_dataset("webdataset", **args, split=split)``.
+
+    Hugging Face infers the columns from the first few samples of the first shard and refuses
+    a dataset whose samples differ, which ours do when a variant was rejected for some samples.
+    Passing the full schema (every variant any sample has, ``json`` as ``Json``) fixes that;
+    missing variants then read as None.
+    """
+    import pyarrow.parquet as pq
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    try:
+        from datasets import Json
+    except ImportError as e:  # Json arrived in datasets 4
+        raise ImportError("hf_webdataset_args needs datasets>=4 (the Json feature)") from e
+    shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
+    if folder is None:
+        raise LoaderError("hf_webdataset_args needs a dataset folder (it reads index.parquet), not shard URLs")
+    fsys, path = _fs_for(folder, _as_fsspec(filesystem))
+    with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
+        per_sample = pq.read_table(f, columns=["variants"]).column("variants").to_pylist()
+    first = next(read_shard(shards[0], fs=_as_fsspec(filesystem)))
+    ext = next(p.split(".", 1)[1] for p in first if p.startswith("orig."))
+    variants = sorted({v for vs in per_sample for v in vs})
+    features = Features({
+        "__key__": Value("string"), "__url__": Value("string"), "json": Json(),
+        **{f"{n}.{ext}": HFImage() for n in ("orig", *variants)},
+        "mask.png": HFImage(),
+        **({"control_mask.png": HFImage()} if "random_mask" in variants else {}),
+    })
+    return {"data_files": {split: [s.url for s in shards]}, "features": features}
 
 
 def collate_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
