@@ -26,6 +26,7 @@ on a rank that ran out early.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -192,8 +193,11 @@ def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str 
     doc = json.loads(fsys.cat_file(_join(path, SHARD_INDEX)))
     if doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
         raise LoaderError(f"{folder}/{SHARD_INDEX}: not a wids-shard-index-v1 shard index")
-    shards = [Shard(_join(folder, s["url"]), int(s["nsamples"]), s.get("filesize"), s.get("sha256"))
-              for s in doc["shardlist"]]
+    shards = []
+    for s in doc["shardlist"]:
+        if ".." in str(s["url"]).split("/"):  # relative URLs stay inside the dataset folder
+            raise LoaderError(f"{folder}/{SHARD_INDEX}: shard url {s['url']!r} leaves the dataset folder")
+        shards.append(Shard(_join(folder, s["url"]), int(s["nsamples"]), s.get("filesize"), s.get("sha256")))
     return shards, folder
 
 
@@ -573,7 +577,8 @@ def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = Non
     fsys, path = _fs_for(folder, _as_fsspec(filesystem))
     with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
         per_sample = pq.read_table(f, columns=["variants"]).column("variants").to_pylist()
-    first = next(read_shard(shards[0], fs=_as_fsspec(filesystem)))
+    with contextlib.closing(read_shard(shards[0], fs=_as_fsspec(filesystem))) as samples:
+        first = next(samples)
     ext = next(p.split(".", 1)[1] for p in first if p.startswith("orig."))
     variants = sorted({v for vs in per_sample for v in vs})
     features = Features({

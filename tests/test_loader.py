@@ -412,3 +412,12 @@ def test_train_pairs_example_runs(scenes: Path) -> None:
     assert 0 < out["pairs"] <= 3 * 4 * 3
     after = out["model"].state_dict()
     assert any(not torch.equal(init[k], after[k]) for k in init)
+
+
+def test_shard_index_cannot_point_outside_the_dataset(scenes: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(scenes, tmp_path / "demo"))
+    doc = json.loads((folder / "shards.json").read_text())
+    doc["shardlist"][0]["url"] = "../elsewhere/demo-000000.tar"
+    (folder / "shards.json").write_text(json.dumps(doc))
+    with pytest.raises(LoaderError, match="leaves the dataset folder"):
+        load(folder)
