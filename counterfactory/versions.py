@@ -426,6 +426,15 @@ def verify(version: Version) -> list[Check]:
             problems.append(f"unreadable tar: {exc}")
             n = -1
         out.append(Check(s["name"], not problems, "; ".join(problems) or f"ok, {n} samples"))
+    if (vdir / "index.parquet").exists():
+        import pyarrow.parquet as pq
+
+        per = Counter(pq.read_table(vdir / "index.parquet", columns=["shard"]).column("shard").to_pylist())
+        want_per = {s["name"]: s["samples"] for s in manifest["shards"]}
+        wrong = sorted(n for n in set(per) | set(want_per) if per.get(n, 0) != want_per.get(n, 0))
+        out.append(Check("index rows", not wrong, "one row per sample of every shard" if not wrong else
+                         "; ".join(f"{n}: {per.get(n, 0)} rows, manifest says {want_per.get(n, 0)} samples"
+                                   for n in wrong)))
     for name, meta in sorted(manifest.get("files", {}).items()):
         p = vdir / name
         if not p.exists():

@@ -134,7 +134,9 @@ def test_failed_run_publishes_nothing_and_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_pipeline(make_config(tmp_path, [scenes_input(3)]), local=True)
     assert (first.out_dir / "manifest.json").read_bytes() == before
-    assert [p.name for p in first.out_dir.parent.iterdir()] == ["demo"]
+    # ROOT/demo holds v1 and the latest pointer (plus the source-hash cache); no staging left
+    assert first.out_dir.name == "v1"
+    assert sorted(p.name for p in first.out_dir.parent.iterdir() if p.name != ".cache") == ["latest", "v1"]
 
 
 def test_cli_run_prints_summary(tmp_path):
