@@ -122,7 +122,8 @@ def build_models(work: Path, which: set[str]) -> dict[str, Path]:
                                 layers_per_block=2)
             te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                               num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77))
-            sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+            sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                steps_offset=1)
             StableDiffusionInpaintPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                            safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False).save_pretrained(p)

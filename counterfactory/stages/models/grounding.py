@@ -109,7 +109,7 @@ class Detector:
 
         tok = self.processor.tokenizer
         prompts = [". ".join(ph) + "." for ph in phrases]
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True, truncation=True)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}
         with torch.inference_mode():
