@@ -122,6 +122,7 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
             raise VideoError("too_long", f"{length:.2f}s > max_duration_s {caps.max_duration_s}")
         fps = min(caps.fps, src_fps) if src_fps else caps.fps
         step = 1.0 / fps
+        tol = 0.25 * step + 1e-6  # a frame this close to a sample point stands for it
         if length is not None and int(np.floor(length * fps + 1e-6)) > caps.max_frames:
             if caps.over_frames == "reject":
                 raise VideoError("too_long", f"{length:.2f}s at {fps:g} fps > max_frames {caps.max_frames}")
@@ -152,7 +153,7 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
                     break
                 if duration is None and ts - t0 > caps.max_duration_s:
                     raise VideoError("too_long", f"over {caps.max_duration_s}s (no duration in the header)")
-                if ts + 0.5 * step < target - 1e-6:
+                if ts < target - tol:
                     continue  # between sample points
                 if len(frames) >= caps.max_frames:
                     if caps.over_frames == "reject":
@@ -165,7 +166,7 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
                     rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
                 frames.append(np.ascontiguousarray(rgb))
                 times.append(round(ts, 6))
-                while target <= ts + 0.5 * step:
+                while target <= ts + tol:
                     target += step
         except av.error.FFmpegError as exc:
             if len(frames) < caps.min_frames:

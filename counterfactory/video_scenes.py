@@ -17,7 +17,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from counterfactory.scenes import COLORS, _shape_polygon, polygon_mask
+from counterfactory import scenes
+from counterfactory.scenes import COLORS, polygon_mask
+
+# the shared shape rasterization (public name in newer scenes.py, private before)
+_shape_polygon = getattr(scenes, "shape_polygon", None) or scenes._shape_polygon
 
 PHOTOS = ("coffee", "astronaut", "chelsea", "rocket")
 SHAPES = ("circle", "square", "star", "hexagon")
@@ -76,8 +80,8 @@ def clip_spec(seed: int, index: int, size: tuple[int, int] = (256, 192), frames:
     if rng.random() < 0.75:  # a second object slides in from the side mid-clip
         r_b = float(rng.uniform(0.08, 0.11)) * m
         from_right = bool(rng.random() < 0.5)
-        enter = int(rng.integers(1, frames // 3))
-        speed = float(rng.uniform(0.045, 0.07)) * w
+        enter = int(rng.integers(1, frames // 4 + 1))
+        speed = float(rng.uniform(0.06, 0.09)) * w
         objects.append({
             "category": shapes[1], "color": colors[1], "r": round(r_b, 2), "y": round(float(rng.uniform(0.66, 0.76)) * h, 2),
             "enter": enter, "x0": round(w + r_b if from_right else -r_b, 2), "vx": round(-speed if from_right else speed, 4),

@@ -286,11 +286,13 @@ class MaskCarrier:
         vis = self.visible(canvas)
         if not vis.any():
             return np.zeros_like(canvas), (0, 0)
-        touches = vis[0].any() or vis[-1].any() or vis[:, 0].any() or vis[:, -1].any()
-        if touches and prior is not None:
-            dx, dy = prior
-        else:
-            dx, dy = self.match(vis, a, b)
+        ys, xs = np.nonzero(vis)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        dx, dy = self.match(vis, a, b)
+        shifts = [(0, 0), (dx, dy)] + ([prior] if prior is not None else [])
+        at_border = any(min(x0 + sx, y0 + sy) <= 0 or x1 + sx >= self.w or y1 + sy >= self.h for sx, sy in shifts)
+        if at_border and prior is not None:
+            dx, dy = prior  # matching is biased towards the frame here: keep the track's velocity
         moved = np.zeros_like(canvas)
         hh, ww = canvas.shape
         src = canvas[max(0, -dy) : hh - max(0, dy), max(0, -dx) : ww - max(0, dx)]
@@ -332,6 +334,8 @@ class VideoSegment(Stage):
                 return False
             tr["canvas"][b] = moved
             tr[key] = vel
+            if key == "v_fwd":
+                tr.setdefault("vel", {})[b] = vel
             return True
 
         for t in range(n):
@@ -351,7 +355,11 @@ class VideoSegment(Stage):
                 used_t.add(ti)
                 used_d.add(di)
                 drift.append(score)
-                tracks[ti]["canvas"][t] = car.canvas(det_masks[di])
+                # the detection replaces the carried mask inside the frame; outside it, the
+                # carried part stays (the rest of an object half out of view)
+                outside = tracks[ti]["canvas"][t].copy()
+                car.visible(outside)[:] = False
+                tracks[ti]["canvas"][t] = car.canvas(det_masks[di]) | outside
                 tracks[ti]["anchors"].append(t)
                 tracks[ti]["objects"].add(dets[t][di]["object"])
             prev = max([f for f in det_frames if f < t], default=-1)
@@ -370,7 +378,8 @@ class VideoSegment(Stage):
                 tracks.append(tr)
         for tr in tracks:  # between two anchors, the nearer anchor's propagation
             for a, b in zip(tr["anchors"], tr["anchors"][1:], strict=False):
-                tr.pop("v_bwd", None)
+                fwd = tr.get("vel", {}).get(b)  # the velocity it arrived with: a prior at the border
+                tr["v_bwd"] = (-fwd[0], -fwd[1]) if fwd else None
                 for t in range(b - 1, (a + b) // 2, -1):
                     if not step(tr, t + 1, t, "v_bwd"):
                         break
