@@ -22,6 +22,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/counterfactory run configs/demo.yaml
 	@echo "demo dataset written to outputs/demo (card: outputs/demo/README.md)"
+	$(VENV)/bin/counterfactory run configs/demo_video.yaml
+	@echo "video demo dataset written to outputs/demo_video (mp4 pairs, per-frame masks)"
 
 # The viewer test drives a real headless Chromium: install Debian's chromium and
 # chromium-driver when missing (non-interactive; as root, or with passwordless sudo).
