@@ -179,3 +179,30 @@ def match_categories(text: str, categories: set[str]) -> list[str]:
         if any(f" {n} " in joined for n in names):
             found.append(cat)
     return found
+
+
+# --- color names: for attribute edits (the new value) and checking them -------------------
+
+HUES: dict[str, float] = {"red": 0, "orange": 28, "yellow": 52, "green": 125, "cyan": 185,
+                          "blue": 225, "purple": 280, "pink": 325}
+# the colors an attribute edit may turn evidence into: far apart, unambiguous names
+EDIT_COLORS: tuple[str, ...] = ("red", "yellow", "green", "cyan", "blue", "purple")
+
+
+def _hue_dist(a: float, b: float) -> float:
+    d = abs(a - b) % 360
+    return min(d, 360 - d)
+
+
+def color_name(rgb: tuple[float, float, float] | list[float]) -> str:
+    """Nearest named hue, or an achromatic name when saturation is low."""
+    import colorsys
+
+    r, g, b = (float(c) / 255.0 for c in rgb)
+    h, s, v = colorsys.rgb_to_hsv(r, g, b)
+    if v < 0.15:
+        return "black"
+    if s < 0.25:
+        return "white" if v > 0.85 else "gray"
+    hue = h * 360
+    return min(HUES, key=lambda n: _hue_dist(hue, HUES[n]))

@@ -41,7 +41,7 @@ def polygon_mask(polygon: Any, width: int, height: int) -> np.ndarray:
     return mask.view(bool)
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[list[float]]:
+def shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[list[float]]:
     """Vertices of ``shape`` inscribed in the circle (cx, cy, r), rotated by ``rot`` radians."""
     if shape == "star":
         k = np.arange(10)
@@ -111,7 +111,7 @@ def scene_spec(seed: int, index: int, size: tuple[int, int] = (256, 256)) -> dic
             {
                 "category": shape,
                 "attributes": {"color": color},
-                "polygon": _shape_polygon(shape, *spot, rot),
+                "polygon": shape_polygon(shape, *spot, rot),
             }
         )
     return {"width": w, "height": h, "background": background, "objects": objects}

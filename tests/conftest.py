@@ -23,7 +23,9 @@ def demo_dict() -> dict[str, Any]:
     return yaml.safe_load(DEMO.read_text())
 
 
-def make_config(tmp_path: Path, inputs: list[dict[str, Any]] | None = None, **top: Any) -> PipelineConfig:
+def make_config(
+    tmp_path: Path, inputs: list[dict[str, Any]] | None = None, **top: Any
+) -> PipelineConfig:
     data = copy.deepcopy(demo_dict())
     if inputs is not None:
         data["inputs"] = inputs
@@ -37,7 +39,13 @@ def make_config(tmp_path: Path, inputs: list[dict[str, Any]] | None = None, **to
 
 
 def scenes_input(count: int = 6, seed: int = 0, questions: int = 2) -> dict[str, Any]:
-    return {"kind": "procedural", "count": count, "seed": seed, "size": [160, 128], "questions_per_scene": questions}
+    return {
+        "kind": "procedural",
+        "count": count,
+        "seed": seed,
+        "size": [160, 128],
+        "questions_per_scene": questions,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +60,16 @@ def ray_local():
 def textured(w: int, h: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([90 + 40 * np.sin(x / 9.0), 110 + 30 * np.cos(y / 7.0), 100 + 20 * np.sin((x + y) / 11.0)], -1)
+    base = np.stack(
+        [90 + 40 * np.sin(x / 9.0), 110 + 30 * np.cos(y / 7.0), 100 + 20 * np.sin((x + y) / 11.0)],
+        -1,
+    )
     return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def square_scene(w: int = 160, h: int = 120, box=(50, 30, 100, 80), color=(220, 30, 30), seed: int = 0):
+def square_scene(
+    w: int = 160, h: int = 120, box=(50, 30, 100, 80), color=(220, 30, 30), seed: int = 0
+):
     img = textured(w, h, seed)
     x0, y0, x1, y1 = box
     img[y0:y1, x0:x1] = color
@@ -70,11 +83,17 @@ def save(img: Image.Image | np.ndarray, path: Path, **kw: Any) -> Path:
     return path
 
 
-def square_line(image: str, box=(50, 30, 100, 80), question="Is there a box in the image?", **extra) -> dict:
+def square_line(
+    image: str, box=(50, 30, 100, 80), question="Is there a box in the image?", **extra
+) -> dict:
     x0, y0, x1, y1 = box
     poly = [[x0, y0], [x1 - 1, y0], [x1 - 1, y1 - 1], [x0, y1 - 1]]
-    line = {"image": image, "question": question, "answer": "yes",
-            "objects": [{"category": "box", "polygon": poly, "attributes": {"color": "red"}}]}
+    line = {
+        "image": image,
+        "question": question,
+        "answer": "yes",
+        "objects": [{"category": "box", "polygon": poly, "attributes": {"color": "red"}}],
+    }
     line.update(extra)
     return line
 
@@ -93,32 +112,52 @@ def odd_inputs(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         expect[name] = outcome
         lines.append(square_line(name, **kw))
 
-    save(rgb, d / "good.png"); add("good.png", "ok")
-    (d / "zero.jpg").write_bytes(b""); add("zero.jpg", "empty_file")
-    buf = io.BytesIO(); Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3]); add("truncated.jpg", "decode_error")
-    (d / "text.jpg").write_bytes(b"this is not an image at all\n" * 20); add("text.jpg", "not_an_image")
-    save(rgb[:1, :1], d / "tiny.png"); add("tiny.png", "too_small")
-    save(Image.fromarray(rgb).convert("L"), d / "gray.png"); add("gray.png", "ok")
-    save(Image.fromarray(rgb).convert("CMYK"), d / "cmyk.jpg", quality=95); add("cmyk.jpg", "ok")
-    rgba = Image.fromarray(rgb).convert("RGBA"); rgba.putalpha(200)
-    save(rgba, d / "rgba.png"); add("rgba.png", "ok")
-    g16 = (np.asarray(Image.fromarray(rgb).convert("L")).astype(np.uint16) * 257)
-    save(Image.fromarray(g16), d / "gray16.png"); add("gray16.png", "ok")
-    save(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), d / "palette.png"); add("palette.png", "ok")
-    save(np.tile(rgb, (4, 4, 1)), d / "huge.png"); add("huge.png", "too_large")  # 640x480 > cap below
+    save(rgb, d / "good.png")
+    add("good.png", "ok")
+    (d / "zero.jpg").write_bytes(b"")
+    add("zero.jpg", "empty_file")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    add("truncated.jpg", "decode_error")
+    (d / "text.jpg").write_bytes(b"this is not an image at all\n" * 20)
+    add("text.jpg", "not_an_image")
+    save(rgb[:1, :1], d / "tiny.png")
+    add("tiny.png", "too_small")
+    save(Image.fromarray(rgb).convert("L"), d / "gray.png")
+    add("gray.png", "ok")
+    save(Image.fromarray(rgb).convert("CMYK"), d / "cmyk.jpg", quality=95)
+    add("cmyk.jpg", "ok")
+    rgba = Image.fromarray(rgb).convert("RGBA")
+    rgba.putalpha(200)
+    save(rgba, d / "rgba.png")
+    add("rgba.png", "ok")
+    g16 = np.asarray(Image.fromarray(rgb).convert("L")).astype(np.uint16) * 257
+    save(Image.fromarray(g16), d / "gray16.png")
+    add("gray16.png", "ok")
+    save(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), d / "palette.png")
+    add("palette.png", "ok")
+    save(np.tile(rgb, (4, 4, 1)), d / "huge.png")
+    add("huge.png", "too_large")  # 640x480 > cap below
     add("missing.jpg", "file_not_found")
     save(rgb, d / "absent.png")
     add("absent.png", "target_not_found", question="Is there a giraffe in the image?", targets=None)
     lines[-1].pop("targets")
     save(rgb, d / "outside.png")
     expect["outside.png"] = "box_outside_image"
-    lines.append({"image": "outside.png", "question": "Is there a box in the image?", "answer": "yes",
-                  "objects": [{"category": "box", "box": [500, 500, 600, 600]}]})
+    lines.append(
+        {
+            "image": "outside.png",
+            "question": "Is there a box in the image?",
+            "answer": "yes",
+            "objects": [{"category": "box", "box": [500, 500, 600, 600]}],
+        }
+    )
     # EXIF orientation 6 (rotate 90 CW to display): stored sideways, annotated upright
     upright = square_scene(120, 160, box=(30, 50, 80, 100))
     stored = np.rot90(upright, k=1)  # what a camera would store for orientation 6
-    exif = Image.Exif(); exif[0x0112] = 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
     Image.fromarray(np.ascontiguousarray(stored)).save(d / "exif.jpg", quality=95, exif=exif)
     expect["exif.jpg"] = "ok"
     lines.append(square_line("exif.jpg", box=(30, 50, 80, 100)))

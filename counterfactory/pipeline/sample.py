@@ -150,7 +150,12 @@ class Stage:
         if not live:
             return
         t0 = time.perf_counter()
-        self.process_batch(live)
+        try:
+            self.process_batch(live)
+        except Exception:  # a batched backend failed as a whole: retry one by one, so only
+            for s in live:  # the samples that fail on their own are rejected
+                if s.ok:
+                    self.guarded(s, lambda x: self.process_batch([x]))
         share = (time.perf_counter() - t0) / len(live)
         desc = self.describe()
         for s in live:

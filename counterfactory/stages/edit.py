@@ -1,25 +1,49 @@
 """edit: the counterfactual variants of one source.
 
-Embedded default (OpenCV, CPU):
+Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RULES``):
 - ``remove``: the dilated evidence is inpainted away (Telea or Navier-Stokes);
 - ``blackout``: the evidence is covered with a flat fill (DeFacto's counterfactual);
 - ``random_mask``: the same fill over a region of equal area that does not touch the evidence
-  (DeFacto's control: the answer must not change).
-Every pixel outside the edited region is copied from the original, bit for bit.
+  (DeFacto's control: the answer must not change);
+- ``attribute``: the evidence's hue rotated to another named color (color answers change);
+- ``flip``: the image mirrored (CounterCurate: left and right swap);
+- ``count``: k of n evidence instances removed, the rest kept (count answers become n - k);
+- ``insert``: a shape that no annotation names, alpha-blended with a feathered edge where it
+  covers no annotated object (HalluciDoctor: existence becomes yes, counts go up).
+Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
+which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
+the qa stage changes only the answers about those.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from counterfactory import scenes
 from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.rules import EDIT_COLORS, HUES, color_name
 from counterfactory.stages import register
 
-EditType = Literal["remove", "blackout", "random_mask"]
+EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert"]
+_CLONE_MARGIN = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
+_SALT = {"random_mask": 7, "attribute": 11, "count": 13, "insert": 17}
+
+
+class Skip(Exception):
+    """This variant cannot be made for this sample (recorded as a variant reject)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    x, y, w, h = cv2.boundingRect(mask)
+    return y, y + h, x, x + w
 
 
 def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_max_side: int) -> np.ndarray:
@@ -28,10 +52,10 @@ def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_ma
     flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
     h, w = mask.shape
     # Work on the bounding crop of the mask plus a margin: inpainting reads only nearby pixels.
-    ys, xs = np.nonzero(mask)
+    by0, by1, bx0, bx1 = _bbox(mask)
     pad = 4 * radius + 8
-    y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + 1 + pad)
-    x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)
+    y0, y1 = max(0, by0 - pad), min(h, by1 + pad)
+    x0, x1 = max(0, bx0 - pad), min(w, bx1 + pad)
     crop, cmask = img[y0:y1, x0:x1], mask[y0:y1, x0:x1]
     ch, cw = cmask.shape
     scale = min(1.0, work_max_side / max(ch, cw))
@@ -55,8 +79,8 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     shape moved elsewhere, else an equal-area rectangle; None when nothing fits."""
     h, w = evidence.shape
     keepout = cv2.dilate(evidence, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)) > 0
-    ys, xs = np.nonzero(evidence)
-    shape = evidence[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] > 0
+    y0, y1, x0, x1 = _bbox(evidence)
+    shape = evidence[y0:y1, x0:x1] > 0
     area = int(shape.sum())
     candidates = [shape]
     for aspect in rng.uniform(0.5, 2.0, size=3):
@@ -78,6 +102,22 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     return None
 
 
+def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: float) -> np.ndarray:
+    """Set the hue inside ``region`` to the named ``target`` hue; saturation and value (texture,
+    shading) are kept, and near-gray pixels (highlights, outlines) are left alone."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for the full circle
+    sel = region > 0
+    sat = hsv[..., 1][sel].astype(np.float64) / 255
+    if sat.mean() < min_saturation:
+        raise Skip("achromatic_evidence", f"mean saturation {sat.mean():.2f} < {min_saturation}")
+    colored = sel & (hsv[..., 1] >= 0.15 * 255)
+    recolored = hsv.copy()
+    recolored[..., 0][colored] = int(round(HUES[target] / 360 * 256)) % 256
+    out = img.copy()
+    out[colored] = cv2.cvtColor(recolored, cv2.COLOR_HSV2RGB_FULL)[colored]
+    return out
+
+
 @register
 class ClassicalEdit(Stage):
     name = "edit"
@@ -92,38 +132,133 @@ class ClassicalEdit(Stage):
         fill: tuple[int, int, int] = (0, 0, 0)
         control_tries: int = Field(64, ge=1)
         control_gap: int = Field(4, ge=0, description="pixels between the control region and the evidence")
+        attribute_min_saturation: float = Field(0.25, ge=0, le=1, description="below: evidence too gray to recolor")
+        insert_scale: float = Field(0.12, gt=0, le=0.5, description="inserted shape radius / min(image side)")
+        insert_tries: int = Field(64, ge=1)
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
 
     def process(self, sample: Sample) -> None:
-        img, mask = sample.arrays["image"], sample.arrays["mask"]
-        p = self.params
-        fill = np.array(p.fill, np.uint8)
         sample.meta["variants"] = []
         sample.meta["edits"] = {}
-        n = len(sample.meta["instances"])
-        for v in p.variants:
-            info: dict = {"region": "evidence", "removed_instances": n}
-            if v == "remove":
-                out = inpaint(img, mask, p.inpaint_radius, p.inpaint_method, p.work_max_side)
-                info["method"] = f"opencv-{p.inpaint_method}"
-            elif v == "blackout":
-                out = img.copy()
-                out[mask > 0] = fill
-                info["method"] = "flat-fill"
-            else:  # random_mask
-                rng = np.random.default_rng([sample.seed, 7])
-                ctrl = control_mask(mask, rng, p.control_tries, p.control_gap)
-                if ctrl is None:
-                    sample.reject_variant(self.name, v, "no_room_for_control",
-                                          f"no region of area {int((mask > 0).sum())} clear of the evidence")
-                    continue
-                out = img.copy()
-                out[ctrl > 0] = fill
-                sample.arrays["mask/random_mask"] = ctrl
-                info = {"region": "control", "removed_instances": 0, "method": "flat-fill"}
+        for v in self.params.variants:
+            rng = np.random.default_rng([sample.seed, _SALT.get(v, 0)])
+            try:
+                out, region, info = getattr(self, f"_{v}")(sample, rng)
+            except Skip as s:
+                sample.reject_variant(self.name, v, s.reason, s.detail)
+                continue
             sample.arrays[f"variant/{v}"] = out
+            if region is not None:
+                sample.arrays[f"mask/{v}"] = region
             sample.meta["variants"].append(v)
             sample.meta["edits"][v] = info
+
+    # each edit: (edited image, its region mask or None for the evidence mask / global, record)
+    def _remove(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        p = self.params
+        out = inpaint(sample.arrays["image"], sample.arrays["mask"], p.inpaint_radius, p.inpaint_method,
+                      p.work_max_side)
+        return out, None, {"method": f"opencv-{p.inpaint_method}", "region": "evidence", "inpainted": True,
+                           "affects": sample.meta["targets"], "removed_instances": len(sample.meta["instances"])}
+
+    def _blackout(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        out = sample.arrays["image"].copy()
+        out[sample.arrays["mask"] > 0] = np.array(self.params.fill, np.uint8)
+        return out, None, {"method": "flat-fill", "region": "evidence", "affects": sample.meta["targets"],
+                           "removed_instances": len(sample.meta["instances"])}
+
+    def _random_mask(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        mask = sample.arrays["mask"]
+        ctrl = control_mask(mask, rng, self.params.control_tries, self.params.control_gap)
+        if ctrl is None:
+            raise Skip("no_room_for_control", f"no region of area {cv2.countNonZero(mask)} clear of the evidence")
+        out = sample.arrays["image"].copy()
+        out[ctrl > 0] = np.array(self.params.fill, np.uint8)
+        return out, ctrl, {"method": "flat-fill", "region": "control", "affects": []}
+
+    def _attribute(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        img, core = sample.arrays["image"], sample.arrays["mask_core"]
+        if "target_phrase" in sample.meta:
+            # "is there a red circle?" would change meaning, not just its color answer
+            raise Skip("not_applicable", f"the question names the color: {sample.meta['target_phrase']!r}")
+        colors = {str(i.get("attributes", {}).get("color", "")).lower() for i in sample.meta["instances"]}
+        if len(colors) != 1 or "" in colors:
+            # no color question can be asked, so a recolored twin would teach nothing
+            raise Skip("not_applicable", "the evidence has no single annotated color")
+        before = color_name(cv2.mean(img, mask=core)[:3])
+        choices = [c for c in EDIT_COLORS if c != before]
+        target = choices[int(rng.integers(len(choices)))]
+        out = recolor(img, core, target, self.params.attribute_min_saturation)
+        return out, core.copy(), {"method": "hue-set", "region": "evidence", "affects": sample.meta["targets"],
+                                  "new_value": target, "color_before": before}
+
+    def _flip(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        out = np.ascontiguousarray(sample.arrays["image"][:, ::-1])
+        return out, None, {"method": "mirror", "region": "global", "affects": ["*"]}
+
+    def _count(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        inst = sample.arrays["instance_masks"]
+        n = len(inst)
+        if n < 2:
+            raise Skip("not_applicable", f"count edits need 2+ instances, found {n}")
+        k = int(rng.integers(1, n))
+        chosen = np.sort(rng.choice(n, size=k, replace=False))
+        removed = np.zeros(inst.shape[1:], np.uint8)
+        for i in chosen:
+            removed |= inst[i]
+        kept = (inst.sum(axis=0) > 0) & (removed == 0)
+        px = int(sample.meta["mask"]["dilate_px"])
+        k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+        region = cv2.dilate(removed * 255, k_el)
+        region[kept] = 0  # never paint over an instance that stays
+        p = self.params
+        out = inpaint(sample.arrays["image"], region, p.inpaint_radius, p.inpaint_method, p.work_max_side)
+        return out, region, {"method": f"opencv-{p.inpaint_method}", "region": "instances", "inpainted": True,
+                             "affects": sample.meta["targets"], "removed_instances": k,
+                             "remaining_instances": n - k, "removed_indices": [int(i) for i in chosen]}
+
+    def _insert(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        img = sample.arrays["image"]
+        h, w = img.shape[:2]
+        present = {a["category"] for a in sample.meta.get("annotated", [])} | set(sample.meta["targets"])
+        shapes = [s for s in scenes.SHAPES if s not in present]
+        if not shapes:
+            raise Skip("not_applicable", "every insertable shape is already annotated in this image")
+        shape = shapes[int(rng.integers(len(shapes)))]
+        color = EDIT_COLORS[int(rng.integers(len(EDIT_COLORS)))]
+        r = max(6.0, self.params.insert_scale * min(h, w))
+        keepout = sample.arrays["mask"] > 0
+        for a in sample.meta.get("annotated", []):
+            x0, y0, x1, y1 = a["box"]
+            keepout[y0:y1, x0:x1] = True
+        m = int(r) + 4
+        if h <= 2 * m or w <= 2 * m:
+            raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
+        for _ in range(self.params.insert_tries):
+            cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
+            poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
+            obj = scenes.polygon_mask(poly, w, h)
+            # the region carries the feathered edge and a margin for verification
+            region = cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
+            if not (keepout & (region > 0)).any():
+                break
+        else:
+            raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
+        # Feathered alpha compositing. OpenCV's seamlessClone (Poisson) was the first choice, but
+        # in OpenCV 5.0.0 identical calls returned different pixels (3 distinct outputs in 8
+        # calls, single-threaded), which would break byte-identical reruns.
+        alpha = cv2.GaussianBlur(obj.astype(np.float32), (0, 0), 0.8)[..., None]
+        alpha[region == 0] = 0.0
+        color_img = np.empty_like(img, dtype=np.float32)
+        color_img[:] = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
+        blended = np.clip(np.rint(alpha * color_img + (1 - alpha) * img.astype(np.float32)), 0, 255)
+        out = img.copy()
+        sel = region > 0
+        out[sel] = blended[sel].astype(np.uint8)
+        seen = color_name(cv2.mean(out, mask=obj.astype(np.uint8))[:3])
+        return out, region, {"method": "feathered-alpha", "region": "inserted", "affects": [shape],
+                             "inserted_category": shape, "inserted_instances": 1,
+                             "new_value": seen if seen == color else None, "polygon": poly}

@@ -98,3 +98,5 @@ class AnnotationLocalize(Stage):
         if dropped:
             m.setdefault("notes", []).append(f"localize: {dropped} instance(s) outside the image dropped")
         m.pop("objects", None)
+        # every annotated object's box: an inserted object must not cover any of them
+        m["annotated"] = [{"category": o["category"], "box": b} for o in objects if (b := _clip_box(o, w, h))]

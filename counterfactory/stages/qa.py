@@ -104,14 +104,43 @@ class TemplateQA(Stage):
             seen.add((t["kind"], t["question"].lower()))
             items.append(t)
         abstain = self.run.get("abstain_answer", "unknown")
-        qa = []
-        for it in items:
-            answers = {"orig": it["answer"]}
-            for v in m["variants"]:
-                removed = m["edits"][v]["removed_instances"]
-                try:
-                    answers[v] = answer_for(v, it["kind"], it["answer"], removed=removed, abstain=abstain)
-                except ValueError as exc:
-                    raise Reject("answer_rule_failed", str(exc)) from None
-            qa.append({k: it[k] for k in ("question", "kind", "targets", "source")} | {"answers": answers})
-        m["qa"] = qa
+        items += self._inserted_items(m, abstain)
+        m["qa"] = [{k: it[k] for k in ("question", "kind", "targets", "source")}
+                   | {"answers": self._answers(it, m, abstain)} for it in items]
+
+    @staticmethod
+    def _inserted_items(m: dict[str, Any], abstain: str) -> list[dict[str, Any]]:
+        """Questions about an inserted object: absent from the original, present after insert."""
+        out = []
+        for v in m["variants"]:
+            cat = m["edits"][v].get("inserted_category")
+            if not cat:
+                continue
+            out.append({"question": f"Is there a {cat} in the image?", "kind": "existence", "answer": "no",
+                        "targets": [cat], "source": "template"})
+            out.append({"question": f"How many {plural(cat)} are there?", "kind": "count", "answer": "0",
+                        "targets": [cat], "source": "template"})
+            if m["edits"][v].get("new_value"):
+                out.append({"question": f"What color is the {cat}?", "kind": "color", "answer": abstain,
+                            "targets": [cat], "source": "template"})
+        return out
+
+    @staticmethod
+    def _answers(it: dict[str, Any], m: dict[str, Any], abstain: str) -> dict[str, str]:
+        """The item's answer on every variant: the edit's rule when the edit touches what the
+        question is about (its ``affects``), the original answer otherwise."""
+        answers = {"orig": it["answer"]}
+        for v in m["variants"]:
+            e = m["edits"][v]
+            affects = e.get("affects", [])
+            if "*" not in affects and not set(affects) & set(it["targets"]):
+                answers[v] = it["answer"]
+                continue
+            try:
+                answers[v] = answer_for(
+                    v, it["kind"], it["answer"], removed=e.get("removed_instances", 0),
+                    inserted=e.get("inserted_instances", 0), new_value=e.get("new_value"),
+                    remaining=e.get("remaining_instances"), abstain=abstain)
+            except ValueError as exc:
+                raise Reject("answer_rule_failed", f"{v}: {exc}") from None
+        return answers

@@ -76,6 +76,7 @@ class ClassicalSegment(Stage):
         img = sample.arrays["image"]
         h, w = img.shape[:2]
         core = np.zeros((h, w), np.uint8)
+        per_instance = []
         for i, inst in enumerate(sample.meta["instances"]):
             if inst.get("polygons"):
                 m = np.zeros((h, w), np.uint8)
@@ -87,12 +88,14 @@ class ClassicalSegment(Stage):
             inst["mask_method"] = method
             inst["mask_area"] = int(m.sum())
             core |= m
+            per_instance.append(m)
         area = int(core.sum())
         # margin scales with the typical instance, not the union: 24 coins are not one big coin
         typical = float(np.median([i["mask_area"] for i in sample.meta["instances"]]))
         px = self.params.dilate_px + int(round(self.params.dilate_frac * np.sqrt(typical)))
         mask = dilate(core, px)
         sample.arrays["mask_core"] = core * 255
+        sample.arrays["instance_masks"] = np.stack(per_instance)  # 0/1, for edits of some instances
         sample.arrays["mask"] = mask * 255
         sample.meta["mask"] = {
             "core_area": area,

@@ -19,9 +19,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.stages import register
 
-COUNTERFACTUALS = ("remove", "blackout")
+# every edit type except the control counts as a counterfactual
+CONTROLS = ("random_mask",)
+COUNTERFACTUALS = tuple(k for k in ANSWER_RULES if k not in ("orig", *CONTROLS))
 _ONES = np.ones((1, 3), np.float32)
 
 
@@ -77,15 +80,24 @@ class PixelVerify(Stage):
         ring = _ring(mask, p.ring_px)
         for v in list(m["variants"]):
             out = a[f"variant/{v}"]
-            region = a["mask/random_mask"] if v == "random_mask" else mask
-            vm = self._metrics(img, out, region)
-            if v == "random_mask":
-                vm["control_overlap_px"] = int(cv2.countNonZero(cv2.bitwise_and(region, mask)))
-            if v == "remove" and cv2.countNonZero(ring):
-                before = float(np.abs(_mean_color(img, mask) - _mean_color(img, ring)).max())
-                after = float(np.abs(_mean_color(out, mask) - _mean_color(out, ring)).max())
-                vm["object_contrast"] = round(before, 3)
-                vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
+            edit = m["edits"][v]
+            if edit.get("region") == "global":
+                vm = self._global_metrics(v, img, out)
+            else:
+                region = a.get(f"mask/{v}", mask)
+                vm = self._metrics(img, out, region)
+                if v in CONTROLS:
+                    vm["control_overlap_px"] = int(cv2.countNonZero(cv2.bitwise_and(region, mask)))
+                if edit.get("inpainted") and cv2.countNonZero(ring):
+                    # the filled region should blend with its surroundings, unlike the object did
+                    ring_v = ring if region is mask else _ring(region, p.ring_px)
+                    before = float(np.abs(_mean_color(img, region) - _mean_color(img, ring_v)).max())
+                    after = float(np.abs(_mean_color(out, region) - _mean_color(out, ring_v)).max())
+                    vm["object_contrast"] = round(before, 3)
+                    vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
+                if "new_value" in edit and "color_before" in edit:
+                    vm["color_after"] = color_name(cv2.mean(out, mask=region)[:3])
+                    vm["color_target"] = edit["new_value"]
             metrics[v] = vm
             failure = self._failure(v, vm)
             if failure:
@@ -93,15 +105,27 @@ class PixelVerify(Stage):
         if not any(v in COUNTERFACTUALS for v in m["variants"]):
             raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
 
+    @staticmethod
+    def _global_metrics(v: str, img: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+        if v == "flip":
+            return {"mirror_exact": bool(np.array_equal(out, img[:, ::-1]))}
+        return {}
+
     def _failure(self, v: str, vm: dict[str, Any]) -> tuple[str, str] | None:
         p = self.params
+        if vm.get("mirror_exact") is False:
+            return "not_a_mirror", "the flipped image is not the exact mirror of the original"
+        if "mirror_exact" in vm:
+            return None
+        if vm.get("color_after", vm.get("color_target")) != vm.get("color_target"):
+            return "attribute_not_applied", f"region reads as {vm['color_after']}, wanted {vm['color_target']}"
         if vm["outside_changed_frac"] > p.max_outside_changed_frac:
             return "pixels_outside_changed", f"outside_changed_frac={vm['outside_changed_frac']}"
         if vm["inside_mad"] < p.min_inside_mad:
             return "region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}"
         if vm.get("control_overlap_px", 0) > 0:
             return "control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}"
-        if (v == "remove" and vm.get("object_contrast", 0) >= p.min_object_contrast
+        if (vm.get("object_contrast", 0) >= p.min_object_contrast
                 and vm["contrast_ratio"] > p.max_contrast_ratio):
             return "object_still_visible", f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}"
         return None
