@@ -242,6 +242,33 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from counterfactory import evaluate as E
+
+    ds = E.dataset_dir(args.dataset, args.root)
+    if args.export:
+        out = Path(args.export)
+        n = E.export_questions(ds, out)
+        print(f"{n} questions to ask written to {out}; answer each row with an 'answer' field and run "
+              f"counterfactory eval {args.dataset} --predictions FILE")
+        return 0
+    if not args.predictions:
+        print("error: give --predictions FILE.jsonl (or --export FILE.jsonl)", file=sys.stderr)
+        return 2
+    if not Path(args.predictions).is_file():
+        print(f"error: predictions file not found: {args.predictions}", file=sys.stderr)
+        return 2
+    rep = E.evaluate(ds, Path(args.predictions), abstain=args.abstain)
+    out = Path(args.report) if args.report else Path(args.predictions).with_suffix(".report.json")
+    out.write_text(json.dumps(rep, indent=2))
+    print(E.report_table(rep))
+    print(f"report: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="counterfactory", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -292,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     root(d)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_diff)
+    e = sub.add_parser("eval", help="score a model's answers on a version's pairs (or --export the questions)")
+    e.add_argument("dataset", metavar="DATASET@VERSION")
+    root(e)
+    e.add_argument("--predictions", default=None, help="JSONL: key, variant, qid, answer")
+    e.add_argument("--export", default=None, metavar="FILE.jsonl", help="write the questions to ask")
+    e.add_argument("--report", default=None, help="report path (default: PREDICTIONS.report.json)")
+    e.add_argument("--abstain", default="unknown", help="the dataset's abstention answer")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
