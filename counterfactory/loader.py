@@ -577,15 +577,21 @@ def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = Non
     fsys, path = _fs_for(folder, _as_fsspec(filesystem))
     with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
         per_sample = pq.read_table(f, columns=["variants"]).column("variants").to_pylist()
-    with contextlib.closing(read_shard(shards[0], fs=_as_fsspec(filesystem))) as samples:
-        first = next(samples)
-    ext = next(p.split(".", 1)[1] for p in first if p.startswith("orig."))
-    variants = sorted({v for vs in per_sample for v in vs})
+    with fsys.open(_join(path, "manifest.json"), "rb") as f:
+        parts = json.loads(f.read()).get("counts", {}).get("parts")
+    if parts is None:  # datasets written before the manifest listed its parts
+        with contextlib.closing(read_shard(shards[0], fs=_as_fsspec(filesystem))) as samples:
+            first = next(samples)
+        ext = next(p.split(".", 1)[1] for p in first if p.startswith("orig."))
+        variants = sorted({v for vs in per_sample for v in vs})
+        parts = [f"{n}.{ext}" for n in ("orig", *variants)] + ["mask.png", "json"]
+        if "random_mask" in variants:
+            parts.append("control_mask.png")
+    image_ext = ("jpg", "jpeg", "png", "webp")
     features = Features({
-        "__key__": Value("string"), "__url__": Value("string"), "json": Json(),
-        **{f"{n}.{ext}": HFImage() for n in ("orig", *variants)},
-        "mask.png": HFImage(),
-        **({"control_mask.png": HFImage()} if "random_mask" in variants else {}),
+        "__key__": Value("string"), "__url__": Value("string"),
+        **{p: (Json() if p == "json" else HFImage() if p.rsplit(".", 1)[-1] in image_ext else Value("binary"))
+           for p in sorted(parts)},
     })
     return {"data_files": {split: [s.url for s in shards]}, "features": features}
 

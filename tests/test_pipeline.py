@@ -119,7 +119,7 @@ def test_duplicate_inputs_are_rejected_not_written_twice(tmp_path):
     res = run_pipeline(cfg, local=True)
     c = res.manifest["counts"]
     assert c["samples"] == 4 and c["rejected_inputs"] == 4
-    assert {r["reason"] for r in res.manifest["rejects"]} == {"duplicate"}
+    assert {r["reason"] for r in res.manifest["rejects"] if r["scope"] == "input"} == {"duplicate"}
 
 
 def test_failed_run_publishes_nothing_and_keeps_previous(tmp_path, monkeypatch):
@@ -147,3 +147,13 @@ def test_cli_run_prints_summary(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for word in ("inputs", "samples written", "rejected inputs", "seconds per stage", str(out / "demo")):
         assert word in r.stdout, r.stdout
+
+
+def test_sample_count_a_multiple_of_shard_size_keeps_every_index_row(tmp_path):
+    cfg = make_config(tmp_path, [scenes_input(4, questions=2)])
+    cfg.output.shard_size = 4
+    res = run_pipeline(cfg, local=True)
+    index = pq.read_table(res.out_dir / "index.parquet").to_pylist()
+    assert res.manifest["counts"]["samples"] == len(index) == 8
+    assert [s["samples"] for s in res.manifest["shards"]] == [4, 4]
+    assert {r["shard"] for r in index} == {s["name"] for s in res.manifest["shards"]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -146,8 +145,10 @@ class PartEncoder:
                      "mask.png": _encode_image(a["mask"], "png", 0)}
             for v in s.meta["variants"]:
                 parts[f"{v}.{self.fmt}"] = _encode_image(a[f"variant/{v}"], self.fmt, self.quality)
-            if "random_mask" in s.meta["variants"]:
-                parts["control_mask.png"] = _encode_image(a["mask/random_mask"], "png", 0)
+            for v in s.meta["variants"]:  # each edit with a region of its own: its mask too
+                if f"mask/{v}" in a:
+                    name = "control_mask.png" if v == "random_mask" else f"{v}_mask.png"
+                    parts[name] = _encode_image(a[f"mask/{v}"], "png", 0)
             doc = sample_json(s.meta, s.key)
             doc["parts"] = sorted([*parts, "json"])
             parts["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
@@ -195,6 +196,9 @@ class DatasetWriter:
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self.variant_counts: Counter[str] = Counter()
         self.kind_counts: Counter[str] = Counter()
+        # which members samples carry (variants differ per sample): readers that need one
+        # schema for the whole dataset (Hugging Face datasets) take it from here
+        self.part_counts: Counter[str] = Counter()
         self.samples = 0
 
     # -- rows in ---------------------------------------------------------------------------
@@ -226,9 +230,11 @@ class DatasetWriter:
         self.keys.add(key)
         for vr in meta.get("variant_rejects", []):
             self._reject(key, idx, source, origin, vr["stage"], vr["reason"], vr["detail"], vr["variant"])
-        shard = self._write_sample(key, parts)
+        # the row must be queued before the write, which may close (and flush) the shard
+        shard = self._shard_name(len(self.shards))
         self.samples += 1
         self.variant_counts.update(meta["variants"])
+        self.part_counts.update(parts.keys())
         self.kind_counts.update(q["kind"] for q in meta["qa"])
         self._index_rows.append({
             "key": key, "shard": shard, "input_index": idx, "source": source,
@@ -240,6 +246,7 @@ class DatasetWriter:
             "mask_area_frac": meta["mask"]["area_frac"],
             "metrics": json.dumps(meta["metrics"], sort_keys=True),
         })
+        self._write_sample(key, parts)
 
     def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
         self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
@@ -249,7 +256,7 @@ class DatasetWriter:
     def _shard_name(self, i: int) -> str:
         return f"{self.dataset}-{i:06d}.tar"
 
-    def _write_sample(self, key: str, parts: dict[str, bytes]) -> str:
+    def _write_sample(self, key: str, parts: dict[str, bytes]) -> None:
         if self._tar is None:
             name = self._shard_name(len(self.shards))
             self._tar_tmp = self.out_dir / f".{name}.tmp"
@@ -257,10 +264,8 @@ class DatasetWriter:
             self._tar = wds.TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=TAR_MTIME)
         self._tar.write({"__key__": key, **parts})
         self._in_shard += 1
-        name = self._shard_name(len(self.shards))
         if self._in_shard >= self.shard_size:
             self._close_shard()
-        return name
 
     def _close_shard(self) -> None:
         if self._tar is None:
@@ -322,6 +327,7 @@ class DatasetWriter:
                 "rejected_variants": len(self._rejects) - rejected_inputs,
                 "variants": dict(sorted(self.variant_counts.items())),
                 "question_kinds": dict(sorted(self.kind_counts.items())),
+                "parts": dict(sorted(self.part_counts.items())),
             },
             "rejects": [{"stage": s, "reason": r, "scope": sc, "count": c}
                         for (s, r, sc), c in sorted(by_reason.items())],
@@ -332,16 +338,3 @@ class DatasetWriter:
             raise RuntimeError(f"accounting error: {self.samples} samples + {rejected_inputs} rejects != {self.n_inputs} inputs")
         atomic_write(self.out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
-
-
-def publish(staging: Path, final: Path) -> None:
-    """Swap a finished staging folder into place; the previous output is removed only after."""
-    old = None
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
