@@ -17,6 +17,7 @@ fixed entry date.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ X264_OPTIONS = {
     "sc_threshold": "0",  # no scene-cut keyframes: GOP structure independent of content
     "bf": "0",
     "threads": "1",
-    "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0",
+    # No lookahead and no mb-tree: with them, the same clip encoded to different bytes in about
+    # 2 of 5 test processes that had run torch models first (6 of 6 identical without).
+    "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:rc-lookahead=0:mbtree=0",
 }
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _CONTAINER_MAGIC = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"moov", b"mdat")
@@ -204,19 +207,54 @@ def encode_mp4(frames: np.ndarray, fps: float | Fraction | list[int]) -> bytes:
     if h % 2 or w % 2:
         raise ValueError(f"frame size {w}x{h} must be even for yuv420p")
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as c:
+    with _ieee_denormals(), av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as c:
         s = c.add_stream("libx264", rate=rate)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.codec_context.thread_count = 1
         s.codec_context.options = dict(X264_OPTIONS)
         for i in range(t):
-            fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            fr = _yuv420p_frame(frames[i])
             fr.pts = i
             for p in s.encode(fr):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _ieee_denormals():
+    """x264's float decisions (rate control, psy, mb-tree) depend on the thread's
+    flush-to-zero/denormals-are-zero flags. Some library loaded into the process sets them
+    (a fast-math build does so at load time), so the same clip encoded to different bytes
+    depending on what had been imported. Encode with IEEE behaviour, always: measured, the
+    flags toggled through torch changed the output; pinned, 10 of 10 encodes agree."""
+    import torch
+
+    torch.set_flush_denormal(False)
+    yield
+
+
+def _yuv420p_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """An encoder-ready frame whose every byte is written by us. Frames from
+    ``VideoFrame.from_ndarray`` + swscale leave the row padding of each plane uninitialized,
+    and the same clip then encoded to different bytes in a long-running process (seen after
+    model tests had churned the heap). OpenCV does the RGB -> I420 conversion (BT.601,
+    deterministic), and the planes are copied in with zeroed padding."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    flat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2YUV_I420).ravel()
+    n, c = h * w, (h // 2) * (w // 2)  # planes are packed back to back, not row-aligned
+    y = flat[:n].reshape(h, w)
+    u = flat[n : n + c].reshape(h // 2, w // 2)
+    v = flat[n + c : n + 2 * c].reshape(h // 2, w // 2)
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for plane, data in zip(frame.planes, (y, u, v), strict=True):
+        padded = np.zeros((data.shape[0], plane.line_size), np.uint8)
+        padded[:, : data.shape[1]] = data
+        plane.update(padded.tobytes())
+    return frame
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
