@@ -21,9 +21,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/counterfactory run configs/demo.yaml
-	@echo "demo dataset written to outputs/demo (card: outputs/demo/README.md)"
+	@echo "image demo: outputs/demo/$$(cat outputs/demo/latest) (card: README.md there; viewer: counterfactory card demo --html)"
 	$(VENV)/bin/counterfactory run configs/demo_video.yaml
-	@echo "video demo dataset written to outputs/demo_video (mp4 pairs, per-frame masks)"
+	@echo "video demo: outputs/demo_video/$$(cat outputs/demo_video/latest) (mp4 pairs, per-frame masks)"
 
 # The viewer test drives a real headless Chromium: install Debian's chromium and
 # chromium-driver when missing (non-interactive; as root, or with passwordless sudo).

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ from typing import Any
 import yaml
 
 from counterfactory import __version__
+from counterfactory.pipeline.writer import atomic_write, sha256_file
 
 VERSION_FILE = "version.json"
 LATEST = "latest"
@@ -62,14 +62,6 @@ class VersionError(Exception):
 # -- identity --------------------------------------------------------------------------------
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def spec_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +124,7 @@ class SourceHasher:
         if hit and hit[:3] == stamp:
             return ref, hit[3]
         try:
-            digest = _hash_file(path)
+            digest = sha256_file(path)
         except OSError:
             return ref, "unreadable:" + sha256_bytes(ref.encode())
         self.cache[str(path)] = [*stamp, digest]
@@ -146,7 +138,7 @@ class SourceHasher:
         if self.dirty and self.cache_path:
             try:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.cache_path, json.dumps(self.cache).encode())
+                atomic_write(self.cache_path, json.dumps(self.cache).encode())
             except OSError:
                 pass  # a cache is an optimisation, never a reason to fail
         return out
@@ -198,22 +190,8 @@ def check_sources_unchanged(hashes: dict[str, str], index_rows: list[dict[str, A
 
 
 # -- layout ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def content_id(version_dir: Path) -> str:
-    return _hash_file(version_dir / "manifest.json")
+    return sha256_file(version_dir / "manifest.json")
 
 
 @dataclass
@@ -273,7 +251,7 @@ def read_latest(ds_dir: Path) -> str | None:
 
 
 def write_latest(ds_dir: Path, label: str) -> None:
-    _atomic_write(ds_dir / LATEST, f"{label}\n".encode())
+    atomic_write(ds_dir / LATEST, f"{label}\n".encode())
 
 
 def find_complete(ds_dir: Path, sid: str) -> Version | None:
@@ -301,8 +279,8 @@ def migrate_flat_layout(ds_dir: Path) -> str | None:
     info = {"format": "counterfactory-version/1", "label": "v1", "dataset": ds_dir.name,
             "spec_id": None, "content_id": content_id(tmp / "v1"), "created": None, "parent": None,
             "note": "migrated from the flat layout (no spec recorded)"}
-    _atomic_write(tmp / "v1" / VERSION_FILE, json.dumps(info, indent=2).encode())
-    _atomic_write(tmp / LATEST, b"v1\n")
+    atomic_write(tmp / "v1" / VERSION_FILE, json.dumps(info, indent=2).encode())
+    atomic_write(tmp / LATEST, b"v1\n")
     os.replace(tmp, ds_dir)
     return "v1"
 
@@ -317,7 +295,7 @@ def publish_version(staging: Path, ds_dir: Path, make_info: Callable[[str], dict
     for _ in range(100):
         label = next_label(ds_dir)
         info = make_info(label)
-        _atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+        atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
         finish(staging, info)
         target = ds_dir / label
         try:
@@ -415,7 +393,7 @@ def verify(version: Version) -> list[Check]:
         size = p.stat().st_size
         if size != s["bytes"]:
             problems.append(f"{size} bytes, manifest says {s['bytes']}")
-        digest = _hash_file(p)
+        digest = sha256_file(p)
         if digest != s["sha256"]:
             problems.append(f"sha256 {digest[:12]} != manifest {s['sha256'][:12]}")
         try:
@@ -439,7 +417,7 @@ def verify(version: Version) -> list[Check]:
         p = vdir / name
         if not p.exists():
             out.append(Check(name, False, "missing"))
-        elif _hash_file(p) != meta["sha256"]:
+        elif sha256_file(p) != meta["sha256"]:
             out.append(Check(name, False, "sha256 differs from the manifest"))
         else:
             out.append(Check(name, True, "ok"))

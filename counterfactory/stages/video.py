@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from counterfactory import video_scenes
 from counterfactory.pipeline.config import resolve_path
 from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.pipeline.writer import sha256_file
 from counterfactory.rules import answer_for, classify_question, match_categories, plural
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
@@ -61,14 +62,6 @@ def classify_video_question(question: str) -> str:
         if pat.search(question):
             return kind
     return classify_question(question)
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- ingest ---------------------------------------------------------------------------------
@@ -120,7 +113,7 @@ class VideoIngest(Stage):
                 raise Reject("not_a_file", str(path))
             if path.stat().st_size == 0:
                 raise Reject("empty_file", str(path))
-            digest = _hash_file(path)
+            digest = sha256_file(path)
             src, fmt = path, None
         try:
             clip = decode_clip(src, self.caps(), span)
