@@ -120,6 +120,14 @@ def model_record(ref: str, revision: str | None, **extra: Any) -> dict[str, Any]
     return rec
 
 
+def place(obj: Any, weights: str, device: str, dtype: str, prefer: str = "float16") -> None:
+    """What every model backend does before loading: refuse pickled weights, then pick the
+    device and the dtype (``obj.device``, ``obj.dtype``)."""
+    refuse_pickles(weights)
+    obj.device = resolve_device(device)
+    obj.dtype = resolve_dtype(dtype, obj.device, prefer=prefer)
+
+
 def load_kwargs(p: ModelParams) -> dict[str, Any]:
     return {"revision": p.revision, "trust_remote_code": p.trust_remote_code, "use_safetensors": True}
 

@@ -25,10 +25,8 @@ from counterfactory.stages.models.common import (
     ModelParams,
     load_kwargs,
     model_record,
-    refuse_pickles,
+    place,
     require,
-    resolve_device,
-    resolve_dtype,
     run_batched,
 )
 
@@ -84,10 +82,8 @@ class Detector:
     def __init__(self, kind: DetectorKind, p: ModelParams, backend: str) -> None:
         require("torch", "torch", backend)
         tf = require("transformers", "transformers>=4.45", backend)
-        refuse_pickles(p.model)
         self.kind = kind
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype, self.device)
+        place(self, p.model, p.device, p.dtype)
         self.batch_size = p.batch_size
         kw = load_kwargs(p)
         proc_kw = {k: v for k, v in kw.items() if k != "use_safetensors"}

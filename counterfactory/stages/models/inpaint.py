@@ -23,10 +23,8 @@ from counterfactory.stages.edit import control_mask
 from counterfactory.stages.models.common import (
     ModelParams,
     model_record,
-    refuse_pickles,
+    place,
     require,
-    resolve_device,
-    resolve_dtype,
     run_batched,
 )
 
@@ -107,9 +105,7 @@ class DiffusersInpaintEdit(Stage):
         diffusers = require("diffusers", "diffusers>=0.30", self.backend)
         require("transformers", "transformers>=4.45", self.backend)
         p = self.params
-        refuse_pickles(p.model)
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype, self.device)
+        place(self, p.model, p.device, p.dtype)
         if p.pipeline_class:
             cls = getattr(diffusers, p.pipeline_class, None)
             if cls is None or not p.pipeline_class.endswith(("InpaintPipeline", "FillPipeline")):

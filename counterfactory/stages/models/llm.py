@@ -38,10 +38,8 @@ from counterfactory.stages.models.common import (
     ModelParams,
     load_kwargs,
     model_record,
-    refuse_pickles,
+    place,
     require,
-    resolve_device,
-    resolve_dtype,
     run_batched,
 )
 from counterfactory.stages.qa import TemplateQA, original_answer
@@ -233,9 +231,7 @@ class TransformersLLMQA(LLMQA):
         require("torch", "torch", self.backend)
         tf = require("transformers", "transformers>=4.45", self.backend)
         p = self.params
-        refuse_pickles(p.model)
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype, self.device, prefer="bfloat16")
+        place(self, p.model, p.device, p.dtype, prefer="bfloat16")
         kw = load_kwargs(p)
         self.tokenizer = tf.AutoTokenizer.from_pretrained(p.model, revision=p.revision,
                                                           trust_remote_code=p.trust_remote_code)

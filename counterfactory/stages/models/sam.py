@@ -24,10 +24,8 @@ from counterfactory.stages.models.common import (
     ModelParams,
     load_kwargs,
     model_record,
-    refuse_pickles,
+    place,
     require,
-    resolve_device,
-    resolve_dtype,
     run_batched,
 )
 from counterfactory.stages.segment import dilate
@@ -157,9 +155,7 @@ class SamSegment(Stage):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         p = self.params
-        refuse_pickles(p.checkpoint)
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype, self.device, prefer="bfloat16")
+        place(self, p.checkpoint, p.device, p.dtype, prefer="bfloat16")
         sam = build_sam(p.model_type, p.arch)
         sam.load_state_dict(st.load_file(p.checkpoint), strict=True)
         self.sam = sam.to(self.device).eval()
@@ -232,9 +228,7 @@ class HfSamSegment(Stage):
         require("torch", "torch", self.backend)
         tf = require("transformers", "transformers>=4.45", self.backend)
         p = self.params
-        refuse_pickles(p.model)
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype, self.device, prefer="bfloat16")
+        place(self, p.model, p.device, p.dtype, prefer="bfloat16")
         kw = load_kwargs(p)
         self.processor = tf.SamProcessor.from_pretrained(p.model, revision=p.revision)
         self.model = tf.SamModel.from_pretrained(p.model, dtype=self.dtype, **kw).to(self.device).eval()
