@@ -6,6 +6,9 @@
     counterfactory regenerate DATASET@VERSION [--scratch DIR] [--keep] [--local]
     counterfactory verify DATASET@VERSION
     counterfactory diff DATASET@A DATASET@B [--json]
+    counterfactory plan CONFIG [dotted.key=value ...] [--address http://HEAD:8265]
+    counterfactory submit CONFIG [dotted.key=value ...] --address http://HEAD:8265 [--limit N] [--wait S]
+    counterfactory status|logs|stop JOB --address http://HEAD:8265
 
 DATASET is a dataset name under --root (default ./outputs) or a path to ROOT/DATASET;
 VERSION is a label (v1, v2, ...) or ``latest`` (the default when no @VERSION is given).
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from counterfactory.pipeline.config import ConfigError, load_config
+from counterfactory.pipeline.writer import FailureBudgetExceeded
 
 
 def _print_plan(cfg, n_inputs: int) -> None:
@@ -57,9 +62,40 @@ def _print_summary(res) -> None:
     t.add_row("seconds per stage", ", ".join(f"{k} {v:.2f}" for k, v in res.stage_seconds.items()) or "-")
     t.add_row("wall seconds", f"{res.seconds:.1f}")
     con.print(t)
+    _print_stage_report(con, res.out_dir)
     # plain print: a path must never be wrapped or truncated by the table
     print(f"version: {m['dataset']}@{res.label}  spec id {res.spec_id[:12]}  content id {res.content_id[:12]}")
     print(f"output: {res.out_dir.resolve()}")
+
+
+def _print_stage_report(con, out_dir: Path) -> None:
+    """The run report from summary.json: one row per stage."""
+    from rich.table import Table
+
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    t = Table(title="run report")
+    for col in ("stage", "rows in", "rows out", "rejects", "busy s", "waiting s", "rows/busy s", "GPU busy"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+
+    def fmt(v, spec="{}") -> str:
+        return "-" if v is None else spec.format(v)
+
+    for r in summary.get("stages", []):
+        t.add_row(r["stage"], str(r["rows_in"]), str(r["rows_out"]),
+                  f"{r['rejected_inputs']}+{r['rejected_variants']}v", f"{r['busy_seconds']:.2f}",
+                  fmt(r.get("waiting_seconds"), "{:.2f}"), fmt(r.get("rows_per_busy_second"), "{:.1f}"),
+                  fmt(r.get("gpu_busy_share"), "{:.0%}"))
+    con.print(t)
+    p = summary.get("pipeline", {})
+    resumed = summary.get("resumed", {})
+    line = (f"pipeline: {p.get('wall_seconds', 0):.1f} s, {fmt(p.get('inputs_per_second'), '{:.1f}')} inputs/s, "
+            f"driver waited {p.get('driver_wait_seconds', 0):.1f} s")
+    if resumed.get("shards"):
+        line += f"; resumed after {resumed['shards']} shard(s) ({resumed['inputs']} inputs)"
+    print(line)
 
 
 def _command_line(argv: list[str] | None) -> str:
@@ -269,6 +305,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from counterfactory import cluster
+
+    cfg = load_config(args.config, args.overrides)
+    nodes = cluster.cluster_nodes(cluster.dashboard_address(args.address)) if args.address else cluster.local_nodes()
+    plan = cluster.make_plan(cfg, nodes)
+    con = Console()
+    where = args.address or "this machine"
+    print(f"{len(nodes)} node(s) at {where}: {sum(n.cpus for n in nodes):g} CPU, "
+          f"{sum(n.gpus for n in nodes):g} GPU, {sum(n.memory for n in nodes) / 2**30:.1f} GiB")
+    t = Table(title="steps")
+    for col in ("step", "runs as", "CPU", "GPU", "memory GiB", "concurrency", "nodes that fit"):
+        t.add_column(col, overflow="fold")
+    for s in plan.steps:
+        t.add_row(s["step"], s["runs_as"], f"{s['cpus']:g}", f"{s['gpus']:g}",
+                  f"{s['memory'] / 2**30:.1f}" if s["memory"] else "-", str(s["concurrency"]), str(s["nodes_that_fit"]))
+    con.print(t)
+    for line in plan.wont_fit:
+        print(f"will not fit: {line}")
+    for line in plan.idle:
+        print(f"idle: {line}")
+    for line in plan.notes:
+        print(f"note: {line}")
+    if plan.ok and not plan.idle:
+        print("ok: every step can be placed")
+    return 0 if plan.ok else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from counterfactory import cluster
+
+    job_id = cluster.submit(args.config, args.overrides, args.address, limit=args.limit,
+                            pip=args.pip, ship_package=args.ship_package)
+    print(job_id)
+    if args.wait:
+        status = cluster.wait(job_id, args.address, args.wait)
+        print(f"{job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from counterfactory import cluster
+
+    c = cluster.client(args.address)
+    if args.command == "status":
+        if args.wait:
+            print(cluster.wait(args.job, args.address, args.wait))
+            return 0
+        info = c.get_job_info(args.job)
+        st = str(getattr(info.status, "value", info.status))
+        print(f"{args.job}: {st}" + (f" ({info.message})" if info.message else ""))
+    elif args.command == "logs":
+        print(c.get_job_logs(args.job), end="")
+    else:
+        print(f"{args.job}: {'stop requested' if c.stop_job(args.job) else 'not running'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="counterfactory", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,6 +425,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", default=None, help="report path (default: PREDICTIONS.report.json)")
     e.add_argument("--abstain", default="unknown", help="the dataset's abstention answer")
     e.set_defaults(func=cmd_eval)
+
+    def address(sp: argparse.ArgumentParser, required: bool = True) -> None:
+        sp.add_argument("--address", required=required and not os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="Ray dashboard (job server) address, e.g. http://HEAD:8265")
+
+    pl = sub.add_parser("plan", help="compare the stages' resources with a cluster's (or this machine's)")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    address(pl, required=False)
+    pl.set_defaults(func=cmd_plan)
+    sb = sub.add_parser("submit", help="run a config as a Ray job on a cluster; prints the job id")
+    sb.add_argument("config")
+    sb.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    address(sb)
+    sb.add_argument("--limit", type=int, default=None, help="process only the first N inputs")
+    sb.add_argument("--pip", action="append", default=None, metavar="REQ",
+                    help="runtime_env pip requirement for the job (repeatable), e.g. counterfactory==0.1.0")
+    sb.add_argument("--ship-package", action="store_true",
+                    help="ship this counterfactory package with the job (runtime_env py_modules)")
+    sb.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                    help="wait up to SECONDS for the job to end; exit 0 only if it succeeded")
+    sb.set_defaults(func=cmd_submit)
+    for name, what in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        j = sub.add_parser(name, help=what)
+        j.add_argument("job")
+        address(j)
+        if name == "status":
+            j.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                           help="wait up to SECONDS for the job to end")
+        j.set_defaults(func=cmd_job)
     return p
 
 
@@ -340,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, VersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FailureBudgetExceeded as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def spec_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that shapes the output (same rule as ``config_hash``)."""
     d = json.loads(json.dumps(cfg_dict))
     d.pop("ray", None)
+    d.pop("failure_budget", None)  # when to give up does not change a byte; raising it resumes
     d.get("output", {}).pop("root", None)
     for s in d.get("stages", []):
         s.pop("resources", None)

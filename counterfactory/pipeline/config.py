@@ -138,6 +138,17 @@ class RayConfig(Strict):
     op_resource_reservation: bool = False
 
 
+class FailureBudget(Strict):
+    """When a run gives up. Excluded from the spec: raising the budget resumes the same run."""
+
+    # more rejected inputs than this share of all inputs stops the run (null: never)
+    max_reject_share: float | None = Field(None, ge=0.0, le=1.0)
+    # blocks Ray Data may give up on after retries; their inputs become rejects (errored_block)
+    max_errored_blocks: int = Field(0, ge=0)
+    # retries of a task, restarts of an actor, after a system failure (worker or node died)
+    system_retries: int = Field(3, ge=0)
+
+
 REQUIRED_STAGES = ("ingest", "localize", "segment", "edit", "qa", "verify")
 
 
@@ -149,6 +160,7 @@ class PipelineConfig(Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     abstain_answer: str = "unknown"
     ray: RayConfig = Field(default_factory=RayConfig)
+    failure_budget: FailureBudget = Field(default_factory=FailureBudget)
     stages: list[StageConfig]
 
     @field_validator("stages")
@@ -181,6 +193,7 @@ class PipelineConfig(Strict):
         """Hash of everything that shapes the output (Ray placement and address excluded)."""
         d = self.resolved()
         d.pop("ray")
+        d.pop("failure_budget")
         d["output"].pop("root")  # where a dataset is written does not change its bytes
         for s in d["stages"]:
             s.pop("resources")

@@ -9,10 +9,10 @@ finished rows and writes bytes (``DatasetWriter``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
-from counterfactory.pipeline.config import PipelineConfig
+from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.sample import StageChain
-from counterfactory.pipeline.writer import DatasetWriter, PartEncoder, atomic_write
+from counterfactory.pipeline.writer import JOURNAL, DatasetWriter, PartEncoder, atomic_write
 from counterfactory.stages import get_backend
 
 _CHAIN_CACHE: dict[str, StageChain] = {}
@@ -86,12 +86,13 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(**kwargs)
 
 
-def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    """Rows for ``records[start:]``, keeping their input indexes (a resumed run starts late)."""
     chash = cfg.config_hash()
     return [
         {"idx": i, "key": "", "status": "ok", "blob": b"",
          "meta": json.dumps({**rec, "run_seed": cfg.seed, "config_hash": chash})}
-        for i, rec in enumerate(records)
+        for i, rec in enumerate(records[start:], start)
     ]
 
 
@@ -127,7 +128,7 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
 
 
 def local_batches(cfg: PipelineConfig, records: list[dict[str, Any]], *, stop_after: str | None = None,
-                  encode: bool = True, batch_size: int = 8) -> Iterator[dict[str, Any]]:
+                  encode: bool = True, batch_size: int = 8, start: int = 0) -> Iterator[dict[str, Any]]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
     the benchmark floor. ``stop_after`` ends after the named stage (arrays left unencoded)."""
     run = run_settings(cfg)
@@ -135,21 +136,23 @@ def local_batches(cfg: PipelineConfig, records: list[dict[str, Any]], *, stop_af
     encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
                if encode and stop_after is None else None)
     chain = StageChain(specs, run, encoder)
-    rows = initial_rows(cfg, records)
+    rows = initial_rows(cfg, records, start)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = {k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
         yield chain(batch)
 
 
-def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
+def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0):
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
+    ctx.max_errored_blocks = cfg.failure_budget.max_errored_blocks
+    retries = cfg.failure_budget.system_retries
     run = run_settings(cfg)
-    items = initial_rows(cfg, records)
+    items = initial_rows(cfg, records, start)
     first = cfg.stages[0].resources.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // first))))
     steps = plan_steps(cfg)
@@ -164,15 +167,117 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]]):
         # Image encoding is the heavy half of writing: done on the workers, chained onto the
         # last CPU step rather than in the driver.
         enc = encode if i == len(steps) - 1 and not step.actors and not r.num_gpus else None
+        # system failures (worker process or node died, object lost) are retried by Ray; data
+        # faults never raise out of a stage (they are rejects), so retries never repeat them
         if step.actors:
             ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": step.specs, "run": run},
-                                concurrency=r.concurrency or 1, **common)
+                                concurrency=r.concurrency or 1, max_restarts=retries,
+                                max_task_retries=retries, **common)
         else:
-            ds = ds.map_batches(_chain_task, fn_kwargs={"specs": step.specs, "run": run, "encode": enc}, **common)
+            ds = ds.map_batches(_chain_task, fn_kwargs={"specs": step.specs, "run": run, "encode": enc},
+                                max_retries=retries, **common)
     if enc is None:
         ds = ds.map_batches(_chain_task, fn_kwargs={"specs": [], "run": run, "encode": encode},
-                            batch_size=steps[-1].resources.batch_size, batch_format="numpy", num_cpus=1)
+                            batch_size=steps[-1].resources.batch_size, batch_format="numpy", num_cpus=1,
+                            max_retries=retries)
     return ds
+
+
+def output_root(cfg: PipelineConfig) -> Path:
+    """The output root as a local path (``file://`` accepted). On a cluster it must be a folder
+    every node that runs the driver sees (the driver alone writes)."""
+    root = cfg.output.root
+    if root.startswith("file://"):
+        return Path(root[len("file://"):])
+    if "://" in root:
+        raise ConfigError(f"output.root: {root!r}: only local or mounted shared paths are supported "
+                          "(mount the bucket, e.g. with s3fs/gcsfuse, and give its path)")
+    return cfg.path(root)
+
+
+def _lock_staging(staging: Path) -> int:
+    fd = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another run of the same spec is in progress in {staging}") from None
+    return fd
+
+
+class _Stream:
+    """Feeds finished batches to the writer, timing how long the driver waited for them."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.wait = 0.0
+        self.ray_ops: list[dict[str, Any]] = []
+
+    def consume(self, batches: Iterator[dict[str, Any]], writer: DatasetWriter) -> None:
+        t0 = time.perf_counter()
+        it = iter(batches)
+        while True:
+            tw = time.perf_counter()
+            batch = next(it, None)
+            self.wait += time.perf_counter() - tw
+            if batch is None:
+                break
+            writer.add_batch(batch)
+        self.wall = time.perf_counter() - t0
+
+
+def _ray_operator_stats(ds: Any) -> list[dict[str, Any]]:
+    """Per-operator figures from Ray Data's own stats (best effort: a private API)."""
+    try:
+        summary = ds._get_stats_summary()
+    except Exception:  # noqa: BLE001 - stats are a report, never a reason to fail a run
+        return []
+    out = []
+    for op in summary.operators_stats:
+        row: dict[str, Any] = {"operator": op.operator_name,
+                               "seconds_active": round(op.time_total_s or 0.0, 3)}
+        if op.wall_time is not None:
+            row["task_wall_seconds"] = round(op.wall_time.sum, 3)
+            row["tasks"] = op.wall_time.count
+        if op.cpu_time is not None:
+            row["task_cpu_seconds"] = round(op.cpu_time.sum, 3)
+        if op.output_num_rows is not None:
+            row["rows_out"] = int(op.output_num_rows.sum)
+        out.append(row)
+    return out
+
+
+def stage_report(cfg: PipelineConfig, writer: DatasetWriter, stream: _Stream,
+                 wall: float) -> list[dict[str, Any]]:
+    """Per stage: rows in and out, rejects, busy seconds (time in the stage's code, summed over
+    samples), throughput per busy second, and for GPU stages the share of GPU time used."""
+    input_rejects: dict[str, int] = {}
+    variant_rejects: dict[str, int] = {}
+    for r in writer._rejects:
+        d = input_rejects if r["variant"] is None else variant_rejects
+        d[r["stage"]] = d.get(r["stage"], 0) + 1
+    rows = writer.n_inputs
+    table = []
+    busy_wall = stream.wall if stream.wall > 0 else wall
+    for sc in cfg.stages:
+        busy = writer.stage_seconds.get(sc.name, 0.0)
+        rej = input_rejects.get(sc.name, 0)
+        row: dict[str, Any] = {
+            "stage": sc.name, "backend": sc.backend, "rows_in": rows, "rows_out": rows - rej,
+            "rejected_inputs": rej, "rejected_variants": variant_rejects.get(sc.name, 0),
+            "busy_seconds": round(busy, 3),
+            "rows_per_busy_second": round(rows / busy, 2) if busy > 0 else None,
+        }
+        r = sc.resources
+        if r.concurrency and busy_wall > 0:  # an actor pool: the time its actors sat waiting
+            row["waiting_seconds"] = round(max(0.0, r.concurrency * busy_wall - busy), 3)
+        if r.num_gpus:
+            gpus = r.num_gpus * (r.concurrency or 1)
+            row["gpus"] = gpus
+            row["gpu_busy_share"] = round(min(1.0, busy / (busy_wall * gpus)), 3) if busy_wall > 0 else None
+        table.append(row)
+        rows -= rej
+    return table
 
 
 @dataclass
@@ -196,7 +301,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
     t0 = time.perf_counter()
     records = load_records(cfg, limit)
-    ds_dir = cfg.path(cfg.output.root) / cfg.dataset
+    ds_dir = output_root(cfg) / cfg.dataset
     ds_dir.mkdir(parents=True, exist_ok=True)
     versions.migrate_flat_layout(ds_dir)
     spec, source_hashes = versions.build_spec(cfg, records, limit, ds_dir / versions.HASH_CACHE)
@@ -206,36 +311,54 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
                          existing.label, sid, existing.info["content_id"], reused=True)
     parent = versions.read_latest(ds_dir)
-    staging = Path(tempfile.mkdtemp(dir=ds_dir, prefix=".staging-"))
-    staging.chmod(0o755)
+    # The staging folder is named by the spec: a killed run of the same spec resumes in it, a
+    # changed spec never does. A lock keeps two live runs of one spec apart.
+    staging = ds_dir / f".staging-{sid[:24]}"
+    staging.mkdir(mode=0o755, exist_ok=True)
+    lock = _lock_staging(staging)
+    writer = None
     try:
         saved = cfg.resolved()
         # the saved spec is location-free so that the same run elsewhere has the same manifest
         saved["output"].pop("root")
+        share = cfg.failure_budget.max_reject_share
         writer = DatasetWriter(staging, cfg.dataset, cfg.output.shard_size, len(records),
-                               saved, cfg.config_hash())
-        if records and local:
-            for batch in local_batches(cfg, records):
-                writer.add_batch(batch)
-        elif records:
+                               saved, cfg.config_hash(),
+                               max_rejected_inputs=None if share is None else int(share * len(records)),
+                               fill_missing=cfg.failure_budget.max_errored_blocks > 0)
+        start = writer.resume()
+        stream = _Stream()
+        if start < len(records) and local:
+            stream.consume(local_batches(cfg, records, start=start), writer)
+        elif start < len(records):
             init_ray(cfg)
             import ray
 
             ray.data.DataContext.get_current().enable_progress_bars = progress
-            ds = build_dataset(cfg, records)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                writer.add_batch(batch)
+            ds = build_dataset(cfg, records, start)
+            stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer)
+            stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.close()
         changed = versions.check_sources_unchanged(
             source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"]).to_pylist())
         if changed:
+            writer.drop_journal()  # its shards were made from other bytes: never resume them
             raise RuntimeError(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
                                "nothing published")
         seconds = time.perf_counter() - t0
         summary = {"wall_seconds": round(seconds, 3),
                    "stage_seconds": {k: round(v, 3) for k, v in writer.stage_seconds.items()},
-                   "limit": limit, "counts": manifest["counts"]}
+                   "limit": limit, "counts": manifest["counts"],
+                   "resumed": {"shards": writer.resumed_shards, "inputs": writer.resumed_inputs},
+                   "stages": stage_report(cfg, writer, stream, seconds),
+                   "pipeline": {"wall_seconds": round(stream.wall, 3),
+                                "driver_wait_seconds": round(stream.wait, 3),
+                                "inputs_per_second": round((len(records) - start) / stream.wall, 3)
+                                if stream.wall > 0 else None},
+                   "ray_operators": stream.ray_ops}
         atomic_write(staging / "summary.json", json.dumps(summary, indent=2).encode())
+        writer.drop_journal()
+        (staging / ".lock").unlink(missing_ok=True)
         cid = versions.content_id(staging)
 
         def make_info(label: str) -> dict[str, Any]:
@@ -247,6 +370,10 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         version = versions.publish_version(staging, ds_dir, make_info,
                                            lambda d, info: write_card(d))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        # completed shards are kept for a resume; a run that completed none leaves nothing behind
+        if writer is None or not writer.shards or not (staging / JOURNAL).is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid)

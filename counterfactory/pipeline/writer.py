@@ -6,6 +6,15 @@ bytes. It reorders rows by input index so shard contents never depend on Ray's e
 writes each shard under a temporary name, fsyncs and renames it, and streams index and rejects
 rows to parquet as shards complete. The manifest (per-shard sha256, bytes, sample count) holds
 no timestamps, so the same config and inputs give a byte-identical manifest.
+
+Resume: after each shard is renamed into place the writer journals it (``.journal/NNNNNN.json``,
+written atomically): the shard's name, sha256, bytes and samples, the input index the stream
+has reached, the shard's index rows, the rejects recorded since the previous shard, and the
+running counters. ``resume()`` replays the journal of a staging folder left by a killed run,
+keeps every shard whose bytes still match its sha256 (the first mismatch ends the replay) and
+says from which input to continue. Shards are assigned in input order, so recomputing the
+inputs after that point gives the same following shards: the final manifest equals an
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ REJECT_SCHEMA = pa.schema([
     ("detail", pa.string()),
     ("variant", pa.string()),  # null: the whole input was rejected
 ])
+
+
+JOURNAL = ".journal"
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """The run rejected more inputs than the config's failure budget allows (one-line message)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -174,8 +190,18 @@ class DatasetWriter:
     """Driver side: ordered, atomic, streaming. ``add`` rows in any order; ``close`` at the end."""
 
     def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
-                 config: dict[str, Any], config_hash: str) -> None:
+                 config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
+                 fill_missing: bool = False) -> None:
         self.out_dir = out_dir
+        # failure budget: more rejected inputs than this stops the run (None: no limit)
+        self.max_rejected_inputs = max_rejected_inputs
+        # inputs lost with an errored block (Ray Data max_errored_blocks) become rejects at close
+        self.fill_missing = fill_missing
+        self.rejected_inputs = 0
+        self.resumed_shards = 0
+        self.resumed_inputs = 0
+        self._cursor = 0  # inputs fully accounted for (journaled with each shard)
+        self._rejects_journaled = 0
         self.dataset = dataset
         self.shard_size = shard_size
         self.n_inputs = n_inputs
@@ -215,6 +241,7 @@ class DatasetWriter:
             self.next_idx += 1
 
     def _emit(self, idx: int, key: str, status: str, meta: dict[str, Any], parts: dict[str, bytes]) -> None:
+        self._cursor = idx + 1  # everything this input adds precedes a shard close it triggers
         for stage, sec in meta.get("seconds", {}).items():
             self.stage_seconds[stage] += sec
         source = meta.get("source", {}).get("image") or meta.get("image", "")
@@ -251,6 +278,14 @@ class DatasetWriter:
     def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
         self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
                               "stage": stage, "reason": reason, "detail": detail, "variant": variant})
+        if variant is None:
+            self.rejected_inputs += 1
+            cap = self.max_rejected_inputs
+            if cap is not None and self.rejected_inputs > cap:
+                raise FailureBudgetExceeded(
+                    f"failure budget exceeded: {self.rejected_inputs} of {self.n_inputs} inputs rejected "
+                    f"(failure_budget.max_reject_share allows {cap}); last: input {idx} at {stage}: {reason}; "
+                    f"{len(self.shards)} completed shard(s) kept, rerun the same spec to resume")
 
     # -- shards ------------------------------------------------------------------------------
     def _shard_name(self, i: int) -> str:
@@ -282,12 +317,81 @@ class DatasetWriter:
         self.shards.append({"name": name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
                             "samples": self._in_shard})
         self._index_writer.write_table(pa.Table.from_pylist(self._index_rows, schema=INDEX_SCHEMA))
+        self._journal(self._index_rows)
         self._index_rows = []
         self._tar = None
         self._in_shard = 0
 
+    # -- journal / resume ----------------------------------------------------------------------
+    def _journal(self, index_rows: list[dict[str, Any]]) -> None:
+        """Record the shard just renamed into place; atomic, so a kill leaves it whole or absent."""
+        entry = {
+            "shard": self.shards[-1],
+            "next_idx": self._cursor,
+            "index_rows": index_rows,
+            "rejects": self._rejects[self._rejects_journaled:],
+            "stage_seconds": dict(self.stage_seconds),
+            "variant_counts": dict(self.variant_counts),
+            "kind_counts": dict(self.kind_counts),
+            "part_counts": dict(self.part_counts),
+        }
+        jdir = self.out_dir / JOURNAL
+        jdir.mkdir(exist_ok=True)
+        atomic_write(jdir / f"{len(self.shards) - 1:06d}.json", json.dumps(entry, sort_keys=True).encode())
+        self._rejects_journaled = len(self._rejects)
+
+    def resume(self) -> int:
+        """Restore the state journaled by an earlier, killed run in this folder; return the first
+        input index still to compute. Only shards whose bytes match the journal are kept."""
+        jdir = self.out_dir / JOURNAL
+        entries = sorted(jdir.glob("[0-9]*.json")) if jdir.is_dir() else []
+        kept = 0
+        for i, path in enumerate(entries):
+            try:
+                e = json.loads(path.read_text())
+            except (OSError, ValueError):
+                break
+            sh = e["shard"]
+            f = self.out_dir / sh["name"]
+            if (path.name != f"{i:06d}.json" or sh["name"] != self._shard_name(i) or not f.is_file()
+                    or f.stat().st_size != sh["bytes"] or sha256_file(f) != sh["sha256"]):
+                break
+            self.shards.append(sh)
+            self._index_writer.write_table(pa.Table.from_pylist(e["index_rows"], schema=INDEX_SCHEMA))
+            self.keys.update(r["key"] for r in e["index_rows"])
+            self.samples += sh["samples"]
+            self._rejects.extend(e["rejects"])
+            self.next_idx = self._cursor = e["next_idx"]
+            self.stage_seconds = defaultdict(float, e["stage_seconds"])
+            self.variant_counts = Counter(e["variant_counts"])
+            self.kind_counts = Counter(e["kind_counts"])
+            self.part_counts = Counter(e["part_counts"])
+            kept += 1
+        for path in entries[kept:]:  # journal past a damaged or missing shard is void
+            path.unlink(missing_ok=True)
+        self._rejects_journaled = len(self._rejects)
+        self.rejected_inputs = sum(1 for r in self._rejects if r["variant"] is None)
+        self.resumed_shards = kept
+        self.resumed_inputs = self.next_idx
+        return self.next_idx
+
+    def drop_journal(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.out_dir / JOURNAL, ignore_errors=True)
+
     # -- the end ----------------------------------------------------------------------------
     def close(self) -> dict[str, Any]:
+        if self.fill_missing and self.next_idx < self.n_inputs:
+            # inputs of blocks Ray Data gave up on (within max_errored_blocks): rejects, in order
+            for idx in range(self.next_idx, self.n_inputs):
+                if idx in self.pending:
+                    self._emit(idx, *self.pending.pop(idx))
+                else:
+                    self._cursor = idx + 1
+                    self._reject("", idx, "", "", "pipeline", "errored_block",
+                                 "the block holding this input failed after retries", None)
+                self.next_idx = idx + 1
         if self.pending or self.next_idx != self.n_inputs:
             missing = self.n_inputs - self.next_idx
             raise RuntimeError(f"{missing} input(s) never came back from the pipeline; nothing finalized")
@@ -309,7 +413,7 @@ class DatasetWriter:
                            "sha256": s["sha256"]} for s in self.shards],
         }
         atomic_write(self.out_dir / "shards.json", json.dumps(shard_index, indent=1).encode())
-        rejected_inputs = sum(1 for r in self._rejects if r["variant"] is None)
+        rejected_inputs = self.rejected_inputs
         by_reason = Counter(
             (r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in self._rejects
         )
