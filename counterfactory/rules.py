@@ -41,7 +41,8 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     "attribute": {k: "keep" for k in _ALL} | {"color": "new_value", "other": "abstain"},
     # CounterCurate: mirror image, left and right swap.
     "flip": {k: "keep" for k in _ALL} | {"position": "swap_lr", "direction": "swap_lr"},
-    "swap": {k: "keep" for k in _ALL} | {"position": "new_value"},
+    # the evidence and another object trade places: where the evidence is changes
+    "swap": {k: "keep" for k in _ALL} | {"position": "new_value", "direction": "abstain"},
     # remove k of n instances
     "count": {k: "keep" for k in _ALL} | {"existence": "yes_if_remaining", "count": "minus_removed",
                                            "position": "abstain", "other": "abstain"},
@@ -75,6 +76,17 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("position", re.compile(r"\bleft or (the )?right\b|\bright or (the )?left\b|^\s*where\b|\bwhich side\b", re.I)),
     ("existence", re.compile(r"^\s*(is|are|does|do|can you see)\b.*\b(there|any|a|an|visible|present|contain|have)\b", re.I)),
 ]
+
+
+def side_of(mask, lo: float = 0.4, hi: float = 0.6) -> str | None:
+    """"left"/"right" from a mask's centroid, None when it is too central to say."""
+    import numpy as np
+
+    xs = np.nonzero(mask)[1]
+    if not len(xs):
+        return None
+    cx = xs.mean() / mask.shape[1]
+    return "left" if cx < lo else "right" if cx > hi else None
 
 
 def classify_question(question: str) -> str:

@@ -17,7 +17,7 @@ from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, answer_for, color
 from tests.conftest import make_config, scenes_input
 from tests.test_stages import _evidence, _spec, _truth
 
-ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert"]
+ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,9 @@ def _edited_objects(v: str, rec: dict, s, spec: dict) -> list[dict] | None:
     if v == "insert":
         new = {"category": e["inserted_category"], "attributes": {"color": e["new_value"]}, "polygon": e["polygon"]}
         return [*objs, new]
+    if v == "swap":
+        dx, dy = e["translation"]
+        return [dict(o, polygon=[[x + dx, y + dy] for x, y in o["polygon"]]) if o in ev else o for o in objs]
     if v == "random_mask":
         return objs
     return None
@@ -69,7 +72,7 @@ def test_every_answer_matches_the_edited_scene(processed):
                 rule = ANSWER_RULES[v][item["kind"]]
                 if v == "count" and item["kind"] == "position":
                     want = None  # which instance is meant is ambiguous once some are gone
-                if v == "flip" and want is None and item["kind"] == "position":
+                if v in ("flip", "swap") and want is None and item["kind"] == "position":
                     continue  # the mirrored centroid landed within a pixel of the 0.4/0.6 bands
                 assert got == (want if want is not None else "unknown"), (v, rule, item)
                 checked[v] += 1
@@ -106,7 +109,8 @@ def test_not_applicable_edits_are_recorded(processed):
         for r in s.meta.get("variant_rejects", []):
             reasons[(r["variant"], r["reason"])] += 1
     assert reasons[("count", "not_applicable")] > 0  # single-instance evidence
-    assert all(reason in {"not_applicable", "no_room_for_control", "no_room_for_insert", "achromatic_evidence"}
+    assert all(reason in {"not_applicable", "no_room_for_control", "no_room_for_insert", "achromatic_evidence",
+                          "answers_unchanged"}
                for (_, reason) in reasons), reasons
 
 

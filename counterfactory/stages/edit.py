@@ -8,6 +8,8 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
 - ``attribute``: the evidence's hue rotated to another named color (color answers change);
 - ``flip``: the image mirrored (CounterCurate: left and right swap);
 - ``count``: k of n evidence instances removed, the rest kept (count answers become n - k);
+- ``swap``: the evidence and another annotated object on the other side trade places (each
+  cut out, the holes inpainted, both pasted at the other's centroid; position answers change);
 - ``insert``: a shape that no annotation names, alpha-blended with a feathered edge where it
   covers no annotated object (HalluciDoctor: existence becomes yes, counts go up).
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
@@ -25,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import scenes
 from counterfactory.pipeline.sample import Sample, Stage
-from counterfactory.rules import EDIT_COLORS, HUES, color_name
+from counterfactory.rules import EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.stages import register
 
-EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert"]
+EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
 _CLONE_MARGIN = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
-_SALT = {"random_mask": 7, "attribute": 11, "count": 13, "insert": 17}
+_SALT = {"random_mask": 7, "attribute": 11, "count": 13, "insert": 17, "swap": 19}
 
 
 class Skip(Exception):
@@ -262,3 +264,59 @@ class ClassicalEdit(Stage):
         return out, region, {"method": "feathered-alpha", "region": "inserted", "affects": [shape],
                              "inserted_category": shape, "inserted_instances": 1,
                              "new_value": seen if seen == color else None, "polygon": poly}
+
+    def _swap(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        inst = sample.arrays["instance_masks"]
+        if len(inst) != 1:
+            raise Skip("not_applicable", f"swap needs exactly one evidence instance, found {len(inst)}")
+        img = sample.arrays["image"]
+        h, w = img.shape[:2]
+        a = inst[0].astype(bool)
+        side_a = side_of(a)
+        if side_a is None:
+            raise Skip("not_applicable", "the evidence is too central for a left/right swap")
+        others = []
+        for o in sample.meta.get("annotated", []):
+            if o["category"] in sample.meta["targets"] or not o.get("polygons"):
+                continue
+            b = np.zeros((h, w), bool)
+            for poly in o["polygons"]:
+                b |= scenes.polygon_mask(poly, w, h)
+            if b.any() and not (b & a).any() and side_of(b) not in (None, side_a):
+                others.append((o["category"], b))
+        if not others:
+            raise Skip("not_applicable", "no annotated object with a polygon on the other side to swap with")
+        cat_b, b = others[int(rng.integers(len(others)))]
+        ya, xa = np.nonzero(a)
+        yb, xb = np.nonzero(b)
+        dx, dy = int(round(xb.mean() - xa.mean())), int(round(yb.mean() - ya.mean()))
+        a_to = _shift(a, dx, dy)
+        b_to = _shift(b, -dx, -dy)
+        if a_to.sum() != a.sum() or b_to.sum() != b.sum() or (a_to & b_to).any():
+            raise Skip("not_applicable", "the swapped objects would leave the image or overlap")
+        side_new = side_of(a_to)
+        if side_new in (None, side_a):
+            raise Skip("not_applicable", "the swap would not move the evidence to the other side")
+        px = int(sample.meta["mask"]["dilate_px"])
+        k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+        hole = cv2.dilate((a | b).astype(np.uint8) * 255, k_el)
+        p = self.params
+        out = inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side)
+        out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
+        out[b_to] = _shift(img, -dx, -dy)[b_to]
+        region = hole.copy()
+        region[a_to | b_to] = 255
+        return out, region, {"method": f"cut-paste+opencv-{p.inpaint_method}", "region": "swap",
+                             "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
+                             "translation": [dx, dy]}
+
+
+def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """Integer translation of a mask or image (exact pixel copies); what moves past the
+    border is lost, which the caller checks."""
+    out = np.zeros_like(arr)
+    h, w = arr.shape[:2]
+    ys, xs = slice(max(0, dy), min(h, h + dy)), slice(max(0, dx), min(w, w + dx))
+    yd, xd = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+    out[ys, xs] = arr[yd, xd]
+    return out

@@ -99,4 +99,6 @@ class AnnotationLocalize(Stage):
             m.setdefault("notes", []).append(f"localize: {dropped} instance(s) outside the image dropped")
         m.pop("objects", None)
         # every annotated object's box: an inserted object must not cover any of them
-        m["annotated"] = [{"category": o["category"], "box": b} for o in objects if (b := _clip_box(o, w, h))]
+        m["annotated"] = [{"category": o["category"], "box": b}
+                          | ({"polygons": instance_polygons(o)} if instance_polygons(o) else {})
+                          for o in objects if (b := _clip_box(o, w, h))]

@@ -14,15 +14,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Reject, Sample, Stage
-from counterfactory.rules import answer_for, plural
+from counterfactory.rules import answer_for, plural, side_of
 from counterfactory.stages import register
-
-
-def side_of(mask: np.ndarray, lo: float = 0.4, hi: float = 0.6) -> str | None:
-    """"left"/"right" from the mask centroid, None when it is too central to say."""
-    xs = np.nonzero(mask)[1]
-    cx = xs.mean() / mask.shape[1]
-    return "left" if cx < lo else "right" if cx > hi else None
+from counterfactory.stages.verify import CONTROLS
 
 
 def original_answer(kind: str, given: str | None, instances: list[dict[str, Any]], core: np.ndarray) -> str | None:
@@ -107,6 +101,11 @@ class TemplateQA(Stage):
         items += self._inserted_items(m, abstain)
         m["qa"] = [{k: it[k] for k in ("question", "kind", "targets", "source")}
                    | {"answers": self._answers(it, m, abstain)} for it in items]
+        for v in list(m["variants"]):
+            # a counterfactual whose every answer equals the original's teaches nothing
+            if v not in CONTROLS and all(q["answers"][v] == q["answers"]["orig"] for q in m["qa"]):
+                sample.reject_variant(self.name, v, "answers_unchanged",
+                                      "no question of this sample has a different answer on this variant")
 
     @staticmethod
     def _inserted_items(m: dict[str, Any], abstain: str) -> list[dict[str, Any]]:
