@@ -112,7 +112,9 @@ class DiffusersInpaintEdit(Stage):
                 raise ValueError(f"pipeline_class {p.pipeline_class!r} is not a diffusers inpainting pipeline")
         else:
             cls = diffusers.AutoPipelineForInpainting
-        pipe = cls.from_pretrained(p.model, revision=p.revision, torch_dtype=self.dtype, use_safetensors=True,
+        # diffusers renamed torch_dtype to dtype (0.42 warns on the old name; older ones lack the new)
+        dtype_kw = "dtype" if hasattr(diffusers.pipelines.pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        pipe = cls.from_pretrained(p.model, revision=p.revision, **{dtype_kw: self.dtype}, use_safetensors=True,
                                    trust_remote_code=p.trust_remote_code)
         if p.scheduler != "default":
             pipe.scheduler = getattr(diffusers, _SCHEDULERS[p.scheduler]).from_config(pipe.scheduler.config)
