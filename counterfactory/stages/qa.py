@@ -131,7 +131,9 @@ class TemplateQA(Stage):
         answers = {"orig": it["answer"]}
         for v in m["variants"]:
             e = m["edits"][v]
-            affects = e.get("affects", [])
+            # an edit record without "affects" (an older or third-party backend) touches the
+            # evidence unless it is a control
+            affects = e.get("affects", [] if e.get("region") == "control" else m["targets"])
             if "*" not in affects and not set(affects) & set(it["targets"]):
                 answers[v] = it["answer"]
                 continue

@@ -146,7 +146,7 @@ class DiffusersInpaintEdit(Stage):
         cm = cv2.dilate(cm, np.ones((3, 3), np.uint8))  # cover edges lost to resizing
         target = s.meta.get("target_phrase") or " and ".join(s.meta["targets"])
         fmt: dict[str, str] = {"target": target, "value": "", "old_value": ""}
-        info: dict[str, Any] = {"region": "evidence", "crop_box": list(box)}
+        info: dict[str, Any] = {"region": "evidence", "crop_box": list(box), "affects": s.meta["targets"]}
         if v == "attribute":
             olds = {str(i.get("attributes", {}).get("color", "")).lower() for i in s.meta["instances"]} - {""}
             choices = [c for c in self.params.attribute_values if c.lower() not in olds]
@@ -216,7 +216,8 @@ class DiffusersInpaintEdit(Stage):
             elif v == "blackout":
                 out = img.copy()
                 out[mask > 0] = fill
-                info = {"region": "evidence", "removed_instances": n, "method": "flat-fill"}
+                info = {"region": "evidence", "removed_instances": n, "method": "flat-fill",
+                        "affects": s.meta["targets"]}
             else:
                 rng = np.random.default_rng([s.seed, 7])
                 ctrl = control_mask(mask, rng, p.control_tries, p.control_gap)
@@ -227,7 +228,7 @@ class DiffusersInpaintEdit(Stage):
                 out = img.copy()
                 out[ctrl > 0] = fill
                 s.arrays["mask/random_mask"] = ctrl
-                info = {"region": "control", "removed_instances": 0, "method": "flat-fill"}
+                info = {"region": "control", "removed_instances": 0, "method": "flat-fill", "affects": []}
             s.arrays[f"variant/{v}"] = out
             s.meta["variants"].append(v)
             s.meta["edits"][v] = info

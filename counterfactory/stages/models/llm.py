@@ -32,7 +32,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from counterfactory.pipeline.sample import Reject, Sample
-from counterfactory.rules import answer_for
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
@@ -194,32 +193,8 @@ class LLMQA(TemplateQA):
         items = self._llm_items.get(id(sample))
         return items if items is not None else super()._templates(sample, core)
 
-    def process(self, sample: Sample) -> None:
-        """The default flow (input question kept and checked, extras de-duplicated), with the
-        value an ``attribute`` edit set passed to the answer rules."""
-        edits = sample.meta.get("edits", {})
-        variants = list(sample.meta["variants"])
-        # TemplateQA.process calls answer_for without new_value: answer attribute variants here
-        sample.meta["variants"] = [v for v in variants if "new_value" not in edits.get(v, {})]
-        try:
-            super().process(sample)
-        finally:
-            sample.meta["variants"] = variants
-        abstain = self.run.get("abstain_answer", "unknown")
-        for item in sample.meta["qa"]:
-            orig = item["answers"]["orig"]
-            answers = {"orig": orig}
-            for v in variants:
-                if v in item["answers"]:
-                    answers[v] = item["answers"][v]
-                    continue
-                e = edits[v]
-                try:
-                    answers[v] = answer_for(v, item["kind"], orig, removed=e.get("removed_instances", 0),
-                                            new_value=e.get("new_value"), abstain=abstain)
-                except ValueError as exc:
-                    raise Reject("answer_rule_failed", str(exc)) from None
-            item["answers"] = answers
+    # process(): TemplateQA's flow (input question kept and checked, extras de-duplicated,
+    # answers from the rule table for what each edit affects) over the LLM's items.
 
 
 @register
