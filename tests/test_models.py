@@ -203,6 +203,22 @@ def test_diffusers_inpaint_crop_paste_and_seeding(models, segmented):
     # different samples have different seeds, hence different noise
     assert a[0].meta["edits"]["remove"]["seed"] != a[1].meta["edits"]["remove"]["seed"]
     rec = st.describe()["models"]["inpaint"]
+    # insert: an object no annotation names, painted only inside a region clear of every annotation
+    ins = stage("edit", "diffusers-inpaint", **(params | {"variants": ["insert"], "insert_scale": 0.12}))
+    c = fresh(segmented)
+    ins.process_batch(c)
+    made = [s for s in c if "insert" in s.meta["variants"]]
+    assert made, [s.meta.get("variant_rejects") for s in c]
+    for s in made:
+        e, region = s.meta["edits"]["insert"], s.arrays["mask/insert"] > 0
+        assert e["inserted_category"] in ins.params.insert_categories and e["affects"] == [e["inserted_category"]]
+        assert e["inserted_category"] in e["prompt"]
+        out, img = s.arrays["variant/insert"], s.arrays["image"]
+        assert np.array_equal(out[~region], img[~region]) and not np.array_equal(out[region], img[region])
+        assert not (region & (s.arrays["mask"] > 0)).any()
+        for a_ in s.meta.get("annotated", []):
+            x0, y0, x1, y1 = a_["box"]
+            assert not region[y0:y1, x0:x1].any()
     assert rec["pipeline"] == "StableDiffusionInpaintPipeline" and rec["scheduler"] == "DDIMScheduler"
 
 

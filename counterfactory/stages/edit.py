@@ -232,23 +232,7 @@ class ClassicalEdit(Stage):
         shape = shapes[int(rng.integers(len(shapes)))]
         color = EDIT_COLORS[int(rng.integers(len(EDIT_COLORS)))]
         r = max(6.0, self.params.insert_scale * min(h, w))
-        keepout = sample.arrays["mask"] > 0
-        for a in sample.meta.get("annotated", []):
-            x0, y0, x1, y1 = a["box"]
-            keepout[y0:y1, x0:x1] = True
-        m = int(r) + 4
-        if h <= 2 * m or w <= 2 * m:
-            raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
-        for _ in range(self.params.insert_tries):
-            cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
-            poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
-            obj = scenes.polygon_mask(poly, w, h)
-            # the region carries the feathered edge and a margin for verification
-            region = cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
-            if not (keepout & (region > 0)).any():
-                break
-        else:
-            raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
+        poly, obj, region = place_shape(sample, shape, r, rng, self.params.insert_tries)
         # Feathered alpha compositing. OpenCV's seamlessClone (Poisson) was the first choice, but
         # in OpenCV 5.0.0 identical calls returned different pixels (3 distinct outputs in 8
         # calls, single-threaded), which would break byte-identical reruns.
@@ -309,6 +293,29 @@ class ClassicalEdit(Stage):
         return out, region, {"method": f"cut-paste+opencv-{p.inpaint_method}", "region": "swap",
                              "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
                              "translation": [dx, dy]}
+
+
+def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
+                tries: int) -> tuple[list[list[float]], np.ndarray, np.ndarray]:
+    """Where an inserted object goes: a ``shape`` of radius ``r`` whose region (with a margin
+    for blending) covers neither the evidence nor any annotated object's box. Returns the
+    polygon, the object mask and the region mask; ``Skip`` when nothing fits."""
+    h, w = sample.arrays["mask"].shape
+    keepout = sample.arrays["mask"] > 0
+    for a in sample.meta.get("annotated", []):
+        x0, y0, x1, y1 = a["box"]
+        keepout[y0:y1, x0:x1] = True
+    m = int(r) + 4
+    if h <= 2 * m or w <= 2 * m:
+        raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
+    for _ in range(tries):
+        cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
+        poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
+        obj = scenes.polygon_mask(poly, w, h)
+        region = cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
+        if not (keepout & (region > 0)).any():
+            return poly, obj, region
+    raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:

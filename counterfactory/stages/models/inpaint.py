@@ -1,5 +1,7 @@
-"""edit with ``diffusers`` inpainting: ``remove`` (the evidence painted over with background)
-and ``attribute`` (the evidence repainted with a new value named by a prompt, e.g. a color),
+"""edit with ``diffusers`` inpainting: ``remove`` (the evidence painted over with background),
+``attribute`` (the evidence repainted with a new value named by a prompt, e.g. a color) and
+``insert`` (an object no annotation names, painted into a region clear of every annotated
+object: HalluciDoctor's existence edit with a generative model),
 plus the flat-fill ``blackout`` and ``random_mask`` control of the classical default.
 
 Diffusion runs on a square crop around the dilated mask, resized to the model's native
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.edit import control_mask
+from counterfactory.stages.edit import Skip, control_mask, place_shape
 from counterfactory.stages.models.common import (
     ModelParams,
     model_record,
@@ -28,11 +30,12 @@ from counterfactory.stages.models.common import (
     run_batched,
 )
 
-Variant = Literal["remove", "attribute", "blackout", "random_mask"]
+Variant = Literal["remove", "attribute", "insert", "blackout", "random_mask"]
+_DIFFUSED = ("remove", "attribute", "insert")
 Scheduler = Literal["default", "ddim", "dpmpp", "euler", "euler_a", "pndm", "unipc"]
 _SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
                "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
-_SEED_OFFSET = {"remove": 0, "attribute": 1}
+_SEED_OFFSET = {"remove": 0, "attribute": 1, "insert": 2}
 
 
 class PromptTemplate(BaseModel):
@@ -45,6 +48,8 @@ DEFAULT_PROMPTS = {
     "remove": PromptTemplate(prompt="empty background, seamless natural continuation of the surroundings",
                              negative="{target}, object, person, animal, text, watermark, blurry"),
     "attribute": PromptTemplate(prompt="a {value} {target}, photorealistic", negative="{old_value} {target}, blurry"),
+    "insert": PromptTemplate(prompt="a {value}, photorealistic, natural lighting, in the scene",
+                             negative="text, watermark, blurry, deformed"),
 }
 
 
@@ -91,7 +96,12 @@ class DiffusersInpaintEdit(Stage):
         native_size: int | None = Field(None, ge=8, description="default: the model's sample size")
         crop: bool = Field(True, description="inpaint a crop around the mask (False: the whole image)")
         crop_margin: float = Field(0.5, ge=0, description="context around the mask, share of its size")
-        prompts: dict[Literal["remove", "attribute"], PromptTemplate] = Field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+        prompts: dict[Literal["remove", "attribute", "insert"], PromptTemplate] = Field(
+            default_factory=lambda: dict(DEFAULT_PROMPTS))
+        insert_categories: list[str] = Field(["cat", "dog", "bird", "cup", "bottle", "ball", "chair", "vase"],
+                                             min_length=1, description="objects the insert edit may paint")
+        insert_scale: float = Field(0.15, gt=0, le=0.5, description="inserted region radius / min(image side)")
+        insert_tries: int = Field(64, ge=1)
         attribute_values: list[str] = Field(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
                                             min_length=2, description="new colors for the attribute edit")
         fill: tuple[int, int, int] = (0, 0, 0)
@@ -138,6 +148,18 @@ class DiffusersInpaintEdit(Stage):
     def _prepare(self, s: Sample, v: str) -> dict[str, Any]:
         img, mask = s.arrays["image"], s.arrays["mask"]
         h, w = mask.shape
+        insert: dict[str, Any] = {}
+        if v == "insert":
+            rng = np.random.default_rng([s.seed, 17])
+            present = {a["category"] for a in s.meta.get("annotated", [])} | set(s.meta["targets"])
+            choices = [c for c in self.params.insert_categories if c not in present]
+            if not choices:
+                raise Skip("not_applicable", "every insert category is already annotated in this image")
+            cat = choices[int(rng.integers(len(choices)))]
+            _, _, mask = place_shape(s, "circle", max(8.0, self.params.insert_scale * min(h, w)), rng,
+                                     self.params.insert_tries)
+            insert = {"affects": [cat], "inserted_category": cat, "inserted_instances": 1, "region": "inserted",
+                      "removed_instances": 0}
         box = crop_box(mask, self.params.crop_margin, 64) if self.params.crop else (0, 0, w, h)
         x0, y0, x1, y1 = box
         n = self.native
@@ -147,7 +169,10 @@ class DiffusersInpaintEdit(Stage):
         target = s.meta.get("target_phrase") or " and ".join(s.meta["targets"])
         fmt: dict[str, str] = {"target": target, "value": "", "old_value": ""}
         info: dict[str, Any] = {"region": "evidence", "crop_box": list(box), "affects": s.meta["targets"]}
-        if v == "attribute":
+        if v == "insert":
+            fmt["value"] = insert["inserted_category"]
+            info.update(insert)
+        elif v == "attribute":
             olds = {str(i.get("attributes", {}).get("color", "")).lower() for i in s.meta["instances"]} - {""}
             choices = [c for c in self.params.attribute_values if c.lower() not in olds]
             rng = np.random.default_rng([s.seed, 11])
@@ -159,7 +184,7 @@ class DiffusersInpaintEdit(Stage):
         tpl = self.params.prompts.get(v, DEFAULT_PROMPTS[v])
         info["prompt"] = tpl.prompt.format(**fmt)
         info["negative_prompt"] = tpl.negative.format(**fmt)
-        return {"sample": s, "variant": v, "box": box, "crop": crop, "mask": cm, "info": info,
+        return {"sample": s, "variant": v, "box": box, "crop": crop, "mask": cm, "info": info, "full_mask": mask,
                 "seed": (s.seed + _SEED_OFFSET[v]) % 2**32}
 
     def _diffuse(self, jobs: list[dict[str, Any]]) -> list[np.ndarray]:
@@ -186,13 +211,17 @@ class DiffusersInpaintEdit(Stage):
     def process_batch(self, samples: list[Sample]) -> None:
         p = self.params
         jobs = []
+        skipped: dict[tuple[int, str], Any] = {}
         for s in samples:
             s.meta["variants"], s.meta["edits"] = [], {}
             for v in p.variants:
-                if v in ("remove", "attribute"):
-                    jobs.append(self._prepare(s, v))
+                if v in _DIFFUSED:
+                    try:
+                        jobs.append(self._prepare(s, v))
+                    except Skip as skip:
+                        skipped[(id(s), v)] = (None, None, (skip.reason, skip.detail))
         run = run_batched(self._diffuse, jobs, p.batch_size)
-        done: dict[tuple[int, str], Any] = {}
+        done: dict[tuple[int, str], Any] = dict(skipped)
         for i, job in enumerate(jobs):
             done[(id(job["sample"]), job["variant"])] = (job, run.outputs[i], run.failures.get(i))
         for s in samples:
@@ -204,13 +233,15 @@ class DiffusersInpaintEdit(Stage):
         fill = np.array(p.fill, np.uint8)
         n = len(s.meta["instances"])
         for v in p.variants:
-            if v in ("remove", "attribute"):
+            if v in _DIFFUSED:
                 job, painted, failure = done[(id(s), v)]
                 if failure is not None:
                     s.meta.setdefault("variant_rejects", []).append(
                         {"stage": self.name, "variant": v, "reason": failure[0], "detail": failure[1][:500]})
                     continue
-                out = paste(img, mask, job["box"], painted)
+                out = paste(img, job["full_mask"], job["box"], painted)
+                if v == "insert":
+                    s.arrays["mask/insert"] = job["full_mask"]
                 info = job["info"] | {"method": f"diffusers:{self.record['pipeline']}", "steps": p.steps,
                                       "seed": job["seed"]}
             elif v == "blackout":
