@@ -127,6 +127,18 @@ def test_detector_localize_converts_boxes_and_applies_thresholds(models, segment
         assert scores == sorted(scores, reverse=True)
     rec = st.describe()["models"]["detector"]
     assert rec["id"] == str(models[key]) and rec["revision"] == "test-rev" and rec["local_fingerprint"]
+    # image preprocessing runs on the model's device (the processor's torchvision backend)
+    seen: list = []
+    ip = st.detector.processor.image_processor
+    orig = ip.preprocess
+
+    def spy(*a, **k):
+        seen.append(k.get("device"))
+        return orig(*a, **k)
+
+    ip.preprocess = spy
+    st.process_batch(fresh(segmented))
+    assert seen and set(seen) == {st.detector.device}
     # nothing scores above 1: every sample is rejected with a reason, none raises
     strict = stage("localize", backend, model=str(models[key]), box_threshold=1.0, **CPU)
     samples = fresh(segmented)

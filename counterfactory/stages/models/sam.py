@@ -241,7 +241,7 @@ class HfSamSegment(Stage):
     def _encode(self, images: list[np.ndarray]) -> list[Any]:
         import torch
 
-        inp = self.processor(images=list(images), return_tensors="pt")
+        inp = self.processor(images=list(images), return_tensors="pt", device=self.device)  # resize on device
         with torch.inference_mode():
             emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device, self.dtype))
         return [(emb[i:i + 1], inp["original_sizes"][i].tolist(), inp["reshaped_input_sizes"][i].tolist())
