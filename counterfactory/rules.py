@@ -39,6 +39,9 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     "insert": {k: "abstain" for k in _ALL} | {"existence": "yes", "count": "plus_inserted",
                                                "color": "new_value", "position": "new_value"},
     "attribute": {k: "keep" for k in _ALL} | {"color": "new_value", "other": "abstain"},
+    # the evidence repainted as another kind of object: about the old kind, as after removal;
+    # questions about the new kind follow the "insert" row
+    "replace": {k: "abstain" for k in _ALL} | {"existence": "no", "count": "minus_removed"},
     # CounterCurate: mirror image, left and right swap.
     "flip": {k: "keep" for k in _ALL} | {"position": "swap_lr", "direction": "swap_lr"},
     # the evidence and another object trade places: where the evidence is changes

@@ -215,6 +215,21 @@ def test_diffusers_inpaint_crop_paste_and_seeding(models, segmented):
     # different samples have different seeds, hence different noise
     assert a[0].meta["edits"]["remove"]["seed"] != a[1].meta["edits"]["remove"]["seed"]
     rec = st.describe()["models"]["inpaint"]
+    # replace: the evidence repainted as another kind; answers about both kinds follow the rules
+    rep = stage("edit", "diffusers-inpaint", **(params | {"variants": ["replace"]}))
+    r_ = fresh(segmented)
+    rep.process_batch(r_)
+    for s in r_:
+        e = s.meta["edits"]["replace"]
+        assert e["inserted_category"] in rep.params.insert_categories and e["inserted_category"] in e["prompt"]
+        assert e["removed_instances"] == e["inserted_instances"] == len(s.meta["instances"])
+        qa = stage("qa", "default")
+        qa.process(s)
+        by_q = {q["question"]: q["answers"] for q in s.meta["qa"]}
+        new = e["inserted_category"]
+        assert by_q[f"Is there a {new} in the image?"] == {"orig": "no", "replace": "yes"}
+        ex = [a for q, a in by_q.items() if q.startswith("Is there a") and new not in q]
+        assert ex and all(a["replace"] == "no" for a in ex)
     # insert: an object no annotation names, painted only inside a region clear of every annotation
     ins = stage("edit", "diffusers-inpaint", **(params | {"variants": ["insert"], "insert_scale": 0.12}))
     c = fresh(segmented)

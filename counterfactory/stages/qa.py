@@ -110,11 +110,12 @@ class TemplateQA(Stage):
     @staticmethod
     def _inserted_items(m: dict[str, Any], abstain: str) -> list[dict[str, Any]]:
         """Questions about an inserted object: absent from the original, present after insert."""
-        out = []
+        out, seen = [], set()
         for v in m["variants"]:
             cat = m["edits"][v].get("inserted_category")
-            if not cat:
+            if not cat or cat in seen:  # two edits bringing in the same kind: one set of questions
                 continue
+            seen.add(cat)
             out.append({"question": f"Is there a {cat} in the image?", "kind": "existence", "answer": "no",
                         "targets": [cat], "source": "template"})
             out.append({"question": f"How many {plural(cat)} are there?", "kind": "count", "answer": "0",
@@ -137,9 +138,11 @@ class TemplateQA(Stage):
             if "*" not in affects and not set(affects) & set(it["targets"]):
                 answers[v] = it["answer"]
                 continue
+            # questions about the object an edit brought in follow the insert rule
+            rule_edit = "insert" if e.get("inserted_category") in it["targets"] else v
             try:
                 answers[v] = answer_for(
-                    v, it["kind"], it["answer"], removed=e.get("removed_instances", 0),
+                    rule_edit, it["kind"], it["answer"], removed=e.get("removed_instances", 0),
                     inserted=e.get("inserted_instances", 0), new_value=e.get("new_value"),
                     remaining=e.get("remaining_instances"), abstain=abstain)
             except ValueError as exc:

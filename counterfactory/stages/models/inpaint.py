@@ -30,12 +30,12 @@ from counterfactory.stages.models.common import (
     run_batched,
 )
 
-Variant = Literal["remove", "attribute", "insert", "blackout", "random_mask"]
-_DIFFUSED = ("remove", "attribute", "insert")
+Variant = Literal["remove", "attribute", "replace", "insert", "blackout", "random_mask"]
+_DIFFUSED = ("remove", "attribute", "replace", "insert")
 Scheduler = Literal["default", "ddim", "dpmpp", "euler", "euler_a", "pndm", "unipc"]
 _SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
                "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
-_SEED_OFFSET = {"remove": 0, "attribute": 1, "insert": 2}
+_SEED_OFFSET = {"remove": 0, "attribute": 1, "insert": 2, "replace": 3}
 
 
 class PromptTemplate(BaseModel):
@@ -48,6 +48,8 @@ DEFAULT_PROMPTS = {
     "remove": PromptTemplate(prompt="empty background, seamless natural continuation of the surroundings",
                              negative="{target}, object, person, animal, text, watermark, blurry"),
     "attribute": PromptTemplate(prompt="a {value} {target}, photorealistic", negative="{old_value} {target}, blurry"),
+    "replace": PromptTemplate(prompt="a {value}, photorealistic, natural lighting",
+                              negative="{target}, text, watermark, blurry, deformed"),
     "insert": PromptTemplate(prompt="a {value}, photorealistic, natural lighting, in the scene",
                              negative="text, watermark, blurry, deformed"),
 }
@@ -96,10 +98,10 @@ class DiffusersInpaintEdit(Stage):
         native_size: int | None = Field(None, ge=8, description="default: the model's sample size")
         crop: bool = Field(True, description="inpaint a crop around the mask (False: the whole image)")
         crop_margin: float = Field(0.5, ge=0, description="context around the mask, share of its size")
-        prompts: dict[Literal["remove", "attribute", "insert"], PromptTemplate] = Field(
+        prompts: dict[Literal["remove", "attribute", "replace", "insert"], PromptTemplate] = Field(
             default_factory=lambda: dict(DEFAULT_PROMPTS))
         insert_categories: list[str] = Field(["cat", "dog", "bird", "cup", "bottle", "ball", "chair", "vase"],
-                                             min_length=1, description="objects the insert edit may paint")
+                                             min_length=1, description="objects insert and replace may paint")
         insert_scale: float = Field(0.15, gt=0, le=0.5, description="inserted region radius / min(image side)")
         insert_tries: int = Field(64, ge=1)
         attribute_values: list[str] = Field(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
@@ -172,6 +174,17 @@ class DiffusersInpaintEdit(Stage):
         if v == "insert":
             fmt["value"] = insert["inserted_category"]
             info.update(insert)
+        elif v == "replace":
+            rng = np.random.default_rng([s.seed, 23])
+            present = {a["category"] for a in s.meta.get("annotated", [])} | set(s.meta["targets"])
+            choices = [c for c in self.params.insert_categories if c not in present]
+            if not choices:
+                raise Skip("not_applicable", "every replacement category is already annotated in this image")
+            new = choices[int(rng.integers(len(choices)))]
+            fmt["value"] = new
+            n = len(s.meta["instances"])
+            info.update(affects=[*s.meta["targets"], new], removed_instances=n, inserted_category=new,
+                        inserted_instances=n)
         elif v == "attribute":
             olds = {str(i.get("attributes", {}).get("color", "")).lower() for i in s.meta["instances"]} - {""}
             choices = [c for c in self.params.attribute_values if c.lower() not in olds]
