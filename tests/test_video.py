@@ -185,6 +185,22 @@ def test_remove_keeps_outside_pixels_and_erases_the_object(processed):
         assert np.array_equal(bo[~masks], orig[~masks]) and (bo[masks] == 0).all()
 
 
+def test_random_mask_control_moves_the_evidence_shape_clear_of_its_footprint(processed):
+    made = 0
+    for _, s in zip(*processed, strict=True):
+        if "random_mask" not in s.meta["variants"]:
+            assert any(r["variant"] == "random_mask" for r in s.meta.get("variant_rejects", []))
+            continue
+        made += 1
+        ctrl, masks = s.arrays["masks/random_mask"], s.arrays["masks"] > 0
+        frames, out = s.arrays["video"], s.arrays["variant/random_mask"]
+        assert not (ctrl & masks.any(axis=0)[None]).any()  # clear of the whole footprint, every frame
+        assert np.array_equal(ctrl.sum(axis=(1, 2)), masks.sum(axis=(1, 2)))  # same area, frame by frame
+        assert np.array_equal(out[~ctrl], frames[~ctrl]) and (out[ctrl] == 0).all()
+        assert all(q["answers"]["random_mask"] == q["answers"]["orig"] for q in s.meta["qa"])
+    assert made
+
+
 def test_pixels_no_frame_shows_are_inpainted_once():
     rng = np.random.default_rng(0)
     frames = np.repeat(rng.integers(60, 200, (1, 48, 64, 3), dtype=np.uint8), 6, axis=0)
@@ -235,8 +251,9 @@ def test_temporal_edits_and_their_answers(processed):
                 assert all(ans[v] == "unknown" for v in ("reverse", "shuffle", "freeze", "remove"))
             # questions never mention the edit
             assert not any(w in q["question"].lower() for w in ("revers", "shuffl", "froz", "remov", "edit"))
-        for v in s.meta["variants"]:  # every variant changes some answer: the pair teaches something
-            assert any(q["answers"][v] != q["answers"]["orig"] for q in s.meta["qa"])
+        for v in s.meta["variants"]:  # every counterfactual changes some answer; the control none
+            changed = any(q["answers"][v] != q["answers"]["orig"] for q in s.meta["qa"])
+            assert changed == (v != "random_mask"), v
     assert {"existence", "direction", "temporal"} <= kinds
 
 

@@ -182,7 +182,8 @@ class PartEncoder:
             parts[f"{v}.mp4"] = encode_mp4(a[f"variant/{v}"], fps)
         parts["masks.npz"] = encode_npz({
             "masks": a["masks"], "masks_core": a["masks_core"], "labels": a["labels"],
-            "times": np.asarray(meta["source"]["times"], dtype=np.float64)})
+            "times": np.asarray(meta["source"]["times"], dtype=np.float64),
+            **({"control_masks": a["masks/random_mask"]} if "masks/random_mask" in a else {})})
         return parts
 
 

@@ -47,7 +47,7 @@ from counterfactory.stages.ingest import sample_key
 from counterfactory.stages.segment import dilate
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
-VideoEditType = Literal["remove", "blackout", "reverse", "shuffle", "freeze"]
+VideoEditType = Literal["remove", "blackout", "random_mask", "reverse", "shuffle", "freeze"]
 TEMPORAL_EDITS = ("reverse", "shuffle", "freeze")
 
 _VIDEO_KINDS: list[tuple[str, re.Pattern[str]]] = [
@@ -464,6 +464,30 @@ def derangement(n: int, rng: np.random.Generator) -> list[int]:
     return list(range(1, n)) + [0]
 
 
+def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: int) -> np.ndarray | None:
+    """DeFacto's control for a clip: every frame's evidence mask moved by one fixed offset to
+    where, in every frame, it stays ``gap`` pixels clear of the evidence's whole footprint.
+    Same shape and area as the evidence on each frame; None when no offset fits."""
+    t, h, w = masks.shape
+    union = masks.any(axis=0).astype(np.uint8)
+    keepout = cv2.dilate(union, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)) > 0
+    ys, xs = np.nonzero(union)
+    if not len(ys):
+        return None
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    bh, bw = y1 - y0, x1 - x0
+    if bh >= h or bw >= w:
+        return None
+    foot = union[y0:y1, x0:x1] > 0
+    for _ in range(tries):
+        ny, nx = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        if not (keepout[ny : ny + bh, nx : nx + bw] & foot).any():
+            out = np.zeros((t, h, w), bool)
+            out[:, ny : ny + bh, nx : nx + bw] = masks[:, y0:y1, x0:x1] > 0
+            return out
+    return None
+
+
 @register
 class VideoEdit(Stage):
     name = "edit"
@@ -476,6 +500,8 @@ class VideoEdit(Stage):
         inpaint_radius: int = Field(3, ge=1, le=50)
         fill: tuple[int, int, int] = (0, 0, 0)
         shuffle_segments: int = Field(4, ge=2, le=16)
+        control_tries: int = Field(64, ge=1)
+        control_gap: int = Field(4, ge=0, description="pixels between the control region and the evidence")
         freeze_frac: float = Field(0.4, gt=0, lt=1, description="share of the clip held on one frame (the middle)")
 
     def __init__(self, params=None, run=None) -> None:
@@ -492,7 +518,17 @@ class VideoEdit(Stage):
         m["variants"], m["edits"] = [], {}
         instances = m["instances"]
         for v in p.variants:
-            if v in ("remove", "blackout"):
+            if v == "random_mask":
+                ctrl = control_masks(masks, np.random.default_rng([sample.seed, 7]), p.control_tries, p.control_gap)
+                if ctrl is None:
+                    sample.reject_variant(self.name, v, "no_room_for_control",
+                                          "no offset moves the evidence clear of its own footprint in every frame")
+                    continue
+                out = frames.copy()
+                out[ctrl] = np.array(p.fill, np.uint8)
+                sample.arrays["masks/random_mask"] = ctrl
+                info = {"type": v, "region": "control", "removed_instances": 0, "method": "flat-fill", "affects": []}
+            elif v in ("remove", "blackout"):
                 if not instances:
                     sample.reject_variant(self.name, v, "no_evidence", "no annotated target to remove")
                     continue
@@ -671,7 +707,7 @@ class VideoQA(Stage):
         m["qa"] = qa
         if self.params.require_answer_change:
             for v in list(m["variants"]):
-                if all(q["answers"][v] == q["answers"]["orig"] for q in qa):
+                if v != "random_mask" and all(q["answers"][v] == q["answers"]["orig"] for q in qa):
                     sample.reject_variant(self.name, v, "answers_unchanged",
                                           f"no question's answer differs from the original under {v}")
 
@@ -736,11 +772,14 @@ class VideoVerify(Stage):
                 elif vm["frames_moved_frac"] < p.min_frames_moved_frac:
                     failure = ("clip_unchanged", f"frames_moved_frac={vm['frames_moved_frac']} (static clip?)")
             else:
+                region = a["masks/random_mask"] if v == "random_mask" else masks
                 diff = np.abs(out.astype(np.int16) - frames.astype(np.int16)).max(axis=3)
-                outside = diff[~masks]
+                outside = diff[~region]
                 vm["outside_changed_frac"] = round(float((outside > 0).mean()) if outside.size else 0.0, 6)
-                vm["inside_mad"] = round(float(diff[masks].mean()) if masks.any() else 0.0, 3)
-                vm["flicker_inside"] = flicker(out, masks)
+                vm["inside_mad"] = round(float(diff[region].mean()) if region.any() else 0.0, 3)
+                vm["flicker_inside"] = flicker(out, region)
+                if v == "random_mask":
+                    vm["control_overlap_px"] = int((region & union[None]).sum())
                 vm["flicker_background"] = flicker(frames, np.repeat(~union[None], len(frames), axis=0))
                 if v == "remove":
                     vm["flicker_inside_orig"] = flicker(frames, masks)
@@ -762,11 +801,13 @@ class VideoVerify(Stage):
                     failure = ("pixels_outside_changed", f"outside_changed_frac={vm['outside_changed_frac']}")
                 elif vm["inside_mad"] < p.min_inside_mad:
                     failure = ("region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}")
+                elif vm.get("control_overlap_px", 0) > 0:
+                    failure = ("control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}")
                 elif (v == "remove" and vm["object_contrast"] >= p.min_object_contrast
                       and vm["contrast_ratio"] > p.max_contrast_ratio):
                     failure = ("object_still_visible", f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}")
             metrics[v] = vm
             if failure:
                 sample.reject_variant(self.name, v, *failure)
-        if not m["variants"]:
-            raise Reject("no_valid_counterfactual", "every variant failed verification")
+        if not [v for v in m["variants"] if v != "random_mask"]:
+            raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
