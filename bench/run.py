@@ -36,11 +36,15 @@ sys.path.insert(0, str(REPO))
 from counterfactory.pipeline.config import load_config, validate_config  # noqa: E402
 from counterfactory.pipeline.runner import run_pipeline  # noqa: E402
 
+VARIANTS: list[str] | None = None  # --variants: pin the edit set (A/B across commits)
+
 
 def scenes_config(n: int, root: Path, num_cpus: int | None = None):
     import yaml
 
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    if VARIANTS:
+        next(s for s in data["stages"] if s["name"] == "edit")["params"]["variants"] = VARIANTS
     data["inputs"] = [{"kind": "procedural", "count": n, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
     data["output"]["root"] = str(root)
     data["output"]["shard_size"] = 256
@@ -82,12 +86,14 @@ class PeakRSS:
         self._t.join()
 
 
-def timed_run(cfg, *, local: bool) -> tuple[float, int, int]:
+def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float]:
+    """Wall seconds, samples, peak RSS, and this process's CPU seconds (for the in-process floor
+    the CPU time is the figure least disturbed by other load on the machine)."""
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_pipeline(cfg, local=local, progress=False)
-        dt = time.perf_counter() - t0
-    return dt, res.manifest["counts"]["samples"], mem.peak
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dt, res.manifest["counts"]["samples"], mem.peak, cpu
 
 
 def ray_child(n: int, cpus: int, root: str) -> None:
@@ -97,12 +103,13 @@ def ray_child(n: int, cpus: int, root: str) -> None:
     cfg = scenes_config(n, Path(root), cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     run_pipeline(scenes_config(min(n, 32), Path(root) / "warm", cpus), progress=False)  # warm workers
-    dt, samples, peak = timed_run(cfg, local=False)
+    dt, samples, peak, _ = timed_run(cfg, local=False)
     print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak}))
 
 
 def run_ray(n: int, cpus: int, root: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--ray-child", str(n), str(cpus), str(root)],
+    extra = ["--variants", ",".join(VARIANTS)] if VARIANTS else []
+    out = subprocess.run([sys.executable, __file__, "--ray-child", str(n), str(cpus), str(root), *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -155,7 +162,11 @@ def main() -> None:
     ap.add_argument("--growth", default="100,1000,10000")
     ap.add_argument("--only", default="floor,ray,growth,writer,profile")
     ap.add_argument("--ray-child", nargs=3)
+    ap.add_argument("--variants", default=None, help="comma list: pin the edit variants (default: demo config)")
     args = ap.parse_args()
+    global VARIANTS
+    if args.variants:
+        VARIANTS = args.variants.split(",")
     if args.ray_child:
         ray_child(int(args.ray_child[0]), int(args.ray_child[1]), args.ray_child[2])
         return
@@ -166,9 +177,10 @@ def main() -> None:
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}")
     floor = None
     if "floor" in only or "ray" in only:
-        dt, samples, peak = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
+        dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
         floor = samples / dt
-        rows.append((f"floor (plain loop, 1 process), N={args.n}", f"{floor:.1f} pairs/s  ({dt:.1f} s)"))
+        rows.append((f"floor (plain loop, 1 process), N={args.n}",
+                     f"{floor:.1f} pairs/s  ({dt:.1f} s; {1000 * cpu / samples:.1f} CPU ms/pair)"))
     if "ray" in only:
         for cpus in (1, 2):
             r = run_ray(args.n, cpus, tmp / f"ray{cpus}")
