@@ -5,4 +5,4 @@ diffusers, segment-anything) are imported inside constructors so that importing 
 stays cheap on machines that only run the CPU default.
 """
 
-from counterfactory.stages.models import grounding, inpaint, llm, sam, verify  # noqa: F401
+from counterfactory.stages.models import grounding, inpaint, llm, sam, verify, video_inpaint  # noqa: F401
