@@ -122,6 +122,15 @@ def test_wan_vace_remove_replace_windows_paste_and_seeding(wan, clips):
         assert new in st.params.replace_categories and new in r["prompt"] and new not in sa.meta["targets"]
         assert r["affects"] == [*sa.meta["targets"], new]
         assert r["removed_instances"] == r["inserted_instances"] == len(sa.meta["instances"])
+        # the video QA answers for both kinds: the replaced one is gone, the new one appears
+        from counterfactory.stages.video import VideoQA
+
+        VideoQA().process(sa)
+        by_q = {q["question"]: q["answers"] for q in sa.meta["qa"]}
+        assert by_q[f"Is there a {new} in the video?"]["replace"] == "yes"
+        assert by_q[f"Is there a {new} in the video?"]["orig"] == "no"
+        gone = [a for q, a in by_q.items() if q.startswith("Is there") and new not in q]
+        assert gone and all(a["replace"] == "no" for a in gone)
         # the model-free variants come from the video default, unchanged
         assert sa.meta["edits"]["reverse"]["frame_order"] == list(range(len(video) - 1, -1, -1))
         assert np.array_equal(sa.arrays["variant/reverse"], video[::-1])

@@ -692,15 +692,26 @@ class VideoQA(Stage):
             items.append(t | {"source": "template"})
         if not items:
             raise Reject("no_answer", "; ".join(notes)[:400] or "no question with an answer")
+        for v in m["variants"]:  # a kind a model edit brought in: absent from the original clip
+            cat = m["edits"][v].get("inserted_category")
+            if cat and f"is there a {cat} in the video?" not in seen:
+                seen.add(f"is there a {cat} in the video?")
+                items.append({"question": f"Is there a {cat} in the video?", "kind": "existence", "answer": "no",
+                              "targets": [cat], "source": "template"})
         if notes:
             m.setdefault("notes", []).extend(notes)
         qa = []
         for it in items:
             answers = {"orig": it["answer"]}
             for v in m["variants"]:
-                removed = sum(1 for i in m["instances"] if i["category"] in it["targets"]) if v in ("remove", "blackout") else 0
+                e = m["edits"].get(v, {})
+                # a model edit that brings in a new kind (replace): questions about it follow insert
+                rule_edit = "insert" if e.get("inserted_category") in it["targets"] else v
+                removed = (sum(1 for i in m["instances"] if i["category"] in it["targets"])
+                           if v in ("remove", "blackout", "replace") else 0)
                 try:
-                    answers[v] = answer_for(v, it["kind"], it["answer"], removed=removed, abstain=abstain)
+                    answers[v] = answer_for(rule_edit, it["kind"], it["answer"], removed=removed,
+                                            inserted=e.get("inserted_instances", 0), abstain=abstain)
                 except ValueError as exc:
                     raise Reject("answer_rule_failed", str(exc)) from None
             qa.append({k: it[k] for k in ("question", "kind", "targets", "source")} | {"answers": answers})
