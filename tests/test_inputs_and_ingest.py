@@ -118,3 +118,38 @@ def test_coco_inputs_generate_questions(tmp_path: Path):
     assert [s.ok for s in samples] == [True, True, False, False]
     assert samples[2].meta["reject"]["reason"] == "no_answer"  # centred box: left/right is undecidable
     assert samples[1].meta["qa"][0]["answers"]["remove"] == "0"
+
+
+def test_more_formats_with_box_annotations_through_grabcut(tmp_path: Path):
+    """Box-only annotations (GrabCut refinement, seeded from the 32-bit sample seed) on WebP,
+    BMP, TIFF, 16-bit RGB PNG, progressive JPEG, EXIF orientation 8, animated GIF."""
+    import cv2
+    from PIL import Image
+
+    from tests.conftest import square_scene
+
+    rgb = square_scene()
+    (tmp_path / "rgb16.png").write_bytes(cv2.imencode(".png", (rgb.astype(np.uint16) * 257)[..., ::-1])[1].tobytes())
+    Image.fromarray(rgb).save(tmp_path / "a.webp", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "a.bmp")
+    Image.fromarray(rgb).save(tmp_path / "a.tiff")
+    Image.fromarray(rgb).save(tmp_path / "prog.jpg", progressive=True, quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 CCW... stored rotated the other way
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, -1))).save(tmp_path / "exif8.jpg", exif=exif, quality=95)
+    Image.fromarray(rgb).save(tmp_path / "anim.gif", save_all=True, append_images=[Image.fromarray(255 - rgb)])
+    names = ["rgb16.png", "a.webp", "a.bmp", "a.tiff", "prog.jpg", "exif8.jpg", "anim.gif"]
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for n in names:
+            f.write(json.dumps({"image": n, "question": "Is there a box in the image?", "answer": "yes",
+                                "objects": [{"category": "box", "box": [50, 30, 100, 80]}]}) + "\n")
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    _, samples = _run(cfg, "verify")
+    for name, s in zip(names, samples, strict=True):
+        assert s.ok, (name, s.meta.get("reject"))
+        img = s.arrays["image"]
+        assert img.shape == (120, 160, 3), name
+        assert img[40:70, 60:90, 0].mean() > 190, name  # the red box is where the box says
+        core = s.arrays["mask_core"] > 0
+        assert s.meta["instances"][0]["mask_method"] in ("grabcut", "box")
+        assert core[35:75, 55:95].mean() > 0.9 and core[:, :40].sum() == 0, name

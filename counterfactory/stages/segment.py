@@ -59,7 +59,7 @@ class ClassicalSegment(Stage):
             return full, "box"
         gc = np.zeros(crop.shape[:2], np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.setRNGSeed(seed)  # GrabCut's k-means init draws from OpenCV's global RNG
+        cv2.setRNGSeed(seed % 2**31)  # GrabCut's k-means init draws from OpenCV's global RNG (a C int)
         try:
             cv2.grabCut(crop, gc, rect, bgd, fgd, self.params.grabcut_iters, cv2.GC_INIT_WITH_RECT)
         except cv2.error:
