@@ -74,6 +74,13 @@ _ORDER = {"before": "after", "after": "before", "yes": "no", "no": "yes", "first
 
 
 _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    # motion and time first: "is the ball moving left or right?" is about direction, not position
+    ("direction", re.compile(r"\b(move|moving|go|going|travel|head|heading|roll|slide)s?\b.*\b(left|right)\b"
+                             r"|\bwhich direction\b", re.I)),
+    ("order", re.compile(r"\bbefore or after\b|\bafter or before\b|\bwhich .* first\b|\b(earlier|later) than\b",
+                         re.I)),
+    ("temporal", re.compile(r"^\s*what happens\b|\bkeep(s)? moving\b|\bstop(s|ped)?\b"
+                            r"|\bat the (end|start|beginning)\b|\bafter it\b", re.I)),
     ("count", re.compile(r"^\s*how many\b|\bnumber of\b|\bcount\b", re.I)),
     ("color", re.compile(r"\bwhat colou?r\b|\bwhich colou?r\b|\bcolou?r of\b", re.I)),
     ("position", re.compile(r"\bleft or (the )?right\b|\bright or (the )?left\b|^\s*where\b|\bwhich side\b", re.I)),

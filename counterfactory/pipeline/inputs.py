@@ -54,31 +54,39 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
+def _jsonl(path: Path) -> Iterator[tuple[str, str]]:
+    """(origin "file:line", raw text) for every non-empty line of a JSONL manifest."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield f"{path.name}:{lineno}", raw
+
+
+def _bad_line(origin: str, raw: str, exc: Exception, **extra: Any) -> dict[str, Any]:
+    return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"bad_manifest_line: {exc}"}
+
+
 def _manifest_records(inp: ManifestInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
     path = cfg.path(inp.path)
     root = cfg.path(inp.images_root) if inp.images_root else path.parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            origin = f"{path.name}:{lineno}"
-            try:
-                line = json.loads(raw)
-                if not isinstance(line, dict):
-                    raise ValueError("a manifest line must be a JSON object")
-                image = _image_ref(line.get("image"), root)
-                questions = _question_items(line)
-                objects = line.get("objects", [])
-                if not isinstance(objects, list):
-                    raise ValueError("'objects' must be a list")
-            except (ValueError, TypeError) as exc:
-                yield {"origin": origin, "image": str(raw.strip())[:200], "error": f"bad_manifest_line: {exc}"}
-                continue
-            if not questions:
-                yield {"origin": origin, "image": image, "error": "no_question: the line has no question"}
-                continue
-            for qi, q in enumerate(questions):
-                yield {"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects}
+    for origin, raw in _jsonl(path):
+        try:
+            line = json.loads(raw)
+            if not isinstance(line, dict):
+                raise ValueError("a manifest line must be a JSON object")
+            image = _image_ref(line.get("image"), root)
+            questions = _question_items(line)
+            objects = line.get("objects", [])
+            if not isinstance(objects, list):
+                raise ValueError("'objects' must be a list")
+        except (ValueError, TypeError) as exc:
+            yield _bad_line(origin, raw, exc)
+            continue
+        if not questions:
+            yield {"origin": origin, "image": image, "error": "no_question: the line has no question"}
+            continue
+        for qi, q in enumerate(questions):
+            yield {"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects}
 
 
 def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
@@ -179,16 +187,11 @@ def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
 def _video_manifest_records(inp: VideoManifestInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
     path = cfg.path(inp.path)
     root = cfg.path(inp.videos_root) if inp.videos_root else path.parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            origin = f"{path.name}:{lineno}"
-            try:
-                yield _video_record(json.loads(raw), root, origin)
-            except (ValueError, TypeError) as exc:
-                yield {"origin": origin, "image": str(raw.strip())[:200], "media": "video",
-                       "error": f"bad_manifest_line: {exc}"}
+    for origin, raw in _jsonl(path):
+        try:
+            yield _video_record(json.loads(raw), root, origin)
+        except (ValueError, TypeError) as exc:
+            yield _bad_line(origin, raw, exc, media="video")
 
 
 def _procedural_video_records(inp: ProceduralVideoInput) -> Iterator[dict[str, Any]]:

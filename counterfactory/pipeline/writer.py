@@ -135,6 +135,20 @@ def sample_json(meta: dict[str, Any], key: str) -> dict[str, Any]:
     return out
 
 
+class _HashingWriter:
+    """A write-only file that also feeds a hash: the shard checksum comes free with the write."""
+
+    def __init__(self, f: Any, h: Any) -> None:
+        self.f, self.h = f, h
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class PartEncoder:
     """Last map step, on the workers: arrays -> encoded tar members (image encode is the costly
     part of writing, so it runs in parallel rather than in the driver)."""
@@ -297,7 +311,9 @@ class DatasetWriter:
             name = self._shard_name(len(self.shards))
             self._tar_tmp = self.out_dir / f".{name}.tmp"
             self._tar_file = open(self._tar_tmp, "wb")
-            self._tar = wds.TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=TAR_MTIME)
+            self._tar_hash = hashlib.sha256()
+            self._tar = wds.TarWriter(_HashingWriter(self._tar_file, self._tar_hash), user="", group="",
+                                      mode=0o644, mtime=TAR_MTIME)
         self._tar.write({"__key__": key, **parts})
         self._in_shard += 1
         if self._in_shard >= self.shard_size:
@@ -315,7 +331,8 @@ class DatasetWriter:
         name = self._shard_name(len(self.shards))
         final = self.out_dir / name
         os.replace(self._tar_tmp, final)
-        self.shards.append({"name": name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
+        # hashed on the way out: one pass over the bytes, not a re-read of the shard
+        self.shards.append({"name": name, "sha256": self._tar_hash.hexdigest(), "bytes": final.stat().st_size,
                             "samples": self._in_shard})
         self._index_writer.write_table(pa.Table.from_pylist(self._index_rows, schema=INDEX_SCHEMA))
         self._journal(self._index_rows)

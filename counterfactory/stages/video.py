@@ -28,7 +28,6 @@ one per track --, ``mask``, ``variants``, ``edits``, ``qa``, ``metrics``), plus 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,20 +48,6 @@ from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
 VideoEditType = Literal["remove", "blackout", "random_mask", "reverse", "shuffle", "freeze"]
 TEMPORAL_EDITS = ("reverse", "shuffle", "freeze")
-
-_VIDEO_KINDS: list[tuple[str, re.Pattern[str]]] = [
-    ("direction", re.compile(r"\b(move|moving|go|going|travel|head|heading|roll|slide)s?\b.*\b(left|right)\b|\bwhich direction\b", re.I)),
-    ("order", re.compile(r"\bbefore or after\b|\bafter or before\b|\bwhich .* first\b|\b(earlier|later) than\b", re.I)),
-    ("temporal", re.compile(r"^\s*what happens\b|\bkeep(s)? moving\b|\bstop(s|ped)?\b|\bat the (end|start|beginning)\b|\bafter it\b", re.I)),
-]
-
-
-def classify_video_question(question: str) -> str:
-    for kind, pat in _VIDEO_KINDS:
-        if pat.search(question):
-            return kind
-    return classify_question(question)
-
 
 # --- ingest ---------------------------------------------------------------------------------
 
@@ -177,7 +162,7 @@ class VideoLocalize(Stage):
                 raise Reject("target_not_found", f"{m['targets']!r} matches none of {sorted(categories) or 'no annotations'}")
         for q in m["questions"]:
             if q.pop("kind_auto", False):
-                q["kind"] = classify_video_question(q["question"])
+                q["kind"] = classify_question(q["question"])
             asked = " ".join(q["targets"]) if q.get("targets") else q["question"]
             found = match_categories(asked, categories)
             if not found and (q.get("targets") or q["kind"] in ("existence", "count", "color", "position", "direction")):
