@@ -32,15 +32,18 @@ def _print_plan(cfg, n_inputs: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from counterfactory.pipeline.runner import stage_plan
+    from counterfactory.pipeline.runner import plan_steps
 
     con = Console()
     con.print(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    t = Table(title=f"stage plan ({n_inputs} inputs)")
-    for col in ("stage", "backend", "runs as", "num_cpus", "num_gpus", "concurrency", "batch_size"):
-        t.add_column(col)
-    for p in stage_plan(cfg):
-        t.add_row(p.name, p.backend, p.mode, str(p.num_cpus), str(p.num_gpus), str(p.concurrency), str(p.batch_size))
+    t = Table(title=f"stage plan ({n_inputs} inputs): one row per map_batches step")
+    for col in ("stages (backend)", "runs as", "CPUs", "GPUs", "actors", "batch"):
+        t.add_column(col, no_wrap=col != "stages (backend)")
+    for step in plan_steps(cfg):
+        r = step.resources
+        t.add_row("\n".join(f"{s['name']} ({s['backend']})" for s in step.specs), "actors" if step.actors else "tasks",
+                  str(r.num_cpus), str(r.num_gpus), str(r.concurrency or 1) if step.actors else "auto",
+                  str(r.batch_size))
     con.print(t)
 
 

@@ -48,28 +48,6 @@ def run_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "abstain_answer": cfg.abstain_answer, "limits": cfg.limits.model_dump()}
 
 
-@dataclass
-class StepPlan:
-    name: str
-    backend: str
-    mode: str  # "tasks" or "actors"
-    num_cpus: float
-    num_gpus: float
-    concurrency: Any
-    batch_size: int
-
-
-def stage_plan(cfg: PipelineConfig) -> list[StepPlan]:
-    plan = []
-    for sc in cfg.stages:
-        cls = get_backend(sc.name, sc.backend)
-        r = sc.resources
-        actors = cls.stateful or r.concurrency is not None
-        plan.append(StepPlan(sc.name, sc.backend, "actors" if actors else "tasks", r.num_cpus, r.num_gpus,
-                             (r.concurrency or 1) if actors else "auto", r.batch_size))
-    return plan
-
-
 def init_ray(cfg: PipelineConfig) -> None:
     import ray
 
