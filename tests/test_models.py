@@ -346,6 +346,37 @@ def test_openai_llm_validates_reasks_and_answers_by_rule(fake_llm, segmented, mo
     assert "sk-test" not in json.dumps(st.describe())
 
 
+def test_llm_reads_target_phrases_cached_with_rules_fallback(models, fake_llm, segmented):
+    from counterfactory.stages.models.grounding import parse_phrases
+
+    assert parse_phrases('{"phrases": ["Red  Circle", "box"]}') == ["red circle", "box"]
+    assert parse_phrases('["a very long phrase of many words"]') is None and parse_phrases("no") is None
+    st = stage("localize", "grounding-dino", model=str(models["gd"]), box_threshold=0.0, text_threshold=0.0,
+               phrases_llm={"backend": "llm-openai",
+                            "params": {"model": "tiny", "base_url": fake_llm.url, "backoff_s": 0.0}}, **CPU)
+    samples = fresh(segmented)[:3]
+    for s in samples:
+        s.meta["question"].pop("targets", None)
+        s.meta["question"]["question"] = "Is there a circle near the corner?"
+    s4 = fresh(segmented)[3]
+    s4.meta["question"].pop("targets", None)
+    s4.meta["question"]["question"] = "How many squares are there?"
+    fake_llm.script = ['{"phrases": ["circle"]}', "I think it is a circle"]  # one valid, one not JSON
+    st.process_batch([*samples, s4])
+    assert len(fake_llm.requests) == 2  # one call per distinct question, not per sample
+    sources = {s.meta["question"]["question"]: s.meta["target_source"] for s in [*samples, s4]}
+    replies_in_order = [r["messages"][-1]["content"] for r in fake_llm.requests]
+    first, second = replies_in_order
+    assert sources[first] == "llm" and sources[second] == "rules-fallback"
+    # cached: asking again costs no call
+    again = fresh(segmented)[:1]
+    again[0].meta["question"].pop("targets", None)
+    again[0].meta["question"]["question"] = first
+    st.process_batch(again)
+    assert len(fake_llm.requests) == 2 and again[0].meta["target_source"] == "llm"
+    assert "phrases" in st.describe()["models"]
+
+
 def test_openai_llm_http_errors_refusal_empty_and_fallback(fake_llm, segmented):
     base = dict(model="tiny", base_url=fake_llm.url, backoff_s=0.01, backoff_max_s=0.02, timeout_s=0.5)
     # 500, a slow reply past the timeout, then success: retried with backoff

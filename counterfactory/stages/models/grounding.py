@@ -11,12 +11,13 @@ evidence instances (same contract as the annotation default: ``meta["targets"]``
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.rules import singular
@@ -194,7 +195,43 @@ def _to_xyxy(cxcywh: np.ndarray, w: float, h: float) -> np.ndarray:
     return np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], axis=1)
 
 
+class PhraseLLM(BaseModel):
+    """An LLM that reads the question's target phrases (a qa backend: its client and model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["llm-openai", "llm-transformers"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+PHRASE_PROMPT = (
+    "You read a visual question and name the objects in the image that its answer depends on. "
+    'Reply with JSON only: {"phrases": ["short noun phrase", ...]}, one to five phrases of one '
+    "to four words each, singular, lowercase, with a color or material word only when the "
+    "question uses one. Do not answer the question."
+)
+
+
+def parse_phrases(reply: Any) -> list[str] | None:
+    """The phrases of an LLM reply, or None when it is not the JSON asked for."""
+    if not isinstance(reply, str):
+        return None
+    try:
+        doc = json.loads(reply.strip().removeprefix("```json").removesuffix("```").strip())
+    except ValueError:
+        return None
+    items = doc.get("phrases") if isinstance(doc, dict) else doc
+    if not isinstance(items, list) or not 1 <= len(items) <= 5:
+        return None
+    out = [" ".join(str(x).lower().split()) for x in items if isinstance(x, str)]
+    if len(out) != len(items) or not all(1 <= len(x.split()) <= 4 for x in out):
+        return None
+    return list(dict.fromkeys(out))
+
+
 class DetectorParams(ModelParams):
+    phrases_llm: PhraseLLM | None = Field(
+        None, description="read target phrases with an LLM (questions without explicit targets); "
+        "default: the rule-based noun-phrase reader")
     preprocess_on_device: bool = Field(True, description="resize/normalize images on the model's device")
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
@@ -212,15 +249,53 @@ class DetectorLocalize(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         self.detector = Detector(self.kind, self.params, self.backend)
+        self.phrase_llm = None
+        self._phrase_cache: dict[str, tuple[list[str], str]] = {}
+        if self.params.phrases_llm is not None:
+            from counterfactory.stages import get_backend
+
+            spec = self.params.phrases_llm
+            self.phrase_llm = get_backend("qa", spec.backend)(params=spec.params, run=run)
 
     def describe(self) -> dict[str, Any]:
-        return super().describe() | {"models": {"detector": self.detector.record}}
+        models = {"detector": self.detector.record}
+        if self.phrase_llm is not None:
+            models["phrases"] = self.phrase_llm.describe().get("models", {"backend": self.phrase_llm.backend})
+        return super().describe() | {"models": models}
+
+    def _targets(self, samples: list[Sample]) -> dict[int, tuple[list[str], str]]:
+        """Per sample: (phrases, where they came from). Explicit targets win; then the LLM, one
+        call per distinct question (cached for the actor's life), with the rule-based reader as
+        the recorded fallback when the reply is not the JSON asked for."""
+        out: dict[int, tuple[list[str], str]] = {}
+        ask: dict[str, list[Sample]] = {}
+        for s in samples:
+            q = s.meta["question"]
+            if q.get("targets") or self.phrase_llm is None:
+                out[id(s)] = (question_targets(s.meta), "input" if q.get("targets") else "rules")
+            elif q["question"] in self._phrase_cache:
+                out[id(s)] = self._phrase_cache[q["question"]]
+            else:
+                ask.setdefault(q["question"], []).append(s)
+        if ask:
+            texts = list(ask)
+            replies = self.phrase_llm._chat([[{"role": "system", "content": PHRASE_PROMPT},
+                                              {"role": "user", "content": t}] for t in texts])
+            for text, reply in zip(texts, replies, strict=True):
+                phrases = parse_phrases(reply)
+                got = (phrases, "llm") if phrases else (list(extract_targets(text)), "rules-fallback")
+                self._phrase_cache[text] = got
+                for s in ask[text]:
+                    out[id(s)] = got
+        return out
 
     def process_batch(self, samples: list[Sample]) -> None:
         p = self.params
         todo = []
+        found = self._targets(samples)
         for s in samples:
-            targets = question_targets(s.meta)
+            targets, source = found[id(s)]
+            s.meta["target_source"] = source
             if not targets:
                 s.reject(self.name, "no_target_phrase", f"no noun phrase in {s.meta['question']['question']!r}")
                 continue
