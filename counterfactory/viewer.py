@@ -131,6 +131,9 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
                 "key": key, "w": w, "h": h, "frames": frames,
                 "outline": _outline(parts["mask.png"], w, h) if "mask.png" in parts else [],
                 "control": _outline(parts["control_mask.png"], w, h) if "control_mask.png" in parts else [],
+                # edits with a region of their own (attribute, count, insert, swap): outline that
+                "vout": {n.removesuffix("_mask.png"): _outline(parts[n], w, h) for n in parts
+                         if n.endswith("_mask.png") and n != "control_mask.png"},
                 "doc": doc,
             }
     samples = []
@@ -141,7 +144,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
         doc = s["doc"]
         samples.append({
             "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"],
-            "outline": s["outline"], "control": s["control"],
+            "outline": s["outline"], "control": s["control"], "vout": s["vout"],
             "variants": doc.get("variants", []),
             "source": doc.get("source", {}).get("image", ""),
             "origin": doc.get("source", {}).get("origin", ""),
@@ -233,7 +236,10 @@ function el(tag, attrs, text){const e=document.createElement(tag);
 function svgFor(s, name){
   const svg=document.createElementNS(NS,'svg');
   svg.setAttribute('width',s.w); svg.setAttribute('height',s.h); svg.setAttribute('viewBox','0 0 '+s.w+' '+s.h);
-  const polys=[[s.outline,'ev']]; if(name==='random_mask') polys.push([s.control,'ctl']);
+  // a variant's own region when it has one; a mirror image gets the mirrored evidence outline
+  let ev = (s.vout && s.vout[name]) || s.outline;
+  if(name==='flip') ev = ev.map(pts=>pts.map(q=>[s.w-1-q[0], q[1]]));
+  const polys=[[ev,'ev']]; if(name==='random_mask') polys.push([s.control,'ctl']);
   for(const [list,cls] of polys){ for(const pts of list){
     const p=document.createElementNS(NS,'polygon'); p.setAttribute('class',cls);
     p.setAttribute('points', pts.map(q=>q[0]+','+q[1]).join(' ')); svg.appendChild(p);}}
