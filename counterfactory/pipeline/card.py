@@ -388,10 +388,12 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         ax.set_title(f"{title} (n={h['n']})", fontsize=9)
         ax.tick_params(labelsize=7)
 
+    # Fixed margins instead of tight_layout: measuring every label of ~20 panels cost over a
+    # second per run, most of a small run's fixed cost (BENCHMARKS.md, growth).
     hs = card["histograms"]
     fig = Figure(figsize=(5, 3))
     bars(fig.add_subplot(1, 1, 1), hs["mask_area_frac"], "mask area (fraction of image)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.88)
     out = {"plots/mask_area.png": png(fig)}
     keys = [k for k in hs if k != "mask_area_frac"]
     ncol = 3
@@ -401,7 +403,7 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         bars(fig.add_subplot(nrow, ncol, i + 1), hs[k], k)
     if not keys:
         fig.text(0.5, 0.5, "no verification metrics", ha="center")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.3 / nrow, top=1 - 0.35 / nrow, hspace=0.7, wspace=0.25)
     out["plots/metrics.png"] = png(fig)
     return out
 
