@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,9 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]], start: int
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // first))))
     steps = plan_steps(cfg)
     encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
+    # Ray 2.60 warns on any extra remote argument to map_batches, but the retry settings below
+    # have no named parameter yet: keep the warning out of every run's output.
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
     for i, step in enumerate(steps):
         r = step.resources
         common: dict[str, Any] = {"batch_size": r.batch_size, "batch_format": "numpy", "num_cpus": r.num_cpus}
