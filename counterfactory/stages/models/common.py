@@ -128,6 +128,15 @@ def place(obj: Any, weights: str, device: str, dtype: str, prefer: str = "float1
     obj.dtype = resolve_dtype(dtype, obj.device, prefer=prefer)
 
 
+def transformers_setup(obj: Any, p: ModelParams, backend: str, prefer: str = "float16") -> tuple[Any, dict[str, Any]]:
+    """The start of every transformers backend: its libraries present, the weights not pickled,
+    device and dtype chosen (``obj.device``/``obj.dtype``). Returns (transformers, load kwargs)."""
+    require("torch", "torch", backend)
+    tf = require("transformers", "transformers>=4.45", backend)
+    place(obj, p.model, p.device, p.dtype, prefer=prefer)
+    return tf, load_kwargs(p)
+
+
 def load_kwargs(p: ModelParams) -> dict[str, Any]:
     return {"revision": p.revision, "trust_remote_code": p.trust_remote_code, "use_safetensors": True}
 

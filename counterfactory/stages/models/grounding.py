@@ -24,11 +24,9 @@ from counterfactory.rules import singular
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
-    load_kwargs,
     model_record,
-    place,
-    require,
     run_batched,
+    transformers_setup,
 )
 
 DetectorKind = Literal["grounding-dino", "owlv2"]
@@ -81,12 +79,9 @@ class Detector:
     phrases, and returns per image a list of ``{phrase, box (float xyxy), score}``."""
 
     def __init__(self, kind: DetectorKind, p: ModelParams, backend: str) -> None:
-        require("torch", "torch", backend)
-        tf = require("transformers", "transformers>=4.45", backend)
         self.kind = kind
-        place(self, p.model, p.device, p.dtype)
+        tf, kw = transformers_setup(self, p, backend)
         self.batch_size = p.batch_size
-        kw = load_kwargs(p)
         proc_kw = {k: v for k, v in kw.items() if k != "use_safetensors"}
         if kind == "grounding-dino":
             self.processor = tf.AutoProcessor.from_pretrained(p.model, **proc_kw)

@@ -35,11 +35,9 @@ from counterfactory.pipeline.sample import Reject, Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
-    load_kwargs,
     model_record,
-    place,
-    require,
     run_batched,
+    transformers_setup,
 )
 from counterfactory.stages.qa import TemplateQA, original_answer
 
@@ -203,11 +201,8 @@ class TransformersLLMQA(LLMQA):
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
-        require("torch", "torch", self.backend)
-        tf = require("transformers", "transformers>=4.45", self.backend)
         p = self.params
-        place(self, p.model, p.device, p.dtype, prefer="bfloat16")
-        kw = load_kwargs(p)
+        tf, kw = transformers_setup(self, p, self.backend, prefer="bfloat16")
         self.tokenizer = tf.AutoTokenizer.from_pretrained(p.model, revision=p.revision,
                                                           trust_remote_code=p.trust_remote_code)
         self.tokenizer.padding_side = "left"  # batched generation continues every row at its end

@@ -22,11 +22,11 @@ from counterfactory.stages.models.common import (
     Device,
     DType,
     ModelParams,
-    load_kwargs,
     model_record,
     place,
     require,
     run_batched,
+    transformers_setup,
 )
 from counterfactory.stages.segment import dilate
 
@@ -225,11 +225,8 @@ class HfSamSegment(Stage):
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
-        require("torch", "torch", self.backend)
-        tf = require("transformers", "transformers>=4.45", self.backend)
         p = self.params
-        place(self, p.model, p.device, p.dtype, prefer="bfloat16")
-        kw = load_kwargs(p)
+        tf, kw = transformers_setup(self, p, self.backend, prefer="bfloat16")
         self.processor = tf.SamProcessor.from_pretrained(p.model, revision=p.revision)
         self.model = tf.SamModel.from_pretrained(p.model, dtype=self.dtype, **kw).to(self.device).eval()
         self.record = model_record(p.model, p.revision, architecture="transformers.SamModel",
