@@ -132,8 +132,21 @@ def build_sam(model_type: str, arch: SamArch | None):
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
 
 
+class _EncodeOnce(Stage):
+    """SAM backends: every image of a batch through the encoder in one call (halved on CUDA
+    OOM), then each sample's boxes decoded against its one embedding (``_finish``)."""
+
+    def process_batch(self, samples: list[Sample]) -> None:
+        run = run_batched(self._encode, [s.arrays["image"] for s in samples], self.params.batch_size)
+        for i, s in enumerate(samples):
+            if i in run.failures:
+                s.reject(self.name, *run.failures[i])
+                continue
+            self.guarded(s, lambda smp, o=run.outputs[i]: self._finish(smp, *o))
+
+
 @register
-class SamSegment(Stage):
+class SamSegment(_EncodeOnce):
     """segment-anything: ``checkpoint`` is a safetensors state dict for ``model_type``."""
 
     name = "segment"
@@ -197,14 +210,6 @@ class SamSegment(Stage):
         idx = torch.arange(len(boxes), device=iou.device)
         return masks[idx, best].cpu().numpy(), iou[idx, best].float().cpu().numpy().tolist(), iou.cpu().numpy()
 
-    def process_batch(self, samples: list[Sample]) -> None:
-        run = run_batched(self._encode, [s.arrays["image"] for s in samples], self.params.batch_size)
-        for i, s in enumerate(samples):
-            if i in run.failures:
-                s.reject(self.name, *run.failures[i])
-                continue
-            emb, size = run.outputs[i]
-            self.guarded(s, lambda smp, e=emb, sz=size: self._finish(smp, e, sz))
 
     def _finish(self, s: Sample, emb: Any, size: tuple[int, int]) -> None:
         boxes = [inst["box"] for inst in s.meta["instances"]]
@@ -213,7 +218,7 @@ class SamSegment(Stage):
 
 
 @register
-class HfSamSegment(Stage):
+class HfSamSegment(_EncodeOnce):
     """transformers ``SamModel``: image embeddings batched, boxes decoded per image."""
 
     name = "segment"
@@ -244,13 +249,6 @@ class HfSamSegment(Stage):
         return [(emb[i:i + 1], inp["original_sizes"][i].tolist(), inp["reshaped_input_sizes"][i].tolist())
                 for i in range(len(images))]
 
-    def process_batch(self, samples: list[Sample]) -> None:
-        run = run_batched(self._encode, [s.arrays["image"] for s in samples], self.params.batch_size)
-        for i, s in enumerate(samples):
-            if i in run.failures:
-                s.reject(self.name, *run.failures[i])
-                continue
-            self.guarded(s, lambda smp, o=run.outputs[i]: self._finish(smp, *o))
 
     def _finish(self, s: Sample, emb: Any, orig: list[int], reshaped: list[int]) -> None:
         import torch
