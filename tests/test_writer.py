@@ -1,0 +1,79 @@
+"""The shard writer writes the bytes tarfile (and webdataset's TarWriter) would write."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from counterfactory.pipeline.writer import TAR_MTIME, DatasetWriter, _TarShard, _ustar_header
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime, ti.uname, ti.gname = size, 0o644, TAR_MTIME, "", ""
+    return ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+@pytest.mark.parametrize("name", [
+    "0123456789abcdef.orig.jpg", "k.json", "a" * 96 + ".png", "a" * 97 + ".png",  # 100 and 101 chars
+    "clé.json", "dir/key.mask.png", "k" * 200 + ".jpg",
+])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 8**11 - 1, 8**11])
+def test_header_is_tarfiles(name, size):
+    assert _ustar_header(name, size) == _tarfile_header(name, size)
+
+
+def _wds_shard(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """What the writer wrote before it wrote tar headers itself (webdataset's TarWriter)."""
+    buf = io.BytesIO()
+    w = wds.TarWriter(buf, user="", group="", mode=0o644, mtime=TAR_MTIME)
+    for key, parts in samples:
+        w.write({"__key__": key, **parts})
+    w.close()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [10240 - 3 * 512], [10240], [30_000, 7]])
+def test_shard_bytes_equal_webdataset_tarwriter(tmp_path, sizes):
+    samples = [(f"{i:04x}key", {"json": b"{}", "orig.jpg": bytes([i % 251]) * n, "mask.png": b"m" * (n // 3)})
+               for i, n in enumerate(sizes)]
+    shard = _TarShard(tmp_path / "x.tar.tmp")
+    for key, parts in samples:
+        shard.write_sample(key, parts)
+    shard.finish()
+    data = (tmp_path / "x.tar.tmp").read_bytes()
+    assert data == _wds_shard(samples)
+    assert shard.size == len(data) and shard.sha.hexdigest() == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "x.tar.tmp") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf}
+    assert got == {f"{k}.{e}": v for k, p in samples for e, v in p.items()}
+
+
+def test_shard_rejects_non_bytes(tmp_path):
+    shard = _TarShard(tmp_path / "x.tar.tmp")
+    with pytest.raises(ValueError, match="not bytes"):
+        shard.write_sample("k", {"json": {"a": 1}})
+
+
+def test_writer_shards_manifest_and_journal(tmp_path):
+    """Shards are renamed into place whole, checksummed, journaled; no temporary file remains."""
+    meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove"],
+            "qa": [{"question": "q", "kind": "exists", "answers": {"orig": "yes", "remove": "no"}}],
+            "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "metrics": {}}
+    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h")
+    for i in reversed(range(5)):  # any arrival order: shards follow the input order
+        w.add(i, f"k{i}", "ok", meta, {"json": b"{}", "orig.jpg": b"x" * (100 * i)})
+    manifest = w.close()
+    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
+    for s in manifest["shards"]:
+        data = (tmp_path / s["name"]).read_bytes()
+        assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+    assert sorted(p.name for p in (tmp_path / ".journal").iterdir()) == ["000000.json", "000001.json",
+                                                                        "000002.json"]
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))
+    with tarfile.open(tmp_path / "d-000000.tar") as tf:
+        assert tf.getnames() == ["k0.json", "k0.orig.jpg", "k1.json", "k1.orig.jpg"]
