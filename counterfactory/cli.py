@@ -8,9 +8,11 @@
     counterfactory diff DATASET@A DATASET@B [--json]
     counterfactory plan CONFIG [dotted.key=value ...] [--address http://HEAD:8265]
     counterfactory submit CONFIG [dotted.key=value ...] --address http://HEAD:8265 [--limit N] [--wait S]
+                                [--env NAME[=VALUE]] [--pip REQ] [--ship-package]
     counterfactory status|logs|stop JOB --address http://HEAD:8265
 
-DATASET is a dataset name under --root (default ./outputs) or a path to ROOT/DATASET;
+DATASET is a dataset name under --root (default ./outputs; a local folder or an object-store URI
+such as s3://bucket/prefix) or a path or URI to ROOT/DATASET;
 VERSION is a label (v1, v2, ...) or ``latest`` (the default when no @VERSION is given).
 """
 
@@ -68,7 +70,7 @@ def _print_summary(res) -> None:
     _print_stage_report(con, res.out_dir)
     # plain print: a path must never be wrapped or truncated by the table
     print(f"version: {m['dataset']}@{res.label}  spec id {res.spec_id[:12]}  content id {res.content_id[:12]}")
-    print(f"output: {res.out_dir.resolve()}")
+    print(f"output: {res.location}")
 
 
 def _print_stage_report(con, out_dir: Path) -> None:
@@ -122,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if res.reused:
         print(f"{cfg.dataset}@{res.label} already holds this spec (spec id {res.spec_id[:12]}, "
               f"content id {res.content_id[:12]}): nothing to do. Use --force to build a new version.")
-        print(f"output: {res.out_dir.resolve()}")
+        print(f"output: {res.location}")
         return 0
     _print_summary(res)
     return 0
@@ -148,7 +150,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         label = v.label + (" (latest)" if v.label == latest else "")
         t.add_row(label, (v.info.get("spec_id") or "-")[:12], (v.info.get("content_id") or "-")[:12],
                   v.info.get("created") or "-", samples, rejects, v.status())
-    for p in sorted(ds_dir.glob(".staging-*")):
+    for p in V.staging_dirs(ds_dir):
         t.add_row(p.name, "-", "-", "-", "-", "-", "unfinished run (in progress or crashed)")
     Console(width=max(140, Console().width)).print(t)
     return 0
@@ -203,12 +205,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for c in checks:
         if not c.ok or args.verbose:
             print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
-    name = f"{v.path.parent.name}@{v.label}"
+    name = f"{v.dataset}@{v.label}"
     if bad:
         print(f"{name}: {len(bad)} problem(s) in {len(checks)} checks: " + ", ".join(c.name for c in bad))
         return 1
     n = sum(1 for c in checks if c.name.endswith(".tar"))
-    print(f"{name}: ok ({n} shard(s), {len(checks)} checks, content id {V.content_id(v.path)[:12]})")
+    print(f"{name}: ok ({n} shard(s), {len(checks)} checks, content id {V.sha256_bytes(v.read_bytes('manifest.json'))[:12]})")
     return 0
 
 
@@ -343,7 +345,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from counterfactory import cluster
 
     job_id = cluster.submit(args.config, args.overrides, args.address, limit=args.limit,
-                            pip=args.pip, ship_package=args.ship_package)
+                            pip=args.pip, ship_package=args.ship_package, env=args.env)
     print(job_id)
     if args.wait:
         status = cluster.wait(job_id, args.address, args.wait)
@@ -446,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--limit", type=int, default=None, help="process only the first N inputs")
     sb.add_argument("--pip", action="append", default=None, metavar="REQ",
                     help="runtime_env pip requirement for the job (repeatable), e.g. counterfactory==0.1.0")
+    sb.add_argument("--env", action="append", default=None, metavar="NAME[=VALUE]",
+                    help="environment variable for the job (repeatable); NAME alone copies this "
+                         "shell's value, e.g. --env AWS_PROFILE for an s3:// output root")
     sb.add_argument("--ship-package", action="store_true",
                     help="ship this counterfactory package with the job (runtime_env py_modules)")
     sb.add_argument("--wait", type=float, default=None, metavar="SECONDS",

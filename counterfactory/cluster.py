@@ -43,9 +43,13 @@ def client(address: str | None):
 
 def _absolute_overrides(cfg: PipelineConfig) -> list[str]:
     """Overrides that pin the config's local paths (output root, input files) as absolute."""
-    from counterfactory.pipeline.runner import output_root
+    from counterfactory.storage import is_remote, local_path
 
-    out = [f"output.root={output_root(cfg).resolve()}"]
+    root = cfg.output.root
+    if is_remote(root):  # an object store: the same URI everywhere
+        out = []
+    else:
+        out = [f"output.root={(local_path(root) if root.startswith('file://') else cfg.path(root)).resolve()}"]
     for i, inp in enumerate(cfg.inputs):
         p = getattr(inp, "path", None)
         if isinstance(p, str) and p and not p.startswith("pkg:") and "://" not in p and not Path(p).is_absolute():
@@ -53,8 +57,25 @@ def _absolute_overrides(cfg: PipelineConfig) -> list[str]:
     return out
 
 
+def job_env(items: list[str] | None) -> dict[str, str]:
+    """``NAME=VALUE`` as given, or ``NAME`` alone: its value in this environment (how object-store
+    credentials or an endpoint such as AWS_ENDPOINT_URL reach the job's driver and workers)."""
+    env: dict[str, str] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not name:
+            raise ConfigError(f"--env {item!r}: expected NAME or NAME=VALUE")
+        if not eq:
+            if name not in os.environ:
+                raise ConfigError(f"--env {name}: not set in this environment (give NAME=VALUE)")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
 def build_job(config: str, overrides: list[str], *, limit: int | None = None,
-              pip: list[str] | None = None, ship_package: bool = False) -> dict[str, Any]:
+              pip: list[str] | None = None, ship_package: bool = False,
+              env: list[str] | None = None) -> dict[str, Any]:
     """The ``submit_job`` arguments for running CONFIG on a cluster (validated here first)."""
     cfg = load_config(config, overrides)
     path = Path(config).resolve()
@@ -67,6 +88,8 @@ def build_job(config: str, overrides: list[str], *, limit: int | None = None,
     }
     if pip:
         runtime_env["pip"] = list(pip)
+    if env:
+        runtime_env["env_vars"] = job_env(env)
     if ship_package:
         import counterfactory
 

@@ -118,7 +118,17 @@ def _as_fsspec(filesystem: Any) -> fsspec.AbstractFileSystem | None:
 def _fs_for(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
     if fs is not None:
         return fs, url
-    return fsspec.core.url_to_fs(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        # no fsspec implementation installed for the scheme (s3:// without s3fs, ...): pyarrow's
+        # own S3/GCS/HDFS filesystems, the ones `counterfactory run` wrote with, read it too
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        from counterfactory.storage import open_filesystem
+
+        pfs, path = open_filesystem(url)
+        return ArrowFSWrapper(pfs), path
 
 
 def _join(base: str, name: str) -> str:

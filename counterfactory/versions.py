@@ -42,11 +42,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from counterfactory import __version__
-from counterfactory.pipeline.writer import atomic_write, sha256_file
+from counterfactory.pipeline.writer import JOURNAL, atomic_write, sha256_file
+from counterfactory.storage import (
+    RemoteDir,
+    StorageError,
+    is_remote,
+    join_uri,
+    local_path,
+    local_workdir,
+)
 
 VERSION_FILE = "version.json"
 LATEST = "latest"
@@ -197,29 +206,63 @@ def content_id(version_dir: Path) -> str:
 
 @dataclass
 class Version:
+    """One version folder. ``path`` is local: the folder itself, or for a version on an object
+    store (``remote`` set) a local mirror of its small files (card, index, manifest, config);
+    shards are always read through ``open``/``sizes``/``sha256``, wherever they are."""
+
     label: str
     path: Path
     info: dict[str, Any]
+    remote: RemoteDir | None = None
 
     @property
     def number(self) -> int:
         return int(self.label[1:])
 
+    @property
+    def location(self) -> str:
+        return self.remote.uri if self.remote else str(self.path)
+
+    @property
+    def dataset(self) -> str:
+        if self.remote:
+            return urlsplit(self.remote.uri).path.rstrip("/").rsplit("/", 2)[-2]
+        return self.path.parent.name
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.remote.read_bytes(name) if self.remote else (self.path / name).read_bytes()
+
+    def open(self, name: str) -> Any:
+        """A seekable binary file of a member of the version (a shard, the index, ...)."""
+        return self.remote.open(name) if self.remote else open(self.path / name, "rb")
+
+    def sizes(self, names: list[str]) -> dict[str, int | None]:
+        if self.remote:
+            return self.remote.sizes(names)
+        return {n: (self.path / n).stat().st_size if (self.path / n).is_file() else None for n in names}
+
+    def sha256(self, name: str) -> str:
+        return self.remote.sha256(name) if self.remote else sha256_file(self.path / name)
+
     def manifest(self) -> dict[str, Any]:
-        return json.loads((self.path / "manifest.json").read_text())
+        return json.loads(self.read_bytes("manifest.json"))
 
     def status(self) -> str:
         """Cheap health check (existence and sizes; ``verify`` recomputes checksums)."""
-        mf = self.path / "manifest.json"
-        if not mf.exists():
+        try:
+            raw = self.read_bytes("manifest.json")
+        except (FileNotFoundError, OSError):
             return "incomplete: no manifest"
-        if self.info.get("content_id") and content_id(self.path) != self.info["content_id"]:
+        if self.remote and not self.info:
+            return "incomplete: no version.json (upload unfinished?)"
+        if self.info.get("content_id") and sha256_bytes(raw) != self.info["content_id"]:
             return "modified: manifest changed"
-        missing = [s["name"] for s in self.manifest()["shards"] if not (self.path / s["name"]).exists()]
+        shards = json.loads(raw)["shards"]
+        got = self.sizes([s["name"] for s in shards])
+        missing = [s["name"] for s in shards if got[s["name"]] is None]
         if missing:
             return f"damaged: {len(missing)} shard(s) missing"
-        wrong = [s["name"] for s in self.manifest()["shards"]
-                 if (self.path / s["name"]).stat().st_size != s["bytes"]]
+        wrong = [s["name"] for s in shards if got[s["name"]] != s["bytes"]]
         if wrong:
             return f"damaged: {len(wrong)} shard(s) of the wrong size"
         return "complete"
@@ -233,14 +276,42 @@ def read_version(path: Path) -> Version:
     return Version(path.name, path, info)
 
 
-def list_versions(ds_dir: Path) -> list[Version]:
+Dataset = Path | RemoteDir  # ROOT/DATASET: a local folder or a folder on an object store
+
+
+def remote_mirror(ds: RemoteDir) -> Path:
+    """Local working folder of a dataset on an object store: staging of runs and mirrors of
+    each version's small files."""
+    return local_workdir(ds.uri)
+
+
+def _read_remote_version(ds: RemoteDir, label: str) -> Version:
+    try:
+        info = json.loads(ds.read_bytes(f"{label}/{VERSION_FILE}"))
+    except (FileNotFoundError, OSError, ValueError):
+        info = {}  # an unfinished upload: version.json is written last
+    return Version(label, remote_mirror(ds) / label, info, ds.child(label))
+
+
+def list_versions(ds_dir: Dataset) -> list[Version]:
+    if isinstance(ds_dir, RemoteDir):
+        labels = [n for n, is_dir, _ in ds_dir.list() if is_dir and LABEL_RE.match(n)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            found = list(pool.map(lambda lb: _read_remote_version(ds_dir, lb), labels))
+        return sorted(found, key=lambda v: v.number)
     if not ds_dir.is_dir():
         return []
     found = [read_version(p) for p in ds_dir.iterdir() if p.is_dir() and LABEL_RE.match(p.name)]
     return sorted(found, key=lambda v: v.number)
 
 
-def read_latest(ds_dir: Path) -> str | None:
+def read_latest(ds_dir: Dataset) -> str | None:
+    if isinstance(ds_dir, RemoteDir):
+        try:
+            return ds_dir.read_text(LATEST).strip() or None
+        except (FileNotFoundError, OSError):
+            versions = [v for v in list_versions(ds_dir) if v.info]
+            return versions[-1].label if versions else None
     p = ds_dir / LATEST
     if p.is_symlink():  # tolerated if someone made one by hand
         return Path(os.readlink(p)).name
@@ -251,18 +322,32 @@ def read_latest(ds_dir: Path) -> str | None:
     return versions[-1].label if versions else None
 
 
-def write_latest(ds_dir: Path, label: str) -> None:
-    atomic_write(ds_dir / LATEST, f"{label}\n".encode())
+def write_latest(ds_dir: Dataset, label: str) -> None:
+    if isinstance(ds_dir, RemoteDir):
+        ds_dir.write_bytes(LATEST, f"{label}\n".encode())
+    else:
+        atomic_write(ds_dir / LATEST, f"{label}\n".encode())
 
 
-def find_complete(ds_dir: Path, sid: str) -> Version | None:
+def staging_dirs(ds_dir: Dataset) -> list[Path]:
+    """Unfinished runs (in progress or crashed) of this dataset on this machine."""
+    local = remote_mirror(ds_dir) if isinstance(ds_dir, RemoteDir) else ds_dir
+    return sorted(local.glob(".staging-*"))
+
+
+def work_dir(ds_dir: Dataset) -> Path:
+    """Where a run of this dataset stages its shards (the dataset folder itself when local)."""
+    return remote_mirror(ds_dir) if isinstance(ds_dir, RemoteDir) else ds_dir
+
+
+def find_complete(ds_dir: Dataset, sid: str) -> Version | None:
     for v in reversed(list_versions(ds_dir)):
         if v.info.get("spec_id") == sid and v.status() == "complete":
             return v
     return None
 
 
-def next_label(ds_dir: Path) -> str:
+def next_label(ds_dir: Dataset) -> str:
     nums = [v.number for v in list_versions(ds_dir)]
     return f"v{max(nums, default=0) + 1}"
 
@@ -286,13 +371,16 @@ def migrate_flat_layout(ds_dir: Path) -> str | None:
     return "v1"
 
 
-def publish_version(staging: Path, ds_dir: Path, make_info: Callable[[str], dict[str, Any]],
+def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
                     finish: Callable[[Path, dict[str, Any]], None]) -> Version:
     """Name the staging folder with the next free label and rename it into place.
 
     ``make_info(label)`` gives version.json; ``finish(staging, info)`` writes label-dependent
     files (the card). Two concurrent runs may pick the same label: the rename of the loser
-    fails (the target exists and is not empty), and it retries with the next label."""
+    fails (the target exists and is not empty), and it retries with the next label.
+    On an object store the staging folder is uploaded instead (see ``_publish_remote``)."""
+    if isinstance(ds_dir, RemoteDir):
+        return _publish_remote(staging, ds_dir, make_info, finish)
     for _ in range(100):
         label = next_label(ds_dir)
         info = make_info(label)
@@ -309,6 +397,74 @@ def publish_version(staging: Path, ds_dir: Path, make_info: Callable[[str], dict
     raise RuntimeError(f"could not allocate a version label in {ds_dir}")
 
 
+CLAIM = ".claim.json"  # written first into a label being uploaded; removed once it is committed
+
+
+def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
+                    finish: Callable[[Path, dict[str, Any]], None]) -> Version:
+    """Upload the staging folder as ``DATASET/vN`` on the object store: a claim naming the
+    content, every file, then ``manifest.json``, then ``version.json`` (the commit marker: a
+    label folder without it is an unfinished upload, never taken as a version), then
+    ``latest``. A rerun after an upload was cut off finishes the same label. The local staging
+    folder becomes the version's local mirror, without its shards.
+
+    Object stores have no atomic rename or create-if-absent here, so two runs publishing
+    different content to one dataset at the same instant are told apart by reading the claim
+    and version.json back: the loser moves on, or fails with a clear message."""
+    probe = make_info("v0")
+    ours = {"spec_id": probe["spec_id"], "content_id": probe["content_id"]}
+
+    def claim_of(label: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(ds.read_bytes(f"{label}/{CLAIM}"))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    unfinished = [v.label for v in list_versions(ds) if not v.info and claim_of(v.label) == ours]
+    for _ in range(100):
+        label = unfinished.pop(0) if unfinished else next_label(ds)
+        target = ds.child(label)
+        if claim_of(label) != ours:
+            if target.exists():  # another run is uploading this label
+                continue
+            target.write_bytes(CLAIM, json.dumps(ours).encode())
+            if claim_of(label) != ours:
+                continue
+        info = make_info(label)
+        atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+        finish(staging, info)
+        ds.upload(staging, label, last=("manifest.json", VERSION_FILE), skip={".lock", JOURNAL})
+        got = json.loads(target.read_bytes(VERSION_FILE))
+        if (got.get("spec_id"), got.get("content_id")) != (info["spec_id"], info["content_id"]):
+            raise StorageError(f"{target.uri}: another run published this label at the same time; "
+                               "run again to publish under the next label")
+        target.delete(CLAIM)
+        write_latest(ds, label)
+        mirror = remote_mirror(ds) / label
+        shutil.rmtree(mirror, ignore_errors=True)
+        for tar in staging.glob("*.tar"):
+            tar.unlink()
+        os.replace(staging, mirror)
+        return Version(label, mirror, info, target)
+    raise RuntimeError(f"could not allocate a version label in {ds}")
+
+
+def fetch_mirror(version: Version) -> Version:
+    """Bring a remote version's small files (everything but shards) into its local mirror, so
+    card, diff, eval, regenerate and the viewer read them like a local version's. Versions
+    never change, so a mirror whose manifest matches the recorded content id is reused."""
+    if version.remote is None:
+        return version
+    mirror = version.path
+    cid = version.info.get("content_id")
+    if cid and (mirror / "manifest.json").is_file() and sha256_file(mirror / "manifest.json") == cid:
+        return version
+    names = [n for n, is_dir, _ in version.remote.list(recursive=True)
+             if not is_dir and not n.endswith(".tar") and not n.startswith("viewer/")]
+    version.remote.download(names, mirror)
+    return version
+
+
 def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -321,12 +477,22 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return name, label or None
 
 
-def locate_dataset(name: str, root: str | Path = "outputs") -> Path:
-    """``DATASET`` is a name under ``--root`` or a path to ``ROOT/DATASET``."""
-    p = Path(name).expanduser()
+def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
+    """``DATASET`` is a name under ``--root`` or a path (or URI) to ``ROOT/DATASET``; ``root``
+    may be an object-store URI (``s3://bucket/prefix``)."""
+    if is_remote(name) or is_remote(root):
+        ds = RemoteDir(name if is_remote(name) else join_uri(str(root), name))
+        try:
+            found = ds.exists()
+        except OSError as exc:
+            raise VersionError(f"{ds.uri}: {exc}") from None
+        if not found:
+            raise VersionError(f"no dataset at {ds.uri}")
+        return ds
+    p = local_path(name)
     if p.is_dir() and (list_versions(p) or (p / LATEST).exists()):
         return p
-    q = Path(root).expanduser() / name
+    q = local_path(root) / name
     if q.is_dir():
         return q
     if p.is_dir() and (p / "manifest.json").exists():
@@ -336,18 +502,38 @@ def locate_dataset(name: str, root: str | Path = "outputs") -> Path:
 
 def locate(ref: str, root: str | Path = "outputs") -> Version:
     """``DATASET[@VERSION]`` -> the version (``latest`` when no label is given). A path to a
-    version folder (``ROOT/DATASET/v2``) works as well."""
+    version folder (``ROOT/DATASET/v2``, or its URI) works as well. A version on an object
+    store comes back with its small files mirrored locally (``fetch_mirror``)."""
     name, label = split_ref(ref)
-    p = Path(name).expanduser()
-    if label is None and LABEL_RE.match(p.name) and (p / "manifest.json").exists():
-        return read_version(p)
-    ds_dir = locate_dataset(name, root)
-    if label in (None, LATEST):
-        label = read_latest(ds_dir)
-        if label is None:
-            raise VersionError(f"{ds_dir} has no versions yet")
-    if not LABEL_RE.match(label):
-        raise VersionError(f"bad version label {label!r}: expected v1, v2, ... or latest")
+    if label is None and LABEL_RE.match(name.rstrip("/").rsplit("/", 1)[-1]):
+        if is_remote(name):
+            parent, _, lb = name.rstrip("/").rpartition("/")
+            try:
+                ds = RemoteDir(parent)
+                if ds.exists(f"{lb}/manifest.json"):
+                    return fetch_mirror(_read_remote_version(ds, lb))
+            except OSError as exc:
+                raise VersionError(f"{name}: {exc}") from None
+        else:
+            p = local_path(name)
+            if (p / "manifest.json").exists():
+                return read_version(p)
+    try:
+        ds_dir = locate_dataset(name, root)
+        if label in (None, LATEST):
+            label = read_latest(ds_dir)
+            if label is None:
+                raise VersionError(f"{ds_dir} has no versions yet")
+        if not LABEL_RE.match(label):
+            raise VersionError(f"bad version label {label!r}: expected v1, v2, ... or latest")
+        if isinstance(ds_dir, RemoteDir):
+            v = _read_remote_version(ds_dir, label)
+            if not v.info:
+                have = ", ".join(x.label for x in list_versions(ds_dir) if x.info) or "none"
+                raise VersionError(f"{ds_dir.uri} has no version {label} (versions: {have})")
+            return fetch_mirror(v)
+    except (OSError, StorageError) as exc:
+        raise VersionError(f"{name}: {exc}") from None
     vdir = ds_dir / label
     if not vdir.is_dir():
         have = ", ".join(v.label for v in list_versions(ds_dir)) or "none"
@@ -356,10 +542,10 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
 
 
 # -- verify ----------------------------------------------------------------------------------
-def count_tar_samples(path: Path) -> int:
-    """Distinct sample keys in a tar, reading headers only (members are skipped, not read)."""
+def count_tar_samples(f: Any) -> int:
+    """Distinct sample keys in a tar (a seekable binary file), reading headers only."""
     keys = set()
-    with tarfile.open(path, mode="r:") as tf:
+    with tarfile.open(fileobj=f, mode="r:") as tf:
         for m in tf:
             if m.isfile():
                 keys.add(m.name.split(".", 1)[0])
@@ -375,50 +561,57 @@ class Check:
 
 def verify(version: Version) -> list[Check]:
     """Recompute every shard's sha256, size and sample count, and every listed file's sha256,
-    against the manifest; and the manifest's own sha256 against the recorded content id."""
+    against the manifest; and the manifest's own sha256 against the recorded content id.
+    Works the same on a version on an object store (shards are streamed, not downloaded)."""
     out: list[Check] = []
-    vdir = version.path
-    if not (vdir / "manifest.json").exists():
+    try:
+        raw = version.read_bytes("manifest.json")
+    except (FileNotFoundError, OSError):
         return [Check("manifest.json", False, "missing")]
-    cid = content_id(vdir)
+    cid = sha256_bytes(raw)
     want = version.info.get("content_id")
     out.append(Check("manifest.json", want in (None, cid),
                      f"content id {cid[:12]}" + ("" if want in (None, cid) else f" != recorded {want[:12]}")))
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    for s in manifest["shards"]:
-        p = vdir / s["name"]
-        if not p.exists():
-            out.append(Check(s["name"], False, "missing"))
-            continue
+    manifest = json.loads(raw)
+    sizes = version.sizes([s["name"] for s in manifest["shards"]] + sorted(manifest.get("files", {})))
+
+    def check_shard(s: dict[str, Any]) -> Check:
+        size = sizes[s["name"]]
+        if size is None:
+            return Check(s["name"], False, "missing")
         problems = []
-        size = p.stat().st_size
         if size != s["bytes"]:
             problems.append(f"{size} bytes, manifest says {s['bytes']}")
-        digest = sha256_file(p)
+        digest = version.sha256(s["name"])
         if digest != s["sha256"]:
             problems.append(f"sha256 {digest[:12]} != manifest {s['sha256'][:12]}")
+        n = -1
         try:
-            n = count_tar_samples(p)
+            with version.open(s["name"]) as f:
+                n = count_tar_samples(f)
             if n != s["samples"]:
                 problems.append(f"{n} samples, manifest says {s['samples']}")
         except (tarfile.TarError, OSError) as exc:
             problems.append(f"unreadable tar: {exc}")
-            n = -1
-        out.append(Check(s["name"], not problems, "; ".join(problems) or f"ok, {n} samples"))
-    if (vdir / "index.parquet").exists():
+        return Check(s["name"], not problems, "; ".join(problems) or f"ok, {n} samples")
+
+    # hashing releases the GIL and remote reads wait on the network: a few shards at a time
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        out.extend(pool.map(check_shard, manifest["shards"]))
+    if sizes.get("index.parquet") is not None or (not version.remote and (version.path / "index.parquet").exists()):
         import pyarrow.parquet as pq
 
-        per = Counter(pq.read_table(vdir / "index.parquet", columns=["shard"]).column("shard").to_pylist())
+        with version.open("index.parquet") as f:
+            per = Counter(pq.read_table(f, columns=["shard"]).column("shard").to_pylist())
         want_per = {s["name"]: s["samples"] for s in manifest["shards"]}
         wrong = sorted(n for n in set(per) | set(want_per) if per.get(n, 0) != want_per.get(n, 0))
         out.append(Check("index rows", not wrong, "one row per sample of every shard" if not wrong else
                          "; ".join(f"{n}: {per.get(n, 0)} rows, manifest says {want_per.get(n, 0)} samples"
                                    for n in wrong)))
     for name, meta in sorted(manifest.get("files", {}).items()):
-        p = vdir / name
-        if not p.exists():
+        if sizes.get(name) is None:
             out.append(Check(name, False, "missing"))
-        elif sha256_file(p) != meta["sha256"]:
+        elif version.sha256(name) != meta["sha256"]:
             out.append(Check(name, False, "sha256 differs from the manifest"))
         else:
             out.append(Check(name, True, "ok"))
@@ -494,8 +687,8 @@ def diff(a: Version, b: Version, *, samples: bool = True) -> dict[str, Any]:
     rejects = {k: {"a": ra.get(k, 0), "b": rb.get(k, 0), "delta": rb.get(k, 0) - ra.get(k, 0)}
                for k in sorted(set(ra) | set(rb)) if ra.get(k, 0) != rb.get(k, 0)}
     out: dict[str, Any] = {
-        "a": f"{a.path.parent.name}@{a.label}", "b": f"{b.path.parent.name}@{b.label}",
-        "content_identical": content_id(a.path) == content_id(b.path),
+        "a": f"{a.dataset}@{a.label}", "b": f"{b.dataset}@{b.label}",
+        "content_identical": sha256_bytes(a.read_bytes("manifest.json")) == sha256_bytes(b.read_bytes("manifest.json")),
         "config": config_changes(_load_cfg(a.path), _load_cfg(b.path)),
         "spec": spec_changes(a.info, b.info),
         "counts": counts,
@@ -515,31 +708,36 @@ def diff(a: Version, b: Version, *, samples: bool = True) -> dict[str, Any]:
 
 
 # -- regenerate ------------------------------------------------------------------------------
-def tar_sample_digests(path: Path) -> dict[str, str]:
+def tar_sample_digests(f: Any) -> dict[str, str]:
     """key -> sha256 over the sample's member names and bytes, read in memory, never extracted."""
     acc: dict[str, Any] = {}
-    with tarfile.open(path, mode="r:") as tf:
+    with tarfile.open(fileobj=f, mode="r:") as tf:
         for m in tf:
             if not m.isfile():
                 continue
             key = m.name.split(".", 1)[0]
-            f = tf.extractfile(m)
-            data = f.read() if f else b""
+            member = tf.extractfile(m)
+            data = member.read() if member else b""
             acc.setdefault(key, hashlib.sha256()).update(m.name.encode() + b"\0" + data)
     return {k: h.hexdigest() for k, h in acc.items()}
 
 
-def compare_versions(a: Path, b: Path) -> dict[str, Any]:
-    """Which shards and samples differ between two version folders (content ids differ)."""
-    ma = json.loads((a / "manifest.json").read_text())
-    mb = json.loads((b / "manifest.json").read_text())
+def compare_versions(a: Version, b: Version) -> dict[str, Any]:
+    """Which shards and samples differ between two versions (content ids differ)."""
+    ma, mb = a.manifest(), b.manifest()
     sa = {s["name"]: s for s in ma["shards"]}
     sb = {s["name"]: s for s in mb["shards"]}
     shards = sorted(n for n in set(sa) | set(sb) if sa.get(n, {}).get("sha256") != sb.get(n, {}).get("sha256"))
+
+    def digests(v: Version, names: dict[str, Any], n: str) -> dict[str, str]:
+        if n not in names or v.sizes([n])[n] is None:
+            return {}
+        with v.open(n) as f:
+            return tar_sample_digests(f)
+
     samples: set[str] = set()
     for n in shards:
-        da = tar_sample_digests(a / n) if n in sa and (a / n).exists() else {}
-        db = tar_sample_digests(b / n) if n in sb and (b / n).exists() else {}
+        da, db = digests(a, sa, n), digests(b, sb, n)
         samples |= {k for k in set(da) | set(db) if da.get(k) != db.get(k)}
     files = sorted(n for n in set(ma.get("files", {})) | set(mb.get("files", {}))
                    if ma.get("files", {}).get(n) != mb.get("files", {}).get(n))
@@ -559,17 +757,17 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     cfg = validate_config(data, source=str(version.path / "config.yaml"),
                           base_dir=Path(base) if base else version.path)
     res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local)
-    want = info.get("content_id") or content_id(version.path)
+    want = info.get("content_id") or sha256_bytes(version.read_bytes("manifest.json"))
     got = content_id(res.out_dir)
     report: dict[str, Any] = {
-        "version": f"{version.path.parent.name}@{version.label}",
+        "version": f"{version.dataset}@{version.label}",
         "scratch": str(res.out_dir),
         "content_id": want, "regenerated_content_id": got, "identical": want == got,
         "spec_id": info.get("spec_id"), "regenerated_spec_id": res.spec_id,
         "spec_changes": spec_changes(info, read_version(res.out_dir).info),
     }
     if want != got:
-        report.update(compare_versions(version.path, res.out_dir))
+        report.update(compare_versions(version, read_version(res.out_dir)))
     return report
 
 

@@ -34,11 +34,11 @@ THUMB = 240
 MAX_SOURCE_PIXELS = 40_000_000  # a rejected "too_large" source is not decoded for a thumbnail
 
 
-def _iter_samples(shard: Path, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _iter_samples(shard: Any, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {part: bytes}) for the wanted keys of one shard; members of a sample are contiguous."""
     cur: str | None = None
     parts: dict[str, bytes] = {}
-    with tarfile.open(shard, mode="r:") as tf:
+    with tarfile.open(fileobj=shard, mode="r:") as tf:
         for m in tf:
             if not m.isfile():
                 continue
@@ -112,7 +112,9 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
     for s in manifest["shards"]:
         if not wanted:
             break
-        for key, parts in _iter_samples(vdir / s["name"], wanted):
+        with version.open(s["name"]) as shard:
+            samples = list(_iter_samples(shard, wanted))
+        for key, parts in samples:
             wanted.discard(key)
             doc = json.loads(parts.get("json", b"{}"))
             frames = {}

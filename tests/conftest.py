@@ -168,3 +168,55 @@ def odd_inputs(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         f.write("{not json\n")
     expect["<bad line>"] = "bad_manifest_line"
     return manifest, expect
+
+
+S3_BUCKET = "cf-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1 (moto's server speaks the S3 wire protocol) with one
+    bucket. Yields the pyarrow S3 filesystem and the AWS environment that points a process at it;
+    the endpoint is stopped at the end, also when a test fails."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    # the one installed next to this interpreter (a `moto_server` earlier on PATH may be another's)
+    moto = Path(sys.executable).with_name("moto_server")
+    if not moto.exists():
+        pytest.fail("moto_server not installed: pip install -e '.[dev]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="test",
+                               secret_key="test", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir(S3_BUCKET)
+        yield {"fs": fs, "env": env}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -168,6 +168,26 @@ def test_submit_matches_in_process_run(cluster, reference, tmp_path):
     assert _latest_manifest(tmp_path) == reference
 
 
+def test_submit_to_an_object_store_root(cluster, reference, s3_server):
+    """The output root is an s3:// URI (a real S3 endpoint on loopback); the job's driver gets the
+    endpoint and credentials only through ``submit --env``, as a user's job would."""
+    from conftest import S3_BUCKET
+
+    env = _env()
+    root = f"s3://{S3_BUCKET}/cluster"
+    r = _cli("submit", str(DEMO), *OVERRIDES, f"output.root={root}", "--limit", str(LIMIT),
+             *[a for k, v in s3_server["env"].items() for a in ("--env", f"{k}={v}")],
+             "--address", cluster["dashboard"], "--wait", "180", env=env, timeout=200)
+    job = r.stdout.split()[0] if r.stdout else ""
+    if r.returncode != 0 and job:
+        logs = _cli("logs", job, "--address", cluster["dashboard"], env=env, timeout=30).stdout
+        pytest.fail(f"job {job} did not succeed: {r.stdout}\n{logs[-3000:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    fs = s3_server["fs"]
+    label = fs.open_input_stream(f"{S3_BUCKET}/cluster/demo/latest").read().decode().strip()
+    assert fs.open_input_stream(f"{S3_BUCKET}/cluster/demo/{label}/manifest.json").read() == reference
+
+
 def test_worker_killed_mid_run_is_retried(cluster, reference, tmp_path):
     proc = subprocess.Popen(_run_cmd(tmp_path), env=_env(RAY_ADDRESS=cluster["gcs"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -116,7 +116,8 @@ InputConfig = Annotated[
 
 
 class OutputConfig(Strict):
-    root: str = "outputs"
+    root: str = Field("outputs", description="a local folder, or an object-store URI (s3://bucket/prefix, "
+                                         "gs://, hdfs://, abfs://: anything pyarrow.fs or fsspec opens)")
     shard_size: int = Field(64, ge=1, description="samples per shard")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=50, le=100)

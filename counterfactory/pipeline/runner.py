@@ -30,6 +30,7 @@ from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.sample import StageChain
 from counterfactory.pipeline.writer import JOURNAL, DatasetWriter, PartEncoder, atomic_write
 from counterfactory.stages import get_backend
+from counterfactory.storage import RemoteDir, StorageError, is_remote, join_uri, local_path
 
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
@@ -165,16 +166,18 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]], start: int
     return ds
 
 
-def output_root(cfg: PipelineConfig) -> Path:
-    """The output root as a local path (``file://`` accepted). On a cluster it must be a folder
-    every node that runs the driver sees (the driver alone writes)."""
+def dataset_location(cfg: PipelineConfig) -> versions.Dataset:
+    """``ROOT/DATASET``: a local folder (``file://`` accepted), or a folder on an object store
+    when the root is a filesystem URI (``s3://bucket/prefix``; see ``counterfactory.storage``).
+    The driver alone writes, so on a cluster a local root must be a folder the driver's node
+    sees; an object-store root needs no shared mount."""
     root = cfg.output.root
-    if root.startswith("file://"):
-        return Path(root[len("file://"):])
-    if "://" in root:
-        raise ConfigError(f"output.root: {root!r}: only local or mounted shared paths are supported "
-                          "(mount the bucket, e.g. with s3fs/gcsfuse, and give its path)")
-    return cfg.path(root)
+    if is_remote(root):
+        try:
+            return RemoteDir(join_uri(root, cfg.dataset))
+        except StorageError as exc:
+            raise ConfigError(f"output.root: {exc}") from None
+    return (local_path(root) if root.startswith("file://") else cfg.path(root)) / cfg.dataset
 
 
 def _lock_staging(staging: Path) -> int:
@@ -264,7 +267,7 @@ def stage_report(cfg: PipelineConfig, writer: DatasetWriter, stream: _Stream,
 
 @dataclass
 class RunResult:
-    out_dir: Path  # the version folder, ROOT/DATASET/vN
+    out_dir: Path  # the version folder ROOT/DATASET/vN (for an object-store root: its local mirror)
     manifest: dict[str, Any]
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -272,6 +275,7 @@ class RunResult:
     spec_id: str = ""
     content_id: str = ""
     reused: bool = False  # the spec's complete version existed: nothing ran
+    location: str = ""  # where the version lives: its folder, or its URI on an object store
 
 
 def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
@@ -283,19 +287,26 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
     t0 = time.perf_counter()
     records = load_records(cfg, limit)
-    ds_dir = output_root(cfg) / cfg.dataset
-    ds_dir.mkdir(parents=True, exist_ok=True)
-    versions.migrate_flat_layout(ds_dir)
-    spec, source_hashes = versions.build_spec(cfg, records, limit, ds_dir / versions.HASH_CACHE)
+    ds_dir = dataset_location(cfg)
+    # where shards are staged: the dataset folder, or for an object store a local working folder
+    work = versions.work_dir(ds_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if not isinstance(ds_dir, RemoteDir):
+        versions.migrate_flat_layout(ds_dir)
+    spec, source_hashes = versions.build_spec(cfg, records, limit, work / versions.HASH_CACHE)
     sid = versions.spec_id(spec)
-    existing = None if force else versions.find_complete(ds_dir, sid)
+    try:
+        existing = None if force else versions.find_complete(ds_dir, sid)
+        parent = versions.read_latest(ds_dir)
+    except OSError as exc:  # an unreachable or unauthorized object store: one line, before any work
+        raise ConfigError(f"output.root: {ds_dir}: {exc}") from None
     if existing is not None:
         return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
-                         existing.label, sid, existing.info["content_id"], reused=True)
-    parent = versions.read_latest(ds_dir)
+                         existing.label, sid, existing.info["content_id"], reused=True,
+                         location=existing.location)
     # The staging folder is named by the spec: a killed run of the same spec resumes in it, a
     # changed spec never does. A lock keeps two live runs of one spec apart.
-    staging = ds_dir / f".staging-{sid[:24]}"
+    staging = work / f".staging-{sid[:24]}"
     staging.mkdir(mode=0o755, exist_ok=True)
     lock = _lock_staging(staging)
     writer = None
@@ -339,7 +350,10 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                                 if stream.wall > 0 else None},
                    "ray_operators": stream.ray_ops}
         atomic_write(staging / "summary.json", json.dumps(summary, indent=2).encode())
-        writer.drop_journal()
+        if not isinstance(ds_dir, RemoteDir):
+            # a local publish is one rename; an upload can fail half-way, so the journal stays
+            # (not uploaded) until it is done, and a rerun resumes with every shard kept
+            writer.drop_journal()
         (staging / ".lock").unlink(missing_ok=True)
         cid = versions.content_id(staging)
 
@@ -347,10 +361,12 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             return {"format": "counterfactory-version/1", "label": label, "dataset": cfg.dataset,
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
-                    "root": str(ds_dir.parent), "command": command}
+                    "root": cfg.output.root if isinstance(ds_dir, RemoteDir) else str(ds_dir.parent),
+                    "command": command}
 
         version = versions.publish_version(staging, ds_dir, make_info,
                                            lambda d, info: write_card(d))
+        shutil.rmtree(version.path / JOURNAL, ignore_errors=True)
     except BaseException:
         # completed shards are kept for a resume; a run that completed none leaves nothing behind
         if writer is None or not writer.shards or not (staging / JOURNAL).is_dir():
@@ -358,4 +374,5 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         raise
     finally:
         os.close(lock)
-    return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid)
+    return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid,
+                     location=version.location)

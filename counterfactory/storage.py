@@ -1,0 +1,194 @@
+"""Where datasets live: a local folder, or a folder on an object store named by a URI.
+
+An output root is either a local path (``file://`` accepted) or a filesystem URI that
+``pyarrow.fs.FileSystem.from_uri`` understands (``s3://bucket/prefix``, ``gs://``, ``hdfs://``,
+``abfs://``; credentials and endpoints come from the usual environment, e.g. ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL`` for MinIO, or query parameters such as ``?region=``). Schemes pyarrow does
+not know are opened with fsspec (``memory://``, or any installed fsspec implementation) and
+wrapped as a pyarrow filesystem, so the rest of the code sees one interface.
+
+Writing to an object store is staged: a run writes its shards to a local staging folder (the
+same resumable staging a local root uses) and ``RemoteDir.upload`` copies the finished version
+up, files first and the commit marker (``version.json``) last, so a reader never takes a
+half-uploaded version for a complete one. Single-object PUTs are atomic on every object store;
+renames are not, which is why nothing is renamed remotely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+COPY_CHUNK = 8 << 20
+
+
+class StorageError(RuntimeError):
+    """An object-store root that cannot be opened or read; reported as one line by the CLI."""
+
+
+def is_remote(root: str | os.PathLike[str]) -> bool:
+    """True for a filesystem URI other than ``file://`` (a local path is never remote)."""
+    s = os.fspath(root)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(root: str | os.PathLike[str]) -> Path:
+    s = os.fspath(root)
+    return Path(s[len("file://"):] if s.startswith("file://") else s).expanduser()
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Append path parts to a URI, keeping its query (``s3://b/p?region=x`` + ``d`` ->
+    ``s3://b/p/d?region=x``)."""
+    u = urlsplit(uri)
+    path = "/".join([u.path.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a URI: pyarrow's own filesystems first, then
+    any fsspec implementation wrapped in ``PyFileSystem``."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, pa.ArrowNotImplementedError) as arrow_exc:
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"{uri}: cannot open this filesystem URI ({arrow_exc}; fsspec: {exc})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from None
+
+
+class RemoteDir:
+    """A folder on a (pyarrow) filesystem: the few operations versions need, all by name
+    relative to the folder."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> None:
+        self.uri = uri
+        if fs is None or path is None:
+            fs, path = open_filesystem(uri)
+        self.fs, self.path = fs, path.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RemoteDir({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def child(self, name: str) -> RemoteDir:
+        return RemoteDir(join_uri(self.uri, name), self.fs, f"{self.path}/{name.strip('/')}")
+
+    def _p(self, rel: str) -> str:
+        return f"{self.path}/{rel}" if rel else self.path
+
+    # -- reading -------------------------------------------------------------------------------
+    def sizes(self, rels: Sequence[str]) -> dict[str, int | None]:
+        """Size of each named file; None where it is missing (one batched metadata call)."""
+        infos = self.fs.get_file_info([self._p(r) for r in rels])
+        return {r: (i.size if i.type == pafs.FileType.File else None) for r, i in zip(rels, infos, strict=True)}
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
+
+    def list(self, rel: str = "", recursive: bool = False) -> list[tuple[str, bool, int]]:
+        """(name relative to this folder, is_dir, size) of its entries; [] when it is absent."""
+        base = self._p(rel)
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=recursive)
+        out = []
+        for i in self.fs.get_file_info(sel):
+            name = i.path[len(self.path):].lstrip("/")
+            out.append((name, i.type == pafs.FileType.Directory, i.size or 0))
+        return sorted(out)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._p(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def open(self, rel: str) -> Any:
+        """A seekable binary file (tarfile reads members by offset)."""
+        return self.fs.open_input_file(self._p(rel))
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(self._p(rel)) as f:
+            while chunk := f.read(COPY_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """One PUT: readers see the old object or the new one, never a part."""
+        with self.fs.open_output_stream(self._p(rel)) as f:
+            f.write(data)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self._p(rel))
+
+    def _upload_file(self, src: Path, rel: str) -> None:
+        with open(src, "rb") as fin, self.fs.open_output_stream(self._p(rel)) as fout:
+            shutil.copyfileobj(fin, fout, COPY_CHUNK)
+
+    def upload(self, local_dir: Path, rel: str, *, last: Sequence[str] = (),
+               skip: Iterable[str] = (), threads: int = 8) -> list[str]:
+        """Copy ``local_dir`` to ``rel`` (files in parallel, then ``last`` in order), check
+        every uploaded size, and return the uploaded names (relative to ``local_dir``)."""
+        skip = set(skip)
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
+                       if p.is_file() and not any(part in skip for part in p.relative_to(local_dir).parts))
+        first = [n for n in names if n not in last]
+        self.fs.create_dir(self._p(rel), recursive=True)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda n: self._upload_file(local_dir / n, f"{rel}/{n}"), first))
+        for n in last:
+            if (local_dir / n).is_file():
+                self._upload_file(local_dir / n, f"{rel}/{n}")
+        uploaded = first + [n for n in last if (local_dir / n).is_file()]
+        got = self.sizes([f"{rel}/{n}" for n in uploaded])
+        bad = [n for n in uploaded if got[f"{rel}/{n}"] != (local_dir / n).stat().st_size]
+        if bad:
+            raise StorageError(f"{join_uri(self.uri, rel)}: {len(bad)} file(s) did not arrive whole, e.g. {bad[0]}")
+        return uploaded
+
+    def download(self, rels: Sequence[str], dest: Path, threads: int = 8) -> None:
+        """Fetch the named files into ``dest`` (each written to a temporary name, then renamed)."""
+        def one(rel: str) -> None:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            with self.fs.open_input_stream(self._p(rel)) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, COPY_CHUNK)
+            os.replace(tmp, target)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(one, rels))
+
+
+def cache_dir() -> Path:
+    """Local working space for object-store roots (staging of runs, mirrors of version
+    metadata): ``$COUNTERFACTORY_CACHE`` or ``~/.cache/counterfactory``."""
+    return Path(os.environ.get("COUNTERFACTORY_CACHE") or Path.home() / ".cache" / "counterfactory")
+
+
+def local_workdir(uri: str) -> Path:
+    """The local folder that stands in for an object-store dataset root on this machine."""
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return cache_dir() / "remote" / key
