@@ -82,6 +82,15 @@ def test_commands_on_the_uri(published, s3, capsys):
     capsys.readouterr()
     assert main(["card", f"{root}/demo"]) == 0
     assert "counterfactory" in capsys.readouterr().out.lower()
+    # the viewer reads thumbnails out of the remote shards into the local mirror
+    assert main(["card", "demo@v1", "--root", root, "--html"]) == 0
+    page = Path(capsys.readouterr().out.strip())
+    assert page.is_file() and len(list((page.parent / "img").glob("*.jpg"))) >= remote.manifest["counts"]["samples"]
+    assert main(["regenerate", "demo@v1", "--root", root, "--local", "--quiet"]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["eval", "demo@v1", "--root", root, "--export", str(tmp / "q.jsonl")]) == 0
+    assert (tmp / "q.jsonl").read_text().count("\n") > 0
+    capsys.readouterr()
     # a second version with one changed parameter, then diff across the store
     cfg2 = _cfg(tmp, root)
     cfg2.stage("edit").params["inpaint_radius"] = 7
