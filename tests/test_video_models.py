@@ -74,6 +74,11 @@ def stage(**params):
 
 def test_windows_padding_and_crop_box():
     assert windows(12, 9) == [(0, 6), (6, 12)] and windows(9, 9) == [(0, 9)] and windows(20, 9) == [(0, 7), (7, 13), (13, 20)]
+    assert windows(12, 9, 4) == [(0, 8), (4, 12)] and windows(9, 9, 4) == [(0, 9)]
+    for n, m, o in ((200, 81, 8), (82, 81, 8), (33, 9, 4), (100, 17, 8)):
+        ws = windows(n, m, o)
+        assert ws[0][0] == 0 and ws[-1][1] == n and all(b - a <= m for a, b in ws), (n, m, o, ws)
+        assert all(ws[i][1] - ws[i + 1][0] == o for i in range(len(ws) - 1)), ws  # each overlap exactly o
     assert [padded_length(n, 4) for n in (1, 2, 5, 6, 9, 12)] == [1, 5, 5, 9, 9, 13]
     union = np.zeros((144, 192), bool)
     union[60:80, 100:110] = True
@@ -91,8 +96,26 @@ def test_wan_vace_remove_replace_windows_paste_and_seeding(wan, clips):
                   max_sequence_length=16, crop_min_side=32,
                   variants=["remove", "reverse", "replace", "blackout"], **CPU)
     st = stage(**params)
+    calls = []
+    real_pipe = st.pipe
+
+    def recording_pipe(**kw):  # the real pipeline; records what each window was given
+        res = real_pipe(**kw)
+        calls.append({"video": [np.asarray(f) for f in kw["video"]], "mask": [np.asarray(f) for f in kw["mask"]],
+                      "out": np.clip(np.asarray(res.frames[0]) * 255 + 0.5, 0, 255).astype(np.uint8)})
+        return res
+
+    st.pipe = recording_pipe
+    st.pipe.tokenizer, st.pipe.text_encoder, st.pipe.transformer = (
+        real_pipe.tokenizer, real_pipe.text_encoder, real_pipe.transformer)
     a, b = fresh(clips), fresh(clips)
     st.process_batch(a)
+    # windows of one clip overlap by 4 frames: the second is given the first's output there, unmasked
+    first, second = calls[0], calls[1]
+    for i in range(4):
+        assert np.array_equal(second["video"][i], first["out"][4 + i]) and not second["mask"][i].any()
+    assert second["mask"][4:8] and any(m.any() for m in second["mask"][4:8])
+    st.pipe = real_pipe
     st.process_batch(b)
     seeds = set()
     for sa, sb in zip(a, b, strict=True):
@@ -109,7 +132,8 @@ def test_wan_vace_remove_replace_windows_paste_and_seeding(wan, clips):
             assert np.array_equal(out, sb.arrays[f"variant/{v}"])  # same seed, same pixels
             e = sa.meta["edits"][v]
             assert e["type"] == v and e["method"] == "diffusers:WanVACEPipeline" and e["steps"] == 2
-            assert e["windows"] == [[0, 6], [6, 12]]  # 12 frames, windows of at most 9 (each padded 6 -> 9)
+            # 12 frames, windows of at most 9 sharing 4 (min of the default 8 and half a window)
+            assert e["windows"] == [[0, 8], [4, 12]] and e["window_overlap"] == 4
             assert e["removed_instances"] == len(sa.meta["instances"])
             assert e["frames"][0] <= e["frames"][1] and e["t_start"] <= e["t_end"]
             x0, y0, x1, y1 = e["crop_box"]

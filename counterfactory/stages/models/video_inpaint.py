@@ -12,8 +12,10 @@ everything outside the masks is the original, bit for bit.
 
 Frame counts: the Wan VAE compresses time by 4, so a window holds ``4k + 1`` frames. A clip of
 up to ``max_frames`` frames is one window, padded with its last frame (and mask) and trimmed
-back; a longer clip is cut into near-equal consecutive windows, each generated on its own (the
-fill can jump at a window boundary: raise ``max_frames`` if the GPU allows). Each
+back. A longer clip is cut into near-equal windows that overlap by ``window_overlap`` frames and
+are generated in order: the shared frames of a window are the previous window's output, given
+to the model as known content (mask 0), so the fill continues instead of jumping; the shared
+frames are then cross-faded linearly from the previous window's output to the new one. Each
 (sample, variant, window) is seeded from ``sample.seed`` with a CPU generator, so the noise is
 the same on any device. The pipeline generates one video per call.
 
@@ -75,11 +77,15 @@ def video_crop_box(union: np.ndarray, margin: float, min_side: int, aspect: floa
     return x0, y0, x0 + cw, y0 + ch
 
 
-def windows(n: int, max_frames: int) -> list[tuple[int, int]]:
-    """``n`` frames cut into the fewest near-equal consecutive windows of at most ``max_frames``."""
-    k = -(-n // max_frames)
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+def windows(n: int, max_frames: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """``n`` frames cut into the fewest near-equal windows of at most ``max_frames``, each
+    sharing ``overlap`` frames with the previous one (``overlap < max_frames``)."""
+    if n <= max_frames:
+        return [(0, n)]
+    k = -(-(n - overlap) // (max_frames - overlap))
+    starts = [round(i * (n - overlap) / k) for i in range(k)]
+    ends = [*(st + overlap for st in starts[1:]), n]
+    return list(zip(starts, ends, strict=True))
 
 
 def padded_length(n: int, temporal: int) -> int:
@@ -109,6 +115,8 @@ class WanVACEEdit(Stage):
         width: int = Field(832, ge=16, description="model frame width (a multiple of the VAE stride x patch)")
         height: int = Field(480, ge=16, description="model frame height")
         max_frames: int = Field(81, ge=1, description="frames per generated window, 4k+1; longer clips are cut")
+        window_overlap: int = Field(8, ge=0, description="frames a window shares with the previous one "
+                                    "(at most half a window): kept as known content, then cross-faded")
         max_sequence_length: int = Field(512, ge=1, le=1024, description="text tokens (the model's training length)")
         crop: bool = Field(True, description="inpaint a box around the masks' union (False: the whole frame)")
         crop_margin: float = Field(0.5, ge=0, description="context around the masks, share of their extent")
@@ -203,8 +211,11 @@ class WanVACEEdit(Stage):
         x0, y0, x1, y1 = box
         size = (p.width, p.height)
         jobs = []
-        for k, (a, b) in enumerate(windows(n, p.max_frames)):
+        overlap = min(p.window_overlap, (p.max_frames - 1) // 2)
+        prev: dict[str, Any] | None = None
+        for k, (a, b) in enumerate(windows(n, p.max_frames, overlap)):
             if not masks[a:b].any():
+                prev = None
                 continue  # nothing to paint in this window: it stays the original
             crops, cms = [], []
             for t in range(a, b):
@@ -217,9 +228,13 @@ class WanVACEEdit(Stage):
             pad = padded_length(b - a, self.temporal) - (b - a)
             crops += [crops[-1]] * pad
             cms += [cms[-1]] * pad
-            jobs.append({"sample": s, "variant": v, "window": (a, b), "crops": crops, "masks": cms,
-                         "prompt": info["prompt"], "negative": info["negative_prompt"],
-                         "seed": (s.seed + _SEED_OFFSET[v] + 7919 * k) % 2**32})
+            job = {"sample": s, "variant": v, "window": (a, b), "crops": crops, "masks": cms,
+                   "prompt": info["prompt"], "negative": info["negative_prompt"],
+                   "seed": (s.seed + _SEED_OFFSET[v] + 7919 * k) % 2**32,
+                   "prev": prev, "shared": max(0, prev["window"][1] - a) if prev else 0}
+            jobs.append(job)
+            prev = job
+        info["window_overlap"] = overlap
         return info, jobs
 
     def _embed(self, texts: list[str]) -> dict[str, Any]:
@@ -248,9 +263,15 @@ class WanVACEEdit(Stage):
         emb = self._embed([j["prompt"] for j in jobs] + ([j["negative"] for j in jobs] if cfg else []))
         out = []
         for j in jobs:
+            crops, cms = list(j["crops"]), list(j["masks"])
+            prev = self._generated.get(id(j["prev"])) if j["prev"] is not None else None
+            if prev is not None:  # continue the previous window: its output is known content here
+                for i in range(j["shared"]):
+                    crops[i] = prev[len(prev) - j["shared"] + i]
+                    cms[i] = np.zeros_like(cms[i])
             kw: dict[str, Any] = {
-                "video": [Image.fromarray(c) for c in j["crops"]],
-                "mask": [Image.fromarray(c) for c in j["masks"]],
+                "video": [Image.fromarray(c) for c in crops],
+                "mask": [Image.fromarray(c) for c in cms],
                 "prompt_embeds": emb[" ".join(j["prompt"].split())],
                 "conditioning_scale": p.conditioning_scale,
                 "height": p.height, "width": p.width, "num_frames": len(j["crops"]),
@@ -262,7 +283,9 @@ class WanVACEEdit(Stage):
                 kw["negative_prompt_embeds"] = emb[" ".join(j["negative"].split())]
             frames = np.asarray(self.pipe(**kw).frames[0])
             a, b = j["window"]
-            out.append(np.clip(frames[: b - a] * 255 + 0.5, 0, 255).astype(np.uint8))
+            gen = np.clip(frames[: b - a] * 255 + 0.5, 0, 255).astype(np.uint8)
+            self._generated[id(j)] = gen
+            out.append(gen)
         return out
 
     def process_batch(self, samples: list[Sample]) -> None:
@@ -285,7 +308,9 @@ class WanVACEEdit(Stage):
                     continue
                 plans[(id(s), v)] = (info, vjobs)
                 jobs += vjobs
+        self._generated: dict[int, np.ndarray] = {}  # job -> its frames, for the next window
         run = run_batched(self._diffuse, jobs, 1)
+        self._generated = {}
         results = {id(j): (run.outputs[i], run.failures.get(i)) for i, j in enumerate(jobs)}
         for s in samples:
             if s.ok:
@@ -308,14 +333,21 @@ class WanVACEEdit(Stage):
                 continue
             x0, y0, x1, y1 = info["crop_box"]
             out = frames.copy()
+            gens: dict[int, np.ndarray] = {}  # frame -> generated crop, shared frames cross-faded
             for j in vjobs:
                 a, _ = j["window"]
                 for i, gen in enumerate(results[id(j)][0]):
                     t = a + i
-                    sel = masks[t][y0:y1, x0:x1]
-                    if sel.any():
-                        back = _resize(gen, (x1 - x0, y1 - y0))
-                        out[t][y0:y1, x0:x1][sel] = back[sel]
+                    if t in gens and i < j["shared"]:
+                        w = (i + 1) / (j["shared"] + 1)
+                        gens[t] = np.clip((1 - w) * gens[t] + w * gen + 0.5, 0, 255).astype(np.uint8)
+                    else:
+                        gens[t] = gen
+            for t, gen in sorted(gens.items()):
+                sel = masks[t][y0:y1, x0:x1]
+                if sel.any():
+                    back = _resize(gen, (x1 - x0, y1 - y0))
+                    out[t][y0:y1, x0:x1][sel] = back[sel]
             info |= {"method": f"diffusers:{self.record['pipeline']}", "steps": p.steps,
                      "seed": vjobs[0]["seed"], "windows": [list(j["window"]) for j in vjobs]}
             s.arrays[f"variant/{v}"] = out
