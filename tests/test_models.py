@@ -493,3 +493,23 @@ def test_gpu_config_validates():
     backends = {s.name: s.backend for s in cfg.stages}
     assert backends["localize"] == "grounding-dino" and backends["segment"] == "sam-hf"
     assert any(s.resources.num_gpus > 0 for s in cfg.stages)
+
+
+def test_model_record_names_the_cached_commit_of_a_branch(tmp_path, monkeypatch):
+    """A Hub id loaded at a branch (`main` moves) is recorded with the commit the local Hub
+    cache resolved it to; a local folder is fingerprinted instead."""
+    from huggingface_hub import constants
+
+    from counterfactory.stages.models.common import model_record
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    rec = model_record("org/tiny", "main")
+    assert rec["revision"] == "main" and rec["commit"] == commit
+    assert "commit" not in model_record("org/absent", "main")
+    assert "commit" not in model_record(str(repo / "snapshots" / commit), None)

@@ -111,11 +111,34 @@ def fingerprint(ref: str) -> str | None:
     return h.hexdigest()[:16]
 
 
+def resolved_commit(ref: str, revision: str | None) -> str | None:
+    """The Hub commit a loaded ``ref@revision`` came from, read from the local Hub cache (its
+    snapshot folder is named by the commit): a branch such as ``main`` moves, the commit does not,
+    so provenance records both. None for a local folder or when nothing is cached."""
+    if not ref or Path(ref).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("config.json", "model_index.json"):
+            hit = try_to_load_from_cache(ref, name, revision=revision or "main")
+            if isinstance(hit, str):
+                parts = Path(hit).parts
+                if "snapshots" in parts:
+                    return parts[parts.index("snapshots") + 1]
+    except Exception:  # noqa: BLE001 - provenance is best effort, never a reason to fail
+        return None
+    return None
+
+
 def model_record(ref: str, revision: str | None, **extra: Any) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": ref, "revision": revision}
     fp = fingerprint(ref)
     if fp:
         rec["local_fingerprint"] = fp
+    commit = resolved_commit(ref, revision)
+    if commit and commit != revision:
+        rec["commit"] = commit
     rec.update(extra)
     return rec
 
