@@ -152,18 +152,24 @@ def test_plan_sees_both_nodes(cluster):
     assert "2 node(s)" in r.stdout and "2 CPU" in r.stdout, r.stdout
 
 
-def test_submit_matches_in_process_run(cluster, reference, tmp_path):
+def _submit_and_wait(cluster, *args: str) -> str:
+    """``counterfactory submit DEMO ... --wait``; the job id, or the test fails with the job's logs."""
     env = _env()
-    r = _cli("submit", str(DEMO), *OVERRIDES, f"output.root={tmp_path}", "--limit", str(LIMIT),
+    r = _cli("submit", str(DEMO), *OVERRIDES, *args, "--limit", str(LIMIT),
              "--address", cluster["dashboard"], "--wait", "180", env=env, timeout=200)
     job = r.stdout.split()[0] if r.stdout else ""
     if r.returncode != 0 and job:
         logs = _cli("logs", job, "--address", cluster["dashboard"], env=env, timeout=30).stdout
         pytest.fail(f"job {job} did not succeed: {r.stdout}\n{logs[-3000:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    st = _cli("status", job, "--address", cluster["dashboard"], env=env, timeout=30)
+    return job
+
+
+def test_submit_matches_in_process_run(cluster, reference, tmp_path):
+    job = _submit_and_wait(cluster, f"output.root={tmp_path}")
+    st = _cli("status", job, "--address", cluster["dashboard"], env=_env(), timeout=30)
     assert "SUCCEEDED" in st.stdout
-    logs = _cli("logs", job, "--address", cluster["dashboard"], env=env, timeout=30)
+    logs = _cli("logs", job, "--address", cluster["dashboard"], env=_env(), timeout=30)
     assert "run report" in logs.stdout
     assert _latest_manifest(tmp_path) == reference
 
@@ -173,16 +179,8 @@ def test_submit_to_an_object_store_root(cluster, reference, s3_server):
     endpoint and credentials only through ``submit --env``, as a user's job would."""
     from conftest import S3_BUCKET
 
-    env = _env()
-    root = f"s3://{S3_BUCKET}/cluster"
-    r = _cli("submit", str(DEMO), *OVERRIDES, f"output.root={root}", "--limit", str(LIMIT),
-             *[a for k, v in s3_server["env"].items() for a in ("--env", f"{k}={v}")],
-             "--address", cluster["dashboard"], "--wait", "180", env=env, timeout=200)
-    job = r.stdout.split()[0] if r.stdout else ""
-    if r.returncode != 0 and job:
-        logs = _cli("logs", job, "--address", cluster["dashboard"], env=env, timeout=30).stdout
-        pytest.fail(f"job {job} did not succeed: {r.stdout}\n{logs[-3000:]}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    _submit_and_wait(cluster, f"output.root=s3://{S3_BUCKET}/cluster",
+                     *[a for k, v in s3_server["env"].items() for a in ("--env", f"{k}={v}")])
     fs = s3_server["fs"]
     label = fs.open_input_stream(f"{S3_BUCKET}/cluster/demo/latest").read().decode().strip()
     assert fs.open_input_stream(f"{S3_BUCKET}/cluster/demo/{label}/manifest.json").read() == reference
