@@ -15,6 +15,10 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
+
+Cost: inpainting is most of this stage's time. A large hole is filled coarse-to-fine
+(``inpaint``: a low-resolution pass, then a full-resolution band along its edge), small ones in
+one full-resolution pass.
 """
 
 from __future__ import annotations
@@ -48,32 +52,67 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return y, y + h, x, x + w
 
 
-def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_max_side: int) -> np.ndarray:
-    """OpenCV inpainting, on a downscaled copy when the image is large (cost grows with mask
-    area times radius squared; the fill is smooth anyway), pasted back inside the mask only."""
+def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_max_side: int = 384,
+            work_max_area: int = 8192, band_px: int = 6) -> np.ndarray:
+    """OpenCV inpainting of ``mask``; every pixel outside it is copied from ``img`` bit for bit.
+
+    Telea/NS cost grows with the hole's area times ``radius``², and a large hole's interior is a
+    smooth fill anyway. So a hole of more than ``work_max_area`` pixels (or whose crop is wider
+    than ``work_max_side``) is filled in two passes, when that is cheaper: (1) the whole hole at
+    a lower resolution, with the radius scaled alike (so the fill draws from about as far away as
+    at full resolution), upscaled; (2) at full resolution, only the band of ``band_px`` pixels
+    inside the hole's edge, with the coarse interior as known pixels, so the fill meets the
+    surrounding pixels (and their fine detail) without a seam. Small holes take one
+    full-resolution pass, as before. Single-threaded OpenCV: the same input gives the same bytes."""
     flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
     h, w = mask.shape
-    # Work on the bounding crop of the mask plus a margin: inpainting reads only nearby pixels.
+    # Work on the bounding crop of the mask plus a margin: inpainting reads only pixels within
+    # ``radius`` of the hole (4r + 8 also holds OpenCV's outer fast-marching band).
     by0, by1, bx0, bx1 = _bbox(mask)
     pad = 4 * radius + 8
     y0, y1 = max(0, by0 - pad), min(h, by1 + pad)
     x0, x1 = max(0, bx0 - pad), min(w, bx1 + pad)
-    crop, cmask = img[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    crop, cmask = np.ascontiguousarray(img[y0:y1, x0:x1]), np.ascontiguousarray(mask[y0:y1, x0:x1])
     ch, cw = cmask.shape
-    scale = min(1.0, work_max_side / max(ch, cw))
+    area = cv2.countNonZero(cmask)
+    scale = min(1.0, work_max_side / max(ch, cw), (work_max_area / max(area, 1)) ** 0.5)
+    # the radius scales with the image, but not below 3: a 1-2 px window at the coarse scale
+    # draws blocky streaks that the upscale makes visible
+    coarse_radius = max(min(radius, 3), round(radius * scale))
+    inner = None
     if scale < 1.0:
+        inner = cv2.erode(cmask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band_px + 1,) * 2))
+        band_area = area - cv2.countNonZero(inner)
+        # cost in full-resolution pixels x radius²: one pass = area; two = coarse + band
+        if area * scale**2 * (coarse_radius / radius) ** 2 + band_area >= area:
+            inner = None
+    if inner is None:
+        filled = cv2.inpaint(crop, cmask, radius, flag)
+    else:
         sw, sh = max(1, round(cw * scale)), max(1, round(ch * scale))
         small = cv2.resize(crop, (sw, sh), interpolation=cv2.INTER_AREA)
         smask = (cv2.resize(cmask, (sw, sh), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8)
-        smask = cv2.dilate(smask, np.ones((3, 3), np.uint8))  # cover mask edges lost to resizing
-        filled = cv2.inpaint(small, smask, radius, flag)
-        filled = cv2.resize(filled, (cw, ch), interpolation=cv2.INTER_CUBIC)
-    else:
-        filled = cv2.inpaint(np.ascontiguousarray(crop), cmask, radius, flag)
+        smask = cv2.dilate(smask, np.ones((3, 3), np.uint8))  # no hole pixels averaged into known ones
+        coarse = cv2.inpaint(small, smask, coarse_radius, flag)
+        coarse = cv2.resize(coarse, (cw, ch), interpolation=cv2.INTER_CUBIC)
+        crop = crop.copy()
+        _paste(crop, coarse, inner)  # the coarse interior becomes known pixels
+        filled = cv2.inpaint(crop, cv2.subtract(cmask, inner), radius, flag)
     out = img.copy()
-    sel = cmask > 0
-    out[y0:y1, x0:x1][sel] = filled[sel]
+    _paste(out[y0:y1, x0:x1], filled, cmask)
     return out
+
+
+def _paste(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
+    """``dst[mask > 0] = src[mask > 0]`` in place (``dst`` may be a view). cv2.copyTo is many
+    times faster than numpy's boolean indexing on photo-sized masks."""
+    try:
+        if cv2.copyTo(src, mask, dst) is dst:
+            return
+    except cv2.error:  # a view OpenCV cannot wrap (negative or non-unit strides)
+        pass
+    sel = mask > 0
+    dst[sel] = src[sel]
 
 
 def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap: int) -> np.ndarray | None:
@@ -130,7 +169,11 @@ class ClassicalEdit(Stage):
         variants: list[EditType] = Field(["remove", "blackout", "random_mask"], min_length=1)
         inpaint_method: Literal["telea", "ns"] = "telea"
         inpaint_radius: int = Field(5, ge=1, le=50)
-        work_max_side: int = Field(384, ge=32, description="inpaint at most this size, then upscale into the mask")
+        work_max_side: int = Field(384, ge=32, description="a hole's coarse pass works at most this wide")
+        work_max_area: int = Field(8192, ge=64, description="a hole of more pixels gets its interior filled at a "
+                                   "lower resolution (at most this many hole pixels), then a full-resolution band")
+        inpaint_band_px: int = Field(6, ge=1, le=64, description="width of the band inside a large hole's edge "
+                                     "that is inpainted at full resolution after the coarse pass")
         fill: tuple[int, int, int] = (0, 0, 0)
         control_tries: int = Field(64, ge=1)
         control_gap: int = Field(4, ge=0, description="pixels between the control region and the evidence")
@@ -141,6 +184,11 @@ class ClassicalEdit(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
+
+    def _inpaint(self, img: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        p = self.params
+        return inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side, p.work_max_area,
+                       p.inpaint_band_px)
 
     def process(self, sample: Sample) -> None:
         sample.meta["variants"] = []
@@ -161,8 +209,7 @@ class ClassicalEdit(Stage):
     # each edit: (edited image, its region mask or None for the evidence mask / global, record)
     def _remove(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         p = self.params
-        out = inpaint(sample.arrays["image"], sample.arrays["mask"], p.inpaint_radius, p.inpaint_method,
-                      p.work_max_side)
+        out = self._inpaint(sample.arrays["image"], sample.arrays["mask"])
         return out, None, {"method": f"opencv-{p.inpaint_method}", "region": "evidence", "inpainted": True,
                            "affects": sample.meta["targets"], "removed_instances": len(sample.meta["instances"])}
 
@@ -216,8 +263,8 @@ class ClassicalEdit(Stage):
         k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
         region = cv2.dilate(removed * 255, k_el)
         region[kept] = 0  # never paint over an instance that stays
+        out = self._inpaint(sample.arrays["image"], region)
         p = self.params
-        out = inpaint(sample.arrays["image"], region, p.inpaint_radius, p.inpaint_method, p.work_max_side)
         return out, region, {"method": f"opencv-{p.inpaint_method}", "region": "instances", "inpainted": True,
                              "affects": sample.meta["targets"], "removed_instances": k,
                              "remaining_instances": n - k, "removed_indices": [int(i) for i in chosen]}
@@ -284,8 +331,8 @@ class ClassicalEdit(Stage):
         px = int(sample.meta["mask"]["dilate_px"])
         k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
         hole = cv2.dilate((a | b).astype(np.uint8) * 255, k_el)
+        out = self._inpaint(img, hole)
         p = self.params
-        out = inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side)
         out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
         out[b_to] = _shift(img, -dx, -dy)[b_to]
         region = hole.copy()
