@@ -1,5 +1,6 @@
-"""The classical edit stage's inpainting: two-pass fill of large holes, checked against the
-plain computation it replaces (byte-identical where it must be), and for determinism."""
+"""The classical edit stage's inpainting and its shortcuts: two-pass fill of large holes, one
+evidence fill shared by remove/count/swap. Each shortcut is checked against the plain
+computation it replaces (byte-identical where it must be), and for determinism."""
 
 from __future__ import annotations
 
@@ -107,6 +108,48 @@ def test_edits_are_deterministic(segmented):
         assert a.meta["variants"] == b.meta["variants"] and a.meta["edits"] == b.meta["edits"]
         for k, v in a.arrays.items():
             assert np.array_equal(v, b.arrays[k]), k
+
+
+def test_one_evidence_fill_serves_remove_count_and_swap(segmented, monkeypatch):
+    calls = []
+    real = E.inpaint
+    monkeypatch.setattr(E, "inpaint", lambda img, hole, *a: calls.append(hole) or real(img, hole, *a))
+    st = E.ClassicalEdit({"variants": ["remove", "count", "swap"]})
+    seen = set()
+    for s0 in segmented:
+        calls.clear()
+        s = _run(st, s0)
+        mask = s.arrays["mask"] > 0
+        assert np.array_equal(calls[0], s.arrays["mask"])  # the evidence, filled first
+        img, removed = s.arrays["image"], s.arrays["variant/remove"]
+        if "count" in s.meta["variants"]:
+            seen.add("count")
+            region = s.arrays["mask/count"] > 0
+            out = s.arrays["variant/count"]
+            assert region.any() and not (region & ~mask).any()
+            assert np.array_equal(out[region], removed[region])
+            assert np.array_equal(out[~region], img[~region])
+        if "swap" in s.meta["variants"]:
+            seen.add("swap")
+            # the second inpaint covers only b's hole: none of the evidence mask again
+            assert len(calls) <= 2 and all(not (c[mask] > 0).any() for c in calls[1:])
+            out, region = s.arrays["variant/swap"], s.arrays["mask/swap"] > 0
+            assert np.array_equal(out[~region], img[~region])
+        assert len(calls) <= 2
+    assert seen == {"count", "swap"}
+
+
+def test_count_without_remove_gives_the_same_pixels(segmented):
+    """The shared fill does not depend on which other variants run."""
+    both = E.ClassicalEdit({"variants": ["remove", "count"]})
+    alone = E.ClassicalEdit({"variants": ["count"]})
+    n = 0
+    for s0 in segmented:
+        a, b = _run(both, s0), _run(alone, s0)
+        if "count" in a.meta["variants"]:
+            n += 1
+            assert np.array_equal(a.arrays["variant/count"], b.arrays["variant/count"])
+    assert n
 
 
 def test_paste_writes_through_views_and_falls_back():

@@ -16,7 +16,8 @@ Every pixel outside an edit's region is copied from the original, bit for bit (`
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
 
-Cost: inpainting is most of this stage's time. A large hole is filled coarse-to-fine
+Cost: inpainting is most of this stage's time. The evidence is inpainted once per sample and
+``remove``, ``count`` and ``swap`` paste from that one fill; a large hole is filled coarse-to-fine
 (``inpaint``: a low-resolution pass, then a full-resolution band along its edge), small ones in
 one full-resolution pass.
 """
@@ -184,13 +185,27 @@ class ClassicalEdit(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
+        self._filled: tuple[Sample, np.ndarray] | None = None
 
     def _inpaint(self, img: np.ndarray, hole: np.ndarray) -> np.ndarray:
         p = self.params
         return inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side, p.work_max_area,
                        p.inpaint_band_px)
 
+    def _evidence_filled(self, sample: Sample) -> np.ndarray:
+        """The image with the whole evidence mask inpainted: remove's output, and the fill that
+        count and swap paste from (made once per sample, by whichever variant asks first)."""
+        if self._filled is None or self._filled[0] is not sample:
+            self._filled = (sample, self._inpaint(sample.arrays["image"], sample.arrays["mask"]))
+        return self._filled[1]
+
     def process(self, sample: Sample) -> None:
+        try:
+            self._process(sample)
+        finally:
+            self._filled = None  # do not hold the last sample's image between calls
+
+    def _process(self, sample: Sample) -> None:
         sample.meta["variants"] = []
         sample.meta["edits"] = {}
         for v in self.params.variants:
@@ -209,7 +224,7 @@ class ClassicalEdit(Stage):
     # each edit: (edited image, its region mask or None for the evidence mask / global, record)
     def _remove(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         p = self.params
-        out = self._inpaint(sample.arrays["image"], sample.arrays["mask"])
+        out = self._evidence_filled(sample).copy()
         return out, None, {"method": f"opencv-{p.inpaint_method}", "region": "evidence", "inpainted": True,
                            "affects": sample.meta["targets"], "removed_instances": len(sample.meta["instances"])}
 
@@ -263,7 +278,16 @@ class ClassicalEdit(Stage):
         k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
         region = cv2.dilate(removed * 255, k_el)
         region[kept] = 0  # never paint over an instance that stays
-        out = self._inpaint(sample.arrays["image"], region)
+        img, mask = sample.arrays["image"], sample.arrays["mask"]
+        # The region lies inside the evidence mask (the same dilation of a subset of the same
+        # instances), so remove's fill serves here too; it was made with every instance as a
+        # hole, so no kept instance's color bleeds into the fill.
+        if cv2.countNonZero(cv2.bitwise_and(region, cv2.bitwise_not(mask))):
+            filled = self._inpaint(img, region)
+        else:
+            filled = self._evidence_filled(sample)
+        out = img.copy()
+        _paste(out, filled, region)
         p = self.params
         return out, region, {"method": f"opencv-{p.inpaint_method}", "region": "instances", "inpainted": True,
                              "affects": sample.meta["targets"], "removed_instances": k,
@@ -330,8 +354,18 @@ class ClassicalEdit(Stage):
             raise Skip("not_applicable", "the swap would not move the evidence to the other side")
         px = int(sample.meta["mask"]["dilate_px"])
         k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-        hole = cv2.dilate((a | b).astype(np.uint8) * 255, k_el)
-        out = self._inpaint(img, hole)
+        hole_a = cv2.dilate(a.astype(np.uint8) * 255, k_el)
+        hole_b = cv2.dilate(b.astype(np.uint8) * 255, k_el)
+        hole = hole_a | hole_b
+        mask = sample.arrays["mask"]
+        if not cv2.countNonZero(cv2.bitwise_xor(hole_a, mask)):
+            # a's hole is the evidence mask (a is its only instance): start from remove's fill
+            # and inpaint only the part of b's hole outside it
+            rest = cv2.bitwise_and(hole_b, cv2.bitwise_not(mask))
+            filled = self._evidence_filled(sample)
+            out = self._inpaint(filled, rest) if cv2.countNonZero(rest) else filled.copy()
+        else:
+            out = self._inpaint(img, hole)
         p = self.params
         out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
         out[b_to] = _shift(img, -dx, -dy)[b_to]
