@@ -1,6 +1,7 @@
 """The classical edit stage's inpainting and its shortcuts: two-pass fill of large holes, one
-evidence fill shared by remove/count/swap. Each shortcut is checked against the plain
-computation it replaces (byte-identical where it must be), and for determinism."""
+evidence fill shared by remove/count/swap, windowed insert placement. Each shortcut is checked
+against the plain computation it replaces (byte-identical where it must be), and for
+determinism."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from counterfactory import scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.pipeline.sample import Sample, decode_batch
@@ -150,6 +152,48 @@ def test_count_without_remove_gives_the_same_pixels(segmented):
             n += 1
             assert np.array_equal(a.arrays["variant/count"], b.arrays["variant/count"])
     assert n
+
+
+def _place_shape_full(sample, shape, r, rng, tries):
+    """The reference: every try rasterized and dilated on the whole image."""
+    h, w = sample.arrays["mask"].shape
+    keepout = sample.arrays["mask"] > 0
+    for a in sample.meta.get("annotated", []):
+        x0, y0, x1, y1 = a["box"]
+        keepout[y0:y1, x0:x1] = True
+    m = int(r) + 4
+    for _ in range(tries):
+        cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
+        poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
+        obj = scenes.polygon_mask(poly, w, h)
+        region = cv2.dilate(obj.astype(np.uint8) * 255, E._CLONE_MARGIN)
+        if not (keepout & (region > 0)).any():
+            return poly, obj, region
+    raise E.Skip("no_room_for_insert", "")
+
+
+def test_windowed_placement_equals_whole_image_placement(segmented):
+    n = 0
+    for s in segmented:
+        h, w = s.arrays["mask"].shape
+        for shape in scenes.SHAPES:
+            for seed in range(3):
+                r = max(6.0, 0.12 * min(h, w)) * (1 + seed)
+                got = want = None
+                try:
+                    got = E.place_shape(s, shape, r, np.random.default_rng(seed), 16)
+                except E.Skip:
+                    pass
+                try:
+                    want = _place_shape_full(s, shape, r, np.random.default_rng(seed), 16)
+                except E.Skip:
+                    pass
+                assert (got is None) == (want is None)
+                if got is not None:
+                    n += 1
+                    assert got[0] == want[0]
+                    assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
+    assert n > 50
 
 
 def test_paste_writes_through_views_and_falls_back():

@@ -307,14 +307,17 @@ class ClassicalEdit(Stage):
         # Feathered alpha compositing. OpenCV's seamlessClone (Poisson) was the first choice, but
         # in OpenCV 5.0.0 identical calls returned different pixels (3 distinct outputs in 8
         # calls, single-threaded), which would break byte-identical reruns.
-        alpha = cv2.GaussianBlur(obj.astype(np.float32), (0, 0), 0.8)[..., None]
-        alpha[region == 0] = 0.0
-        color_img = np.empty_like(img, dtype=np.float32)
-        color_img[:] = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
-        blended = np.clip(np.rint(alpha * color_img + (1 - alpha) * img.astype(np.float32)), 0, 255)
+        # Only the region's bounding box is blended: the blur reads 3 px around the object, and
+        # the region reaches 6 px past it, so the box gives the same pixels as the whole image.
+        y0, y1, x0, x1 = _bbox(region)
+        win = (slice(y0, y1), slice(x0, x1))
+        alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
+        sel = region[win] > 0
+        alpha[~sel] = 0.0
+        rgb = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
+        blended = np.clip(np.rint(alpha * rgb + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
         out = img.copy()
-        sel = region > 0
-        out[sel] = blended[sel].astype(np.uint8)
+        out[win][sel] = blended[sel].astype(np.uint8)
         seen = color_name(cv2.mean(out, mask=obj.astype(np.uint8))[:3])
         return out, region, {"method": "feathered-alpha", "region": "inserted", "affects": [shape],
                              "inserted_category": shape, "inserted_instances": 1,
@@ -389,13 +392,21 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
     m = int(r) + 4
     if h <= 2 * m or w <= 2 * m:
         raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
+    half = _CLONE_MARGIN.shape[0] // 2
     for _ in range(tries):
         cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
         poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
-        obj = scenes.polygon_mask(poly, w, h)
-        region = cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
-        if not (keepout & (region > 0)).any():
-            return poly, obj, region
+        # Each try is tested in the polygon's box grown by the margin (the region cannot reach
+        # past it), with the rasterization scenes.polygon_mask uses; full-size masks only for
+        # the spot that fits.
+        pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32)
+        x0, y0 = max(0, int(pts[:, 0].min()) - half), max(0, int(pts[:, 1].min()) - half)
+        x1, y1 = min(w, int(pts[:, 0].max()) + half + 1), min(h, int(pts[:, 1].max()) + half + 1)
+        win = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
+        if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, _CLONE_MARGIN) > 0)).any():
+            obj = scenes.polygon_mask(poly, w, h)
+            return poly, obj, cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
     raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
 
