@@ -116,11 +116,10 @@ def test_one_evidence_fill_serves_remove_count_and_swap(segmented, monkeypatch):
     calls = []
     real = E.inpaint
     monkeypatch.setattr(E, "inpaint", lambda img, hole, *a: calls.append(hole) or real(img, hole, *a))
-    st = E.ClassicalEdit({"variants": ["remove", "count", "swap"]})
     seen = set()
     for s0 in segmented:
         calls.clear()
-        s = _run(st, s0)
+        s = _run(E.ClassicalEdit({"variants": ["remove", "count", "swap"]}), s0)
         mask = s.arrays["mask"] > 0
         assert np.array_equal(calls[0], s.arrays["mask"])  # the evidence, filled first
         img, removed = s.arrays["image"], s.arrays["variant/remove"]
@@ -152,6 +151,30 @@ def test_count_without_remove_gives_the_same_pixels(segmented):
             n += 1
             assert np.array_equal(a.arrays["variant/count"], b.arrays["variant/count"])
     assert n
+
+
+def test_evidence_fill_is_reused_across_samples_with_the_same_evidence(segmented, monkeypatch):
+    """Questions about the same evidence in one image share the fill; the bytes are those of a
+    fresh computation, and the cache stays within its byte budget."""
+    calls = []
+    real = E.inpaint
+    monkeypatch.setattr(E, "inpaint", lambda img, hole, *a: calls.append(hole) or real(img, hole, *a))
+    photo, scene = segmented[0], segmented[-1]
+    st = E.ClassicalEdit({"variants": ["remove"]})
+    first = _run(st, photo).arrays["variant/remove"]
+    _run(st, scene)
+    again = _run(st, photo).arrays["variant/remove"]
+    assert len(calls) == 2 and np.array_equal(first, again)
+    other = copy.deepcopy(photo)
+    other.arrays["image"] = other.arrays["image"].copy()
+    other.arrays["image"][0, 0] ^= 1  # one pixel differs: a miss
+    _run(st, other)
+    assert len(calls) == 3
+    assert len(st._fills) == 3
+    monkeypatch.setattr(E, "_FILL_CACHE_BYTES", 1)
+    other.arrays["image"][0, 0] ^= 2  # another miss: the older fills go, the newest stays
+    _run(st, other)
+    assert len(calls) == 4 and len(st._fills) == 1
 
 
 def _place_shape_full(sample, shape, r, rng, tries):

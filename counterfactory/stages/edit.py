@@ -16,14 +16,16 @@ Every pixel outside an edit's region is copied from the original, bit for bit (`
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
 
-Cost: inpainting is most of this stage's time. The evidence is inpainted once per sample and
-``remove``, ``count`` and ``swap`` paste from that one fill; a large hole is filled coarse-to-fine
+Cost: inpainting is most of this stage's time. The evidence is inpainted once per distinct
+(image, evidence mask), also across questions about the same image, and ``remove``, ``count``
+and ``swap`` paste from that one fill; a large hole is filled coarse-to-fine
 (``inpaint``: a low-resolution pass, then a full-resolution band along its edge), small ones in
 one full-resolution pass.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Literal
 
 import cv2
@@ -38,6 +40,10 @@ from counterfactory.stages import register
 EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
 _CLONE_MARGIN = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
 _SALT = {"random_mask": 7, "attribute": 11, "count": 13, "insert": 17, "swap": 19}
+# recent evidence fills kept per stage instance (see _evidence_filled): at most this many, and
+# this many bytes
+_FILL_CACHE_ENTRIES = 8
+_FILL_CACHE_BYTES = 64 * 2**20
 
 
 class Skip(Exception):
@@ -185,7 +191,7 @@ class ClassicalEdit(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
-        self._filled: tuple[Sample, np.ndarray] | None = None
+        self._fills: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=_FILL_CACHE_ENTRIES)
 
     def _inpaint(self, img: np.ndarray, hole: np.ndarray) -> np.ndarray:
         p = self.params
@@ -194,18 +200,23 @@ class ClassicalEdit(Stage):
 
     def _evidence_filled(self, sample: Sample) -> np.ndarray:
         """The image with the whole evidence mask inpainted: remove's output, and the fill that
-        count and swap paste from (made once per sample, by whichever variant asks first)."""
-        if self._filled is None or self._filled[0] is not sample:
-            self._filled = (sample, self._inpaint(sample.arrays["image"], sample.arrays["mask"]))
-        return self._filled[1]
+        count and swap paste from. Made once per distinct (image, evidence mask), by whichever
+        variant asks first: the questions about one image are adjacent inputs (mostly in one
+        batch), and several of them often share the evidence. Found by exact comparison of the
+        arrays, and inpainting is a pure function, so a hit gives the bytes a recomputation
+        would. Read-only; the last few are kept (newest looked at first)."""
+        img, mask = sample.arrays["image"], sample.arrays["mask"]
+        for im, m, filled in reversed(self._fills):
+            if im.shape == img.shape and np.array_equal(m, mask) and np.array_equal(im, img):
+                return filled
+        filled = self._inpaint(img, mask)
+        filled.flags.writeable = False
+        self._fills.append((img.copy(), mask.copy(), filled))
+        while len(self._fills) > 1 and sum(a.nbytes for e in self._fills for a in e) > _FILL_CACHE_BYTES:
+            self._fills.popleft()
+        return filled
 
     def process(self, sample: Sample) -> None:
-        try:
-            self._process(sample)
-        finally:
-            self._filled = None  # do not hold the last sample's image between calls
-
-    def _process(self, sample: Sample) -> None:
         sample.meta["variants"] = []
         sample.meta["edits"] = {}
         for v in self.params.variants:
