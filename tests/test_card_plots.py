@@ -68,3 +68,15 @@ def test_plots_without_samples_or_metrics():
     assert not np.all(_image(out["plots/metrics.png"]) == 255)  # says "no verification metrics"
     assert not np.any(np.all(_image(out["plots/mask_area.png"]) == (0x4C, 0x72, 0xB0), axis=2))
 
+
+
+def test_tiny_and_degenerate_bins_draw():
+    """A count far below the tallest bar still shows (one pixel); zero-width and constant data draw."""
+    hs = {"mask_area_frac": {"n": 100001, "edges": [0.0, 0.5, 1.0], "counts": [100000, 1]},
+          "x.const": card_mod._hist([3.0] * 5), "x.tiny": card_mod._hist([1e-9, 2e-9]),
+          "x.huge": card_mod._hist([1e9, 3e9])}
+    out = card_mod.render_plots({"histograms": hs})
+    mask = np.all(_image(out["plots/mask_area.png"]) == (0x4C, 0x72, 0xB0), axis=2)
+    cols = np.nonzero(mask.any(axis=0))[0]
+    assert cols.min() < 200 < cols.max()  # both bins drawn, left and right of the middle
+    assert _image(out["plots/metrics.png"]).shape[0] == round(2.6 * 80)

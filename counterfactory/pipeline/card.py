@@ -447,8 +447,9 @@ def _draw_hist(d: Any, box: tuple[float, float, float, float], h: dict[str, Any]
 
     b = round(bottom)
     for a, z, c in zip(edges[:-1], edges[1:], counts, strict=True):
-        if c > 0:  # a white pixel column between neighbours, as the white bar edges gave
-            d.rectangle([X(a) + 1, Y(c), max(X(a) + 1, X(z) - 1), b - 1], fill=_BAR)
+        if c > 0:  # a white pixel column between neighbours, as the white bar edges gave;
+            # a bar too short for a pixel still gets one (matplotlib shades it faintly)
+            d.rectangle([X(a) + 1, min(Y(c), b - 1), max(X(a) + 1, X(z) - 1), b - 1], fill=_BAR)
     d.rectangle([round(left), round(top), round(right), b], outline=_INK, width=1)
     small, tick, pad = _font(7), round(_px(3.5)), round(_px(3.5))
     ticks, dec = nice_ticks(xlo, xhi, max(1, min(9, int((right - left) / _px(21)))))
