@@ -55,7 +55,8 @@ def scenes_config(n: int, root: Path, num_cpus: int | None = None):
 
 
 class PeakRSS:
-    """Peak of (this process + every Ray worker process) RSS, sampled every 0.2 s."""
+    """Peak of (this process + every Ray worker process of its own Ray instance) RSS, sampled
+    every 0.2 s. Only descendants count: another session's Ray workers on the machine do not."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -63,10 +64,11 @@ class PeakRSS:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        total = psutil.Process().memory_info().rss
-        for p in psutil.process_iter(["cmdline"]):
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for p in me.children(recursive=True):
             try:
-                cmd = " ".join(p.info["cmdline"] or [])
+                cmd = " ".join(p.cmdline() or [])
                 if "ray::" in cmd or "default_worker.py" in cmd:
                     total += p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
