@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -139,7 +140,6 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     One untimed round first (imports, e.g. pandas that pyarrow pulls in on the first parquet
     write, already loaded by Ray Data in a real run), then ``rounds`` rounds, the three writers
     interleaved in each, each output deleted before the next write; medians reported."""
-    import shutil
     import statistics
 
     from counterfactory.pipeline.inputs import load_records
@@ -206,49 +206,52 @@ def main() -> None:
     only = set(args.only.split(","))
     rows: list[tuple[str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="cf-bench-"))
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}")
-    floor = None
-    if "floor" in only or "ray" in only:
-        dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
-        floor = samples / dt
-        rows.append((f"floor (plain loop, 1 process), N={args.n}",
-                     f"{floor:.1f} pairs/s  ({dt:.1f} s; {1000 * cpu / samples:.1f} CPU ms/pair)"))
-    if "ray" in only:
-        for cpus in (1, 2):
-            r = run_ray(args.n, cpus, tmp / f"ray{cpus}")
-            rate = r["samples"] / r["seconds"]
-            rows.append((f"ray pipeline, {cpus} CPU, N={args.n}",
-                         f"{rate:.1f} pairs/s  ({r['seconds']:.1f} s)  = {rate / floor:.2f}x floor"))
-    if "growth" in only:
-        base = None
-        for n in [int(x) for x in args.growth.split(",")]:
-            r = run_ray(n, 2, tmp / f"growth{n}")
-            per = 1000 * r["seconds"] / r["samples"]
-            base = base or (per, r["peak_rss"])
-            rows.append((f"growth N={n} (ray, 2 CPU)",
-                         f"{per:.2f} ms/pair ({per / base[0]:.2f}x)  peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
-                         f"({r['peak_rss'] / base[1]:.2f}x)"))
-    if "writer" in only:
-        w = bench_writer(min(args.n, 500), tmp / "writer")
-        rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",
-                     f"ours {w['MB'] / w['ours_s']:.0f} MB/s vs plain tarfile {w['MB'] / w['plain_s']:.0f} MB/s "
-                     f"= {w['plain_s'] / w['ours_s']:.2f}x; vs plain tarfile + fsync "
-                     f"{w['MB'] / w['plain_fsync_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_s']:.2f}x"))
-        rows.append(("image encode (JPEG q95 / PNG, on the workers)",
-                     f"{w['encode_ms_per_image']:.2f} ms/image"))
-    if "profile" in only:
-        cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp / 'demo'}"])
-        res = run_pipeline(cfg, local=True)
-        total = sum(res.stage_seconds.values())
-        share = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
-                          sorted(res.stage_seconds.items(), key=lambda kv: -kv[1]))
-        rows.append((f"demo profile ({res.manifest['counts']['inputs']} inputs, {total:.2f} s in stages)", share))
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'benchmark'.ljust(width)} | result |")
-    print(f"|{'-' * (width + 2)}|--------|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+    try:
+        print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}")
+        floor = None
+        if "floor" in only or "ray" in only:
+            dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
+            floor = samples / dt
+            rows.append((f"floor (plain loop, 1 process), N={args.n}",
+                         f"{floor:.1f} pairs/s  ({dt:.1f} s; {1000 * cpu / samples:.1f} CPU ms/pair)"))
+        if "ray" in only:
+            for cpus in (1, 2):
+                r = run_ray(args.n, cpus, tmp / f"ray{cpus}")
+                rate = r["samples"] / r["seconds"]
+                rows.append((f"ray pipeline, {cpus} CPU, N={args.n}",
+                             f"{rate:.1f} pairs/s  ({r['seconds']:.1f} s)  = {rate / floor:.2f}x floor"))
+        if "growth" in only:
+            base = None
+            for n in [int(x) for x in args.growth.split(",")]:
+                r = run_ray(n, 2, tmp / f"growth{n}")
+                per = 1000 * r["seconds"] / r["samples"]
+                base = base or (per, r["peak_rss"])
+                rows.append((f"growth N={n} (ray, 2 CPU)",
+                             f"{per:.2f} ms/pair ({per / base[0]:.2f}x)  peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
+                             f"({r['peak_rss'] / base[1]:.2f}x)"))
+        if "writer" in only:
+            w = bench_writer(min(args.n, 500), tmp / "writer")
+            rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",
+                         f"ours {w['MB'] / w['ours_s']:.0f} MB/s vs plain tarfile {w['MB'] / w['plain_s']:.0f} MB/s "
+                         f"= {w['plain_s'] / w['ours_s']:.2f}x; vs plain tarfile + fsync "
+                         f"{w['MB'] / w['plain_fsync_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_s']:.2f}x"))
+            rows.append(("image encode (JPEG q95 / PNG, on the workers)",
+                         f"{w['encode_ms_per_image']:.2f} ms/image"))
+        if "profile" in only:
+            cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp / 'demo'}"])
+            res = run_pipeline(cfg, local=True)
+            total = sum(res.stage_seconds.values())
+            share = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
+                              sorted(res.stage_seconds.items(), key=lambda kv: -kv[1]))
+            rows.append((f"demo profile ({res.manifest['counts']['inputs']} inputs, {total:.2f} s in stages)", share))
+        width = max(len(r[0]) for r in rows)
+        print(f"| {'benchmark'.ljust(width)} | result |")
+        print(f"|{'-' * (width + 2)}|--------|")
+        for k, v in rows:
+            print(f"| {k.ljust(width)} | {v} |")
+    finally:  # datasets of every N (GBs for a full run): temporary, like the name says
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
