@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -140,7 +141,6 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     One untimed round first (imports, e.g. pandas that pyarrow pulls in on the first parquet
     write, already loaded by Ray Data in a real run), then ``rounds`` rounds, the three writers
     interleaved in each, each output deleted before the next write; medians reported."""
-    import statistics
 
     from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--growth", default="100,1000,10000")
     ap.add_argument("--only", default="floor,ray,growth,writer,profile")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per floor/Ray setting (median reported)")
     ap.add_argument("--ray-child", nargs=3)
     ap.add_argument("--variants", default=None, help="comma list: pin the edit variants (default: demo config)")
     args = ap.parse_args()
@@ -209,27 +210,49 @@ def main() -> None:
     try:
         print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}")
+        # Each setting runs `--rounds` times, interleaved (floor, 1 CPU, 2 CPUs, floor, ...), each
+        # into a fresh output root, and the median is reported with the range: on this VM one
+        # run of the same setting can be 20 % off the next, which decides a ratio to the floor.
+        rounds = max(1, args.rounds)
+        timings: dict[str, list[dict]] = {"floor": [], "ray1": [], "ray2": []}
+        for r in range(rounds if {"floor", "ray"} & only else 0):
+            dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
+            timings["floor"].append({"seconds": dt, "samples": samples, "peak_rss": peak, "cpu": cpu})
+            if "ray" in only:
+                for cpus in (1, 2):
+                    timings[f"ray{cpus}"].append(run_ray(args.n, cpus, tmp / f"ray{cpus}-{r}"))
+
+        def rate(runs: list[dict]) -> tuple[float, float, float]:
+            rates = sorted(x["samples"] / x["seconds"] for x in runs)
+            return statistics.median(rates), rates[0], rates[-1]
+
         floor = None
-        if "floor" in only or "ray" in only:
-            dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / "floor"), local=True)
-            floor = samples / dt
-            rows.append((f"floor (plain loop, 1 process), N={args.n}",
-                         f"{floor:.1f} pairs/s  ({dt:.1f} s; {1000 * cpu / samples:.1f} CPU ms/pair)"))
-        if "ray" in only:
-            for cpus in (1, 2):
-                r = run_ray(args.n, cpus, tmp / f"ray{cpus}")
-                rate = r["samples"] / r["seconds"]
-                rows.append((f"ray pipeline, {cpus} CPU, N={args.n}",
-                             f"{rate:.1f} pairs/s  ({r['seconds']:.1f} s)  = {rate / floor:.2f}x floor"))
+        if timings["floor"]:
+            floor, lo, hi = rate(timings["floor"])
+            cpu = statistics.median(1000 * x["cpu"] / x["samples"] for x in timings["floor"])
+            rows.append((f"floor (plain loop, 1 process), N={args.n}, median of {rounds}",
+                         f"{floor:.1f} pairs/s (range {lo:.1f}-{hi:.1f}; {cpu:.1f} CPU ms/pair)"))
+        for cpus in (1, 2):
+            if timings[f"ray{cpus}"]:
+                med, lo, hi = rate(timings[f"ray{cpus}"])
+                rows.append((f"ray pipeline, {cpus} CPU, N={args.n}, median of {rounds}",
+                             f"{med:.1f} pairs/s (range {lo:.1f}-{hi:.1f}) = {med / floor:.2f}x floor "
+                             f"(range {lo / floor:.2f}-{hi / floor:.2f}x)"))
         if "growth" in only:
-            base = None
+            per_n: dict[int, tuple[float, float, int]] = {}
             for n in [int(x) for x in args.growth.split(",")]:
-                r = run_ray(n, 2, tmp / f"growth{n}")
-                per = 1000 * r["seconds"] / r["samples"]
-                base = base or (per, r["peak_rss"])
-                rows.append((f"growth N={n} (ray, 2 CPU)",
-                             f"{per:.2f} ms/pair ({per / base[0]:.2f}x)  peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
-                             f"({r['peak_rss'] / base[1]:.2f}x)"))
+                if n == args.n and timings["ray2"]:
+                    runs = timings["ray2"]  # the same setting as the 2-CPU rounds above
+                else:  # the long N once; the short ones as often as the rounds above
+                    runs = [run_ray(n, 2, tmp / f"growth{n}-{r}") for r in range(rounds if n <= args.n else 1)]
+                per_n[n] = (statistics.median(1000 * x["seconds"] / x["samples"] for x in runs),
+                            max(x["peak_rss"] for x in runs), len(runs))
+            base_t, base_m = per_n[min(per_n)][0], per_n[min(per_n)][1]
+            mid_t = per_n[args.n][0] if args.n in per_n else base_t
+            for n, (per, rss, k) in per_n.items():
+                rows.append((f"growth N={n} (ray, 2 CPU, median of {k})",
+                             f"{per:.2f} ms/pair ({per / mid_t:.2f}x N={args.n})  peak RSS {rss / 2**20:.0f} MiB "
+                             f"({rss / base_m:.2f}x N={min(per_n)})"))
         if "writer" in only:
             w = bench_writer(min(args.n, 500), tmp / "writer")
             rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",
