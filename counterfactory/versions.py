@@ -221,7 +221,7 @@ class Version:
 
     @property
     def location(self) -> str:
-        return self.remote.uri if self.remote else str(self.path)
+        return self.remote.uri if self.remote else str(self.path.resolve())
 
     @property
     def dataset(self) -> str:
