@@ -40,7 +40,8 @@ def _stagings(cfg):
     return sorted(p for p in ds.iterdir() if p.name.startswith(".staging-"))
 
 
-def test_killed_run_resumes_to_identical_manifest(tmp_path, monkeypatch):
+def _reference_and_killed_run(tmp_path, monkeypatch):
+    """An uninterrupted run, and the same spec killed after its third shard: (ref, cfg, staging)."""
     ref = run_pipeline(_cfg(tmp_path, "ref"), local=True, progress=False)
     cfg = _cfg(tmp_path, "run")
     with monkeypatch.context() as m:
@@ -48,6 +49,11 @@ def test_killed_run_resumes_to_identical_manifest(tmp_path, monkeypatch):
         with pytest.raises(Killed):
             run_pipeline(cfg, local=True, progress=False)
     (staging,) = _stagings(cfg)
+    return ref, cfg, staging
+
+
+def test_killed_run_resumes_to_identical_manifest(tmp_path, monkeypatch):
+    ref, cfg, staging = _reference_and_killed_run(tmp_path, monkeypatch)
     assert len(list((staging / ".journal").glob("*.json"))) == 3
     res = run_pipeline(cfg, local=True, progress=False)
     assert (res.out_dir / "manifest.json").read_bytes() == (ref.out_dir / "manifest.json").read_bytes()
@@ -58,13 +64,7 @@ def test_killed_run_resumes_to_identical_manifest(tmp_path, monkeypatch):
 
 
 def test_damaged_shard_is_recomputed(tmp_path, monkeypatch):
-    ref = run_pipeline(_cfg(tmp_path, "ref"), local=True, progress=False)
-    cfg = _cfg(tmp_path, "run")
-    with monkeypatch.context() as m:
-        _crash_after(m, 3)
-        with pytest.raises(Killed):
-            run_pipeline(cfg, local=True, progress=False)
-    (staging,) = _stagings(cfg)
+    ref, cfg, staging = _reference_and_killed_run(tmp_path, monkeypatch)
     shard = staging / "demo-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-10] + b"x" * 10)  # same size, other bytes
     res = run_pipeline(cfg, local=True, progress=False)
