@@ -468,18 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from counterfactory.storage import StorageError
     from counterfactory.versions import VersionError
 
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
     try:
         return args.func(args)
-    except (ConfigError, VersionError) as exc:
+    except (ConfigError, VersionError, StorageError) as exc:  # StorageError: an object store failed mid-command
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FailureBudgetExceeded as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # a file or an object store that failed mid-command
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

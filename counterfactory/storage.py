@@ -79,6 +79,8 @@ class RemoteDir:
         self.uri = uri
         if fs is None or path is None:
             fs, path = open_filesystem(uri)
+        if not path.strip("/"):
+            raise StorageError(f"{uri}: names no bucket or folder")
         self.fs, self.path = fs, path.rstrip("/")
 
     def __repr__(self) -> str:
@@ -173,7 +175,7 @@ class RemoteDir:
         def one(rel: str) -> None:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # two readers may mirror at once
             with self.fs.open_input_stream(self._p(rel)) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, COPY_CHUNK)
             os.replace(tmp, target)

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -439,7 +439,7 @@ def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dic
             raise StorageError(f"{target.uri}: another run published this label at the same time; "
                                "run again to publish under the next label")
         target.delete(CLAIM)
-        write_latest(ds, label)
+        finish_remote(ds, label)
         mirror = remote_mirror(ds) / label
         shutil.rmtree(mirror, ignore_errors=True)
         for tar in staging.glob("*.tar"):
@@ -447,6 +447,22 @@ def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dic
         os.replace(staging, mirror)
         return Version(label, mirror, info, target)
     raise RuntimeError(f"could not allocate a version label in {ds}")
+
+
+def finish_remote(ds: RemoteDir, label: str) -> None:
+    """After ``label`` is committed: point ``latest`` at it unless a newer version is already
+    there (a rerun finishing a cut upload of an older label must not move it back)."""
+    current = read_latest(ds)
+    if current is None or not LABEL_RE.match(current) or int(current[1:]) <= int(label[1:]):
+        write_latest(ds, label)
+
+
+def repair_remote(ds: RemoteDir, version: Version) -> None:
+    """A complete version found again (its spec rerun): finish what a publish cut off after the
+    commit marker, i.e. a leftover claim and a ``latest`` that was never moved to it."""
+    if version.remote is not None and version.remote.exists(CLAIM):
+        version.remote.delete(CLAIM)
+    finish_remote(ds, version.label)
 
 
 def fetch_mirror(version: Version) -> Version:
@@ -460,8 +476,10 @@ def fetch_mirror(version: Version) -> Version:
     if cid and (mirror / "manifest.json").is_file() and sha256_file(mirror / "manifest.json") == cid:
         return version
     names = [n for n, is_dir, _ in version.remote.list(recursive=True)
-             if not is_dir and not n.endswith(".tar") and not n.startswith("viewer/")]
-    version.remote.download(names, mirror)
+             if not is_dir and not n.endswith(".tar") and not n.startswith("viewer/") and n != CLAIM]
+    # manifest.json last: a mirror is taken as complete only when it matches the content id
+    version.remote.download([n for n in names if n != "manifest.json"], mirror)
+    version.remote.download(["manifest.json"], mirror)
     return version
 
 
@@ -480,14 +498,17 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
     """``DATASET`` is a name under ``--root`` or a path (or URI) to ``ROOT/DATASET``; ``root``
     may be an object-store URI (``s3://bucket/prefix``)."""
-    if is_remote(name) or is_remote(root):
-        ds = RemoteDir(name if is_remote(name) else join_uri(str(root), name))
+    if is_remote(name) or (is_remote(root) and not local_path(name).is_dir()):
+        uri = name if is_remote(name) else join_uri(str(root), name)
         try:
+            ds = RemoteDir(uri)
             found = ds.exists()
-        except OSError as exc:
-            raise VersionError(f"{ds.uri}: {exc}") from None
+        except StorageError as exc:
+            raise VersionError(str(exc)) from None
+        except (OSError, ValueError) as exc:  # unreachable, unauthorized, or a malformed path
+            raise VersionError(f"{uri}: {exc}") from None
         if not found:
-            raise VersionError(f"no dataset at {ds.uri}")
+            raise VersionError(f"no dataset at {uri}")
         return ds
     p = local_path(name)
     if p.is_dir() and (list_versions(p) or (p / LATEST).exists()):
@@ -505,15 +526,23 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
     version folder (``ROOT/DATASET/v2``, or its URI) works as well. A version on an object
     store comes back with its small files mirrored locally (``fetch_mirror``)."""
     name, label = split_ref(ref)
-    if label is None and LABEL_RE.match(name.rstrip("/").rsplit("/", 1)[-1]):
-        if is_remote(name):
-            parent, _, lb = name.rstrip("/").rpartition("/")
+    u = urlsplit(name) if is_remote(name) else None
+    path_part = u.path if u else name
+    if label is None and LABEL_RE.match(path_part.rstrip("/").rsplit("/", 1)[-1]):
+        if u:
+            parent_path, _, lb = u.path.rstrip("/").rpartition("/")
+            parent = urlunsplit((u.scheme, u.netloc, parent_path, u.query, u.fragment))
             try:
-                ds = RemoteDir(parent)
-                if ds.exists(f"{lb}/manifest.json"):
-                    return fetch_mirror(_read_remote_version(ds, lb))
-            except OSError as exc:
+                v = _read_remote_version(RemoteDir(parent), lb)
+            except StorageError as exc:
+                raise VersionError(str(exc)) from None
+            except (OSError, ValueError) as exc:
                 raise VersionError(f"{name}: {exc}") from None
+            if v.info:  # version.json is the commit marker
+                return fetch_mirror(v)
+            if v.remote is not None and v.remote.exists("manifest.json"):
+                raise VersionError(f"{name}: no version.json: an unfinished upload, not a version "
+                                   "(run the same spec again to finish it)")
         else:
             p = local_path(name)
             if (p / "manifest.json").exists():
@@ -532,7 +561,9 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
                 have = ", ".join(x.label for x in list_versions(ds_dir) if x.info) or "none"
                 raise VersionError(f"{ds_dir.uri} has no version {label} (versions: {have})")
             return fetch_mirror(v)
-    except (OSError, StorageError) as exc:
+    except StorageError as exc:
+        raise VersionError(str(exc)) from None
+    except (OSError, ValueError) as exc:
         raise VersionError(f"{name}: {exc}") from None
     vdir = ds_dir / label
     if not vdir.is_dir():

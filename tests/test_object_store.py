@@ -159,6 +159,38 @@ def test_damaged_remote_shard_fails_verify(published, s3, capsys):
 def test_bad_uris_are_one_line(s3, tmp_path, capsys):
     with pytest.raises(ConfigError, match="output.root"):
         run_pipeline(_cfg(tmp_path, "nosuchscheme://x/y"), local=True)
-    assert main(["versions", "demo", "--root", f"s3://{BUCKET}/nothing-here"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no dataset" in err[0]
+    for argv, words in ((["versions", "demo", "--root", f"s3://{BUCKET}/nothing-here"], "no dataset"),
+                        (["versions", "demo", "--root", "nosuchscheme://x/y"], "nosuchscheme"),
+                        (["verify", "nosuchscheme://x/demo/v1"], "nosuchscheme"),
+                        (["versions", "s3://"], "s3://")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+
+
+def test_publish_cut_after_commit_marker_is_finished_by_the_rerun(s3, tmp_path, monkeypatch):
+    """version.json arrived but `latest` did not: the rerun of the spec is a no-op that moves
+    `latest`, and drops the claim and its local staging folder."""
+    root = f"s3://{BUCKET}/after-commit"
+
+    def lost(ds, label):
+        raise ConnectionError("network gone before latest")
+
+    monkeypatch.setattr(V, "finish_remote", lost)
+    with pytest.raises(ConnectionError):
+        run_pipeline(_cfg(tmp_path, root), local=True)
+    monkeypatch.undo()
+    ds = RemoteDir(f"{root}/demo")
+    assert not ds.exists("latest") and V.list_versions(ds)[0].status() == "complete"
+    res = run_pipeline(_cfg(tmp_path, root), local=True)
+    assert res.reused and res.label == "v1"
+    assert ds.read_text("latest").strip() == "v1" and not ds.child("v1").exists(V.CLAIM)
+    assert not V.staging_dirs(ds)
+
+
+def test_unfinished_upload_is_not_a_version_by_uri_either(s3, tmp_path, capsys):
+    root = f"s3://{BUCKET}/no-marker"
+    res = run_pipeline(_cfg(tmp_path, root), local=True)
+    s3.delete_file(f"{BUCKET}/no-marker/demo/v1/version.json")
+    assert res.label == "v1" and main(["verify", f"{root}/demo/v1"]) == 2
+    assert "unfinished upload" in capsys.readouterr().err

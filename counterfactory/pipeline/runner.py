@@ -302,6 +302,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     except OSError as exc:  # an unreachable or unauthorized object store: one line, before any work
         raise ConfigError(f"output.root: {ds_dir}: {exc}") from None
     if existing is not None:
+        if isinstance(ds_dir, RemoteDir):  # a publish cut after its commit marker: finish it
+            versions.repair_remote(ds_dir, existing)
+            shutil.rmtree(work / f".staging-{sid[:24]}", ignore_errors=True)
         return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
                          existing.label, sid, existing.info["content_id"], reused=True,
                          location=existing.location)
