@@ -573,10 +573,26 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
 
 
 # -- verify ----------------------------------------------------------------------------------
-def count_tar_samples(f: Any) -> int:
-    """Distinct sample keys in a tar (a seekable binary file), reading headers only."""
+class _HashingReader:
+    """A read-only file that hashes what passes through it; ``drain`` hashes the rest."""
+
+    def __init__(self, f: Any, h: Any) -> None:
+        self.f, self.h = f, h
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 << 20):
+            pass
+
+
+def count_tar_samples(f: Any, mode: str = "r:") -> int:
+    """Distinct sample keys in a tar: a seekable file (``r:``, headers only) or a stream (``r|``)."""
     keys = set()
-    with tarfile.open(fileobj=f, mode="r:") as tf:
+    with tarfile.open(fileobj=f, mode=mode) as tf:
         for m in tf:
             if m.isfile():
                 keys.add(m.name.split(".", 1)[0])
@@ -613,17 +629,24 @@ def verify(version: Version) -> list[Check]:
         problems = []
         if size != s["bytes"]:
             problems.append(f"{size} bytes, manifest says {s['bytes']}")
-        digest = version.sha256(s["name"])
-        if digest != s["sha256"]:
-            problems.append(f"sha256 {digest[:12]} != manifest {s['sha256'][:12]}")
         n = -1
+        h = hashlib.sha256()
         try:
+            # one sequential read does both: the tar is parsed in stream mode through a reader
+            # that hashes every byte it hands on (a remote shard is fetched once, not twice)
             with version.open(s["name"]) as f:
-                n = count_tar_samples(f)
+                reader = _HashingReader(f, h)
+                try:
+                    n = count_tar_samples(reader, mode="r|")
+                finally:
+                    reader.drain()
             if n != s["samples"]:
                 problems.append(f"{n} samples, manifest says {s['samples']}")
         except (tarfile.TarError, OSError) as exc:
             problems.append(f"unreadable tar: {exc}")
+        digest = h.hexdigest()
+        if digest != s["sha256"]:
+            problems.append(f"sha256 {digest[:12]} != manifest {s['sha256'][:12]}")
         return Check(s["name"], not problems, "; ".join(problems) or f"ok, {n} samples")
 
     # hashing releases the GIL and remote reads wait on the network: a few shards at a time
