@@ -210,7 +210,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{name}: {len(bad)} problem(s) in {len(checks)} checks: " + ", ".join(c.name for c in bad))
         return 1
     n = sum(1 for c in checks if c.name.endswith(".tar"))
-    print(f"{name}: ok ({n} shard(s), {len(checks)} checks, content id {V.sha256_bytes(v.read_bytes('manifest.json'))[:12]})")
+    print(f"{name}: ok ({n} shard(s), {len(checks)} checks, content id {v.content_id()[:12]})")
     return 0
 
 

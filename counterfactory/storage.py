@@ -89,10 +89,6 @@ class RemoteDir:
     def __str__(self) -> str:
         return self.uri
 
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
-
     def child(self, name: str) -> RemoteDir:
         return RemoteDir(join_uri(self.uri, name), self.fs, f"{self.path}/{name.strip('/')}")
 

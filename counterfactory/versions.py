@@ -247,6 +247,10 @@ class Version:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.read_bytes("manifest.json"))
 
+    def content_id(self) -> str:
+        """sha256 of the manifest as it is now (``info["content_id"]`` is what was recorded)."""
+        return sha256_bytes(self.read_bytes("manifest.json"))
+
     def status(self) -> str:
         """Cheap health check (existence and sizes; ``verify`` recomputes checksums)."""
         try:
@@ -589,10 +593,10 @@ class _HashingReader:
             pass
 
 
-def count_tar_samples(f: Any, mode: str = "r:") -> int:
-    """Distinct sample keys in a tar: a seekable file (``r:``, headers only) or a stream (``r|``)."""
+def count_tar_samples(f: Any) -> int:
+    """Distinct sample keys in a tar read as a stream (``f`` needs only ``read``)."""
     keys = set()
-    with tarfile.open(fileobj=f, mode=mode) as tf:
+    with tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
             if m.isfile():
                 keys.add(m.name.split(".", 1)[0])
@@ -637,7 +641,7 @@ def verify(version: Version) -> list[Check]:
             with version.open(s["name"]) as f:
                 reader = _HashingReader(f, h)
                 try:
-                    n = count_tar_samples(reader, mode="r|")
+                    n = count_tar_samples(reader)
                 finally:
                     reader.drain()
             if n != s["samples"]:
@@ -742,7 +746,7 @@ def diff(a: Version, b: Version, *, samples: bool = True) -> dict[str, Any]:
                for k in sorted(set(ra) | set(rb)) if ra.get(k, 0) != rb.get(k, 0)}
     out: dict[str, Any] = {
         "a": f"{a.dataset}@{a.label}", "b": f"{b.dataset}@{b.label}",
-        "content_identical": sha256_bytes(a.read_bytes("manifest.json")) == sha256_bytes(b.read_bytes("manifest.json")),
+        "content_identical": a.content_id() == b.content_id(),
         "config": config_changes(_load_cfg(a.path), _load_cfg(b.path)),
         "spec": spec_changes(a.info, b.info),
         "counts": counts,
@@ -811,7 +815,7 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     cfg = validate_config(data, source=str(version.path / "config.yaml"),
                           base_dir=Path(base) if base else version.path)
     res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local)
-    want = info.get("content_id") or sha256_bytes(version.read_bytes("manifest.json"))
+    want = info.get("content_id") or version.content_id()
     got = content_id(res.out_dir)
     report: dict[str, Any] = {
         "version": f"{version.dataset}@{version.label}",
