@@ -113,9 +113,9 @@ def _command_line(argv: list[str] | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from counterfactory.pipeline.inputs import load_records
+        from counterfactory.pipeline.inputs import plan_inputs
 
-        _print_plan(cfg, len(load_records(cfg, args.limit)))
+        _print_plan(cfg, plan_inputs(cfg, args.limit).n)
         return 0
     from counterfactory.pipeline.runner import run_pipeline
 

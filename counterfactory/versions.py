@@ -154,31 +154,17 @@ class SourceHasher:
         return out
 
 
-def input_sources(cfg: Any, records: list[dict[str, Any]]) -> dict[str, str]:
-    """ref -> role for every file a run reads: images and annotation files."""
-    refs: dict[str, str] = {}
-    for inp in cfg.inputs:
-        path = getattr(inp, "path", None)
-        if path:
-            refs[str(cfg.path(path))] = "annotations"
-    for rec in records:
-        img = rec.get("image")
-        if isinstance(img, str) and img and "error" not in rec:
-            refs.setdefault(img, "image")
-    return refs
-
-
-def build_spec(cfg: Any, records: list[dict[str, Any]], limit: int | None,
+def build_spec(cfg: Any, plan: Any, limit: int | None,
                cache_path: Path | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """The spec (what the spec id hashes) and the per-source hashes it was computed from."""
-    sources = input_sources(cfg, records)
-    hashes = SourceHasher(cache_path).hash_all(sources)
+    """The spec (what the spec id hashes) and the per-source hashes it was computed from.
+    ``plan`` is the run's ``InputPlan``: its record count and its source files."""
+    hashes = SourceHasher(cache_path).hash_all(plan.sources)
     resolved = spec_config(cfg.resolved())
     spec = {
         "config": resolved,
         "models": model_refs(resolved.get("stages", [])),
         "input_set_hash": sha256_bytes("\n".join(sorted(hashes.values())).encode()),
-        "inputs": {"records": len(records), "sources": len(hashes)},
+        "inputs": {"records": plan.n, "sources": len(hashes)},
         "limit": limit,
         "package_version": __version__,
     }

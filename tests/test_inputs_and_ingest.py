@@ -153,3 +153,59 @@ def test_more_formats_with_box_annotations_through_grabcut(tmp_path: Path):
         core = s.arrays["mask_core"] > 0
         assert s.meta["instances"][0]["mask_method"] in ("grabcut", "box")
         assert core[35:75, 55:95].mean() > 0.9 and core[:, :40].sum() == 0, name
+
+
+def test_manifest_slices_are_read_where_processed_and_bad_bytes_are_rejects(tmp_path: Path):
+    """The driver plans byte-offset slices; a worker re-reads them. A BOM is ignored, a line that
+    is not UTF-8 is a bad line (a reject with its reason), and line numbers survive slicing."""
+    from counterfactory.pipeline.inputs import plan_inputs, read_slice
+    from tests.conftest import save, square_scene
+
+    save(square_scene(), tmp_path / "a.png")
+    good = b'{"image": "a.png", "questions": ["Is there a red square?", "How many squares are there?"]}\n'
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"image": "a.png", "question": "caf\xe9?"}\n'
+                                       + good * 6)
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    plan = plan_inputs(cfg, per_slice=4)
+    assert plan.n == 15 and [sl["n"] for sl in plan.slices] == [3, 4, 4, 4]  # whole lines per slice
+    assert all("objects" not in json.dumps(sl) for sl in plan.slices)  # offsets, not records
+    records = [r for sl in plan.slices for r in read_slice(sl)]
+    assert records == load_records(cfg)
+    assert [r["origin"] for r in records[:5]] == ["m.jsonl:1#q0", "m.jsonl:1#q1", "m.jsonl:3", "m.jsonl:4#q0",
+                                                  "m.jsonl:4#q1"]
+    assert records[2]["error"].startswith("bad_manifest_line: not UTF-8")
+    _, samples = _run(cfg, "ingest")
+    assert [s.ok for s in samples].count(False) == 1
+    assert samples[2].meta["reject"]["reason"] == "bad_manifest_line"
+    # the limit cuts inside a line: exactly that many records
+    assert plan_inputs(cfg, limit=6).n == 6 and len(load_records(cfg, 6)) == 6
+
+
+def test_a_manifest_changed_after_planning_gives_rejects_not_other_records(tmp_path: Path):
+    from counterfactory.pipeline.inputs import plan_inputs, read_slice
+
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "question": "Is there a cat?"}\n' * 3)
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    plan = plan_inputs(cfg)
+    (tmp_path / "m.jsonl").write_text('{"image": "b.png", "question": "Is there a dog?"}\n' * 5)
+    recs = read_slice(plan.slices[0])
+    assert len(recs) == 3 and all(r["error"].startswith("source_changed") for r in recs)
+    (tmp_path / "m.jsonl").unlink()
+    assert all(r["error"].startswith("read_error") for r in read_slice(plan.slices[0]))
+
+
+def test_the_driver_plan_holds_no_scene(tmp_path: Path):
+    """Procedural scenes are counted in the driver and built on the workers: a plan of 10,000
+    scenes is a list of small slices of whole scenes (the sources list holds one URI per scene)."""
+    import pickle
+
+    from counterfactory.pipeline.inputs import plan_inputs, read_slice
+
+    cfg = make_config(tmp_path, [{"kind": "procedural", "count": 10_000, "seed": 4, "questions_per_scene": 3}])
+    plan = plan_inputs(cfg, per_slice=8)
+    assert plan.n == 30_000 and len(plan.slices) == 5_000  # two scenes of 3 questions each
+    assert len(pickle.dumps(plan.slices)) < 200 * len(plan.slices)
+    sl = plan.slices[1234]
+    recs = read_slice(sl)
+    assert len(recs) == 6 == sl["n"] and recs[0]["origin"] == f"procedural:4/{sl['first']}#q0"
+    assert recs == load_records(cfg, limit=sl["idx0"] + 6)[-6:]

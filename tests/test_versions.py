@@ -210,18 +210,18 @@ def test_input_set_hash_follows_source_bytes(tmp_path):
     img = save(square_scene(), tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(json.dumps(square_line(str(img))) + "\n")
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
-    from counterfactory.pipeline.inputs import load_records
+    from counterfactory.pipeline.inputs import plan_inputs
 
     cache = tmp_path / "cache.json"
-    s1, h1 = V.build_spec(cfg, load_records(cfg), None, cache)
+    s1, h1 = V.build_spec(cfg, plan_inputs(cfg), None, cache)
     assert h1[str(img)] == hashlib.sha256(img.read_bytes()).hexdigest()
-    s1b, _ = V.build_spec(cfg, load_records(cfg), None, cache)  # from the stat-keyed cache
+    s1b, _ = V.build_spec(cfg, plan_inputs(cfg), None, cache)  # from the stat-keyed cache
     assert V.spec_id(s1) == V.spec_id(s1b)
     save(square_scene(seed=1), img)
     os.utime(img, ns=(1, 1))  # a new mtime as well as new bytes
-    s2, _ = V.build_spec(cfg, load_records(cfg), None, cache)
+    s2, _ = V.build_spec(cfg, plan_inputs(cfg), None, cache)
     assert s2["input_set_hash"] != s1["input_set_hash"] and V.spec_id(s2) != V.spec_id(s1)
-    s3, _ = V.build_spec(cfg, load_records(cfg), 0, cache)
+    s3, _ = V.build_spec(cfg, plan_inputs(cfg), 0, cache)
     assert V.spec_id(s3) != V.spec_id(s2)  # --limit is part of the spec
 
 

@@ -85,7 +85,14 @@ class ProceduralInput(Strict):
     count: int = Field(ge=0)
     seed: int = 0
     size: tuple[int, int] = (256, 256)  # width, height
-    questions_per_scene: int = Field(2, ge=1, le=4)
+    questions_per_scene: int = Field(2, ge=1, le=4)  # every scene has at least 4 distinct questions
+
+    @field_validator("size")
+    @classmethod
+    def _min_side(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32:
+            raise ValueError(f"scene size {v[0]}x{v[1]} too small (min side 32)")
+        return v
 
 
 class VideoManifestInput(Strict):
@@ -107,6 +114,13 @@ class ProceduralVideoInput(Strict):
     size: tuple[int, int] = (256, 192)  # width, height
     frames: int = Field(24, ge=8, le=240)
     fps: int = Field(8, ge=1, le=60)
+
+    @field_validator("size")
+    @classmethod
+    def _min_side(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 64:
+            raise ValueError(f"clip size {v[0]}x{v[1]} too small (min side 64)")
+        return v
 
 
 InputConfig = Annotated[

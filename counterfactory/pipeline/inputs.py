@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,42 +55,55 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, str]]:
-    """(origin "file:line", raw text) for every non-empty line of a JSONL manifest."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                yield f"{path.name}:{lineno}", raw
+def _jsonl(path: Path, start: int = 0, end: int | None = None,
+           lineno: int = 0) -> Iterator[tuple[str, str, int, int]]:
+    """(origin "file:line", text, byte offset, line number) for every non-empty line of a JSONL
+    manifest between byte offsets ``start`` and ``end``. Read as bytes so that a slice can be
+    re-read from its offset on a worker; a line that is not UTF-8 becomes a bad line, not a crash."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for raw in f:
+            if end is not None and pos >= end:
+                break
+            at = pos
+            pos += len(raw)
+            lineno += 1
+            try:
+                text = raw.decode("utf-8-sig" if at == 0 else "utf-8")
+            except UnicodeDecodeError as exc:
+                text = f"\x00{exc.reason} at byte {exc.start}: {raw[:120]!r}"
+            if text.strip():
+                yield f"{path.name}:{lineno}", text, at, lineno
 
 
-def _bad_line(origin: str, raw: str, exc: Exception, **extra: Any) -> dict[str, Any]:
+def _bad_line(origin: str, raw: str, exc: Exception | str, **extra: Any) -> dict[str, Any]:
     return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"bad_manifest_line: {exc}"}
 
 
-def _manifest_records(inp: ManifestInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
-    path = cfg.path(inp.path)
-    root = cfg.path(inp.images_root) if inp.images_root else path.parent
-    for origin, raw in _jsonl(path):
-        try:
-            line = json.loads(raw)
-            if not isinstance(line, dict):
-                raise ValueError("a manifest line must be a JSON object")
-            image = _image_ref(line.get("image"), root)
-            questions = _question_items(line)
-            objects = line.get("objects", [])
-            if not isinstance(objects, list):
-                raise ValueError("'objects' must be a list")
-        except (ValueError, TypeError) as exc:
-            yield _bad_line(origin, raw, exc)
-            continue
-        if not questions:
-            yield {"origin": origin, "image": image, "error": "no_question: the line has no question"}
-            continue
-        for qi, q in enumerate(questions):
-            yield {"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects}
+def _manifest_line(origin: str, raw: str, root: Path) -> list[dict[str, Any]]:
+    """The records of one manifest line: one per question, or one carrying the line's error."""
+    try:
+        if raw.startswith("\x00"):
+            raise ValueError(f"not UTF-8 ({raw[1:]})")
+        line = json.loads(raw)
+        if not isinstance(line, dict):
+            raise ValueError("a manifest line must be a JSON object")
+        image = _image_ref(line.get("image"), root)
+        questions = _question_items(line)
+        objects = line.get("objects", [])
+        if not isinstance(objects, list):
+            raise ValueError("'objects' must be a list")
+    except (ValueError, TypeError) as exc:
+        return [_bad_line(origin, raw, exc)]
+    if not questions:
+        return [{"origin": origin, "image": image, "error": "no_question: the line has no question"}]
+    return [{"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects}
+            for qi, q in enumerate(questions)]
 
 
-def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
+def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str, Any]]]:
+    """The records of each image, one list per image."""
     path = cfg.path(inp.path)
     root = cfg.path(inp.images_root) if inp.images_root else path.parent
     data = json.loads(path.read_text())
@@ -99,7 +113,11 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[dict[str, Any
         anns[a.get("image_id")].append(a)
     for img in data.get("images", []):
         origin = f"{path.name}:image_id={img.get('id')}"
-        image = _image_ref(img.get("file_name"), root)
+        try:
+            image = _image_ref(img.get("file_name"), root)
+        except ValueError as exc:
+            yield [_bad_line(origin, json.dumps(img), exc)]
+            continue
         objects = []
         for a in anns.get(img.get("id"), []):
             obj: dict[str, Any] = {"category": cats.get(a.get("category_id"), str(a.get("category_id")))}
@@ -115,8 +133,9 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[dict[str, Any
         for o in objects:
             by_cat[o["category"]] += 1
         if not by_cat:
-            yield {"origin": origin, "image": image, "error": "no_question: no annotations for this image"}
+            yield [{"origin": origin, "image": image, "error": "no_question: no annotations for this image"}]
             continue
+        recs = []
         chosen = sorted(by_cat, key=lambda c: (-by_cat[c], c))[: inp.max_categories_per_image]
         for cat in chosen:
             n = by_cat[cat]
@@ -130,19 +149,9 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[dict[str, Any
                 qs.append({"question": f"Is the {cat} on the left or the right?", "kind": "position"})
             for q in qs:
                 q["targets"] = [cat]
-                yield {"origin": f"{origin}#{q['kind']}:{cat}", "image": image, "question": q, "objects": objects}
-
-
-def _procedural_records(inp: ProceduralInput) -> Iterator[dict[str, Any]]:
-    for i in range(inp.count):
-        rec = scenes.scene_record(inp.seed, i, inp.size, inp.questions_per_scene)
-        for qi, q in enumerate(rec["questions"]):
-            yield {
-                "origin": f"procedural:{inp.seed}/{i}#q{qi}",
-                "image": rec["image"],
-                "question": q,
-                "objects": rec["objects"],
-            }
+                recs.append({"origin": f"{origin}#{q['kind']}:{cat}", "image": image, "question": q,
+                             "objects": objects})
+        yield recs
 
 
 def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
@@ -184,40 +193,173 @@ def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
     return rec
 
 
-def _video_manifest_records(inp: VideoManifestInput, cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
-    path = cfg.path(inp.path)
-    root = cfg.path(inp.videos_root) if inp.videos_root else path.parent
-    for origin, raw in _jsonl(path):
-        try:
-            yield _video_record(json.loads(raw), root, origin)
-        except (ValueError, TypeError) as exc:
-            yield _bad_line(origin, raw, exc, media="video")
+def _video_line(origin: str, raw: str, root: Path) -> list[dict[str, Any]]:
+    try:
+        if raw.startswith("\x00"):
+            raise ValueError(f"not UTF-8 ({raw[1:]})")
+        return [_video_record(json.loads(raw), root, origin)]
+    except (ValueError, TypeError) as exc:
+        return [_bad_line(origin, raw, exc, media="video")]
 
 
-def _procedural_video_records(inp: ProceduralVideoInput) -> Iterator[dict[str, Any]]:
-    for i in range(inp.count):
-        line = video_scenes.clip_record(inp.seed, i, inp.size, inp.frames, inp.fps)
-        yield _video_record(line, Path("."), f"procedural_video:{inp.seed}/{i}")
+# -- input plan: what the driver knows; slices the workers read ---------------------------------
+@dataclass
+class InputPlan:
+    """The inputs of a run as the driver sees them: how many records there are, which source
+    files they read (hashed into the spec id), and the slices to read them in.
+
+    The driver never holds the records themselves: it makes one pass to count them (a manifest
+    line is parsed, then dropped; a procedural scene is counted without being built) and records
+    where each slice starts. Each slice is read where it is processed, by ``read_slice`` on a Ray
+    worker, so driver memory does not grow with the input set and the reading runs in parallel.
+    Record ``idx`` numbers are global and dense: slice ``k`` holds ``idx0 .. idx0 + n - 1``.
+    COCO annotations are one JSON document that every slice would have to parse again, so their
+    records travel inside their slices."""
+
+    n: int = 0
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # ref -> role ("annotations" | "image")
 
 
-def iter_records(cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
+class _Planner:
+    def __init__(self, plan: InputPlan, per_slice: int, limit: int | None) -> None:
+        self.plan, self.per_slice, self.limit = plan, max(1, per_slice), limit
+        self.open: dict[str, Any] | None = None
+
+    def full(self) -> bool:
+        return self.limit is not None and self.plan.n >= self.limit
+
+    def add(self, base: dict[str, Any], records: int, images: Iterable[str] = (), *,
+            first: int | None = None, start: int | None = None,
+            inline: list[dict[str, Any]] | None = None) -> None:
+        """One unit (a scene, a clip, a manifest line, a COCO image) of ``records`` records."""
+        take = records if self.limit is None else min(records, self.limit - self.plan.n)
+        if take <= 0:
+            return
+        sl = self.open
+        # at most per_slice records, unless one unit alone has more: a slice is one batch
+        if sl is None or sl["base"] is not base or sl["n"] + take > self.per_slice:
+            sl = self.open = {"base": base, "idx0": self.plan.n, "n": 0, "units": 0}
+            if first is not None:
+                sl["first"] = first
+            if start is not None:
+                sl["start"] = start
+            if inline is not None:
+                sl["records"] = []
+            self.plan.slices.append(sl)
+        sl["n"] += take
+        sl["units"] += 1
+        if inline is not None:
+            sl["records"].extend(inline[:take])
+        self.plan.n += take
+        for ref in images:
+            self.plan.sources.setdefault(ref, "image")
+
+
+def _image_refs(records: list[dict[str, Any]]) -> list[str]:
+    return [r["image"] for r in records if isinstance(r.get("image"), str) and r["image"] and "error" not in r]
+
+
+def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 8) -> InputPlan:
+    """Count the records of every input (the first ``limit``) and cut them into slices of whole
+    units, at most ``per_slice`` records each (unless one unit alone has more): the runner uses
+    the first stage's batch size, so a slice is one block and one batch of the pipeline."""
+    plan = InputPlan()
     for inp in cfg.inputs:
-        if isinstance(inp, ManifestInput):
-            yield from _manifest_records(inp, cfg)
-        elif isinstance(inp, CocoInput):
-            yield from _coco_records(inp, cfg)
-        elif isinstance(inp, ProceduralInput):
-            yield from _procedural_records(inp)
-        elif isinstance(inp, VideoManifestInput):
-            yield from _video_manifest_records(inp, cfg)
+        path = getattr(inp, "path", None)
+        if path:  # annotation files are sources too, read or not
+            plan.sources[str(cfg.path(path))] = "annotations"
+    pl = _Planner(plan, per_slice, limit)
+    for inp in cfg.inputs:
+        if pl.full():
+            break
+        if isinstance(inp, ProceduralInput):
+            base = {"kind": "procedural", "seed": inp.seed, "size": list(inp.size), "q": inp.questions_per_scene}
+            w, h = inp.size
+            for i in range(inp.count):
+                if pl.full():
+                    break
+                # a scene always has >= 4 distinct questions (config caps questions_per_scene at 4)
+                pl.add(base, inp.questions_per_scene, [f"procedural://{inp.seed}/{i}?size={w}x{h}"], first=i)
         elif isinstance(inp, ProceduralVideoInput):
-            yield from _procedural_video_records(inp)
+            base = {"kind": "procedural_video", "seed": inp.seed, "size": list(inp.size),
+                    "frames": inp.frames, "fps": inp.fps}
+            for i in range(inp.count):
+                if pl.full():
+                    break
+                pl.add(base, 1, [video_scenes.clip_uri(inp.seed, i, inp.size, inp.frames, inp.fps)], first=i)
+        elif isinstance(inp, ManifestInput | VideoManifestInput):
+            video = isinstance(inp, VideoManifestInput)
+            mpath = cfg.path(inp.path)
+            sub = inp.videos_root if video else inp.images_root
+            root = cfg.path(sub) if sub else mpath.parent
+            st = mpath.stat()
+            base = {"kind": "video_manifest" if video else "manifest", "path": str(mpath), "root": str(root),
+                    "stamp": [st.st_size, st.st_mtime_ns]}
+            parse = _video_line if video else _manifest_line
+            for origin, raw, at, lineno in _jsonl(mpath):
+                if pl.full():
+                    break
+                recs = parse(origin, raw, root)
+                pl.add(base, len(recs), _image_refs(recs), start=at)
+                if pl.open is not None and pl.open.get("start") == at:
+                    pl.open["lineno"] = lineno - 1
+        elif isinstance(inp, CocoInput):
+            base = {"kind": "records"}
+            for recs in _coco_records(inp, cfg):
+                if pl.full():
+                    break
+                pl.add(base, len(recs), _image_refs(recs), inline=recs)
+    for sl in plan.slices:  # the shared fields written out: a slice travels alone to a worker
+        sl.update(sl.pop("base"))
+    return plan
+
+
+def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of one slice of an ``InputPlan``, in order (on whichever node processes it)."""
+    kind, n = sl["kind"], sl["n"]
+    out: list[dict[str, Any]] = []
+    if kind == "records":
+        out = sl["records"]
+    elif kind == "procedural":
+        w, h = sl["size"]
+        for i in range(sl["first"], sl["first"] + sl["units"]):
+            rec = scenes.scene_record(sl["seed"], i, (w, h), sl["q"])
+            out += [{"origin": f"procedural:{sl['seed']}/{i}#q{qi}", "image": rec["image"], "question": q,
+                     "objects": rec["objects"]} for qi, q in enumerate(rec["questions"])]
+    elif kind == "procedural_video":
+        for i in range(sl["first"], sl["first"] + sl["units"]):
+            line = video_scenes.clip_record(sl["seed"], i, tuple(sl["size"]), sl["frames"], sl["fps"])
+            out.append(_video_record(line, Path("."), f"procedural_video:{sl['seed']}/{i}"))
+    else:  # a manifest: re-read the slice's lines from its byte offset
+        path, root = Path(sl["path"]), Path(sl["root"])
+        parse = _video_line if kind == "video_manifest" else _manifest_line
+        problem = None
+        try:
+            st = path.stat()
+            if [st.st_size, st.st_mtime_ns] != sl["stamp"]:
+                problem = "source_changed: the manifest changed after the run was planned"
+            else:
+                lines = _jsonl(path, sl["start"], lineno=sl["lineno"])
+                for _ in range(sl["units"]):
+                    origin, raw, _at, _no = next(lines)
+                    out += parse(origin, raw, root)
+        except (OSError, StopIteration) as exc:
+            problem = f"read_error: manifest not readable here: {exc}"
+        if problem:  # every record of the slice still ends in the rejects ledger, with the reason
+            extra = {"media": "video"} if kind == "video_manifest" else {}
+            out = [{"origin": f"{path.name}@{sl['start']}+{k}", "image": str(path), **extra, "error": problem}
+                   for k in range(n)]
+    if len(out) < n:
+        raise RuntimeError(f"input slice at idx {sl['idx0']} gave {len(out)} records, planned {n}")
+    return out[:n]
+
+
+def iter_records(cfg: PipelineConfig, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    for sl in plan_inputs(cfg, limit).slices:
+        yield from read_slice(sl)
 
 
 def load_records(cfg: PipelineConfig, limit: int | None = None) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for rec in iter_records(cfg):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(rec)
-    return out
+    """Every record in one list: for tests and small tools (a run reads slices on the workers)."""
+    return list(iter_records(cfg, limit))

@@ -10,6 +10,7 @@ finished rows and writes bytes (``DatasetWriter``).
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
-from counterfactory.pipeline.inputs import load_records
+from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
 from counterfactory.pipeline.sample import StageChain
 from counterfactory.pipeline.writer import JOURNAL, DatasetWriter, PartEncoder, atomic_write
 from counterfactory.stages import get_backend
@@ -67,13 +68,54 @@ def init_ray(cfg: PipelineConfig) -> None:
 
 
 def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
-    """Rows for ``records[start:]``, keeping their input indexes (a resumed run starts late)."""
-    chash = cfg.config_hash()
+    """Pipeline rows for ``records``, leaving out the inputs before ``start`` (a resumed run
+    starts late)."""
+    return _rows(records, 0, start, cfg.seed, cfg.config_hash())
+
+
+def _rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int, chash: str) -> list[dict[str, Any]]:
     return [
         {"idx": i, "key": "", "status": "ok", "blob": b"",
-         "meta": json.dumps({**rec, "run_seed": cfg.seed, "config_hash": chash})}
-        for i, rec in enumerate(records[start:], start)
+         "meta": json.dumps({**rec, "run_seed": seed, "config_hash": chash})}
+        for i, rec in enumerate(records, first_idx) if i >= start
     ]
+
+
+def _read_block(sl: dict[str, Any], start: int, seed: int, chash: str) -> list[Any]:
+    """A Ray read task: one input slice, read on a worker, as one Arrow block of pipeline rows."""
+    import pyarrow as pa
+
+    rows = _rows(read_slice(sl), sl["idx0"], start, seed, chash)
+    return [pa.table({"idx": pa.array([r["idx"] for r in rows], pa.int64()),
+                      "key": pa.array([""] * len(rows), pa.string()),
+                      "status": pa.array(["ok"] * len(rows), pa.string()),
+                      "blob": pa.array([b""] * len(rows), pa.binary()),
+                      "meta": pa.array([r["meta"] for r in rows], pa.string())})]
+
+
+def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str) -> Any:
+    """The inputs as a Ray Data source: one read task per slice of the plan (whole slices before
+    ``start`` are left out), so records are made on the workers, streamed, never in the driver."""
+    import functools
+
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    slices = [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
+
+    class InputSlices(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            return [ReadTask(functools.partial(_read_block, sl, start, seed, chash),
+                             BlockMetadata(num_rows=sl["idx0"] + sl["n"] - max(start, sl["idx0"]),
+                                           size_bytes=None, input_files=None, exec_stats=None),
+                             per_task_row_limit=per_task_row_limit)
+                    for sl in slices]
+
+    return InputSlices(), len(slices)
 
 
 @dataclass
@@ -107,23 +149,28 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
     return steps
 
 
-def local_batches(cfg: PipelineConfig, records: list[dict[str, Any]], *, stop_after: str | None = None,
+def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]], *, stop_after: str | None = None,
                   encode: bool = True, batch_size: int = 8, start: int = 0) -> Iterator[dict[str, Any]]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
-    the benchmark floor. ``stop_after`` ends after the named stage (arrays left unencoded)."""
+    the benchmark floor. ``inputs`` is a run's input plan (read slice by slice) or a list of
+    records. ``stop_after`` ends after the named stage (arrays left unencoded)."""
     run = run_settings(cfg)
     specs = [spec for step in plan_steps(cfg, stop_after) for spec in step.specs]
     encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
                if encode and stop_after is None else None)
     chain = StageChain(specs, run, encoder)
-    rows = initial_rows(cfg, records, start)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    chash = cfg.config_hash()
+    if isinstance(inputs, InputPlan):
+        rows: Iterator[dict[str, Any]] = (row for sl in inputs.slices if sl["idx0"] + sl["n"] > start
+                                          for row in _rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
+    else:
+        rows = iter(_rows(inputs, 0, start, cfg.seed, chash))
+    while chunk := list(itertools.islice(rows, batch_size)):
         batch = {k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
         yield chain(batch)
 
 
-def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0):
+def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -132,17 +179,25 @@ def build_dataset(cfg: PipelineConfig, records: list[dict[str, Any]], start: int
     ctx.max_errored_blocks = cfg.failure_budget.max_errored_blocks
     retries = cfg.failure_budget.system_retries
     run = run_settings(cfg)
-    items = initial_rows(cfg, records, start)
-    first = cfg.stages[0].resources.batch_size
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // first))))
+    # Ray 2.60 warns on any extra remote argument, but the retry settings below have no named
+    # parameter yet: keep the warning out of every run's output.
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
+    source, blocks = _input_datasource(plan, start, cfg.seed, cfg.config_hash())
+    first = cfg.stages[0].resources
+    # the read asks for what a CPU first stage asks, so that Ray fuses the two into one task per
+    # slice; before a GPU stage it stays apart, reading on CPU
+    ds = ray.data.read_datasource(source, override_num_blocks=max(1, blocks),
+                                  num_cpus=first.num_cpus if not first.num_gpus else 1,
+                                  ray_remote_args={"max_retries": retries})
     steps = plan_steps(cfg)
     encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
-    # Ray 2.60 warns on any extra remote argument to map_batches, but the retry settings below
-    # have no named parameter yet: keep the warning out of every run's output.
-    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
     for i, step in enumerate(steps):
         r = step.resources
-        common: dict[str, Any] = {"batch_size": r.batch_size, "batch_format": "numpy", "num_cpus": r.num_cpus}
+        # a slice of the inputs is already one batch of the first stage: taking the block whole
+        # (batch_size None) lets Ray fuse the read into the first task step
+        fused_read = i == 0 and not step.actors and not r.num_gpus
+        common: dict[str, Any] = {"batch_size": None if fused_read else r.batch_size, "batch_format": "numpy",
+                                  "num_cpus": r.num_cpus}
         if r.num_gpus:
             common["num_gpus"] = r.num_gpus
         if r.memory:
@@ -286,15 +341,16 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     returned (``reused=True``) unless ``force``. ``local=True`` runs the stages in this process
     without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
     t0 = time.perf_counter()
-    records = load_records(cfg, limit)
-    n_inputs = len(records)
+    # counted here, read in slices where they are processed (see InputPlan)
+    plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
+    n_inputs = plan.n
     ds_dir = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = versions.work_dir(ds_dir)
     work.mkdir(parents=True, exist_ok=True)
     if not isinstance(ds_dir, RemoteDir):
         versions.migrate_flat_layout(ds_dir)
-    spec, source_hashes = versions.build_spec(cfg, records, limit, work / versions.HASH_CACHE)
+    spec, source_hashes = versions.build_spec(cfg, plan, limit, work / versions.HASH_CACHE)
     sid = versions.spec_id(spec)
     try:
         existing = None if force else versions.find_complete(ds_dir, sid)
@@ -326,16 +382,13 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         start = writer.resume()
         stream = _Stream()
         if start < n_inputs and local:
-            stream.consume(local_batches(cfg, records, start=start), writer)
+            stream.consume(local_batches(cfg, plan, start=start), writer)
         elif start < n_inputs:
             init_ray(cfg)
             import ray
 
             ray.data.DataContext.get_current().enable_progress_bars = progress
-            ds = build_dataset(cfg, records, start)
-            # the rows are in Ray's object store now: the driver keeps no per-input state but
-            # the writer's (procedural records are ~11 KB each, ~110 MB per 10,000 inputs)
-            del records
+            ds = build_dataset(cfg, plan, start)
             stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer)
             stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.close()
