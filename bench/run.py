@@ -91,14 +91,16 @@ class PeakRSS:
         self._t.join()
 
 
-def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float]:
-    """Wall seconds, samples, peak RSS, and this process's CPU seconds (for the in-process floor
-    the CPU time is the figure least disturbed by other load on the machine)."""
+def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float, float]:
+    """Wall seconds, samples, peak RSS, this process's CPU seconds (for the in-process floor the
+    CPU time is the figure least disturbed by other load on the machine), and the seconds of the
+    stream alone (first input read to last row written, from the run's summary.json)."""
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         res = run_pipeline(cfg, local=local, progress=False)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return dt, res.manifest["counts"]["samples"], mem.peak, cpu
+    stream = json.loads((res.out_dir / "summary.json").read_text())["pipeline"]["wall_seconds"]
+    return dt, res.manifest["counts"]["samples"], mem.peak, cpu, stream
 
 
 def ray_child(n: int, cpus: int, root: str) -> None:
@@ -108,8 +110,8 @@ def ray_child(n: int, cpus: int, root: str) -> None:
     cfg = scenes_config(n, Path(root), cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     run_pipeline(scenes_config(min(n, 32), Path(root) / "warm", cpus), progress=False)  # warm workers
-    dt, samples, peak, _ = timed_run(cfg, local=False)
-    print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak}))
+    dt, samples, peak, _, stream = timed_run(cfg, local=False)
+    print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak, "stream_seconds": stream}))
 
 
 def run_ray(n: int, cpus: int, root: Path) -> dict:
@@ -216,7 +218,7 @@ def main() -> None:
         rounds = max(1, args.rounds)
         timings: dict[str, list[dict]] = {"floor": [], "ray1": [], "ray2": []}
         for r in range(rounds if {"floor", "ray"} & only else 0):
-            dt, samples, peak, cpu = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
+            dt, samples, peak, cpu, _ = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
             timings["floor"].append({"seconds": dt, "samples": samples, "peak_rss": peak, "cpu": cpu})
             if "ray" in only:
                 for cpus in (1, 2):
@@ -246,13 +248,15 @@ def main() -> None:
                 else:  # the long N once; the short ones as often as the rounds above
                     runs = [run_ray(n, 2, tmp / f"growth{n}-{r}") for r in range(rounds if n <= args.n else 1)]
                 per_n[n] = (statistics.median(1000 * x["seconds"] / x["samples"] for x in runs),
-                            max(x["peak_rss"] for x in runs), len(runs))
+                            max(x["peak_rss"] for x in runs), len(runs),
+                            statistics.median(1000 * x["stream_seconds"] / x["samples"] for x in runs))
             base_t, base_m = per_n[min(per_n)][0], per_n[min(per_n)][1]
-            mid_t = per_n[args.n][0] if args.n in per_n else base_t
-            for n, (per, rss, k) in per_n.items():
+            mid_t, mid_s = per_n[args.n][0::3] if args.n in per_n else (base_t, per_n[min(per_n)][3])
+            for n, (per, rss, k, stream) in per_n.items():
+                # the stream alone (no planning, card or publish): what grows with N, if anything
                 rows.append((f"growth N={n} (ray, 2 CPU, median of {k})",
-                             f"{per:.2f} ms/pair ({per / mid_t:.2f}x N={args.n})  peak RSS {rss / 2**20:.0f} MiB "
-                             f"({rss / base_m:.2f}x N={min(per_n)})"))
+                             f"{per:.2f} ms/pair ({per / mid_t:.2f}x N={args.n}; stream alone {stream:.2f} ms/pair "
+                             f"= {stream / mid_s:.2f}x)  peak RSS {rss / 2**20:.0f} MiB ({rss / base_m:.2f}x N={min(per_n)})"))
         if "writer" in only:
             w = bench_writer(min(args.n, 500), tmp / "writer")
             rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",

@@ -33,7 +33,9 @@ from counterfactory.pipeline.runner import run_pipeline
 BIN = Path(sys.executable).parent
 IDLE_TITLES = ("IDLE", "Agent", "Actor", "JobSupervisor", "Coordinator")
 LIMIT = 20
-OVERRIDES = ["output.shard_size=4"]
+# small shards and small input slices: a run is ~10 tasks, so a kill lands between its first
+# journaled shard and its end
+OVERRIDES = ["output.shard_size=4", "stages.ingest.resources.batch_size=2"]
 
 pytestmark = pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI not installed")
 

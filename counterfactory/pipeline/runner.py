@@ -81,27 +81,39 @@ def _rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int, 
     ]
 
 
-def _read_block(sl: dict[str, Any], start: int, seed: int, chash: str) -> list[Any]:
-    """A Ray read task: one input slice, read on a worker, as one Arrow block of pipeline rows."""
+def _read_blocks(slices: list[dict[str, Any]], start: int, seed: int, chash: str) -> Iterator[Any]:
+    """A Ray read task: input slices read on a worker, each one Arrow block of pipeline rows
+    (one batch of the first stage), yielded one at a time."""
     import pyarrow as pa
 
-    rows = _rows(read_slice(sl), sl["idx0"], start, seed, chash)
-    return [pa.table({"idx": pa.array([r["idx"] for r in rows], pa.int64()),
-                      "key": pa.array([""] * len(rows), pa.string()),
-                      "status": pa.array(["ok"] * len(rows), pa.string()),
-                      "blob": pa.array([b""] * len(rows), pa.binary()),
-                      "meta": pa.array([r["meta"] for r in rows], pa.string())})]
+    for sl in slices:
+        rows = _rows(read_slice(sl), sl["idx0"], start, seed, chash)
+        yield pa.table({"idx": pa.array([r["idx"] for r in rows], pa.int64()),
+                        "key": pa.array([""] * len(rows), pa.string()),
+                        "status": pa.array(["ok"] * len(rows), pa.string()),
+                        "blob": pa.array([b""] * len(rows), pa.binary()),
+                        "meta": pa.array([r["meta"] for r in rows], pa.string())})
 
 
-def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str) -> Any:
-    """The inputs as a Ray Data source: one read task per slice of the plan (whole slices before
-    ``start`` are left out), so records are made on the workers, streamed, never in the driver."""
+# Ray pays a fixed cost per task (scheduling, stats, an object per output, one more batch for
+# the driver to fetch): with few CPUs, up to this many slices go into one read task, as long as
+# every CPU still gets several tasks to balance the tail.
+SLICES_PER_TASK_MAX = 4
+TASKS_PER_CPU_MIN = 4
+
+
+def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str, cpus: float) -> tuple[Any, int]:
+    """The inputs as a Ray Data source: read tasks of consecutive slices of the plan (whole
+    slices before ``start`` are left out), so records are made on the workers, streamed, never
+    in the driver."""
     import functools
 
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
     slices = [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
+    per_task = max(1, min(SLICES_PER_TASK_MAX, len(slices) // max(1, int(TASKS_PER_CPU_MIN * cpus))))
+    groups = [slices[i:i + per_task] for i in range(0, len(slices), per_task)]
 
     class InputSlices(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -109,13 +121,13 @@ def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str) -> Any
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
-            return [ReadTask(functools.partial(_read_block, sl, start, seed, chash),
-                             BlockMetadata(num_rows=sl["idx0"] + sl["n"] - max(start, sl["idx0"]),
+            return [ReadTask(functools.partial(_read_blocks, group, start, seed, chash),
+                             BlockMetadata(num_rows=sum(sl["idx0"] + sl["n"] - max(start, sl["idx0"]) for sl in group),
                                            size_bytes=None, input_files=None, exec_stats=None),
                              per_task_row_limit=per_task_row_limit)
-                    for sl in slices]
+                    for group in groups]
 
-    return InputSlices(), len(slices)
+    return InputSlices(), len(groups)
 
 
 @dataclass
@@ -182,7 +194,8 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     # Ray 2.60 warns on any extra remote argument, but the retry settings below have no named
     # parameter yet: keep the warning out of every run's output.
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
-    source, blocks = _input_datasource(plan, start, cfg.seed, cfg.config_hash())
+    source, blocks = _input_datasource(plan, start, cfg.seed, cfg.config_hash(),
+                                       ray.cluster_resources().get("CPU", 1))
     first = cfg.stages[0].resources
     # the read asks for what a CPU first stage asks, so that Ray fuses the two into one task per
     # slice; before a GPU stage it stays apart, reading on CPU

@@ -187,5 +187,6 @@ class StageChain:
         samples = decode_batch(batch)
         for st in self.stages:
             st.apply(samples)
-        out = encode_batch(samples)
-        return self.encoder(out) if self.encoder is not None else out
+        if self.encoder is not None:  # on the samples: no pickle round trip of the raw arrays
+            self.encoder.encode_samples(samples)
+        return encode_batch(samples)

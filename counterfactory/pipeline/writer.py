@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from counterfactory import __version__
-from counterfactory.pipeline.sample import decode_batch, encode_batch
+from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
 
 FORMAT = "counterfactory/1"
 TAR_MTIME = 0  # fixed member metadata: reruns give identical bytes
@@ -223,6 +223,11 @@ class PartEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         samples = decode_batch(batch)
+        self.encode_samples(samples)
+        return encode_batch(samples)
+
+    def encode_samples(self, samples: list[Sample]) -> None:
+        """Replace each accepted sample's arrays with its encoded members (``{"parts": ...}``)."""
         for s in samples:
             if not s.ok:
                 continue
@@ -246,7 +251,6 @@ class PartEncoder:
             doc["parts"] = sorted([*parts, "json"])
             parts["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
             s.arrays = {"parts": parts}
-        return encode_batch(samples)
 
     @staticmethod
     def _video_parts(meta: dict[str, Any], a: dict[str, np.ndarray]) -> dict[str, bytes]:
