@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -181,17 +182,58 @@ def test_manifest_slices_are_read_where_processed_and_bad_bytes_are_rejects(tmp_
     assert plan_inputs(cfg, limit=6).n == 6 and len(load_records(cfg, 6)) == 6
 
 
-def test_a_manifest_changed_after_planning_gives_rejects_not_other_records(tmp_path: Path):
+def test_a_manifest_changed_after_planning_gives_rejects_not_other_records(tmp_path: Path, monkeypatch):
+    """A slice is checked by the digest of its bytes (not size and mtime, which differ between
+    nodes for the same file); lone CR line ends split lines as text mode does; ``~/`` is the
+    planning driver's home on every worker."""
     from counterfactory.pipeline.inputs import plan_inputs, read_slice
 
-    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "question": "Is there a cat?"}\n' * 3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    line = '{"image": "~/a.png", "question": "Is there a cat?"}'
+    (tmp_path / "m.jsonl").write_text(f"{line}\r{line}\r\n{line}", newline="")
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
     plan = plan_inputs(cfg)
-    (tmp_path / "m.jsonl").write_text('{"image": "b.png", "question": "Is there a dog?"}\n' * 5)
+    assert plan.n == 3 and set(plan.sources) == {str(tmp_path / "m.jsonl"), str(tmp_path / "home" / "a.png")}
+    monkeypatch.setenv("HOME", "/elsewhere")
+    assert [r["image"] for r in read_slice(plan.slices[0])] == [str(tmp_path / "home" / "a.png")] * 3
+    stat = (tmp_path / "m.jsonl").stat()
+    os.utime(tmp_path / "m.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    assert "error" not in read_slice(plan.slices[0])[0]
+    (tmp_path / "m.jsonl").write_text(line.replace("cat", "dog") + "\n" + line + "\n" + line)  # same size
     recs = read_slice(plan.slices[0])
     assert len(recs) == 3 and all(r["error"].startswith("source_changed") for r in recs)
     (tmp_path / "m.jsonl").unlink()
     assert all(r["error"].startswith("read_error") for r in read_slice(plan.slices[0]))
+
+
+def test_a_read_task_block_is_cut_into_batches_of_the_first_stage(tmp_path: Path):
+    """Ray joins a read task's slices into one block; the fused first step still runs its
+    stages on at most batch_size rows at a time, with the same output."""
+    from counterfactory.pipeline import runner
+    from counterfactory.pipeline.inputs import plan_inputs
+
+    cfg = make_config(tmp_path, [{"kind": "procedural", "count": 10, "seed": 2, "questions_per_scene": 2}])
+    rows = runner.initial_rows(cfg, load_records(cfg))
+    batch = {k: np.array([r[k] for r in rows], dtype=np.int64 if k == "idx" else object) for k in rows[0]}
+    specs = [spec for step in runner.plan_steps(cfg, "ingest") for spec in step.specs]
+    run = runner.run_settings(cfg)
+    seen: list[int] = []
+    chain = runner.StageChain(specs, run)
+    original = chain.stages[0].apply
+    chain.stages[0].apply = lambda samples: (seen.append(len(samples)), original(samples))
+    runner._CHAIN_CACHE[json.dumps([specs, run, None], sort_keys=True)] = chain
+    try:
+        cut = runner._chain_task(batch, specs=specs, run=run, encode=None, max_rows=8)
+        assert seen == [8, 8, 4]
+        whole = runner._chain_task(batch, specs=specs, run=run, encode=None)
+    finally:
+        runner._CHAIN_CACHE.clear()
+    def untimed(out):  # per-stage seconds differ run to run; everything else must not
+        return [{k: v for k, v in json.loads(m).items() if k != "seconds"} for m in out["meta"]]
+
+    assert list(cut["idx"]) == list(range(20)) and untimed(cut) == untimed(whole)
+    assert list(cut["blob"]) == list(whole["blob"])
+    assert plan_inputs(cfg).n == 20
 
 
 def test_the_driver_plan_holds_no_scene(tmp_path: Path):

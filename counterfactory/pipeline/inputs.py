@@ -8,6 +8,7 @@ rejects ledger, never nowhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -27,12 +28,14 @@ from counterfactory.pipeline.config import (
 from counterfactory.rules import classify_question, plural
 
 
-def _image_ref(image: Any, root: Path) -> str:
+def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
+    """An absolute path (or a ``procedural://`` / ``pkg:`` reference). ``~/`` is the planning
+    driver's home, so a worker with another ``HOME`` resolves the same path."""
     if not isinstance(image, str) or not image:
         raise ValueError("'image' must be a non-empty string")
     if image.startswith(("procedural://", "pkg:")):
         return image
-    p = Path(image).expanduser()
+    p = Path(home, image[2:]) if home and image.startswith("~/") else Path(image).expanduser()
     return str(p if p.is_absolute() else (root / p))
 
 
@@ -55,41 +58,58 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
-def _jsonl(path: Path, start: int = 0, end: int | None = None,
-           lineno: int = 0) -> Iterator[tuple[str, str, int, int]]:
-    """(origin "file:line", text, byte offset, line number) for every non-empty line of a JSONL
-    manifest between byte offsets ``start`` and ``end``. Read as bytes so that a slice can be
-    re-read from its offset on a worker; a line that is not UTF-8 becomes a bad line, not a crash."""
+@dataclass
+class _Line:
+    origin: str  # "file:line"
+    text: str  # decoded (invalid UTF-8 replaced, for the message)
+    error: str | None  # why the bytes are not a line of text
+    start: int  # byte offsets of the line in the file
+    end: int
+    lineno: int
+
+
+def _lines(data: bytes, at: int, lineno: int, name: str) -> Iterator[_Line]:
+    """The non-empty lines of ``data`` (which starts at byte ``at``, after line ``lineno``),
+    split on ``\n``, ``\r\n`` and ``\r`` as text mode would, decoded one at a time: a line that
+    is not UTF-8 becomes a bad line, not a crash."""
+    for piece in data.splitlines(keepends=True):
+        start, at = at, at + len(piece)
+        lineno += 1
+        if not piece.strip():
+            continue
+        error = None
+        try:
+            text = piece.decode("utf-8-sig" if start == 0 else "utf-8")
+        except UnicodeDecodeError as exc:
+            text, error = piece.decode("utf-8", "replace"), f"not UTF-8 ({exc.reason} at byte {exc.start})"
+        yield _Line(f"{name}:{lineno}", text, error, start, at, lineno)
+
+
+def _jsonl(path: Path) -> Iterator[_Line]:
+    """Every non-empty line of a JSONL manifest, read as bytes so that a slice of it can be
+    re-read from its byte offsets on a worker."""
     with open(path, "rb") as f:
-        f.seek(start)
-        pos = start
-        for raw in f:
-            if end is not None and pos >= end:
-                break
-            at = pos
-            pos += len(raw)
-            lineno += 1
-            try:
-                text = raw.decode("utf-8-sig" if at == 0 else "utf-8")
-            except UnicodeDecodeError as exc:
-                text = f"\x00{exc.reason} at byte {exc.start}: {raw[:120]!r}"
-            if text.strip():
-                yield f"{path.name}:{lineno}", text, at, lineno
+        at = lineno = 0
+        for raw in f:  # a raw line ends at "\n" only: a "\r\n" is never cut in two
+            yield from _lines(raw, at, lineno, path.name)
+            at += len(raw)
+            lineno += raw.count(b"\n") + raw.count(b"\r") - raw.count(b"\r\n")
 
 
 def _bad_line(origin: str, raw: str, exc: Exception | str, **extra: Any) -> dict[str, Any]:
     return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"bad_manifest_line: {exc}"}
 
 
-def _manifest_line(origin: str, raw: str, root: Path) -> list[dict[str, Any]]:
+def _manifest_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, Any]]:
     """The records of one manifest line: one per question, or one carrying the line's error."""
+    origin, raw = ln.origin, ln.text
     try:
-        if raw.startswith("\x00"):
-            raise ValueError(f"not UTF-8 ({raw[1:]})")
+        if ln.error:
+            raise ValueError(ln.error)
         line = json.loads(raw)
         if not isinstance(line, dict):
             raise ValueError("a manifest line must be a JSON object")
-        image = _image_ref(line.get("image"), root)
+        image = _image_ref(line.get("image"), root, home)
         questions = _question_items(line)
         objects = line.get("objects", [])
         if not isinstance(objects, list):
@@ -154,7 +174,7 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
         yield recs
 
 
-def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
+def _video_record(line: Any, root: Path, origin: str, home: str | None = None) -> dict[str, Any]:
     """One record per clip, all its questions in it (one WebDataset sample per clip). The
     source goes under ``image``, the key the writer reads a source reference from."""
     if not isinstance(line, dict):
@@ -163,7 +183,7 @@ def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
     if isinstance(video, str) and video.startswith("procedural-video://"):
         ref = video
     else:
-        ref = _image_ref(video, root)
+        ref = _image_ref(video, root, home)
     raw_qs = line.get("questions")
     given = ([isinstance(q, dict) and "kind" in q for q in raw_qs] if isinstance(raw_qs, list)
              else ["kind" in line])
@@ -193,13 +213,13 @@ def _video_record(line: Any, root: Path, origin: str) -> dict[str, Any]:
     return rec
 
 
-def _video_line(origin: str, raw: str, root: Path) -> list[dict[str, Any]]:
+def _video_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, Any]]:
     try:
-        if raw.startswith("\x00"):
-            raise ValueError(f"not UTF-8 ({raw[1:]})")
-        return [_video_record(json.loads(raw), root, origin)]
+        if ln.error:
+            raise ValueError(ln.error)
+        return [_video_record(json.loads(ln.text), root, ln.origin, home)]
     except (ValueError, TypeError) as exc:
-        return [_bad_line(origin, raw, exc, media="video")]
+        return [_bad_line(ln.origin, ln.text, exc, media="video")]
 
 
 # -- input plan: what the driver knows; slices the workers read ---------------------------------
@@ -260,6 +280,15 @@ def _image_refs(records: list[dict[str, Any]]) -> list[str]:
     return [r["image"] for r in records if isinstance(r.get("image"), str) and r["image"] and "error" not in r]
 
 
+def _seal(path: Path, slices: list[dict[str, Any]]) -> None:
+    """Each manifest slice gets the digest of its bytes: a worker reading other bytes at those
+    offsets (the file changed after planning) turns the slice's inputs into rejects."""
+    with open(path, "rb") as f:
+        for sl in slices:
+            f.seek(sl["start"])
+            sl["blake2b"] = hashlib.blake2b(f.read(sl["end"] - sl["start"]), digest_size=16).hexdigest()
+
+
 def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 8) -> InputPlan:
     """Count the records of every input (the first ``limit``) and cut them into slices of whole
     units, at most ``per_slice`` records each (unless one unit alone has more): the runner uses
@@ -293,17 +322,21 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
             mpath = cfg.path(inp.path)
             sub = inp.videos_root if video else inp.images_root
             root = cfg.path(sub) if sub else mpath.parent
-            st = mpath.stat()
+            home = str(Path.home())
             base = {"kind": "video_manifest" if video else "manifest", "path": str(mpath), "root": str(root),
-                    "stamp": [st.st_size, st.st_mtime_ns]}
+                    "home": home}
             parse = _video_line if video else _manifest_line
-            for origin, raw, at, lineno in _jsonl(mpath):
+            first_slice = len(plan.slices)
+            for ln in _jsonl(mpath):
                 if pl.full():
                     break
-                recs = parse(origin, raw, root)
-                pl.add(base, len(recs), _image_refs(recs), start=at)
-                if pl.open is not None and pl.open.get("start") == at:
-                    pl.open["lineno"] = lineno - 1
+                recs = parse(ln, root, home)
+                pl.add(base, len(recs), _image_refs(recs), start=ln.start)
+                if pl.open is not None and pl.open.get("start") == ln.start:
+                    pl.open["lineno"] = ln.lineno - 1
+                if pl.open is not None and pl.open["base"] is base:
+                    pl.open["end"] = ln.end
+            _seal(mpath, plan.slices[first_slice:])
         elif isinstance(inp, CocoInput):
             base = {"kind": "records"}
             for recs in _coco_records(inp, cfg):
@@ -331,21 +364,22 @@ def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
         for i in range(sl["first"], sl["first"] + sl["units"]):
             line = video_scenes.clip_record(sl["seed"], i, tuple(sl["size"]), sl["frames"], sl["fps"])
             out.append(_video_record(line, Path("."), f"procedural_video:{sl['seed']}/{i}"))
-    else:  # a manifest: re-read the slice's lines from its byte offset
+    else:  # a manifest: re-read the slice's bytes, the same bytes that were counted
         path, root = Path(sl["path"]), Path(sl["root"])
         parse = _video_line if kind == "video_manifest" else _manifest_line
         problem = None
         try:
-            st = path.stat()
-            if [st.st_size, st.st_mtime_ns] != sl["stamp"]:
+            with open(path, "rb") as f:
+                f.seek(sl["start"])
+                data = f.read(sl["end"] - sl["start"])
+        except OSError as exc:
+            problem = f"read_error: manifest not readable here: {exc}"
+        else:
+            if hashlib.blake2b(data, digest_size=16).hexdigest() != sl["blake2b"]:
                 problem = "source_changed: the manifest changed after the run was planned"
             else:
-                lines = _jsonl(path, sl["start"], lineno=sl["lineno"])
-                for _ in range(sl["units"]):
-                    origin, raw, _at, _no = next(lines)
-                    out += parse(origin, raw, root)
-        except (OSError, StopIteration) as exc:
-            problem = f"read_error: manifest not readable here: {exc}"
+                for ln in _lines(data, sl["start"], sl["lineno"], path.name):
+                    out += parse(ln, root, sl["home"])
         if problem:  # every record of the slice still ends in the rejects ledger, with the reason
             extra = {"media": "video"} if kind == "video_manifest" else {}
             out = [{"origin": f"{path.name}@{sl['start']}+{k}", "image": str(path), **extra, "error": problem}

@@ -36,14 +36,21 @@ from counterfactory.storage import RemoteDir, StorageError, is_remote, join_uri,
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
 
-def _chain_task(batch: dict, *, specs: list[dict], run: dict, encode: dict | None) -> dict:
-    """Task-mode entry: build the chain once per worker process and reuse it for every batch."""
+def _chain_task(batch: dict, *, specs: list[dict], run: dict, encode: dict | None,
+                max_rows: int | None = None) -> dict:
+    """Task-mode entry: build the chain once per worker process and reuse it for every batch.
+    ``max_rows`` cuts a larger block into batches of at most that many rows (the read step of a
+    task joins its slices into one block before the fused first step sees it)."""
     cache_key = json.dumps([specs, run, encode], sort_keys=True)
     chain = _CHAIN_CACHE.get(cache_key)
     if chain is None:
         encoder = PartEncoder(**encode) if encode else None
         chain = _CHAIN_CACHE[cache_key] = StageChain(specs, run, encoder)
-    return chain(batch)
+    n = len(batch["idx"])
+    if not max_rows or n <= max_rows:
+        return chain(batch)
+    outs = [chain({k: v[i:i + max_rows] for k, v in batch.items()}) for i in range(0, n, max_rows)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def run_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -196,20 +203,23 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
     source, blocks = _input_datasource(plan, start, cfg.seed, cfg.config_hash(),
                                        ray.cluster_resources().get("CPU", 1))
-    first = cfg.stages[0].resources
-    # the read asks for what a CPU first stage asks, so that Ray fuses the two into one task per
-    # slice; before a GPU stage it stays apart, reading on CPU
-    ds = ray.data.read_datasource(source, override_num_blocks=max(1, blocks),
-                                  num_cpus=first.num_cpus if not first.num_gpus else 1,
-                                  ray_remote_args={"max_retries": retries})
     steps = plan_steps(cfg)
+    # The read asks for exactly what a first task step on CPU asks (Ray fuses only equal
+    # requests), and that step takes the read's block whole (batch_size None: Ray fuses no
+    # read into a step with a batch size), cutting it into batches itself. Before an actor or
+    # GPU step the read stays apart, on one CPU.
+    first = steps[0].resources
+    fused_read = not steps[0].actors and not first.num_gpus
+    read_args: dict[str, Any] = {"num_cpus": first.num_cpus if fused_read else 1}
+    if fused_read and first.memory:
+        read_args["memory"] = first.memory
+    ds = ray.data.read_datasource(source, override_num_blocks=max(1, blocks),
+                                  ray_remote_args={"max_retries": retries}, **read_args)
     encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
     for i, step in enumerate(steps):
         r = step.resources
-        # a slice of the inputs is already one batch of the first stage: taking the block whole
-        # (batch_size None) lets Ray fuse the read into the first task step
-        fused_read = i == 0 and not step.actors and not r.num_gpus
-        common: dict[str, Any] = {"batch_size": None if fused_read else r.batch_size, "batch_format": "numpy",
+        whole = i == 0 and fused_read
+        common: dict[str, Any] = {"batch_size": None if whole else r.batch_size, "batch_format": "numpy",
                                   "num_cpus": r.num_cpus}
         if r.num_gpus:
             common["num_gpus"] = r.num_gpus
@@ -225,7 +235,8 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
                                 concurrency=r.concurrency or 1, max_restarts=retries,
                                 max_task_retries=retries, **common)
         else:
-            ds = ds.map_batches(_chain_task, fn_kwargs={"specs": step.specs, "run": run, "encode": enc},
+            ds = ds.map_batches(_chain_task, fn_kwargs={"specs": step.specs, "run": run, "encode": enc,
+                                                        "max_rows": r.batch_size if whole else None},
                                 max_retries=retries, **common)
     if enc is None:
         ds = ds.map_batches(_chain_task, fn_kwargs={"specs": [], "run": run, "encode": encode},
