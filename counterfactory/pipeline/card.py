@@ -17,6 +17,7 @@ import io
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,12 @@ def _hist(values: list[float], edges: np.ndarray | None = None, bins: int = 20) 
             "max": round(float(arr.max()), 6) if arr.size else None}
 
 
+def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The rows of a parquet file a batch at a time: a card never holds a whole index."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+        yield from batch.to_pylist()
+
+
 def compute_card(vdir: Path) -> dict[str, Any]:
     """All figures of the card, from the files of one version folder."""
     from counterfactory import versions
@@ -152,8 +159,6 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     cfg = yaml.safe_load((vdir / "config.yaml").read_text())
     info = json.loads((vdir / versions.VERSION_FILE).read_text()) if (vdir / versions.VERSION_FILE).exists() else {}
     summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
-    index = pq.read_table(vdir / "index.parquet").to_pylist()
-    rejects = pq.read_table(vdir / "rejects.parquet").to_pylist()
     abstain = cfg.get("abstain_answer", "unknown")
     stage_names = [s["name"] for s in cfg.get("stages", [])]
 
@@ -162,7 +167,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     kind_variant: dict[str, Counter[str]] = defaultdict(Counter)
     abstentions: dict[str, Counter[str]] = defaultdict(Counter)
     metric_values: dict[str, list[float]] = defaultdict(list)
-    for row in index:
+    mask_areas: list[float] = []
+    for row in _parquet_rows(vdir / "index.parquet",
+                             ["variants", "question_kinds", "answers", "metrics", "mask_area_frac"]):
+        mask_areas.append(row["mask_area_frac"])
         variants_c.update(row["variants"])
         kinds_c.update(row["question_kinds"])
         answers = json.loads(row["answers"])
@@ -178,10 +186,14 @@ def compute_card(vdir: Path) -> dict[str, Any]:
                     if isinstance(val, int | float):
                         metric_values[f"{v}.{name}"].append(float(val))
 
-    whole = [r for r in rejects if r["variant"] is None]
     per_stage: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in whole:
-        per_stage[r["stage"]][r["reason"]] += 1
+    vrej: Counter[tuple[str, str, str]] = Counter()
+    for r in _parquet_rows(vdir / "rejects.parquet", ["stage", "variant", "reason"]):
+        if r["variant"] is None:
+            per_stage[r["stage"]][r["reason"]] += 1
+        else:
+            vrej[(r["stage"], r["variant"], r["reason"])] += 1
+    rejected_inputs = sum(sum(c.values()) for c in per_stage.values())
     order = stage_names + sorted(s for s in per_stage if s not in stage_names)
     entered = manifest["counts"]["inputs"]
     filters = []
@@ -192,11 +204,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
                         "yield": round(passed / entered, 4) if entered else None,
                         "reasons": dict(sorted(per_stage[st].items()))})
         entered = passed
-    vrej = Counter((r["stage"], r["variant"], r["reason"]) for r in rejects if r["variant"] is not None)
     variant_rejects = [{"stage": s, "variant": v, "reason": why, "count": n}
                        for (s, v, why), n in sorted(vrej.items())]
 
-    histograms = {"mask_area_frac": _hist([r["mask_area_frac"] for r in index], np.linspace(0, 1, 21))}
+    histograms = {"mask_area_frac": _hist(mask_areas, np.linspace(0, 1, 21))}
     for k in sorted(metric_values):
         histograms[k] = _hist(metric_values[k])
 
@@ -228,10 +239,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "abstain_answer": abstain,
         "counts": {
             "inputs": manifest["counts"]["inputs"],
-            "samples": len(index),
+            "samples": len(mask_areas),
             "shards": len(manifest["shards"]),
-            "rejected_inputs": len(whole),
-            "rejected_variants": len(rejects) - len(whole),
+            "rejected_inputs": rejected_inputs,
+            "rejected_variants": sum(vrej.values()),
             "questions": sum(kinds_c.values()),
             "variants": dict(sorted(variants_c.items())),
             "question_kinds": dict(sorted(kinds_c.items())),
