@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -78,21 +78,29 @@ class CocoInput(Strict):
     max_categories_per_image: int = Field(3, ge=1)
 
 
+def _size(min_side: int, what: str) -> Any:
+    """(width, height) with both sides at least ``min_side``: checked with the config, not when
+    a worker first draws one."""
+    def check(v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < min_side:
+            raise ValueError(f"{what} size {v[0]}x{v[1]} too small (min side {min_side})")
+        return v
+
+    return Annotated[tuple[int, int], AfterValidator(check)]
+
+
+SceneSize = _size(32, "scene")
+ClipSize = _size(64, "clip")
+
+
 class ProceduralInput(Strict):
     """Seeded synthetic scenes with exact masks, rendered in memory (tests and benchmarks)."""
 
     kind: Literal["procedural"]
     count: int = Field(ge=0)
     seed: int = 0
-    size: tuple[int, int] = (256, 256)  # width, height
+    size: SceneSize = (256, 256)  # width, height
     questions_per_scene: int = Field(2, ge=1, le=4)  # every scene has at least 4 distinct questions
-
-    @field_validator("size")
-    @classmethod
-    def _min_side(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 32:
-            raise ValueError(f"scene size {v[0]}x{v[1]} too small (min side 32)")
-        return v
 
 
 class VideoManifestInput(Strict):
@@ -111,16 +119,9 @@ class ProceduralVideoInput(Strict):
     kind: Literal["procedural_video"]
     count: int = Field(ge=0)
     seed: int = 0
-    size: tuple[int, int] = (256, 192)  # width, height
+    size: ClipSize = (256, 192)  # width, height
     frames: int = Field(24, ge=8, le=240)
     fps: int = Field(8, ge=1, le=60)
-
-    @field_validator("size")
-    @classmethod
-    def _min_side(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 64:
-            raise ValueError(f"clip size {v[0]}x{v[1]} too small (min side 64)")
-        return v
 
 
 InputConfig = Annotated[
