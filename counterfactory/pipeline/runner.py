@@ -89,8 +89,9 @@ def _rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int, 
 
 
 def _read_blocks(slices: list[dict[str, Any]], start: int, seed: int, chash: str) -> Iterator[Any]:
-    """A Ray read task: input slices read on a worker, each one Arrow block of pipeline rows
-    (one batch of the first stage), yielded one at a time."""
+    """A Ray read task: input slices read on a worker, one Arrow table of pipeline rows each,
+    yielded one at a time (Ray may join a task's tables into one block; the fused first step
+    cuts it back into batches, see ``_chain_task``)."""
     import pyarrow as pa
 
     for sl in slices:
