@@ -1,9 +1,11 @@
-"""Turn the config's inputs into input records: one record per (image, question).
+"""Turn the config's inputs into input records: one record per (image, question), or per clip.
 
-Records are small JSON-able dicts; pixels are read later, in the ingest stage, on the workers.
-A malformed manifest line or an image without questions still becomes a record (carrying an
-``error``) so that ingest rejects it with a reason: every input ends in the shards or the
-rejects ledger, never nowhere.
+The driver only plans (``plan_inputs``: how many records, which source files, and slices of
+them: manifest byte ranges, scene ranges); each slice is read into records where it is
+processed (``read_slice``, on a Ray worker). Records are small JSON-able dicts; pixels are read
+later, in the ingest stage. A malformed manifest line or an image without questions still
+becomes a record (carrying an ``error``) so that ingest rejects it with a reason: every input
+ends in the shards or the rejects ledger, never nowhere.
 """
 
 from __future__ import annotations
