@@ -251,3 +251,26 @@ def test_the_driver_plan_holds_no_scene(tmp_path: Path):
     recs = read_slice(sl)
     assert len(recs) == 6 == sl["n"] and recs[0]["origin"] == f"procedural:4/{sl['first']}#q0"
     assert recs == load_records(cfg, limit=sl["idx0"] + 6)[-6:]
+
+
+def test_read_tasks_group_slices_only_while_every_cpu_keeps_several(tmp_path: Path):
+    """Up to 4 slices per Ray read task on few CPUs (Ray's per-task cost), one per task when
+    there are many CPUs or few slices; a resumed run leaves out what is done, row counts exact."""
+    from counterfactory.pipeline import runner
+    from counterfactory.pipeline.inputs import plan_inputs
+
+    cfg = make_config(tmp_path, [{"kind": "procedural", "count": 1000, "questions_per_scene": 1}])
+    plan = plan_inputs(cfg, per_slice=8)
+    assert len(plan.slices) == 125
+
+    def tasks(cpus, start=0, p=plan):
+        source, n = runner._input_datasource(p, start, 0, "x", cpus)
+        got = source.get_read_tasks(n)
+        assert len(got) == n
+        return [t.metadata.num_rows for t in got]
+
+    assert tasks(2) == [32] * 31 + [8]
+    assert tasks(64) == [8] * 125
+    assert tasks(2, start=996) == [4]
+    assert sum(tasks(2, start=100)) == 900 and len(tasks(2, start=100)) == 29
+    assert tasks(2, p=plan_inputs(cfg, limit=100, per_slice=8)) == [8] * 12 + [4]
