@@ -381,6 +381,7 @@ def render_markdown(card: dict[str, Any]) -> str:
 
 # -- plots -------------------------------------------------------------------------------------
 PLOT_METADATA = {"Software": None}  # no matplotlib version in the PNG bytes
+PLOT_RC = {"axes.titlesize": 9, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
 
 
 def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
@@ -390,6 +391,7 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
     and one legend names them all. Matplotlib's per-axes tick and text layout is what a card
     costs, so panels are few (one per metric, not per variant and metric: 21 panels took ~1.2 s
     of every run), with at most 4 ticks per axis and one legend instead of one per panel."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -401,46 +403,48 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         return buf.getvalue()
 
     def style(ax: Any, title: str) -> None:
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
+        # y given: matplotlib otherwise measures the tick labels to place every title
+        ax.set_title(title, y=1.0, pad=4)
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
 
-    hs = card["histograms"]
-    fig = Figure(figsize=(5, 3))
-    ax = fig.add_subplot(1, 1, 1)
-    h = hs["mask_area_frac"]
-    ax.stairs(h["counts"], h["edges"], fill=True, color="#4c72b0")
-    style(ax, f"mask area (fraction of image, n={h['n']})")
-    # fixed margins instead of tight_layout, which measures every label (the bulk of its cost)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.88)
-    out = {"plots/mask_area.png": png(fig)}
-    by_metric: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-    for k, h in hs.items():
-        if k != "mask_area_frac":
-            variant, _, metric = k.partition(".")
-            by_metric[metric].append((variant, h))
-    variants = sorted({v for pairs in by_metric.values() for v, _ in pairs})
-    colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
-    ncol = 3
-    nrow = max(1, -(-len(by_metric) // ncol))
-    fig = Figure(figsize=(4 * ncol, 2.6 * nrow))
-    for i, metric in enumerate(sorted(by_metric)):
-        ax = fig.add_subplot(nrow, ncol, i + 1)
-        for variant, h in by_metric[metric]:
-            ax.stairs(h["counts"], h["edges"], color=colour[variant], linewidth=1.2)
-        style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})")
-    if by_metric:
-        from matplotlib.lines import Line2D
+    # sizes set before the axes exist (tick_params after would rebuild every tick)
+    with matplotlib.rc_context(PLOT_RC):
+        hs = card["histograms"]
+        fig = Figure(figsize=(5, 3))
+        ax = fig.add_subplot(1, 1, 1)
+        h = hs["mask_area_frac"]
+        ax.stairs(h["counts"], h["edges"], fill=True, color="#4c72b0")
+        style(ax, f"mask area (fraction of image, n={h['n']})")
+        # fixed margins instead of tight_layout, which measures every label (the bulk of its cost)
+        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.88)
+        out = {"plots/mask_area.png": png(fig)}
+        by_metric: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+        for k, h in hs.items():
+            if k != "mask_area_frac":
+                variant, _, metric = k.partition(".")
+                by_metric[metric].append((variant, h))
+        variants = sorted({v for pairs in by_metric.values() for v, _ in pairs})
+        colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+        ncol = 3
+        nrow = max(1, -(-len(by_metric) // ncol))
+        fig = Figure(figsize=(4 * ncol, 2.6 * nrow))
+        for i, metric in enumerate(sorted(by_metric)):
+            ax = fig.add_subplot(nrow, ncol, i + 1)
+            for variant, h in by_metric[metric]:
+                ax.stairs(h["counts"], h["edges"], color=colour[variant], linewidth=1.2)
+            style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})")
+        if by_metric:
+            from matplotlib.lines import Line2D
 
-        fig.legend([Line2D([], [], color=colour[v], linewidth=1.5) for v in variants], variants,
-                   loc="lower center", ncol=min(len(variants), 9), fontsize=7, frameon=False)
-    else:
-        fig.text(0.5, 0.5, "no verification metrics", ha="center")
-    height = 2.6 * nrow  # inches: 0.35 above the top titles, 0.75 below for tick labels and the legend
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.75 / height, top=1 - 0.35 / height, hspace=0.6, wspace=0.25)
-    out["plots/metrics.png"] = png(fig)
-    return out
+            fig.legend([Line2D([], [], color=colour[v], linewidth=1.5) for v in variants], variants,
+                       loc="lower center", ncol=min(len(variants), 9), frameon=False)
+        else:
+            fig.text(0.5, 0.5, "no verification metrics", ha="center")
+        height = 2.6 * nrow  # inches: 0.35 above the top titles, 0.75 below for tick labels and the legend
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.75 / height, top=1 - 0.35 / height, hspace=0.6, wspace=0.25)
+        out["plots/metrics.png"] = png(fig)
+        return out
 
 
 def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
