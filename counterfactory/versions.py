@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 from collections import Counter
@@ -129,6 +130,8 @@ class SourceHasher:
             st = path.stat()
         except (OSError, ValueError):
             return ref, "missing:" + sha256_bytes(ref.encode())
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero never ends, a FIFO blocks: ingest rejects them
+            return ref, "not_a_file:" + sha256_bytes(ref.encode())
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         hit = self.cache.get(str(path))
         if hit and hit[:3] == stamp:

@@ -274,3 +274,86 @@ def test_read_tasks_group_slices_only_while_every_cpu_keeps_several(tmp_path: Pa
     assert tasks(2, start=996) == [4]
     assert sum(tasks(2, start=100)) == 900 and len(tasks(2, start=100)) == 29
     assert tasks(2, p=plan_inputs(cfg, limit=100, per_slice=8)) == [8] * 12 + [4]
+
+
+def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path):
+    """A device or FIFO named as an image is never read (it would never end), not even by the
+    driver's source hashing; a name too long is a read error; a URI keeps its text in the
+    reject, except file:// which is a local path."""
+    import threading
+
+    from counterfactory.versions import SourceHasher
+    from tests.conftest import save, square_line, square_scene
+
+    save(square_scene(), tmp_path / "good.png")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    lines = {
+        "/dev/zero": "not_a_file",
+        str(fifo): "not_a_file",
+        str(tmp_path / ("x" * 300)) + ".png": "read_error",
+        "http://example.com/a.jpg": "unsupported_uri",
+        "s3://bucket/a.jpg": "unsupported_uri",
+        "file://otherhost/a.jpg": "unsupported_uri",
+        (tmp_path / "good.png").as_uri(): "ok",
+    }
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(square_line(k)) + "\n" for k in lines))
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    hashed: dict[str, str] = {}
+    t = threading.Thread(target=lambda: hashed.update(SourceHasher(None).hash_all(["/dev/zero", str(fifo)])),
+                         daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "hashing a device or a FIFO must not read it"
+    assert all(v.startswith("not_a_file:") for v in hashed.values())
+    records, samples = _run(cfg, "ingest")
+    assert len(samples) == len(lines)
+    for (src, want), rec, s in zip(lines.items(), records, samples, strict=True):
+        if want == "ok":
+            assert s.ok, s.meta.get("reject")
+            assert rec["image"] == str(tmp_path / "good.png")
+        else:
+            assert not s.ok and s.meta["reject"]["reason"] == want, (src, s.meta.get("reject"))
+            assert "\n" not in s.meta["reject"]["detail"]
+            if want == "unsupported_uri":
+                assert rec["image"] == src  # the source as written, not a path made of it
+
+
+def test_downscale_never_decodes_past_max_decode_pixels(tmp_path: Path):
+    """PNG has no reduced decode: a canvas over max_decode_pixels is refused before load (a
+    small file can declare a huge one); a JPEG decodes at 1/8 and still passes."""
+    from tests.conftest import save, square_line, square_scene
+
+    img = np.tile(square_scene(200, 200, box=(50, 50, 150, 150)), (8, 8, 1))  # 1600x1600
+    save(img, tmp_path / "big.png")
+    save(img, tmp_path / "big.jpg", quality=90)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(square_line(n, box=(50, 50, 150, 150))) + "\n"
+                                              for n in ("big.png", "big.jpg")))
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}],
+                      limits={"max_pixels": 40_000, "oversize": "downscale", "max_decode_pixels": 1_000_000})
+    _, (png, jpg) = _run(cfg, "ingest")
+    assert not png.ok and png.meta["reject"]["reason"] == "too_large"
+    assert "max_decode_pixels" in png.meta["reject"]["detail"]
+    assert jpg.ok, jpg.meta.get("reject")
+    assert jpg.arrays["image"].shape[0] * jpg.arrays["image"].shape[1] <= 40_000
+
+
+def test_wide_integer_and_float_images_use_their_own_range(tmp_path: Path, recwarn):
+    """32-bit integers beyond 16 bits and floats with NaN are min-max scaled, not clipped to
+    white, and print no numpy warning."""
+    from PIL import Image
+
+    from counterfactory.stages.ingest import _to_rgb
+    from tests.conftest import square_scene
+
+    gray = Image.fromarray(square_scene()).convert("L")
+    base = np.asarray(gray).astype(np.int64)
+    wide, notes = _to_rgb(Image.fromarray((base * 1000).astype(np.int32), mode="I"))
+    assert "min-max" in notes[0]
+    ref = (base - base.min()) * 255 / (base.max() - base.min())
+    assert np.abs(wide[..., 0] - ref).max() <= 1
+    f = np.asarray(gray).astype(np.float32)
+    f[0, :10] = np.nan
+    fl, notes = _to_rgb(Image.fromarray(f, mode="F"))
+    assert fl[0, 0, 0] == 0 and "NaN" in notes[0]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

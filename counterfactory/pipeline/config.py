@@ -142,6 +142,11 @@ class LimitsConfig(Strict):
     max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
     min_side: int = Field(16, ge=1)
     oversize: Literal["reject", "downscale"] = "reject"
+    # downscale decodes first: a JPEG at 1/2..1/8 of its size, PNG/TIFF/WebP only at full size,
+    # so a small file declaring a huge canvas (a decompression bomb) is refused above this
+    max_decode_pixels: int = Field(100_000_000, ge=1, description="with oversize: downscale, the largest "
+                                   "decode before downscaling")
+    max_image_bytes: int = Field(512 << 20, ge=1, description="largest image file read")
 
 
 class RayConfig(Strict):
@@ -296,6 +301,11 @@ def _check_files(cfg: PipelineConfig, source: str) -> None:
                 raise ConfigError(f"{source}: inputs.{i}.{key}: {exc}") from None
             if not p.exists():
                 raise ConfigError(f"{source}: inputs.{i}.{key}: file not found: {p}")
+            # a manifest that is a FIFO or a device would be read forever while planning
+            if key == "path" and not p.is_file():
+                raise ConfigError(f"{source}: inputs.{i}.{key}: not a regular file: {p}")
+            if key != "path" and not p.is_dir():
+                raise ConfigError(f"{source}: inputs.{i}.{key}: not a folder: {p}")
 
 
 def load_config(

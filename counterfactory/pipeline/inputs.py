@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from counterfactory import scenes, video_scenes
 from counterfactory.pipeline.config import (
@@ -30,15 +33,37 @@ from counterfactory.pipeline.config import (
 from counterfactory.rules import classify_question, plural
 
 
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class UnsupportedURI(ValueError):
+    """An image named by a URI the workers cannot open (http://, s3://, ...): a reject with the
+    source as written, not a path made of the URI."""
+
+
 def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
     """An absolute path (or a ``procedural://`` / ``pkg:`` reference). ``~/`` is the planning
-    driver's home, so a worker with another ``HOME`` resolves the same path."""
+    driver's home, so a worker with another ``HOME`` resolves the same path. ``file://`` URIs
+    are local paths; any other scheme raises ``UnsupportedURI``."""
     if not isinstance(image, str) or not image:
         raise ValueError("'image' must be a non-empty string")
     if image.startswith(("procedural://", "pkg:")):
         return image
+    m = _URI.match(image)
+    if m and m.group(1).lower() == "file":
+        parts = urlsplit(image)
+        if parts.netloc not in ("", "localhost"):
+            raise UnsupportedURI(f"{image}: a file:// URI names another host ({parts.netloc})")
+        return str(Path(url2pathname(parts.path)))
+    if m:
+        raise UnsupportedURI(f"{image}: {m.group(1)}:// is not read by the pipeline; list images by "
+                             "paths every node sees (a shared or mounted file system)")
     p = Path(home, image[2:]) if home and image.startswith("~/") else Path(image).expanduser()
     return str(p if p.is_absolute() else (root / p))
+
+
+def _uri_reject(origin: str, image: str, exc: UnsupportedURI, **extra: Any) -> dict[str, Any]:
+    return {"origin": origin, "image": image, **extra, "error": f"unsupported_uri: {exc}"}
 
 
 def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,6 +141,8 @@ def _manifest_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, An
         objects = line.get("objects", [])
         if not isinstance(objects, list):
             raise ValueError("'objects' must be a list")
+    except UnsupportedURI as exc:
+        return [_uri_reject(origin, line["image"], exc)]
     except (ValueError, TypeError) as exc:
         return [_bad_line(origin, raw, exc)]
     if not questions:
@@ -137,6 +164,9 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
         origin = f"{path.name}:image_id={img.get('id')}"
         try:
             image = _image_ref(img.get("file_name"), root)
+        except UnsupportedURI as exc:
+            yield [_uri_reject(origin, img["file_name"], exc)]
+            continue
         except ValueError as exc:
             yield [_bad_line(origin, json.dumps(img), exc)]
             continue
@@ -219,7 +249,10 @@ def _video_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, Any]]
     try:
         if ln.error:
             raise ValueError(ln.error)
-        return [_video_record(json.loads(ln.text), root, ln.origin, home)]
+        line = json.loads(ln.text)
+        return [_video_record(line, root, ln.origin, home)]
+    except UnsupportedURI as exc:
+        return [_uri_reject(ln.origin, line.get("video", line.get("path")), exc, media="video")]
     except (ValueError, TypeError) as exc:
         return [_bad_line(ln.origin, ln.text, exc, media="video")]
 

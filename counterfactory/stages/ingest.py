@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,20 +35,38 @@ def sample_key(source_sha256: str, question: str) -> str:
     return hashlib.sha256(f"{source_sha256}\n{question.strip()}".encode()).hexdigest()[:24]
 
 
+def source_file_size(path: Path, max_bytes: int | None = None) -> int:
+    """The size of a source file that can be read, or a reject saying why it cannot."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise Reject("file_not_found", str(path)) from None
+    except (OSError, ValueError) as exc:  # permissions, a name too long, a NUL in the path
+        raise Reject("read_error", f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO or a device (/dev/zero) is never read
+        raise Reject("not_a_file", str(path))
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise Reject("too_large", f"{path}: {st.st_size} bytes > limits.max_image_bytes {max_bytes}")
+    return st.st_size
+
+
 def _to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     notes: list[str] = []
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img)
-        # 16-bit sources use the full 0..65535 range; PIL's own convert("L") would clip at 255.
-        arr8 = (np.clip(arr.astype(np.float64), 0, 65535) / 257.0).round().astype(np.uint8)
+    arr = np.asarray(img) if mode.startswith("I") else None
+    if arr is not None and arr.min() >= 0 and arr.max() <= 65535:
+        # 16-bit sources (PIL opens them as I;16 or I) use the full 0..65535 range; PIL's own
+        # convert("L") would clip at 255.
+        arr8 = (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
         notes.append(f"{mode} scaled to 8 bit")
         return np.repeat(arr8[..., None], 3, axis=2), notes
-    if mode == "F":
+    if mode == "F" or arr is not None:  # float, or 32-bit integers beyond 16 bits: their own range
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr8 = ((arr - lo) / (hi - lo or 1.0) * 255).round().astype(np.uint8)
-        notes.append("float image min-max scaled to 8 bit")
+        finite = np.isfinite(arr)
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            arr8 = np.where(finite, (arr - lo) / (hi - lo or 1.0) * 255, 0).round().astype(np.uint8)
+        notes.append(f"{mode} image min-max scaled to 8 bit" + ("" if finite.all() else ", NaN/inf as 0"))
         return np.repeat(arr8[..., None], 3, axis=2), notes
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -89,10 +108,7 @@ class Ingest(Stage):
             seed, index, size = scenes.parse_procedural_uri(ref)
             return None, scenes.render_scene(scenes.scene_spec(seed, index, size))
         path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
-        if not path.exists():
-            raise Reject("file_not_found", str(path))
-        if not path.is_file():
-            raise Reject("not_a_file", str(path))
+        source_file_size(path, int(self.run.get("limits", {}).get("max_image_bytes", 512 << 20)))
         try:
             return path.read_bytes(), None
         except OSError as exc:
@@ -115,6 +131,11 @@ class Ingest(Stage):
                 raise Reject("too_large", f"{w}x{h} = {w * h} pixels > cap {max_pixels}")
             scale = (max_pixels / (w * h)) ** 0.5
             img.draft("RGB", (int(w * scale), int(h * scale)))  # JPEG: decode at reduced size
+            dw, dh = img.size  # what load() decodes: reduced for a JPEG, the full canvas otherwise
+            cap = int(limits.get("max_decode_pixels", 100_000_000))
+            if dw * dh > cap:
+                raise Reject("too_large", f"{w}x{h} {img.format} decodes at {dw}x{dh} = {dw * dh} pixels before "
+                                          f"downscaling > limits.max_decode_pixels {cap}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

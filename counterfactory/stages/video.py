@@ -42,7 +42,7 @@ from counterfactory.pipeline.writer import sha256_file
 from counterfactory.rules import answer_for, classify_question, match_categories, plural
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
-from counterfactory.stages.ingest import sample_key
+from counterfactory.stages.ingest import sample_key, source_file_size
 from counterfactory.stages.segment import dilate
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
@@ -92,13 +92,12 @@ class VideoIngest(Stage):
             fmt = "procedural"
         else:
             path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
-            if not path.exists():
-                raise Reject("file_not_found", str(path))
-            if not path.is_file():
-                raise Reject("not_a_file", str(path))
-            if path.stat().st_size == 0:
+            if source_file_size(path) == 0:
                 raise Reject("empty_file", str(path))
-            digest = sha256_file(path)
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
             src, fmt = path, None
         try:
             clip = decode_clip(src, self.caps(), span)
