@@ -372,6 +372,27 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """--limit: a whole number of inputs, at least 1 (0 would publish an empty version)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port), got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="counterfactory", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -379,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                    help="override config values, e.g. output.shard_size=16 stages.edit.params.inpaint_radius=7")
-    r.add_argument("--limit", type=int, default=None, help="process only the first N inputs")
+    r.add_argument("--limit", type=_count, default=None, help="process only the first N inputs")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--force", action="store_true", help="build a new version even if this spec has one")
@@ -398,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     root(c)
     c.add_argument("--html", action="store_true", help="write the static HTML viewer and print its path")
     c.add_argument("--serve", action="store_true", help="write the viewer and serve it on 127.0.0.1")
-    c.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
+    c.add_argument("--port", type=_port, default=0, help="port for --serve (default: any free port)")
     c.add_argument("--out", default=None, help="viewer folder (default: VERSION/viewer)")
     c.add_argument("--max-samples", type=int, default=300, help="samples shown in the viewer")
     c.set_defaults(func=cmd_card)
@@ -445,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("config")
     sb.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     address(sb)
-    sb.add_argument("--limit", type=int, default=None, help="process only the first N inputs")
+    sb.add_argument("--limit", type=_count, default=None, help="process only the first N inputs")
     sb.add_argument("--pip", action="append", default=None, metavar="REQ",
                     help="runtime_env pip requirement for the job (repeatable), e.g. counterfactory==0.1.0")
     sb.add_argument("--env", action="append", default=None, metavar="NAME[=VALUE]",

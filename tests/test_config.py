@@ -90,3 +90,22 @@ def test_cli_dry_run_prints_plan_and_bad_config_exits_2(tmp_path):
     bad = subprocess.run([exe, "run", str(path), "output.shard_size=0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {path}: output.shard_size: Input should be greater than or equal to 1"
+
+
+def test_cli_refuses_a_limit_below_one_and_a_port_out_of_range(tmp_path):
+    """--limit 0 would publish an empty version as the latest; both are usage errors (exit 2)."""
+    exe = Path(sys.executable).parent / "counterfactory"
+    path = _write(tmp_path, _procedural(demo_dict()))
+    for args, words in ((["run", str(path), "--limit", "0"], "at least 1"),
+                        (["run", str(path), "--limit", "-1"], "at least 1"),
+                        (["card", "x", "--serve", "--port", "99999"], "0-65535")):
+        r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_a_config_error(tmp_path):
+    data = demo_dict()
+    data["inputs"] = [{"kind": "manifest", "path": "/dev/zero"}]
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(_write(tmp_path, data))

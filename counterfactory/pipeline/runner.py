@@ -366,6 +366,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     returned (``reused=True``) unless ``force``. ``local=True`` runs the stages in this process
     without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
     t0 = time.perf_counter()
+    if limit is not None and limit < 1:  # 0 would publish an empty version as the latest
+        raise ConfigError(f"limit must be at least 1, got {limit}")
     # counted here, read in slices where they are processed (see InputPlan)
     plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
     n_inputs = plan.n
