@@ -3,7 +3,10 @@
   floor      the stage code in a plain loop in one process (runner.local_batches + writer)
   ray-1cpu   the Ray Data pipeline on a local Ray instance with 1 CPU
   ray-2cpu   the same with 2 CPUs
-  growth     time per pair and peak RSS (driver + Ray workers) at N = 100, 1,000, 10,000
+  growth     time per pair and peak RSS (driver + Ray workers) at N = 100, 1,000, 10,000: of
+             the whole run, of the stream alone (first input read to last row written), the
+             per-run cost outside the stream (planning, closing the writer, card, publish), and
+             the marginal cost of a pair between two sizes, where any fixed cost cancels
   writer     DatasetWriter vs a plain tarfile loop writing the same member bytes (with and
              without an fsync: ours fsyncs every shard), and the image encode cost
   profile    share of stage time in the demo run
@@ -217,12 +220,18 @@ def main() -> None:
         # run of the same setting can be 20 % off the next, which decides a ratio to the floor.
         rounds = max(1, args.rounds)
         timings: dict[str, list[dict]] = {"floor": [], "ray1": [], "ray2": []}
+        growth_ns = [int(x) for x in args.growth.split(",")] if "growth" in only else []
+        # the growth sizes below --n run in the same rounds, so that their ratio to N=--n is
+        # taken over the same stretch of the VM's drifting speed
+        short = {n: [] for n in growth_ns if n < args.n}
         for r in range(rounds if {"floor", "ray"} & only else 0):
             dt, samples, peak, cpu, _ = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
             timings["floor"].append({"seconds": dt, "samples": samples, "peak_rss": peak, "cpu": cpu})
             if "ray" in only:
                 for cpus in (1, 2):
                     timings[f"ray{cpus}"].append(run_ray(args.n, cpus, tmp / f"ray{cpus}-{r}"))
+                for n, runs in short.items():
+                    runs.append(run_ray(n, 2, tmp / f"growth{n}-{r}"))
 
         def rate(runs: list[dict]) -> tuple[float, float, float]:
             rates = sorted(x["samples"] / x["seconds"] for x in runs)
@@ -241,22 +250,37 @@ def main() -> None:
                              f"{med:.1f} pairs/s (range {lo:.1f}-{hi:.1f}) = {med / floor:.2f}x floor "
                              f"(range {lo / floor:.2f}-{hi / floor:.2f}x)"))
         if "growth" in only:
-            per_n: dict[int, tuple[float, float, int]] = {}
-            for n in [int(x) for x in args.growth.split(",")]:
+            per_n: dict[int, dict[str, float]] = {}
+            for n in growth_ns:
                 if n == args.n and timings["ray2"]:
                     runs = timings["ray2"]  # the same setting as the 2-CPU rounds above
+                elif short.get(n):
+                    runs = short[n]
                 else:  # the long N once; the short ones as often as the rounds above
                     runs = [run_ray(n, 2, tmp / f"growth{n}-{r}") for r in range(rounds if n <= args.n else 1)]
-                per_n[n] = (statistics.median(1000 * x["seconds"] / x["samples"] for x in runs),
-                            max(x["peak_rss"] for x in runs), len(runs),
-                            statistics.median(1000 * x["stream_seconds"] / x["samples"] for x in runs))
-            base_t, base_m = per_n[min(per_n)][0], per_n[min(per_n)][1]
-            mid_t, mid_s = per_n[args.n][0::3] if args.n in per_n else (base_t, per_n[min(per_n)][3])
-            for n, (per, rss, k, stream) in per_n.items():
-                # the stream alone (no planning, card or publish): what grows with N, if anything
-                rows.append((f"growth N={n} (ray, 2 CPU, median of {k})",
-                             f"{per:.2f} ms/pair ({per / mid_t:.2f}x N={args.n}; stream alone {stream:.2f} ms/pair "
-                             f"= {stream / mid_s:.2f}x)  peak RSS {rss / 2**20:.0f} MiB ({rss / base_m:.2f}x N={min(per_n)})"))
+                per_n[n] = {"per": statistics.median(1000 * x["seconds"] / x["samples"] for x in runs),
+                            "seconds": statistics.median(x["seconds"] for x in runs),
+                            "samples": statistics.median(x["samples"] for x in runs),
+                            "rss": max(x["peak_rss"] for x in runs), "k": len(runs),
+                            "stream": statistics.median(1000 * x["stream_seconds"] / x["samples"] for x in runs),
+                            # per run, not per pair: planning, closing the writer, the card, publishing
+                            "fixed": statistics.median(x["seconds"] - x["stream_seconds"] for x in runs)}
+            ns = sorted(per_n)
+            base, mid = per_n[ns[0]], per_n[args.n if args.n in per_n else ns[0]]
+            prev = None
+            for n in ns:
+                g = per_n[n]
+                # marginal: what each further pair costs between two sizes, (T2 - T1) / (S2 - S1) of
+                # whole runs; a fixed cost per run cancels out, a cost that grows with N does not
+                marginal = "" if prev is None else (
+                    f"; marginal {prev} -> {n}: "
+                    f"{1000 * (g['seconds'] - per_n[prev]['seconds']) / (g['samples'] - per_n[prev]['samples']):.2f} ms/pair")
+                rows.append((f"growth N={n} (ray, 2 CPU, median of {g['k']})",
+                             f"{g['per']:.2f} ms/pair ({g['per'] / mid['per']:.2f}x N={args.n}; stream alone "
+                             f"{g['stream']:.2f} ms/pair = {g['stream'] / mid['stream']:.2f}x; per-run fixed "
+                             f"{g['fixed']:.2f} s{marginal})  peak RSS {g['rss'] / 2**20:.0f} MiB "
+                             f"({g['rss'] / base['rss']:.2f}x N={ns[0]})"))
+                prev = n
         if "writer" in only:
             w = bench_writer(min(args.n, 500), tmp / "writer")
             rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",
