@@ -16,6 +16,7 @@ renames are not, which is why nothing is renamed remotely.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -23,12 +24,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 COPY_CHUNK = 8 << 20
+HTTP_CONNECT_TIMEOUT_S = 15
+HTTP_READ_TIMEOUT_S = 60
 
 
 class StorageError(RuntimeError):
@@ -63,12 +66,59 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             import fsspec
 
-            fs, path = fsspec.core.url_to_fs(uri)
+            options: dict[str, Any] = {}
+            if urlsplit(uri).scheme.lower() in ("http", "https"):
+                import aiohttp
+
+                # aiohttp waits 5 minutes by default: a dead host must not hold a worker that long
+                options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, connect=HTTP_CONNECT_TIMEOUT_S,
+                                                                             sock_read=HTTP_READ_TIMEOUT_S)}
+            fs, path = fsspec.core.url_to_fs(uri, **options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"{uri}: cannot open this filesystem URI ({arrow_exc}; fsspec: {exc})") from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
     except OSError as exc:
         raise StorageError(f"{uri}: {exc}") from None
+
+
+# -- input objects: images and clips named by URI -------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _bucket(scheme: str, netloc: str, query: str) -> tuple[pafs.FileSystem, str]:
+    """One filesystem per bucket (or host), opened once per process: opening an S3 filesystem
+    may ask the endpoint for the bucket's region, which must not happen once per image."""
+    fs, root = open_filesystem(urlunsplit((scheme, netloc, "/", query, "")))
+    return fs, root.rstrip("/")
+
+
+def _object(uri: str) -> tuple[pafs.FileSystem, str]:
+    u = urlsplit(uri)
+    scheme = u.scheme.lower()
+    if scheme in ("http", "https"):  # fsspec's HTTP filesystem names objects by their whole URL
+        return _bucket(scheme, u.netloc, "")[0], uri
+    fs, root = _bucket(scheme, u.netloc, u.query)  # the query holds filesystem options (?region=)
+    return fs, f"{root}/{unquote(u.path).lstrip('/')}"
+
+
+def object_info(uri: str) -> pafs.FileInfo:
+    """Metadata of one object named by URI (``s3://b/k.jpg``, ``gs://``, ``https://`` through
+    fsspec, ...). Raises StorageError for a scheme nothing here opens, OSError otherwise."""
+    fs, path = _object(uri)
+    return fs.get_file_info(path)
+
+
+def read_object(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of one input object. FileNotFoundError when absent, IsADirectoryError for a
+    prefix, ValueError over ``max_bytes``; StorageError for a scheme nothing here opens."""
+    fs, path = _object(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    if info.type != pafs.FileType.File:
+        raise IsADirectoryError(uri)
+    if max_bytes is not None and info.size is not None and info.size > max_bytes:
+        raise ValueError(f"{uri}: {info.size} bytes > {max_bytes}")
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 class RemoteDir:

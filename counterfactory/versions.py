@@ -106,6 +106,23 @@ def model_refs(stages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _object_stamp(uri: str) -> str:
+    """An object-store or web source is named by its size and modification time (reading every
+    object on the driver to hash it would cost the whole input set's transfer before the run);
+    ingest still records each sample's sha256 of the bytes it read."""
+    import pyarrow.fs as pafs
+
+    from counterfactory.storage import object_info
+
+    try:
+        info = object_info(uri)
+    except Exception:  # noqa: BLE001 - an unknown scheme or an unreachable endpoint: ingest says which
+        return "unreadable:" + sha256_bytes(uri.encode())
+    if info.type == pafs.FileType.NotFound:
+        return "missing:" + sha256_bytes(uri.encode())
+    return "object:" + sha256_bytes(f"{uri}\n{info.type}\n{info.size}\n{info.mtime_ns}".encode())
+
+
 class SourceHasher:
     """Stream-hash source files in a thread pool (hashlib releases the GIL), with a cache keyed
     by (path, size, mtime_ns, inode) so a second run of a large input set costs one stat per file."""
@@ -121,6 +138,8 @@ class SourceHasher:
         self.dirty = False
 
     def _one(self, ref: str) -> tuple[str, str]:
+        if is_remote(ref):
+            return ref, _object_stamp(ref)
         from counterfactory.pipeline.config import resolve_path
 
         try:

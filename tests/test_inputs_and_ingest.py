@@ -278,8 +278,8 @@ def test_read_tasks_group_slices_only_while_every_cpu_keeps_several(tmp_path: Pa
 
 def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path):
     """A device or FIFO named as an image is never read (it would never end), not even by the
-    driver's source hashing; a name too long is a read error; a URI keeps its text in the
-    reject, except file:// which is a local path."""
+    driver's source hashing; a name too long is a read error; file:// URIs are local paths; a
+    URI nothing here opens keeps its text in the reject."""
     import threading
 
     from counterfactory.versions import SourceHasher
@@ -292,8 +292,7 @@ def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path)
         "/dev/zero": "not_a_file",
         str(fifo): "not_a_file",
         str(tmp_path / ("x" * 300)) + ".png": "read_error",
-        "http://example.com/a.jpg": "unsupported_uri",
-        "s3://bucket/a.jpg": "unsupported_uri",
+        "nosuchscheme://bucket/a.jpg": "unsupported_uri",
         "file://otherhost/a.jpg": "unsupported_uri",
         (tmp_path / "good.png").as_uri(): "ok",
     }
@@ -317,6 +316,40 @@ def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path)
             assert "\n" not in s.meta["reject"]["detail"]
             if want == "unsupported_uri":
                 assert rec["image"] == src  # the source as written, not a path made of it
+
+
+def test_images_named_by_http_uris_are_read_by_the_workers(tmp_path: Path):
+    """A web server on loopback: an image by URL is read (its key from the bytes, as for a
+    file), a 404 is file_not_found; the spec names the object by its size and date."""
+    import functools
+    import http.server
+    import threading
+
+    from counterfactory.versions import SourceHasher
+    from tests.conftest import save, square_line, square_scene
+
+    www = tmp_path / "www"
+    www.mkdir()
+    save(square_scene(), www / "a.png")
+    save(square_scene(), tmp_path / "a.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        lines = [square_line(f"{base}/a.png"), square_line(f"{base}/missing.png"), square_line("a.png")]
+        (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+        records, (web, missing, local) = _run(cfg, "ingest")
+        assert records[0]["image"] == f"{base}/a.png"
+        assert web.ok and local.ok, (web.meta.get("reject"), local.meta.get("reject"))
+        assert web.key == local.key and np.array_equal(web.arrays["image"], local.arrays["image"])
+        assert not missing.ok and missing.meta["reject"]["reason"] == "file_not_found"
+        stamps = SourceHasher(None).hash_all([f"{base}/a.png", f"{base}/missing.png"])
+        assert stamps[f"{base}/a.png"].startswith("object:")
+        assert stamps[f"{base}/missing.png"].startswith("missing:")
+    finally:
+        server.shutdown()
 
 
 def test_downscale_never_decodes_past_max_decode_pixels(tmp_path: Path):

@@ -194,3 +194,49 @@ def test_unfinished_upload_is_not_a_version_by_uri_either(s3, tmp_path, capsys):
     s3.delete_file(f"{BUCKET}/no-marker/demo/v1/version.json")
     assert res.label == "v1" and main(["verify", f"{root}/demo/v1"]) == 2
     assert "unfinished upload" in capsys.readouterr().err
+
+
+def test_inputs_named_by_s3_uris_are_read_from_the_bucket(s3, tmp_path):
+    """Images and clips listed as s3:// URIs: the same samples (keys, pixels) as the same files
+    on disk; a missing object is a file_not_found reject; the spec follows an object's change."""
+    import numpy as np
+
+    from counterfactory.pipeline.inputs import load_records, plan_inputs
+    from counterfactory.pipeline.runner import local_batches
+    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.versions import build_spec
+    from counterfactory.video_io import encode_mp4
+    from tests.conftest import save, square_line, square_scene
+    from tests.test_video import noise_clip, run_stages, video_config
+
+    save(square_scene(), tmp_path / "a.png")
+    s3.create_dir(f"{BUCKET}/inputs")
+    with s3.open_output_stream(f"{BUCKET}/inputs/a.png") as f:
+        f.write((tmp_path / "a.png").read_bytes())
+    uri = f"s3://{BUCKET}/inputs/a.png"
+    lines = [square_line(uri), square_line(f"s3://{BUCKET}/inputs/missing.png"), square_line("a.png")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    records = load_records(cfg)
+    remote, missing, local = [s for b in local_batches(cfg, records, stop_after="ingest") for s in decode_batch(b)]
+    assert remote.ok and local.ok and remote.key == local.key
+    assert np.array_equal(remote.arrays["image"], local.arrays["image"])
+    assert remote.meta["source"]["sha256"] == local.meta["source"]["sha256"]
+    assert not missing.ok and missing.meta["reject"]["reason"] == "file_not_found"
+    spec1 = build_spec(cfg, plan_inputs(cfg), None)[0]
+    with s3.open_output_stream(f"{BUCKET}/inputs/a.png") as f:
+        f.write((tmp_path / "a.png").read_bytes() + b"\0")  # another object at the same name
+    assert build_spec(cfg, plan_inputs(cfg), None)[0]["input_set_hash"] != spec1["input_set_hash"]
+
+    clip = encode_mp4(noise_clip(12), 10)
+    with s3.open_output_stream(f"{BUCKET}/inputs/c.mp4") as f:
+        f.write(clip)
+    (tmp_path / "c.mp4").write_bytes(clip)
+    q = [{"question": "Does the scene change?", "answer": "yes", "kind": "temporal"}]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"video": v, "questions": q}) + "\n"
+                                              for v in (f"s3://{BUCKET}/inputs/c.mp4", "c.mp4")))
+    vcfg = video_config(tmp_path, [{"kind": "video_manifest", "path": str(tmp_path / "v.jsonl")}],
+                        ingest={"fps": 10, "max_frames": 16})
+    vremote, vlocal = run_stages(vcfg, load_records(vcfg), stop_after="ingest")
+    assert vremote.ok and vlocal.ok, (vremote.meta.get("reject"), vlocal.meta.get("reject"))
+    assert vremote.key == vlocal.key

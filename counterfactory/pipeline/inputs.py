@@ -32,19 +32,18 @@ from counterfactory.pipeline.config import (
 )
 from counterfactory.rules import classify_question, plural
 
-
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class UnsupportedURI(ValueError):
-    """An image named by a URI the workers cannot open (http://, s3://, ...): a reject with the
-    source as written, not a path made of the URI."""
+    """An image named by a URI no worker can open: a reject with the source as written."""
 
 
 def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
-    """An absolute path (or a ``procedural://`` / ``pkg:`` reference). ``~/`` is the planning
-    driver's home, so a worker with another ``HOME`` resolves the same path. ``file://`` URIs
-    are local paths; any other scheme raises ``UnsupportedURI``."""
+    """An absolute path, or a URI kept as written: ``procedural://``, ``pkg:``, or an object
+    store / web URI (``s3://``, ``gs://``, ``https://``, ...) that the workers read through
+    ``storage.read_object``. ``file://`` URIs are local paths. ``~/`` is the planning driver's
+    home, so a worker with another ``HOME`` resolves the same path."""
     if not isinstance(image, str) or not image:
         raise ValueError("'image' must be a non-empty string")
     if image.startswith(("procedural://", "pkg:")):
@@ -56,8 +55,7 @@ def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
             raise UnsupportedURI(f"{image}: a file:// URI names another host ({parts.netloc})")
         return str(Path(url2pathname(parts.path)))
     if m:
-        raise UnsupportedURI(f"{image}: {m.group(1)}:// is not read by the pipeline; list images by "
-                             "paths every node sees (a shared or mounted file system)")
+        return image
     p = Path(home, image[2:]) if home and image.startswith("~/") else Path(image).expanduser()
     return str(p if p.is_absolute() else (root / p))
 

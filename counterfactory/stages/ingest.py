@@ -24,6 +24,7 @@ from counterfactory import scenes
 from counterfactory.pipeline.config import resolve_path
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.stages import register
+from counterfactory.storage import StorageError, is_remote, read_object
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.
@@ -48,6 +49,22 @@ def source_file_size(path: Path, max_bytes: int | None = None) -> int:
     if max_bytes is not None and st.st_size > max_bytes:
         raise Reject("too_large", f"{path}: {st.st_size} bytes > limits.max_image_bytes {max_bytes}")
     return st.st_size
+
+
+def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a source named by an object-store or web URI, or a reject saying why not."""
+    try:
+        return read_object(uri, max_bytes)
+    except StorageError as exc:
+        raise Reject("unsupported_uri", str(exc).replace("\n", " ")) from None
+    except FileNotFoundError:
+        raise Reject("file_not_found", uri) from None
+    except IsADirectoryError:
+        raise Reject("not_a_file", uri) from None
+    except ValueError as exc:
+        raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
+    except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
+        raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
 
 
 def _to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -107,8 +124,11 @@ class Ingest(Stage):
         if ref.startswith("procedural://"):
             seed, index, size = scenes.parse_procedural_uri(ref)
             return None, scenes.render_scene(scenes.scene_spec(seed, index, size))
+        max_bytes = int(self.run.get("limits", {}).get("max_image_bytes", 512 << 20))
+        if is_remote(ref):
+            return read_source_object(ref, max_bytes), None
         path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
-        source_file_size(path, int(self.run.get("limits", {}).get("max_image_bytes", 512 << 20)))
+        source_file_size(path, max_bytes)
         try:
             return path.read_bytes(), None
         except OSError as exc:

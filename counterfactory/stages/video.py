@@ -42,8 +42,9 @@ from counterfactory.pipeline.writer import sha256_file
 from counterfactory.rules import answer_for, classify_question, match_categories, plural
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
-from counterfactory.stages.ingest import sample_key, source_file_size
+from counterfactory.stages.ingest import read_source_object, sample_key, source_file_size
 from counterfactory.stages.segment import dilate
+from counterfactory.storage import is_remote
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
 VideoEditType = Literal["remove", "blackout", "random_mask", "reverse", "shuffle", "freeze"]
@@ -90,6 +91,11 @@ class VideoIngest(Stage):
             digest = hashlib.sha256(raw.tobytes() + str(raw.shape).encode()).hexdigest()
             src: Path | bytes = encode_mp4(raw, fps)  # through the real decode path
             fmt = "procedural"
+        elif is_remote(ref):  # an object-store or web URI: decoded from memory
+            src = read_source_object(ref)
+            if not src:
+                raise Reject("empty_file", ref)
+            digest, fmt = hashlib.sha256(src).hexdigest(), None
         else:
             path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
             if source_file_size(path) == 0:
