@@ -130,11 +130,14 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
             if caps.over_frames == "reject":
                 raise VideoError("too_long", f"{length:.2f}s at {fps:g} fps > max_frames {caps.max_frames}")
             notes.append(f"trimmed to the first {caps.max_frames} frames ({caps.max_frames / fps:.2f}s of {length:.2f}s)")
-        nw, nh, sx, sy = even_size(w, h, caps.max_side)
-        if (nw, nh) != (w, h):
-            notes.append(f"frames resized from {w}x{h} to {nw}x{nh}")
+        # times count from the stream's first timestamp (an MPEG-TS starts at ~1.4 s, an edited
+        # MP4 anywhere): spans, keyframe times and frame numbers are all relative to it
+        start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else 0.0
+        nw = nh = 0
+        sx = sy = 1.0
+        quarter_turns = 0  # counterclockwise, from the display matrix of the first frame
         if t0 > 0 and tb is not None:
-            container.seek(int(t0 / tb), stream=stream, backward=True)
+            container.seek(int((t0 + start) / tb), stream=stream, backward=True)
         frames: list[np.ndarray] = []
         times: list[float] = []
         deltas: list[float] = []
@@ -145,7 +148,7 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
             for frame in container.decode(stream):
                 if frame.pts is None or frame.time is None:
                     continue
-                ts = float(frame.time)
+                ts = float(frame.time) - start
                 if last_ts is not None and ts > last_ts:
                     deltas.append(ts - last_ts)
                 last_ts = ts
@@ -164,7 +167,17 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
                     if not any(n.startswith("trimmed") for n in notes):
                         notes.append(f"trimmed to the first {caps.max_frames} frames")
                     break
+                if not frames:  # sizes as displayed: a phone video stored sideways is turned upright
+                    quarter_turns = int(round(float(getattr(frame, "rotation", 0) or 0) / 90)) % 4
+                    dw, dh = (h, w) if quarter_turns % 2 else (w, h)
+                    nw, nh, sx, sy = even_size(dw, dh, caps.max_side)
+                    if quarter_turns:
+                        notes.append(f"rotated {90 * quarter_turns} degrees counterclockwise (display matrix)")
+                    if (nw, nh) != (dw, dh):
+                        notes.append(f"frames resized from {dw}x{dh} to {nw}x{nh}")
                 rgb = frame.to_ndarray(format="rgb24")
+                if quarter_turns:
+                    rgb = np.rot90(rgb, quarter_turns)
                 if rgb.shape[1] != nw or rgb.shape[0] != nh:
                     rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
                 frames.append(np.ascontiguousarray(rgb))
@@ -188,6 +201,7 @@ def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] 
         fps_frac = Fraction(fps).limit_denominator(1001)
         info = {
             "format": container.format.name, "codec": cc.name, "src_width": w, "src_height": h,
+            "rotation": 90 * quarter_turns, "start_time": round(start, 6),
             "width": nw, "height": nh, "scale": [round(sx, 6), round(sy, 6)],
             "src_fps": round(src_fps, 4) if src_fps else None, "fps": float(fps_frac),
             "fps_fraction": [fps_frac.numerator, fps_frac.denominator],

@@ -364,3 +364,53 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
     again = run_pipeline(video_config(tmp_path / "b", [clips_input(3, seed=2, frames=16)]), local=True, progress=False)
     m2 = json.loads((again.out_dir / "manifest.json").read_text())
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def _offset_mp4(path: Path, frames: np.ndarray, first_ms: int, step_ms: int = 100) -> None:
+    """An MP4 whose timestamps start at ``first_ms`` (cut from a longer recording)."""
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=1000 // step_ms)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = first_ms + step_ms * i, Fraction(1, 1000)
+            for pk in s.encode(vf):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+
+
+def _rotated(mp4: bytes) -> bytes:
+    """The same MP4 with a display matrix that turns it 90 degrees (as phones store portrait
+    video): the track header's matrix a=0, b=1, c=-1, d=0."""
+    import struct
+
+    data = bytearray(mp4)
+    i = data.find(b"tkhd")
+    assert data[i + 4] == 0, "version-0 tkhd expected"
+    m = i + 4 + 4 + 4 * 5 + 8 + 8
+    data[m:m + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    return bytes(data)
+
+
+def test_times_count_from_the_stream_start_and_rotation_is_applied(tmp_path):
+    clip = noise_clip(20, 96, 64)
+    _offset_mp4(tmp_path / "late.mp4", clip, first_ms=5000)
+    caps = Caps(fps=10, max_frames=32, min_frames=4)
+    late = decode_clip(tmp_path / "late.mp4", caps)
+    assert late.times[0] == 0.0 and late.info["start_time"] == 5.0 and len(late.frames) == 20
+    part = decode_clip(tmp_path / "late.mp4", caps, span=(0.5, 1.5))
+    assert part.times[0] == 0.5 and len(part.frames) == 10
+    ref = decode_clip(encode_mp4(clip, 10), caps)
+    def diff(a, b):  # two encodes of the same frames differ by a few levels
+        return np.abs(a.astype(int) - b.astype(int)).mean()
+
+    assert diff(part.frames, ref.frames[5:15]) < min(diff(part.frames, ref.frames[4:14]),
+                                                      diff(part.frames, ref.frames[6:16]))
+    turned = decode_clip(_rotated(encode_mp4(clip, 10)), caps)
+    assert turned.frames.shape[1:3] == (96, 64) and turned.info["rotation"] in (90, 270)
+    k = turned.info["rotation"] // 90
+    assert diff(turned.frames, np.rot90(ref.frames, k, axes=(1, 2))) < diff(
+        turned.frames, np.rot90(ref.frames, k + 2, axes=(1, 2))) / 2
+    assert any("rotated" in n for n in turned.info["notes"])
