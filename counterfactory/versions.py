@@ -254,6 +254,12 @@ class Version:
     def sha256(self, name: str) -> str:
         return self.remote.sha256(name) if self.remote else sha256_file(self.path / name)
 
+    def names(self) -> list[str]:
+        """The files at the top of the version folder."""
+        if self.remote:
+            return sorted(n for n, is_dir, _ in self.remote.list() if not is_dir)
+        return sorted(p.name for p in self.path.iterdir() if p.is_file())
+
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.read_bytes("manifest.json"))
 
@@ -271,7 +277,10 @@ class Version:
             return "incomplete: no version.json (upload unfinished?)"
         if self.info.get("content_id") and sha256_bytes(raw) != self.info["content_id"]:
             return "modified: manifest changed"
-        shards = json.loads(raw)["shards"]
+        try:
+            shards = json.loads(raw)["shards"]
+        except (ValueError, KeyError, TypeError):
+            return "damaged: manifest.json is not a manifest"
         got = self.sizes([s["name"] for s in shards])
         missing = [s["name"] for s in shards if got[s["name"]] is None]
         if missing:
@@ -631,10 +640,19 @@ def verify(version: Version) -> list[Check]:
         return [Check("manifest.json", False, "missing")]
     cid = sha256_bytes(raw)
     want = version.info.get("content_id")
+    if not version.info:  # the commit marker: without it nothing says what the manifest should be
+        out.append(Check(VERSION_FILE, False, "missing: the content id cannot be checked"))
     out.append(Check("manifest.json", want in (None, cid),
                      f"content id {cid[:12]}" + ("" if want in (None, cid) else f" != recorded {want[:12]}")))
-    manifest = json.loads(raw)
-    sizes = version.sizes([s["name"] for s in manifest["shards"]] + sorted(manifest.get("files", {})))
+    try:
+        manifest = json.loads(raw)
+        listed = [s["name"] for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [*out, Check("manifest.json", False, f"not a manifest: {type(exc).__name__}: {exc}")]
+    sizes = version.sizes(listed + sorted(manifest.get("files", {})))
+    # a reader globbing *.tar (the card's data_files: DATASET-*.tar) would take an unlisted shard
+    out.extend(Check(n, False, "a shard the manifest does not list") for n in version.names()
+               if n.endswith(".tar") and n not in set(listed))
 
     def check_shard(s: dict[str, Any]) -> Check:
         size = sizes[s["name"]]
@@ -669,13 +687,17 @@ def verify(version: Version) -> list[Check]:
     if sizes.get("index.parquet") is not None or (not version.remote and (version.path / "index.parquet").exists()):
         import pyarrow.parquet as pq
 
-        with version.open("index.parquet") as f:
-            per = Counter(pq.read_table(f, columns=["shard"]).column("shard").to_pylist())
-        want_per = {s["name"]: s["samples"] for s in manifest["shards"]}
-        wrong = sorted(n for n in set(per) | set(want_per) if per.get(n, 0) != want_per.get(n, 0))
-        out.append(Check("index rows", not wrong, "one row per sample of every shard" if not wrong else
-                         "; ".join(f"{n}: {per.get(n, 0)} rows, manifest says {want_per.get(n, 0)} samples"
-                                   for n in wrong)))
+        try:
+            with version.open("index.parquet") as f:
+                per = Counter(pq.read_table(f, columns=["shard"]).column("shard").to_pylist())
+        except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            out.append(Check("index.parquet", False, f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]))
+        else:
+            want_per = {s["name"]: s["samples"] for s in manifest["shards"]}
+            wrong = sorted(n for n in set(per) | set(want_per) if per.get(n, 0) != want_per.get(n, 0))
+            out.append(Check("index rows", not wrong, "one row per sample of every shard" if not wrong else
+                             "; ".join(f"{n}: {per.get(n, 0)} rows, manifest says {want_per.get(n, 0)} samples"
+                                       for n in wrong)))
     for name, meta in sorted(manifest.get("files", {}).items()):
         if sizes.get(name) is None:
             out.append(Check(name, False, "missing"))

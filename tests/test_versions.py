@@ -128,6 +128,29 @@ def test_verify_fails_on_a_missing_shard(ds, tmp_path, capsys):
     assert V.read_version(copy / "demo" / "v1").status().startswith("damaged")
 
 
+def test_verify_names_damaged_metadata_and_stray_shards_in_one_line_each(ds, tmp_path, capsys):
+    """A cut index or manifest, a shard the manifest does not list and a missing commit marker
+    are each a FAIL line naming the file, never a traceback."""
+    root, first, _ = ds
+    cases = {
+        "index": (lambda v: (v / "index.parquet").write_bytes((v / "index.parquet").read_bytes()[:200]),
+                  "FAIL index.parquet: unreadable"),
+        "manifest": (lambda v: (v / "manifest.json").write_bytes((v / "manifest.json").read_bytes()[:100]),
+                     "FAIL manifest.json: not a manifest"),
+        "stray": (lambda v: shutil.copy(v / first.manifest["shards"][0]["name"], v / "demo-000099.tar"),
+                  "FAIL demo-000099.tar: a shard the manifest does not list"),
+        "marker": (lambda v: (v / "version.json").unlink(), "FAIL version.json: missing"),
+    }
+    for name, (damage, line) in cases.items():
+        copy = _copy_dataset(root / "demo", tmp_path / name)
+        damage(copy / "demo" / "v1")
+        assert main(["verify", "demo@v1", "--root", str(copy)]) == 1, name
+        out = capsys.readouterr().out
+        assert line in out and "Traceback" not in out, (name, out)
+        fails = [ln for ln in out.splitlines() if ln.startswith("FAIL")]
+        assert fails and all(ln.count("\n") == 0 for ln in fails)
+
+
 def test_changed_config_makes_a_new_version_whose_diff_names_the_change(ds, capsys):
     root, first, second = ds
     assert main(["diff", "demo@v1", "demo@v2", "--root", str(root)]) == 0
