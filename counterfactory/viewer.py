@@ -60,15 +60,24 @@ def _thumb(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
+def _first_frame(mp4: bytes) -> Image.Image:
+    import av
+
+    with av.open(io.BytesIO(mp4)) as c:
+        return next(c.decode(c.streams.video[0])).to_image()
+
+
 def _save_jpeg(img: Image.Image, path: Path) -> None:
     img.save(path, "JPEG", quality=82, optimize=True)
 
 
-def _outline(mask_png: bytes, w: int, h: int) -> list[list[list[int]]]:
-    """Outer contours of a mask, at thumbnail size, as SVG polygon point lists."""
+def _outline(mask: bytes | np.ndarray, w: int, h: int) -> list[list[list[int]]]:
+    """Outer contours of a mask (PNG bytes or an array), at thumbnail size, as SVG polygon
+    point lists."""
     import cv2
 
-    m = Image.open(io.BytesIO(mask_png)).convert("L").resize((w, h), Image.Resampling.NEAREST)
+    m = Image.open(io.BytesIO(mask)) if isinstance(mask, bytes) else Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    m = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
     arr = (np.asarray(m) > 127).astype(np.uint8)
     contours, _ = cv2.findContours(arr, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return [c.reshape(-1, 2).tolist() for c in contours if len(c) >= 2]
@@ -117,21 +126,33 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
         for key, parts in samples:
             wanted.discard(key)
             doc = json.loads(parts.get("json", b"{}"))
-            frames = {}
+            frames, posters = {}, {}
             size = None
             for name in ["orig", *doc.get("variants", [])]:
-                data = next((parts[p] for p in parts if p.split(".")[0] == name and p != "json"), None)
-                if data is None:
+                part = next((p for p in parts if p.split(".")[0] == name and p != "json"), None)
+                if part is None:
                     continue
-                t = _thumb(Image.open(io.BytesIO(data)), thumb)
+                data = parts[part]
+                video = part.endswith(".mp4")
+                # a clip plays from a copy next to the page; its first frame is the poster
+                t = _thumb(_first_frame(data) if video else Image.open(io.BytesIO(data)), thumb)
                 size = t.size
                 fname = f"{key}.{name}.jpg"
                 _save_jpeg(t, img_dir / fname)
-                frames[name] = f"img/{fname}"
+                posters[name] = frames[name] = f"img/{fname}"
+                if video:
+                    (img_dir / f"{key}.{name}.mp4").write_bytes(data)
+                    frames[name] = f"img/{key}.{name}.mp4"
             w, h = size or (thumb, thumb)
+            if "mask.png" in parts:
+                evidence: bytes | np.ndarray | None = parts["mask.png"]
+            elif "masks.npz" in parts:  # a clip: where the evidence was in any frame
+                evidence = np.load(io.BytesIO(parts["masks.npz"]))["masks"].max(axis=0)
+            else:
+                evidence = None
             by_key[key] = {
-                "key": key, "w": w, "h": h, "frames": frames,
-                "outline": _outline(parts["mask.png"], w, h) if "mask.png" in parts else [],
+                "key": key, "w": w, "h": h, "frames": frames, "posters": posters,
+                "outline": _outline(evidence, w, h) if evidence is not None else [],
                 "control": _outline(parts["control_mask.png"], w, h) if "control_mask.png" in parts else [],
                 # edits with a region of their own (attribute, count, insert, swap): outline that
                 "vout": {n.removesuffix("_mask.png"): _outline(parts[n], w, h) for n in parts
@@ -145,7 +166,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
             continue
         doc = s["doc"]
         samples.append({
-            "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"],
+            "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"], "posters": s["posters"],
             "outline": s["outline"], "control": s["control"], "vout": s["vout"],
             "variants": doc.get("variants", []),
             "source": doc.get("source", {}).get("image", ""),
@@ -159,7 +180,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
     for i, r in enumerate(rej_shown):
         img = None
         if r["variant"] is not None and r["key"] in by_key:
-            img = by_key[r["key"]]["frames"].get("orig")
+            img = by_key[r["key"]]["posters"].get("orig")
         elif r["variant"] is None:
             t = _source_thumb(r["source"] or "", thumb // 2 * 1)
             if t is not None:
@@ -195,7 +216,7 @@ main{padding:12px 20px}
 .sample .meta{color:#555;font-size:12px;margin-bottom:6px}
 .frames{display:flex;gap:8px;flex-wrap:wrap}
 figure{margin:0;position:relative}
-figure img{display:block;border-radius:3px}
+figure img,figure video{display:block;border-radius:3px}
 figure svg{position:absolute;left:0;top:0;pointer-events:none}
 figure figcaption{text-align:center;font-size:12px;color:#333}
 svg polygon.ev{fill:none;stroke:#ffd400;stroke-width:2}
@@ -260,7 +281,10 @@ for(const s of D.samples){
   for(const name of ['orig'].concat(s.variants)){
     if(!s.frames[name]) continue;
     const f=el('figure',{'data-variant':name});
-    f.appendChild(el('img',{src:s.frames[name],width:s.w,height:s.h,alt:s.key+' '+name,loading:'eager'}));
+    const src=s.frames[name];
+    f.appendChild(src.endsWith('.mp4')
+      ? el('video',{src:src,poster:s.posters[name],width:s.w,height:s.h,controls:'',loop:'',muted:'',playsinline:'',preload:'none'})
+      : el('img',{src:src,width:s.w,height:s.h,alt:s.key+' '+name,loading:'eager'}));
     f.appendChild(svgFor(s,name)); f.appendChild(el('figcaption',{},name)); frames.appendChild(f);}
   card.appendChild(frames);
   const cols=['orig'].concat(s.variants);

@@ -361,6 +361,17 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
                 assert set(q["answers"]) == {"orig", *doc["variants"]}
             assert doc["provenance"]["stages"]["edit"]["backend"] == "video"
     assert n == 3
+    # the viewer plays each clip from a copy next to the page, its first frame as the poster
+    from counterfactory.versions import read_version
+    from counterfactory.viewer import build_viewer
+
+    page = build_viewer(read_version(out))
+    data = json.loads(page.read_text().split('id="cf-data">')[1].split("</script>")[0])
+    assert len(data["samples"]) == 3
+    for smp in data["samples"]:
+        assert smp["frames"]["orig"].endswith(".mp4") and smp["outline"]
+        for name, src in smp["frames"].items():
+            assert (page.parent / src).is_file() and (page.parent / smp["posters"][name]).is_file()
     again = run_pipeline(video_config(tmp_path / "b", [clips_input(3, seed=2, frames=16)]), local=True, progress=False)
     m2 = json.loads((again.out_dir / "manifest.json").read_text())
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in manifest["shards"]]
