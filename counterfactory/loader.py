@@ -351,6 +351,19 @@ def _decode_image(data: bytes, mode: str, size: tuple[int, int] | None) -> Image
     return im
 
 
+def _resize_frames(frames: Any, size: tuple[int, int] | None, mask: bool) -> Any:
+    """T x H x W (x 3) uint8 frames at ``size`` (height, width): masks nearest, pictures area
+    when shrinking and bilinear when growing."""
+    import cv2
+    import numpy as np
+
+    if size is None or frames.shape[1:3] == tuple(size):
+        return frames
+    interp = cv2.INTER_NEAREST if mask else (
+        cv2.INTER_AREA if size[0] * size[1] < frames.shape[1] * frames.shape[2] else cv2.INTER_LINEAR)
+    return np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in frames])
+
+
 def _to_tensor(im: Image.Image, mask: bool) -> torch.Tensor:
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     t = t.view(im.height, im.width, len(im.getbands())).permute(2, 0, 1)
@@ -474,9 +487,36 @@ class PairDataset(IterableDataset):
                     raise
                 warnings.warn(f"skipping the rest of {e}", stacklevel=2)
 
+    def _clips(self, sample: dict[str, Any], present: list[str]) -> dict[str, Any]:
+        """A video sample's clips (T x 3 x H x W) and its per-frame evidence masks (T x 1 x H x W)."""
+        import numpy as np
+
+        from counterfactory.video_io import read_frames
+
+        out: dict[str, Any] = {}
+        for name in ("orig", *present):
+            data = sample.get(f"{name}.mp4")
+            if data is None:
+                raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no {name} clip")
+            out[name] = _resize_frames(read_frames(data)[0], self.size, mask=False)
+        if "masks.npz" not in sample:
+            raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no masks.npz")
+        masks = np.load(io.BytesIO(sample["masks.npz"]))["masks"]
+        out["mask"] = _resize_frames((masks > 0).astype(np.uint8) * 255, self.size, mask=True)
+        if self.decode == "pil":
+            return {n: [Image.fromarray(f) for f in a] for n, a in out.items()}
+        from torchvision import tv_tensors
+
+        clip = {n: tv_tensors.Video(torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0))
+                for n, a in out.items() if n != "mask"}
+        return {**clip, "mask": tv_tensors.Mask(torch.from_numpy(out["mask"] > 127).float().unsqueeze(1))}
+
     def _record(self, sample: dict[str, Any]) -> dict[str, Any]:
         doc = sample["json"]
         present = [v for v in doc.get("variants", []) if self.variants is None or v in self.variants]
+        if "orig.mp4" in sample:  # a clip: the same record, tensors with a time axis first
+            images = self._clips(sample, present)
+            return self._finish(sample, doc, present, images)
         mode_images: dict[str, tuple[str, bytes]] = {}
         for name in ("orig", *present, *MASK_PARTS):
             data = _image_part(sample, name)
@@ -493,6 +533,10 @@ class PairDataset(IterableDataset):
 
             images = {n: (tv_tensors.Mask if n in MASK_PARTS else tv_tensors.Image)(
                 _to_tensor(im, n in MASK_PARTS)) for n, im in images.items()}
+        return self._finish(sample, doc, present, images)
+
+    def _finish(self, sample: dict[str, Any], doc: dict[str, Any], present: list[str],
+                images: dict[str, Any]) -> dict[str, Any]:
         if self.transform is not None:
             images = self.transform(images)
         if self.decode == "tensor":
@@ -548,6 +592,9 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     - ``variants``: counterfactuals to include (default: all a sample has); orig always comes.
     - ``image_size`` (int or (height, width)): resize pictures (bilinear) and masks (nearest).
     - ``decode``: ``"tensor"`` (float32 CHW in [0, 1]; masks float32 1xHxW of 0/1) or ``"pil"``.
+      A video dataset gives clips: ``tv_tensors.Video`` of T x 3 x H x W and masks T x 1 x H x W
+      (a list of PIL frames with ``"pil"``); frame times and fps are in ``meta["source"]``, and a
+      batch of clips needs equal frame counts (the ingest stage's ``max_frames``).
     - ``transform``: called once per record with ``{"orig", VARIANT..., "mask", "control_mask"}``;
       in tensor mode pictures are ``tv_tensors.Image`` and masks ``tv_tensors.Mask``, so one
       ``torchvision.transforms.v2`` call applies the same random draw to all of them (pairs stay

@@ -372,6 +372,22 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
         assert smp["frames"]["orig"].endswith(".mp4") and smp["outline"]
         for name, src in smp["frames"].items():
             assert (page.parent / src).is_file() and (page.parent / smp["posters"][name]).is_file()
+    # the trainer loader: clips with a time axis, masks per frame, batches through collate_pairs
+    import torch
+
+    from counterfactory.loader import collate_pairs, load
+
+    recs = list(load(out, image_size=(48, 64)))
+    assert len(recs) == 3
+    for r in recs:
+        T = len(r["meta"]["source"]["times"])
+        assert r["orig"].shape == (T, 3, 48, 64) and r["orig"].dtype == torch.float32
+        assert r["mask"].shape == (T, 1, 48, 64) and set(r["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert set(r["variants"]) == set(r["meta"]["variants"]) and r["mask"].sum() > 0
+    batch = next(iter(torch.utils.data.DataLoader(load(out), batch_size=3, collate_fn=collate_pairs)))
+    assert batch["orig"].shape[:2] == (3, 16) and batch["mask"].shape[2] == 1
+    pil = next(iter(load(out, decode="pil")))
+    assert len(pil["orig"]) == 16 and pil["orig"][0].mode == "RGB"
     again = run_pipeline(video_config(tmp_path / "b", [clips_input(3, seed=2, frames=16)]), local=True, progress=False)
     m2 = json.loads((again.out_dir / "manifest.json").read_text())
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in manifest["shards"]]
