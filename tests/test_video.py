@@ -361,6 +361,9 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
                 assert set(q["answers"]) == {"orig", *doc["variants"]}
             assert doc["provenance"]["stages"]["edit"]["backend"] == "video"
     assert n == 3
+    card = (out / "README.md").read_text()
+    assert "`KEY.orig.mp4`" in card and "`KEY.masks.npz`" in card and ".jpg" not in card
+    assert "video-text-to-text" in card and "original clip" in card
     # the viewer plays each clip from a copy next to the page, its first frame as the poster
     from counterfactory.versions import read_version
     from counterfactory.viewer import build_viewer

@@ -104,15 +104,39 @@ Variants dropped from otherwise good samples:
 {changes}
 """
 
-SCHEMA_MEMBERS = [
-    ("KEY.orig.jpg", "the original image (8-bit RGB, EXIF orientation applied)"),
-    ("KEY.<variant>.jpg", "one per kept variant: remove (evidence inpainted away), blackout (evidence "
-                          "covered with a flat fill), random_mask (control: equal area, clear of the evidence)"),
-    ("KEY.mask.png", "evidence mask (all instances, dilated), 0/255"),
-    ("KEY.control_mask.png", "the control region (only with random_mask)"),
-    ("KEY.json", "key, source (path, sha256, size, origin), qa (question, kind, source, answers per "
-                 "variant), targets, instances, variants, edits, mask, metrics, provenance, variant_rejects"),
-]
+def schema_members(parts: dict[str, int] | list[str], variants: list[str]) -> list[tuple[str, str]]:
+    """The members of a sample as the shards hold them (the manifest counts every part)."""
+    names = sorted(parts)
+    originals = [p for p in names if p.startswith("orig.")]
+    video = any(p.endswith(".mp4") for p in originals)
+    out = [(f"KEY.{p}", "the original clip (H.264, frames sampled at the ingest fps, turned upright)" if video
+            else "the original image (8-bit RGB, EXIF orientation applied)") for p in originals]
+    done = set(originals)
+    for ext in sorted({p.split(".", 1)[1] for p in originals}):
+        kinds = [v for v in variants if f"{v}.{ext}" in parts]
+        done.update(f"{v}.{ext}" for v in kinds)
+        if kinds:
+            out.append((f"KEY.<variant>.{ext}", f"one per kept variant ({', '.join(kinds)}); the answer each "
+                                                "gets per question kind is in the answer rules above"))
+    known = [
+        ("mask.png", "evidence mask (all instances, dilated), 0/255"),
+        ("control_mask.png", "the control region (only with random_mask)"),
+        ("masks.npz", "per-frame masks: masks (evidence, dilated), masks_core, labels (instance ids), each "
+                      "T x H x W uint8, and times (seconds from the clip's start)"),
+    ]
+    out += [(f"KEY.{p}", d) for p, d in known if p in parts]
+    done.update(p for p, _ in known)
+    own = [v for v in variants if f"{v}_mask.png" in parts]
+    if own:
+        out.append(("KEY.<variant>_mask.png", f"the region an edit changed of its own ({', '.join(own)}), 0/255"))
+        done.update(f"{v}_mask.png" for v in own)
+    if "json" in parts:
+        out.append(("KEY.json", "key, source (path, sha256, size, origin), qa (question, kind, source, answers "
+                                "per variant), targets, instances, variants, edits, mask, metrics, provenance, "
+                                "variant_rejects"))
+        done.add("json")
+    return out + [(f"KEY.{p}", "") for p in names if p not in done]
+
 
 def _short(x: str | None) -> str:
     return (x or "-")[:12]
@@ -254,7 +278,9 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "variant_rejects": variant_rejects,
         "histograms": histograms,
         "plots": ["plots/mask_area.png", "plots/metrics.png"],
-        "schema": [{"member": m, "description": d} for m, d in SCHEMA_MEMBERS],
+        "schema": [{"member": m, "description": d}
+                   for m, d in schema_members(manifest["counts"].get("parts") or ["orig.jpg", "mask.png", "json"],
+                                              variants_order)],
         "models": models,
         "stages": [{"name": s["name"], "backend": s.get("backend", "default")} for s in stages_cfg],
         "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {})},
@@ -302,9 +328,10 @@ def render_markdown(card: dict[str, Any]) -> str:
     c = card["counts"]
     variants = card["variants"]
     cols = ["orig", *variants]
+    video = any(m["member"].endswith(".mp4") for m in card["schema"])
     front = {
         "pretty_name": f"{card['dataset']} {card['version']}",
-        "task_categories": ["visual-question-answering"],
+        "task_categories": ["video-text-to-text"] if video else ["visual-question-answering"],
         "tags": ["counterfactual", "webdataset", "counterfactory"],
         "size_categories": ["n<1K" if c["samples"] < 1000 else "1K<n<10K" if c["samples"] < 10_000 else "10K<n<100K"
                             if c["samples"] < 100_000 else "100K<n"],
@@ -314,9 +341,11 @@ def render_markdown(card: dict[str, Any]) -> str:
     }
     summary = (
         f"Paired counterfactual data made by counterfactory: {c['samples']} samples in {c['shards']} "
-        f"WebDataset shard(s), from {c['inputs']} inputs. Each sample holds an original image, variants "
-        "in which the evidence a question depends on was removed or masked (plus an equal-area control), "
-        "the evidence mask, and the same questions answered for every variant by an explicit rule."
+        f"WebDataset shard(s), from {c['inputs']} inputs. Each sample holds an original "
+        f"{'clip' if video else 'image'}, variants in which the evidence a question depends on was removed, "
+        "masked, altered or moved (plus controls), the evidence "
+        f"{'masks of every frame' if video else 'mask'}, and the same questions answered for every variant "
+        "by an explicit rule."
     )
     counts_table = _table(["inputs", "samples", "questions", "rejected inputs", "rejected variants", "shards"],
                           [[c["inputs"], c["samples"], c["questions"], c["rejected_inputs"],
