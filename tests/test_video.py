@@ -444,3 +444,39 @@ def test_times_count_from_the_stream_start_and_rotation_is_applied(tmp_path):
     assert diff(turned.frames, np.rot90(ref.frames, k, axes=(1, 2))) < diff(
         turned.frames, np.rot90(ref.frames, k + 2, axes=(1, 2))) / 2
     assert any("rotated" in n for n in turned.info["notes"])
+
+
+def test_remove_on_textured_ground_is_kept_and_a_faded_object_is_not(tmp_path):
+    """The removal check compares the object itself with a ring clear of the dilated mask: a
+    square erased from a strongly textured background passes, the same square only faded does not."""
+    import copy as copymod
+
+    h, w, n, sq = 64, 96, 16, 16
+    y, x = np.mgrid[0:h, 0:w]
+    bg = np.stack([128 + 60 * np.sin(x / 7.0), 128 + 60 * np.cos(y / 5.0), 120 + 0 * x], -1).astype(np.uint8)
+    clip, kfs = [], []
+    for t in range(n):
+        f = bg.copy()
+        x0 = 4 + t * (w - sq - 8) // (n - 1)
+        f[24:24 + sq, x0:x0 + sq] = (230, 20, 20)
+        clip.append(f)
+        kfs.append({"t": t / 8, "box": [x0, 24, x0 + sq, 24 + sq]})
+    (tmp_path / "sq.mp4").write_bytes(encode_mp4(np.stack(clip), 8))
+    line = {"video": "sq.mp4", "questions": [{"question": "Is there a red square in the video?", "answer": "yes",
+                                               "kind": "existence", "targets": ["square"]}],
+            "objects": [{"category": "square", "attributes": {"color": "red"}, "keyframes": kfs}]}
+    (tmp_path / "v.jsonl").write_text(json.dumps(line) + "\n")
+    cfg = video_config(tmp_path, [{"kind": "video_manifest", "path": str(tmp_path / "v.jsonl")}],
+                       ingest={"fps": 8, "max_frames": 16})
+    (edited,) = run_stages(cfg, load_records(cfg), stop_after="edit")
+    assert edited.ok and "remove" in edited.meta["variants"], edited.meta.get("reject")
+    faded = copymod.deepcopy(edited)
+    core = faded.arrays["masks_core"] > 0
+    orig = faded.arrays["video"].astype(np.int16)
+    faded.arrays["variant/remove"] = np.where(core[..., None], (orig * 0.7).astype(np.int16), orig).astype(np.uint8)
+    sc = next(s for s in cfg.stages if s.name == "verify")
+    verify = get_backend(sc.name, sc.backend)(params=sc.params, run=run_settings(cfg))
+    verify.process_batch([edited, faded])
+    assert "remove" in edited.meta["variants"], edited.meta.get("variant_rejects")
+    rej = [r for r in faded.meta.get("variant_rejects", []) if r["variant"] == "remove"]
+    assert rej and rej[0]["reason"] == "object_still_visible", faded.meta.get("variant_rejects")

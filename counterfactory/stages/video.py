@@ -785,9 +785,13 @@ class VideoVerify(Stage):
                 if v == "remove":
                     vm["flicker_inside_orig"] = flicker(frames, masks)
                     ratios, befores = [], []
+                    # the object itself (the undilated core) against a ring clear of the dilated
+                    # mask: on textured ground the dilated mask's own background differs from the
+                    # ring as much as a faint object would, and hid every removal behind it
+                    cores = a["masks_core"] > 0 if "masks_core" in a else masks
                     for t in range(len(frames)):
-                        sel = masks[t]
-                        ring = _ring(sel, p.ring_px)
+                        sel = cores[t]
+                        ring = _ring(masks[t], p.ring_px)
                         if not sel.any() or not ring.any():
                             continue
                         b = float(np.abs(frames[t][sel].mean(0) - frames[t][ring].mean(0)).max())
