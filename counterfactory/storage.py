@@ -34,6 +34,10 @@ HTTP_CONNECT_TIMEOUT_S = 15
 HTTP_READ_TIMEOUT_S = 60
 
 
+class ObjectTooLarge(Exception):
+    """An input object over the size its reader allows."""
+
+
 class StorageError(RuntimeError):
     """An object-store root that cannot be opened or read; reported as one line by the CLI."""
 
@@ -108,7 +112,7 @@ def object_info(uri: str) -> pafs.FileInfo:
 
 def read_object(uri: str, max_bytes: int | None = None) -> bytes:
     """The bytes of one input object. FileNotFoundError when absent, IsADirectoryError for a
-    prefix, ValueError over ``max_bytes``; StorageError for a scheme nothing here opens."""
+    prefix, ObjectTooLarge over ``max_bytes``; StorageError for a scheme nothing here opens."""
     fs, path = _object(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -116,7 +120,7 @@ def read_object(uri: str, max_bytes: int | None = None) -> bytes:
     if info.type != pafs.FileType.File:
         raise IsADirectoryError(uri)
     if max_bytes is not None and info.size is not None and info.size > max_bytes:
-        raise ValueError(f"{uri}: {info.size} bytes > {max_bytes}")
+        raise ObjectTooLarge(f"{uri}: {info.size} bytes > {max_bytes}")
     with fs.open_input_stream(path) as f:
         return f.read()
 

@@ -348,6 +348,10 @@ def test_images_named_by_http_uris_are_read_by_the_workers(tmp_path: Path):
         stamps = SourceHasher(None).hash_all([f"{base}/a.png", f"{base}/missing.png"])
         assert stamps[f"{base}/a.png"].startswith("object:")
         assert stamps[f"{base}/missing.png"].startswith("missing:")
+        small = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}],
+                            limits={"max_image_bytes": 100})
+        big = _run(small, "ingest")[1][0]
+        assert not big.ok and big.meta["reject"]["reason"] == "too_large"
     finally:
         server.shutdown()
 

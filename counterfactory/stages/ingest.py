@@ -24,7 +24,7 @@ from counterfactory import scenes
 from counterfactory.pipeline.config import resolve_path
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.storage import StorageError, is_remote, read_object
+from counterfactory.storage import ObjectTooLarge, StorageError, is_remote, read_object
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.
@@ -61,7 +61,7 @@ def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
         raise Reject("file_not_found", uri) from None
     except IsADirectoryError:
         raise Reject("not_a_file", uri) from None
-    except ValueError as exc:
+    except ObjectTooLarge as exc:
         raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
     except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
         raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
