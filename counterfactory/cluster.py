@@ -183,7 +183,9 @@ def make_plan(cfg: PipelineConfig, nodes: list[Node]) -> Plan:
     for step in plan_steps(cfg):
         r = step.resources
         need = {"cpus": float(r.num_cpus), "gpus": float(r.num_gpus or 0), "memory": float(r.memory or 0)}
-        n = (r.concurrency or 1) if step.actors else None
+        c = r.concurrency or 1
+        lo, hi = (c, c) if isinstance(c, int) else c  # an autoscaling pool: [min, max]
+        n = (c if isinstance(c, int) else f"{lo}-{hi}") if step.actors else None
         fits_on = [nd for nd in nodes if nd.cpus >= need["cpus"] and nd.gpus >= need["gpus"]
                    and (not need["memory"] or nd.memory >= need["memory"])]
         plan.steps.append({"step": step.names, "runs_as": "actors" if step.actors else "tasks",
@@ -197,11 +199,13 @@ def make_plan(cfg: PipelineConfig, nodes: list[Node]) -> Plan:
             continue
         if step.actors:
             slots = sum(_slots(nd, need) for nd in fits_on)
-            if slots < n:
-                plan.wont_fit.append(f"{what}: {n} actors asked, only {slots} fit on the cluster; "
+            if slots < lo:
+                plan.wont_fit.append(f"{what}: {lo} actors asked, only {slots} fit on the cluster; "
                                      "the rest will never start and the run waits for them")
-            fixed["cpus"] += need["cpus"] * min(n, slots)
-            fixed["gpus"] += need["gpus"] * min(n, slots)
+            elif slots < hi:
+                plan.notes.append(f"{step.names}: the pool can grow to {slots} of its {hi} actors here")
+            fixed["cpus"] += need["cpus"] * min(hi, slots)
+            fixed["gpus"] += need["gpus"] * min(hi, slots)
         else:
             elastic_cpu = elastic_cpu or need["cpus"] > 0
             if need["gpus"]:

@@ -34,6 +34,10 @@ def _procedural(data):
         (lambda d: d["stages"][3]["params"].update(radius=3), "stages.edit.params.radius: Extra inputs"),
         (lambda d: d["stages"][2].update(backend="sam9"), "stages.segment.backend: unknown backend 'sam9'"),
         (lambda d: d["stages"][1]["resources"].update(num_gpus=-1), "stages.localize.resources.num_gpus"),
+        (lambda d: d["stages"][1]["resources"].update(num_gpus=1.5),
+         "stages.localize.resources.num_gpus: above 1, GPUs are whole numbers"),
+        (lambda d: d["stages"][2]["resources"].update(concurrency=0), "stages.segment.resources.concurrency: must be a number of workers"),
+        (lambda d: d["stages"][2]["resources"].update(concurrency=[4, 1]), "stages.segment.resources.concurrency"),
         (lambda d: d["inputs"].append({"kind": "manifest", "path": "nope.jsonl"}), "inputs.1.path: file not found"),
         (lambda d: d["inputs"].append({"kind": "webcam"}), "inputs.1: Input tag 'webcam'"),
         (lambda d: d["inputs"].append({"kind": "procedural", "count": 2, "size": [16, 64]}),
@@ -109,3 +113,15 @@ def test_a_manifest_that_is_not_a_regular_file_is_a_config_error(tmp_path):
     data["inputs"] = [{"kind": "manifest", "path": "/dev/zero"}]
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(_write(tmp_path, data))
+
+
+def test_an_autoscaling_pool_is_planned_by_its_min_and_max():
+    """[min, max] concurrency: the minimum must fit, the pool grows to what is free."""
+    from counterfactory.cluster import Node, make_plan
+
+    cfg = load_config(DEMO, ["stages.segment.resources.concurrency=[1,9]"])
+    plan = make_plan(cfg, [Node("a", cpus=4, gpus=0, memory=16 << 30)])
+    assert not plan.wont_fit and any("grow to" in n for n in plan.notes)
+    assert next(s for s in plan.steps if "segment" in s["step"])["concurrency"] == "1-9"
+    cfg = load_config(DEMO, ["stages.segment.resources.concurrency=[6,9]"])
+    assert any("6 actors asked" in w for w in make_plan(cfg, [Node("a", cpus=4, gpus=0, memory=16 << 30)]).wont_fit)

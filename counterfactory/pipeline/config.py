@@ -52,6 +52,21 @@ class Resources(Strict):
     concurrency: int | tuple[int, int] | None = None
     batch_size: int = Field(8, ge=1)
 
+    @field_validator("concurrency")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        lo, hi = (v, v) if isinstance(v, int) else v if v is not None else (1, 1)
+        if lo < 1 or hi < lo:
+            raise ValueError("must be a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        return v
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v: float) -> float:
+        if v > 1 and v != int(v):  # Ray: a fraction of one GPU, or whole GPUs
+            raise ValueError("above 1, GPUs are whole numbers (a fraction shares one GPU)")
+        return v
+
 
 class StageConfig(Strict):
     name: str
