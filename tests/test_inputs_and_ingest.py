@@ -394,3 +394,20 @@ def test_wide_integer_and_float_images_use_their_own_range(tmp_path: Path, recwa
     fl, notes = _to_rgb(Image.fromarray(f, mode="F"))
     assert fl[0, 0, 0] == 0 and "NaN" in notes[0]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_run_where_every_input_is_rejected_publishes_nothing(tmp_path: Path):
+    """An empty version would become `latest` and be reused by the rerun meant to fix it: the
+    run fails with the commonest reasons and leaves no version and no staging behind."""
+    import pytest
+
+    from counterfactory.pipeline.runner import run_pipeline
+    from counterfactory.pipeline.writer import FailureBudgetExceeded
+
+    (tmp_path / "m.jsonl").write_text('{"image": "gone.png", "question": "Is there a cat?"}\n{broken\n')
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    with pytest.raises(FailureBudgetExceeded, match=r"all 2 input\(s\) were rejected .*file_not_found"):
+        run_pipeline(cfg, local=True, progress=False)
+    ds = tmp_path / "out" / cfg.dataset
+    assert not list(ds.glob("v*")) and not (ds / "latest").exists()
+    assert not [p for p in ds.rglob("*") if p.name.startswith(".staging")]

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,13 @@ from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
 from counterfactory.pipeline.sample import StageChain
-from counterfactory.pipeline.writer import JOURNAL, DatasetWriter, PartEncoder, atomic_write
+from counterfactory.pipeline.writer import (
+    JOURNAL,
+    DatasetWriter,
+    FailureBudgetExceeded,
+    PartEncoder,
+    atomic_write,
+)
 from counterfactory.stages import get_backend
 from counterfactory.storage import RemoteDir, StorageError, is_remote, join_uri, local_path
 
@@ -358,6 +365,16 @@ class RunResult:
     location: str = ""  # where the version lives: its folder, or its URI on an object store
 
 
+def _top_reasons(rejects: Path, k: int = 3) -> str:
+    """The commonest whole-input reject reasons, each with one example detail."""
+    rows = [r for r in pq.read_table(rejects, columns=["stage", "reason", "detail", "variant"]).to_pylist()
+            if r["variant"] is None]
+    counts = Counter(f"{r['stage']}/{r['reason']}" for r in rows)
+    example = {f"{r['stage']}/{r['reason']}": (r["detail"] or "")[:120] for r in reversed(rows)}
+    return "; ".join(f"{n} x {why}" + (f": {example[why]}" if example[why] else "")
+                     for why, n in counts.most_common(k))
+
+
 def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
                  local: bool = False, command: str | None = None, force: bool = False) -> RunResult:
     """Run and publish a new version ``ROOT/DATASET/vN`` (see ``counterfactory.versions``).
@@ -419,6 +436,12 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer)
             stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.close()
+        if n_inputs and not manifest["counts"]["samples"]:
+            # an empty version would become `latest` and, named by the same spec, be reused by
+            # the rerun meant to fix it (a model that failed to load, an endpoint that was down)
+            writer.drop_journal()
+            raise FailureBudgetExceeded(f"no sample survived: all {n_inputs} input(s) were rejected ("
+                                        f"{_top_reasons(staging / 'rejects.parquet')}); nothing published")
         changed = versions.check_sources_unchanged(
             source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"]).to_pylist())
         if changed:
