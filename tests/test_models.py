@@ -105,6 +105,17 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         stage("segment", "sam", checkpoint=str(d / "pytorch_model.bin"), model_type="vit_b", **CPU)
 
 
+def test_a_folder_of_another_architecture_is_refused(models):
+    """transformers only warns when a folder is loaded as another architecture, and the run
+    would go on with random weights: the backend checks the folder's model_type first."""
+    with pytest.raises(ValueError, match="'grounding-dino' model, but the owlv2 backend loads 'owlv2'"):
+        stage("localize", "owlv2", model=str(models["gd"]), **CPU)
+    with pytest.raises(ValueError, match="the grounding-dino backend loads 'grounding-dino'"):
+        stage("localize", "grounding-dino", model=str(models["owl"]), **CPU)
+    with pytest.raises(ValueError, match="the sam-hf backend loads 'sam'"):
+        stage("segment", "sam-hf", model=str(models["gd"]), **CPU)
+
+
 # --- localize ----------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,key", [("grounding-dino", "gd"), ("owlv2", "owl")])
 def test_detector_localize_converts_boxes_and_applies_thresholds(models, segmented, backend, key):

@@ -160,6 +160,21 @@ def transformers_setup(obj: Any, p: ModelParams, backend: str, prefer: str = "fl
     return tf, load_kwargs(p)
 
 
+def load_pretrained(model_cls: Any, p: ModelParams, backend: str, **kw: Any) -> Any:
+    """``model_cls.from_pretrained`` after checking that the folder or hub id holds that
+    architecture: transformers only warns when, say, an OWLv2 folder is loaded as Grounding DINO,
+    and the run would go on with random weights under the wrong name in provenance."""
+    from transformers import PretrainedConfig
+
+    want = getattr(model_cls.config_class, "model_type", "")
+    config, _ = PretrainedConfig.get_config_dict(p.model, revision=p.revision)
+    got = config.get("model_type")
+    if want and got and got != want:
+        raise ValueError(f"{p.model}: a '{got}' model, but the {backend} backend loads '{want}' "
+                         f"({model_cls.__name__})")
+    return model_cls.from_pretrained(p.model, **kw)
+
+
 def load_kwargs(p: ModelParams) -> dict[str, Any]:
     return {"revision": p.revision, "trust_remote_code": p.trust_remote_code, "use_safetensors": True}
 

@@ -24,6 +24,7 @@ from counterfactory.rules import singular
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
+    load_pretrained,
     model_record,
     run_batched,
     transformers_setup,
@@ -89,7 +90,7 @@ class Detector:
         else:
             self.processor = tf.Owlv2Processor.from_pretrained(p.model, **proc_kw)
             model_cls = tf.Owlv2ForObjectDetection
-        self.model = model_cls.from_pretrained(p.model, dtype=self.dtype, **kw).to(self.device).eval()
+        self.model = load_pretrained(model_cls, p, backend, dtype=self.dtype, **kw).to(self.device).eval()
         # Resize/normalize where the model runs: the processors' torchvision backend takes a
         # device, and on CPU their resize costs more than the model on a GPU (OWLv2 ~200 ms/img).
         self.image_kw = {"device": self.device} if getattr(p, "preprocess_on_device", True) else {}

@@ -22,6 +22,7 @@ from counterfactory.stages.models.common import (
     Device,
     DType,
     ModelParams,
+    load_pretrained,
     model_record,
     place,
     require,
@@ -233,7 +234,7 @@ class HfSamSegment(_EncodeOnce):
         p = self.params
         tf, kw = transformers_setup(self, p, self.backend, prefer="bfloat16")
         self.processor = tf.SamProcessor.from_pretrained(p.model, revision=p.revision)
-        self.model = tf.SamModel.from_pretrained(p.model, dtype=self.dtype, **kw).to(self.device).eval()
+        self.model = load_pretrained(tf.SamModel, p, self.backend, dtype=self.dtype, **kw).to(self.device).eval()
         self.record = model_record(p.model, p.revision, architecture="transformers.SamModel",
                                    dtype=str(self.dtype).removeprefix("torch."), device=self.device)
 
