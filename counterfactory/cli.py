@@ -505,6 +505,30 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or an object store that failed mid-command
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        why = _stage_start_error(exc)
+        if why is None:
+            raise
+        print(f"error: {why}", file=sys.stderr)  # the worker's traceback is in Ray's logs
+        return 1
+
+
+def _stage_start_error(exc: BaseException) -> str | None:
+    """The one line of a stage that could not start on a worker, however Ray wrapped it (an
+    actor that died in its constructor, a task error, the error as text in another)."""
+    import re
+
+    from counterfactory.pipeline.sample import StageStartError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StageStartError):
+            return str(e).strip().splitlines()[-1]
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    m = re.search(r"StageStartError: (stage .*? could not start: .*)", str(exc))
+    return m.group(1) if m else None
 
 
 if __name__ == "__main__":

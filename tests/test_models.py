@@ -524,3 +524,21 @@ def test_model_record_names_the_cached_commit_of_a_branch(tmp_path, monkeypatch)
     assert rec["revision"] == "main" and rec["commit"] == commit
     assert "commit" not in model_record("org/absent", "main")
     assert "commit" not in model_record(str(repo / "snapshots" / commit), None)
+
+
+def test_a_stage_that_cannot_start_is_one_line_naming_it(tmp_path):
+    """Where a worker builds the stages, a missing model folder becomes one line naming the
+    stage; the CLI finds that line however Ray wrapped the error."""
+    from counterfactory.cli import _stage_start_error
+    from counterfactory.pipeline.sample import StageChain, StageStartError
+
+    spec = {"name": "localize", "backend": "owlv2", "params": {"model": str(tmp_path / "absent"), **CPU}}
+    with pytest.raises(StageStartError) as info:
+        StageChain([spec], {})
+    line = str(info.value)
+    assert line == f"stage localize (owlv2) could not start: FileNotFoundError: {tmp_path / 'absent'}: " \
+                   "no such model folder on this node (a hub id reads 'org/name')"
+    wrapped = RuntimeError(f"The actor died in its creation task:\nTraceback ...\n"
+                           f"counterfactory.pipeline.sample.StageStartError: {line}\n")
+    assert _stage_start_error(wrapped) == line
+    assert _stage_start_error(RuntimeError("x")) is None

@@ -29,6 +29,10 @@ from pydantic import BaseModel, ConfigDict
 COLUMNS = ("idx", "key", "status", "meta", "blob")
 
 
+class StageStartError(RuntimeError):
+    """A stage that could not be built where it runs (weights missing, refused, unreachable)."""
+
+
 class Reject(Exception):
     """Raised inside a stage's ``process`` to reject the sample with a reason (a data fault)."""
 
@@ -180,7 +184,13 @@ class StageChain:
     def __init__(self, specs: list[dict[str, Any]], run: dict[str, Any], encoder: Any = None) -> None:
         from counterfactory.stages import get_backend
 
-        self.stages = [get_backend(s["name"], s["backend"])(params=s["params"], run=run) for s in specs]
+        self.stages = []
+        for s in specs:
+            try:
+                self.stages.append(get_backend(s["name"], s["backend"])(params=s["params"], run=run))
+            except Exception as exc:  # a model that does not load: name the stage, in one line
+                why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+                raise StageStartError(f"stage {s['name']} ({s['backend']}) could not start: {why}") from exc
         self.encoder = encoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

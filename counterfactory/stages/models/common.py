@@ -81,6 +81,8 @@ def refuse_pickles(ref: str) -> None:
     code when loaded, so one without safetensors is refused before anything reads it."""
     p = Path(ref).expanduser()
     if not p.exists():
+        if ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1:  # a path, not org/name
+            raise FileNotFoundError(f"{ref}: no such model folder on this node (a hub id reads 'org/name')")
         return  # a hub id: from_pretrained(use_safetensors=True) refuses pickles there
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
