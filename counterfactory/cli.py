@@ -317,7 +317,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from counterfactory import cluster
 
     cfg = load_config(args.config, args.overrides)
-    nodes = cluster.cluster_nodes(cluster.dashboard_address(args.address)) if args.address else cluster.local_nodes()
+    nodes = cluster.cluster_nodes(args.address) if args.address else cluster.local_nodes()
     plan = cluster.make_plan(cfg, nodes)
     con = Console()
     where = args.address or "this machine"

@@ -35,10 +35,20 @@ def dashboard_address(address: str | None) -> str:
     return addr
 
 
+# seconds to connect to the job server, and between bytes of its reply: Ray's client sets none,
+# so a server that accepts and never answers held `submit` and `status --wait` forever
+JOB_SERVER_TIMEOUT = (10, 120)
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(dashboard_address(address))
+    class _Client(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kw: Any) -> Any:  # Ray's one HTTP call site
+            kw.setdefault("timeout", JOB_SERVER_TIMEOUT)
+            return super()._do_request(method, endpoint, **kw)
+
+    return _Client(dashboard_address(address))
 
 
 def _absolute_overrides(cfg: PipelineConfig) -> list[str]:
@@ -152,12 +162,24 @@ def local_nodes() -> list[Node]:
 
 
 def cluster_nodes(address: str) -> list[Node]:
-    """Alive nodes of the cluster behind a dashboard (http://HEAD:8265) or GCS (HOST:PORT) address."""
-    if address.startswith(("http://", "https://")):
+    """Alive nodes of the cluster behind a dashboard (http://HEAD:8265, or HEAD:8265) or GCS
+    (HOST:PORT, ray://) address; one ConfigError line when nothing answers there."""
+    try:
+        return _cluster_nodes(address)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds for an address with nothing behind it
+        why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        raise ConfigError(f"--address {address}: cannot list the cluster's nodes ({why})") from None
+
+
+def _cluster_nodes(address: str) -> list[Node]:
+    if address.startswith(("http://", "https://")) or address.rstrip("/").endswith(":8265"):
         from ray.util.state import list_nodes
 
         nodes = []
-        for n in list_nodes(address=address, detail=True):
+        # the state API returns 100 entries unless asked for more
+        for n in list_nodes(address=dashboard_address(address), detail=True, limit=100_000):
             res = n.resources_total or {}
             nodes.append(Node(n.node_id, float(res.get("CPU", 0)), float(res.get("GPU", 0)),
                               float(res.get("memory", 0)), n.state == "ALIVE"))

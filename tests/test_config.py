@@ -125,3 +125,29 @@ def test_an_autoscaling_pool_is_planned_by_its_min_and_max():
     assert next(s for s in plan.steps if "segment" in s["step"])["concurrency"] == "1-9"
     cfg = load_config(DEMO, ["stages.segment.resources.concurrency=[6,9]"])
     assert any("6 actors asked" in w for w in make_plan(cfg, [Node("a", cpus=4, gpus=0, memory=16 << 30)]).wont_fit)
+
+
+def test_a_job_server_that_never_answers_times_out_in_one_line(monkeypatch, capsys):
+    """Ray's job client sets no HTTP timeout: a server that accepts and never replies held
+    `submit` forever. Ours bounds each request, and `plan --address` with nothing there is
+    one line."""
+    import socket
+
+    from counterfactory import cluster
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does) and never reads or writes
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(cluster, "JOB_SERVER_TIMEOUT", (2, 1))
+    try:
+        assert main(["status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"]) == 1
+        assert "timed out" in capsys.readouterr().err
+    finally:
+        silent.close()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        closed = free.getsockname()[1]
+    assert main(["plan", str(DEMO), "--address", f"http://127.0.0.1:{closed}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --address http://127.0.0.1:{closed}: cannot list") and "\n" not in err
