@@ -178,8 +178,8 @@ def _cluster_nodes(address: str) -> list[Node]:
         from ray.util.state import list_nodes
 
         nodes = []
-        # the state API returns 100 entries unless asked for more
-        for n in list_nodes(address=dashboard_address(address), detail=True, limit=100_000):
+        # the state API returns 100 entries unless asked for more (its own cap is 10,000)
+        for n in list_nodes(address=dashboard_address(address), detail=True, limit=10_000):
             res = n.resources_total or {}
             nodes.append(Node(n.node_id, float(res.get("CPU", 0)), float(res.get("GPU", 0)),
                               float(res.get("memory", 0)), n.state == "ALIVE"))
