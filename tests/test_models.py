@@ -263,7 +263,7 @@ def test_diffusers_inpaint_crop_paste_and_seeding(models, segmented):
 # --- qa --------------------------------------------------------------------------------------
 class FakeOpenAI:
     """A loopback HTTP server speaking /v1/chat/completions that plays a script of replies:
-    a string (the message content), ("status", code), ("refusal", text), ("slow", seconds, text),
+    a string (the message content), ("status", code[, retry_after]), ("refusal", text), ("slow", seconds, text),
     ("truncated", text)."""
 
     def __init__(self) -> None:
@@ -282,6 +282,8 @@ class FakeOpenAI:
                 finish, refusal = "stop", None
                 if isinstance(item, tuple) and item[0] == "status":
                     self.send_response(item[1])
+                    if len(item) > 2:  # ("status", 429, retry_after_seconds)
+                        self.send_header("Retry-After", str(item[2]))
                     self.end_headers()
                     self.wfile.write(b"server error")
                     return
@@ -542,3 +544,20 @@ def test_a_stage_that_cannot_start_is_one_line_naming_it(tmp_path):
                            f"counterfactory.pipeline.sample.StageStartError: {line}\n")
     assert _stage_start_error(wrapped) == line
     assert _stage_start_error(RuntimeError("x")) is None
+
+
+def test_openai_llm_waits_as_the_server_asks_with_jitter(fake_llm, segmented, monkeypatch):
+    """A 429 with Retry-After is retried after that many seconds (capped, jittered to at least
+    half), not after the exponential backoff."""
+    import counterfactory.stages.models.llm as llm_mod
+
+    slept: list[float] = []
+    monkeypatch.setattr(llm_mod.time, "sleep", slept.append)
+    s = _one(segmented)
+    fake_llm.script = [("status", 429, 4), ("status", 503), _valid_reply(s)]
+    st = stage("qa", "llm-openai", model="tiny", base_url=fake_llm.url, backoff_s=0.25, backoff_max_s=3.0)
+    st.process_batch([s])
+    assert s.ok and s.meta["qa_generation"]["source"] == "llm", s.meta.get("reject")
+    assert len(slept) == 2
+    assert 1.5 <= slept[0] <= 3.0  # Retry-After 4 s, capped at 3, jittered
+    assert 0.25 <= slept[1] <= 0.5  # then backoff_s * 2 for the second retry, jittered

@@ -19,8 +19,10 @@ retried with exponential backoff and a cap).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import re
 import time
 import urllib.error
@@ -279,10 +281,14 @@ class OpenAILLMQA(LLMQA):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode()
-        last = ""
+        last, wait = "", None
         for attempt in range(p.max_http_retries + 1):
             if attempt:
-                time.sleep(min(p.backoff_max_s, p.backoff_s * 2 ** (attempt - 1)))
+                # the server's Retry-After when it gave one, else exponential backoff; jittered so
+                # the workers that all hit one overloaded endpoint do not come back in step
+                delay = wait if wait is not None else p.backoff_s * 2 ** (attempt - 1)
+                time.sleep(min(p.backoff_max_s, delay) * random.uniform(0.5, 1.0))
+                wait = None
             req = urllib.request.Request(f"{self.base_url}/chat/completions", data=data, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=p.timeout_s) as r:
@@ -297,6 +303,8 @@ class OpenAILLMQA(LLMQA):
                 return content
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+                with contextlib.suppress(TypeError, ValueError):  # seconds; an HTTP date is ignored
+                    wait = max(0.0, float(exc.headers.get("Retry-After")))
                 if exc.code not in (408, 409, 425, 429) and exc.code < 500:
                     return Reject("llm_http_error", last)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
