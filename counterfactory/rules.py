@@ -88,15 +88,20 @@ _KIND_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 
+def side_of_x(x: float, width: int, lo: float = 0.4, hi: float = 0.6) -> str | None:
+    """"left"/"right" for a horizontal position in pixel coordinates (pixel i spans i..i+1, so
+    its centre is i + 0.5 and a mirror image lands at exactly 1 - the fraction), None when it
+    is too central to say."""
+    f = (x + 0.5) / width
+    return "left" if f < lo else "right" if f > hi else None
+
+
 def side_of(mask, lo: float = 0.4, hi: float = 0.6) -> str | None:
     """"left"/"right" from a mask's centroid, None when it is too central to say."""
     import numpy as np
 
     xs = np.nonzero(mask)[1]
-    if not len(xs):
-        return None
-    cx = xs.mean() / mask.shape[1]
-    return "left" if cx < lo else "right" if cx > hi else None
+    return side_of_x(float(xs.mean()), mask.shape[1], lo, hi) if len(xs) else None
 
 
 def classify_question(question: str) -> str:
@@ -209,6 +214,8 @@ HUES: dict[str, float] = {"red": 0, "orange": 28, "yellow": 52, "green": 125, "c
                           "blue": 225, "purple": 280, "pink": 325}
 # the colors an attribute edit may turn evidence into: far apart, unambiguous names
 EDIT_COLORS: tuple[str, ...] = ("red", "yellow", "green", "cyan", "blue", "purple")
+# colors with no hue to replace: a recolored silver spoon keeps looking silver under a tint
+ACHROMATIC: frozenset[str] = frozenset({"white", "silver", "gray", "grey", "black", "clear", "transparent"})
 
 
 def _hue_dist(a: float, b: float) -> float:

@@ -14,6 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from counterfactory.rules import side_of_x
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
 # Saturated colors (channel spread >= 130); the background is kept low-saturation, so no
 # background pixel can ever equal an object color.
@@ -175,7 +177,7 @@ def scene_questions(spec: dict, n: int, seed: int) -> list[dict]:
                 (f"What color is the {shape}?", group[0]["attributes"]["color"], shape)
             )
             cx = float(np.mean(np.asarray(group[0]["polygon"], np.float64)[:, 0]))
-            side = "left" if cx < 0.4 * w else "right" if cx > 0.6 * w else None
+            side = side_of_x(cx, w)
             if side:
                 pool["position"].append((f"Is the {shape} on the left or the right?", side, shape))
     rng = np.random.default_rng([seed, 0x5CE4E])

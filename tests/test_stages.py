@@ -9,7 +9,7 @@ from counterfactory import scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
-from counterfactory.rules import classify_question, match_categories, singular
+from counterfactory.rules import classify_question, match_categories, side_of_x, singular
 from counterfactory.stages.verify import PixelVerify
 from tests.conftest import make_config, scenes_input
 
@@ -103,8 +103,7 @@ def _truth(kind: str, text: str, shape: str, objects: list[dict], width: int) ->
         return None  # the object is gone: only an abstention is right
     if kind == "color":
         return match[0]["attributes"]["color"] if len(match) == 1 else None
-    cx = np.mean([p[0] for p in match[0]["polygon"]])
-    return "left" if cx < 0.4 * width else "right" if cx > 0.6 * width else None
+    return side_of_x(float(np.mean([p[0] for p in match[0]["polygon"]])), width)
 
 
 def test_answers_follow_the_rules_against_scene_truth(processed):

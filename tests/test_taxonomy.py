@@ -127,3 +127,39 @@ def test_rule_table_is_complete_and_mechanical():
         answer_for("attribute", "color", "red")
     with pytest.raises(ValueError):
         answer_for("remove", "count", "1", removed=2)
+
+
+def test_left_and_right_are_mirror_symmetric():
+    """A mask and its mirror image get opposite sides or both none: the centroid is taken at
+    pixel centres (at 0.3976 of the width an object was 'left' and its mirror 'right')."""
+    from counterfactory.rules import side_of
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        w = int(rng.integers(20, 300))
+        m = np.zeros((8, w), np.uint8)
+        x0 = int(rng.integers(0, w - 2))
+        m[:, x0:int(rng.integers(x0 + 1, w))] = 1
+        a, b = side_of(m), side_of(m[:, ::-1])
+        assert (a, b) in (("left", "right"), ("right", "left"), (None, None)), (w, x0, a, b)
+
+
+def test_an_object_annotated_white_or_silver_gets_no_attribute_edit(tmp_path):
+    """Warm light lifts a white rocket's measured saturation over the floor; the annotated color
+    decides: no hue to change, so no recolored variant whose color answer the pixels deny."""
+    import json
+
+    from tests.conftest import save, square_line, square_scene
+
+    save(square_scene(color=(235, 200, 160)), tmp_path / "warm.png")  # saturation ~0.32, 'orange'
+    lines = [square_line("warm.png", objects=[{"category": "box", "box": [50, 30, 100, 80],
+                                               "attributes": {"color": c}}],
+                         question="What color is the box?", answer=c) for c in ("white", "orange")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    cfg.stage("edit").params["variants"] = ["remove", "attribute"]
+    white, orange = [s for b in local_batches(cfg, load_records(cfg), stop_after="edit") for s in decode_batch(b)]
+    assert white.ok and "attribute" not in white.meta["variants"]
+    assert [r["reason"] for r in white.meta["variant_rejects"] if r["variant"] == "attribute"] == ["achromatic_evidence"]
+    assert "attribute" in orange.meta["variants"]
+    assert orange.meta["edits"]["attribute"]["new_value"] not in ("orange", orange.meta["edits"]["attribute"]["color_before"])

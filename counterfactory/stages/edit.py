@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import scenes
 from counterfactory.pipeline.sample import Sample, Stage
-from counterfactory.rules import EDIT_COLORS, HUES, color_name, side_of
+from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.stages import register
 
 EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
@@ -263,8 +263,12 @@ class ClassicalEdit(Stage):
         if len(colors) != 1 or "" in colors:
             # no color question can be asked, so a recolored twin would teach nothing
             raise Skip("not_applicable", "the evidence has no single annotated color")
+        (annotated,) = colors
+        if annotated in ACHROMATIC:  # warm light can lift its measured saturation over the floor
+            raise Skip("achromatic_evidence", f"annotated {annotated}: no hue to change")
         before = color_name(cv2.mean(img, mask=core)[:3])
-        choices = [c for c in EDIT_COLORS if c != before]
+        # neither the measured nor the annotated color: either would leave the answer unchanged
+        choices = [c for c in EDIT_COLORS if c not in (before, annotated)]
         target = choices[int(rng.integers(len(choices)))]
         out = recolor(img, core, target, self.params.attribute_min_saturation)
         return out, core.copy(), {"method": "hue-set", "region": "evidence", "affects": sample.meta["targets"],
