@@ -293,8 +293,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.export:
         out = Path(args.export)
         n = E.export_questions(ds, out)
+        root = f" --root {args.root}" if args.root else ""
         print(f"{n} questions to ask written to {out}; answer each row with an 'answer' field and run "
-              f"counterfactory eval {args.dataset} --predictions FILE")
+              f"counterfactory eval {args.dataset}{root} --predictions FILE")
         return 0
     if not args.predictions:
         print("error: give --predictions FILE.jsonl (or --export FILE.jsonl)", file=sys.stderr)
@@ -302,7 +303,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.predictions).is_file():
         print(f"error: predictions file not found: {args.predictions}", file=sys.stderr)
         return 2
-    rep = E.evaluate(ds, Path(args.predictions), abstain=args.abstain)
+    abstain = args.abstain
+    if abstain is None:  # the answer this dataset abstains with, as its config says
+        cfg = yaml.safe_load((ds / "config.yaml").read_text()) if (ds / "config.yaml").exists() else {}
+        abstain = (cfg or {}).get("abstain_answer", "unknown")
+    try:
+        rep = E.evaluate(ds, Path(args.predictions), abstain=abstain)
+    except E.PredictionsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.report) if args.report else Path(args.predictions).with_suffix(".report.json")
     out.write_text(json.dumps(rep, indent=2))
     print(E.report_table(rep))
@@ -449,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", default=None, help="JSONL: key, variant, qid, answer")
     e.add_argument("--export", default=None, metavar="FILE.jsonl", help="write the questions to ask")
     e.add_argument("--report", default=None, help="report path (default: PREDICTIONS.report.json)")
-    e.add_argument("--abstain", default="unknown", help="the dataset's abstention answer")
+    e.add_argument("--abstain", default=None, help="the abstention answer (default: the dataset's abstain_answer)")
     e.set_defaults(func=cmd_eval)
 
     def address(sp: argparse.ArgumentParser, required: bool = True) -> None:

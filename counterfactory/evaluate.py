@@ -98,6 +98,49 @@ def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
+class PredictionsError(ValueError):
+    """A predictions file nothing can be scored from (one-line message)."""
+
+
+def read_predictions(path: Path, truth: dict[tuple[str, str, int], str]
+                     ) -> tuple[dict[tuple[str, str, int], str], list[str]]:
+    """``{(key, variant, qid): answer}`` and one problem line per line that could not be used
+    (not UTF-8, not JSON, a field missing or of the wrong type, no such question, a repeat)."""
+    pred: dict[tuple[str, str, int], str] = {}
+    problems: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                key, variant, qid, answer = row["key"], row["variant"], row["qid"], row["answer"]
+            except UnicodeDecodeError:
+                problems.append(f"line {lineno}: not UTF-8")
+                continue
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append(f"line {lineno}: {type(exc).__name__}: {exc}")
+                continue
+            if not (isinstance(key, str) and isinstance(variant, str) and isinstance(answer, str | int | float)
+                    and isinstance(qid, int) and not isinstance(qid, bool) and not isinstance(answer, bool)):
+                problems.append(f"line {lineno}: key and variant must be strings, qid an integer, "
+                                "answer a string or number")
+                continue
+            k = (key, variant, qid)
+            if k not in truth:
+                problems.append(f"line {lineno}: no such question {k}")
+            elif k in pred:
+                problems.append(f"line {lineno}: a second answer to {k} (the first is kept)")
+            else:
+                pred[k] = str(answer)
+    if not pred:
+        first = f"; first problem: {problems[0]}" if problems else ""
+        raise PredictionsError(f"{path}: no usable prediction ({len(problems)} problem line(s){first}); "
+                               "each line is {\"key\", \"variant\", \"qid\", \"answer\"} as --export writes them")
+    return pred, problems
+
+
 def evaluate(ds: Path, predictions: Path, abstain: str = "unknown") -> dict[str, Any]:
     truth: dict[tuple[str, str, int], str] = {}
     kinds: dict[tuple[str, int], str] = {}
@@ -106,21 +149,7 @@ def evaluate(ds: Path, predictions: Path, abstain: str = "unknown") -> dict[str,
             kinds[(r["key"], qid)] = r["question_kinds"][qid]
             for v, a in per_variant.items():
                 truth[(r["key"], v, qid)] = a
-    pred: dict[tuple[str, str, int], str] = {}
-    problems: list[str] = []
-    with open(predictions, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                k = (str(row["key"]), str(row["variant"]), int(row["qid"]))
-                pred[k] = str(row["answer"])
-            except (ValueError, KeyError, TypeError) as exc:
-                problems.append(f"line {lineno}: {type(exc).__name__}: {exc}")
-                continue
-            if k not in truth:
-                problems.append(f"line {lineno}: no such question {k}")
+    pred, problems = read_predictions(predictions, truth)
 
     def right(k: tuple[str, str, int]) -> bool:
         t = truth[k]
@@ -170,6 +199,7 @@ def evaluate(ds: Path, predictions: Path, abstain: str = "unknown") -> dict[str,
         "predictions": str(predictions),
         "questions": len(truth),
         "answered": sum(1 for k in truth if k in pred),
+        "problem_count": len(problems),
         "problems": problems[:50],
         "accuracy": {v: _ratio(*c) for v, c in sorted(per_variant.items())},
         "accuracy_by_kind": {k: _ratio(*c) for k, c in sorted(per_kind.items())},
@@ -187,7 +217,7 @@ def report_table(rep: dict[str, Any]) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     lines = [f"answered {rep['answered']}/{rep['questions']} questions"
-             + (f", {len(rep['problems'])} problem line(s)" if rep["problems"] else "")]
+             + (f", {rep.get('problem_count', len(rep['problems']))} problem line(s)" if rep["problems"] else "")]
     lines.append("variant        accuracy  pair-consistency")
     for v, acc in rep["accuracy"].items():
         lines.append(f"{v:<14} {f(acc):>8}  {f(rep['pair_consistency'].get(v)):>16}")

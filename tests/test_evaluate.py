@@ -133,3 +133,45 @@ def test_cli_export_then_eval(dataset, tmp_path, capsys):
     rep = json.loads((tmp_path / "pred.report.json").read_text())
     assert rep["answered"] == len(rows)
     assert main(["eval", str(dataset), "--predictions", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_bad_prediction_lines_are_counted_and_a_useless_file_is_one_line(dataset, tmp_path, capsys):
+    """Not UTF-8, JSON null or a float qid, repeats and unknown questions are problem lines (all
+    counted, 50 listed); a file with no usable line is an error, not an empty report."""
+    from counterfactory.cli import main
+
+    rows = _export(dataset, tmp_path)
+    good = [dict(r, answer="yes") for r in rows]
+    junk = [b"\xff\xfe not utf-8\n", json.dumps(dict(rows[0], answer=None)).encode() + b"\n",
+            json.dumps(dict(rows[0], qid=0.5, answer="yes")).encode() + b"\n",
+            json.dumps(good[0]).encode() + b"\n"]  # a repeat of the first
+    junk += [json.dumps(dict(rows[0], key=f"nokey{i}", answer="no")).encode() + b"\n" for i in range(60)]
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(b"".join(json.dumps(g).encode() + b"\n" for g in good) + b"".join(junk))
+    rep = evaluate(dataset, p)
+    assert rep["answered"] == len(rows) and rep["problem_count"] == 64 and len(rep["problems"]) == 50
+    assert "not UTF-8" in rep["problems"][0] and "qid an integer" in rep["problems"][1]
+    assert "the first is kept" in rep["problems"][3]
+    assert "64 problem line(s)" in report_table(rep)
+    csv = tmp_path / "preds.csv"
+    csv.write_text("key,variant,qid,answer\nabc,orig,0,yes\n")
+    assert main(["eval", str(dataset), "--predictions", str(csv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {csv}: no usable prediction (2 problem line(s)") and "\n" not in err
+
+
+def test_eval_abstains_with_the_dataset_own_answer(tmp_path, capsys):
+    """A dataset made with abstain_answer 'n/a' is scored with 'n/a' unless --abstain says otherwise."""
+    from counterfactory.cli import main
+
+    cfg = make_config(tmp_path, [scenes_input(3, seed=4, questions=1)], abstain_answer="n/a")
+    cfg.stage("edit").params["variants"] = ["remove", "blackout"]
+    ds = run_pipeline(cfg, local=True).out_dir
+    truth = _truth(ds)
+    assert "n/a" in truth.values()
+    preds = _write(tmp_path / "p.jsonl", [{"key": k, "variant": v, "qid": q, "answer": a}
+                                          for (k, v, q), a in truth.items()])
+    assert main(["eval", str(ds), "--predictions", str(preds)]) == 0
+    rep = json.loads((tmp_path / "p.report.json").read_text())
+    assert rep["defacto"]["abstention_rate_on_counterfactuals"] == 1.0
+    assert all(a == 1.0 for a in rep["accuracy"].values())
