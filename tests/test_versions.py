@@ -80,6 +80,20 @@ def test_regenerate_gives_the_same_content_id(ds, capsys):
     assert "identical" in out and first.content_id[:12] in out
 
 
+def test_regenerate_does_not_call_a_damaged_copy_identical(ds, tmp_path, capsys):
+    """The spec still regenerates the recorded content id, but the stored shard no longer holds
+    it: regenerate says the copy is damaged and exits 1."""
+    root, first, _ = ds
+    copy = _copy_dataset(root / "demo", tmp_path)
+    shard = copy / "demo" / "v1" / first.manifest["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert main(["regenerate", "demo@v1", "--root", str(copy), "--local"]) == 1
+    out = capsys.readouterr().out
+    assert "the stored copy is damaged" in out and shard.name in out and "identical:" not in out
+
+
 def test_regenerate_reports_differing_shards_and_samples(ds, tmp_path):
     root, first, _ = ds
     copy = tmp_path / "copy" / "demo"
