@@ -205,9 +205,8 @@ def make_plan(cfg: PipelineConfig, nodes: list[Node]) -> Plan:
     for step in plan_steps(cfg):
         r = step.resources
         need = {"cpus": float(r.num_cpus), "gpus": float(r.num_gpus or 0), "memory": float(r.memory or 0)}
-        c = r.concurrency or 1
-        lo, hi = (c, c) if isinstance(c, int) else c  # an autoscaling pool: [min, max]
-        n = (c if isinstance(c, int) else f"{lo}-{hi}") if step.actors else None
+        lo, hi = r.pool  # an autoscaling pool: [min, max]
+        n = (lo if lo == hi else f"{lo}-{hi}") if step.actors else None
         fits_on = [nd for nd in nodes if nd.cpus >= need["cpus"] and nd.gpus >= need["gpus"]
                    and (not need["memory"] or nd.memory >= need["memory"])]
         plan.steps.append({"step": step.names, "runs_as": "actors" if step.actors else "tasks",

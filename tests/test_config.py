@@ -151,3 +151,17 @@ def test_a_job_server_that_never_answers_times_out_in_one_line(monkeypatch, caps
     assert main(["plan", str(DEMO), "--address", f"http://127.0.0.1:{closed}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --address http://127.0.0.1:{closed}: cannot list") and "\n" not in err
+
+
+def test_a_run_with_an_autoscaling_pool_reports_its_stages(tmp_path):
+    """The run report counts a [min, max] pool at its largest (it multiplied by the pair)."""
+    import json as _json
+
+    from counterfactory.pipeline.runner import run_pipeline
+    from tests.conftest import make_config, scenes_input
+
+    cfg = make_config(tmp_path, [scenes_input(2)])
+    cfg.stage("segment").resources.concurrency = (1, 2)
+    res = run_pipeline(cfg, local=True, progress=False)
+    rows = _json.loads((res.out_dir / "summary.json").read_text())["stages"]
+    assert "waiting_seconds" in next(r for r in rows if r["stage"] == "segment")

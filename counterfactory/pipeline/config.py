@@ -41,6 +41,12 @@ def resolve_path(path: str, base: Path | None) -> Path:
     return p
 
 
+def _pool(concurrency: int | tuple[int, int] | None) -> tuple[int, int]:
+    if concurrency is None:
+        return 1, 1
+    return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)  # type: ignore[return-value]
+
+
 class Resources(Strict):
     """Where and how wide a stage runs; turned into Ray Data ``map_batches`` arguments."""
 
@@ -52,10 +58,15 @@ class Resources(Strict):
     concurrency: int | tuple[int, int] | None = None
     batch_size: int = Field(8, ge=1)
 
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(min, max) actors: a fixed pool has both the same; no concurrency is one."""
+        return _pool(self.concurrency)
+
     @field_validator("concurrency")
     @classmethod
     def _workers(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
-        lo, hi = (v, v) if isinstance(v, int) else v if v is not None else (1, 1)
+        lo, hi = _pool(v)
         if lo < 1 or hi < lo:
             raise ValueError("must be a number of workers >= 1, or [min, max] with 1 <= min <= max")
         return v

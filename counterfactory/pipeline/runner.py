@@ -341,10 +341,11 @@ def stage_report(cfg: PipelineConfig, writer: DatasetWriter, stream: _Stream,
             "rows_per_busy_second": round(rows / busy, 2) if busy > 0 else None,
         }
         r = sc.resources
+        actors = r.pool[1]  # an autoscaling pool counted at its largest
         if r.concurrency and busy_wall > 0:  # an actor pool: the time its actors sat waiting
-            row["waiting_seconds"] = round(max(0.0, r.concurrency * busy_wall - busy), 3)
+            row["waiting_seconds"] = round(max(0.0, actors * busy_wall - busy), 3)
         if r.num_gpus:
-            gpus = r.num_gpus * (r.concurrency or 1)
+            gpus = r.num_gpus * actors
             row["gpus"] = gpus
             row["gpu_busy_share"] = round(min(1.0, busy / (busy_wall * gpus)), 3) if busy_wall > 0 else None
         table.append(row)
