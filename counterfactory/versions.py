@@ -106,6 +106,9 @@ def model_refs(stages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+PROCEDURAL_SCHEMES = ("procedural://", "procedural-video://")
+
+
 def _object_stamp(uri: str) -> str:
     """An object-store or web source is named by its size and modification time (reading every
     object on the driver to hash it would cost the whole input set's transfer before the run);
@@ -163,9 +166,9 @@ class SourceHasher:
 
     def hash_all(self, refs: Iterable[str]) -> dict[str, str]:
         refs = sorted(set(refs))
-        # a procedural URI is its own content: hashed here, not handed to a thread (10,000
-        # scenes cost the driver 0.6 s of pool overhead before the stream could start)
-        out = {r: "uri:" + sha256_bytes(r.encode()) for r in refs if r.startswith("procedural://")}
+        # a procedural scene or clip is its own content: hashed here, not handed to a thread
+        # (10,000 scenes cost the driver 0.6 s of pool overhead before the stream could start)
+        out = {r: "uri:" + sha256_bytes(r.encode()) for r in refs if r.startswith(PROCEDURAL_SCHEMES)}
         files = [r for r in refs if r not in out]
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
             out.update(pool.map(self._one, files))

@@ -411,3 +411,11 @@ def test_a_run_where_every_input_is_rejected_publishes_nothing(tmp_path: Path):
     ds = tmp_path / "out" / cfg.dataset
     assert not list(ds.glob("v*")) and not (ds / "latest").exists()
     assert not [p for p in ds.rglob("*") if p.name.startswith(".staging")]
+
+
+def test_procedural_scenes_and_clips_are_their_own_content_in_the_spec():
+    """Neither kind of procedural URI is taken for an object-store address."""
+    from counterfactory.versions import SourceHasher
+
+    refs = ["procedural://1/2?size=64x64", "procedural-video://0/1?size=64x64&frames=8&fps=8"]
+    assert all(v.startswith("uri:") for v in SourceHasher(None).hash_all(refs).values())
