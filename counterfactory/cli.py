@@ -308,8 +308,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     abstain = args.abstain
     if abstain is None:  # the answer this dataset abstains with, as its config says
-        cfg = yaml.safe_load((ds / "config.yaml").read_text()) if (ds / "config.yaml").exists() else {}
-        abstain = (cfg or {}).get("abstain_answer", "unknown")
+        from counterfactory.versions import version_config
+
+        abstain = version_config(ds).get("abstain_answer", "unknown") if (ds / "config.yaml").exists() else "unknown"
     try:
         rep = E.evaluate(ds, Path(args.predictions), abstain=abstain)
     except E.PredictionsError as exc:

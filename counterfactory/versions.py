@@ -742,7 +742,7 @@ def config_changes(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]
     return changes
 
 
-def _load_cfg(vdir: Path) -> dict[str, Any]:
+def version_config(vdir: Path) -> dict[str, Any]:
     return yaml.safe_load((vdir / "config.yaml").read_text()) or {}
 
 
@@ -782,7 +782,7 @@ def diff(a: Version, b: Version, *, samples: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "a": f"{a.dataset}@{a.label}", "b": f"{b.dataset}@{b.label}",
         "content_identical": a.content_id() == b.content_id(),
-        "config": config_changes(_load_cfg(a.path), _load_cfg(b.path)),
+        "config": config_changes(version_config(a.path), version_config(b.path)),
         "spec": spec_changes(a.info, b.info),
         "counts": counts,
         "rejects": rejects,
@@ -845,7 +845,7 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     from counterfactory.pipeline.runner import run_pipeline
 
     info = version.info
-    data = _load_cfg(version.path)
+    data = version_config(version.path)
     data.setdefault("output", {})["root"] = str(scratch)
     base = info.get("base_dir")
     cfg = validate_config(data, source=str(version.path / "config.yaml"),
