@@ -95,6 +95,11 @@ def _rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int, 
     ]
 
 
+def _slices_from(plan: InputPlan, start: int) -> list[dict[str, Any]]:
+    """The slices holding inputs at or after ``start`` (a resumed run skips whole slices)."""
+    return [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
+
+
 def _read_blocks(slices: list[dict[str, Any]], start: int, seed: int, chash: str) -> Iterator[Any]:
     """A Ray read task: input slices read on a worker, one Arrow table of pipeline rows each,
     yielded one at a time (Ray may join a task's tables into one block; the fused first step
@@ -126,7 +131,7 @@ def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str, cpus: 
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    slices = [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
+    slices = _slices_from(plan, start)
     per_task = max(1, min(SLICES_PER_TASK_MAX, len(slices) // max(1, int(TASKS_PER_CPU_MIN * cpus))))
     groups = [slices[i:i + per_task] for i in range(0, len(slices), per_task)]
 
@@ -188,7 +193,7 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
     chain = StageChain(specs, run, encoder)
     chash = cfg.config_hash()
     if isinstance(inputs, InputPlan):
-        rows: Iterator[dict[str, Any]] = (row for sl in inputs.slices if sl["idx0"] + sl["n"] > start
+        rows: Iterator[dict[str, Any]] = (row for sl in _slices_from(inputs, start)
                                           for row in _rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
     else:
         rows = iter(_rows(inputs, 0, start, cfg.seed, chash))
