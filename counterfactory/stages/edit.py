@@ -1,11 +1,16 @@
 """edit: the counterfactual variants of one source.
 
 Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RULES``):
-- ``remove``: the dilated evidence is inpainted away (Telea or Navier-Stokes);
+- ``remove``: the dilated evidence is filled with copied background (``fill.patch_fill``: best
+  ring-matching offset per piece, seam corrected; no smooth smear that a person or a
+  flat-texture detector finds), or inpainted (Telea or Navier-Stokes) when configured;
 - ``blackout``: the evidence is covered with a flat fill (DeFacto's counterfactual);
-- ``random_mask``: the same fill over a region of equal area that does not touch the evidence
-  (DeFacto's control: the answer must not change);
-- ``attribute``: the evidence's hue rotated to another named color (color answers change);
+- ``random_mask``: the same fill over an equal-area rectangle or ellipse (a fixed neutral
+  family, never the evidence's silhouette, which would paste a new black triangle or star) clear
+  of every annotated object (DeFacto's control: the answer must not change);
+- ``attribute``: the evidence's dominant colored region (hue cluster, largest connected part,
+  inside the core mask only) set to another named color that still reads as that name after
+  the edit (color answers change; ``color_before`` is the original's annotated answer);
 - ``flip``: the image mirrored (CounterCurate: left and right swap);
 - ``count``: k of n evidence instances removed, the rest kept (count answers become n - k);
 - ``swap``: the evidence and another annotated object on the other side trade places (each
@@ -36,6 +41,7 @@ from counterfactory import scenes
 from counterfactory.pipeline.sample import Sample, Stage
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.stages import register
+from counterfactory.stages.fill import patch_fill
 
 EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
 _CLONE_MARGIN = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
@@ -122,47 +128,111 @@ def _paste(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
     dst[sel] = src[sel]
 
 
-def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap: int) -> np.ndarray | None:
-    """A mask of the evidence's area that stays ``gap`` pixels clear of it: the evidence's own
-    shape moved elsewhere, else an equal-area rectangle; None when nothing fits."""
+def annotated_mask(sample: Sample) -> np.ndarray:
+    """uint8 0/255 mask of every object the sample knows about: each annotated object (its
+    polygons, else its box) and each evidence instance. The fill never copies from them, the
+    control never covers them."""
+    h, w = sample.arrays["mask"].shape
+    out = np.zeros((h, w), np.uint8)
+    for o in [*sample.meta.get("annotated", []), *sample.meta.get("instances", [])]:
+        if o.get("polygons"):
+            for poly in o["polygons"]:
+                out[scenes.polygon_mask(poly, w, h)] = 255
+        elif o.get("box"):
+            x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
+            out[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 255
+    if "mask_core" in sample.arrays:
+        out |= (sample.arrays["mask_core"] > 0).astype(np.uint8) * 255
+    return out
+
+
+CONTROL_SHAPES = ("rectangle", "ellipse")
+
+
+def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap: int,
+                 avoid: np.ndarray | None = None) -> np.ndarray | None:
+    """DeFacto's control region: a shape of the evidence's area from a fixed neutral family
+    (rectangle or ellipse, aspect 1:2 to 2:1), never the evidence's own silhouette (a black star
+    pasted elsewhere is a new star), placed ``gap`` pixels clear of the evidence and of every
+    pixel of ``avoid`` (all annotated objects). ``tries`` (shape, aspect) draws; for each, every
+    position that fits is found at once (an integral image over the shape's box) and one is
+    drawn, so a spot is missed only when none exists. None when nothing fits."""
     h, w = evidence.shape
-    keepout = cv2.dilate(evidence, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)) > 0
-    y0, y1, x0, x1 = _bbox(evidence)
-    shape = evidence[y0:y1, x0:x1] > 0
-    area = int(shape.sum())
-    candidates = [shape]
-    for aspect in rng.uniform(0.5, 2.0, size=3):
-        rw = int(round(np.sqrt(area * aspect)))
-        rh = int(round(area / max(rw, 1)))
-        if 0 < rw <= w and 0 < rh <= h:
-            candidates.append(np.ones((rh, rw), bool))
-    for cand in candidates:
-        sh, sw = cand.shape
-        if sh > h or sw > w:
+    blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
+    keepout = cv2.dilate(blocked.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
+    integ = cv2.integral(keepout)
+    area = cv2.countNonZero(evidence)
+    if not area:
+        return None
+    for _ in range(min(tries, 8)):
+        kind = CONTROL_SHAPES[int(rng.integers(len(CONTROL_SHAPES)))]
+        aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        # an ellipse inscribed in a box of area A*4/pi has area A
+        box_area = area * (4 / np.pi if kind == "ellipse" else 1.0)
+        bw = int(round(np.sqrt(box_area * aspect)))
+        bh = int(round(box_area / max(bw, 1)))
+        if not (0 < bw <= w and 0 < bh <= h):
             continue
-        for _ in range(tries):
-            y = int(rng.integers(0, h - sh + 1))
-            x = int(rng.integers(0, w - sw + 1))
-            if not (keepout[y : y + sh, x : x + sw] & cand).any():
-                out = np.zeros((h, w), np.uint8)
-                out[y : y + sh, x : x + sw][cand] = 255
-                return out
+        free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
+        ys, xs = np.nonzero(free)
+        if not len(ys):
+            continue
+        i = int(rng.integers(len(ys)))
+        y, x = int(ys[i]), int(xs[i])
+        out = np.zeros((h, w), np.uint8)
+        if kind == "rectangle":
+            out[y : y + bh, x : x + bw] = 255
+        else:
+            cv2.ellipse(out, ((x + (bw - 1) / 2, y + (bh - 1) / 2), (bw, bh), 0.0), 255, -1)
+        return out
     return None
 
 
-def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: float) -> np.ndarray:
-    """Set the hue inside ``region`` to the named ``target`` hue; saturation and value (texture,
-    shading) are kept, and near-gray pixels (highlights, outlines) are left alone."""
+def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,
+                    annotated: str | None = None) -> np.ndarray:
+    """The object's dominant colored region inside ``core``: saturated pixels whose hue lies
+    within 25 degrees of the annotated color's hue (else of the strongest hue bin), their
+    largest connected part. The coffee in a red cup, a white rim or the table seen through a
+    loose polygon are not part of it."""
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for the full circle
+    sel = core > 0
+    sat_ok = sel & (hsv[..., 1] >= max(0.15, 0.6 * min_saturation) * 255) & (hsv[..., 2] >= 40)
+    if not sat_ok.any():
+        return np.zeros(core.shape, np.uint8)
+    hue = hsv[..., 0][sat_ok].astype(np.int64)
+    hist = np.bincount(hue // 8, minlength=32).astype(np.float64)
+    hist = hist + np.roll(hist, 1) + np.roll(hist, -1)  # circular smoothing
+    peak = (int(np.argmax(hist)) * 8 + 4) % 256
+    if annotated in HUES:  # the color the answer names: the part of the object that has it
+        peak = int(round(HUES[annotated] / 360 * 256)) % 256
+    dist = np.abs(((hsv[..., 0].astype(np.int64) - peak + 128) % 256) - 128)
+    near = (sat_ok & (dist <= 18)).astype(np.uint8)  # 18/256 of the circle: ~25 degrees
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
+    if n < 2:
+        return np.zeros(core.shape, np.uint8)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == biggest).astype(np.uint8) * 255
+
+
+def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: float) -> np.ndarray:
+    """Set the hue inside ``region`` to the named ``target`` hue. Saturation and value (texture,
+    shading) are kept, except that a target that needs light to read as itself (yellow turns
+    olive when dark) has its value lifted to the level the name needs."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
     sel = region > 0
     sat = hsv[..., 1][sel].astype(np.float64) / 255
-    if sat.mean() < min_saturation:
-        raise Skip("achromatic_evidence", f"mean saturation {sat.mean():.2f} < {min_saturation}")
-    colored = sel & (hsv[..., 1] >= 0.15 * 255)
+    if not sel.any() or sat.mean() < min_saturation:
+        raise Skip("achromatic_evidence", f"mean saturation {sat.mean() if sel.any() else 0:.2f} < {min_saturation}")
     recolored = hsv.copy()
-    recolored[..., 0][colored] = int(round(HUES[target] / 360 * 256)) % 256
+    recolored[..., 0][sel] = int(round(HUES[target] / 360 * 256)) % 256
+    if target in ("yellow", "cyan"):
+        v = recolored[..., 2].astype(np.float32)
+        mean_v = float(v[sel].mean())
+        if mean_v < 200:
+            v[sel] = np.minimum(255, v[sel] * (200 / max(mean_v, 1.0)))
+            recolored[..., 2] = np.rint(v).astype(np.uint8)
     out = img.copy()
-    out[colored] = cv2.cvtColor(recolored, cv2.COLOR_HSV2RGB_FULL)[colored]
+    out[sel] = cv2.cvtColor(recolored, cv2.COLOR_HSV2RGB_FULL)[sel]
     return out
 
 
@@ -174,7 +244,8 @@ class ClassicalEdit(Stage):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         variants: list[EditType] = Field(["remove", "blackout", "random_mask"], min_length=1)
-        inpaint_method: Literal["telea", "ns"] = "telea"
+        inpaint_method: Literal["patch", "telea", "ns"] = Field(
+            "patch", description="patch: copied background (no texture-flat footprint); telea/ns: OpenCV diffusion")
         inpaint_radius: int = Field(5, ge=1, le=50)
         work_max_side: int = Field(384, ge=32, description="a hole's coarse pass works at most this wide")
         work_max_area: int = Field(8192, ge=64, description="a hole of more pixels gets its interior filled at a "
@@ -191,12 +262,18 @@ class ClassicalEdit(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
-        self._fills: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=_FILL_CACHE_ENTRIES)
+        self._fills: deque[tuple[np.ndarray, ...]] = deque(maxlen=_FILL_CACHE_ENTRIES)
 
-    def _inpaint(self, img: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    def _inpaint(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None) -> np.ndarray:
         p = self.params
+        if p.inpaint_method == "patch":
+            return patch_fill(img, hole, forbid, radius=p.inpaint_radius)
         return inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side, p.work_max_area,
                        p.inpaint_band_px)
+
+    @property
+    def _method(self) -> str:
+        return "patch-transfer" if self.params.inpaint_method == "patch" else f"opencv-{self.params.inpaint_method}"
 
     def _evidence_filled(self, sample: Sample) -> np.ndarray:
         """The image with the whole evidence mask inpainted: remove's output, and the fill that
@@ -206,12 +283,15 @@ class ClassicalEdit(Stage):
         arrays, and inpainting is a pure function, so a hit gives the bytes a recomputation
         would. Read-only; the last few are kept (newest looked at first)."""
         img, mask = sample.arrays["image"], sample.arrays["mask"]
-        for im, m, filled in reversed(self._fills):
-            if im.shape == img.shape and np.array_equal(m, mask) and np.array_equal(im, img):
+        # the annotations are part of the key: the patch fill never copies another object
+        forbid = annotated_mask(sample)
+        for im, m, fb, filled in reversed(self._fills):
+            if (im.shape == img.shape and np.array_equal(m, mask) and np.array_equal(fb, forbid)
+                    and np.array_equal(im, img)):
                 return filled
-        filled = self._inpaint(img, mask)
+        filled = self._inpaint(img, mask, forbid)
         filled.flags.writeable = False
-        self._fills.append((img.copy(), mask.copy(), filled))
+        self._fills.append((img.copy(), mask.copy(), forbid, filled))
         while len(self._fills) > 1 and sum(a.nbytes for e in self._fills for a in e) > _FILL_CACHE_BYTES:
             self._fills.popleft()
         return filled
@@ -234,9 +314,8 @@ class ClassicalEdit(Stage):
 
     # each edit: (edited image, its region mask or None for the evidence mask / global, record)
     def _remove(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
-        p = self.params
         out = self._evidence_filled(sample).copy()
-        return out, None, {"method": f"opencv-{p.inpaint_method}", "region": "evidence", "inpainted": True,
+        return out, None, {"method": self._method, "region": "evidence", "inpainted": True,
                            "affects": sample.meta["targets"], "removed_instances": len(sample.meta["instances"])}
 
     def _blackout(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
@@ -247,12 +326,13 @@ class ClassicalEdit(Stage):
 
     def _random_mask(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         mask = sample.arrays["mask"]
-        ctrl = control_mask(mask, rng, self.params.control_tries, self.params.control_gap)
+        ctrl = control_mask(mask, rng, self.params.control_tries, self.params.control_gap, annotated_mask(sample))
         if ctrl is None:
-            raise Skip("no_room_for_control", f"no region of area {cv2.countNonZero(mask)} clear of the evidence")
+            raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
+                       "clear of every annotated object")
         out = sample.arrays["image"].copy()
         out[ctrl > 0] = np.array(self.params.fill, np.uint8)
-        return out, ctrl, {"method": "flat-fill", "region": "control", "affects": []}
+        return out, ctrl, {"method": "flat-fill", "region": "control", "shape": "neutral", "affects": []}
 
     def _attribute(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         img, core = sample.arrays["image"], sample.arrays["mask_core"]
@@ -266,13 +346,22 @@ class ClassicalEdit(Stage):
         (annotated,) = colors
         if annotated in ACHROMATIC:  # warm light can lift its measured saturation over the floor
             raise Skip("achromatic_evidence", f"annotated {annotated}: no hue to change")
-        before = color_name(cv2.mean(img, mask=core)[:3])
-        # neither the measured nor the annotated color: either would leave the answer unchanged
-        choices = [c for c in EDIT_COLORS if c not in (before, annotated)]
-        target = choices[int(rng.integers(len(choices)))]
-        out = recolor(img, core, target, self.params.attribute_min_saturation)
-        return out, core.copy(), {"method": "hue-set", "region": "evidence", "affects": sample.meta["targets"],
-                                  "new_value": target, "color_before": before}
+        p = self.params
+        region = dominant_region(img, core, p.attribute_min_saturation, annotated)
+        if cv2.countNonZero(region) < 0.2 * cv2.countNonZero(core):
+            raise Skip("achromatic_evidence", "no colored region covers a fifth of the object")
+        measured = color_name(cv2.mean(img, mask=region)[:3])
+        # neither the measured nor the annotated color: either would leave the answer unchanged;
+        # a target that does not read as its own name after the edit is not used
+        choices = [c for c in EDIT_COLORS if c not in (measured, annotated)]
+        for i in rng.permutation(len(choices)):
+            target = choices[int(i)]
+            out = recolor(img, region, target, p.attribute_min_saturation)
+            if color_name(cv2.mean(out, mask=region)[:3]) == target:
+                # color_before is the original's answer (the annotation), not the measured name
+                return out, region, {"method": "hue-set", "region": "evidence", "affects": sample.meta["targets"],
+                                     "new_value": target, "color_before": annotated}
+        raise Skip("attribute_unreadable", f"no edit color reads as itself on this {measured} region")
 
     def _flip(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         out = np.ascontiguousarray(sample.arrays["image"][:, ::-1])
@@ -298,13 +387,12 @@ class ClassicalEdit(Stage):
         # instances), so remove's fill serves here too; it was made with every instance as a
         # hole, so no kept instance's color bleeds into the fill.
         if cv2.countNonZero(cv2.bitwise_and(region, cv2.bitwise_not(mask))):
-            filled = self._inpaint(img, region)
+            filled = self._inpaint(img, region, annotated_mask(sample))
         else:
             filled = self._evidence_filled(sample)
         out = img.copy()
         _paste(out, filled, region)
-        p = self.params
-        return out, region, {"method": f"opencv-{p.inpaint_method}", "region": "instances", "inpainted": True,
+        return out, region, {"method": self._method, "region": "instances", "inpainted": True,
                              "affects": sample.meta["targets"], "removed_instances": k,
                              "remaining_instances": n - k, "removed_indices": [int(i) for i in chosen]}
 
@@ -381,15 +469,14 @@ class ClassicalEdit(Stage):
             # and inpaint only the part of b's hole outside it
             rest = cv2.bitwise_and(hole_b, cv2.bitwise_not(mask))
             filled = self._evidence_filled(sample)
-            out = self._inpaint(filled, rest) if cv2.countNonZero(rest) else filled.copy()
+            out = self._inpaint(filled, rest, annotated_mask(sample)) if cv2.countNonZero(rest) else filled.copy()
         else:
-            out = self._inpaint(img, hole)
-        p = self.params
+            out = self._inpaint(img, hole, annotated_mask(sample))
         out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
         out[b_to] = _shift(img, -dx, -dy)[b_to]
         region = hole.copy()
         region[a_to | b_to] = 255
-        return out, region, {"method": f"cut-paste+opencv-{p.inpaint_method}", "region": "swap",
+        return out, region, {"method": f"cut-paste+{self._method}", "region": "swap",
                              "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
                              "translation": [dx, dy]}
 

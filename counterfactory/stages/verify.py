@@ -1,12 +1,21 @@
 """verify: measure every variant against the original and reject the ones that fail.
 
 Metrics (kept in the sample's JSON whether they pass or not):
-- ``mask_area_frac``: the evidence mask's share of the image, within bounds;
+- ``mask_area_frac``: the evidence mask's share of the image: under ``min_area_frac`` the input
+  is rejected; over ``max_area_frac`` only the variants that must invent what lies under the
+  evidence (``REMOVAL``: remove, swap) are, each with its reason; flip, attribute, blackout,
+  count and the control still make sense on a big object (a cat filling the photo);
 - ``outside_changed_frac``: share of pixels outside the edited region that differ (must be 0);
 - ``inside_mad``: mean absolute difference inside the edited region (it really changed);
 - ``contrast_ratio`` (remove): how far the filled region stands out from the ring around it,
   relative to how far the object stood out (the object no longer looks like it);
-- ``control_overlap_px`` (random_mask): control pixels on the evidence (must be 0).
+- ``control_overlap_px`` (random_mask): control pixels on the evidence (must be 0);
+- footprint (remove, count; ``counterfactory.footprint``, the same figures the validity
+  benchmark prints): ``texture_ratio`` (fill texture over ring texture; a smooth smear is
+  rejected as ``fill_texture_flat``), ``flat_patch`` (a flat-texture detector finds the
+  footprint: ``fill_flat_patch``), ``boundary_score`` (gradient across the old outline over
+  the ring's texture: ``outline_kept``). ``contrast_ratio`` applies to low-contrast objects
+  too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
 A sample left without any counterfactual variant is rejected whole.
 """
 
@@ -18,6 +27,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from counterfactory import footprint
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.stages import register
@@ -25,6 +35,10 @@ from counterfactory.stages import register
 # every edit type except the control counts as a counterfactual
 CONTROLS = ("random_mask",)
 COUNTERFACTUALS = tuple(k for k in ANSWER_RULES if k not in ("orig", *CONTROLS))
+# variants that must invent what lies under the whole evidence: not on a too-big evidence mask
+REMOVAL = ("remove", "swap")
+# variants whose region is only filled background: the footprint metrics apply
+FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
@@ -51,8 +65,15 @@ class PixelVerify(Stage):
         max_outside_changed_frac: float = Field(0.0, ge=0, le=1)
         min_inside_mad: float = Field(6.0, ge=0, description="mean |difference| inside the region, 0-255 scale")
         max_contrast_ratio: float = Field(0.8, ge=0, description="remove: filled-vs-ring contrast over object-vs-ring contrast")
-        min_object_contrast: float = Field(12.0, ge=0, description="apply max_contrast_ratio only above this object contrast")
+        min_object_contrast: float = Field(12.0, ge=0, description="object contrasts under this count as this "
+                                           "much (a faint object's fill may not stand out more than this)")
         ring_px: int = Field(6, ge=1)
+        min_texture_ratio: float = Field(0.5, ge=0, description="fill texture energy over its ring's, at least")
+        max_texture_ratio: float = Field(2.5, gt=0, description="and at most (a busy patch in a calm place)")
+        reject_flat_patch: bool = Field(True, description="reject a fill the flat-texture detector finds")
+        max_boundary_score: float = Field(2.0, gt=0, description="gradient across the old outline over the "
+                                          "ring's texture, at most")
+        footprint_ring_px: int = Field(8, ge=2)
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
@@ -74,9 +95,9 @@ class PixelVerify(Stage):
         area_frac = m["mask"]["area_frac"]
         metrics: dict[str, Any] = {"mask_area_frac": area_frac}
         m["metrics"] = metrics
-        if not (p.min_area_frac <= area_frac <= p.max_area_frac):
-            raise Reject("mask_area_out_of_bounds",
-                         f"mask_area_frac={area_frac} not in [{p.min_area_frac}, {p.max_area_frac}]")
+        if area_frac < p.min_area_frac:
+            raise Reject("mask_area_out_of_bounds", f"mask_area_frac={area_frac} < {p.min_area_frac}")
+        too_big = area_frac > p.max_area_frac
         ring = _ring(mask, p.ring_px)
         for v in list(m["variants"]):
             out = a[f"variant/{v}"]
@@ -94,12 +115,19 @@ class PixelVerify(Stage):
                     before = float(np.abs(_mean_color(img, region) - _mean_color(img, ring_v)).max())
                     after = float(np.abs(_mean_color(out, region) - _mean_color(out, ring_v)).max())
                     vm["object_contrast"] = round(before, 3)
+                    vm["fill_contrast"] = round(after, 3)
                     vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
                 if "new_value" in edit and "color_before" in edit:
                     vm["color_after"] = color_name(cv2.mean(out, mask=region)[:3])
                     vm["color_target"] = edit["new_value"]
+                if v in FILLED and edit.get("inpainted"):
+                    core = cv2.bitwise_and(a["mask_core"], region)
+                    vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
             metrics[v] = vm
             failure = self._failure(v, vm)
+            if failure is None and too_big and v in REMOVAL:
+                failure = ("mask_area_out_of_bounds",
+                           f"{v}: mask_area_frac={area_frac} > {p.max_area_frac} (nothing to copy the background from)")
             if failure:
                 sample.reject_variant(self.name, v, failure[0], failure[1])
         if not any(v in COUNTERFACTUALS for v in m["variants"]):
@@ -125,7 +153,18 @@ class PixelVerify(Stage):
             return "region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}"
         if vm.get("control_overlap_px", 0) > 0:
             return "control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}"
-        if (vm.get("object_contrast", 0) >= p.min_object_contrast
-                and vm["contrast_ratio"] > p.max_contrast_ratio):
-            return "object_still_visible", f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}"
+        if "object_contrast" in vm:
+            # a faint object's fill may stand out no more than the floor allows: the ratio alone
+            # let a fill 1.15x as visible as a low-contrast camera through
+            if vm["fill_contrast"] > p.max_contrast_ratio * max(vm["object_contrast"], p.min_object_contrast):
+                return "object_still_visible", (f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}"
+                                                f" (object_contrast={vm['object_contrast']})")
+        if "texture_ratio" in vm:
+            if not p.min_texture_ratio <= vm["texture_ratio"] <= p.max_texture_ratio:
+                return "fill_texture_flat" if vm["texture_ratio"] < p.min_texture_ratio else "fill_texture_busy", (
+                    f"texture_ratio={vm['texture_ratio']} not in [{p.min_texture_ratio}, {p.max_texture_ratio}]")
+            if p.reject_flat_patch and vm["flat_patch"]:
+                return "fill_flat_patch", f"flat_share={vm['flat_share']} (ring {vm['flat_share_ring']})"
+            if vm.get("boundary_score", 0) > p.max_boundary_score:
+                return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
         return None

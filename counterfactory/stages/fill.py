@@ -1,0 +1,174 @@
+"""patch_fill: removal that leaves no footprint on the CPU default (issue 16).
+
+Telea/Navier-Stokes diffuse the boundary colors inward: the fill is a smooth smear with ~0.2x
+the texture of its surroundings, which a person (and a flat-texture detector) sees at once.
+This fill copies real background instead, the way shift-map and exemplar methods do, but with
+one offset per piece of the hole so it stays cheap and deterministic:
+
+1. every connected piece of the hole is matched by its ring (the known pixels around it) against
+   the whole image: masked sum of squared differences (``cv2.matchTemplate`` with a mask), over
+   the offsets where the piece plus its ring lands on pixels that are neither the hole nor a
+   forbidden object (another annotated object; one that covers most of the ring is the surface
+   the object stands on, e.g. a saucer under a cup, and may be copied);
+2. the best offset's pixels are pasted into the piece, plus a smooth correction: the ring's
+   color mismatch spread inward by normalized Gaussian convolution, so there is no seam;
+3. a piece with no such offset (it is too big to fit elsewhere) is cut in two along its longer
+   side and each half filled the same way, the halves filled earlier becoming context for the
+   later ones; past ``max_depth`` cuts, Telea fills what is left.
+
+Pixels outside the hole are copied from the input bit for bit; single-threaded OpenCV and a
+first-index argmin make the same input give the same bytes.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_ORTHO = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+
+
+def _disk(px: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    x, y, w, h = cv2.boundingRect(mask)
+    return y, y + h, x, x + w
+
+
+def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None, *,
+               min_ring: int = 6, max_ring: int = 24, max_depth: int = 5,
+               surface_share: float = 0.5, radius: int = 5) -> np.ndarray:
+    """``img`` with ``hole`` (uint8, non-zero = fill) filled by copied background.
+
+    ``forbid``: pixels (other annotated objects) never copied into the hole, unless they cover
+    more than ``surface_share`` of a piece's ring (the surface it lies on: a saucer under
+    a cup; a cup that only borders a saucer's inner edge is not copied into the saucer's hole)."""
+    hole = (hole > 0).astype(np.uint8) * 255
+    out = img.copy()
+    if not cv2.countNonZero(hole):
+        return out
+    forbid = np.zeros_like(hole) if forbid is None else (forbid > 0).astype(np.uint8) * 255
+    imgf = img.astype(np.float32)
+    todo = hole.copy()  # still unfilled
+    n, labels = cv2.connectedComponents(hole, connectivity=8)
+    pieces = [((labels == i).astype(np.uint8) * 255, 0) for i in range(1, n)]
+    while pieces:
+        piece, depth = pieces.pop(0)
+        if _fill_piece(out, imgf, hole, todo, forbid, piece, min_ring, max_ring, surface_share):
+            todo[piece > 0] = 0
+            continue
+        y0, y1, x0, x1 = _bbox(piece)
+        if depth >= max_depth or (y1 - y0 < 8 and x1 - x0 < 8):
+            continue  # left to the Telea pass below
+        half = np.zeros_like(piece)
+        if y1 - y0 >= x1 - x0:
+            half[y0 : (y0 + y1) // 2] = 255
+        else:
+            half[:, x0 : (x0 + x1) // 2] = 255
+        a, b = cv2.bitwise_and(piece, half), cv2.bitwise_and(piece, cv2.bitwise_not(half))
+        # depth-first: the first half's fill becomes context for the second
+        pieces[:0] = [(p, depth + 1) for p in (a, b) if cv2.countNonZero(p)]
+    if cv2.countNonZero(todo):
+        y0, y1, x0, x1 = _bbox(todo)
+        pad = 4 * radius + 8
+        y0, x0 = max(0, y0 - pad), max(0, x0 - pad)
+        y1, x1 = min(hole.shape[0], y1 + pad), min(hole.shape[1], x1 + pad)
+        crop = np.ascontiguousarray(out[y0:y1, x0:x1])
+        cm = np.ascontiguousarray(todo[y0:y1, x0:x1])
+        filled = cv2.inpaint(crop, cm, radius, cv2.INPAINT_TELEA)
+        sel = cm > 0
+        out[y0:y1, x0:x1][sel] = filled[sel]
+    return out
+
+
+def _ssd(img: np.ndarray, tmpl: np.ndarray, rmask: np.ndarray) -> np.ndarray:
+    """Masked sum of squared differences of ``tmpl`` at every offset in ``img``."""
+    if tmpl.ndim == 3:
+        rmask = cv2.merge([rmask] * tmpl.shape[2])
+    return cv2.matchTemplate(img, tmpl, cv2.TM_SQDIFF, mask=rmask)
+
+
+def _best_offset(imgf: np.ndarray, ctx: np.ndarray, rmask: np.ndarray, ok: np.ndarray,
+                 top: int = 4) -> tuple[int, int]:
+    """The allowed offset whose ring matches best. The search runs on gray at half resolution
+    (matchTemplate is most of the cost), then the ``top`` best coarse offsets are refined in
+    color at full resolution within +-2 px; ties go to the first index (deterministic)."""
+    th, tw = ctx.shape[:2]
+    if min(th, tw) < 24:
+        ssd = np.where(ok, _ssd(imgf, ctx, rmask), np.inf)
+        return np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+    g = cv2.cvtColor(imgf, cv2.COLOR_RGB2GRAY)
+    gs = cv2.resize(g, (g.shape[1] // 2, g.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    cs = cv2.resize(cv2.cvtColor(ctx, cv2.COLOR_RGB2GRAY), (tw // 2, th // 2), interpolation=cv2.INTER_AREA)
+    ms = (cv2.resize(rmask, (tw // 2, th // 2), interpolation=cv2.INTER_AREA) > 0.99).astype(np.float32)
+    coarse = _ssd(gs, cs, ms)
+    # coarse offset (cy, cx) is full-resolution offset (2cy, 2cx): allowed if that one is
+    ok_s = ok[::2, ::2]
+    ch, cw = min(coarse.shape[0], ok_s.shape[0]), min(coarse.shape[1], ok_s.shape[1])
+    coarse = np.where(ok_s[:ch, :cw], coarse[:ch, :cw], np.inf)
+    order = np.argsort(coarse, axis=None, kind="stable")[:top]
+    best, best_pos = np.inf, None
+    H, W = ok.shape
+    for flat in order:
+        if not np.isfinite(coarse.flat[flat]):
+            break
+        cy, cx = np.unravel_index(int(flat), coarse.shape)
+        y0, x0 = max(0, 2 * cy - 2), max(0, 2 * cx - 2)
+        y1, x1 = min(H, 2 * cy + 3), min(W, 2 * cx + 3)
+        local = _ssd(np.ascontiguousarray(imgf[y0 : y1 + th - 1, x0 : x1 + tw - 1]), ctx, rmask)
+        local = np.where(ok[y0:y1, x0:x1], local[: y1 - y0, : x1 - x0], np.inf)
+        i = int(np.argmin(local))
+        if local.flat[i] < best:
+            best, best_pos = local.flat[i], (y0 + i // local.shape[1], x0 + i % local.shape[1])
+    if best_pos is None:
+        ssd = np.where(ok, _ssd(imgf, ctx, rmask), np.inf)
+        return np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+    return best_pos
+
+
+def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.ndarray, forbid: np.ndarray,
+                piece: np.ndarray, min_ring: int, max_ring: int, surface_share: float) -> bool:
+    """Fill one piece in ``out`` from its best-matching offset; False when no offset is allowed."""
+    h, w = piece.shape
+    area = cv2.countNonZero(piece)
+    rp = int(np.clip(round(0.3 * np.sqrt(area)), min_ring, max_ring))
+    grown = cv2.dilate(piece, _disk(rp))
+    ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo, piece)))
+    n_ring = cv2.countNonZero(ring)
+    if n_ring < 8:
+        return False
+    y0, y1, x0, x1 = _bbox(grown)
+    th, tw = y1 - y0, x1 - x0
+    if th >= h or tw >= w:
+        return False
+    # an annotated object under much of the ring is the surface the piece lies on: allowed
+    no_src = hole.copy()
+    if cv2.countNonZero(forbid):
+        n_obj, objs = cv2.connectedComponents(forbid, connectivity=8)
+        ring_labels = objs[ring > 0]
+        for i in range(1, n_obj):
+            if (ring_labels == i).sum() <= surface_share * n_ring:
+                no_src[objs == i] = 255
+    # offsets whose box (piece + ring) touches the hole or a forbidden object are invalid: one
+    # integral image answers every offset at once
+    integ = cv2.integral((no_src > 0).astype(np.uint8))
+    blocked = integ[th:, tw:] - integ[:-th, tw:] - integ[th:, :-tw] + integ[:-th, :-tw]
+    ok = blocked == 0
+    if not ok.any():
+        return False
+    ctx = out[y0:y1, x0:x1].astype(np.float32)
+    rmask = (ring[y0:y1, x0:x1] > 0).astype(np.float32)
+    sy, sx = _best_offset(imgf, ctx, rmask, ok)
+    src = imgf[sy : sy + th, sx : sx + tw]
+    # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
+    diff = (ctx - src) * rmask[..., None]
+    sigma = max(2.0, 0.5 * rp)
+    num = cv2.GaussianBlur(diff, (0, 0), sigma)
+    den = cv2.GaussianBlur(rmask, (0, 0), sigma)[..., None]
+    corr = num / np.maximum(den, 1e-3)
+    patch = np.clip(np.rint(src + corr), 0, 255).astype(np.uint8)
+    sel = piece[y0:y1, x0:x1] > 0
+    out[y0:y1, x0:x1][sel] = patch[sel]
+    return True
