@@ -11,6 +11,9 @@ functions of their inputs (OpenCV, single-threaded by the callers).
   ``FLAT_FRACTION`` of the ring's median local energy. It "finds" the footprint when more than
   half of the region is flat while the ring mostly is not (a flat ring, e.g. sky, makes a flat
   fill correct, not a footprint).
+- ``color_distance``: Hellinger distance between the color histograms (8 levels per channel)
+  of the region and of its ring: 0 when the fill is made of the ring's colors; high when a
+  fill copied pieces of something else (a collage keeps texture but not color).
 - ``boundary_score``: the gradient across the old object's outline (the core mask's contour,
   along its normal) in the edited image, over what the ring's texture gives in any direction.
   ~1 or less when the outline is gone; well over 1 when a ghost outline is left.
@@ -106,6 +109,19 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     return round(float(val / max(base, 1.0)), 4)
 
 
+def color_distance(out: np.ndarray, region: np.ndarray, ring_px: int = 8) -> float:
+    """Hellinger distance (0..1) between the region's and its ring's color histograms."""
+    region = _u8(region)
+    rng_m = ring(region, ring_px)
+    if not cv2.countNonZero(region) or not cv2.countNonZero(rng_m):
+        return 0.0
+    img = out if out.ndim == 3 else cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
+    args = ([0, 1, 2], None, [8, 8, 8], [0, 256, 0, 256, 0, 256])
+    a = cv2.calcHist([img], args[0], region, *args[2:])
+    b = cv2.calcHist([img], args[0], rng_m, *args[2:])
+    return round(float(cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA)), 4)
+
+
 def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, core: np.ndarray | None = None,
                       ring_px: int = 8) -> dict:
     """All three figures for one edited region (the ones verify records and the bench prints).
@@ -113,7 +129,8 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
     hp = highpass(out)
     found, share_in, share_ring = flat_patch(out, region, ring_px, hp=hp)
     m = {"texture_ratio": texture_ratio(out, region, ring_px, hp=hp), "flat_patch": found,
-         "flat_share": share_in, "flat_share_ring": share_ring}
+         "flat_share": share_in, "flat_share_ring": share_ring,
+         "color_distance": color_distance(out, region, ring_px)}
     if core is not None:
         m["boundary_score"] = boundary_score(out, core, region, ring_px)
     return m

@@ -13,7 +13,8 @@ Metrics (kept in the sample's JSON whether they pass or not):
 - footprint (remove, count; ``counterfactory.footprint``, the same figures the validity
   benchmark prints): ``texture_ratio`` (fill texture over ring texture; a smooth smear is
   rejected as ``fill_texture_flat``), ``flat_patch`` (a flat-texture detector finds the
-  footprint: ``fill_flat_patch``), ``boundary_score`` (gradient across the old outline over
+  footprint: ``fill_flat_patch``), ``color_distance`` (the fill's colors against the ring's: a
+  collage of copies from elsewhere, ``fill_color_mismatch``), ``boundary_score`` (gradient across the old outline over
   the ring's texture: ``outline_kept``). ``contrast_ratio`` applies to low-contrast objects
   too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
 A sample left without any counterfactual variant is rejected whole.
@@ -68,11 +69,13 @@ class PixelVerify(Stage):
         min_object_contrast: float = Field(12.0, ge=0, description="object contrasts under this count as this "
                                            "much (a faint object's fill may not stand out more than this)")
         ring_px: int = Field(6, ge=1)
-        min_texture_ratio: float = Field(0.5, ge=0, description="fill texture energy over its ring's, at least")
+        min_texture_ratio: float = Field(0.7, ge=0, description="fill texture energy over its ring's, at least")
         max_texture_ratio: float = Field(2.5, gt=0, description="and at most (a busy patch in a calm place)")
         reject_flat_patch: bool = Field(True, description="reject a fill the flat-texture detector finds")
         max_boundary_score: float = Field(2.0, gt=0, description="gradient across the old outline over the "
                                           "ring's texture, at most")
+        max_color_distance: float = Field(0.35, ge=0, le=1, description="Hellinger distance of the fill's colors "
+                                          "to its ring's, at most (object-free truth on procedural scenes: <= 0.23)")
         footprint_ring_px: int = Field(8, ge=2)
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class PixelVerify(Stage):
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
             metrics[v] = vm
             failure = self._failure(v, vm)
-            if failure is None and too_big and v in REMOVAL:
+            if too_big and v in REMOVAL:
                 failure = ("mask_area_out_of_bounds",
                            f"{v}: mask_area_frac={area_frac} > {p.max_area_frac} (nothing to copy the background from)")
             if failure:
@@ -165,6 +168,8 @@ class PixelVerify(Stage):
                     f"texture_ratio={vm['texture_ratio']} not in [{p.min_texture_ratio}, {p.max_texture_ratio}]")
             if p.reject_flat_patch and vm["flat_patch"]:
                 return "fill_flat_patch", f"flat_share={vm['flat_share']} (ring {vm['flat_share_ring']})"
+            if vm["color_distance"] > p.max_color_distance:
+                return "fill_color_mismatch", f"color_distance={vm['color_distance']} > {p.max_color_distance}"
             if vm.get("boundary_score", 0) > p.max_boundary_score:
                 return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
         return None
