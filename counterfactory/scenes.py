@@ -146,6 +146,12 @@ def _background(bg: dict, w: int, h: int) -> np.ndarray:
     return cv2.merge(chans)
 
 
+def render_background(spec: dict) -> np.ndarray:
+    """The scene with no object: exactly what lies under every object in ``render_scene``
+    (the ground truth a removal is measured against)."""
+    return _background(spec["background"], spec["width"], spec["height"])
+
+
 def render_scene(spec: dict) -> np.ndarray:
     """HxWx3 uint8 RGB image of ``spec``; object pixels are exactly their ``polygon_mask``."""
     w, h = spec["width"], spec["height"]
