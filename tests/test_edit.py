@@ -114,8 +114,8 @@ def test_edits_are_deterministic(segmented):
 
 def test_one_evidence_fill_serves_remove_count_and_swap(segmented, monkeypatch):
     calls = []
-    real = E.inpaint
-    monkeypatch.setattr(E, "inpaint", lambda img, hole, *a: calls.append(hole) or real(img, hole, *a))
+    real = E.patch_fill  # the default fill
+    monkeypatch.setattr(E, "patch_fill", lambda img, hole, *a, **k: calls.append(hole) or real(img, hole, *a, **k))
     seen = set()
     for s0 in segmented:
         calls.clear()
@@ -157,8 +157,8 @@ def test_evidence_fill_is_reused_across_samples_with_the_same_evidence(segmented
     """Questions about the same evidence in one image share the fill; the bytes are those of a
     fresh computation, and the cache stays within its byte budget."""
     calls = []
-    real = E.inpaint
-    monkeypatch.setattr(E, "inpaint", lambda img, hole, *a: calls.append(hole) or real(img, hole, *a))
+    real = E.patch_fill  # the default fill
+    monkeypatch.setattr(E, "patch_fill", lambda img, hole, *a, **k: calls.append(hole) or real(img, hole, *a, **k))
     photo, scene = segmented[0], segmented[-1]
     st = E.ClassicalEdit({"variants": ["remove"]})
     first = _run(st, photo).arrays["variant/remove"]

@@ -87,8 +87,8 @@ def test_edits_leave_outside_pixels_identical_and_remove_the_object(processed):
             assert close.mean() < 0.02, "the removed object's color is still there"
         if "random_mask" in s.meta["variants"]:
             assert not ((s.arrays["mask/random_mask"] > 0) & mask).any()
-            # the evidence's own shape moved, or an equal-area rectangle when it does not fit
-            assert abs((s.arrays["mask/random_mask"] > 0).sum() / mask.sum() - 1) < 0.02
+            # an equal-area rectangle or ellipse (integer sides: within a few %)
+            assert abs((s.arrays["mask/random_mask"] > 0).sum() / mask.sum() - 1) < 0.06
 
 
 def _truth(kind: str, text: str, shape: str, objects: list[dict], width: int) -> str | None:

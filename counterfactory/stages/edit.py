@@ -150,18 +150,19 @@ CONTROL_SHAPES = ("rectangle", "ellipse")
 
 
 def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap: int,
-                 avoid: np.ndarray | None = None) -> np.ndarray | None:
+                 avoid: np.ndarray | None = None, area: int | None = None) -> np.ndarray | None:
     """DeFacto's control region: a shape of the evidence's area from a fixed neutral family
     (rectangle or ellipse, aspect 1:2 to 2:1), never the evidence's own silhouette (a black star
     pasted elsewhere is a new star), placed ``gap`` pixels clear of the evidence and of every
     pixel of ``avoid`` (all annotated objects). ``tries`` (shape, aspect) draws; for each, every
     position that fits is found at once (an integral image over the shape's box) and one is
-    drawn, so a spot is missed only when none exists. None when nothing fits."""
+    drawn, so a spot is missed only when none exists. ``area``: the shape's area when not the
+    evidence's (a clip's largest frame). None when nothing fits."""
     h, w = evidence.shape
     blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
     keepout = cv2.dilate(blocked.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
     integ = cv2.integral(keepout)
-    area = cv2.countNonZero(evidence)
+    area = cv2.countNonZero(evidence) if area is None else area
     if not area:
         return None
     for _ in range(min(tries, 8)):
@@ -173,6 +174,16 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         bh = int(round(box_area / max(bw, 1)))
         if not (0 < bw <= w and 0 < bh <= h):
             continue
+        shape = _neutral_shape(kind, bw, bh)
+        for _ in range(3):  # a small ellipse rasterizes a few % off its area: rescale to match
+            k = np.sqrt(area / max(int(shape.sum()), 1))
+            if abs(k * k - 1) <= 0.01:
+                break
+            bw, bh = max(1, int(round(bw * k))), max(1, int(round(bh * k)))
+            shape = _neutral_shape(kind, bw, bh)
+        bh, bw = shape.shape
+        if not (bw <= w and bh <= h):
+            continue
         free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
         ys, xs = np.nonzero(free)
         if not len(ys):
@@ -180,12 +191,18 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         i = int(rng.integers(len(ys)))
         y, x = int(ys[i]), int(xs[i])
         out = np.zeros((h, w), np.uint8)
-        if kind == "rectangle":
-            out[y : y + bh, x : x + bw] = 255
-        else:
-            cv2.ellipse(out, ((x + (bw - 1) / 2, y + (bh - 1) / 2), (bw, bh), 0.0), 255, -1)
+        out[y : y + bh, x : x + bw][shape] = 255
         return out
     return None
+
+
+def _neutral_shape(kind: str, bw: int, bh: int) -> np.ndarray:
+    """A filled ``bw`` x ``bh`` rectangle or the ellipse inscribed in that box (bool)."""
+    if kind == "rectangle":
+        return np.ones((bh, bw), bool)
+    m = np.zeros((bh, bw), np.uint8)
+    cv2.ellipse(m, (((bw - 1) / 2, (bh - 1) / 2), (float(bw), float(bh)), 0.0), 1, -1)
+    return m > 0
 
 
 def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,

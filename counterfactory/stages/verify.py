@@ -162,6 +162,9 @@ class PixelVerify(Stage):
             if vm["fill_contrast"] > p.max_contrast_ratio * max(vm["object_contrast"], p.min_object_contrast):
                 return "object_still_visible", (f"contrast_ratio={vm['contrast_ratio']} > {p.max_contrast_ratio}"
                                                 f" (object_contrast={vm['object_contrast']})")
+        if vm.get("boundary_score", 0) > p.max_boundary_score:
+            # first: a ghost outline also lifts the texture ratio, but this is what a person sees
+            return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
         if "texture_ratio" in vm:
             if not p.min_texture_ratio <= vm["texture_ratio"] <= p.max_texture_ratio:
                 return "fill_texture_flat" if vm["texture_ratio"] < p.min_texture_ratio else "fill_texture_busy", (
@@ -170,6 +173,4 @@ class PixelVerify(Stage):
                 return "fill_flat_patch", f"flat_share={vm['flat_share']} (ring {vm['flat_share_ring']})"
             if vm["color_distance"] > p.max_color_distance:
                 return "fill_color_mismatch", f"color_distance={vm['color_distance']} > {p.max_color_distance}"
-            if vm.get("boundary_score", 0) > p.max_boundary_score:
-                return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
         return None

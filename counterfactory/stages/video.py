@@ -454,28 +454,40 @@ def derangement(n: int, rng: np.random.Generator) -> list[int]:
     return list(range(1, n)) + [0]
 
 
-def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: int) -> np.ndarray | None:
-    """DeFacto's control for a clip: every frame's evidence mask moved by one fixed offset to
-    where, in every frame, it stays ``gap`` pixels clear of the evidence's whole footprint.
-    Same shape and area as the evidence on each frame; None when no offset fits."""
+def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: int,
+                  avoid: np.ndarray | None = None) -> np.ndarray | None:
+    """DeFacto's control for a clip (issue 16): on each frame a rectangle or ellipse of that
+    frame's evidence area (a fixed neutral family, never the evidence's silhouette), all sharing
+    one center and aspect, placed ``gap`` pixels clear of the evidence's whole footprint and of
+    ``avoid`` (other annotated objects, HxW). None when nothing fits."""
+    from counterfactory.stages.edit import control_mask
+
     t, h, w = masks.shape
-    union = masks.any(axis=0).astype(np.uint8)
-    keepout = cv2.dilate(union, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)) > 0
-    ys, xs = np.nonzero(union)
-    if not len(ys):
+    union = masks.any(axis=0).astype(np.uint8) * 255
+    areas = masks.reshape(t, -1).sum(axis=1)
+    if not areas.max():
         return None
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    bh, bw = y1 - y0, x1 - x0
-    if bh >= h or bw >= w:
+    # the largest frame's shape, placed clear of the whole footprint; smaller frames shrink inside it
+    base = control_mask(union, rng, tries, gap, avoid=avoid, area=int(areas.max()))
+    if base is None:
         return None
-    foot = union[y0:y1, x0:x1] > 0
-    for _ in range(tries):
-        ny, nx = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
-        if not (keepout[ny : ny + bh, nx : nx + bw] & foot).any():
-            out = np.zeros((t, h, w), bool)
-            out[:, ny : ny + bh, nx : nx + bw] = masks[:, y0:y1, x0:x1] > 0
-            return out
-    return None
+    x, y, bw, bh = cv2.boundingRect(base)
+    rect = bool((base[y : y + bh, x : x + bw] > 0).all())
+    cx, cy = x + (bw - 1) / 2, y + (bh - 1) / 2
+    out = np.zeros((t, h, w), bool)
+    for i in range(t):
+        if not areas[i]:
+            continue
+        k = float(np.sqrt(areas[i] / areas.max()))
+        fw, fh = max(1, int(round(bw * k))), max(1, int(round(bh * k)))
+        frame = np.zeros((h, w), np.uint8)
+        if rect:
+            x0, y0 = int(round(cx - (fw - 1) / 2)), int(round(cy - (fh - 1) / 2))
+            frame[y0 : y0 + fh, x0 : x0 + fw] = 1
+        else:
+            cv2.ellipse(frame, ((cx, cy), (fw, fh), 0.0), 1, -1)
+        out[i] = (frame > 0) & (base > 0)
+    return out
 
 
 @register
