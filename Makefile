@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # pip's notes about local index folders it skips are noise; real errors still fail the pipe
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-validity lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# Data validity (issue 16): procedural scenes with object-free renders + the demo photos, per
+# variant: pass rate, pixels/answers vs truth, fill texture ratio, flat-patch detection, controls
+bench-validity: setup
+	$(PY) bench/validity.py
 
 lint: setup
 	$(VENV)/bin/ruff check counterfactory tests bench

@@ -1,0 +1,201 @@
+"""Data validity benchmark (issue 16): do the pairs pass a researcher's look? `make bench-validity`.
+
+Runs procedural scenes (exact masks, object-free renders) and the demo photos through the
+stage code in a plain loop (``runner.local_batches``, as bench/run.py's floor) and prints, per
+variant:
+
+  made / kept     variants the edit stage made, and those verify kept (pass rate)
+  px ok           kept scene variants whose pixels outside the edited region are the original's
+  ans ok          kept scene answers equal to the scene's ground truth (orig, remove, blackout,
+                  random_mask: the kinds whose truth this script computes; others "-")
+  tex             mean texture-energy ratio of the fill to its ring (remove, count; 1.0 = the
+                  real background's, Telea ~0.2), over every fill made
+  flat            share of fills the flat-texture detector finds (counterfactory.footprint)
+  err             mean |fill - object-free render| inside the mask (remove, scenes)
+  ctl/obj         controls touching another annotated object; silhouette: controls that are
+                  the evidence's own silhouette moved
+
+The shortcut audit's figures (probe AUC, blind-answerer accuracy, presupposing questions) come
+from ``audit_figures(version_dir)``, the hook the audit module plugs into after merging.
+
+Usage: python bench/validity.py [--scenes 100] [--method patch|telea|ns] [--no-photos]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from counterfactory import footprint, scenes  # noqa: E402
+from counterfactory.pipeline.config import validate_config  # noqa: E402
+from counterfactory.pipeline.inputs import load_records  # noqa: E402
+from counterfactory.pipeline.runner import local_batches  # noqa: E402
+from counterfactory.pipeline.sample import decode_batch  # noqa: E402
+from counterfactory.rules import side_of_x, singular  # noqa: E402
+
+
+def config(n_scenes: int, photos: bool, method: str, root: Path):
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["inputs"] = ([{"kind": "manifest", "path": "pkg:counterfactory/demo/photos.jsonl"}] if photos else []) + [
+        {"kind": "procedural", "count": n_scenes, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
+    data["output"]["root"] = str(root)
+    next(s for s in data["stages"] if s["name"] == "edit")["params"]["inpaint_method"] = method
+    return validate_config(data, source="bench-validity", base_dir=REPO)
+
+
+def audit_figures(version_dir: Path) -> dict:
+    """Hook for the shortcut audit (issue 16, the other half): given a published version
+    folder, return {variant: {"probe_auc": .., "blind_accuracy": .., "presupposing": ..}}.
+    Empty until the audit module is merged; main() prints whatever it returns."""
+    return {}
+
+
+def _spec(s) -> dict | None:
+    uri = s.meta["source"].get("image", "")
+    if not str(uri).startswith("procedural://"):
+        return None
+    seed, index, size = scenes.parse_procedural_uri(uri)
+    return scenes.scene_spec(seed, index, size)
+
+
+def _truth(kind: str, text: str, shape: str, objects: list[dict], width: int) -> str | None:
+    color_words = set(scenes.COLORS) & set(text.lower().replace("?", "").split())
+    match = [o for o in objects if o["category"] == shape
+             and (kind == "color" or not color_words or o["attributes"]["color"] in color_words)]
+    if kind == "existence":
+        return "yes" if match else "no"
+    if kind == "count":
+        return str(len(match))
+    if not match:
+        return "unknown"
+    if kind == "color":
+        return match[0]["attributes"]["color"] if len(match) == 1 else "unknown"
+    return side_of_x(float(np.mean([p[0] for p in match[0]["polygon"]])), width) or "unknown"
+
+
+def _objects_mask(spec: dict, skip: list[dict]) -> np.ndarray:
+    w, h = spec["width"], spec["height"]
+    m = np.zeros((h, w), bool)
+    for o in spec["objects"]:
+        if o not in skip:
+            m |= scenes.polygon_mask(o["polygon"], w, h)
+    return m
+
+
+def _is_silhouette(ctrl: np.ndarray, mask: np.ndarray) -> bool:
+    import cv2
+
+    x, y, w, h = cv2.boundingRect(ctrl.astype(np.uint8))
+    ex, ey, ew, eh = cv2.boundingRect(mask.astype(np.uint8))
+    return (h, w) == (eh, ew) and np.array_equal(ctrl[y : y + h, x : x + w], mask[ey : ey + eh, ex : ex + ew])
+
+
+def measure(cfg) -> dict:
+    records = load_records(cfg)
+    t0 = time.perf_counter()
+    edited = [s for b in local_batches(cfg, records, stop_after="edit") for s in decode_batch(b)]
+    edit_s = time.perf_counter() - t0
+    st = defaultdict(lambda: defaultdict(list))
+    for s in edited:
+        if not s.ok:
+            continue
+        spec = _spec(s)
+        src = "scene" if spec else "photo"
+        img, mask = s.arrays["image"], s.arrays["mask"] > 0
+        for v in s.meta["variants"]:
+            st[(src, v)]["made"].append(1)
+            out = s.arrays[f"variant/{v}"]
+            if v in ("remove", "count"):
+                region = s.arrays.get(f"mask/{v}", s.arrays["mask"])
+                core = np.where(region > 0, s.arrays["mask_core"], 0).astype(np.uint8)
+                m = footprint.footprint_metrics(img, out, region, core)
+                st[(src, v)]["tex"].append(m["texture_ratio"])
+                st[(src, v)]["flat"].append(m["flat_patch"])
+                if spec and v == "remove":
+                    truth = scenes.render_background(spec).astype(int)
+                    st[(src, v)]["err"].append(float(np.abs(out[mask].astype(int) - truth[mask]).mean()))
+            if v == "random_mask" and spec:
+                ctrl = s.arrays["mask/random_mask"] > 0
+                ev = [o for o in spec["objects"] if o["category"] in s.meta["targets"]]
+                st[(src, v)]["ctl_obj"].append(bool((ctrl & _objects_mask(spec, ev)).any()))
+                st[(src, v)]["silhouette"].append(_is_silhouette(ctrl, mask))
+    verified = [s for b in local_batches(cfg, records, stop_after="verify") for s in decode_batch(b)]
+    for s in verified:
+        spec = _spec(s)
+        src = "scene" if spec else "photo"
+        for r in s.meta.get("variant_rejects", []):
+            if r.get("stage") in ("verify", "qa"):
+                st[(src, r["variant"])]["rejected"].append(r["reason"])
+        if not s.ok:
+            continue
+        img = s.arrays["image"]
+        for v in s.meta["variants"]:
+            st[(src, v)]["kept"].append(1)
+            if not spec:
+                continue
+            out = s.arrays[f"variant/{v}"]
+            edit = s.meta["edits"][v]
+            if edit.get("region") != "global":
+                region = s.arrays.get(f"mask/{v}", s.arrays["mask"]) > 0
+                st[(src, v)]["px_ok"].append(bool(np.array_equal(out[~region], img[~region])))
+            gone = [o for o in spec["objects"] if o["category"] in s.meta["targets"]] if v == "remove" else []
+            rest = [o for o in spec["objects"] if o not in gone]
+            for q in s.meta["qa"]:
+                if v not in q["answers"] or v not in ("orig", "remove", "blackout", "random_mask"):
+                    continue
+                shape = singular(q["targets"][0])
+                hidden = v == "blackout" and shape in s.meta["targets"]  # the evidence is covered
+                want = "unknown" if hidden else _truth(q["kind"], q["question"], shape, rest, spec["width"])
+                st[(src, v)]["ans_ok"].append(q["answers"][v] == want)
+        for q in s.meta.get("qa", []) if spec else []:
+            st[(src, "orig")]["ans_ok"].append(
+                q["answers"]["orig"] == _truth(q["kind"], q["question"], singular(q["targets"][0]),
+                                               spec["objects"], spec["width"]))
+    return {"stats": st, "edit_ms_per_input": 1000 * edit_s / max(len(records), 1), "inputs": len(records)}
+
+
+def _fmt(vals, pct=False, nd=2) -> str:
+    if not vals:
+        return "-"
+    x = float(np.mean(vals))
+    return f"{100 * x:.0f}%" if pct else f"{x:.{nd}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", type=int, default=100)
+    ap.add_argument("--method", default="patch", choices=["patch", "telea", "ns"])
+    ap.add_argument("--no-photos", action="store_true")
+    ap.add_argument("--version-dir", default=None, help="a published version for the audit hook")
+    a = ap.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = measure(config(a.scenes, not a.no_photos, a.method, Path(tmp)))
+    print(f"validity: {res['inputs']} inputs, fill {a.method}, edit {res['edit_ms_per_input']:.1f} ms/input")
+    cols = ["source", "variant", "made", "kept", "pass", "px ok", "ans ok", "tex", "flat", "err", "ctl/obj", "silh",
+            "top reject"]
+    print(" | ".join(cols))
+    for (src, v), d in sorted(res["stats"].items()):
+        made, kept = len(d["made"]), len(d["kept"])
+        top = max(set(d["rejected"]), key=d["rejected"].count) if d["rejected"] else "-"
+        print(" | ".join([src, v, str(made), str(kept), f"{100 * kept / made:.0f}%" if made and v != "orig" else "-",
+                          _fmt(d["px_ok"], True), _fmt(d["ans_ok"], True), _fmt(d["tex"]), _fmt(d["flat"], True),
+                          _fmt(d["err"]), _fmt(d["ctl_obj"], True), str(sum(d["silhouette"])) if d["silhouette"] else "-",
+                          top]))
+    if a.version_dir:
+        print("audit:", audit_figures(Path(a.version_dir)) or "(no audit module yet)")
+
+
+if __name__ == "__main__":
+    main()
