@@ -467,26 +467,25 @@ def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: 
     areas = masks.reshape(t, -1).sum(axis=1)
     if not areas.max():
         return None
-    # the largest frame's shape, placed clear of the whole footprint; smaller frames shrink inside it
-    base = control_mask(union, rng, tries, gap, avoid=avoid, area=int(areas.max()))
+    # the largest frame's shape (a little bigger, so every frame's exact area fits), placed clear
+    # of the whole footprint; each frame takes the pixels of it nearest its center, in the
+    # shape's own norm (Chebyshev for a rectangle, Euclidean for an ellipse), so its area equals
+    # the evidence's on that frame exactly and the control keeps the neutral shape
+    base = control_mask(union, rng, tries, gap, avoid=avoid, area=int(np.ceil(areas.max() * 1.06)) + 4)
     if base is None:
         return None
     x, y, bw, bh = cv2.boundingRect(base)
     rect = bool((base[y : y + bh, x : x + bw] > 0).all())
-    cx, cy = x + (bw - 1) / 2, y + (bh - 1) / 2
+    ys, xs = np.nonzero(base)
+    dy, dx = (ys - (y + (bh - 1) / 2)) / max(bh, 1), (xs - (x + (bw - 1) / 2)) / max(bw, 1)
+    dist = np.maximum(np.abs(dx), np.abs(dy)) if rect else np.hypot(dx, dy)
+    order = np.argsort(dist, kind="stable")
     out = np.zeros((t, h, w), bool)
     for i in range(t):
-        if not areas[i]:
-            continue
-        k = float(np.sqrt(areas[i] / areas.max()))
-        fw, fh = max(1, int(round(bw * k))), max(1, int(round(bh * k)))
-        frame = np.zeros((h, w), np.uint8)
-        if rect:
-            x0, y0 = int(round(cx - (fw - 1) / 2)), int(round(cy - (fh - 1) / 2))
-            frame[y0 : y0 + fh, x0 : x0 + fw] = 1
-        else:
-            cv2.ellipse(frame, ((cx, cy), (fw, fh), 0.0), 1, -1)
-        out[i] = (frame > 0) & (base > 0)
+        k = int(areas[i])
+        if k:
+            sel = order[:k]
+            out[i, ys[sel], xs[sel]] = True
     return out
 
 
