@@ -43,6 +43,7 @@ from counterfactory.rules import answer_for, classify_question, match_categories
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
 from counterfactory.stages.ingest import read_source_object, sample_key, source_file_size
+from counterfactory.stages.regions import control_mask
 from counterfactory.stages.segment import dilate
 from counterfactory.storage import is_remote
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
@@ -460,8 +461,6 @@ def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: 
     frame's evidence area (a fixed neutral family, never the evidence's silhouette), all sharing
     one center and aspect, placed ``gap`` pixels clear of the evidence's whole footprint and of
     ``avoid`` (other annotated objects, HxW). None when nothing fits."""
-    from counterfactory.stages.edit import control_mask
-
     t, h, w = masks.shape
     union = masks.any(axis=0).astype(np.uint8) * 255
     areas = masks.reshape(t, -1).sum(axis=1)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.edit import Skip, control_mask, place_shape
+from counterfactory.stages.edit import Skip, annotated_mask, control_mask, place_shape
 from counterfactory.stages.models.common import (
     ModelParams,
     model_record,
@@ -264,7 +264,8 @@ class DiffusersInpaintEdit(Stage):
                         "affects": s.meta["targets"]}
             else:
                 rng = np.random.default_rng([s.seed, 7])
-                ctrl = control_mask(mask, rng, p.control_tries, p.control_gap)
+                # issue 16: a neutral shape clear of every annotated object, not only the evidence
+                ctrl = control_mask(mask, rng, p.control_tries, p.control_gap, annotated_mask(s))
                 if ctrl is None:
                     s.reject_variant(self.name, v, "no_room_for_control",
                                      f"no region of area {int((mask > 0).sum())} clear of the evidence")
