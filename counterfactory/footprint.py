@@ -17,6 +17,9 @@ functions of their inputs (OpenCV, single-threaded by the callers).
 - ``boundary_score``: the gradient across the old object's outline (the core mask's contour,
   along its normal) in the edited image, over what the ring's texture gives in any direction.
   ~1 or less when the outline is gone; well over 1 when a ghost outline is left.
+- ``seam_score``: the same measure across the edited region's own edge (where the fill meets
+  the original): a fill of another brightness shows its boundary (object-free truth on
+  procedural scenes: mean 0.99, max 1.27).
 """
 
 from __future__ import annotations
@@ -133,4 +136,5 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
          "color_distance": color_distance(out, region, ring_px)}
     if core is not None:
         m["boundary_score"] = boundary_score(out, core, region, ring_px)
+    m["seam_score"] = boundary_score(out, region, region, ring_px)
     return m

@@ -130,6 +130,21 @@ def test_verify_rejects_a_kept_outline(scene_samples):
     assert n == 8
 
 
+def test_verify_rejects_a_fill_whose_edge_shows(scene_samples):
+    """The object-free background, 30 levels brighter: texture right, but its edge is a seam."""
+    n = 0
+    for s0 in scene_samples[:8]:
+        s = _edit(s0, {"variants": ["remove", "blackout"]})
+        truth, mask = _truth(s), s.arrays["mask"] > 0
+        s.arrays["variant/remove"] = s.arrays["image"].copy()
+        s.arrays["variant/remove"][mask] = np.clip(truth[mask].astype(int) + 30, 0, 255).astype(np.uint8)
+        out = _verify(s)
+        reasons = {r["variant"]: r["reason"] for r in out.meta.get("variant_rejects", [])}
+        n += reasons.get("remove") == "fill_seam"
+        assert "remove" in reasons, out.meta["metrics"]["remove"]
+    assert n >= 6
+
+
 def test_verify_rejects_a_fill_that_stands_out_more_than_a_faint_object(scene_samples):
     """A faint object (contrast under min_object_contrast was exempt before) whose fill is a
     visible blotch is rejected as object_still_visible."""

@@ -15,7 +15,8 @@ Metrics (kept in the sample's JSON whether they pass or not):
   rejected as ``fill_texture_flat``), ``flat_patch`` (a flat-texture detector finds the
   footprint: ``fill_flat_patch``), ``color_distance`` (the fill's colors against the ring's: a
   collage of copies from elsewhere, ``fill_color_mismatch``), ``boundary_score`` (gradient across the old outline over
-  the ring's texture: ``outline_kept``). ``contrast_ratio`` applies to low-contrast objects
+  the ring's texture: ``outline_kept``), ``seam_score`` (the same across the fill's own edge:
+  ``fill_seam``). ``contrast_ratio`` applies to low-contrast objects
   too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
 A sample left without any counterfactual variant is rejected whole.
 """
@@ -76,6 +77,8 @@ class PixelVerify(Stage):
                                           "ring's texture, at most")
         max_color_distance: float = Field(0.35, ge=0, le=1, description="Hellinger distance of the fill's colors "
                                           "to its ring's, at most (object-free truth on procedural scenes: <= 0.23)")
+        max_seam_score: float = Field(2.0, gt=0, description="gradient across the fill's own edge over the ring's "
+                                      "texture, at most (object-free truth: <= 1.27)")
         footprint_ring_px: int = Field(8, ge=2)
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
@@ -165,6 +168,8 @@ class PixelVerify(Stage):
         if vm.get("boundary_score", 0) > p.max_boundary_score:
             # first: a ghost outline also lifts the texture ratio, but this is what a person sees
             return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
+        if vm.get("seam_score", 0) > p.max_seam_score:
+            return "fill_seam", f"seam_score={vm['seam_score']} > {p.max_seam_score}"
         if "texture_ratio" in vm:
             if not p.min_texture_ratio <= vm["texture_ratio"] <= p.max_texture_ratio:
                 return "fill_texture_flat" if vm["texture_ratio"] < p.min_texture_ratio else "fill_texture_busy", (
