@@ -53,7 +53,12 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("photos")
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp}", "output.shard_size=4"])
+    # the loader is under test, not the footprint policy: verify's footprint checks (issue 16)
+    # reject every photo removal, and these tests need photo records that carry one
+    lenient = ["stages.verify.params.min_texture_ratio=0", "stages.verify.params.max_color_distance=1",
+               "stages.verify.params.reject_flat_patch=false", "stages.verify.params.max_seam_score=1000",
+               "stages.verify.params.max_boundary_score=1000", "stages.verify.params.max_contrast_ratio=1000"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp}", "output.shard_size=4", *lenient])
     return run_pipeline(cfg, limit=12, local=True, progress=False).out_dir
 
 
@@ -86,13 +91,18 @@ def test_pair_records_match_the_index(photos: Path) -> None:
 
 
 def test_variant_choice_and_pil_decoding(photos: Path) -> None:
+    n = 0
     for rec in load(photos, variants=["remove"], decode="pil"):
+        if not rec["variants"]:  # chelsea: kept since issue 16 for its other variants, no remove
+            continue
+        n += 1
         assert list(rec["variants"]) == ["remove"] and rec["control_mask"] is None
         assert all(set(q["answers"]) == {"orig", "remove"} for q in rec["qa"])
         src = rec["meta"]["source"]
         assert isinstance(rec["orig"], Image.Image) and rec["orig"].size == (src["width"], src["height"])
         assert rec["orig"].mode == "RGB" and rec["mask"].mode == "L"
         assert rec["variants"]["remove"].size == rec["orig"].size
+    assert n >= 9
     with pytest.raises(ValueError, match="orig"):
         load(photos, variants=["orig", "remove"])
 
@@ -138,8 +148,9 @@ def test_transform_sees_the_whole_record(scenes: Path) -> None:
 def test_flat_rows_for_sft(photos: Path) -> None:
     ds = load(photos, flat=True, variants=["remove"], image_size=24)
     answers = {r["key"]: json.loads(r["answers"]) for r in index_rows(photos)}
+    has_remove = {r["key"]: "remove" in r["variants"] for r in index_rows(photos)}  # not chelsea (issue 16)
     rows = list(ds)
-    assert len(rows) == len(ds) == sum(2 * len(a) for a in answers.values())
+    assert len(rows) == len(ds) == sum((1 + has_remove[k]) * len(a) for k, a in answers.items())
     seen = Counter((r["key"], r["variant"], r["qa_index"]) for r in rows)
     assert max(seen.values()) == 1 and {v for _, v, _ in seen} == {"orig", "remove"}
     for r in rows:
