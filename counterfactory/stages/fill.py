@@ -27,8 +27,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-_ORTHO = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
-
 
 def _disk(px: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
