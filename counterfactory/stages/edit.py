@@ -185,7 +185,9 @@ class ClassicalEdit(Stage):
     def _inpaint(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None) -> np.ndarray:
         p = self.params
         if p.inpaint_method == "patch":
-            return patch_fill(img, hole, forbid, radius=p.inpaint_radius)
+            # the radius is how far the fill reads around the hole: the ring it matches by (at
+            # least radius + 1 pixels wide), and Telea's window where no copy fits
+            return patch_fill(img, hole, forbid, radius=p.inpaint_radius, min_ring=p.inpaint_radius + 1)
         return inpaint(img, hole, p.inpaint_radius, p.inpaint_method, p.work_max_side, p.work_max_area,
                        p.inpaint_band_px)
 

@@ -77,7 +77,7 @@ class PixelVerify(Stage):
                                           "ring's texture, at most")
         max_color_distance: float = Field(0.35, ge=0, le=1, description="Hellinger distance of the fill's colors "
                                           "to its ring's, at most (object-free truth on procedural scenes: <= 0.23)")
-        max_seam_score: float = Field(2.0, gt=0, description="gradient across the fill's own edge over the ring's "
+        max_seam_score: float = Field(2.5, gt=0, description="gradient across the fill's own edge over the ring's "
                                       "texture, at most (object-free truth: <= 1.27)")
         footprint_ring_px: int = Field(8, ge=2)
 
