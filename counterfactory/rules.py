@@ -56,7 +56,9 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     # temporal counterfactuals (video)
     "reverse": {k: "keep" for k in _ALL} | {"direction": "swap_lr", "order": "flip_order", "temporal": "abstain"},
     "shuffle": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
-    "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "temporal": "abstain"},
+    # events after the freeze never happen: "does A happen before B?" has no answer once the
+    # clip stops before both (found by tests/test_rules_oracle.py; it used to keep the answer)
+    "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
 }
 
 RULE_TEXT = {
