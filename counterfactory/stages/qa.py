@@ -9,9 +9,10 @@ No question presupposes: color, position and other attribute questions are asked
 objects the original shows (the evidence); an object an edit brings in (``insert``) gets
 existence and count questions, never "What color is the star?" over an image without a star.
 Absence ("no", "0") is asserted only for categories the input annotates exhaustively
-(``exhaustive`` on the record, see ``config.Exhaustive``); otherwise the answer abstains. Each
-item records on which images its subject is present (``present``), so the audit and a reader can
-check that no question about an absent object gets anything but the abstention.
+(``exhaustive`` on the record, see ``config.Exhaustive``); otherwise the answer abstains. The
+audit and a reader can tell on which images a question's subject is present, so they can
+check that no question about an absent object gets anything but the abstention
+(``subject_present``: from the item's targets and the edit records, which the shards keep).
 """
 
 from __future__ import annotations
@@ -143,17 +144,18 @@ class TemplateQA(Stage):
         for t in self._templates(sample, core):
             if t["kind"] == kind or (t["kind"], t["question"].lower()) in seen:
                 continue  # the input question already covers this kind
+            if t["kind"] == "count" and not exhaustive_for(m, t["targets"]):
+                continue  # a count from the annotations (template or LLM) needs all instances annotated
             seen.add((t["kind"], t["question"].lower()))
             items.append(t)
         abstain = self.run.get("abstain_answer", "unknown")
         items += self._inserted_items(m, abstain)
         qa = []
         for it in items:
-            present = {v: subject_present(it, m, v) for v in ["orig", *m["variants"]]}
-            if it["kind"] in PRESUPPOSING_KINDS and not present["orig"]:
+            if it["kind"] in PRESUPPOSING_KINDS and not subject_present(it, m, "orig"):
                 continue  # would presuppose an object the original does not show
             qa.append({k: it[k] for k in ("question", "kind", "targets", "source")}
-                      | {"answers": self._answers(it, m, abstain), "present": present})
+                      | {"answers": self._answers(it, m, abstain)})
         m["qa"] = qa
         for v in list(m["variants"]):
             # a counterfactual whose every answer equals the original's teaches nothing
