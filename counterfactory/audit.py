@@ -253,6 +253,28 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
     return out
 
 
+# -- (d) presupposition -------------------------------------------------------------------------------
+def presupposing(doc: dict[str, Any], abstain: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(finding, image, item) for one sample's JSON: ``on_original`` (an attribute question
+    about an object the original does not show), ``answered_on_absent`` (answered with anything
+    but the abstention on a variant without its object), ``abstained_on_absent`` (the rule:
+    DeFacto's abstention), ``orig_abstain_on_present`` ("unknown" on an original that shows it).
+    Presence comes from the item's targets and the edit records (``qa.subject_present``)."""
+    out = []
+    for it in doc.get("qa", []):
+        for v, a in sorted(it["answers"].items()):
+            if v != "orig" and v not in doc.get("edits", {}):
+                continue
+            present = subject_present(it, doc, v)
+            if v == "orig" and present and a == abstain:
+                out.append(("orig_abstain_on_present", v, it))
+            if it["kind"] not in PRESUPPOSING_KINDS or present:
+                continue
+            what = "on_original" if v == "orig" else "answered_on_absent" if a != abstain else "abstained_on_absent"
+            out.append((what, v, it))
+    return out
+
+
 # -- the audit ----------------------------------------------------------------------------------------
 def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any] | None = None) -> dict[str, Any]:
     """The shortcut audit of one version folder (or a staging folder about to be published).
@@ -310,20 +332,10 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
             for v, a in sorted(it["answers"].items()):
                 rows.append({"g": g, "v": v, "q": it["question"], "k": it["kind"], "a": a,
                              "orig": it["answers"]["orig"]})
-                present = subject_present(it, doc, v)
-                if v == "orig" and present and a == abstain:
-                    pres["orig_abstain_on_present"] += 1
-                if it["kind"] not in PRESUPPOSING_KINDS or present:
-                    continue
-                if v == "orig":
-                    pres["on_original"] += 1
-                elif a != abstain:
-                    pres["answered_on_absent"] += 1
-                else:
-                    pres["abstained_on_absent"] += 1
-                    continue
-                if len(examples) < 5:
-                    examples.append(f"{key} {v}: {it['question']!r} -> {a!r}")
+        for what, v, it in presupposing(doc, abstain):
+            pres[what] += 1
+            if what in ("on_original", "answered_on_absent") and len(examples) < 5:
+                examples.append(f"{key} {v}: {it['question']!r} -> {it['answers'][v]!r}")
         orig_data = _part(smp, "orig")
         if orig_data is None:  # a clip: the image probe does not apply
             continue
