@@ -336,6 +336,8 @@ def audit_html(a: dict[str, Any] | None) -> str:
     if not a:
         return ""
     e = html.escape
+    if a.get("error"):
+        return f'<section id="audit"><h2>Shortcut audit</h2><p>could not be computed: {e(a["error"])}</p></section>'
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     rows = []
     for v in ["orig", *sorted((set(a.get("detectability", {})) | set(a.get("blind", {}))) - {"orig"})]:

@@ -259,7 +259,7 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         commands.insert(0, f"{info['command']}   # the command that made it")
     changes = _changes(vdir, info)
     audit = _audit(vdir, cfg)
-    audit_seconds = audit["cost"].pop("seconds") if audit else None  # timing: the rest is reproducible
+    audit_seconds = audit["cost"].pop("seconds", None) if audit else None  # timing: the rest is reproducible
     return {
         "format": "counterfactory-card/1",
         "dataset": dataset,
@@ -340,7 +340,11 @@ def _audit(vdir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
     settings = cfg.get("audit") or {}
     if settings.get("sample_pairs", 1) == 0:
         return None
-    return audit.audit_version(vdir, settings)
+    try:
+        return audit.audit_version(vdir, settings)
+    except Exception as exc:  # noqa: BLE001 - a card is still written; the failure is its warning
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"], "cost": {"seconds": None}}
 
 
 def _display_root(root: str | None) -> str:
@@ -469,6 +473,8 @@ def render_markdown(card: dict[str, Any]) -> str:
 def _audit_markdown(a: dict[str, Any] | None) -> str:
     from counterfactory import audit
 
+    if a and a.get("error"):
+        return f"**The audit could not be computed:** {a['error']}"
     return audit.render_markdown(a) if a else "_not computed (audit.sample_pairs: 0)_"
 
 

@@ -49,14 +49,14 @@ def exhaustive_for(m: dict[str, Any], cats: list[str]) -> bool:
 
 def subject_present(item: dict[str, Any], m: dict[str, Any], v: str) -> bool:
     """Whether the object a question is about can be seen in image ``v`` ("orig" or a variant)."""
-    t = set(item["targets"])
-    on_orig = bool(t & set(m["targets"]))  # items are about the evidence or an inserted kind
+    t = set(item.get("targets") or [])
+    on_orig = bool(t & set(m.get("targets") or []))  # items are about the evidence or an inserted kind
     if v == "orig":
         return on_orig
-    e = m["edits"][v]
+    e = m.get("edits", {}).get(v, {})
     if e.get("inserted_category") in t:
         return True
-    affects = e.get("affects", [] if e.get("region") == "control" else m["targets"])
+    affects = e.get("affects", [] if e.get("region") == "control" else m.get("targets") or [])
     if "*" not in affects and not set(affects) & t:
         return on_orig
     if v in _HIDES:
