@@ -56,9 +56,10 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     # temporal counterfactuals (video)
     "reverse": {k: "keep" for k in _ALL} | {"direction": "swap_lr", "order": "flip_order", "temporal": "abstain"},
     "shuffle": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
-    # events after the freeze never happen: "does A happen before B?" has no answer once the
-    # clip stops before both (found by tests/test_rules_oracle.py; it used to keep the answer)
-    "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
+    # a held middle segment: events inside it happen at once when the clip resumes, so two
+    # events both inside it lose their order (tests/test_rules_oracle.py; the video stage must
+    # not hold a segment that holds both events of an order question)
+    "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "temporal": "abstain"},
 }
 
 RULE_TEXT = {

@@ -20,7 +20,7 @@ ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "inser
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
-    cfg = make_config(tmp, [scenes_input(24, seed=3, questions=3)])
+    cfg = make_config(tmp, [scenes_input(14, seed=3, questions=2)])
     cfg.stage("edit").params["variants"] = ALL
     res = run_pipeline(cfg, local=True)
     return cfg, res
@@ -54,23 +54,22 @@ def test_the_card_carries_the_audit(published):
     readme = (res.out_dir / "README.md").read_text()
     assert "## Shortcut audit" in readme and f"| blackout | {d['blackout']['auc']:.2f} |" in readme
     assert "## Inputs and what their annotations assert" in readme
-    assert card["inputs"] == [{"input": 0, "kind": "procedural", "source": "24 generated",
+    assert card["inputs"] == [{"input": 0, "kind": "procedural", "source": "14 generated",
                                "exhaustive": "every category (all objects of a scene are annotated)"}]
 
 
 def test_the_audit_is_deterministic(published):
     _, res = published
-    a, b = audit.audit_version(res.out_dir), audit.audit_version(res.out_dir)
-    a["cost"].pop("seconds"), b["cost"].pop("seconds")
-    card = json.loads((res.out_dir / "card.json").read_text())["audit"]
-    assert a == b == card
+    a = audit.audit_version(res.out_dir)  # the card's was computed in the staging folder, at publish
+    a["cost"].pop("seconds")
+    assert a == json.loads((res.out_dir / "card.json").read_text())["audit"]
 
 
 def test_sampling_caps_the_cost(published):
     _, res = published
     a = audit.audit_version(res.out_dir, {"sample_pairs": 8})
     assert a["sample"]["audited"] == 8 and a["cost"]["images_decoded"] <= 8 * (1 + len(ALL))
-    assert audit.audit_version(res.out_dir, {"sample_pairs": 8})["blind"] == a["blind"]
+    assert a["balance"] == json.loads((res.out_dir / "card.json").read_text())["audit"]["balance"]  # all rows
 
 
 def test_the_viewer_shows_the_audit_escaped(published):
@@ -140,7 +139,7 @@ def test_strict_refuses_a_dataset_over_the_thresholds(tmp_path, capsys):
     import yaml
 
     data = yaml.safe_load(DEMO.read_text())
-    data["inputs"] = [scenes_input(10, seed=1)]
+    data["inputs"] = [scenes_input(5, seed=1)]
     data["output"]["root"] = str(tmp_path / "out")
     data["audit"] = {"max_probe_auc": 0.5, "probe_exempt": []}  # blackout is always visible
     data["ray"] = {"address": None, "num_cpus": 1}
