@@ -111,7 +111,10 @@ def _command_line(argv: list[str] | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    # --strict: a dataset over the audit's thresholds is refused at publish (exit 3); it is a
+    # failure-budget setting, so it changes no spec id
+    overrides = [*args.overrides, *(["failure_budget.refuse_on_audit=true"] if args.strict else [])]
+    cfg = load_config(args.config, overrides)
     if args.dry_run:
         from counterfactory.pipeline.inputs import plan_inputs
 
@@ -194,6 +197,26 @@ def cmd_card(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Recompute a version's shortcut audit with the thresholds of its config; exit 3 when it is
+    over them (so scripts can gate on it), 0 otherwise."""
+    from counterfactory import audit
+    from counterfactory import versions as V
+
+    v = V.locate(args.dataset, args.root)
+    if v.remote:
+        raise V.VersionError(f"{args.dataset}: audit reads local versions only (copy it first)")
+    try:
+        a = audit.audit_version(v.path)
+    except (KeyError, ValueError) as exc:
+        raise V.VersionError(f"{v.path}: cannot audit: {exc}") from None
+    if args.json:
+        print(json.dumps(a, indent=2, sort_keys=True))
+    else:
+        print("\n".join(audit.summary_lines(a)))
+    return 3 if a["warnings"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -417,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--force", action="store_true", help="build a new version even if this spec has one")
+    r.add_argument("--strict", action="store_true",
+                   help="refuse to publish a dataset over the shortcut audit's thresholds (exit 3)")
     r.set_defaults(func=cmd_run)
 
     def root(sp: argparse.ArgumentParser) -> None:
@@ -450,6 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     root(f)
     f.add_argument("-v", "--verbose", action="store_true", help="print passing checks too")
     f.set_defaults(func=cmd_verify)
+    # -- the shortcut audit (counterfactory.audit) --
+    au = sub.add_parser("audit", help="shortcut audit of a version: edit detectability, blind answerers, "
+                                      "label balance, presupposing questions")
+    au.add_argument("dataset", metavar="DATASET[@vN]")
+    root(au)
+    au.add_argument("--json", action="store_true", help="print the audit as JSON")
+    au.set_defaults(func=cmd_audit)
+
     d = sub.add_parser("diff", help="compare two versions")
     d.add_argument("a", metavar="DATASET@A")
     d.add_argument("b", metavar="DATASET@B")

@@ -24,7 +24,11 @@ _ALL = QUESTION_KINDS
 #   yes_if_remaining  "yes" while instances remain after the edit, else "no"
 #   minus_removed     count minus the instances removed
 #   plus_inserted     count plus the instances inserted
-#   new_value         the value the edit set (a new color, the swapped side, ...)
+#   new_value         the value the edit set for this kind (attribute: the new color; swap: the
+#                     evidence's new side; insert: the inserted object's color)
+#   new_side          the side the inserted object was placed on (insert sets a color *and* a
+#                     place: one ``new_value`` cannot answer both, and position questions used to
+#                     get the new color)
 #   swap_lr           left <-> right (mirror; also motion direction)
 #   flip_order        before <-> after, and yes <-> no for "does A happen before B?"
 #   abstain           the evidence is hidden, gone or scrambled: not answerable from the data
@@ -37,7 +41,7 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     "random_mask": {k: "keep" for k in _ALL},
     # HalluciDoctor: an object pasted where no evidence is; questions are about the inserted one.
     "insert": {k: "abstain" for k in _ALL} | {"existence": "yes", "count": "plus_inserted",
-                                               "color": "new_value", "position": "new_value"},
+                                               "color": "new_value", "position": "new_side"},
     "attribute": {k: "keep" for k in _ALL} | {"color": "new_value", "other": "abstain"},
     # the evidence repainted as another kind of object: about the old kind, as after removal;
     # questions about the new kind follow the "insert" row
@@ -52,6 +56,9 @@ ANSWER_RULES: dict[str, dict[str, str]] = {
     # temporal counterfactuals (video)
     "reverse": {k: "keep" for k in _ALL} | {"direction": "swap_lr", "order": "flip_order", "temporal": "abstain"},
     "shuffle": {k: "keep" for k in _ALL} | {"direction": "abstain", "order": "abstain", "temporal": "abstain"},
+    # a held middle segment: events inside it happen at once when the clip resumes, so two
+    # events both inside it lose their order (tests/test_rules_oracle.py; the video stage must
+    # not hold a segment that holds both events of an order question)
     "freeze": {k: "keep" for k in _ALL} | {"direction": "abstain", "temporal": "abstain"},
 }
 
@@ -63,6 +70,7 @@ RULE_TEXT = {
     "minus_removed": "original count minus instances removed",
     "plus_inserted": "original count plus instances inserted",
     "new_value": "the value the edit set",
+    "new_side": "the side the edit placed it on",
     "swap_lr": "left and right swapped",
     "flip_order": "before/after (and yes/no) swapped",
     "abstain": "abstention answer",
@@ -114,6 +122,7 @@ def classify_question(question: str) -> str:
 def answer_for(
     edit: str, kind: str, original: str, *, removed: int = 0, inserted: int = 0,
     new_value: str | None = None, remaining: int | None = None, abstain: str = "unknown",
+    new_side: str | None = None,
 ) -> str:
     """The answer to a question about the edited evidence after ``edit`` (see ANSWER_RULES)."""
     rule = ANSWER_RULES[edit].get(kind, "abstain")
@@ -138,6 +147,10 @@ def answer_for(
         if new_value is None:
             raise ValueError(f"edit {edit!r} sets a new value for {kind} questions but none was given")
         return new_value
+    if rule == "new_side":
+        if new_side is None:
+            raise ValueError(f"edit {edit!r} places an object but no side was given")
+        return new_side
     if rule == "swap_lr":
         return _LR.get(original.strip().lower(), original)
     if rule == "flip_order":

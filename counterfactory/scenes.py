@@ -210,6 +210,8 @@ def scene_record(
         "width": spec["width"],
         "height": spec["height"],
         "objects": spec["objects"],
+        # every object of a scene is annotated: "no triangle" and "0 stars" are ground truth
+        "exhaustive": "*",
         "questions": scene_questions(spec, n_questions, qseed),
     }
 

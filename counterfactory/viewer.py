@@ -244,6 +244,7 @@ td.abstain{color:#999;font-style:italic} td.changed{font-weight:700;color:#b0002
 <span id="shown-count"></span>
 </div>
 <main>
+__AUDIT__
 <section id="samples"></section>
 <h2 id="rejects-title">Rejects</h2>
 <section id="rejects" class="rejects"></section>
@@ -330,7 +331,36 @@ apply();
 """
 
 
-def render_page(data: dict[str, Any], abstain: str = "unknown") -> str:
+def audit_html(a: dict[str, Any] | None) -> str:
+    """The card's shortcut audit (``counterfactory.audit``) as a static, escaped HTML block."""
+    if not a:
+        return ""
+    e = html.escape
+    if a.get("error"):
+        return f'<section id="audit"><h2>Shortcut audit</h2><p>could not be computed: {e(a["error"])}</p></section>'
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    rows = []
+    for v in ["orig", *sorted((set(a.get("detectability", {})) | set(a.get("blind", {}))) - {"orig"})]:
+        d, b = a.get("detectability", {}).get(v, {}), a.get("blind", {}).get(v, {})
+        h = d.get("heatmap") or {}
+        cells = [v, "-" if d.get("auc") is None else f"{d['auc']:.2f}",
+                 f"{pct(h.get('top_window_hit_rate'))} ({pct(h.get('chance_hit_rate'))})" if h else "-",
+                 pct(b.get("original_answer")), pct(b.get("majority_per_kind")), pct(b.get("text_only")),
+                 pct(a.get("balance", {}).get(v, {}).get("abstain_share"))]
+        rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{e(h)}</th>" for h in ("variant", "probe AUC", "heat map hit (chance)",
+                                                 "blind: orig answer", "blind: majority/kind", "blind: text only",
+                                                 "abstain share"))
+    warn = "".join(f"<li>{e(w)}</li>" for w in a.get("warnings", []))
+    p = a.get("presupposition", {})
+    pres = e(f"presupposing questions: {p.get('on_original', 0)} on originals, "
+             f"{p.get('answered_on_absent', 0)} answered on variants without their object")
+    return ('<section id="audit"><h2>Shortcut audit</h2>'
+            + (f'<ul class="warnings" style="color:#b00020">{warn}</ul>' if warn else "<p>under every threshold</p>")
+            + f"<table><tr>{head}</tr>{''.join(rows)}</table><p>{pres}</p></section>")
+
+
+def render_page(data: dict[str, Any], abstain: str = "unknown", audit: dict[str, Any] | None = None) -> str:
     c = data["counts"]
     title = html.escape(f"{data['dataset']} {data['version']}")
     ids = html.escape(f"spec id {(data['spec_id'] or '-')[:12]}  content id {(data['content_id'] or '-')[:12]}")
@@ -338,7 +368,8 @@ def render_page(data: dict[str, Any], abstain: str = "unknown") -> str:
                          f"{c['rejected_variants']} rejected variants")
     blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
     return (PAGE.replace("__TITLE__", title).replace("__IDS__", ids).replace("__COUNTS__", counts)
-            .replace("__ABSTAIN__", json.dumps(abstain)).replace("__DATA__", blob))
+            .replace("__ABSTAIN__", json.dumps(abstain)).replace("__AUDIT__", audit_html(audit))
+            .replace("__DATA__", blob))
 
 
 def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int = 300,
@@ -354,7 +385,9 @@ def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int 
         (tmp / "img").mkdir()
         data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
         cfg = yaml.safe_load((version.path / "config.yaml").read_text()) or {}
-        page = render_page(data, cfg.get("abstain_answer", "unknown"))
+        card_path = version.path / "card.json"
+        audit = json.loads(card_path.read_text()).get("audit") if card_path.exists() else None
+        page = render_page(data, cfg.get("abstain_answer", "unknown"), audit)
         if out_dir:  # the card links are relative to VERSION/viewer; point them at the version
             rel = os.path.relpath(version.path, out)
             page = page.replace('href="../README.md"', f'href="{rel}/README.md"').replace(

@@ -163,3 +163,102 @@ def test_an_object_annotated_white_or_silver_gets_no_attribute_edit(tmp_path):
     assert [r["reason"] for r in white.meta["variant_rejects"] if r["variant"] == "attribute"] == ["achromatic_evidence"]
     assert "attribute" in orange.meta["variants"]
     assert orange.meta["edits"]["attribute"]["new_value"] not in ("orange", orange.meta["edits"]["attribute"]["color_before"])
+
+
+# -- no presupposition; absence only where the annotations are exhaustive (issue #16) ---------------
+def test_no_question_presupposes_an_object_the_image_does_not_show(processed):
+    """Color, position and other attribute questions are asked only about objects the original
+    shows, never answered "unknown" there, and on a variant without their object only the
+    abstention is right. The object insert brings in gets existence and count questions."""
+    from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
+
+    inserted = 0
+    for _, s in zip(*processed, strict=True):
+        m = s.meta
+        for item in m["qa"]:
+            if item["kind"] not in PRESUPPOSING_KINDS:
+                continue
+            assert subject_present(item, m, "orig"), item
+            assert item["answers"]["orig"] != "unknown", item
+            for v in m["variants"]:
+                if not subject_present(item, m, v):
+                    assert item["answers"][v] == "unknown", (v, item)
+        for v in m["variants"]:
+            cat = m["edits"][v].get("inserted_category")
+            if cat:
+                about = {q["kind"]: q["answers"] for q in m["qa"] if q["targets"] == [cat]}
+                # procedural scenes annotate every object: "no"/"0" is ground truth there
+                assert set(about) == {"existence", "count"}, about
+                assert (about["existence"]["orig"], about["count"]["orig"]) == ("no", "0")
+                assert (about["existence"][v], about["count"][v]) == ("yes", "1")
+                inserted += 1
+    assert inserted >= 5
+
+
+def _manifest_samples(tmp_path, lines, variants):
+    import json
+
+    from tests.conftest import save, square_scene
+
+    save(square_scene(), tmp_path / "sq.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
+    cfg.stage("edit").params["variants"] = variants
+    records = load_records(cfg)
+    return records, [s for b in local_batches(cfg, records, stop_after="qa") for s in decode_batch(b)]
+
+
+def test_absence_is_asserted_only_for_exhaustively_annotated_categories(tmp_path):
+    """A photo annotated "box" says nothing about stars: the inserted star's existence abstains
+    on the original and no count is asked, unless the line declares its annotations exhaustive;
+    a line declaring nothing exhaustive gets no "no" after removal either; a malformed
+    declaration is a rejected line."""
+    from tests.conftest import square_line
+
+    lines = [square_line("sq.png"),  # default: exhaustive for what it annotates (box)
+             square_line("sq.png", question="Is there a red box in the image?", exhaustive=True),
+             square_line("sq.png", question="Is there a box here?", exhaustive=False),
+             square_line("sq.png", question="Is there a box at all?", exhaustive=["box", "star", "circle",
+                                                                                   "square", "triangle",
+                                                                                   "hexagon"]),
+             square_line("sq.png", question="Any box?", exhaustive=3)]
+    records, samples = _manifest_samples(tmp_path, lines, ["remove", "insert"])
+    assert [r.get("exhaustive") for r in records[:4]] == [["box"], "*", [], ["box", "circle", "hexagon", "square",
+                                                                            "star", "triangle"]]
+    default, everything, nothing, listed, bad = samples
+    assert not bad.ok and bad.meta["reject"]["reason"] == "bad_manifest_line"
+    assert "exhaustive" in bad.meta["reject"]["detail"]
+
+    def about(s, cat):
+        return {q["kind"]: q["answers"] for q in s.meta["qa"] if q["targets"] == [cat]}
+
+    for s, known in ((default, False), (everything, True), (nothing, False), (listed, True)):
+        assert s.ok, s.meta.get("reject")
+        cat = s.meta["edits"]["insert"]["inserted_category"]
+        got = about(s, cat)
+        if known:
+            assert set(got) == {"existence", "count"} and got["existence"]["orig"] == "no"
+            assert got["count"] == {"orig": "0", "remove": "0", "insert": "1"}
+        else:  # no presupposed "no": the abstention, and no count question at all
+            assert set(got) == {"existence"} and got["existence"]["orig"] == "unknown"
+        assert got["existence"]["insert"] == "yes"
+        assert s.meta["source"]["exhaustive"] == s.meta["exhaustive"]
+    ev = about(nothing, "box")
+    assert ev["existence"]["remove"] == "unknown" and "count" not in ev  # unannotated boxes may remain
+    assert about(default, "box")["existence"]["remove"] == "no"
+
+
+def test_coco_inputs_are_exhaustive_for_their_category_list(tmp_path):
+    import json
+
+    from tests.conftest import save, square_scene
+
+    save(square_scene(), tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 120}],
+            "categories": [{"id": 1, "name": "box"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 30, 50, 50]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    cfg = make_config(tmp_path, [{"kind": "coco", "path": str(tmp_path / "c.json")}])
+    assert {tuple(r["exhaustive"]) for r in load_records(cfg)} == {("box", "dog")}
+    cfg = make_config(tmp_path, [{"kind": "coco", "path": str(tmp_path / "c.json"), "exhaustive": False}])
+    assert {tuple(r["exhaustive"]) for r in load_records(cfg)} == {()}

@@ -58,6 +58,14 @@ Abstentions ("{abstain}") by variant and question kind:
 
 {rule_table}
 
+## Inputs and what their annotations assert
+
+{inputs_table}
+
+## Shortcut audit
+
+{audit}
+
 ## Filters and rejects (the yield of every filter)
 
 Whole inputs, in stage order:
@@ -250,6 +258,8 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     if info.get("command"):
         commands.insert(0, f"{info['command']}   # the command that made it")
     changes = _changes(vdir, info)
+    audit = _audit(vdir, cfg)
+    audit_seconds = audit["cost"].pop("seconds", None) if audit else None  # timing: the rest is reproducible
     return {
         "format": "counterfactory-card/1",
         "dataset": dataset,
@@ -283,10 +293,58 @@ def compute_card(vdir: Path) -> dict[str, Any]:
                                               variants_order)],
         "models": models,
         "stages": [{"name": s["name"], "backend": s.get("backend", "default")} for s in stages_cfg],
-        "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {})},
+        "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {}),
+                   "audit_seconds": audit_seconds},
         "regenerate": commands,
         "changes": changes,
+        "inputs": input_kinds(cfg),
+        "audit": audit,
     }
+
+
+# -- inputs and the shortcut audit (counterfactory.audit) ------------------------------------------
+def input_kinds(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each input's kind and which categories its annotations are exhaustive for: where an
+    answer may say "no"/"0" about a category (elsewhere it abstains)."""
+    out = []
+    for i, inp in enumerate(cfg.get("inputs", [])):
+        kind = inp.get("kind", "?")
+        ex = inp.get("exhaustive")
+        if kind in ("procedural", "procedural_video"):
+            what = "every category (all objects of a scene are annotated)"
+        elif kind == "coco":
+            what = "the categories listed in the file" if ex is None else _exhaustive_text(ex)
+        elif kind == "manifest":
+            what = _exhaustive_text(ex if ex is not None else "annotated") + "; a line may declare its own"
+        else:
+            what = "as the video stage asserts"
+        out.append({"input": i, "kind": kind, "source": inp.get("path") or f"{inp.get('count', 0)} generated",
+                    "exhaustive": what})
+    return out
+
+
+def _exhaustive_text(ex: Any) -> str:
+    if ex is True:
+        return "every category"
+    if ex is False:
+        return "none (absence is never asserted)"
+    if ex == "annotated":
+        return "the categories each image annotates"
+    return ", ".join(str(c) for c in ex) or "none"
+
+
+def _audit(vdir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The shortcut audit, or None when the config turns it off (``audit.sample_pairs: 0``)."""
+    from counterfactory import audit
+
+    settings = cfg.get("audit") or {}
+    if settings.get("sample_pairs", 1) == 0:
+        return None
+    try:
+        return audit.audit_version(vdir, settings)
+    except Exception as exc:  # noqa: BLE001 - a card is still written; the failure is its warning
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"], "cost": {"seconds": None}}
 
 
 def _display_root(root: str | None) -> str:
@@ -377,7 +435,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     t = card["timing"]
     timing = _table(["stage", "seconds (summed over samples)"],
                     [[k, f"{v:.3f}"] for k, v in sorted(t["stage_seconds"].items())]
-                    + [["wall", "-" if t["wall_seconds"] is None else f"{t['wall_seconds']:.3f}"]])
+                    + [["wall", "-" if t["wall_seconds"] is None else f"{t['wall_seconds']:.3f}"]]
+                    + ([["audit", f"{t['audit_seconds']:.3f}"]] if t.get("audit_seconds") is not None else []))
     ch = card["changes"]
     if ch is None:
         changes = "None: this is the first version of the dataset."
@@ -401,11 +460,22 @@ def render_markdown(card: dict[str, Any]) -> str:
         parent=card["parent"] or "-", package_version=card["package_version"],
         counts_table=counts_table, kind_variant_table=kv, abstain=card["abstain_answer"], abstain_table=ab,
         rule_table=rule_table(variants or ["remove", "blackout", "random_mask"]),
+        inputs_table=_table(["input", "kind", "source", "absence asserted for"],
+                            [[i["input"], i["kind"], i["source"], i["exhaustive"]] for i in card.get("inputs", [])]),
+        audit=_audit_markdown(card.get("audit")),
         yield_table=yt, variant_reject_table=vt, histogram_table=ht, schema=schema, models=models,
         timing_table=timing, seed=card["seed"], config_hash=card["config_hash"],
         spec_id=card["spec_id"] or "-", content_id=card["content_id"] or "-",
         commands="\n".join(card["regenerate"]), changes=changes,
     )
+
+
+def _audit_markdown(a: dict[str, Any] | None) -> str:
+    from counterfactory import audit
+
+    if a and a.get("error"):
+        return f"**The audit could not be computed:** {a['error']}"
+    return audit.render_markdown(a) if a else "_not computed (audit.sample_pairs: 0)_"
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -477,11 +547,26 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
 
 
 def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
-    """Write README.md, card.json and plots/ into a version folder (or its staging folder)."""
+    """Write README.md, card.json and plots/ into a version folder (or its staging folder).
+
+    The runner calls it on the staging folder just before the publish rename: a dataset over
+    the audit's thresholds with ``failure_budget.refuse_on_audit`` (``run --strict``) raises
+    ``AuditFailed`` here, so nothing is published and no card is written."""
     card = compute_card(vdir)
+    _gate(vdir, card)
     (vdir / "plots").mkdir(exist_ok=True)
     for name, data in render_plots(card).items():
         atomic_write(vdir / name, data)
     atomic_write(vdir / "card.json", json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False).encode())
     atomic_write(vdir / "README.md", render_markdown(card).encode())
     return card
+
+
+def _gate(vdir: Path, card: dict[str, Any]) -> None:
+    from counterfactory.audit import AuditFailed
+
+    cfg = yaml.safe_load((vdir / "config.yaml").read_text()) if (vdir / "config.yaml").exists() else {}
+    warnings = (card.get("audit") or {}).get("warnings") or []
+    if warnings and (cfg.get("failure_budget") or {}).get("refuse_on_audit"):
+        more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+        raise AuditFailed(f"audit: {warnings[0]}{more}; nothing published (--strict)")

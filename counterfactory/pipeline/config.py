@@ -86,12 +86,23 @@ class StageConfig(Strict):
     resources: Resources = Field(default_factory=Resources)
 
 
+# Which categories an input's annotations name *every* instance of, in every image: only for
+# those may an answer assert absence ("Is there a triangle? no", "How many ...? 0"). ``true``:
+# all categories (procedural scenes); ``false``: none; ``"annotated"``: the categories each
+# image annotates (the default for manifests: a line that annotates towers annotates all of
+# them, and says nothing of triangles); a list: exactly those category names. A manifest line
+# may carry its own ``exhaustive`` with the same values.
+Exhaustive = bool | Literal["annotated"] | list[Annotated[str, Field(min_length=1)]]
+
+
 class ManifestInput(Strict):
     """JSONL, one image per line with one question (``question``) or several (``questions``)."""
 
     kind: Literal["manifest"]
     path: str
     images_root: str | None = None  # default: the manifest's folder
+    exhaustive: Exhaustive = Field("annotated", description="categories whose every instance is annotated "
+                                   "(true, false, \"annotated\" or a list); a line's own 'exhaustive' wins")
 
 
 class CocoInput(Strict):
@@ -102,6 +113,9 @@ class CocoInput(Strict):
     images_root: str | None = None
     question_kinds: list[Literal["existence", "count", "color", "position"]] = ["existence", "count"]
     max_categories_per_image: int = Field(3, ge=1)
+    # COCO annotates every instance of each of its categories (crowds aside): by default the
+    # file's category list, and nothing outside it
+    exhaustive: Exhaustive | None = Field(None, description="null: the categories listed in the file")
 
 
 def _size(min_side: int, what: str) -> Any:
@@ -188,12 +202,37 @@ class RayConfig(Strict):
 class FailureBudget(Strict):
     """When a run gives up. Excluded from the spec: raising the budget resumes the same run."""
 
+    # a dataset over the audit's thresholds (``audit:``) is refused at publish (exit 3, nothing
+    # published) instead of published with a warning in its card; ``run --strict`` sets it
+    refuse_on_audit: bool = False
+
     # more rejected inputs than this share of all inputs stops the run (null: never)
     max_reject_share: float | None = Field(None, ge=0.0, le=1.0)
     # blocks Ray Data may give up on after retries; their inputs become rejects (errored_block)
     max_errored_blocks: int = Field(0, ge=0)
     # retries of a task, restarts of an actor, after a system failure (worker or node died)
     system_retries: int = Field(3, ge=0)
+
+
+class AuditConfig(Strict):
+    """The shortcut audit computed at publish (``counterfactory.audit``): sample size and the
+    thresholds over which the card carries a warning (or, with ``--strict``, nothing is published).
+    Part of the spec: other thresholds give another card."""
+
+    sample_pairs: int = Field(256, ge=0, description="at most this many samples are read for the image probe, "
+                              "blind answerers and presupposition check (0: audit off)")
+    folds: int = Field(5, ge=2, le=20, description="cross-validation folds (grouped by sample)")
+    seed: int = 0
+    grid: int = Field(8, ge=2, le=32, description="the probe's windows: a grid x grid split of each image")
+    max_probe_auc: float = Field(0.9, ge=0.5, le=1.0, description="edit detectability (orig vs variant) over this warns")
+    probe_exempt: list[str] = Field(["blackout", "random_mask"], description="variants meant to be seen (DeFacto's "
+                                    "masked evidence and its control)")
+    max_blind_accuracy: float = Field(0.85, ge=0.0, le=1.0, description="a blind answerer (text or answer prior only) "
+                                      "over this on a counterfactual variant warns")
+    max_abstain_share: float = Field(0.6, ge=0.0, le=1.0, description="abstentions on a variant whose rules do not "
+                                     "abstain on everything, over this share, warn")
+    max_presupposing: int = Field(0, ge=0, description="questions about an object absent from the image they are "
+                                  "asked of (on an original, or answered on a variant), over this warn")
 
 
 REQUIRED_STAGES = ("ingest", "localize", "segment", "edit", "qa", "verify")
@@ -208,6 +247,7 @@ class PipelineConfig(Strict):
     abstain_answer: str = "unknown"
     ray: RayConfig = Field(default_factory=RayConfig)
     failure_budget: FailureBudget = Field(default_factory=FailureBudget)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     stages: list[StageConfig]
 
     @field_validator("stages")

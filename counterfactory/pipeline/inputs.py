@@ -60,6 +60,21 @@ def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
     return str(p if p.is_absolute() else (root / p))
 
 
+def exhaustive_categories(value: Any, objects: list[Any]) -> str | list[str]:
+    """A declaration of exhaustive annotation (see ``config.Exhaustive``) as the record carries
+    it: ``"*"`` (every category) or the sorted category names whose every instance is annotated.
+    A malformed value is a ``ValueError`` (a bad manifest line, rejected with the reason)."""
+    if value is True:
+        return "*"
+    if value is False:
+        return []
+    if value == "annotated":
+        return sorted({str(o["category"]) for o in objects if isinstance(o, dict) and o.get("category")})
+    if isinstance(value, list) and all(isinstance(c, str) and c.strip() for c in value):
+        return sorted({c.strip() for c in value})
+    raise ValueError("'exhaustive' must be true, false, \"annotated\" or a list of category names")
+
+
 def _uri_reject(origin: str, image: str, exc: UnsupportedURI, **extra: Any) -> dict[str, Any]:
     return {"origin": origin, "image": image, **extra, "error": f"unsupported_uri: {exc}"}
 
@@ -125,8 +140,9 @@ def _bad_line(origin: str, raw: str, exc: Exception | str, **extra: Any) -> dict
     return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"bad_manifest_line: {exc}"}
 
 
-def _manifest_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, Any]]:
-    """The records of one manifest line: one per question, or one carrying the line's error."""
+def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "annotated") -> list[dict[str, Any]]:
+    """The records of one manifest line: one per question, or one carrying the line's error.
+    ``exhaustive`` is the input's declaration; the line's own ``exhaustive`` replaces it."""
     origin, raw = ln.origin, ln.text
     try:
         if ln.error:
@@ -139,14 +155,15 @@ def _manifest_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, An
         objects = line.get("objects", [])
         if not isinstance(objects, list):
             raise ValueError("'objects' must be a list")
+        complete = exhaustive_categories(line.get("exhaustive", exhaustive), objects)
     except UnsupportedURI as exc:
         return [_uri_reject(origin, line["image"], exc)]
     except (ValueError, TypeError) as exc:
         return [_bad_line(origin, raw, exc)]
     if not questions:
         return [{"origin": origin, "image": image, "error": "no_question: the line has no question"}]
-    return [{"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects}
-            for qi, q in enumerate(questions)]
+    return [{"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects,
+             "exhaustive": complete} for qi, q in enumerate(questions)]
 
 
 def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str, Any]]]:
@@ -179,6 +196,8 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
                 x, y, w, h = a["bbox"]
                 obj["box"] = [x, y, x + w, y + h]
             objects.append(obj)
+        complete = exhaustive_categories(sorted(set(cats.values())) if inp.exhaustive is None else inp.exhaustive,
+                                         objects)
         by_cat: dict[str, int] = defaultdict(int)
         for o in objects:
             by_cat[o["category"]] += 1
@@ -200,7 +219,7 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
             for q in qs:
                 q["targets"] = [cat]
                 recs.append({"origin": f"{origin}#{q['kind']}:{cat}", "image": image, "question": q,
-                             "objects": objects})
+                             "objects": objects, "exhaustive": complete})
         yield recs
 
 
@@ -358,12 +377,13 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
             home = str(Path.home())
             base = {"kind": "video_manifest" if video else "manifest", "path": str(mpath), "root": str(root),
                     "home": home}
-            parse = _video_line if video else _manifest_line
+            if not video:
+                base["exhaustive"] = inp.exhaustive
             first_slice = len(plan.slices)
             for ln in _jsonl(mpath):
                 if pl.full():
                     break
-                recs = parse(ln, root, home)
+                recs = _video_line(ln, root, home) if video else _manifest_line(ln, root, home, inp.exhaustive)
                 pl.add(base, len(recs), _image_refs(recs), start=ln.start)
                 if pl.open is not None and pl.open.get("start") == ln.start:
                     pl.open["lineno"] = ln.lineno - 1
@@ -392,14 +412,14 @@ def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
         for i in range(sl["first"], sl["first"] + sl["units"]):
             rec = scenes.scene_record(sl["seed"], i, (w, h), sl["q"])
             out += [{"origin": f"procedural:{sl['seed']}/{i}#q{qi}", "image": rec["image"], "question": q,
-                     "objects": rec["objects"]} for qi, q in enumerate(rec["questions"])]
+                     "objects": rec["objects"], "exhaustive": rec["exhaustive"]}
+                    for qi, q in enumerate(rec["questions"])]
     elif kind == "procedural_video":
         for i in range(sl["first"], sl["first"] + sl["units"]):
             line = video_scenes.clip_record(sl["seed"], i, tuple(sl["size"]), sl["frames"], sl["fps"])
             out.append(_video_record(line, Path("."), f"procedural_video:{sl['seed']}/{i}"))
     else:  # a manifest: re-read the slice's bytes, the same bytes that were counted
         path, root = Path(sl["path"]), Path(sl["root"])
-        parse = _video_line if kind == "video_manifest" else _manifest_line
         problem = None
         try:
             with open(path, "rb") as f:
@@ -412,7 +432,8 @@ def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
                 problem = "source_changed: the manifest changed after the run was planned"
             else:
                 for ln in _lines(data, sl["start"], sl["lineno"], path.name):
-                    out += parse(ln, root, sl["home"])
+                    out += (_video_line(ln, root, sl["home"]) if kind == "video_manifest"
+                            else _manifest_line(ln, root, sl["home"], sl.get("exhaustive", "annotated")))
         if problem:  # every record of the slice still ends in the rejects ledger, with the reason
             extra = {"media": "video"} if kind == "video_manifest" else {}
             out = [{"origin": f"{path.name}@{sl['start']}+{k}", "image": str(path), **extra, "error": problem}

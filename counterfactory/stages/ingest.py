@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from counterfactory import scenes
 from counterfactory.pipeline.config import resolve_path
+from counterfactory.pipeline.inputs import exhaustive_categories
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.storage import ObjectTooLarge, StorageError, is_remote, read_object
@@ -204,4 +205,10 @@ class Ingest(Stage):
         sample.key = sample_key(digest, m["question"]["question"])
         m["source"] = {"image": m.pop("image"), "origin": m.pop("origin"), "sha256": digest,
                        "width": w, "height": h, **info}
+        # the categories whose every instance the input annotates (qa asserts absence only for
+        # those; a record that declares nothing: the categories it annotates); kept with the
+        # source so that a reader of the shards can tell too
+        if "exhaustive" not in m:
+            m["exhaustive"] = exhaustive_categories("annotated", m.get("objects", []))
+        m["source"]["exhaustive"] = m["exhaustive"]
         sample.arrays["image"] = np.ascontiguousarray(arr)

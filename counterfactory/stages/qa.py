@@ -4,6 +4,15 @@ The input question is kept and its answer on each variant follows ``rules.ANSWER
 template questions about the same evidence (existence, count, and color/position where the
 annotations determine them) are added, so one sample teaches several kinds of looking. No
 question mentions the edit: the same question is asked of the original and every variant.
+
+No question presupposes: color, position and other attribute questions are asked only about
+objects the original shows (the evidence); an object an edit brings in (``insert``) gets
+existence and count questions, never "What color is the star?" over an image without a star.
+Absence ("no", "0") is asserted only for categories the input annotates exhaustively
+(``exhaustive`` on the record, see ``config.Exhaustive``); otherwise the answer abstains. The
+audit and a reader can tell on which images a question's subject is present, so they can
+check that no question about an absent object gets anything but the abstention
+(``subject_present``: from the item's targets and the edit records, which the shards keep).
 """
 
 from __future__ import annotations
@@ -14,9 +23,47 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.pipeline.sample import Reject, Sample, Stage
-from counterfactory.rules import answer_for, plural, side_of
+from counterfactory.rules import ANSWER_RULES, answer_for, plural, side_of, singular
+from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
 from counterfactory.stages.verify import CONTROLS
+
+# kinds that ask about a property of an object rather than whether (or how often) it is there:
+# asked of an image without the object they presuppose it
+PRESUPPOSING_KINDS = frozenset({"color", "position", "direction", "order", "temporal", "other"})
+# edits after which the evidence is not visible (gone or covered)
+_HIDES = frozenset({"remove", "replace", "blackout"})
+
+
+def exhaustive_for(m: dict[str, Any], cats: list[str]) -> bool:
+    """Whether the input annotates every instance of each of ``cats`` (so "no"/"0" is known).
+    A record that declares nothing: the categories it annotates."""
+    ex = m.get("exhaustive")
+    if ex is None:
+        ex = sorted({a["category"] for a in m.get("annotated", [])} | set(m.get("targets", [])))
+    if ex == "*":
+        return True
+    known = {singular(str(c)).lower() for c in ex}
+    return all(singular(c).lower() in known for c in cats)
+
+
+def subject_present(item: dict[str, Any], m: dict[str, Any], v: str) -> bool:
+    """Whether the object a question is about can be seen in image ``v`` ("orig" or a variant)."""
+    t = set(item.get("targets") or [])
+    on_orig = bool(t & set(m.get("targets") or []))  # items are about the evidence or an inserted kind
+    if v == "orig":
+        return on_orig
+    e = m.get("edits", {}).get(v, {})
+    if e.get("inserted_category") in t:
+        return True
+    affects = e.get("affects", [] if e.get("region") == "control" else m.get("targets") or [])
+    if "*" not in affects and not set(affects) & t:
+        return on_orig
+    if v in _HIDES:
+        return False
+    if v == "count":
+        return int(e.get("remaining_instances", 1)) > 0
+    return on_orig
 
 
 def original_answer(kind: str, given: str | None, instances: list[dict[str, Any]], core: np.ndarray) -> str | None:
@@ -65,6 +112,8 @@ class TemplateQA(Stage):
             }.get(kind)
             if text is None:
                 continue
+            if kind == "count" and not exhaustive_for(sample.meta, sample.meta["targets"]):
+                continue  # the annotated instances may not be all of them
             ans = original_answer(kind, None, instances, core)
             if ans is not None:
                 out.append({"question": text, "kind": kind, "answer": ans, "targets": sample.meta["targets"], "source": "template"})
@@ -95,12 +144,19 @@ class TemplateQA(Stage):
         for t in self._templates(sample, core):
             if t["kind"] == kind or (t["kind"], t["question"].lower()) in seen:
                 continue  # the input question already covers this kind
+            if t["kind"] == "count" and not exhaustive_for(m, t["targets"]):
+                continue  # a count from the annotations (template or LLM) needs all instances annotated
             seen.add((t["kind"], t["question"].lower()))
             items.append(t)
         abstain = self.run.get("abstain_answer", "unknown")
         items += self._inserted_items(m, abstain)
-        m["qa"] = [{k: it[k] for k in ("question", "kind", "targets", "source")}
-                   | {"answers": self._answers(it, m, abstain)} for it in items]
+        qa = []
+        for it in items:
+            if it["kind"] in PRESUPPOSING_KINDS and not subject_present(it, m, "orig"):
+                continue  # would presuppose an object the original does not show
+            qa.append({k: it[k] for k in ("question", "kind", "targets", "source")}
+                      | {"answers": self._answers(it, m, abstain)})
+        m["qa"] = qa
         for v in list(m["variants"]):
             # a counterfactual whose every answer equals the original's teaches nothing
             if v not in CONTROLS and all(q["answers"][v] == q["answers"]["orig"] for q in m["qa"]):
@@ -109,19 +165,22 @@ class TemplateQA(Stage):
 
     @staticmethod
     def _inserted_items(m: dict[str, Any], abstain: str) -> list[dict[str, Any]]:
-        """Questions about an inserted object: absent from the original, present after insert."""
+        """Questions about an inserted object: absent from the original, present after insert.
+        Only existence and count: its color or side asked of the original would presuppose it.
+        "no"/"0" on the original only where the input annotates that category exhaustively (a
+        photo annotated "rocket" says nothing about triangles in its trusses): otherwise the
+        existence answer abstains there and no count question is asked."""
         out, seen = [], set()
         for v in m["variants"]:
             cat = m["edits"][v].get("inserted_category")
             if not cat or cat in seen:  # two edits bringing in the same kind: one set of questions
                 continue
             seen.add(cat)
-            out.append({"question": f"Is there a {cat} in the image?", "kind": "existence", "answer": "no",
-                        "targets": [cat], "source": "template"})
-            out.append({"question": f"How many {plural(cat)} are there?", "kind": "count", "answer": "0",
-                        "targets": [cat], "source": "template"})
-            if m["edits"][v].get("new_value"):
-                out.append({"question": f"What color is the {cat}?", "kind": "color", "answer": abstain,
+            known = exhaustive_for(m, [cat])
+            out.append({"question": f"Is there a {cat} in the image?", "kind": "existence",
+                        "answer": "no" if known else abstain, "targets": [cat], "source": "template"})
+            if known:
+                out.append({"question": f"How many {plural(cat)} are there?", "kind": "count", "answer": "0",
                             "targets": [cat], "source": "template"})
         return out
 
@@ -140,11 +199,29 @@ class TemplateQA(Stage):
                 continue
             # questions about the object an edit brought in follow the insert rule
             rule_edit = "insert" if e.get("inserted_category") in it["targets"] else v
+            side = _placed_side(e, m)
+            if ((it["answer"] == abstain and it["kind"] != "existence")  # nothing to compute from
+                    or (ANSWER_RULES[rule_edit].get(it["kind"]) == "new_side" and side is None)):  # too central
+                answers[v] = abstain
+                continue
             try:
                 answers[v] = answer_for(
                     rule_edit, it["kind"], it["answer"], removed=e.get("removed_instances", 0),
                     inserted=e.get("inserted_instances", 0), new_value=e.get("new_value"),
-                    remaining=e.get("remaining_instances"), abstain=abstain)
+                    remaining=e.get("remaining_instances"), abstain=abstain, new_side=side)
             except ValueError as exc:
                 raise Reject("answer_rule_failed", f"{v}: {exc}") from None
+            if (it["kind"] == "existence" and answers[v] == "no" and rule_edit != "insert"
+                    and not exhaustive_for(m, it["targets"])):
+                # every annotated instance is gone, but the input does not say it annotated all
+                answers[v] = abstain
         return answers
+
+
+def _placed_side(e: dict[str, Any], m: dict[str, Any]) -> str | None:
+    """The side an inserted object lies on, from its polygon rasterized as the edit painted it;
+    None when the edit placed nothing (or too centrally to say)."""
+    poly = e.get("polygon")
+    if not poly:
+        return None
+    return side_of(polygon_mask(poly, int(m["source"]["width"]), int(m["source"]["height"])))
