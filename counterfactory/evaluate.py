@@ -72,7 +72,7 @@ def dataset_dir(ref: str | Path, root: str | Path = "outputs") -> Path:
 
 def _rows(ds: Path) -> list[dict[str, Any]]:
     cols = ["key", "shard", "questions", "question_kinds", "answers", "variants"]
-    return pq.read_table(ds / "index.parquet", columns=cols).to_pylist()
+    return pq.read_table(ds / "index.parquet", columns=cols, use_threads=False).to_pylist()
 
 
 def export_questions(ds: Path, out: Path, image_ext: str | None = None) -> int:

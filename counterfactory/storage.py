@@ -110,12 +110,40 @@ def object_info(uri: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
 
 
+class FetchError(OSError):
+    """A web object that could not be fetched (host unreachable, refused, an HTTP error other
+    than 404/410): not the same as an object that is not there."""
+
+
+def _http_missing_or_unreachable(uri: str) -> None:
+    """fsspec's HTTP filesystem reports every failure as "not found"; one HEAD request tells a
+    404 (FileNotFoundError) from a host that cannot be reached or refuses (FetchError)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(uri, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_CONNECT_TIMEOUT_S):  # noqa: S310 - http(s) only
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise FileNotFoundError(uri) from None
+        raise FetchError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FetchError(f"{uri}: unreachable ({reason})") from None
+    raise FileNotFoundError(uri)  # HEAD answers but the filesystem found nothing
+
+
 def read_object(uri: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of one input object. FileNotFoundError when absent, IsADirectoryError for a
-    prefix, ObjectTooLarge over ``max_bytes``; StorageError for a scheme nothing here opens."""
+    """The bytes of one input object. FileNotFoundError when absent, FetchError when a web
+    host cannot be reached, IsADirectoryError for a prefix, ObjectTooLarge over ``max_bytes``;
+    StorageError for a scheme nothing here opens."""
     fs, path = _object(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
+        if urlsplit(uri).scheme.lower() in ("http", "https"):
+            _http_missing_or_unreachable(uri)
         raise FileNotFoundError(uri)
     if info.type != pafs.FileType.File:
         raise IsADirectoryError(uri)

@@ -272,13 +272,19 @@ def dataset_location(cfg: PipelineConfig) -> versions.Dataset:
     return (local_path(root) if root.startswith("file://") else cfg.path(root)) / cfg.dataset
 
 
+class RunStopped(FailureBudgetExceeded):
+    """A run that stops before publishing for a reason other than its rejects (the same spec
+    already running, no inputs, inputs changed mid-run): one line, exit 3 like a spent budget."""
+
+
 def _lock_staging(staging: Path) -> int:
     fd = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"another run of the same spec is in progress in {staging}") from None
+        raise RunStopped(f"already running: another run of the same spec holds {staging}; "
+                         "wait for it to finish (this run changed nothing)") from None
     return fd
 
 
@@ -373,7 +379,7 @@ class RunResult:
 
 def _top_reasons(rejects: Path, k: int = 3) -> str:
     """The commonest whole-input reject reasons, each with one example detail."""
-    rows = [r for r in pq.read_table(rejects, columns=["stage", "reason", "detail", "variant"]).to_pylist()
+    rows = [r for r in pq.read_table(rejects, columns=["stage", "reason", "detail", "variant"], use_threads=False).to_pylist()
             if r["variant"] is None]
     counts = Counter(f"{r['stage']}/{r['reason']}" for r in rows)
     example = {f"{r['stage']}/{r['reason']}": (r["detail"] or "")[:120] for r in reversed(rows)}
@@ -394,6 +400,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     # counted here, read in slices where they are processed (see InputPlan)
     plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
     n_inputs = plan.n
+    if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
+        raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
     ds_dir = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = versions.work_dir(ds_dir)
@@ -449,10 +457,10 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             raise FailureBudgetExceeded(f"no sample survived: all {n_inputs} input(s) were rejected ("
                                         f"{_top_reasons(staging / 'rejects.parquet')}); nothing published")
         changed = versions.check_sources_unchanged(
-            source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"]).to_pylist())
+            source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"], use_threads=False).to_pylist())
         if changed:
             writer.drop_journal()  # its shards were made from other bytes: never resume them
-            raise RuntimeError(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
+            raise RunStopped(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
                                "nothing published")
         seconds = time.perf_counter() - t0
         summary = {"wall_seconds": round(seconds, 3),
