@@ -442,7 +442,8 @@ def _parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # a ReaderError spans lines
+        raise ConfigError(f"{source}:{where}: invalid YAML: {why}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a pipeline config") from None
 
