@@ -78,7 +78,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         kwargs["include_dashboard"] = False
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - a node that timed out starting, an address nothing answers
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise RunStopped(f"Ray could not start ({why}); nothing was run, rerun to resume") from None
 
 
 def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
