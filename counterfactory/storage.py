@@ -34,6 +34,20 @@ HTTP_CONNECT_TIMEOUT_S = 15
 HTTP_READ_TIMEOUT_S = 60
 
 
+def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A small parquet file (index, rejects) read without starting Arrow's thread pools.
+
+    ``pq.read_table`` goes through the dataset API, which starts Arrow's CPU and I/O pools even
+    with ``use_threads=False``; when a short command (``verify``, ``card``) exits, those C++
+    threads are torn down by static destructors and, a few percent of the time, a still-joinable
+    ``std::thread`` aborts the process ("terminate called without an active exception", exit
+    -6; more often with OpenCV loaded). ``ParquetFile.read`` with threads and pre-buffering off
+    starts none, and these files are small enough that threads gain nothing."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(source, pre_buffer=False).read(columns=columns, use_threads=False)
+
+
 class ObjectTooLarge(Exception):
     """An input object over the size its reader allows."""
 

@@ -56,6 +56,7 @@ from counterfactory.storage import (
     join_uri,
     local_path,
     local_workdir,
+    read_parquet,
 )
 
 VERSION_FILE = "version.json"
@@ -733,14 +734,12 @@ def verify(version: Version) -> list[Check]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         out.extend(pool.map(check_shard, manifest["shards"]))
     if sizes.get("index.parquet") is not None or (not version.remote and (version.path / "index.parquet").exists()):
-        import pyarrow.parquet as pq
-
         try:
-            # use_threads=False: Arrow's CPU pool, once started, can abort the process at exit
+            # single-threaded: Arrow's CPU and I/O pools, once started, can abort the process at exit
             # ("terminate called without an active exception", ~4% of `verify` runs, more with
             # OpenCV loaded); one small column gains nothing from threads
             with version.open("index.parquet") as f:
-                per = Counter(pq.read_table(f, columns=["shard"], use_threads=False).column("shard").to_pylist())
+                per = Counter(read_parquet(f, ["shard"]).column("shard").to_pylist())
         except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             out.append(Check("index.parquet", False, f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]))
         else:
@@ -795,9 +794,7 @@ def version_config(vdir: Path) -> dict[str, Any]:
 
 
 def _index(vdir: Path) -> dict[str, dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return {r["key"]: r for r in pq.read_table(vdir / "index.parquet", use_threads=False).to_pylist()}
+    return {r["key"]: r for r in read_parquet(vdir / "index.parquet").to_pylist()}
 
 
 def _reject_counts(manifest: dict[str, Any]) -> dict[str, int]:

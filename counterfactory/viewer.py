@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
+from counterfactory.storage import read_parquet
 from counterfactory.versions import VersionError
 
 THUMB = 240
@@ -118,8 +118,8 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
     """Read index, rejects and shards of a version; write thumbnails; return the page data."""
     vdir: Path = version.path
     manifest = json.loads((vdir / "manifest.json").read_text())
-    index = pq.read_table(vdir / "index.parquet", use_threads=False).to_pylist()
-    rejects = pq.read_table(vdir / "rejects.parquet", use_threads=False).to_pylist()
+    index = read_parquet(vdir / "index.parquet").to_pylist()
+    rejects = read_parquet(vdir / "rejects.parquet").to_pylist()
     shown = index[:max_samples]
     rej_shown = rejects[:max_rejects]
     wanted = {r["key"] for r in shown} | {r["key"] for r in rej_shown if r["variant"] is not None}
@@ -410,7 +410,13 @@ def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         (tmp / "img").mkdir()
-        data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
+        try:
+            data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
+        except (KeyError, TypeError, ValueError, RecursionError, tarfile.TarError) as exc:
+            # a hand-edited or damaged version: one line pointing at verify, not a traceback
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise ViewerError(f"{version.path}: cannot read this version for the viewer ({why}); "
+                              "run `counterfactory verify` on it") from None
         cfg = yaml.safe_load((version.path / "config.yaml").read_text()) or {}
         abstain = cfg.get("abstain_answer", "unknown") if isinstance(cfg, dict) else "unknown"
         card = "../"

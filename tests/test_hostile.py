@@ -367,6 +367,20 @@ def test_verify_garbled_versions_fail_in_one_line(small_version, tmp_path, capsy
 
 
 # -- 4. verify never aborts at exit ---------------------------------------------------------------
+def test_verify_and_viewer_start_no_native_threads(small_version):
+    """The cause of the exit aborts, checked deterministically: reading a version (verify, the
+    viewer's page data) must start no Arrow thread pool, whose teardown at exit can abort."""
+    code = ("import os, sys, pathlib, tempfile; import cv2; from counterfactory import versions as V, viewer\n"
+            "n = lambda: len(os.listdir('/proc/self/task'))\n"
+            "v = V.read_version(pathlib.Path(sys.argv[1])); before = n()\n"
+            "assert all(c.ok for c in V.verify(v))\n"
+            "viewer.collect(v, pathlib.Path(tempfile.mkdtemp()), max_samples=2)\n"
+            "print(before, n())")
+    r = subprocess.run([PY, "-c", code, str(small_version.path)], capture_output=True, text=True, env=ENV, timeout=120)
+    before, after = map(int, r.stdout.split())
+    assert r.returncode == 0 and after == before, (before, after, r.stderr[-300:])
+
+
 def test_verify_does_not_abort_at_exit(small_version):
     """Arrow's CPU thread pool, once started, aborted ~4% of `verify` processes at exit
     ("terminate called without an active exception"), ~14% with OpenCV loaded as the CLI loads
@@ -463,3 +477,12 @@ def test_local_batches_account_for_hostile_records(tmp_path):
     out = [s for b in local_batches(cfg, plan, stop_after="segment") for s in decode_batch(b)]
     assert len(out) == plan.n == 3
     assert [s.meta["reject"]["reason"] for s in out] == ["bad_box", "bad_annotation", "bad_manifest_line"]
+
+
+def test_card_html_on_a_damaged_version_is_one_line(small_version, tmp_path, capsys):
+    import shutil
+
+    vdir = Path(shutil.copytree(small_version.path.parent, tmp_path / "demo")) / small_version.label
+    (vdir / "manifest.json").write_text("[]")
+    rc, err = _cli(capsys, "card", "demo", "--root", str(tmp_path), "--html")
+    assert rc == 2 and "counterfactory verify" in err

@@ -4,6 +4,9 @@ Every stage entry names a backend; the backend's own pydantic params model valid
 ``params`` here too, so a typo in a stage parameter fails at load time, not an hour into a run.
 Relative paths are resolved against the config file's folder; ``pkg:PACKAGE/path`` names a file
 shipped inside an installed package (the bundled demo data and scikit-image's photographs).
+The file itself is read defensively (regular file, size, UTF-8, duplicate keys, depth, alias
+expansion) so that a wrong file is one ConfigError line, never a hang; that reader and the
+schema it feeds are kept together, which makes this module longer than most.
 """
 
 from __future__ import annotations

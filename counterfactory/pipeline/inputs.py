@@ -6,6 +6,10 @@ processed (``read_slice``, on a Ray worker). Records are small JSON-able dicts; 
 later, in the ingest stage. A malformed manifest line or an image without questions still
 becomes a record (carrying an ``error``) so that ingest rejects it with a reason: every input
 ends in the shards or the rejects ledger, never nowhere.
+
+Longer than most modules because every input kind's reader and its defences against hostile
+files (sizes, nesting, Unicode, malformed entries) live together with the planner that counts
+their records; splitting them would split each format's rules across files.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
@@ -38,7 +37,14 @@ from counterfactory.pipeline.writer import (
     atomic_write,
 )
 from counterfactory.stages import get_backend
-from counterfactory.storage import RemoteDir, StorageError, is_remote, join_uri, local_path
+from counterfactory.storage import (
+    RemoteDir,
+    StorageError,
+    is_remote,
+    join_uri,
+    local_path,
+    read_parquet,
+)
 
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
@@ -383,7 +389,7 @@ class RunResult:
 
 def _top_reasons(rejects: Path, k: int = 3) -> str:
     """The commonest whole-input reject reasons, each with one example detail."""
-    rows = [r for r in pq.read_table(rejects, columns=["stage", "reason", "detail", "variant"], use_threads=False).to_pylist()
+    rows = [r for r in read_parquet(rejects, ["stage", "reason", "detail", "variant"]).to_pylist()
             if r["variant"] is None]
     counts = Counter(f"{r['stage']}/{r['reason']}" for r in rows)
     example = {f"{r['stage']}/{r['reason']}": (r["detail"] or "")[:120] for r in reversed(rows)}
@@ -461,7 +467,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             raise FailureBudgetExceeded(f"no sample survived: all {n_inputs} input(s) were rejected ("
                                         f"{_top_reasons(staging / 'rejects.parquet')}); nothing published")
         changed = versions.check_sources_unchanged(
-            source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"], use_threads=False).to_pylist())
+            source_hashes, read_parquet(staging / "index.parquet", ["source", "source_sha256"]).to_pylist())
         if changed:
             writer.drop_journal()  # its shards were made from other bytes: never resume them
             raise RunStopped(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
