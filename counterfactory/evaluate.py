@@ -25,9 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from counterfactory.stages.verify import CONTROLS as CONTROL_VARIANTS
+from counterfactory.storage import read_parquet
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve".split())}
@@ -72,7 +71,7 @@ def dataset_dir(ref: str | Path, root: str | Path = "outputs") -> Path:
 
 def _rows(ds: Path) -> list[dict[str, Any]]:
     cols = ["key", "shard", "questions", "question_kinds", "answers", "variants"]
-    return pq.read_table(ds / "index.parquet", columns=cols).to_pylist()
+    return read_parquet(ds / "index.parquet", cols).to_pylist()
 
 
 def export_questions(ds: Path, out: Path, image_ext: str | None = None) -> int:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import stat
 import tarfile
 import warnings
 import zlib
@@ -199,16 +200,75 @@ def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str 
     if source.endswith(".tar") or "{" in source:
         return [Shard(u) for u in wds.shardlists.expand_urls(source)], None
     folder = _dataset_dir(source, root, fs)
+    return _shard_index(folder, fs), folder
+
+
+# -- shards.json as untrusted data (security: bounded read, schema, no path out of the folder) --
+MAX_SHARD_INDEX_BYTES = 64 << 20  # ~300,000 shards; a larger one is not ours
+
+
+def _local_regular(fsys: fsspec.AbstractFileSystem, path: str, what: str) -> None:
+    """On a local filesystem, a regular file only (links followed): a device such as /dev/zero
+    never ends and a FIFO blocks forever."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fsys, LocalFileSystem):
+        try:
+            st = os.stat(fsys._strip_protocol(path))
+        except OSError as e:
+            raise ShardError(path, f"cannot open ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(path, f"{what} is not a regular file (a device, FIFO or folder)")
+
+
+def _safe_shard_url(url: Any, where: str) -> str:
+    """A shard name relative to the dataset folder: no scheme, no absolute path, no ``..``,
+    so a shards.json can never make the loader read outside its own folder or URL prefix."""
+    if not isinstance(url, str) or not url or "\x00" in url:
+        raise LoaderError(f"{where}: shard url {url!r} is not a file name")
+    parts = url.replace("\\", "/").split("/")
+    if "://" in url or url.startswith(("/", "\\", "~")) or (len(url) > 1 and url[1] == ":"):
+        raise LoaderError(f"{where}: shard url {url!r} is absolute; shards are named relative to the dataset folder")
+    if ".." in parts:
+        raise LoaderError(f"{where}: shard url {url!r} leaves the dataset folder")
+    return url
+
+
+def _shard_index(folder: str, fs: fsspec.AbstractFileSystem | None) -> list[Shard]:
     fsys, path = _fs_for(folder, fs)
-    doc = json.loads(fsys.cat_file(_join(path, SHARD_INDEX)))
-    if doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
-        raise LoaderError(f"{folder}/{SHARD_INDEX}: not a wids-shard-index-v1 shard index")
+    where = f"{folder}/{SHARD_INDEX}"
+    index_path = _join(path, SHARD_INDEX)
+    try:
+        _local_regular(fsys, index_path, SHARD_INDEX)
+    except ShardError as e:
+        raise LoaderError(f"{where}: {e}") from None
+    try:
+        with fsys.open(index_path, "rb") as f:
+            raw = f.read(MAX_SHARD_INDEX_BYTES + 1)
+    except OSError as e:
+        raise LoaderError(f"{where}: cannot read ({e})") from None
+    if len(raw) > MAX_SHARD_INDEX_BYTES:
+        raise LoaderError(f"{where}: over {MAX_SHARD_INDEX_BYTES} bytes; not a shard index")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise LoaderError(f"{where}: not JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
+        raise LoaderError(f"{where}: not a wids-shard-index-v1 shard index")
     shards = []
-    for s in doc["shardlist"]:
-        if ".." in str(s["url"]).split("/"):  # relative URLs stay inside the dataset folder
-            raise LoaderError(f"{folder}/{SHARD_INDEX}: shard url {s['url']!r} leaves the dataset folder")
-        shards.append(Shard(_join(folder, s["url"]), int(s["nsamples"]), s.get("filesize"), s.get("sha256")))
-    return shards, folder
+    for i, s in enumerate(doc["shardlist"]):
+        if not isinstance(s, dict):
+            raise LoaderError(f"{where}: shardlist[{i}] is not an object")
+        url = _safe_shard_url(s.get("url"), where)
+        n, size, sha = s.get("nsamples"), s.get("filesize"), s.get("sha256")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise LoaderError(f"{where}: shardlist[{i}].nsamples {n!r} is not a count")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise LoaderError(f"{where}: shardlist[{i}].filesize {size!r} is not a byte count")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+            raise LoaderError(f"{where}: shardlist[{i}].sha256 {sha!r} is not a sha256")
+        shards.append(Shard(_join(folder, url), n, size, sha))
+    return shards
 
 
 # -- reading shards safely -------------------------------------------------------------------
@@ -218,15 +278,21 @@ class _CountingReader(io.RawIOBase):
     """Counts (and optionally hashes) the bytes tarfile pulls, so the end of a shard can be
     checked against ``shards.json`` without a second pass over the file."""
 
-    def __init__(self, raw: Any, hash_it: bool) -> None:
+    def __init__(self, raw: Any, hash_it: bool, limit: int | None = None) -> None:
         self.raw = raw
         self.nbytes = 0
         self.sha = hashlib.sha256() if hash_it else None
+        self.limit = limit  # a read past the listed size stops here (one byte over tells)
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        if self.limit is not None:
+            room = self.limit - self.nbytes
+            size = room if size is None or size < 0 else min(size, room)
+            if size <= 0:
+                return b""
         data = self.raw.read(size)
         self.nbytes += len(data)
         if self.sha is not None:
@@ -277,23 +343,49 @@ def _complete(sample: dict[str, Any], url: str) -> dict[str, Any]:
     return sample
 
 
-def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, verify: bool = False,
+VERIFY_BUFFER_BYTES = 1 << 30  # a verified shard up to this size is checked before any sample leaves
+
+
+def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, verify: bool = True,
                max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Samples of one shard, in order, as ``{"__key__", "__url__", "json": dict, SUFFIX: bytes}``.
 
     Raises ``ShardError`` (shard named) when the shard cannot be read to its end or disagrees
-    with ``shards.json``; ``verify=True`` also checks its sha256. An incomplete trailing sample
-    is never yielded.
+    with ``shards.json``. With ``verify`` (the default) its sha256 is checked too: a shard of
+    known size (every shard a shards.json lists, up to ``VERIFY_BUFFER_BYTES``) is read into
+    memory and hashed before its first sample is yielded, so a tampered or bit-flipped shard
+    gives no sample at all; ``verify=False`` skips the hash for trusted storage. Reads never go
+    past the listed size, and a local shard must be a regular file (not /dev/zero, not a FIFO).
+    An incomplete trailing sample is never yielded.
     """
     url = shard.url
     try:
         fsys, path = _fs_for(url, fs)
+        _local_regular(fsys, path, "the shard")
         raw = fsys.open(path, "rb")
     except (OSError, ValueError) as e:
         raise ShardError(url, f"cannot open ({e})") from None
+    check = verify and shard.sha256 is not None
+    limit = None if shard.filesize is None else shard.filesize + 1
+    if check and shard.filesize is not None and shard.filesize <= VERIFY_BUFFER_BYTES:
+        with raw:
+            try:
+                reader, chunks = _CountingReader(raw, hash_it=False, limit=limit), []
+                while chunk := reader.read(8 << 20):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            except OSError as e:
+                raise ShardError(url, f"unreadable ({e})") from None
+        if len(data) != shard.filesize:
+            raise ShardError(url, f"{len(data)}{'+' if len(data) > shard.filesize else ''} bytes, "
+                             f"{SHARD_INDEX} lists {shard.filesize}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard.sha256:
+            raise ShardError(url, f"sha256 {digest} differs from {SHARD_INDEX}")
+        raw, check = io.BytesIO(data), False  # verified: parse from memory
     n = 0
     with raw:
-        counter = _CountingReader(raw, hash_it=verify and shard.sha256 is not None)
+        counter = _CountingReader(raw, hash_it=check, limit=limit)
         current: dict[str, Any] | None = None
         try:
             with tarfile.open(fileobj=counter, mode="r|*") as tf:
@@ -324,7 +416,7 @@ def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, ver
             n += 1
     if shard.nsamples is not None and n != shard.nsamples:
         raise ShardError(url, f"ended after {n} of {shard.nsamples} samples listed in {SHARD_INDEX} (truncated?)")
-    if shard.filesize is not None and counter.nbytes != shard.filesize:
+    if shard.filesize is not None and counter.nbytes != shard.filesize:  # over: the limit read one byte more
         raise ShardError(url, f"{counter.nbytes} bytes, {SHARD_INDEX} lists {shard.filesize} (truncated?)")
     if counter.sha is not None and counter.sha.hexdigest() != shard.sha256:
         raise ShardError(url, f"sha256 {counter.sha.hexdigest()} differs from {SHARD_INDEX}")
@@ -383,7 +475,7 @@ class PairDataset(IterableDataset):
                  shuffle: int = 0, seed: int = 0, resampled: bool = False,
                  samples_per_epoch: int | None = None, rank: int | None = None,
                  world_size: int | None = None, errors: Literal["raise", "skip"] = "raise",
-                 verify: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
+                 verify: bool = True, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
         super().__init__()
         if decode not in ("tensor", "pil"):
             raise ValueError(f"decode must be 'tensor' or 'pil', not {decode!r}")
@@ -605,7 +697,8 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     - ``flat``: one ``{"image", "question", "answer", "variant", "kind", "key", "qa_index"}`` row
       per variant x question.
     - ``errors="skip"``: warn and skip the rest of a missing/truncated/corrupt shard.
-    - ``verify``: check each shard's sha256 against ``shards.json`` while streaming it.
+    - ``verify`` (default True): check each shard's sha256 against ``shards.json`` before its
+      samples are used; ``verify=False`` for trusted storage (see BENCHMARKS.md for the cost).
     """
     shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
     return PairDataset(shards, folder=folder, filesystem=filesystem, **options)

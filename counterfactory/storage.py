@@ -34,6 +34,20 @@ HTTP_CONNECT_TIMEOUT_S = 15
 HTTP_READ_TIMEOUT_S = 60
 
 
+def read_parquet(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A small parquet file (index, rejects) read without starting Arrow's thread pools.
+
+    ``pq.read_table`` goes through the dataset API, which starts Arrow's CPU and I/O pools even
+    with ``use_threads=False``; when a short command (``verify``, ``card``) exits, those C++
+    threads are torn down by static destructors and, a few percent of the time, a still-joinable
+    ``std::thread`` aborts the process ("terminate called without an active exception", exit
+    -6; more often with OpenCV loaded). ``ParquetFile.read`` with threads and pre-buffering off
+    starts none, and these files are small enough that threads gain nothing."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(source, pre_buffer=False).read(columns=columns, use_threads=False)
+
+
 class ObjectTooLarge(Exception):
     """An input object over the size its reader allows."""
 
@@ -110,12 +124,40 @@ def object_info(uri: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
 
 
+class FetchError(OSError):
+    """A web object that could not be fetched (host unreachable, refused, an HTTP error other
+    than 404/410): not the same as an object that is not there."""
+
+
+def _http_missing_or_unreachable(uri: str) -> None:
+    """fsspec's HTTP filesystem reports every failure as "not found"; one HEAD request tells a
+    404 (FileNotFoundError) from a host that cannot be reached or refuses (FetchError)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(uri, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_CONNECT_TIMEOUT_S):  # noqa: S310 - http(s) only
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise FileNotFoundError(uri) from None
+        raise FetchError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FetchError(f"{uri}: unreachable ({reason})") from None
+    raise FileNotFoundError(uri)  # HEAD answers but the filesystem found nothing
+
+
 def read_object(uri: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of one input object. FileNotFoundError when absent, IsADirectoryError for a
-    prefix, ObjectTooLarge over ``max_bytes``; StorageError for a scheme nothing here opens."""
+    """The bytes of one input object. FileNotFoundError when absent, FetchError when a web
+    host cannot be reached, IsADirectoryError for a prefix, ObjectTooLarge over ``max_bytes``;
+    StorageError for a scheme nothing here opens."""
     fs, path = _object(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
+        if urlsplit(uri).scheme.lower() in ("http", "https"):
+            _http_missing_or_unreachable(uri)
         raise FileNotFoundError(uri)
     if info.type != pafs.FileType.File:
         raise IsADirectoryError(uri)

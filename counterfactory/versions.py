@@ -56,6 +56,7 @@ from counterfactory.storage import (
     join_uri,
     local_path,
     local_workdir,
+    read_parquet,
 )
 
 VERSION_FILE = "version.json"
@@ -281,9 +282,12 @@ class Version:
         if self.info.get("content_id") and sha256_bytes(raw) != self.info["content_id"]:
             return "modified: manifest changed"
         try:
-            shards = json.loads(raw)["shards"]
-        except (ValueError, KeyError, TypeError):
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            doc = None
+        if doc is None or _manifest_problem(doc):
             return "damaged: manifest.json is not a manifest"
+        shards = doc["shards"]
         got = self.sizes([s["name"] for s in shards])
         missing = [s["name"] for s in shards if got[s["name"]] is None]
         if missing:
@@ -294,11 +298,22 @@ class Version:
         return "complete"
 
 
-def read_version(path: Path) -> Version:
+def read_version(path: Path, strict: bool = True) -> Version:
+    """The version in ``path``; a garbled ``version.json`` is a VersionError, or with
+    ``strict=False`` (listing every version) a version without a record."""
     info_path = path / VERSION_FILE
     info: dict[str, Any] = {}
     if info_path.exists():
-        info = json.loads(info_path.read_text())
+        try:  # a garbled commit marker is a damaged version, said in one line
+            info = json.loads(info_path.read_bytes())
+        except (OSError, ValueError, RecursionError) as exc:
+            if not strict:
+                return Version(path.name, path, {})
+            raise VersionError(f"{info_path}: unreadable: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if not isinstance(info, dict):
+            if not strict:
+                return Version(path.name, path, {})
+            raise VersionError(f"{info_path}: not a version record (a JSON object)")
     return Version(path.name, path, info)
 
 
@@ -327,7 +342,7 @@ def list_versions(ds_dir: Dataset) -> list[Version]:
         return sorted(found, key=lambda v: v.number)
     if not ds_dir.is_dir():
         return []
-    found = [read_version(p) for p in ds_dir.iterdir() if p.is_dir() and LABEL_RE.match(p.name)]
+    found = [read_version(p, strict=False) for p in ds_dir.iterdir() if p.is_dir() and LABEL_RE.match(p.name)]
     return sorted(found, key=lambda v: v.number)
 
 
@@ -632,6 +647,34 @@ class Check:
     detail: str
 
 
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")  # a file at the top of the version folder
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes ``manifest`` unusable for verify (None: usable). Names must be plain file
+    names: a manifest is data, and ``../x`` or ``/etc/passwd`` must not be opened through it."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is not a list"
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            return f"shards[{i}] is not an object"
+        if not isinstance(sh.get("name"), str) or not _MEMBER_NAME.match(sh["name"]):
+            return f"shards[{i}].name {sh.get('name')!r} is not a file name"
+        for k, typ in (("bytes", int), ("samples", int), ("sha256", str)):
+            if not isinstance(sh.get(k), typ) or isinstance(sh.get(k), bool):
+                return f"shards[{i}] ({sh['name']}): '{k}' missing or not a {typ.__name__}"
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for name, meta in files.items():
+        if not _MEMBER_NAME.match(name) or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            return f"files[{name!r}] is not a file name with a sha256"
+    return None
+
+
 def verify(version: Version) -> list[Check]:
     """Recompute every shard's sha256, size and sample count, and every listed file's sha256,
     against the manifest; and the manifest's own sha256 against the recorded content id.
@@ -649,9 +692,12 @@ def verify(version: Version) -> list[Check]:
                      f"content id {cid[:12]}" + ("" if want in (None, cid) else f" != recorded {want[:12]}")))
     try:
         manifest = json.loads(raw)
-        listed = [s["name"] for s in manifest["shards"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        return [*out, Check("manifest.json", False, f"not a manifest: {type(exc).__name__}: {exc}")]
+        problem = _manifest_problem(manifest)
+    except (ValueError, RecursionError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:  # a hand-edited or garbled manifest is a failed check, never a traceback
+        return [*out, Check("manifest.json", False, f"not a manifest: {problem}")]
+    listed = [s["name"] for s in manifest["shards"]]
     sizes = version.sizes(listed + sorted(manifest.get("files", {})))
     # a reader globbing *.tar (the card's data_files: DATASET-*.tar) would take an unlisted shard
     out.extend(Check(n, False, "a shard the manifest does not list") for n in version.names()
@@ -688,11 +734,12 @@ def verify(version: Version) -> list[Check]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         out.extend(pool.map(check_shard, manifest["shards"]))
     if sizes.get("index.parquet") is not None or (not version.remote and (version.path / "index.parquet").exists()):
-        import pyarrow.parquet as pq
-
         try:
+            # single-threaded: Arrow's CPU and I/O pools, once started, can abort the process at exit
+            # ("terminate called without an active exception", ~4% of `verify` runs, more with
+            # OpenCV loaded); one small column gains nothing from threads
             with version.open("index.parquet") as f:
-                per = Counter(pq.read_table(f, columns=["shard"]).column("shard").to_pylist())
+                per = Counter(read_parquet(f, ["shard"]).column("shard").to_pylist())
         except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             out.append(Check("index.parquet", False, f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]))
         else:
@@ -747,9 +794,7 @@ def version_config(vdir: Path) -> dict[str, Any]:
 
 
 def _index(vdir: Path) -> dict[str, dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return {r["key"]: r for r in pq.read_table(vdir / "index.parquet").to_pylist()}
+    return {r["key"]: r for r in read_parquet(vdir / "index.parquet").to_pylist()}
 
 
 def _reject_counts(manifest: dict[str, Any]) -> dict[str, int]:

@@ -13,22 +13,28 @@ inserted with ``textContent``, never as HTML).
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import html
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
+
+from counterfactory.storage import read_parquet
+from counterfactory.versions import VersionError
 
 THUMB = 240
 MAX_SOURCE_PIXELS = 40_000_000  # a rejected "too_large" source is not decoded for a thumbnail
@@ -112,8 +118,8 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
     """Read index, rejects and shards of a version; write thumbnails; return the page data."""
     vdir: Path = version.path
     manifest = json.loads((vdir / "manifest.json").read_text())
-    index = pq.read_table(vdir / "index.parquet").to_pylist()
-    rejects = pq.read_table(vdir / "rejects.parquet").to_pylist()
+    index = read_parquet(vdir / "index.parquet").to_pylist()
+    rejects = read_parquet(vdir / "rejects.parquet").to_pylist()
     shown = index[:max_samples]
     rej_shown = rejects[:max_rejects]
     wanted = {r["key"] for r in shown} | {r["key"] for r in rej_shown if r["variant"] is not None}
@@ -203,6 +209,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
 <title>__TITLE__</title>
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
@@ -232,11 +239,12 @@ td.abstain{color:#999;font-style:italic} td.changed{font-weight:700;color:#b0002
 .reject .noimg{width:120px;height:60px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
 .reject b{color:#b00020}
 .hidden{display:none!important}
+header a{color:#9cf}
 </style></head>
 <body>
 <header><h1>__TITLE__</h1><div class="ids">__IDS__</div>
-<div>__COUNTS__ &middot; <a style="color:#9cf" href="../README.md">card</a>
- &middot; <a style="color:#9cf" href="../card.json">card.json</a></div></header>
+<div>__COUNTS__ &middot; <a href="__CARD__README.md">card</a>
+ &middot; <a href="__CARD__card.json">card.json</a></div></header>
 <div class="bar">
 <label>variant <select id="variant-filter"><option value="">all</option></select></label>
 <label>question kind <select id="kind-filter"><option value="">all</option></select></label>
@@ -254,7 +262,7 @@ __AUDIT__
 (function(){
 const D = JSON.parse(document.getElementById('cf-data').textContent);
 const NS = 'http://www.w3.org/2000/svg';
-const ABSTAIN = __ABSTAIN__;
+const ABSTAIN = D.abstain;
 function el(tag, attrs, text){const e=document.createElement(tag);
   for(const k in (attrs||{})) e.setAttribute(k, attrs[k]); if(text!==undefined) e.textContent=text; return e;}
 function svgFor(s, name){
@@ -356,47 +364,106 @@ def audit_html(a: dict[str, Any] | None) -> str:
     pres = e(f"presupposing questions: {p.get('on_original', 0)} on originals, "
              f"{p.get('answered_on_absent', 0)} answered on variants without their object")
     return ('<section id="audit"><h2>Shortcut audit</h2>'
-            + (f'<ul class="warnings" style="color:#b00020">{warn}</ul>' if warn else "<p>under every threshold</p>")
+            + (f'<ul class="warnings">{warn}</ul>' if warn else "<p>under every threshold</p>")
             + f"<table><tr>{head}</tr>{''.join(rows)}</table><p>{pres}</p></section>")
 
 
-def render_page(data: dict[str, Any], abstain: str = "unknown", audit: dict[str, Any] | None = None) -> str:
+# JSON inside a <script> element: "</script>", "<!--" and "<script" cannot be written with
+# these escaped, and U+2028/9 (line terminators to older JavaScript parsers) cannot break a line.
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+_PLACEHOLDER = re.compile(r"__(CSP|TITLE|IDS|COUNTS|CARD|AUDIT|DATA)__")
+MARKER = ".counterfactory-viewer"  # in every viewer folder this module made: the only kind it replaces
+
+
+class ViewerError(VersionError):
+    """A viewer that cannot be written where asked (one line, exit 2, nothing touched)."""
+
+
+def script_json(data: Any) -> str:
+    """``data`` as JSON that is safe as the text of a ``<script>`` element."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
+
+
+def _inline(tag: str) -> str:
+    body = PAGE.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
+# Only the page's own script and style run; images and clips come from beside the page. The
+# script and style contain no placeholder, so their hashes are fixed and no data can change them.
+CSP = ("default-src 'none'; script-src " + _inline("script") + "; style-src " + _inline("style")
+       + "; img-src 'self' file: data:; media-src 'self' file:; base-uri 'none'; form-action 'none'")
+
+
+def render_page(data: dict[str, Any], abstain: str = "unknown", card_href: str = "../",
+                audit: dict[str, Any] | None = None) -> str:
+    """The page: every embedded string escaped for where it goes (HTML text, an attribute, JSON
+    in a script), substituted in one pass so that data can never forge a placeholder."""
     c = data["counts"]
-    title = html.escape(f"{data['dataset']} {data['version']}")
-    ids = html.escape(f"spec id {(data['spec_id'] or '-')[:12]}  content id {(data['content_id'] or '-')[:12]}")
-    counts = html.escape(f"{c['samples']} samples, {c['rejected_inputs']} rejected inputs, "
-                         f"{c['rejected_variants']} rejected variants")
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    return (PAGE.replace("__TITLE__", title).replace("__IDS__", ids).replace("__COUNTS__", counts)
-            .replace("__ABSTAIN__", json.dumps(abstain)).replace("__AUDIT__", audit_html(audit))
-            .replace("__DATA__", blob))
+    values = {
+        "CSP": html.escape(CSP, quote=True),
+        "TITLE": html.escape(f"{data['dataset']} {data['version']}"),
+        "IDS": html.escape(f"spec id {(data['spec_id'] or '-')[:12]}  content id {(data['content_id'] or '-')[:12]}"),
+        "COUNTS": html.escape(f"{c['samples']} samples, {c['rejected_inputs']} rejected inputs, "
+                              f"{c['rejected_variants']} rejected variants"),
+        "CARD": html.escape(card_href, quote=True),
+        "AUDIT": audit_html(audit),  # built from escaped parts
+        "DATA": script_json({**data, "abstain": str(abstain)}),
+    }
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PAGE)
+
+
+def _check_out(out: Path, default: bool) -> None:
+    """Refuse to replace anything this module did not make: ``--out`` may name a new folder, an
+    empty one, or a viewer folder written before (it holds ``MARKER``)."""
+    if out.is_symlink():
+        raise ViewerError(f"{out}: is a symbolic link; the viewer is written to a real folder only")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ViewerError(f"{out}: exists and is not a folder; choose a new or empty folder for --out")
+    if default or (out / MARKER).is_file() or not any(out.iterdir()):
+        return
+    raise ViewerError(f"{out}: a folder that counterfactory did not create (not empty, no {MARKER}); "
+                      "nothing was changed: choose a new or empty folder for --out")
 
 
 def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int = 300,
                  max_rejects: int = 300, thumb: int = THUMB) -> Path:
     """Write ``index.html`` and ``img/`` (default: ``VERSION/viewer/``); returns the page path.
-    Built in a temporary folder and swapped in, so a reader never sees half a viewer."""
+    Built in a temporary folder and swapped in, so a reader never sees half a viewer. Only a
+    folder this module made (or an empty one) is ever replaced: a user's folder is refused."""
     import yaml
 
     out = Path(out_dir) if out_dir else version.path / "viewer"
+    _check_out(out, default=out_dir is None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         (tmp / "img").mkdir()
-        data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
+        try:
+            data = collect(version, tmp / "img", max_samples=max_samples, max_rejects=max_rejects, thumb=thumb)
+        except (KeyError, TypeError, ValueError, RecursionError, tarfile.TarError) as exc:
+            # a hand-edited or damaged version: one line pointing at verify, not a traceback
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise ViewerError(f"{version.path}: cannot read this version for the viewer ({why}); "
+                              "run `counterfactory verify` on it") from None
         cfg = yaml.safe_load((version.path / "config.yaml").read_text()) or {}
         card_path = version.path / "card.json"
         audit = json.loads(card_path.read_text()).get("audit") if card_path.exists() else None
-        page = render_page(data, cfg.get("abstain_answer", "unknown"), audit)
+        abstain = cfg.get("abstain_answer", "unknown") if isinstance(cfg, dict) else "unknown"
+        card = "../"
         if out_dir:  # the card links are relative to VERSION/viewer; point them at the version
-            rel = os.path.relpath(version.path, out)
-            page = page.replace('href="../README.md"', f'href="{rel}/README.md"').replace(
-                'href="../card.json"', f'href="{rel}/card.json"')
+            card = urllib.parse.quote(os.path.relpath(version.path, out.resolve())) + "/"
+        page = render_page(data, abstain, card, audit)
         (tmp / "index.html").write_text(page, encoding="utf-8")
+        (tmp / MARKER).write_text("made by counterfactory card --html; replaced on the next build\n")
         os.chmod(tmp, 0o755)
+        _check_out(out, default=out_dir is None)  # again: it may have appeared meanwhile
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # a fresh name for the old copy: a same-named folder of the user's is never touched
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -408,13 +475,34 @@ def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int 
     return out / "index.html"
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
+class _VersionFilesHandler(SimpleHTTPRequestHandler):
+    """Regular files inside the served folder only: a symbolic link is resolved and refused
+    when it leads outside, devices and FIFOs are refused, and no folder is ever listed."""
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         pass
+
+    def translate_path(self, path: str) -> str:
+        root = os.path.realpath(self.directory)
+        real = os.path.realpath(super().translate_path(path))
+        if os.path.isdir(real):
+            real = os.path.realpath(os.path.join(real, "index.html"))
+        inside = real == root or real.startswith(root + os.sep)
+        if inside and os.path.isfile(real):  # isfile: a regular file (after the links)
+            return real
+        return os.path.join(root, ".refused", "missing")  # does not exist: answered 404
+
+    def list_directory(self, path: Any) -> None:
+        self.send_error(404, "File not found")
+        return None
+
+    def end_headers(self) -> None:
+        self.send_header("X-Content-Type-Options", "nosniff")
+        super().end_headers()
 
 
 def serve(directory: Path, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
     """An HTTP server for the viewer folder on localhost only (``port=0``: any free port).
     The caller runs ``serve_forever`` (in a thread for tests)."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    handler = functools.partial(_VersionFilesHandler, directory=str(directory))
     return ThreadingHTTPServer((host, port), handler)

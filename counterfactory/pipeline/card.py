@@ -179,7 +179,7 @@ def _hist(values: list[float], edges: np.ndarray | None = None, bins: int = 20) 
 
 def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
     """The rows of a parquet file a batch at a time: a card never holds a whole index."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=4096, columns=columns, use_threads=False):
         yield from batch.to_pylist()
 
 

@@ -4,6 +4,9 @@ Every stage entry names a backend; the backend's own pydantic params model valid
 ``params`` here too, so a typo in a stage parameter fails at load time, not an hour into a run.
 Relative paths are resolved against the config file's folder; ``pkg:PACKAGE/path`` names a file
 shipped inside an installed package (the bundled demo data and scikit-image's photographs).
+The file itself is read defensively (regular file, size, UTF-8, duplicate keys, depth, alias
+expansion) so that a wrong file is one ConfigError line, never a hang; that reader and the
+schema it feeds are kept together, which makes this module longer than most.
 """
 
 from __future__ import annotations
@@ -11,11 +14,21 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -187,6 +200,13 @@ class LimitsConfig(Strict):
     max_decode_pixels: int = Field(100_000_000, ge=1, description="with oversize: downscale, the largest "
                                    "decode before downscaling")
     max_image_bytes: int = Field(512 << 20, ge=1, description="largest image file read")
+    # bounds on what a config or an annotation file can make the driver hold, checked before
+    # anything is allocated: a typo such as count: 1000000000000 is an error, not a hang
+    max_inputs: int = Field(1_000_000, ge=1, description="most input records of a run (procedural "
+                            "scenes x questions, manifest questions, COCO questions)")
+    max_objects: int = Field(256, ge=1, description="most annotated objects per image; more is a "
+                             "too_many_objects reject (each box may cost a GrabCut)")
+    max_annotation_bytes: int = Field(2 << 30, ge=1, description="largest COCO annotation file read")
 
 
 class RayConfig(Strict):
@@ -260,6 +280,23 @@ class PipelineConfig(Strict):
         if order != list(REQUIRED_STAGES):
             raise ValueError(f"stages must include, in this order, {list(REQUIRED_STAGES)}; got {names}")
         return stages
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> PipelineConfig:
+        """Procedural inputs are sized by the config alone: check them against ``limits`` here,
+        before planning would spend memory on a trillion scenes."""
+        lim = self.limits
+        total = 0
+        for i, inp in enumerate(self.inputs):
+            if isinstance(inp, ProceduralInput | ProceduralVideoInput):
+                w, h = inp.size
+                if w * h > lim.max_pixels:
+                    raise ValueError(f"inputs.{i}.size: {w}x{h} = {w * h} pixels > limits.max_pixels {lim.max_pixels}")
+                total += inp.count * (inp.questions_per_scene if isinstance(inp, ProceduralInput) else 1)
+                if total > lim.max_inputs:
+                    raise ValueError(f"inputs.{i}.count: {inp.count} makes {total} input records > "
+                                     f"limits.max_inputs {lim.max_inputs} (raise the limit if this is meant)")
+        return self
 
     # Set by load_config: the folder relative paths are resolved against.
     base_dir: Path | None = Field(None, exclude=True)
@@ -374,33 +411,106 @@ def _check_files(cfg: PipelineConfig, source: str) -> None:
                 raise ConfigError(f"{source}: inputs.{i}.{key}: not a folder: {p}")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a page of YAML; more is a wrong file
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_NODES = 200_000  # values counted as the YAML expands (aliases count every time)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so the first setting a user wrote would be ignored without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Depth and expanded size of the loaded YAML, walked without recursion: deeply nested or
+    alias-bombed documents are refused before pydantic or json would recurse or loop over them."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels; not a pipeline config")
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{source}: more than {MAX_CONFIG_NODES} values (with aliases expanded); "
+                              "not a pipeline config")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def read_config_text(path: Path, source: str) -> str:
+    """The config's text: a regular file (a FIFO would block, /dev/zero never ends), at most
+    ``MAX_CONFIG_BYTES``, UTF-8."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{source}: not a regular file (a folder, FIFO, socket or device); give a YAML file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source}: {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: over {MAX_CONFIG_BYTES} bytes; a config is at most that")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): not a YAML config") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # a ReaderError spans lines
+        raise ConfigError(f"{source}:{where}: invalid YAML: {why}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a pipeline config") from None
+
+
 def load_config(
     path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True
 ) -> PipelineConfig:
     """Read, override, validate. Every problem becomes one ConfigError line."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = _parse_yaml(read_config_text(path, source), source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping at the top level")
+    _check_shape(data, source)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = _yaml_load(raw)
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _set_dotted(data, key.strip(), value)
+    _check_shape(data, source)
     return validate_config(data, source=source, base_dir=path.resolve().parent, check_files=check_files)
 
 

@@ -6,13 +6,19 @@ processed (``read_slice``, on a Ray worker). Records are small JSON-able dicts; 
 later, in the ingest stage. A malformed manifest line or an image without questions still
 becomes a record (carrying an ``error``) so that ingest rejects it with a reason: every input
 ends in the shards or the rejects ledger, never nowhere.
+
+Longer than most modules because every input kind's reader and its defences against hostile
+files (sizes, nesting, Unicode, malformed entries) live together with the planner that counts
+their records; splitting them would split each format's rules across files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from urllib.request import url2pathname
 from counterfactory import scenes, video_scenes
 from counterfactory.pipeline.config import (
     CocoInput,
+    ConfigError,
     ManifestInput,
     PipelineConfig,
     ProceduralInput,
@@ -33,6 +40,7 @@ from counterfactory.pipeline.config import (
 from counterfactory.rules import classify_question, plural
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_LINE_BYTES = 16 << 20  # one manifest line (an image, its questions and polygons)
 
 
 class UnsupportedURI(ValueError):
@@ -93,9 +101,28 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise ValueError("every question needs a non-empty 'question' string")
         q.setdefault("kind", classify_question(q["question"]))
+        if not isinstance(q["kind"], str) or not q["kind"].strip():
+            raise ValueError(f"'kind' must be a question kind name (a string), got {q['kind']!r}")
+        targets = q.get("targets")
+        if isinstance(targets, str):  # "targets": "cup" means the one target "cup", not c, u, p
+            q["targets"] = [targets]
+        elif targets is not None and (not isinstance(targets, list)
+                                      or not all(isinstance(t, str) and t for t in targets)):
+            raise ValueError("'targets' must be a list of category names (strings)")
         if "answer" in q and q["answer"] is not None:
+            if isinstance(q["answer"], dict | list):
+                raise ValueError("'answer' must be a string or a number")
             q["answer"] = str(q["answer"])
     return items
+
+
+def _check_unicode(doc: Any) -> None:
+    """JSON may spell a lone surrogate (``"\\ud800"``), which no file system, hash or UTF-8
+    writer accepts: such a line is a bad line here, not a crash in a later stage."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode ({exc.reason}: {exc.object[exc.start:exc.end]!a})") from None
 
 
 @dataclass
@@ -118,6 +145,10 @@ def _lines(data: bytes, at: int, lineno: int, name: str) -> Iterator[_Line]:
         if not piece.strip():
             continue
         error = None
+        if len(piece) > MAX_LINE_BYTES:
+            yield _Line(f"{name}:{lineno}", piece[:200].decode("utf-8", "replace"),
+                        f"line of {len(piece)} bytes > {MAX_LINE_BYTES}", start, at, lineno)
+            continue
         try:
             text = piece.decode("utf-8-sig" if start == 0 else "utf-8")
         except UnicodeDecodeError as exc:
@@ -130,14 +161,26 @@ def _jsonl(path: Path) -> Iterator[_Line]:
     re-read from its byte offsets on a worker."""
     with open(path, "rb") as f:
         at = lineno = 0
-        for raw in f:  # a raw line ends at "\n" only: a "\r\n" is never cut in two
+        while raw := f.readline(MAX_LINE_BYTES + 1):  # a line ends at "\n" only: "\r\n" is never cut
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                # an overlong line is one bad line, skipped in chunks rather than held whole
+                start, size = at, len(raw)
+                while (more := f.readline(1 << 20)):
+                    size += len(more)
+                    if more.endswith(b"\n"):
+                        break
+                yield _Line(f"{path.name}:{lineno + 1}", raw[:200].decode("utf-8", "replace"),
+                            f"line of {size} bytes > {MAX_LINE_BYTES}", start, start + size, lineno + 1)
+                at, lineno = start + size, lineno + 1
+                continue
             yield from _lines(raw, at, lineno, path.name)
             at += len(raw)
             lineno += raw.count(b"\n") + raw.count(b"\r") - raw.count(b"\r\n")
 
 
-def _bad_line(origin: str, raw: str, exc: Exception | str, **extra: Any) -> dict[str, Any]:
-    return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"bad_manifest_line: {exc}"}
+def _bad_line(origin: str, raw: str, exc: Exception | str, error: str = "bad_manifest_line",
+              **extra: Any) -> dict[str, Any]:
+    return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"{error}: {exc}"}
 
 
 def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "annotated") -> list[dict[str, Any]]:
@@ -150,6 +193,7 @@ def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "a
         line = json.loads(raw)
         if not isinstance(line, dict):
             raise ValueError("a manifest line must be a JSON object")
+        _check_unicode(line)
         image = _image_ref(line.get("image"), root, home)
         questions = _question_items(line)
         objects = line.get("objects", [])
@@ -158,6 +202,8 @@ def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "a
         complete = exhaustive_categories(line.get("exhaustive", exhaustive), objects)
     except UnsupportedURI as exc:
         return [_uri_reject(origin, line["image"], exc)]
+    except RecursionError:  # "[[[[..." 100,000 deep: json recurses once per level
+        return [_bad_line(origin, raw, "nested too deeply")]
     except (ValueError, TypeError) as exc:
         return [_bad_line(origin, raw, exc)]
     if not questions:
@@ -166,16 +212,77 @@ def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "a
              "exhaustive": complete} for qi, q in enumerate(questions)]
 
 
+class InputError(ConfigError):
+    """An input file that cannot be read at all, or more inputs than ``limits.max_inputs``: a
+    config problem, one line, exit 2."""
+
+
+def _read_json_document(path: Path, max_bytes: int) -> Any:
+    """A whole JSON document (COCO annotations): a regular file under ``max_bytes``, UTF-8,
+    nesting within Python's limits; anything else is an ``InputError`` naming the file."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise InputError(f"{path}: {st.st_size} bytes > limits.max_annotation_bytes {max_bytes}")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise InputError(f"{path}: over limits.max_annotation_bytes {max_bytes}")
+    if not raw.strip():
+        raise InputError(f"{path}: empty file, not COCO annotations")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be COCO annotations") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{path}: not valid JSON: {exc}".splitlines()[0]) from None
+
+
+def _coco_box(bbox: Any) -> list[float] | None:
+    """COCO's [x, y, w, h] as [x0, y0, x1, y1]; None when it is not four finite numbers."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+        return None
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
+
+
 def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str, Any]]]:
-    """The records of each image, one list per image."""
+    """The records of each image, one list per image. A malformed image entry or annotation is
+    that image's reject (``bad_annotation``); a file that is not COCO at all is an InputError."""
     path = cfg.path(inp.path)
     root = cfg.path(inp.images_root) if inp.images_root else path.parent
-    data = json.loads(path.read_text())
-    cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+    data = _read_json_document(path, cfg.limits.max_annotation_bytes)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: COCO annotations are a JSON object, not a {type(data).__name__}")
+    parts = {}
+    for key in ("images", "annotations", "categories"):
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            raise InputError(f"{path}: '{key}' must be a list, not a {type(value).__name__}")
+        parts[key] = value
+    try:
+        _check_unicode(data)
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    cats: dict[Any, str] = {}
+    for c in parts["categories"]:
+        if isinstance(c, dict) and isinstance(c.get("id"), int | str) and isinstance(c.get("name"), str) and c["name"]:
+            cats[c["id"]] = c["name"]
     anns: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for a in data.get("annotations", []):
-        anns[a.get("image_id")].append(a)
-    for img in data.get("images", []):
+    for a in parts["annotations"]:
+        if isinstance(a, dict) and isinstance(a.get("image_id"), int | str):
+            anns[a["image_id"]].append(a)
+    for n, img in enumerate(parts["images"]):
+        if not isinstance(img, dict):
+            origin = f"{path.name}:images[{n}]"
+            yield [_bad_line(origin, json.dumps(img)[:200], "an image entry must be an object", error="bad_annotation")]
+            continue
         origin = f"{path.name}:image_id={img.get('id')}"
         try:
             image = _image_ref(img.get("file_name"), root)
@@ -183,19 +290,34 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
             yield [_uri_reject(origin, img["file_name"], exc)]
             continue
         except ValueError as exc:
-            yield [_bad_line(origin, json.dumps(img), exc)]
+            yield [_bad_line(origin, json.dumps(img)[:200], exc, error="bad_annotation")]
             continue
-        objects = []
-        for a in anns.get(img.get("id"), []):
-            obj: dict[str, Any] = {"category": cats.get(a.get("category_id"), str(a.get("category_id")))}
+        objects, problems = [], []
+        image_id = img.get("id")
+        for a in anns.get(image_id, []) if isinstance(image_id, int | str) else []:
+            cid = a.get("category_id")
+            name = cats.get(cid) if isinstance(cid, int | str) else None
+            if name is None:
+                problems.append(f"annotation {a.get('id')}: category {cid!r} has no name")
+                continue
+            obj: dict[str, Any] = {"category": name}
             seg = a.get("segmentation")
-            if isinstance(seg, list) and seg and isinstance(seg[0], list) and len(seg[0]) >= 6:
+            if isinstance(seg, list) and seg and all(
+                    isinstance(p, list) and len(p) >= 6 and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                                for v in p) for p in seg):
                 # COCO polygons are flat [x1, y1, x2, y2, ...]; several parts per instance allowed
                 obj["polygons"] = [[[p[i], p[i + 1]] for i in range(0, len(p) - 1, 2)] for p in seg]
             if "bbox" in a:
-                x, y, w, h = a["bbox"]
-                obj["box"] = [x, y, x + w, y + h]
+                box = _coco_box(a["bbox"])
+                if box is None:
+                    problems.append(f"annotation {a.get('id')}: bbox {str(a['bbox'])[:60]} is not [x, y, w, h]")
+                    continue
+                obj["box"] = box
             objects.append(obj)
+        if problems:
+            yield [{"origin": origin, "image": image,
+                    "error": f"bad_annotation: {len(problems)} bad annotation(s), e.g. {problems[0]}"}]
+            continue
         complete = exhaustive_categories(sorted(set(cats.values())) if inp.exhaustive is None else inp.exhaustive,
                                          objects)
         by_cat: dict[str, int] = defaultdict(int)
@@ -267,9 +389,12 @@ def _video_line(ln: _Line, root: Path, home: str | None) -> list[dict[str, Any]]
         if ln.error:
             raise ValueError(ln.error)
         line = json.loads(ln.text)
+        _check_unicode(line)
         return [_video_record(line, root, ln.origin, home)]
     except UnsupportedURI as exc:
         return [_uri_reject(ln.origin, line.get("video", line.get("path")), exc, media="video")]
+    except RecursionError:
+        return [_bad_line(ln.origin, ln.text, "nested too deeply", media="video")]
     except (ValueError, TypeError) as exc:
         return [_bad_line(ln.origin, ln.text, exc, media="video")]
 
@@ -294,8 +419,9 @@ class InputPlan:
 
 
 class _Planner:
-    def __init__(self, plan: InputPlan, per_slice: int, limit: int | None) -> None:
+    def __init__(self, plan: InputPlan, per_slice: int, limit: int | None, max_inputs: int | None = None) -> None:
         self.plan, self.per_slice, self.limit = plan, max(1, per_slice), limit
+        self.max_inputs = max_inputs
         self.open: dict[str, Any] | None = None
 
     def full(self) -> bool:
@@ -308,6 +434,9 @@ class _Planner:
         take = records if self.limit is None else min(records, self.limit - self.plan.n)
         if take <= 0:
             return
+        if self.max_inputs is not None and self.plan.n + take > self.max_inputs:
+            raise InputError(f"inputs: more than limits.max_inputs = {self.max_inputs} input records "
+                             "(raise the limit, or use --limit, if this is meant)")
         sl = self.open
         # at most per_slice records, unless one unit alone has more: a slice is one batch
         if sl is None or sl["base"] is not base or sl["n"] + take > self.per_slice:
@@ -350,7 +479,7 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
         path = getattr(inp, "path", None)
         if path:  # annotation files are sources too, read or not
             plan.sources[str(cfg.path(path))] = "annotations"
-    pl = _Planner(plan, per_slice, limit)
+    pl = _Planner(plan, per_slice, limit, cfg.limits.max_inputs)
     for inp in cfg.inputs:
         if pl.full():
             break

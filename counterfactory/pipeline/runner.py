@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
@@ -38,7 +37,14 @@ from counterfactory.pipeline.writer import (
     atomic_write,
 )
 from counterfactory.stages import get_backend
-from counterfactory.storage import RemoteDir, StorageError, is_remote, join_uri, local_path
+from counterfactory.storage import (
+    RemoteDir,
+    StorageError,
+    is_remote,
+    join_uri,
+    local_path,
+    read_parquet,
+)
 
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
@@ -78,7 +84,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         kwargs["include_dashboard"] = False
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - a node that timed out starting, an address nothing answers
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise RunStopped(f"Ray could not start ({why}); nothing was run, rerun to resume") from None
 
 
 def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
@@ -272,13 +282,19 @@ def dataset_location(cfg: PipelineConfig) -> versions.Dataset:
     return (local_path(root) if root.startswith("file://") else cfg.path(root)) / cfg.dataset
 
 
+class RunStopped(FailureBudgetExceeded):
+    """A run that stops before publishing for a reason other than its rejects (the same spec
+    already running, no inputs, inputs changed mid-run): one line, exit 3 like a spent budget."""
+
+
 def _lock_staging(staging: Path) -> int:
     fd = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"another run of the same spec is in progress in {staging}") from None
+        raise RunStopped(f"already running: another run of the same spec holds {staging}; "
+                         "wait for it to finish (this run changed nothing)") from None
     return fd
 
 
@@ -373,7 +389,7 @@ class RunResult:
 
 def _top_reasons(rejects: Path, k: int = 3) -> str:
     """The commonest whole-input reject reasons, each with one example detail."""
-    rows = [r for r in pq.read_table(rejects, columns=["stage", "reason", "detail", "variant"]).to_pylist()
+    rows = [r for r in read_parquet(rejects, ["stage", "reason", "detail", "variant"]).to_pylist()
             if r["variant"] is None]
     counts = Counter(f"{r['stage']}/{r['reason']}" for r in rows)
     example = {f"{r['stage']}/{r['reason']}": (r["detail"] or "")[:120] for r in reversed(rows)}
@@ -394,6 +410,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     # counted here, read in slices where they are processed (see InputPlan)
     plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
     n_inputs = plan.n
+    if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
+        raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
     ds_dir = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = versions.work_dir(ds_dir)
@@ -449,10 +467,10 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             raise FailureBudgetExceeded(f"no sample survived: all {n_inputs} input(s) were rejected ("
                                         f"{_top_reasons(staging / 'rejects.parquet')}); nothing published")
         changed = versions.check_sources_unchanged(
-            source_hashes, pq.read_table(staging / "index.parquet", columns=["source", "source_sha256"]).to_pylist())
+            source_hashes, read_parquet(staging / "index.parquet", ["source", "source_sha256"]).to_pylist())
         if changed:
             writer.drop_journal()  # its shards were made from other bytes: never resume them
-            raise RuntimeError(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
+            raise RunStopped(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
                                "nothing published")
         seconds = time.perf_counter() - t0
         summary = {"wall_seconds": round(seconds, 3),

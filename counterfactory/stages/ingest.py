@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import stat
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from counterfactory.pipeline.config import resolve_path
 from counterfactory.pipeline.inputs import exhaustive_categories
 from counterfactory.pipeline.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.storage import ObjectTooLarge, StorageError, is_remote, read_object
+from counterfactory.storage import FetchError, ObjectTooLarge, StorageError, is_remote, read_object
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.
@@ -58,6 +59,8 @@ def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
         return read_object(uri, max_bytes)
     except StorageError as exc:
         raise Reject("unsupported_uri", str(exc).replace("\n", " ")) from None
+    except FetchError as exc:
+        raise Reject("fetch_error", str(exc)) from None
     except FileNotFoundError:
         raise Reject("file_not_found", uri) from None
     except IsADirectoryError:
@@ -66,6 +69,49 @@ def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
         raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
     except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
         raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _signature(data: bytes) -> str | None:
+    """The image format a file's first bytes announce, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for sig, fmt in _SIGNATURES if data.startswith(sig)), None)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_polygon(p: Any) -> bool:
+    return isinstance(p, list) and all(isinstance(q, list | tuple) and len(q) == 2 and _finite(q[0]) and _finite(q[1])
+                                       for q in p)
+
+
+def check_objects(objects: Any, max_objects: int) -> None:
+    """Annotations a later stage can use as they are, or a reject naming what is wrong: checked
+    before any pixel is read, so a malformed box is ``bad_box``, never a crash or a misleading
+    ``box_outside_image``, and 10,000 boxes are ``too_many_objects``, never 10,000 GrabCuts."""
+    if not isinstance(objects, list):
+        raise Reject("bad_annotation", f"'objects' must be a list, not {type(objects).__name__}")
+    if len(objects) > max_objects:
+        raise Reject("too_many_objects", f"{len(objects)} objects > limits.max_objects {max_objects}")
+    for i, o in enumerate(objects):
+        if not isinstance(o, dict):
+            raise Reject("bad_annotation", f"objects[{i}] is not an object: {str(o)[:80]}")
+        if "category" in o and not (isinstance(o["category"], str) and o["category"]):
+            raise Reject("bad_annotation", f"objects[{i}].category must be a non-empty string: {str(o['category'])[:80]}")
+        if "box" in o and not (isinstance(o["box"], list | tuple) and len(o["box"]) == 4 and all(map(_finite, o["box"]))):
+            raise Reject("bad_box", f"objects[{i}].box {str(o['box'])[:80]} is not [x0, y0, x1, y1] (4 finite numbers)")
+        if "polygon" in o and not _is_polygon(o["polygon"]):
+            raise Reject("bad_polygon", f"objects[{i}].polygon is not a list of [x, y] points: {str(o['polygon'])[:80]}")
+        if "polygons" in o and not (isinstance(o["polygons"], list) and all(map(_is_polygon, o["polygons"]))):
+            raise Reject("bad_polygon", f"objects[{i}].polygons is not a list of polygons: {str(o['polygons'])[:80]}")
+        if "attributes" in o and not isinstance(o["attributes"], dict):
+            raise Reject("bad_annotation", f"objects[{i}].attributes must be an object: {str(o['attributes'])[:80]}")
 
 
 def _to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -141,6 +187,9 @@ class Ingest(Stage):
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            fmt = _signature(data)
+            if fmt:  # a PNG with a bad chunk CRC, a JPEG with a broken header: damaged, not foreign
+                raise Reject("corrupt_image", f"{len(data)} bytes that start as {fmt} but do not decode") from None
             raise Reject("not_an_image", f"{len(data)} bytes that no image decoder recognizes") from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt headers
             raise Reject("decode_error", f"{type(exc).__name__}: {exc}") from None
@@ -185,6 +234,7 @@ class Ingest(Stage):
         if "error" in m:
             reason, _, detail = m["error"].partition(": ")
             raise Reject(reason, detail)
+        check_objects(m.get("objects", []), int(self.run.get("limits", {}).get("max_objects", 256)))
         data, rendered = self._read(m["image"])
         if rendered is not None:
             arr = rendered
