@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from counterfactory.pipeline.writer import atomic_write
+from counterfactory.pipeline.writer import PAIRS_DIR, atomic_write, pair_features
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, RULE_TEXT
 
 CARD_TEMPLATE = """\
@@ -37,9 +37,15 @@ CARD_TEMPLATE = """\
 
 {summary}
 
+{license_line}
+
 | spec id | content id | parent | created by |
 |---|---|---|---|
 | `{spec_id_short}` | `{content_id_short}` | {parent} | counterfactory {package_version} |
+
+## Load it
+
+{load_section}
 
 ## Counts
 
@@ -250,6 +256,9 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     if info.get("command"):
         commands.insert(0, f"{info['command']}   # the command that made it")
     changes = _changes(vdir, info)
+    parts = manifest["counts"].get("parts") or {}
+    media = next((p.split(".", 1)[1] for p in sorted(parts) if p.startswith("orig.")), "jpg")
+    card_cfg = cfg.get("card") or {}
     return {
         "format": "counterfactory-card/1",
         "dataset": dataset,
@@ -261,6 +270,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "config_hash": manifest["config_hash"],
         "seed": cfg.get("seed"),
         "abstain_answer": abstain,
+        "license": card_cfg.get("license"),
+        "extra_tags": list(card_cfg.get("tags") or []),
+        "media": media,
+        "pairs": manifest["counts"].get("pairs"),
         "counts": {
             "inputs": manifest["counts"]["inputs"],
             "samples": len(mask_areas),
@@ -329,13 +342,20 @@ def render_markdown(card: dict[str, Any]) -> str:
     variants = card["variants"]
     cols = ["orig", *variants]
     video = any(m["member"].endswith(".mp4") for m in card["schema"])
+    pairs = card.get("pairs") is not None
+    # the pairs layout is what the Hub's viewer, datasets.load_dataset(folder) and Ray read as is;
+    # a version written without it points at the per-source shards
+    data_files = f"{PAIRS_DIR}/*.tar" if pairs else f"{card['dataset']}-*.tar"
     front = {
         "pretty_name": f"{card['dataset']} {card['version']}",
+        "license": card.get("license") or "unknown",
         "task_categories": ["video-text-to-text"] if video else ["visual-question-answering"],
-        "tags": ["counterfactual", "webdataset", "counterfactory"],
+        "tags": ["counterfactual", "webdataset", "counterfactory",
+                 *(t for t in card.get("extra_tags", []) if t not in ("counterfactual", "webdataset", "counterfactory"))],
         "size_categories": ["n<1K" if c["samples"] < 1000 else "1K<n<10K" if c["samples"] < 10_000 else "10K<n<100K"
                             if c["samples"] < 100_000 else "100K<n"],
-        "configs": [{"config_name": "default", "data_files": f"{card['dataset']}-*.tar"}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
+        **({"dataset_info": pair_features(card.get("media", "jpg"))} if pairs else {}),
         "counterfactory": {"version": card["version"], "spec_id": card["spec_id"],
                            "content_id": card["content_id"], "parent": card["parent"]},
     }
@@ -394,7 +414,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         parts.append(f"- samples: {s['added']} added, {s['removed']} removed, {s['changed']} changed, "
                      f"{s['unchanged']} unchanged")
         changes = "\n".join(parts)
+    if card.get("license"):
+        license_line = f"License: `{card['license']}` (the config's `card.license`)."
+    else:
+        license_line = ("License: **none declared** (front matter `license: unknown`); set `card.license` in the "
+                        "config to the license of the inputs before sharing this dataset.")
     return CARD_TEMPLATE.format(
+        license_line=license_line, load_section=_load_section(card, pairs),
         front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
         dataset=card["dataset"], version=card["version"], summary=summary,
         spec_id_short=_short(card["spec_id"]), content_id_short=_short(card["content_id"]),
@@ -406,6 +432,31 @@ def render_markdown(card: dict[str, Any]) -> str:
         spec_id=card["spec_id"] or "-", content_id=card["content_id"] or "-",
         commands="\n".join(card["regenerate"]), changes=changes,
     )
+
+
+def _load_section(card: dict[str, Any], pairs: bool) -> str:
+    ext = card.get("media", "jpg")
+    if not pairs:
+        return ("This version has no `pairs/` folder (written with `output.pairs: false`): read the per-source "
+                "shards with `counterfactory.loader` or `webdataset`.")
+    return f"""`pairs/` holds one sample per original x variant ({card['pairs']} pairs), each with the same members:
+`orig.{ext}`, `counterfactual.{ext}`, {'`masks.npz`' if ext == 'mp4' else '`mask.png` (the region the edit changed)'}
+and `json` (key, variant, source, qa with the answer for the original and for the counterfactual, targets,
+edit method). They are written from the same bytes as the per-source shards, and listed with their
+sha256 in `manifest.json`.
+
+```python
+from datasets import load_dataset            # this folder, or the Hub repo it was pushed to
+pairs = load_dataset("path/to/{card['dataset']}/{card['version']}", split="train")
+
+import ray                                     # default decoder: every sample has the same members
+ray.data.read_webdataset("path/to/{card['dataset']}/{card['version']}/pairs")
+
+import webdataset as wds                       # per-source samples: the original and all its variants
+wds.WebDataset("path/to/{card['dataset']}/{card['version']}/{card['dataset']}-{{000000..{card['counts']['shards'] - 1:06d}}}.tar")
+```
+
+Exports for trainers: `counterfactory export {card['dataset']}@{card['version']} --format llava|trl|sharegpt|parquet --out DIR`."""
 
 
 # -- plots -------------------------------------------------------------------------------------

@@ -428,7 +428,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         writer = DatasetWriter(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
                                saved, cfg.config_hash(),
                                max_rejected_inputs=None if share is None else int(share * n_inputs),
-                               fill_missing=cfg.failure_budget.max_errored_blocks > 0)
+                               fill_missing=cfg.failure_budget.max_errored_blocks > 0,
+                               pairs=cfg.output.pairs)
         start = writer.resume()
         stream = _Stream()
         if start < n_inputs and local:
