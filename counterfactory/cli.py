@@ -76,7 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"content id {res.content_id[:12]}): nothing to do. Use --force to build a new version.")
         print(f"output: {res.location}")
         return 0
-    res.limited = args.limit is not None and not args.latest
     if args.quiet:
         print(console.version_line(res))
         return 0
@@ -112,7 +111,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
             c = v.manifest()["counts"]
         except (OSError, ValueError, KeyError):
             c = {}
-        limit = (v.info.get("spec") or {}).get("limit")
+        limit = (v.info.get("spec") or {}).get("limit") if V.is_limited(v) else None
         rows.append({"label": v.label, "latest": v.label == latest, "limited": limit, "tags": tags.get(v.label, []),
                      "spec_id": v.info.get("spec_id"), "content_id": v.info.get("content_id"),
                      "created": v.info.get("created"), "samples": c.get("samples"),

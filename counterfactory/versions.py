@@ -517,8 +517,8 @@ TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 def is_limited(v: Version) -> bool:
-    """A ``run --limit N`` version: a sample of the inputs, never `latest` unless asked."""
-    return (v.info.get("spec") or {}).get("limit") is not None
+    """A ``run --limit N`` version that left inputs out: never `latest` unless asked."""
+    return bool(v.info.get("limited"))
 
 
 def read_tags(ds_dir: Dataset) -> dict[str, str]:

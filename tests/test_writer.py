@@ -64,7 +64,7 @@ def test_writer_shards_manifest_and_journal(tmp_path):
     meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove"],
             "qa": [{"question": "q", "kind": "exists", "answers": {"orig": "yes", "remove": "no"}}],
             "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "metrics": {}}
-    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h")
+    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h", pairs=False)  # pairs: test below
     for i in reversed(range(5)):  # any arrival order: shards follow the input order
         w.add(i, f"k{i}", "ok", meta, {"json": b"{}", "orig.jpg": b"x" * (100 * i)})
     manifest = w.close()

@@ -389,6 +389,7 @@ class RunResult:
     content_id: str = ""
     reused: bool = False  # the spec's complete version existed: nothing ran
     location: str = ""  # where the version lives: its folder, or its URI on an object store
+    limited: bool = False  # a --limit run that left inputs out, not made latest
 
 
 def _top_reasons(rejects: Path, k: int = 3) -> str:
@@ -417,6 +418,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     # counted here, read in slices where they are processed (see InputPlan)
     plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
     n_inputs = plan.n
+    # limited: the limit left inputs out (a --limit at or above the input count is a full run)
+    limited = limit is not None and plan_inputs(cfg, limit + 1).n > limit
     ds_dir = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = versions.work_dir(ds_dir)
@@ -503,11 +506,11 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
                     "root": cfg.output.root if isinstance(ds_dir, RemoteDir) else str(ds_dir.parent),
-                    "command": command}
+                    "command": command, **({"limited": True} if limited else {})}
 
         version = versions.publish_version(staging, ds_dir, make_info,
                                            lambda d, info: write_card(d),
-                                           set_latest=limit is None or latest)
+                                           set_latest=not limited or latest)
         shutil.rmtree(version.path / JOURNAL, ignore_errors=True)
     except BaseException:
         # completed shards are kept for a resume; a run that completed none leaves nothing behind
@@ -517,4 +520,4 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     finally:
         os.close(lock)
     return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid,
-                     location=version.location)
+                     location=version.location, limited=limited and not latest)

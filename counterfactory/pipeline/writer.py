@@ -418,7 +418,7 @@ class DatasetWriter:
             "mask_area_frac": meta["mask"]["area_frac"],
             "metrics": json.dumps(meta["metrics"], sort_keys=True),
         })
-        self._write_sample(key, parts)
+        self._write_sample(key, parts, meta)
 
     def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
         self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
@@ -436,7 +436,7 @@ class DatasetWriter:
     def _shard_name(self, i: int) -> str:
         return f"{self.dataset}-{i:06d}.tar"
 
-    def _write_sample(self, key: str, parts: dict[str, bytes]) -> None:
+    def _write_sample(self, key: str, parts: dict[str, bytes], meta: dict[str, Any]) -> None:
         if self._tar is None:
             name = self._shard_name(len(self.shards))
             self._tar = _TarShard(self.out_dir / f".{name}.tmp")
@@ -445,7 +445,8 @@ class DatasetWriter:
                 self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{name}.tmp")
         self._tar.write_sample(key, parts)
         if self._pair_tar is not None:
-            for pair_key, members in pair_samples(json.loads(parts["json"]), parts):
+            # the sample's own fields (what KEY.json holds), so pairs and shard never disagree
+            for pair_key, members in pair_samples({**meta, "key": key}, parts):
                 self._pair_tar.write_sample(pair_key, members)
         if self._tar.samples >= self.shard_size:
             self._close_shard()
