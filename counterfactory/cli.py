@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
              "counterfactory export demo@v2 --format trl --out exports/demo-trl --split train=0.9,test=0.1", cmd_export)
     x.add_argument("dataset", metavar="DATASET@VERSION")
     root(x)
-    x.add_argument("--format", required=True, metavar="FORMAT", help="llava, trl, sharegpt or parquet")
+    x.add_argument("--format", required=True, metavar="FORMAT",
+                   help="llava, trl, sharegpt, parquet; or a paper's layout: defacto, beaf, popev2, countercurate")
     x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (or an earlier export)")
     x.add_argument("--variants", default=None, metavar="V1,V2",
                    help="images to export: orig and variant names (default: all)")

@@ -36,10 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from counterfactory import export_recipes
 from counterfactory import versions as V
 from counterfactory.pipeline.writer import pair_doc
 
-FORMATS = ("llava", "trl", "sharegpt", "parquet")
+TRAINER_FORMATS = ("llava", "trl", "sharegpt", "parquet")
+FORMATS = (*TRAINER_FORMATS, *export_recipes.FORMATS)
 MARKER = "counterfactory-export.json"  # says this folder is an export (it may be replaced)
 ROWS_PER_FILE = 2000  # parquet rows per file (images embedded: a few hundred MB at most)
 
@@ -287,7 +289,14 @@ def export(version: V.Version, fmt: str, out: Path, *, variants: list[str] | Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        counts = _write(version, fmt, tmp, variants, splits, progress)
+        if fmt in export_recipes.FORMATS:
+            if variants is not None or len(splits) > 1:
+                raise ExportError(f"--format {fmt} writes the paper's own layout: --variants and --split do not apply")
+            abstain = V.version_config(version.path).get("abstain_answer", "unknown") \
+                if (version.path / "config.yaml").exists() else "unknown"
+            counts = export_recipes.write(fmt, iter_samples(version), tmp, progress, abstain)
+        else:
+            counts = _write(version, fmt, tmp, variants, splits, progress)
         meta = {"format": fmt, "dataset": version.dataset, "version": version.label,
                 "content_id": version.info.get("content_id"), "variants": variants,
                 "splits": dict(splits), "records": counts}

@@ -197,10 +197,91 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_export_errors_are_one_line_and_write_nothing(version: V.Version, tmp_path: Path) -> None:
     out = tmp_path / "x"
     r = _cli("export", str(version.path), "--format", "coco", "--out", str(out))
-    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet\n"
+    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet, defacto, beaf, popev2, countercurate\n"
     assert not out.exists()
     r = _cli("export", str(version.path), "--out", str(out), "--format", "llava", "--split", "train=0.5")
     assert r.returncode == 2 and "add up to 0.5" in r.stderr and r.stderr.count("\n") == 1 and not out.exists()
     r = _cli("export", str(version.path), "--format", "trl", "--out", str(out), "--variants", "orig,remove")
     assert r.returncode == 0, r.stderr
     assert f"read demo@{version.label}" in r.stdout and (out / "README.md").is_file()
+
+
+# -- the papers' recipes (configs/recipes/) and their layouts ---------------------------------
+RECIPES = REPO / "configs" / "recipes"
+
+
+def recipe_version(name: str, root: Path, limit: int = 16) -> V.Version:
+    cfg = load_config(RECIPES / f"{name}.yaml", [f"output.root={root}"])
+    return V.read_version(run_pipeline(cfg, limit=limit, local=True, progress=False).out_dir)
+
+
+def test_every_recipe_is_documented_in_one_line() -> None:
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert names == ["beaf", "countercurate", "defacto", "popev2"]
+    for n in names:
+        first = (RECIPES / f"{n}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# ") and f"--format {n}" in first
+        assert n in X.FORMATS
+
+
+def test_beaf_recipe_reads_as_beaf_metric_reads_it(tmp_path: Path) -> None:
+    out = tmp_path / "beaf"
+    X.export(recipe_version("beaf", tmp_path / "runs"), "beaf", out)
+    qna = json.loads((out / "beaf_qna.json").read_text())
+    assert qna and [q["id"] for q in qna] == list(range(len(qna)))
+    assert all(set(q) == {"id", "image", "question", "orig_img", "removed_q", "gt"} and q["gt"] in ("yes", "no")
+               for q in qna)
+    # beaf_metric.py: originals by image and question; an edited image finds its original by
+    # name[:-7] + ".jpg"; a perfect model is true understanding on every removed question
+    orig = {(q["image"], q["question"]): q["gt"] for q in qna if q["orig_img"]}
+    tu = 0
+    for q in qna:
+        Image.open(out / "images" / q["image"]).verify()
+        if not q["orig_img"]:
+            before = orig[(q["image"][:-7] + ".jpg", q["question"])]
+            tu += q["removed_q"] and before == "yes" and q["gt"] == "no"
+    assert tu == sum(1 for q in qna if not q["orig_img"] and q["removed_q"]) > 0
+
+
+def test_popev2_recipe_fields(tmp_path: Path) -> None:
+    out = tmp_path / "popev2"
+    X.export(recipe_version("popev2", tmp_path / "runs"), "popev2", out)
+    rows = [json.loads(x) for x in (out / "popev2.jsonl").read_text().splitlines()]
+    assert rows
+    for r in rows:
+        assert set(r) == {"normal_image", "counterfactual_image", "question", "normal_label",
+                          "counterfactual_label", "target_object"}
+        assert (r["normal_label"], r["counterfactual_label"]) == ("yes", "no") and r["target_object"] in r["question"]
+        assert Image.open(out / r["normal_image"]).size == Image.open(out / r["counterfactual_image"]).size
+
+
+def test_defacto_recipe_folders(tmp_path: Path) -> None:
+    out = tmp_path / "defacto"
+    X.export(recipe_version("defacto", tmp_path / "runs"), "defacto", out)
+    folders = sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    assert [p.name for p in folders] == [str(i) for i in range(1, len(folders) + 1)] and folders
+    rows = [json.loads(x) for x in (out / "defacto.jsonl").read_text().splitlines()]
+    for d, r in zip(folders, rows, strict=True):
+        assert {p.name for p in d.iterdir()} == {"original.jpg", "original_smask.jpg", "original_rmask.jpg", "boxes.txt",
+                                                 "sboxes.txt", "outside_boxes.txt", "random_boxes.txt",
+                                                 "question.txt", "answer.txt"}
+        o, s = Image.open(d / "original.jpg"), Image.open(d / "original_smask.jpg")
+        assert o.size == s.size and (d / "question.txt").read_text().strip() == r["question"]
+        assert (d / "answer.txt").read_text().strip() == r["answer_original"]
+        assert r["answer_smask"] == "unknown" and r["answer_rmask"] == r["answer_original"]
+        for line in (d / "sboxes.txt").read_text().splitlines():
+            x0, y0, x1, y1 = map(int, line.split())
+            assert 0 <= x0 < x1 <= o.size[0] and 0 <= y0 < y1 <= o.size[1]
+
+
+def test_countercurate_recipe_reads_as_its_csv_dataset(tmp_path: Path) -> None:
+    import pandas as pd
+
+    out = tmp_path / "cc"
+    X.export(recipe_version("countercurate", tmp_path / "runs", limit=40), "countercurate", out)
+    df = pd.read_csv(out / "train_countercurate.csv", sep="\t")  # CounterCurate's CsvDataset
+    assert list(df.columns) == ["captions", "images", "neg_captions", "neg_images"] and len(df)
+    assert any("left" in c for c in df["captions"]) and any(c.startswith("There ") for c in df["captions"])
+    for _, r in df.iterrows():
+        assert r["captions"] != r["neg_captions"]
+        assert Image.open(out / r["images"]).size == Image.open(out / r["neg_images"]).size
