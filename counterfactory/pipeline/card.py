@@ -460,6 +460,35 @@ Exports for trainers: `counterfactory export {card['dataset']}@{card['version']}
 
 
 # -- plots -------------------------------------------------------------------------------------
+# what each verification metric measures, as an axis label with its unit
+METRIC_UNITS = {
+    "mask_area_frac": "evidence mask area (fraction of the image)",
+    "inside_mad": "mean abs. change inside the region (0-255 levels)",
+    "outside_changed_frac": "changed pixels outside the region (fraction)",
+    "contrast_ratio": "object contrast left / before (ratio)",
+    "object_contrast": "object contrast before (0-255 levels)",
+    "control_overlap_px": "control region overlapping the evidence (pixels)",
+    "mirror_exact": "mirror exact (1 = yes)",
+    "redetect_score": "detector score on the edited image (0-1)",
+    "redetect_score_orig": "detector score on the original (0-1)",
+}
+
+
+def constant_metrics(hs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Metrics whose every value, over every variant, is the same number: a histogram of them
+    is one bar that says nothing a sentence does not (``outside_changed_frac`` is 0 by design)."""
+    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for k, h in hs.items():
+        if k != "mask_area_frac":
+            by_metric[k.partition(".")[2]].append(h)
+    out = {}
+    for metric, hists in sorted(by_metric.items()):
+        values = {h["min"] for h in hists if h["n"]} | {h["max"] for h in hists if h["n"]}
+        if len(values) == 1:
+            out[metric] = values.pop()
+    return out
+
+
 PLOT_METADATA = {"Software": None}  # no matplotlib version in the PNG bytes
 PLOT_RC = {"axes.titlesize": 9, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
 
@@ -482,9 +511,11 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         fig.savefig(buf, format="png", dpi=80, metadata=PLOT_METADATA)
         return buf.getvalue()
 
-    def style(ax: Any, title: str) -> None:
+    def style(ax: Any, title: str, xlabel: str) -> None:
         # y given: matplotlib otherwise measures the tick labels to place every title
         ax.set_title(title, y=1.0, pad=4)
+        ax.set_xlabel(xlabel, fontsize=7, labelpad=1)
+        ax.set_ylabel("samples", fontsize=7, labelpad=1)
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
 
@@ -495,15 +526,17 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         ax = fig.add_subplot(1, 1, 1)
         h = hs["mask_area_frac"]
         ax.stairs(h["counts"], h["edges"], fill=True, color="#4c72b0")
-        style(ax, f"mask area (fraction of image, n={h['n']})")
+        style(ax, f"evidence mask area (n={h['n']})", METRIC_UNITS["mask_area_frac"])
         # fixed margins instead of tight_layout, which measures every label (the bulk of its cost)
-        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.88)
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.17, top=0.88)
         out = {"plots/mask_area.png": png(fig)}
+        constant = constant_metrics(hs)
         by_metric: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         for k, h in hs.items():
             if k != "mask_area_frac":
                 variant, _, metric = k.partition(".")
-                by_metric[metric].append((variant, h))
+                if metric not in constant:
+                    by_metric[metric].append((variant, h))
         variants = sorted({v for pairs in by_metric.values() for v, _ in pairs})
         colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
         ncol = 3
@@ -513,16 +546,21 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
             ax = fig.add_subplot(nrow, ncol, i + 1)
             for variant, h in by_metric[metric]:
                 ax.stairs(h["counts"], h["edges"], color=colour[variant], linewidth=1.2)
-            style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})")
+            style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})",
+                  METRIC_UNITS.get(metric, metric))
         if by_metric:
             from matplotlib.lines import Line2D
 
             fig.legend([Line2D([], [], color=colour[v], linewidth=1.5) for v in variants], variants,
                        loc="lower center", ncol=min(len(variants), 9), frameon=False)
         else:
-            fig.text(0.5, 0.5, "no verification metrics", ha="center")
-        height = 2.6 * nrow  # inches: 0.35 above the top titles, 0.75 below for tick labels and the legend
-        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.75 / height, top=1 - 0.35 / height, hspace=0.6, wspace=0.25)
+            fig.text(0.5, 0.5, "no verification metric varies" if constant else "no verification metrics",
+                     ha="center")
+        if constant:  # said in a line, not drawn as one-bar histograms
+            fig.text(0.01, 0.995, "constant: " + ", ".join(f"{m} = {v:g}" for m, v in constant.items()),
+                     ha="left", va="top", fontsize=7)
+        height = 2.6 * nrow  # inches: 0.45 above the top titles, 0.85 below for tick and axis labels and the legend
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.85 / height, top=1 - 0.45 / height, hspace=0.8, wspace=0.25)
         out["plots/metrics.png"] = png(fig)
         return out
 
