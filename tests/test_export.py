@@ -21,6 +21,7 @@ from counterfactory import export as X
 from counterfactory import versions as V
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.pipeline.writer import answers_of
 from tests.conftest import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
@@ -41,7 +42,7 @@ def images_expected(v: V.Version, keep: list[str] | None = None) -> list[tuple[s
     """(key, image, answers for that image) in export order."""
     out = []
     for r in index(v):
-        answers = json.loads(r["answers"]) if isinstance(r["answers"], str) else r["answers"]
+        answers = answers_of(r["answers"])
         for name in ["orig", *r["variants"]]:
             if keep is None or name in keep:
                 out.append((r["key"], name, [str(a[name]) for a in answers]))
@@ -114,8 +115,7 @@ def test_parquet_has_image_features(version: V.Version, tmp_path: Path) -> None:
     assert [(r["key"], r["variant"]) for r in ds.select_columns(["key", "variant"])] == want
     r = ds[0]
     assert r["orig"].size == r["counterfactual"].size and r["orig"].tobytes() != r["counterfactual"].tobytes()
-    assert r["qa"][0]["answer_orig"] == json.loads(rows[0]["answers"])[0]["orig"] \
-        if isinstance(rows[0]["answers"], str) else rows[0]["answers"][0]["orig"]
+    assert r["qa"][0]["answer_orig"] == answers_of(rows[0]["answers"])[0]["orig"]
 
 
 def test_llava_json_follows_llavas_loader(version: V.Version, tmp_path: Path) -> None:

@@ -25,7 +25,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from counterfactory.pipeline.writer import PAIRS_DIR, atomic_write, pair_features
+from counterfactory.pipeline.writer import (
+    PAIRS_DIR,
+    answers_of,
+    atomic_write,
+    metrics_of,
+    pair_features,
+)
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, RULE_TEXT
 
 CARD_TEMPLATE = """\
@@ -203,13 +209,13 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         mask_areas.append(row["mask_area_frac"])
         variants_c.update(row["variants"])
         kinds_c.update(row["question_kinds"])
-        answers = json.loads(row["answers"])
+        answers = answers_of(row["answers"])
         for kind, ans in zip(row["question_kinds"], answers, strict=True):
             for v in ["orig", *row["variants"]]:
                 kind_variant[kind][v] += 1
                 if ans.get(v) == abstain:
                     abstentions[kind][v] += 1
-        metrics = json.loads(row["metrics"])
+        metrics = metrics_of(row["metrics"])
         for v, m in sorted(metrics.items()):
             if isinstance(m, dict):
                 for name, val in sorted(m.items()):

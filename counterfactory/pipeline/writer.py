@@ -36,9 +36,17 @@ import yaml
 
 from counterfactory import __version__
 from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.rules import ANSWER_RULES
 
 FORMAT = "counterfactory/1"
 TAR_MTIME = 0  # fixed member metadata: reruns give identical bytes
+
+# Typed index columns: the answers of a question as one field per variant name (every variant
+# the answer-rule table knows; a sample's absent variants are null), the metrics in long form
+# (variant, metric, value), so parquet readers filter and aggregate them without parsing JSON.
+ANSWER_VARIANTS = tuple(ANSWER_RULES)
+ANSWERS_TYPE = pa.list_(pa.struct([(v, pa.string()) for v in ANSWER_VARIANTS]))
+METRICS_TYPE = pa.list_(pa.struct([("variant", pa.string()), ("metric", pa.string()), ("value", pa.float64())]))
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -49,11 +57,11 @@ INDEX_SCHEMA = pa.schema([
     ("variants", pa.list_(pa.string())),
     ("questions", pa.list_(pa.string())),
     ("question_kinds", pa.list_(pa.string())),
-    ("answers", pa.string()),  # JSON: one {variant: answer} per question, in question order
+    ("answers", ANSWERS_TYPE),  # one struct per question, in question order
     ("targets", pa.list_(pa.string())),
     ("n_instances", pa.int32()),
     ("mask_area_frac", pa.float64()),
-    ("metrics", pa.string()),  # JSON
+    ("metrics", METRICS_TYPE),  # numeric and boolean metrics; KEY.json keeps every field
 ])
 
 REJECT_SCHEMA = pa.schema([
@@ -69,6 +77,46 @@ REJECT_SCHEMA = pa.schema([
 
 
 JOURNAL = ".journal"
+
+
+def index_answers(qa: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for q in qa:
+        unknown = sorted(set(q["answers"]) - set(ANSWER_VARIANTS))
+        if unknown:  # a variant the rule table does not know has no column: never drop it silently
+            raise ValueError(f"variant(s) {', '.join(unknown)} not in the answer-rule table")
+        out.append({v: None if a is None else str(a) for v, a in q["answers"].items()})
+    return out
+
+
+def index_metrics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for v, m in sorted(metrics.items()):
+        items = sorted(m.items()) if isinstance(m, dict) else [(v, m)]
+        variant = v if isinstance(m, dict) else None
+        rows += [{"variant": variant, "metric": k, "value": float(x)} for k, x in items
+                 if isinstance(x, int | float) and not isinstance(x, str)]
+    return rows
+
+
+def answers_of(value: Any) -> list[dict[str, str]]:
+    """{variant: answer} per question from an index row (typed, or the JSON text older versions hold)."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return [{k: a for k, a in q.items() if a is not None} for q in value]
+
+
+def metrics_of(value: Any) -> dict[str, Any]:
+    """The metrics of an index row as ``{variant: {metric: value}}`` (typed or older JSON text)."""
+    if isinstance(value, str):
+        return json.loads(value)
+    out: dict[str, Any] = {}
+    for r in value:
+        if r["variant"] is None:
+            out[r["metric"]] = r["value"]
+        else:
+            out.setdefault(r["variant"], {})[r["metric"]] = r["value"]
+    return out
 PAIRS_DIR = "pairs"  # the pairs layout: one sample per original x variant, the same members in each
 
 
@@ -413,10 +461,10 @@ class DatasetWriter:
             "source_sha256": meta["source"]["sha256"], "variants": meta["variants"],
             "questions": [q["question"] for q in meta["qa"]],
             "question_kinds": [q["kind"] for q in meta["qa"]],
-            "answers": json.dumps([q["answers"] for q in meta["qa"]], sort_keys=True),
+            "answers": index_answers(meta["qa"]),
             "targets": meta["targets"], "n_instances": len(meta["instances"]),
             "mask_area_frac": meta["mask"]["area_frac"],
-            "metrics": json.dumps(meta["metrics"], sort_keys=True),
+            "metrics": index_metrics(meta["metrics"]),
         })
         self._write_sample(key, parts, meta)
 
