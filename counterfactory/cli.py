@@ -211,7 +211,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         return 2
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="counterfactory-regen-"))
     try:
-        rep = V.regenerate(v, scratch, local=args.local, progress=not args.quiet)
+        from counterfactory import console
+
+        with console.status(f"regenerating {v.dataset}@{v.label} in {scratch}", enabled=not args.quiet):
+            rep = V.regenerate(v, scratch, local=args.local, progress=False, verbose=False)
     finally:
         if not args.keep and not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -40,7 +40,7 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
                        + "; ".join(f"{c.name}: {c.detail}" for c in bad[:3]) + "); nothing pushed")
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
     except ImportError as exc:  # a declared dependency, but say what to install if it is gone
         raise HubError(f"push needs huggingface_hub (pip install huggingface_hub): {exc}") from None
     api = HfApi()
@@ -60,6 +60,8 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
             info = api.upload_folder(repo_id=repo_id, folder_path=str(version.path), repo_type="dataset",
                                      revision=revision, ignore_patterns=IGNORE, commit_message=message)
             oid = info.oid
+    except HFValidationError as exc:  # a malformed repo id: the client checks it before any request
+        raise HubError(f"{repo_id!r} is not a repo id (user/name): {str(exc).splitlines()[0]}") from None
     except OfflineModeIsEnabled:
         raise HubError("the Hugging Face Hub is unreachable: HF_HUB_OFFLINE is set (unset it to push); "
                        "nothing pushed") from None

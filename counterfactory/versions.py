@@ -708,6 +708,7 @@ def verify(version: Version) -> list[Check]:
     # a reader globbing *.tar (the card's data_files: DATASET-*.tar) would take an unlisted shard
     out.extend(Check(n, False, "a shard the manifest does not list") for n in version.names()
                if n.endswith(".tar") and n not in sizes)
+    out.extend(_unlisted_pairs(version, manifest))
 
     def check_shard(s: dict[str, Any]) -> Check:
         size = sizes[s["name"]]
@@ -761,6 +762,18 @@ def verify(version: Version) -> list[Check]:
         else:
             out.append(Check(name, True, "ok"))
     return out
+
+
+def _unlisted_pairs(version: Version, manifest: dict[str, Any]) -> list[Check]:
+    """The card's data_files (pairs/*.tar) would take a pair shard the manifest does not list."""
+    listed = set(manifest.get("files", {}))
+    if version.remote is not None:
+        names = [n for n, is_dir, _ in version.remote.list("pairs") if not is_dir]
+    else:
+        d = version.path / "pairs"
+        names = [f"pairs/{p.name}" for p in sorted(d.iterdir()) if p.is_file()] if d.is_dir() else []
+    return [Check(n, False, "a pair shard the manifest does not list") for n in names
+            if n.endswith(".tar") and n not in listed]
 
 
 # -- diff ------------------------------------------------------------------------------------
@@ -890,7 +903,8 @@ def compare_versions(a: Version, b: Version) -> dict[str, Any]:
     return {"shards": shards, "samples": sorted(samples), "files": files, "manifest_fields": other}
 
 
-def regenerate(version: Version, scratch: Path, *, local: bool = False, progress: bool = False) -> dict[str, Any]:
+def regenerate(version: Version, scratch: Path, *, local: bool = False, progress: bool = False,
+               verbose: bool = True) -> dict[str, Any]:
     """Re-run the stored spec into ``scratch`` and compare content ids byte for byte; the stored
     copy is verified as well (``stored_failures``)."""
     from counterfactory.pipeline.config import validate_config
@@ -902,7 +916,8 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     base = info.get("base_dir")
     cfg = validate_config(data, source=str(version.path / "config.yaml"),
                           base_dir=Path(base) if base else version.path)
-    res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local)
+    res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local,
+                       verbose=verbose)
     want = info.get("content_id") or version.content_id()
     got = content_id(res.out_dir)
     report: dict[str, Any] = {

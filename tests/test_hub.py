@@ -134,6 +134,9 @@ def test_pairs_are_in_the_manifest_and_verified(photos: Path, tmp_path: Path) ->
     p.write_bytes(bytes(data))
     bad = [c for c in V.verify(V.read_version(copy)) if not c.ok]
     assert [c.name for c in bad] == [listed[0]]
+    (copy / "pairs" / "demo-999999.tar").write_bytes(b"")  # data_files: pairs/*.tar would read it
+    bad = [c for c in V.verify(V.read_version(copy)) if not c.ok]
+    assert [c.name for c in bad] == ["pairs/demo-999999.tar", listed[0]]
 
 
 def test_pairs_are_byte_identical_on_a_rerun(photos: Path, tmp_path: Path) -> None:
@@ -177,3 +180,8 @@ def test_push_refuses_a_version_that_fails_verify(photos: Path, tmp_path: Path) 
     r = _cli("push", str(copy), "someone/demo", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and "fails verify" in r.stderr and r.stderr.count("\n") == 1
     assert "hub" not in json.loads((copy / V.VERSION_FILE).read_text())
+
+
+def test_push_of_a_malformed_repo_id_is_one_line(photos: Path) -> None:
+    r = _cli("push", str(photos), "not a repo!", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.startswith("error: 'not a repo!' is not a repo id") and r.stderr.count("\n") == 1
