@@ -51,13 +51,17 @@ class RunProgress:
         self.start_idx: int | None = None
 
     def __enter__(self) -> RunProgress:
-        self.progress.start()
+        self.called = False
+        self.progress.start()  # at once: Ray's start-up is the slowest part of a small run
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self.called:  # nothing ran (a spec whose version exists): leave no empty bar
+            self.progress.live.transient = True
         self.progress.stop()
 
     def __call__(self, writer: Any) -> None:
+        self.called = True
         done = writer.next_idx
         if self.start_idx is None:  # a resumed run starts past its journaled shards
             self.start_idx = writer.resumed_inputs
@@ -172,7 +176,7 @@ def stage_lines(out_dir: Path) -> list[str]:
     head = f"  {'stage':<10}{'in':>7}{'out':>7}{'rejects':>9}{'busy s':>9}{'rows/s':>9}"
     head += f"{'wait s':>9}" if wait else ""
     head += f"{'GPU':>6}" if gpu else ""
-    out = [head]
+    out = ["run report (per stage; rejects: inputs + variants):", head]
     for r in rows:
         rate = r.get("rows_per_busy_second")
         rej = f"{r['rejected_inputs']}+{r['rejected_variants']}v"
