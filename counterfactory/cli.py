@@ -1,19 +1,17 @@
-"""Command line.
+"""Command line: ``counterfactory VERB ...`` (``counterfactory VERB --help`` for each verb).
 
-    counterfactory run CONFIG [dotted.key=value ...] [--limit N] [--dry-run] [--force]
-    counterfactory versions DATASET
-    counterfactory card DATASET[@VERSION] [--html [--out DIR]] [--serve [--port N]]
-    counterfactory regenerate DATASET@VERSION [--scratch DIR] [--keep] [--local]
-    counterfactory verify DATASET@VERSION
-    counterfactory diff DATASET@A DATASET@B [--json]
-    counterfactory plan CONFIG [dotted.key=value ...] [--address http://HEAD:8265]
-    counterfactory submit CONFIG [dotted.key=value ...] --address http://HEAD:8265 [--limit N] [--wait S]
-                                [--env NAME[=VALUE]] [--pip REQ] [--ship-package]
-    counterfactory status|logs|stop JOB --address http://HEAD:8265
+Verbs: run, versions, card, verify, regenerate, diff, eval, export, push, tag, plan, submit,
+status, logs, stop. Overrides (``dotted.key=value``) and flags go in any order. User errors are
+one line on stderr. Exit codes: 0 done (status: the job SUCCEEDED), 1 a check failed or the job
+FAILED/STOPPED, 2 a usage or input error, 3 a run stopped by its failure budget or nothing to
+publish (status: the job is still PENDING/RUNNING).
 
 DATASET is a dataset name under --root (default ./outputs; a local folder or an object-store URI
-such as s3://bucket/prefix) or a path or URI to ROOT/DATASET;
-VERSION is a label (v1, v2, ...) or ``latest`` (the default when no @VERSION is given).
+such as s3://bucket/prefix) or a path or URI to ROOT/DATASET; @VERSION is a label (v1, v2, ...),
+``latest`` (the default) or a tag given with ``counterfactory tag``.
+
+This module is over 450 lines because it is the whole command line: one parser and one small
+function per verb; output formatting lives in ``console.py``.
 """
 
 from __future__ import annotations
@@ -49,60 +47,6 @@ def _print_plan(cfg, n_inputs: int) -> None:
     con.print(t)
 
 
-def _print_summary(res) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    m = res.manifest
-    c = m["counts"]
-    con = Console()
-    t = Table(title=f"counterfactory: {m['dataset']}", show_header=False)
-    t.add_row("inputs", str(c["inputs"]))
-    t.add_row("samples written", f"{c['samples']} in {len(m['shards'])} shard(s)")
-    t.add_row("variants", ", ".join(f"{k}={v}" for k, v in c["variants"].items()) or "-")
-    t.add_row("rejected inputs", str(c["rejected_inputs"]))
-    t.add_row("rejected variants", str(c["rejected_variants"]))
-    for r in m["rejects"]:
-        t.add_row(f"  {r['stage']}/{r['reason']}", f"{r['count']} ({r['scope']})")
-    t.add_row("seconds per stage", ", ".join(f"{k} {v:.2f}" for k, v in res.stage_seconds.items()) or "-")
-    t.add_row("wall seconds", f"{res.seconds:.1f}")
-    con.print(t)
-    _print_stage_report(con, res.out_dir)
-    # plain print: a path must never be wrapped or truncated by the table
-    print(f"version: {m['dataset']}@{res.label}  spec id {res.spec_id[:12]}  content id {res.content_id[:12]}")
-    print(f"output: {res.location}")
-
-
-def _print_stage_report(con, out_dir: Path) -> None:
-    """The run report from summary.json: one row per stage."""
-    from rich.table import Table
-
-    try:
-        summary = json.loads((out_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return
-    t = Table(title="run report")
-    for col in ("stage", "rows in", "rows out", "rejects", "busy s", "waiting s", "rows/busy s", "GPU busy"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
-
-    def fmt(v, spec="{}") -> str:
-        return "-" if v is None else spec.format(v)
-
-    for r in summary.get("stages", []):
-        t.add_row(r["stage"], str(r["rows_in"]), str(r["rows_out"]),
-                  f"{r['rejected_inputs']}+{r['rejected_variants']}v", f"{r['busy_seconds']:.2f}",
-                  fmt(r.get("waiting_seconds"), "{:.2f}"), fmt(r.get("rows_per_busy_second"), "{:.1f}"),
-                  fmt(r.get("gpu_busy_share"), "{:.0%}"))
-    con.print(t)
-    p = summary.get("pipeline", {})
-    resumed = summary.get("resumed", {})
-    line = (f"pipeline: {p.get('wall_seconds', 0):.1f} s, {fmt(p.get('inputs_per_second'), '{:.1f}')} inputs/s, "
-            f"driver waited {p.get('driver_wait_seconds', 0):.1f} s")
-    if resumed.get("shards"):
-        line += f"; resumed after {resumed['shards']} shard(s) ({resumed['inputs']} inputs)"
-    print(line)
-
-
 def _command_line(argv: list[str] | None) -> str:
     import shlex
 
@@ -111,26 +55,46 @@ def _command_line(argv: list[str] | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from counterfactory import console
+    from counterfactory.pipeline.inputs import plan_inputs
+
     # --strict: a dataset over the audit's thresholds is refused at publish (exit 3); it is a
     # failure-budget setting, so it changes no spec id
     overrides = [*args.overrides, *(["failure_budget.refuse_on_audit=true"] if args.strict else [])]
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        from counterfactory.pipeline.inputs import plan_inputs
-
         _print_plan(cfg, plan_inputs(cfg, args.limit).n)
         return 0
     from counterfactory.pipeline.runner import run_pipeline
 
-    res = run_pipeline(cfg, limit=args.limit, progress=not args.quiet, command=args.command_line,
-                       force=args.force)
+    total = plan_inputs(cfg, args.limit).n  # counting is cheap (no image is read)
+    with console.RunProgress(total, f"{cfg.dataset}", enabled=not args.quiet) as display:
+        res = run_pipeline(cfg, limit=args.limit, progress=args.verbose, command=args.command_line,
+                           force=args.force, latest=args.latest, on_progress=display, verbose=args.verbose)
     if res.reused:
+        if args.quiet:
+            print(console.version_line(res))
+            return 0
         print(f"{cfg.dataset}@{res.label} already holds this spec (spec id {res.spec_id[:12]}, "
               f"content id {res.content_id[:12]}): nothing to do. Use --force to build a new version.")
         print(f"output: {res.location}")
         return 0
-    _print_summary(res)
+    if args.quiet:
+        print(console.version_line(res))
+        return 0
+    root_arg = "" if cfg.output.root == "outputs" else f" --root {_display_root(res)}"
+    console.print_lines(console.run_summary(res, root_arg=root_arg))
     return 0
+
+
+def _display_root(res) -> str:
+    """The --root that names this version from here (relative when that is shorter)."""
+    loc = res.location
+    if "://" in loc:
+        return loc.rsplit("/", 2)[0]
+    root = Path(loc).parent.parent
+    rel = os.path.relpath(root)
+    return rel if not rel.startswith("..") or len(rel) < len(str(root)) else str(root)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -141,20 +105,39 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
     ds_dir = V.locate_dataset(args.dataset, args.root)
     latest = V.read_latest(ds_dir)
-    t = Table(title=f"{ds_dir}")
-    for col in ("label", "spec id", "content id", "date", "samples", "rejects", "status"):
-        t.add_column(col, no_wrap=True)
+    tags: dict[str, list[str]] = {}
+    for name, label in V.read_tags(ds_dir).items():
+        tags.setdefault(label, []).append(name)
+    rows = []
     for v in V.list_versions(ds_dir):
         try:
             c = v.manifest()["counts"]
-            samples, rejects = str(c["samples"]), f"{c['rejected_inputs']} + {c['rejected_variants']} var."
         except (OSError, ValueError, KeyError):
-            samples = rejects = "-"
-        label = v.label + (" (latest)" if v.label == latest else "")
-        t.add_row(label, (v.info.get("spec_id") or "-")[:12], (v.info.get("content_id") or "-")[:12],
-                  v.info.get("created") or "-", samples, rejects, v.status())
-    for p in V.staging_dirs(ds_dir):
-        t.add_row(p.name, "-", "-", "-", "-", "-", "unfinished run (in progress or crashed)")
+            c = {}
+        limit = (v.info.get("spec") or {}).get("limit") if V.is_limited(v) else None
+        rows.append({"label": v.label, "latest": v.label == latest, "limited": limit, "tags": tags.get(v.label, []),
+                     "spec_id": v.info.get("spec_id"), "content_id": v.info.get("content_id"),
+                     "created": v.info.get("created"), "samples": c.get("samples"),
+                     "rejected_inputs": c.get("rejected_inputs"), "rejected_variants": c.get("rejected_variants"),
+                     "status": v.status(), "hub": v.info.get("hub", [])})
+    unfinished = [p.name for p in V.staging_dirs(ds_dir)]
+    if args.json:
+        print(json.dumps({"dataset": str(ds_dir), "latest": latest, "versions": rows, "unfinished": unfinished},
+                         indent=2))
+        return 0
+    t = Table(title=f"{ds_dir}")
+    for col in ("label", "spec id", "content id", "date", "samples", "rejects", "status"):
+        t.add_column(col, no_wrap=True)
+    for r in rows:
+        label = r["label"] + (" (latest)" if r["latest"] else "") + "".join(f" [{n}]" for n in r["tags"])
+        if r["limited"] is not None:
+            label += f" (limited: {r['limited']} inputs)"
+        samples = "-" if r["samples"] is None else str(r["samples"])
+        rejects = "-" if r["rejected_inputs"] is None else f"{r['rejected_inputs']} + {r['rejected_variants']} var."
+        t.add_row(label, (r["spec_id"] or "-")[:12], (r["content_id"] or "-")[:12], r["created"] or "-",
+                  samples, rejects, r["status"])
+    for name in unfinished:
+        t.add_row(name, "-", "-", "-", "-", "-", "unfinished run (in progress or crashed)")
     Console(width=max(140, Console().width)).print(t)
     return 0
 
@@ -220,10 +203,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from counterfactory import console
     from counterfactory import versions as V
 
     v = V.locate(args.dataset, args.root)
-    checks = V.verify(v)
+    with console.status(f"verifying {v.dataset}@{v.label}"):
+        checks = V.verify(v)
     bad = [c for c in checks if not c.ok]
     for c in checks:
         if not c.ok or args.verbose:
@@ -249,7 +234,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         return 2
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="counterfactory-regen-"))
     try:
-        rep = V.regenerate(v, scratch, local=args.local, progress=not args.quiet)
+        from counterfactory import console
+
+        with console.status(f"regenerating {v.dataset}@{v.label} in {scratch}", enabled=not args.quiet):
+            rep = V.regenerate(v, scratch, local=args.local, progress=False, verbose=False)
     finally:
         if not args.keep and not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -341,6 +329,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.report) if args.report else Path(args.predictions).with_suffix(".report.json")
     out.write_text(json.dumps(rep, indent=2))
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
     print(E.report_table(rep))
     print(f"report: {out}")
     return 0
@@ -394,17 +385,75 @@ def cmd_job(args: argparse.Namespace) -> int:
     from counterfactory import cluster
 
     c = cluster.client(args.address)
-    if args.command == "status":
-        if args.wait:
-            print(cluster.wait(args.job, args.address, args.wait))
-            return 0
-        info = c.get_job_info(args.job)
-        st = str(getattr(info.status, "value", info.status))
-        print(f"{args.job}: {st}" + (f" ({info.message})" if info.message else ""))
-    elif args.command == "logs":
-        print(c.get_job_logs(args.job), end="")
-    else:
-        print(f"{args.job}: {'stop requested' if c.stop_job(args.job) else 'not running'}")
+    try:
+        if args.command == "status":
+            if args.wait:
+                cluster.wait(args.job, args.address, args.wait)
+            info = c.get_job_info(args.job)
+            st = str(getattr(info.status, "value", info.status))
+            if args.json:
+                print(json.dumps({"job": args.job, "status": st, "message": info.message,
+                                  "entrypoint": info.entrypoint, "start_time": info.start_time,
+                                  "end_time": info.end_time}, indent=2))
+            else:
+                print(f"{args.job}: {st}" + (f" ({info.message})" if info.message else ""))
+            return JOB_EXIT.get(st, 3)
+        if args.command == "logs":
+            print(c.get_job_logs(args.job), end="")
+        else:
+            print(f"{args.job}: {'stop requested' if c.stop_job(args.job) else 'not running'}")
+    except RuntimeError as exc:  # the job server's answer (e.g. 404: no such job), as one line
+        msg = str(exc).strip().splitlines()
+        print(f"error: {args.job}: {msg[-1] if msg else type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# status: 0 succeeded, 1 failed or stopped, 3 not finished (a script can wait on it)
+JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1, "PENDING": 3, "RUNNING": 3}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from counterfactory import console
+    from counterfactory import export as X
+    from counterfactory import versions as V
+
+    if args.format not in X.FORMATS:  # before anything is read or written
+        raise X.ExportError(f"unknown format {args.format!r}: choose one of {', '.join(X.FORMATS)}")
+    splits = X.parse_splits(args.split)
+    X.check_out(Path(args.out))
+    v = V.locate(args.dataset, args.root)
+    variants = [x.strip() for x in args.variants.split(",") if x.strip()] if args.variants else None
+    total = v.manifest()["counts"]["samples"]
+    with console.CountProgress(total, f"export {v.dataset}@{v.label}", enabled=not args.quiet) as bar:
+        meta = X.export(v, args.format, Path(args.out), variants=variants, splits=splits, progress=bar)
+    print(f"read {v.dataset}@{v.label} (content id {(v.info.get('content_id') or '')[:12]}); "
+          f"{args.format}: " + ", ".join(f"{n} {c} records" for n, c in meta["records"].items())
+          + f" in {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from counterfactory import console, hub
+    from counterfactory import versions as V
+
+    v = V.locate(args.dataset, args.root)
+    with console.status(f"pushing {v.dataset}@{v.label} to {args.repo_id}", enabled=not args.quiet):
+        rec = hub.push(v, args.repo_id, private=args.private, revision=args.revision, large=args.large)
+    print(f"{v.dataset}@{v.label} pushed to https://huggingface.co/datasets/{args.repo_id} "
+          f"(revision {rec['revision'][:12]}, recorded in {v.path / V.VERSION_FILE})")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from counterfactory import versions as V
+
+    name, label = V.split_ref(args.dataset)
+    if label is None:
+        raise V.VersionError(f"tag needs DATASET@VERSION (which version to name), got {args.dataset!r}")
+    v = V.locate(args.dataset, args.root)
+    V.write_tag(V.locate_dataset(name, args.root), args.name, v.label)
+    print(f"{v.dataset}@{args.name} -> {v.label} (content id {(v.info.get('content_id') or '')[:12]})")
     return 0
 
 
@@ -429,30 +478,52 @@ def _port(text: str) -> int:
     return n
 
 
+OVERRIDE_VERBS = ("run", "plan", "submit")  # verbs whose extra KEY=VALUE words are config overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="counterfactory", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a pipeline config")
-    r.add_argument("config")
-    r.add_argument("overrides", nargs="*", metavar="dotted.key=value",
-                   help="override config values, e.g. output.shard_size=16 stages.edit.params.inpaint_radius=7")
-    r.add_argument("--limit", type=_count, default=None, help="process only the first N inputs")
-    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, run nothing")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--force", action="store_true", help="build a new version even if this spec has one")
-    r.add_argument("--strict", action="store_true",
-                   help="refuse to publish a dataset over the shortcut audit's thresholds (exit 3)")
-    r.set_defaults(func=cmd_run)
+    from counterfactory import __version__
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="counterfactory", description=__doc__, formatter_class=raw)
+    p.add_argument("--version", action="version", version=f"counterfactory {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    def verb(name: str, summary: str, example: str, func) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                            formatter_class=raw)
+        sp.set_defaults(func=func)
+        return sp
 
     def root(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--root", default="outputs",
                         help="folder holding the datasets (default: ./outputs); DATASET may also be a path")
 
-    v = sub.add_parser("versions", help="list the versions of a dataset")
-    v.add_argument("dataset", metavar="ROOT/DATASET")
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="pipeline config (YAML)")
+        sp.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                        help="override config values (before or after the flags), e.g. output.shard_size=16")
+
+    r = verb("run", "run a pipeline config and publish a new version",
+             "counterfactory run configs/demo.yaml output.shard_size=8 --limit 20", cmd_run)
+    overrides(r)
+    r.add_argument("--limit", type=_count, default=None,
+                   help="process only the first N inputs (a limited version: never `latest` unless --latest)")
+    r.add_argument("--latest", action="store_true", help="make a --limit version `latest` all the same")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, run nothing")
+    r.add_argument("--quiet", action="store_true", help="print only errors and the version line")
+    r.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and progress bars")
+    r.add_argument("--force", action="store_true", help="build a new version even if this spec has one")
+    r.add_argument("--strict", action="store_true",
+                   help="refuse to publish a dataset over the shortcut audit's thresholds (exit 3)")
+
+    v = verb("versions", "list the versions of a dataset (labels, ids, counts, tags, health)",
+             "counterfactory versions demo --json", cmd_versions)
+    v.add_argument("dataset", metavar="DATASET")
     root(v)
-    v.set_defaults(func=cmd_versions)
-    c = sub.add_parser("card", help="print a version's data card; --html writes the viewer")
+    v.add_argument("--json", action="store_true", help="print the list as JSON")
+    c = verb("card", "print a version's data card; --html writes the side-by-side viewer",
+             "counterfactory card demo@v2 --html", cmd_card)
     c.add_argument("dataset", metavar="DATASET[@VERSION]")
     root(c)
     c.add_argument("--html", action="store_true", help="write the static HTML viewer and print its path")
@@ -460,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=_port, default=0, help="port for --serve (default: any free port)")
     c.add_argument("--out", default=None, help="viewer folder (default: VERSION/viewer)")
     c.add_argument("--max-samples", type=int, default=300, help="samples shown in the viewer")
-    c.set_defaults(func=cmd_card)
-    g = sub.add_parser("regenerate", help="re-run a version's spec in a scratch folder and compare bytes")
+    g = verb("regenerate", "re-run a version's spec in a scratch folder and compare bytes",
+             "counterfactory regenerate demo@v2 --local", cmd_regenerate)
     g.add_argument("dataset", metavar="DATASET@VERSION")
     root(g)
     g.add_argument("--scratch", default=None, help="where to write (kept); default: a temporary folder")
@@ -469,48 +540,73 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local", action="store_true", help="run in this process without Ray (same bytes)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.set_defaults(func=cmd_regenerate)
-    f = sub.add_parser("verify", help="recompute shard checksums and sample counts against the manifest")
+    f = verb("verify", "recompute shard and file checksums and sample counts against the manifest",
+             "counterfactory verify demo@v2", cmd_verify)
     f.add_argument("dataset", metavar="DATASET@VERSION")
     root(f)
     f.add_argument("-v", "--verbose", action="store_true", help="print passing checks too")
-    f.set_defaults(func=cmd_verify)
-    # -- the shortcut audit (counterfactory.audit) --
-    au = sub.add_parser("audit", help="shortcut audit of a version: edit detectability, blind answerers, "
-                                      "label balance, presupposing questions")
+    au = verb("audit", "shortcut audit of a version: edit detectability, blind answerers, label balance, "
+              "presupposing questions (exit 3 when over its thresholds)", "counterfactory audit demo@v2 --json",
+              cmd_audit)
     au.add_argument("dataset", metavar="DATASET[@vN]")
     root(au)
     au.add_argument("--json", action="store_true", help="print the audit as JSON")
-    au.set_defaults(func=cmd_audit)
 
-    d = sub.add_parser("diff", help="compare two versions")
+    d = verb("diff", "compare two versions (config, counts, reject reasons, samples)",
+             "counterfactory diff demo@v1 demo@v2 --json", cmd_diff)
     d.add_argument("a", metavar="DATASET@A")
     d.add_argument("b", metavar="DATASET@B")
     root(d)
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_diff)
-    e = sub.add_parser("eval", help="score a model's answers on a version's pairs (or --export the questions)")
+    d.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    e = verb("eval", "score a model's answers on a version's pairs (or --export the questions)",
+             "counterfactory eval demo --predictions answers.jsonl --json", cmd_eval)
     e.add_argument("dataset", metavar="DATASET@VERSION")
     root(e)
     e.add_argument("--predictions", default=None, help="JSONL: key, variant, qid, answer")
     e.add_argument("--export", default=None, metavar="FILE.jsonl", help="write the questions to ask")
     e.add_argument("--report", default=None, help="report path (default: PREDICTIONS.report.json)")
     e.add_argument("--abstain", default=None, help="the abstention answer (default: the dataset's abstain_answer)")
-    e.set_defaults(func=cmd_eval)
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    x = verb("export", "write a version for a trainer: llava | trl | sharegpt (LLaMA-Factory) | parquet",
+             "counterfactory export demo@v2 --format trl --out exports/demo-trl --split train=0.9,test=0.1", cmd_export)
+    x.add_argument("dataset", metavar="DATASET@VERSION")
+    root(x)
+    x.add_argument("--format", required=True, metavar="FORMAT",
+                   help="llava, trl, sharegpt, parquet; or a paper's layout: defacto, beaf, popev2, countercurate")
+    x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (or an earlier export)")
+    x.add_argument("--variants", default=None, metavar="V1,V2",
+                   help="images to export: orig and variant names (default: all)")
+    x.add_argument("--split", default=None, metavar="NAME=FRAC,...",
+                   help="split by source image, e.g. train=0.9,test=0.1 (default: all in train)")
+    x.add_argument("--quiet", action="store_true", help="no progress display")
+    h = verb("push", "upload a verified version to a Hugging Face dataset repo (token from HF_TOKEN)",
+             "counterfactory push demo@v2 me/demo-counterfactuals --private", cmd_push)
+    h.add_argument("dataset", metavar="DATASET@VERSION")
+    h.add_argument("repo_id", metavar="REPO_ID", help="the dataset repo, e.g. user/name")
+    root(h)
+    h.add_argument("--private", action="store_true", help="create the repo private")
+    h.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    h.add_argument("--large", action="store_true", help="use upload_large_folder (resumable, many commits)")
+    h.add_argument("--quiet", action="store_true", help="no progress display")
+    t = verb("tag", "give a version a name that loads like a label (DATASET@NAME); never moved",
+             "counterfactory tag demo@v2 paper-2025", cmd_tag)
+    t.add_argument("dataset", metavar="DATASET@VERSION")
+    t.add_argument("name", metavar="NAME")
+    root(t)
 
     def address(sp: argparse.ArgumentParser, required: bool = True) -> None:
         sp.add_argument("--address", required=required and not os.environ.get("RAY_API_SERVER_ADDRESS"),
                         default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                         help="Ray dashboard (job server) address, e.g. http://HEAD:8265")
 
-    pl = sub.add_parser("plan", help="compare the stages' resources with a cluster's (or this machine's)")
-    pl.add_argument("config")
-    pl.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    pl = verb("plan", "compare the stages' resources with a cluster's (or this machine's)",
+              "counterfactory plan configs/gpu.yaml --address http://HEAD:8265", cmd_plan)
+    overrides(pl)
     address(pl, required=False)
-    pl.set_defaults(func=cmd_plan)
-    sb = sub.add_parser("submit", help="run a config as a Ray job on a cluster; prints the job id")
-    sb.add_argument("config")
-    sb.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+    sb = verb("submit", "run a config as a Ray job on a cluster; prints the job id",
+              "counterfactory submit configs/gpu.yaml --address http://HEAD:8265 output.root=/shared/datasets",
+              cmd_submit)
+    overrides(sb)
     address(sb)
     sb.add_argument("--limit", type=_count, default=None, help="process only the first N inputs")
     sb.add_argument("--pip", action="append", default=None, metavar="REQ",
@@ -522,35 +618,57 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ship this counterfactory package with the job (runtime_env py_modules)")
     sb.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                     help="wait up to SECONDS for the job to end; exit 0 only if it succeeded")
-    sb.set_defaults(func=cmd_submit)
-    for name, what in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
-        j = sub.add_parser(name, help=what)
+    for name, what in (("status", "a job's status (exit 0 succeeded, 1 failed/stopped, 3 pending/running)"),
+                       ("logs", "a job's logs"), ("stop", "stop a job")):
+        j = verb(name, what, f"counterfactory {name} raysubmit_XXXX --address http://HEAD:8265", cmd_job)
         j.add_argument("job")
         address(j)
         if name == "status":
             j.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                            help="wait up to SECONDS for the job to end")
-        j.set_defaults(func=cmd_job)
+            j.add_argument("--json", action="store_true", help="print the job's status as JSON")
     return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may follow flags (``run CFG --dry-run key=val``): argparse stops filling a
+    positional list at the first flag, so words left over that look like ``key=value`` are
+    the verb's overrides; anything else is the usual one-line usage error (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command in OVERRIDE_VERBS and all("=" in w and not w.startswith("-") for w in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from counterfactory.export import ExportError
+    from counterfactory.hub import HubError
     from counterfactory.storage import StorageError
     from counterfactory.versions import VersionError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.command_line = _command_line(argv)
     try:
         return args.func(args)
-    except (ConfigError, VersionError, StorageError) as exc:  # StorageError: an object store failed mid-command
+    except (ConfigError, VersionError, StorageError, ExportError) as exc:  # StorageError: a store failed mid-command
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except HubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except FailureBudgetExceeded as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:  # a file or an object store that failed mid-command
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         why = _stage_start_error(exc)
         if why is None:

@@ -89,7 +89,8 @@ def build_job(config: str, overrides: list[str], *, limit: int | None = None,
     """The ``submit_job`` arguments for running CONFIG on a cluster (validated here first)."""
     cfg = load_config(config, overrides)
     path = Path(config).resolve()
-    args = ["counterfactory", "run", path.name, *overrides, *_absolute_overrides(cfg), "--quiet"]
+    # not --quiet: the job's log keeps the end-of-run summary (no live display off a terminal)
+    args = ["counterfactory", "run", path.name, *overrides, *_absolute_overrides(cfg)]
     if limit is not None:
         args += ["--limit", str(limit)]
     runtime_env: dict[str, Any] = {

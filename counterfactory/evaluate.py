@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from counterfactory.pipeline.writer import answers_of  # typed index columns (or older JSON text)
 from counterfactory.stages.verify import CONTROLS as CONTROL_VARIANTS
 from counterfactory.storage import read_parquet
 
@@ -82,7 +83,7 @@ def export_questions(ds: Path, out: Path, image_ext: str | None = None) -> int:
     n = 0
     with open(out, "w", encoding="utf-8") as f:
         for r in _rows(ds):
-            answers = json.loads(r["answers"])
+            answers = answers_of(r["answers"])
             for qid, (q, kind) in enumerate(zip(r["questions"], r["question_kinds"], strict=True)):
                 for v in ["orig", *r["variants"]]:
                     if v not in answers[qid]:
@@ -144,7 +145,7 @@ def evaluate(ds: Path, predictions: Path, abstain: str = "unknown") -> dict[str,
     truth: dict[tuple[str, str, int], str] = {}
     kinds: dict[tuple[str, int], str] = {}
     for r in _rows(ds):
-        for qid, per_variant in enumerate(json.loads(r["answers"])):
+        for qid, per_variant in enumerate(answers_of(r["answers"])):
             kinds[(r["key"], qid)] = r["question_kinds"][qid]
             for v, a in per_variant.items():
                 truth[(r["key"], v, qid)] = a

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import stat
+import sys
 import tarfile
 import warnings
 import zlib
@@ -433,19 +434,46 @@ def _image_part(sample: dict[str, Any], name: str) -> bytes | None:
     return None
 
 
-def _decode_image(data: bytes, mode: str, size: tuple[int, int] | None) -> Image.Image:
+def _decode_image(data: bytes, mode: str, size: tuple[int, int] | None, fit: str = "stretch") -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert(mode)
     if size is not None and im.size != (size[1], size[0]):
         # masks stay binary: nearest neighbour; pictures bilinear (PIL antialiases when shrinking)
         resample = Image.Resampling.NEAREST if mode == "L" else Image.Resampling.BILINEAR
-        im = im.resize((size[1], size[0]), resample)
+        im = _fit_image(im, size, fit, resample)
     return im
 
 
-def _resize_frames(frames: Any, size: tuple[int, int] | None, mask: bool) -> Any:
+# -- aspect-preserving resize (one geometry for a sample's pictures and masks) -----------------
+FITS = ("pad", "crop", "stretch")
+
+
+def _fit_box(w: int, h: int, size: tuple[int, int], fit: str) -> tuple[int, int, int, int]:
+    """(scaled width, scaled height, x offset, y offset) of a w x h picture in ``size``
+    (height, width): ``pad`` fits it inside (centered, zero borders), ``crop`` covers the size
+    and cuts the centre, ``stretch`` ignores the aspect ratio. It depends only on the source
+    size, so an original, its variants and its masks get the same geometry (pairs stay aligned)."""
+    th, tw = size
+    if fit == "stretch":
+        return tw, th, 0, 0
+    scale = min(tw / w, th / h) if fit == "pad" else max(tw / w, th / h)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    return sw, sh, (tw - sw) // 2, (th - sh) // 2
+
+
+def _fit_image(im: Image.Image, size: tuple[int, int], fit: str, resample: Any) -> Image.Image:
+    sw, sh, x, y = _fit_box(im.width, im.height, size, fit)
+    im = im.resize((sw, sh), resample)
+    if (sw, sh) == (size[1], size[0]):
+        return im
+    canvas = Image.new(im.mode, (size[1], size[0]), 0)
+    canvas.paste(im, (x, y))  # pad: at an offset; crop: at a negative offset (the centre stays)
+    return canvas
+
+
+def _resize_frames(frames: Any, size: tuple[int, int] | None, mask: bool, fit: str = "stretch") -> Any:
     """T x H x W (x 3) uint8 frames at ``size`` (height, width): masks nearest, pictures area
-    when shrinking and bilinear when growing."""
+    when shrinking and bilinear when growing; ``fit`` as for pictures (``_fit_box``)."""
     import cv2
     import numpy as np
 
@@ -453,7 +481,16 @@ def _resize_frames(frames: Any, size: tuple[int, int] | None, mask: bool) -> Any
         return frames
     interp = cv2.INTER_NEAREST if mask else (
         cv2.INTER_AREA if size[0] * size[1] < frames.shape[1] * frames.shape[2] else cv2.INTER_LINEAR)
-    return np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in frames])
+    sw, sh, x, y = _fit_box(frames.shape[2], frames.shape[1], size, fit)
+    scaled = np.stack([cv2.resize(f, (sw, sh), interpolation=interp) for f in frames])
+    if (sw, sh) == (size[1], size[0]):
+        return scaled
+    out = np.zeros((frames.shape[0], size[0], size[1], *frames.shape[3:]), dtype=frames.dtype)
+    ys, xs = max(0, y), max(0, x)  # destination window
+    yo, xo = max(0, -y), max(0, -x)  # source window (crop)
+    hh, ww = min(sh - yo, size[0] - ys), min(sw - xo, size[1] - xs)
+    out[:, ys:ys + hh, xs:xs + ww] = scaled[:, yo:yo + hh, xo:xo + ww]
+    return out
 
 
 def _to_tensor(im: Image.Image, mask: bool) -> torch.Tensor:
@@ -470,7 +507,7 @@ class PairDataset(IterableDataset):
 
     def __init__(self, shards: Sequence[Shard], *, folder: str | None = None, filesystem: Any = None,
                  variants: Sequence[str] | None = None, flat: bool = False,
-                 image_size: int | tuple[int, int] | None = None,
+                 image_size: int | tuple[int, int] | None = None, resize: str = "pad",
                  decode: Literal["tensor", "pil"] = "tensor", transform: Transform | None = None,
                  shuffle: int = 0, seed: int = 0, resampled: bool = False,
                  samples_per_epoch: int | None = None, rank: int | None = None,
@@ -491,6 +528,9 @@ class PairDataset(IterableDataset):
             raise ValueError("'orig' is always included; variants names the counterfactuals")
         self.flat = flat
         self.size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if resize not in FITS:
+            raise ValueError(f"resize must be one of {', '.join(FITS)}, not {resize!r}")
+        self.fit = resize
         self.decode = decode
         self.transform = transform
         self.shuffle = shuffle
@@ -590,11 +630,11 @@ class PairDataset(IterableDataset):
             data = sample.get(f"{name}.mp4")
             if data is None:
                 raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no {name} clip")
-            out[name] = _resize_frames(read_frames(data)[0], self.size, mask=False)
+            out[name] = _resize_frames(read_frames(data)[0], self.size, mask=False, fit=self.fit)
         if "masks.npz" not in sample:
             raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no masks.npz")
         masks = np.load(io.BytesIO(sample["masks.npz"]))["masks"]
-        out["mask"] = _resize_frames((masks > 0).astype(np.uint8) * 255, self.size, mask=True)
+        out["mask"] = _resize_frames((masks > 0).astype(np.uint8) * 255, self.size, mask=True, fit=self.fit)
         if self.decode == "pil":
             return {n: [Image.fromarray(f) for f in a] for n, a in out.items()}
         from torchvision import tv_tensors
@@ -619,7 +659,7 @@ class PairDataset(IterableDataset):
             if name == "control_mask" and "random_mask" not in present:
                 continue
             mode_images[name] = ("L" if name in MASK_PARTS else "RGB", data)
-        images: dict[str, Any] = {n: _decode_image(d, m, self.size) for n, (m, d) in mode_images.items()}
+        images: dict[str, Any] = {n: _decode_image(d, m, self.size, self.fit) for n, (m, d) in mode_images.items()}
         if self.decode == "tensor":
             from torchvision import tv_tensors
 
@@ -682,7 +722,9 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     URL, or paths on an fsspec/pyarrow ``filesystem``). Options (``PairDataset``):
 
     - ``variants``: counterfactuals to include (default: all a sample has); orig always comes.
-    - ``image_size`` (int or (height, width)): resize pictures (bilinear) and masks (nearest).
+    - ``image_size`` (int or (height, width)): resize pictures (bilinear) and masks (nearest);
+      ``resize="pad"`` (default) keeps the aspect ratio inside zero borders, ``"crop"`` fills the
+      size and cuts the centre, ``"stretch"`` ignores the aspect ratio.
     - ``decode``: ``"tensor"`` (float32 CHW in [0, 1]; masks float32 1xHxW of 0/1) or ``"pil"``.
       A video dataset gives clips: ``tv_tensors.Video`` of T x 3 x H x W and masks T x 1 x H x W
       (a list of PIL frames with ``"pil"``); frame times and fps are in ``meta["source"]``, and a
@@ -700,8 +742,28 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     - ``verify`` (default True): check each shard's sha256 against ``shards.json`` before its
       samples are used; ``verify=False`` for trusted storage (see BENCHMARKS.md for the cost).
     """
+    announce = options.pop("announce", True)
     shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
+    if announce:
+        print(f"counterfactory.loader: {describe_version(folder, filesystem, len(shards))}", file=sys.stderr)
     return PairDataset(shards, folder=folder, filesystem=filesystem, **options)
+
+
+def describe_version(folder: str | None, filesystem: Any = None, n_shards: int = 0) -> str:
+    """Which version a loader reads (dataset@label, content id), from its version.json: a run
+    trained on a --limit version, or on yesterday's, says so in its first line of output."""
+    what = f"{n_shards} shard(s)"
+    if folder is None:
+        return f"reading {what} given as URLs (no version folder)"
+    try:
+        fsys, path = _fs_for(folder, _as_fsspec(filesystem))
+        with fsys.open(_join(path, "version.json"), "rb") as f:
+            info = json.loads(f.read())
+    except (OSError, ValueError):
+        return f"reading {what} from {folder} (no version.json)"
+    limited = " (a limited --limit run)" if info.get("limited") else ""
+    return (f"reading {info.get('dataset', '?')}@{info.get('label', '?')}{limited}, content id "
+            f"{(info.get('content_id') or '-')[:12]}, {what} from {folder}")
 
 
 def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = None, filesystem: Any = None,

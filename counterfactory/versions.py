@@ -351,7 +351,7 @@ def read_latest(ds_dir: Dataset) -> str | None:
         try:
             return ds_dir.read_text(LATEST).strip() or None
         except (FileNotFoundError, OSError):
-            versions = [v for v in list_versions(ds_dir) if v.info]
+            versions = [v for v in list_versions(ds_dir) if v.info and not is_limited(v)]
             return versions[-1].label if versions else None
     p = ds_dir / LATEST
     if p.is_symlink():  # tolerated if someone made one by hand
@@ -359,7 +359,7 @@ def read_latest(ds_dir: Dataset) -> str | None:
     if p.is_file():
         label = p.read_text().strip()
         return label or None
-    versions = list_versions(ds_dir)
+    versions = [v for v in list_versions(ds_dir) if not is_limited(v)]
     return versions[-1].label if versions else None
 
 
@@ -413,7 +413,7 @@ def migrate_flat_layout(ds_dir: Path) -> str | None:
 
 
 def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
-                    finish: Callable[[Path, dict[str, Any]], None]) -> Version:
+                    finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
     """Name the staging folder with the next free label and rename it into place.
 
     ``make_info(label)`` gives version.json; ``finish(staging, info)`` writes label-dependent
@@ -421,7 +421,7 @@ def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], d
     fails (the target exists and is not empty), and it retries with the next label.
     On an object store the staging folder is uploaded instead (see ``_publish_remote``)."""
     if isinstance(ds_dir, RemoteDir):
-        return _publish_remote(staging, ds_dir, make_info, finish)
+        return _publish_remote(staging, ds_dir, make_info, finish, set_latest=set_latest)
     for _ in range(100):
         label = next_label(ds_dir)
         info = make_info(label)
@@ -433,7 +433,8 @@ def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], d
         except FileExistsError:
             continue
         os.replace(staging, target)  # onto an empty folder: atomic on POSIX
-        write_latest(ds_dir, label)
+        if set_latest:
+            write_latest(ds_dir, label)
         return read_version(target)
     raise RuntimeError(f"could not allocate a version label in {ds_dir}")
 
@@ -442,7 +443,7 @@ CLAIM = ".claim.json"  # written first into a label being uploaded; removed once
 
 
 def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
-                    finish: Callable[[Path, dict[str, Any]], None]) -> Version:
+                    finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
     """Upload the staging folder as ``DATASET/vN`` on the object store: a claim naming the
     content, every file, then ``manifest.json``, then ``version.json`` (the commit marker: a
     label folder without it is an unfinished upload, never taken as a version), then
@@ -480,10 +481,11 @@ def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dic
             raise StorageError(f"{target.uri}: another run published this label at the same time; "
                                "run again to publish under the next label")
         target.delete(CLAIM)
-        finish_remote(ds, label)
+        if set_latest:
+            finish_remote(ds, label)
         mirror = remote_mirror(ds) / label
         shutil.rmtree(mirror, ignore_errors=True)
-        for tar in staging.glob("*.tar"):
+        for tar in [*staging.glob("*.tar"), *staging.glob("pairs/*.tar")]:
             tar.unlink()
         os.replace(staging, mirror)
         return Version(label, mirror, info, target)
@@ -522,6 +524,50 @@ def fetch_mirror(version: Version) -> Version:
     version.remote.download([n for n in names if n != "manifest.json"], mirror)
     version.remote.download(["manifest.json"], mirror)
     return version
+
+
+# -- limited runs and tags -------------------------------------------------------------------
+TAGS = "tags"  # ROOT/DATASET/tags/NAME holds a label, like `latest`
+TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def is_limited(v: Version) -> bool:
+    """A ``run --limit N`` version that left inputs out: never `latest` unless asked."""
+    return bool(v.info.get("limited"))
+
+
+def read_tags(ds_dir: Dataset) -> dict[str, str]:
+    if isinstance(ds_dir, RemoteDir):
+        try:
+            names = [n.rsplit("/", 1)[-1] for n, is_dir, _ in ds_dir.child(TAGS).list() if not is_dir]
+        except (FileNotFoundError, OSError):
+            return {}
+        return {n: ds_dir.read_text(f"{TAGS}/{n}").strip() for n in sorted(names) if TAG_RE.match(n)}
+    d = ds_dir / TAGS
+    return {p.name: p.read_text().strip() for p in sorted(d.iterdir())
+            if p.is_file() and TAG_RE.match(p.name)} if d.is_dir() else {}
+
+
+def write_tag(ds_dir: Dataset, name: str, label: str) -> None:
+    """Name a version; a name is given once (moving it would change what a reference means)."""
+    if not TAG_RE.match(name) or LABEL_RE.match(name) or name == LATEST:
+        raise VersionError(f"bad tag {name!r}: a letter, then letters, digits, '_', '.', '-' "
+                           "(not 'latest' nor a label like v3)")
+    have = read_tags(ds_dir)
+    if name in have:
+        raise VersionError(f"tag {name!r} exists (it names {have[name]}); tags are never moved: choose another name")
+    if isinstance(ds_dir, RemoteDir):
+        ds_dir.write_bytes(f"{TAGS}/{name}", f"{label}\n".encode())
+        return
+    (ds_dir / TAGS).mkdir(exist_ok=True)
+    try:  # O_EXCL: of two concurrent taggers exactly one wins
+        fd = os.open(ds_dir / TAGS / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise VersionError(f"tag {name!r} exists; tags are never moved: choose another name") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{label}\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def now_utc() -> str:
@@ -593,9 +639,15 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
         if label in (None, LATEST):
             label = read_latest(ds_dir)
             if label is None:
-                raise VersionError(f"{ds_dir} has no versions yet")
+                limited = [v.label for v in list_versions(ds_dir) if is_limited(v)]
+                raise VersionError(f"{ds_dir} has no latest version" + (
+                    f" ({', '.join(limited)}: limited runs, never latest; name one, or run with --latest)"
+                    if limited else " yet"))
         if not LABEL_RE.match(label):
-            raise VersionError(f"bad version label {label!r}: expected v1, v2, ... or latest")
+            tagged = read_tags(ds_dir).get(label) if TAG_RE.match(label) else None
+            if tagged is None:
+                raise VersionError(f"bad version label {label!r}: expected v1, v2, ..., latest or a tag")
+            label = tagged
         if isinstance(ds_dir, RemoteDir):
             v = _read_remote_version(ds_dir, label)
             if not v.info:
@@ -702,6 +754,7 @@ def verify(version: Version) -> list[Check]:
     # a reader globbing *.tar (the card's data_files: DATASET-*.tar) would take an unlisted shard
     out.extend(Check(n, False, "a shard the manifest does not list") for n in version.names()
                if n.endswith(".tar") and n not in sizes)
+    out.extend(_unlisted_pairs(version, manifest))
 
     def check_shard(s: dict[str, Any]) -> Check:
         size = sizes[s["name"]]
@@ -756,6 +809,18 @@ def verify(version: Version) -> list[Check]:
         else:
             out.append(Check(name, True, "ok"))
     return out
+
+
+def _unlisted_pairs(version: Version, manifest: dict[str, Any]) -> list[Check]:
+    """The card's data_files (pairs/*.tar) would take a pair shard the manifest does not list."""
+    listed = set(manifest.get("files", {}))
+    if version.remote is not None:
+        names = [n for n, is_dir, _ in version.remote.list("pairs") if not is_dir]
+    else:
+        d = version.path / "pairs"
+        names = [f"pairs/{p.name}" for p in sorted(d.iterdir()) if p.is_file()] if d.is_dir() else []
+    return [Check(n, False, "a pair shard the manifest does not list") for n in names
+            if n.endswith(".tar") and n not in listed]
 
 
 # -- diff ------------------------------------------------------------------------------------
@@ -883,7 +948,8 @@ def compare_versions(a: Version, b: Version) -> dict[str, Any]:
     return {"shards": shards, "samples": sorted(samples), "files": files, "manifest_fields": other}
 
 
-def regenerate(version: Version, scratch: Path, *, local: bool = False, progress: bool = False) -> dict[str, Any]:
+def regenerate(version: Version, scratch: Path, *, local: bool = False, progress: bool = False,
+               verbose: bool = True) -> dict[str, Any]:
     """Re-run the stored spec into ``scratch`` and compare content ids byte for byte; the stored
     copy is verified as well (``stored_failures``)."""
     from counterfactory.pipeline.config import validate_config
@@ -895,7 +961,8 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     base = info.get("base_dir")
     cfg = validate_config(data, source=str(version.path / "config.yaml"),
                           base_dir=Path(base) if base else version.path)
-    res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local)
+    res = run_pipeline(cfg, limit=(info.get("spec") or {}).get("limit"), progress=progress, local=local,
+                       verbose=verbose)
     want = info.get("content_id") or version.content_id()
     got = content_id(res.out_dir)
     report: dict[str, Any] = {

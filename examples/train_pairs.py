@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from counterfactory.loader import collate_pairs, load
+from counterfactory.loader import collate_pairs, describe_version, load, resolve_shards
 
 
 class TinyEncoder(nn.Module):
@@ -80,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     # resampled: a fixed number of samples per epoch whatever the shard sizes, so the loop's
     # step count (and, under DDP, every rank's) is known in advance
+    shards, folder = resolve_shards(args.data, root=args.root)
+    # the first line says which version this trains on (a --limit version says so)
+    print(f"training on {describe_version(folder, None, len(shards)).removeprefix('reading ')}", flush=True)
     data = load(args.data, root=args.root, image_size=args.image_size, shuffle=64, seed=args.seed,
-                resampled=True, samples_per_epoch=args.steps * args.batch_size)
+                resampled=True, samples_per_epoch=args.steps * args.batch_size, announce=False)
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_pairs)
     model = TinyEncoder()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)

@@ -34,7 +34,8 @@ def test_one_panel_per_metric_with_every_variant():
     assert out == card_mod.render_plots(card), "plots must be byte-identical on a rerun"
     mask = _image(out["plots/mask_area.png"])
     assert mask.shape == (240, 400, 3) and np.all(mask == BLUE, axis=2).any()
-    metrics_names = {k.partition(".")[2] for k in card["histograms"] if k != "mask_area_frac"}
+    constant = card_mod.constant_metrics(card["histograms"])
+    metrics_names = {k.partition(".")[2] for k in card["histograms"] if k != "mask_area_frac"} - set(constant)
     rows = -(-len(metrics_names) // 3)
     metrics = _image(out["plots/metrics.png"])
     assert metrics.shape == (round(2.6 * 80 * rows), 960, 3)
@@ -62,3 +63,19 @@ def test_tiny_and_degenerate_bins_draw():
     assert mask.any()
     metrics = _image(out["plots/metrics.png"])
     assert metrics.shape[0] == round(2.6 * 80) and _coloured(metrics).any()
+
+
+def test_constant_metrics_are_named_not_plotted():
+    """A metric with one value everywhere (outside_changed_frac is 0 by design) is a sentence,
+    not a one-bar histogram; every plotted metric has an axis label with its unit."""
+    hs = {"mask_area_frac": card_mod._hist([0.1, 0.2], np.linspace(0, 1, 21)),
+          "remove.outside_changed_frac": card_mod._hist([0.0] * 4), "blackout.outside_changed_frac": card_mod._hist([0.0] * 3),
+          "flip.mirror_exact": card_mod._hist([1.0] * 2), "remove.inside_mad": card_mod._hist([10.0, 40.0, 90.0]),
+          "blackout.inside_mad": card_mod._hist([50.0, 50.0])}
+    assert card_mod.constant_metrics(hs) == {"mirror_exact": 1.0, "outside_changed_frac": 0.0}
+    one = card_mod.render_plots({"histograms": hs})["plots/metrics.png"]
+    assert _image(one).shape[:2] == (round(2.6 * 80), 960)  # one row: inside_mad alone
+    only_constant = {k: v for k, v in hs.items() if "inside_mad" not in k}
+    assert not _coloured(_image(card_mod.render_plots({"histograms": only_constant})["plots/metrics.png"])).any()
+    assert {"inside_mad", "outside_changed_frac", "mask_area_frac"} <= set(card_mod.METRIC_UNITS)
+    assert all("(" in u for u in card_mod.METRIC_UNITS.values())  # every label names its unit

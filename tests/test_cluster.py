@@ -136,7 +136,7 @@ def _wait_for(pred, timeout: float, what: str, poll: float = 0.05):
 
 def _run_cmd(root: Path) -> list[str]:
     return [str(BIN / "counterfactory"), "run", str(DEMO), *OVERRIDES, f"output.root={root}",
-            "--limit", str(LIMIT), "--quiet"]
+            "--limit", str(LIMIT)]  # not --quiet: the summary says "resumed after"
 
 
 def _journal(root: Path) -> list[Path]:

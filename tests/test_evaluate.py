@@ -15,6 +15,7 @@ from counterfactory.evaluate import (
     report_table,
 )
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.pipeline.writer import answers_of
 from tests.conftest import make_config, scenes_input
 
 
@@ -39,7 +40,7 @@ def _truth(dataset: Path) -> dict:
 
     t = {}
     for r in pq.read_table(dataset / "index.parquet").to_pylist():
-        for qid, ans in enumerate(json.loads(r["answers"])):
+        for qid, ans in enumerate(answers_of(r["answers"])):
             for v, a in ans.items():
                 t[(r["key"], v, qid)] = a
     return t

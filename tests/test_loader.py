@@ -37,6 +37,7 @@ from counterfactory.loader import (
 )
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.pipeline.writer import answers_of
 from tests.conftest import REPO, make_config, scenes_input
 
 
@@ -85,7 +86,7 @@ def test_pair_records_match_the_index(photos: Path) -> None:
         assert 0.0 <= rec["orig"].min() and rec["orig"].max() <= 1.0
         assert set(rec["mask"].unique().tolist()) <= {0.0, 1.0} and rec["mask"].shape == (1, 40, 48)
         assert (rec["control_mask"] is None) == ("random_mask" not in row["variants"])
-        assert [q["answers"] for q in rec["qa"]] == json.loads(row["answers"])
+        assert [q["answers"] for q in rec["qa"]] == answers_of(row["answers"])
         assert [q["question"] for q in rec["qa"]] == row["questions"]
         assert Path(rec["url"]).name == row["shard"]
 
@@ -147,7 +148,7 @@ def test_transform_sees_the_whole_record(scenes: Path) -> None:
 
 def test_flat_rows_for_sft(photos: Path) -> None:
     ds = load(photos, flat=True, variants=["remove"], image_size=24)
-    answers = {r["key"]: json.loads(r["answers"]) for r in index_rows(photos)}
+    answers = {r["key"]: answers_of(r["answers"]) for r in index_rows(photos)}
     has_remove = {r["key"]: "remove" in r["variants"] for r in index_rows(photos)}  # not chelsea (issue 16)
     rows = list(ds)
     assert len(rows) == len(ds) == sum((1 + has_remove[k]) * len(a) for k, a in answers.items())
@@ -361,7 +362,7 @@ def test_plain_webdataset_pipeline(photos: Path) -> None:
     samples = list(wds.WebDataset(shard_urls(photos), shardshuffle=False).decode("pil"))
     assert [s["__key__"] for s in samples] == [r["key"] for r in rows]
     for s, row in zip(samples, rows, strict=True):
-        assert [q["answers"] for q in s["json"]["qa"]] == json.loads(row["answers"])
+        assert [q["answers"] for q in s["json"]["qa"]] == answers_of(row["answers"])
         assert s["orig.jpg"].size == (s["json"]["source"]["width"], s["json"]["source"]["height"])
         assert ("random_mask.jpg" in s) == ("random_mask" in row["variants"])
 
@@ -375,14 +376,14 @@ def test_huggingface_datasets(scenes: Path, photos: Path, tmp_path: Path) -> Non
     assert hf.num_rows == len(rows) and hf["__key__"] == [r["key"] for r in rows]
     first = hf[0]
     assert first["remove.jpg"].size == first["orig.jpg"].size
-    assert [q["answers"] for q in first["json"]["qa"]] == json.loads(rows[0]["answers"])
+    assert [q["answers"] for q in first["json"]["qa"]] == answers_of(rows[0]["answers"])
     # missing variants: HF infers columns from the first samples; the full schema fixes that
     rows = index_rows(photos)
     hf = load_dataset("webdataset", **hf_webdataset_args(str(photos)), split="train",
                       cache_dir=str(tmp_path / "hf2"))
     assert hf["__key__"] == [r["key"] for r in rows]
     assert [x is not None for x in hf["random_mask.jpg"]] == ["random_mask" in r["variants"] for r in rows]
-    assert hf[0]["json"]["qa"][0]["answers"] == json.loads(rows[0]["answers"])[0]
+    assert hf[0]["json"]["qa"][0]["answers"] == answers_of(rows[0]["answers"])[0]
 
 
 def test_ray_data_read_webdataset(scenes: Path) -> None:
@@ -417,7 +418,7 @@ def test_ray_data_read_webdataset(scenes: Path) -> None:
         assert {"orig.jpg", "remove.jpg", "blackout.jpg", "random_mask.jpg", "mask.png", "json"} <= set(g)
         assert np.asarray(g["orig.jpg"]).shape == np.asarray(g["remove.jpg"]).shape
         doc = g["json"] if isinstance(g["json"], dict) else json.loads(g["json"])
-        assert [q["answers"] for q in doc["qa"]] == json.loads(rows[g["__key__"]]["answers"])
+        assert [q["answers"] for q in doc["qa"]] == answers_of(rows[g["__key__"]]["answers"])
 
 
 def test_pyarrow_reads_the_index(scenes: Path) -> None:

@@ -145,8 +145,8 @@ def test_cli_run_prints_summary(tmp_path):
     r = subprocess.run([exe, "run", str(DEMO), f"output.root={out}", "ray.num_cpus=2", "--limit", "4", "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    for word in ("inputs", "samples written", "rejected inputs", "seconds per stage", str(out / "demo")):
-        assert word in r.stdout, r.stdout
+    # --quiet: the version line only (the summary is tested in tests/test_cli.py)
+    assert r.stdout.splitlines()[0].startswith("version: demo@v1  spec id ") and len(r.stdout.splitlines()) == 1, r.stdout
 
 
 def test_sample_count_a_multiple_of_shard_size_keeps_every_index_row(tmp_path):

@@ -64,7 +64,7 @@ def test_writer_shards_manifest_and_journal(tmp_path):
     meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove"],
             "qa": [{"question": "q", "kind": "exists", "answers": {"orig": "yes", "remove": "no"}}],
             "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "metrics": {}}
-    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h")
+    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h", pairs=False)  # pairs: test below
     for i in reversed(range(5)):  # any arrival order: shards follow the input order
         w.add(i, f"k{i}", "ok", meta, {"json": b"{}", "orig.jpg": b"x" * (100 * i)})
     manifest = w.close()
@@ -77,3 +77,52 @@ def test_writer_shards_manifest_and_journal(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))
     with tarfile.open(tmp_path / "d-000000.tar") as tf:
         assert tf.getnames() == ["k0.json", "k0.orig.jpg", "k1.json", "k1.orig.jpg"]
+
+
+def test_index_has_typed_answers_and_metrics(tmp_path):
+    """Answers and metrics are parquet columns a reader filters without parsing JSON; pairs are
+    written beside the shard from the same bytes, with the same members in every pair."""
+    import json
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from counterfactory.pipeline.writer import ANSWERS_TYPE, METRICS_TYPE, answers_of, metrics_of
+
+    meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove", "flip"],
+            "qa": [{"question": "Is there a cat?", "kind": "existence", "targets": ["cat"],
+                    "answers": {"orig": "yes", "remove": "no", "flip": "yes"}}],
+            "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "edits": {"remove": {"method": "telea"}},
+            "metrics": {"mask_area_frac": 0.1, "remove": {"inside_mad": 12.5, "note": "text"},
+                        "flip": {"mirror_exact": True}}}
+    parts = {"json": b"{}", "orig.jpg": b"o", "remove.jpg": b"r", "flip.jpg": b"f", "mask.png": b"m",
+             "remove_mask.png": b"rm"}
+    w = DatasetWriter(tmp_path, "d", 2, 1, {}, "h")
+    w.add(0, "k0", "ok", meta, parts)
+    manifest = w.close()
+    t = pq.read_table(tmp_path / "index.parquet")
+    assert t.schema.field("answers").type == ANSWERS_TYPE and t.schema.field("metrics").type == METRICS_TYPE
+    flat = pc.list_flatten(t.column("answers"))
+    assert pc.struct_field(flat, "remove").to_pylist() == ["no"] and pc.struct_field(flat, "swap").to_pylist() == [None]
+    row = t.to_pylist()[0]
+    assert answers_of(row["answers"]) == [{"orig": "yes", "remove": "no", "flip": "yes"}]
+    assert metrics_of(row["metrics"]) == {"mask_area_frac": 0.1, "remove": {"inside_mad": 12.5}, "flip": {"mirror_exact": 1.0}}
+    with tarfile.open(tmp_path / "pairs" / "d-000000.tar") as tf:
+        names = tf.getnames()
+        mask = {m.name: tf.extractfile(m).read() for m in tf if m.name.endswith("mask.png")}
+        docs = [json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")]
+    assert names == [f"k0_{v}.{p}" for v in ("remove", "flip")
+                     for p in ("counterfactual.jpg", "json", "mask.png", "orig.jpg")]
+    assert mask == {"k0_remove.mask.png": b"rm", "k0_flip.mask.png": b"m"}  # the edit's own region, else the evidence
+    assert [(d["variant"], d["qa"][0]["answer_counterfactual"], d["qa"][0]["changed"]) for d in docs] == \
+        [("remove", "no", True), ("flip", "yes", False)]
+    assert manifest["counts"]["pairs"] == 2 and manifest["files"]["pairs/d-000000.tar"]["samples"] == 2
+
+
+def test_an_answer_for_an_unknown_variant_is_refused(tmp_path):
+    meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["warp"],
+            "qa": [{"question": "q", "kind": "existence", "answers": {"orig": "yes", "warp": "no"}}],
+            "targets": [], "instances": [], "mask": {"area_frac": 0.1}, "metrics": {}}
+    w = DatasetWriter(tmp_path, "d", 2, 1, {}, "h", pairs=False)
+    with pytest.raises(ValueError, match="warp"):
+        w.add(0, "k0", "ok", meta, {"json": b"{}", "orig.jpg": b"o"})

@@ -25,7 +25,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from counterfactory.pipeline.writer import atomic_write
+from counterfactory.pipeline.writer import (
+    PAIRS_DIR,
+    answers_of,
+    atomic_write,
+    metrics_of,
+    pair_features,
+)
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, RULE_TEXT
 
 CARD_TEMPLATE = """\
@@ -37,9 +43,15 @@ CARD_TEMPLATE = """\
 
 {summary}
 
+{license_line}
+
 | spec id | content id | parent | created by |
 |---|---|---|---|
 | `{spec_id_short}` | `{content_id_short}` | {parent} | counterfactory {package_version} |
+
+## Load it
+
+{load_section}
 
 ## Counts
 
@@ -205,13 +217,13 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         mask_areas.append(row["mask_area_frac"])
         variants_c.update(row["variants"])
         kinds_c.update(row["question_kinds"])
-        answers = json.loads(row["answers"])
+        answers = answers_of(row["answers"])
         for kind, ans in zip(row["question_kinds"], answers, strict=True):
             for v in ["orig", *row["variants"]]:
                 kind_variant[kind][v] += 1
                 if ans.get(v) == abstain:
                     abstentions[kind][v] += 1
-        metrics = json.loads(row["metrics"])
+        metrics = metrics_of(row["metrics"])
         for v, m in sorted(metrics.items()):
             if isinstance(m, dict):
                 for name, val in sorted(m.items()):
@@ -260,6 +272,9 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     changes = _changes(vdir, info)
     audit = _audit(vdir, cfg)
     audit_seconds = audit["cost"].pop("seconds", None) if audit else None  # timing: the rest is reproducible
+    parts = manifest["counts"].get("parts") or {}
+    media = next((p.split(".", 1)[1] for p in sorted(parts) if p.startswith("orig.")), "jpg")
+    card_cfg = cfg.get("card") or {}
     return {
         "format": "counterfactory-card/1",
         "dataset": dataset,
@@ -271,6 +286,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "config_hash": manifest["config_hash"],
         "seed": cfg.get("seed"),
         "abstain_answer": abstain,
+        "license": card_cfg.get("license"),
+        "extra_tags": list(card_cfg.get("tags") or []),
+        "media": media,
+        "pairs": manifest["counts"].get("pairs"),
         "counts": {
             "inputs": manifest["counts"]["inputs"],
             "samples": len(mask_areas),
@@ -387,13 +406,20 @@ def render_markdown(card: dict[str, Any]) -> str:
     variants = card["variants"]
     cols = ["orig", *variants]
     video = any(m["member"].endswith(".mp4") for m in card["schema"])
+    pairs = card.get("pairs") is not None
+    # the pairs layout is what the Hub's viewer, datasets.load_dataset(folder) and Ray read as is;
+    # a version written without it points at the per-source shards
+    data_files = f"{PAIRS_DIR}/*.tar" if pairs else f"{card['dataset']}-*.tar"
     front = {
         "pretty_name": f"{card['dataset']} {card['version']}",
+        "license": card.get("license") or "unknown",
         "task_categories": ["video-text-to-text"] if video else ["visual-question-answering"],
-        "tags": ["counterfactual", "webdataset", "counterfactory"],
+        "tags": ["counterfactual", "webdataset", "counterfactory",
+                 *(t for t in card.get("extra_tags", []) if t not in ("counterfactual", "webdataset", "counterfactory"))],
         "size_categories": ["n<1K" if c["samples"] < 1000 else "1K<n<10K" if c["samples"] < 10_000 else "10K<n<100K"
                             if c["samples"] < 100_000 else "100K<n"],
-        "configs": [{"config_name": "default", "data_files": f"{card['dataset']}-*.tar"}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
+        **({"dataset_info": pair_features(card.get("media", "jpg"))} if pairs else {}),
         "counterfactory": {"version": card["version"], "spec_id": card["spec_id"],
                            "content_id": card["content_id"], "parent": card["parent"]},
     }
@@ -453,7 +479,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         parts.append(f"- samples: {s['added']} added, {s['removed']} removed, {s['changed']} changed, "
                      f"{s['unchanged']} unchanged")
         changes = "\n".join(parts)
+    if card.get("license"):
+        license_line = f"License: `{card['license']}` (the config's `card.license`)."
+    else:
+        license_line = ("License: **none declared** (front matter `license: unknown`); set `card.license` in the "
+                        "config to the license of the inputs before sharing this dataset.")
     return CARD_TEMPLATE.format(
+        license_line=license_line, load_section=_load_section(card, pairs),
         front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
         dataset=card["dataset"], version=card["version"], summary=summary,
         spec_id_short=_short(card["spec_id"]), content_id_short=_short(card["content_id"]),
@@ -478,7 +510,61 @@ def _audit_markdown(a: dict[str, Any] | None) -> str:
     return audit.render_markdown(a) if a else "_not computed (audit.sample_pairs: 0)_"
 
 
+def _load_section(card: dict[str, Any], pairs: bool) -> str:
+    ext = card.get("media", "jpg")
+    if not pairs:
+        return ("This version has no `pairs/` folder (written with `output.pairs: false`): read the per-source "
+                "shards with `counterfactory.loader` or `webdataset`.")
+    return f"""`pairs/` holds one sample per original x variant ({card['pairs']} pairs), each with the same members:
+`orig.{ext}`, `counterfactual.{ext}`, {'`masks.npz`' if ext == 'mp4' else '`mask.png` (the region the edit changed)'}
+and `json` (key, variant, source, qa with the answer for the original and for the counterfactual, targets,
+edit method). They are written from the same bytes as the per-source shards, and listed with their
+sha256 in `manifest.json`.
+
+```python
+from datasets import load_dataset            # this folder, or the Hub repo it was pushed to
+pairs = load_dataset("path/to/{card['dataset']}/{card['version']}", split="train")
+
+import ray                                     # default decoder: every sample has the same members
+ray.data.read_webdataset("path/to/{card['dataset']}/{card['version']}/pairs")
+
+import webdataset as wds                       # per-source samples: the original and all its variants
+wds.WebDataset("path/to/{card['dataset']}/{card['version']}/{card['dataset']}-{{000000..{card['counts']['shards'] - 1:06d}}}.tar")
+```
+
+Exports for trainers: `counterfactory export {card['dataset']}@{card['version']} --format llava|trl|sharegpt|parquet --out DIR`."""
+
+
 # -- plots -------------------------------------------------------------------------------------
+# what each verification metric measures, as an axis label with its unit
+METRIC_UNITS = {
+    "mask_area_frac": "evidence mask area (fraction of the image)",
+    "inside_mad": "mean abs. change inside the region (0-255 levels)",
+    "outside_changed_frac": "changed pixels outside the region (fraction)",
+    "contrast_ratio": "object contrast left / before (ratio)",
+    "object_contrast": "object contrast before (0-255 levels)",
+    "control_overlap_px": "control region overlapping the evidence (pixels)",
+    "mirror_exact": "mirror exact (1 = yes)",
+    "redetect_score": "detector score on the edited image (0-1)",
+    "redetect_score_orig": "detector score on the original (0-1)",
+}
+
+
+def constant_metrics(hs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Metrics whose every value, over every variant, is the same number: a histogram of them
+    is one bar that says nothing a sentence does not (``outside_changed_frac`` is 0 by design)."""
+    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for k, h in hs.items():
+        if k != "mask_area_frac":
+            by_metric[k.partition(".")[2]].append(h)
+    out = {}
+    for metric, hists in sorted(by_metric.items()):
+        values = {h["min"] for h in hists if h["n"]} | {h["max"] for h in hists if h["n"]}
+        if len(values) == 1:
+            out[metric] = values.pop()
+    return out
+
+
 PLOT_METADATA = {"Software": None}  # no matplotlib version in the PNG bytes
 PLOT_RC = {"axes.titlesize": 9, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
 
@@ -501,9 +587,11 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         fig.savefig(buf, format="png", dpi=80, metadata=PLOT_METADATA)
         return buf.getvalue()
 
-    def style(ax: Any, title: str) -> None:
+    def style(ax: Any, title: str, xlabel: str) -> None:
         # y given: matplotlib otherwise measures the tick labels to place every title
         ax.set_title(title, y=1.0, pad=4)
+        ax.set_xlabel(xlabel, fontsize=7, labelpad=1)
+        ax.set_ylabel("samples", fontsize=7, labelpad=1)
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.yaxis.set_major_locator(MaxNLocator(4, integer=True))
 
@@ -514,15 +602,17 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         ax = fig.add_subplot(1, 1, 1)
         h = hs["mask_area_frac"]
         ax.stairs(h["counts"], h["edges"], fill=True, color="#4c72b0")
-        style(ax, f"mask area (fraction of image, n={h['n']})")
+        style(ax, f"evidence mask area (n={h['n']})", METRIC_UNITS["mask_area_frac"])
         # fixed margins instead of tight_layout, which measures every label (the bulk of its cost)
-        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.88)
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.17, top=0.88)
         out = {"plots/mask_area.png": png(fig)}
+        constant = constant_metrics(hs)
         by_metric: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         for k, h in hs.items():
             if k != "mask_area_frac":
                 variant, _, metric = k.partition(".")
-                by_metric[metric].append((variant, h))
+                if metric not in constant:
+                    by_metric[metric].append((variant, h))
         variants = sorted({v for pairs in by_metric.values() for v, _ in pairs})
         colour = {v: f"C{i % 10}" for i, v in enumerate(variants)}
         ncol = 3
@@ -532,16 +622,21 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
             ax = fig.add_subplot(nrow, ncol, i + 1)
             for variant, h in by_metric[metric]:
                 ax.stairs(h["counts"], h["edges"], color=colour[variant], linewidth=1.2)
-            style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})")
+            style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})",
+                  METRIC_UNITS.get(metric, metric))
         if by_metric:
             from matplotlib.lines import Line2D
 
             fig.legend([Line2D([], [], color=colour[v], linewidth=1.5) for v in variants], variants,
                        loc="lower center", ncol=min(len(variants), 9), frameon=False)
         else:
-            fig.text(0.5, 0.5, "no verification metrics", ha="center")
-        height = 2.6 * nrow  # inches: 0.35 above the top titles, 0.75 below for tick labels and the legend
-        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.75 / height, top=1 - 0.35 / height, hspace=0.6, wspace=0.25)
+            fig.text(0.5, 0.5, "no verification metric varies" if constant else "no verification metrics",
+                     ha="center")
+        if constant:  # said in a line, not drawn as one-bar histograms
+            fig.text(0.01, 0.995, "constant: " + ", ".join(f"{m} = {v:g}" for m, v in constant.items()),
+                     ha="left", va="top", fontsize=7)
+        height = 2.6 * nrow  # inches: 0.45 above the top titles, 0.85 below for tick and axis labels and the legend
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.85 / height, top=1 - 0.45 / height, hspace=0.8, wspace=0.25)
         out["plots/metrics.png"] = png(fig)
         return out
 

@@ -189,6 +189,16 @@ class OutputConfig(Strict):
     shard_size: int = Field(64, ge=1, description="samples per shard")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=50, le=100)
+    pairs: bool = Field(True, description="also write pairs/: one sample per original x variant with the same "
+                                          "members in each (what datasets.load_dataset and Ray read natively)")
+
+
+class CardConfig(Strict):
+    """What the data card declares beyond the figures (the Hugging Face front matter)."""
+
+    license: str | None = Field(None, description="a license id as the Hub lists them (cc-by-4.0, apache-2.0, "
+                                                   "other, ...); none: the card says that no license is declared")
+    tags: list[str] = Field(default_factory=list, description="extra tags for the card's front matter")
 
 
 class LimitsConfig(Strict):
@@ -265,6 +275,7 @@ class PipelineConfig(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     abstain_answer: str = "unknown"
+    card: CardConfig = Field(default_factory=CardConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     failure_budget: FailureBudget = Field(default_factory=FailureBudget)
     audit: AuditConfig = Field(default_factory=AuditConfig)

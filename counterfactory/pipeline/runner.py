@@ -71,13 +71,31 @@ def run_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "abstain_answer": cfg.abstain_answer, "limits": cfg.limits.model_dump()}
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def quiet_ray_logs() -> None:
+    """Ray Data configures its logger when it is imported; lower it afterwards."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures the "ray.data" logger, which is then lowered
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_ray(cfg: PipelineConfig, verbose: bool = True) -> None:
+    """A local Ray instance, or the cluster's. ``verbose=False`` keeps Ray's own console lines
+    (worker logs, Ray Data's INFO progress) out of a terminal that shows our progress display."""
+    import logging
+
     import ray
 
+    if not verbose:
+        quiet_ray_logs()
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": verbose}
+    if not verbose:  # Ray's own INFO/WARNING lines (its logs stay in the session folder)
+        kwargs["logging_level"] = logging.ERROR
     if address:
         kwargs["address"] = address
     else:
@@ -306,7 +324,7 @@ class _Stream:
         self.wait = 0.0
         self.ray_ops: list[dict[str, Any]] = []
 
-    def consume(self, batches: Iterator[dict[str, Any]], writer: DatasetWriter) -> None:
+    def consume(self, batches: Iterator[dict[str, Any]], writer: DatasetWriter, on_progress: Any = None) -> None:
         t0 = time.perf_counter()
         it = iter(batches)
         while True:
@@ -316,6 +334,8 @@ class _Stream:
             if batch is None:
                 break
             writer.add_batch(batch)
+            if on_progress is not None:
+                on_progress(writer)
         self.wall = time.perf_counter() - t0
 
 
@@ -385,6 +405,7 @@ class RunResult:
     content_id: str = ""
     reused: bool = False  # the spec's complete version existed: nothing ran
     location: str = ""  # where the version lives: its folder, or its URI on an object store
+    limited: bool = False  # a --limit run that left inputs out, not made latest
 
 
 def _top_reasons(rejects: Path, k: int = 3) -> str:
@@ -398,12 +419,15 @@ def _top_reasons(rejects: Path, k: int = 3) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
-                 local: bool = False, command: str | None = None, force: bool = False) -> RunResult:
+                 local: bool = False, command: str | None = None, force: bool = False,
+                 latest: bool = False, on_progress: Any = None, verbose: bool = True) -> RunResult:
     """Run and publish a new version ``ROOT/DATASET/vN`` (see ``counterfactory.versions``).
 
     When a complete version with the same spec id exists, nothing runs and that version is
     returned (``reused=True``) unless ``force``. ``local=True`` runs the stages in this process
-    without Ray (same code, same bytes). ``command`` is recorded as the command that made it."""
+    without Ray (same code, same bytes). ``command`` is recorded as the command that made it.
+    A ``limit`` run (a sample of the inputs) does not become ``latest`` unless ``latest``.
+    ``on_progress(writer)`` is called after each batch reaches the writer (a live display)."""
     t0 = time.perf_counter()
     if limit is not None and limit < 1:  # 0 would publish an empty version as the latest
         raise ConfigError(f"limit must be at least 1, got {limit}")
@@ -412,6 +436,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     n_inputs = plan.n
     if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
         raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
+    # limited: the limit left inputs out (a --limit at or above the input count is a full run)
+    limited = limit is not None and plan_inputs(cfg, limit + 1).n > limit
     ds_dir = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = versions.work_dir(ds_dir)
@@ -446,18 +472,20 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         writer = DatasetWriter(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
                                saved, cfg.config_hash(),
                                max_rejected_inputs=None if share is None else int(share * n_inputs),
-                               fill_missing=cfg.failure_budget.max_errored_blocks > 0)
+                               fill_missing=cfg.failure_budget.max_errored_blocks > 0,
+                               pairs=cfg.output.pairs)
         start = writer.resume()
         stream = _Stream()
         if start < n_inputs and local:
-            stream.consume(local_batches(cfg, plan, start=start), writer)
+            stream.consume(local_batches(cfg, plan, start=start), writer, on_progress)
         elif start < n_inputs:
-            init_ray(cfg)
+            init_ray(cfg, verbose=verbose)
             import ray
 
             ray.data.DataContext.get_current().enable_progress_bars = progress
             ds = build_dataset(cfg, plan, start)
-            stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer)
+            stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer,
+                           on_progress)
             stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.close()
         if n_inputs and not manifest["counts"]["samples"]:
@@ -496,10 +524,11 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
                     "root": cfg.output.root if isinstance(ds_dir, RemoteDir) else str(ds_dir.parent),
-                    "command": command}
+                    "command": command, **({"limited": True} if limited else {})}
 
         version = versions.publish_version(staging, ds_dir, make_info,
-                                           lambda d, info: write_card(d))
+                                           lambda d, info: write_card(d),
+                                           set_latest=not limited or latest)
         shutil.rmtree(version.path / JOURNAL, ignore_errors=True)
     except BaseException:
         # completed shards are kept for a resume; a run that completed none leaves nothing behind
@@ -509,4 +538,4 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     finally:
         os.close(lock)
     return RunResult(version.path, manifest, seconds, dict(writer.stage_seconds), version.label, sid, cid,
-                     location=version.location)
+                     location=version.location, limited=limited and not latest)

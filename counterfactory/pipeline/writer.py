@@ -36,9 +36,17 @@ import yaml
 
 from counterfactory import __version__
 from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.rules import ANSWER_RULES
 
 FORMAT = "counterfactory/1"
 TAR_MTIME = 0  # fixed member metadata: reruns give identical bytes
+
+# Typed index columns: the answers of a question as one field per variant name (every variant
+# the answer-rule table knows; a sample's absent variants are null), the metrics in long form
+# (variant, metric, value), so parquet readers filter and aggregate them without parsing JSON.
+ANSWER_VARIANTS = tuple(ANSWER_RULES)
+ANSWERS_TYPE = pa.list_(pa.struct([(v, pa.string()) for v in ANSWER_VARIANTS]))
+METRICS_TYPE = pa.list_(pa.struct([("variant", pa.string()), ("metric", pa.string()), ("value", pa.float64())]))
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -49,11 +57,11 @@ INDEX_SCHEMA = pa.schema([
     ("variants", pa.list_(pa.string())),
     ("questions", pa.list_(pa.string())),
     ("question_kinds", pa.list_(pa.string())),
-    ("answers", pa.string()),  # JSON: one {variant: answer} per question, in question order
+    ("answers", ANSWERS_TYPE),  # one struct per question, in question order
     ("targets", pa.list_(pa.string())),
     ("n_instances", pa.int32()),
     ("mask_area_frac", pa.float64()),
-    ("metrics", pa.string()),  # JSON
+    ("metrics", METRICS_TYPE),  # numeric and boolean metrics; KEY.json keeps every field
 ])
 
 REJECT_SCHEMA = pa.schema([
@@ -69,6 +77,108 @@ REJECT_SCHEMA = pa.schema([
 
 
 JOURNAL = ".journal"
+
+
+def index_answers(qa: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for q in qa:
+        unknown = sorted(set(q["answers"]) - set(ANSWER_VARIANTS))
+        if unknown:  # a variant the rule table does not know has no column: never drop it silently
+            raise ValueError(f"variant(s) {', '.join(unknown)} not in the answer-rule table")
+        out.append({v: None if a is None else str(a) for v, a in q["answers"].items()})
+    return out
+
+
+def index_metrics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for v, m in sorted(metrics.items()):
+        items = sorted(m.items()) if isinstance(m, dict) else [(v, m)]
+        variant = v if isinstance(m, dict) else None
+        rows += [{"variant": variant, "metric": k, "value": float(x)} for k, x in items
+                 if isinstance(x, int | float) and not isinstance(x, str)]
+    return rows
+
+
+def answers_of(value: Any) -> list[dict[str, str]]:
+    """{variant: answer} per question from an index row (typed, or the JSON text older versions hold)."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return [{k: a for k, a in q.items() if a is not None} for q in value]
+
+
+def metrics_of(value: Any) -> dict[str, Any]:
+    """The metrics of an index row as ``{variant: {metric: value}}`` (typed or older JSON text)."""
+    if isinstance(value, str):
+        return json.loads(value)
+    out: dict[str, Any] = {}
+    for r in value:
+        if r["variant"] is None:
+            out[r["metric"]] = r["value"]
+        else:
+            out.setdefault(r["variant"], {})[r["metric"]] = r["value"]
+    return out
+PAIRS_DIR = "pairs"  # the pairs layout: one sample per original x variant, the same members in each
+
+
+def pair_doc(doc: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The ``json`` member of one pair: the same fields, of the same types, in every pair of every
+    dataset, so readers that infer or declare one schema (Hugging Face ``datasets``, Ray Data)
+    read every row. Per-variant metrics, whose fields differ by edit, stay in ``KEY.json`` and
+    ``index.parquet``."""
+    src = doc.get("source", {})
+    edit = doc.get("edits", {}).get(variant, {})
+    return {
+        "key": doc["key"],
+        "variant": variant,
+        "source": str(src.get("image") or src.get("video") or ""),
+        "source_sha256": str(src.get("sha256") or ""),
+        "qa": [{"question": q["question"], "kind": q["kind"],
+                "answer_orig": _text(q["answers"].get("orig")),
+                "answer_counterfactual": _text(q["answers"].get(variant)),
+                "changed": q["answers"].get("orig") != q["answers"].get(variant)} for q in doc["qa"]],
+        "targets": [str(t) for t in doc.get("targets", [])],
+        "edit_method": str(edit.get("method") or ""),
+    }
+
+
+def _text(x: Any) -> str | None:
+    return None if x is None else str(x)
+
+
+def pair_samples(doc: dict[str, Any], parts: dict[str, bytes]) -> list[tuple[str, dict[str, bytes]]]:
+    """The pairs of one sample, in the order of its variants: ``KEY_VARIANT`` with the original,
+    the counterfactual, the region the edit changed (its own mask, the control region for
+    ``random_mask``, else the evidence mask; per-frame masks for a clip) and ``json``."""
+    orig = next(p for p in sorted(parts) if p.startswith("orig."))
+    ext = orig.split(".", 1)[1]
+    out = []
+    for v in doc["variants"]:
+        members = {f"orig.{ext}": parts[orig], f"counterfactual.{ext}": parts[f"{v}.{ext}"]}
+        if ext == "mp4":
+            members["masks.npz"] = parts["masks.npz"]
+        else:
+            own = "control_mask.png" if v == "random_mask" else f"{v}_mask.png"
+            members["mask.png"] = parts.get(own) or parts["mask.png"]
+        members["json"] = json.dumps(pair_doc(doc, v), sort_keys=True, ensure_ascii=False).encode()
+        out.append((f"{doc['key']}_{v}", members))
+    return out
+
+
+def pair_features(ext: str) -> dict[str, Any]:
+    """The Hugging Face ``datasets`` features of a pair (the card's front matter declares them, so
+    nothing is inferred from the first rows): the members by their names in the tar."""
+    media = {"dtype": "video"} if ext == "mp4" else {"dtype": "image"}
+    qa = [{"name": n, "dtype": t} for n, t in (("question", "string"), ("kind", "string"),
+                                                ("answer_orig", "string"), ("answer_counterfactual", "string"),
+                                                ("changed", "bool"))]
+    doc = [{"name": "key", "dtype": "string"}, {"name": "variant", "dtype": "string"},
+           {"name": "source", "dtype": "string"}, {"name": "source_sha256", "dtype": "string"},
+           {"name": "qa", "list": qa}, {"name": "targets", "list": "string"},
+           {"name": "edit_method", "dtype": "string"}]
+    feats = [{"name": f"orig.{ext}", **media}, {"name": f"counterfactual.{ext}", **media}]
+    feats.append({"name": "masks.npz", "dtype": "binary"} if ext == "mp4" else {"name": "mask.png", "dtype": "image"})
+    return {"features": [*feats, {"name": "json", "struct": doc},
+                         {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]}
 
 
 class FailureBudgetExceeded(RuntimeError):
@@ -273,8 +383,12 @@ class DatasetWriter:
 
     def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
                  config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
-                 fill_missing: bool = False) -> None:
+                 fill_missing: bool = False, pairs: bool = True) -> None:
         self.out_dir = out_dir
+        # the pairs layout (``pairs/``), written beside each shard from the same bytes
+        self.pairs = pairs
+        self.pair_shards: list[dict[str, Any]] = []
+        self._pair_tar: _TarShard | None = None
         # failure budget: more rejected inputs than this stops the run (None: no limit)
         self.max_rejected_inputs = max_rejected_inputs
         # inputs lost with an errored block (Ray Data max_errored_blocks) become rejects at close
@@ -347,12 +461,12 @@ class DatasetWriter:
             "source_sha256": meta["source"]["sha256"], "variants": meta["variants"],
             "questions": [q["question"] for q in meta["qa"]],
             "question_kinds": [q["kind"] for q in meta["qa"]],
-            "answers": json.dumps([q["answers"] for q in meta["qa"]], sort_keys=True),
+            "answers": index_answers(meta["qa"]),
             "targets": meta["targets"], "n_instances": len(meta["instances"]),
             "mask_area_frac": meta["mask"]["area_frac"],
-            "metrics": json.dumps(meta["metrics"], sort_keys=True),
+            "metrics": index_metrics(meta["metrics"]),
         })
-        self._write_sample(key, parts)
+        self._write_sample(key, parts, meta)
 
     def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
         self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
@@ -370,10 +484,18 @@ class DatasetWriter:
     def _shard_name(self, i: int) -> str:
         return f"{self.dataset}-{i:06d}.tar"
 
-    def _write_sample(self, key: str, parts: dict[str, bytes]) -> None:
+    def _write_sample(self, key: str, parts: dict[str, bytes], meta: dict[str, Any]) -> None:
         if self._tar is None:
-            self._tar = _TarShard(self.out_dir / f".{self._shard_name(len(self.shards))}.tmp")
+            name = self._shard_name(len(self.shards))
+            self._tar = _TarShard(self.out_dir / f".{name}.tmp")
+            if self.pairs:
+                (self.out_dir / PAIRS_DIR).mkdir(exist_ok=True)
+                self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{name}.tmp")
         self._tar.write_sample(key, parts)
+        if self._pair_tar is not None:
+            # the sample's own fields (what KEY.json holds), so pairs and shard never disagree
+            for pair_key, members in pair_samples({**meta, "key": key}, parts):
+                self._pair_tar.write_sample(pair_key, members)
         if self._tar.samples >= self.shard_size:
             self._close_shard()
 
@@ -387,6 +509,12 @@ class DatasetWriter:
         # hashed on the way out: one pass over the bytes, not a re-read of the shard
         self.shards.append({"name": name, "sha256": tar.sha.hexdigest(), "bytes": tar.size,
                             "samples": tar.samples})
+        if self._pair_tar is not None:
+            pt, self._pair_tar = self._pair_tar, None
+            pt.finish()
+            os.replace(pt.tmp, self.out_dir / PAIRS_DIR / name)
+            self.pair_shards.append({"name": f"{PAIRS_DIR}/{name}", "sha256": pt.sha.hexdigest(),
+                                     "bytes": pt.size, "samples": pt.samples})
         self._index_writer.write_table(pa.Table.from_pylist(self._index_rows, schema=INDEX_SCHEMA))
         self._journal(self._index_rows)
         self._index_rows = []
@@ -397,6 +525,7 @@ class DatasetWriter:
         """Record the shard just renamed into place; atomic, so a kill leaves it whole or absent."""
         entry = {
             "shard": self.shards[-1],
+            "pair_shard": self.pair_shards[-1] if self.pairs else None,
             "next_idx": self._cursor,
             "index_rows": index_rows,
             "rejects": self._rejects[self._rejects_journaled:],
@@ -426,7 +555,13 @@ class DatasetWriter:
             if (path.name != f"{i:06d}.json" or sh["name"] != self._shard_name(i) or not f.is_file()
                     or f.stat().st_size != sh["bytes"] or sha256_file(f) != sh["sha256"]):
                 break
+            ps = e.get("pair_shard")
+            if self.pairs and not (ps and (self.out_dir / ps["name"]).is_file()
+                                   and sha256_file(self.out_dir / ps["name"]) == ps["sha256"]):
+                break
             self.shards.append(sh)
+            if self.pairs:
+                self.pair_shards.append(ps)
             self._index_writer.write_table(pa.Table.from_pylist(e["index_rows"], schema=INDEX_SCHEMA))
             self.keys.update(r["key"] for r in e["index_rows"])
             self.samples += sh["samples"]
@@ -489,6 +624,8 @@ class DatasetWriter:
         )
         files = {n: {"sha256": sha256_file(self.out_dir / n), "bytes": (self.out_dir / n).stat().st_size}
                  for n in ("index.parquet", "rejects.parquet", "config.yaml", "shards.json")}
+        # pair shards are files of the version like the index: verify checks their sha256
+        files.update({p["name"]: {k: p[k] for k in ("sha256", "bytes", "samples")} for p in self.pair_shards})
         manifest = {
             "format": FORMAT,
             "dataset": self.dataset,
@@ -502,6 +639,7 @@ class DatasetWriter:
                 "variants": dict(sorted(self.variant_counts.items())),
                 "question_kinds": dict(sorted(self.kind_counts.items())),
                 "parts": dict(sorted(self.part_counts.items())),
+                **({"pairs": sum(p["samples"] for p in self.pair_shards)} if self.pairs else {}),
             },
             "rejects": [{"stage": s, "reason": r, "scope": sc, "count": c}
                         for (s, r, sc), c in sorted(by_reason.items())],
