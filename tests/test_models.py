@@ -439,6 +439,107 @@ def test_transformers_llm_batched_generation_falls_back_on_invalid_output(models
     assert st.describe()["models"]["llm"]["architecture"] == "LlamaForCausalLM"
 
 
+def unet_rows(st) -> list[int]:
+    """Batch rows of every UNet call of a stage (a forward hook on the real module)."""
+    rows: list[int] = []
+    st.pipe.unet.register_forward_pre_hook(lambda mod, args, kw: rows.append(int((args[0] if args else kw["sample"]).shape[0])),
+                                           with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("scheduler,cls,spacing", [("lcm", "LCMScheduler", None), ("tcd", "TCDScheduler", None),
+                                                   ("lightning", "EulerDiscreteScheduler", "trailing"),
+                                                   ("dpmpp_trailing", "DPMSolverMultistepScheduler", "trailing")])
+def test_few_step_schedulers_without_cfg_run_one_unet_pass_per_step(models, segmented, scheduler, cls, spacing):
+    samples = fresh(segmented)[:2]
+    st = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=4, scheduler=scheduler, guidance_scale=1.0,
+               variants=["remove"], batch_size=4, **CPU)
+    rows = unet_rows(st)
+    st.process_batch(samples)
+    assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
+    assert rows == [2] * 4  # 4 steps, one pass of the 2 crops each: no unconditional branch
+    rec = st.describe()["models"]["inpaint"]
+    assert rec["scheduler"] == cls and rec["guidance"] == "none"
+    assert spacing is None or rec["timestep_spacing"] == spacing
+    again = fresh(segmented)[:2]
+    st.process_batch(again)  # same seeds, same bytes (and the cached prompt embedding reused)
+    assert all(np.array_equal(a.arrays["variant/remove"], b.arrays["variant/remove"]) for a, b in zip(samples, again, strict=True))
+    # with guidance the UNet sees the conditional and the unconditional half: 2 passes per step
+    cfg = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=4, scheduler=scheduler, guidance_scale=3.0,
+                variants=["remove"], batch_size=4, **CPU)
+    rows = unet_rows(cfg)
+    cfg.process_batch(fresh(segmented)[:2])
+    assert rows == [4] * 4 and cfg.describe()["models"]["inpaint"]["guidance"] == "cfg"
+
+
+def test_unknown_scheduler_and_bad_lora_are_one_line_config_errors(models, tmp_path):
+    from counterfactory.pipeline.config import ConfigError
+
+    def cfg_with(**params):
+        data = copy.deepcopy(demo_dict())
+        st = {s["name"]: s for s in data["stages"]}
+        st["edit"].update(backend="diffusers-inpaint", params={"model": str(models["sd"]), **params})
+        return validate_config(data, source="t.yaml", base_dir=tmp_path)
+
+    with pytest.raises(ConfigError) as e:
+        cfg_with(scheduler="turbo_magic")
+    assert "stages.edit.params.scheduler" in str(e.value) and "\n" not in str(e.value)
+    empty = tmp_path / "lora-empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("no weights")
+    with pytest.raises(ConfigError, match="no .safetensors file"):
+        cfg_with(loras=[{"id": str(empty)}])
+    pick = tmp_path / "lora-pickle"
+    pick.mkdir()
+    (pick / "pytorch_lora_weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="pickle"):
+        cfg_with(loras=[{"id": str(pick)}])
+    with pytest.raises(ConfigError, match="no such model folder"):
+        cfg_with(loras=[{"id": str(tmp_path / "nowhere" / "lora")}])
+    with pytest.raises(ConfigError, match="vae_path"):
+        cfg_with(vae="tiny")
+
+
+def test_lora_from_a_local_folder_is_fused_and_recorded(models, segmented, tmp_path):
+    lora = fx.sd_lora(tmp_path / "lora", models["sd"])
+    base = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                 variants=["remove"], **CPU)
+    with_lora = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                      variants=["remove"], loras=[{"id": str(lora), "scale": 0.8}], **CPU)
+    a, b = fresh(segmented)[:1], fresh(segmented)[:1]
+    base.process_batch(a)
+    with_lora.process_batch(b)
+    assert not np.array_equal(a[0].arrays["variant/remove"], b[0].arrays["variant/remove"])
+    rec = with_lora.describe()["models"]["inpaint"]["loras"][0]
+    assert rec["id"] == str(lora) and rec["scale"] == 0.8 and rec["local_fingerprint"] and rec["modules"] == ["unet"]
+    # fused: the UNet holds plain layers again (no adapter matmul per step)
+    assert not any("lora" in n for n, _ in with_lora.pipe.unet.named_parameters())
+    # a LoRA made for another base model (other cross-attention width) does not load: one line
+    other = fx.sd_lora(tmp_path / "other", models["sd"], cross_attention_dim=24)
+    with pytest.raises(ValueError, match="another base model") as e:
+        stage("edit", "diffusers-inpaint", model=str(models["sd"]), loras=[{"id": str(other)}], **CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_tiny_vae_and_compile_flag_on_cpu(models, segmented, tmp_path, monkeypatch):
+    vae = fx.tiny_vae(tmp_path / "taesd")
+    with pytest.warns(UserWarning, match="compile: true ignored"):
+        st = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                   variants=["remove"], vae="tiny", vae_path=str(vae), compile=True, **CPU)
+    samples = fresh(segmented)[:2]
+    st.process_batch(samples)
+    assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
+    rec = st.describe()["models"]["inpaint"]
+    assert rec["vae"]["architecture"] == "AutoencoderTiny" and rec["compiled"] is False
+    assert type(st.pipe.vae).__name__ == "AutoencoderTiny"
+    # compile on a torch without a usable torch.compile: refused when the params are read
+    monkeypatch.setattr(torch, "__version__", "1.13.1")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="compile: true needs torch>=2.1"):
+        get_backend("edit", "diffusers-inpaint").Params(model=str(models["sd"]), compile=True)
+
+
 # --- verify ------------------------------------------------------------------------------------
 def test_redetect_runs_on_the_edited_image(models, segmented):
     samples = fresh(segmented)
