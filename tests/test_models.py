@@ -183,9 +183,17 @@ def test_sam_mask_is_the_best_predicted_iou_and_one_embedding_per_image(models, 
 
 
 def test_sam_hf_segment(models, segmented):
-    st = stage("segment", "sam-hf", model=str(models["sam_hf"]), revision="r1", min_box_fill=0.05, **CPU)
+    st = stage("segment", "sam-hf", model=str(models["sam_hf"]), revision="r1", min_box_fill=0.05, batch_size=8, **CPU)
+    calls = {"enc": 0, "dec": 0}
+    st.model.vision_encoder.register_forward_hook(lambda *a: calls.__setitem__("enc", calls["enc"] + 1))
+    st.model.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("dec", calls["dec"] + 1))
     samples = fresh(segmented)
+    assert len(samples) <= st.params.batch_size and any(len(s.meta["instances"]) > 1 for s in samples)
     st.process_batch(samples)
+    assert calls == {"enc": 1, "dec": 1}  # one encoder and one decoder call for every box of the batch
+    again = fresh(segmented)
+    st.process_batch(again)
+    assert all(np.array_equal(a.arrays["mask"], b.arrays["mask"]) for a, b in zip(samples, again, strict=True))
     for s in samples:
         assert s.ok, s.meta.get("reject")
         assert s.arrays["mask"].shape == s.arrays["image"].shape[:2]
@@ -568,6 +576,27 @@ def test_redetect_runs_on_the_edited_image(models, segmented):
     keep.process_batch(samples)
     assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
     assert all(0 <= s.meta["metrics"]["remove"]["redetect_score"] < 1 for s in samples)
+
+
+def test_redetect_reuses_the_detection_of_the_original_from_localize(models, segmented):
+    loc = stage("localize", "owlv2", model=str(models["owl"]), box_threshold=0.0, text_threshold=0.0, max_instances=3,
+                **CPU)
+    samples = fresh(segmented)
+    loc.process_batch(samples)  # the original detected once, its instances carry the detector's scores
+    assert all(s.ok and all("score" in i for i in s.meta["instances"]) for s in samples)
+    st = stage("verify", "redetect", model=str(models["owl"]), detector="owlv2", redetect_threshold=1.0,
+               min_overlap=0.0, text_threshold=0.0, min_inside_mad=0.0, max_contrast_ratio=100.0, **CPU)
+    rows: list[int] = []
+    st.detector.model.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["pixel_values"].shape[0]),
+                                                with_kwargs=True)
+    edited = sum("remove" in s.meta["variants"] for s in samples)  # the pixel checks are off: all go on
+    st.process_batch(samples)
+    assert edited >= 1 and sum(rows) == edited  # the edited images only (never the original), batched together
+    for s in (s for s in samples if s.ok):
+        m = s.meta["metrics"]
+        assert m["redetect_orig_source"] == "localize"
+        best = max(i["score"] for i in s.meta["instances"])  # min_overlap 0: every target box counts
+        assert m["redetect_score_orig"] == round(best, 4)
 
 
 # --- end to end -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
     load_pretrained,
+    maybe_compile,
     model_record,
     run_batched,
     transformers_setup,
@@ -91,6 +92,7 @@ class Detector:
             self.processor = tf.Owlv2Processor.from_pretrained(p.model, **proc_kw)
             model_cls = tf.Owlv2ForObjectDetection
         self.model = load_pretrained(model_cls, p, backend, dtype=self.dtype, **kw).to(self.device).eval()
+        self.model = maybe_compile(self.model, p.compile, self.device, f"the {kind} detector")
         # Resize/normalize where the model runs: the processors' torchvision backend takes a
         # device, and on CPU their resize costs more than the model on a GPU (OWLv2 ~200 ms/img).
         self.image_kw = {"device": self.device} if getattr(p, "preprocess_on_device", True) else {}
