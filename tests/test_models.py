@@ -691,3 +691,38 @@ def test_openai_llm_waits_as_the_server_asks_with_jitter(fake_llm, segmented, mo
     assert len(slept) == 2
     assert 1.5 <= slept[0] <= 3.0  # Retry-After 4 s, capped at 3, jittered
     assert 0.25 <= slept[1] <= 0.5  # then backoff_s * 2 for the second retry, jittered
+
+
+# --- the local run with host and device work overlapped ---------------------------------------
+def test_overlapped_local_run_yields_the_loops_bytes_in_order(tmp_path):
+    cfg = make_config(tmp_path, [scenes_input(10, seed=3, questions=1)])
+    plain = list(local_batches(cfg, load_records(cfg), batch_size=3))
+    threads_before = threading.active_count()
+    over = list(local_batches(cfg, load_records(cfg), batch_size=3, overlap=True))
+    assert len(plain) == len(over) == 4
+    for a, b in zip(plain, over, strict=True):
+        assert list(a["idx"]) == list(b["idx"])
+
+        def untimed(m):
+            return {k: v for k, v in json.loads(m).items() if k != "seconds"}  # wall-clock timings differ
+        assert [untimed(m) for m in a["meta"]] == [untimed(m) for m in b["meta"]]
+        assert [bytes(x) for x in a["blob"]] == [bytes(x) for x in b["blob"]]
+    assert threading.active_count() == threads_before  # every step thread ended
+
+
+def test_overlap_raises_a_step_error_in_the_consumer_and_stops_the_threads():
+    from counterfactory.pipeline.overlap import staged
+
+    def boom(x):
+        if x == 5:
+            raise ValueError("bad item 5")
+        return x * 2
+
+    before = threading.active_count()
+    got = []
+    with pytest.raises(ValueError, match="bad item 5"):
+        for y in staged(iter(range(100)), [lambda x: x + 1, boom]):
+            got.append(y)
+    assert got == [2, 4, 6, 8]  # in order, up to the failing item
+    time.sleep(0.3)
+    assert threading.active_count() == before
