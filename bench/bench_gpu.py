@@ -142,7 +142,13 @@ def build_models(work: Path, which: set[str]) -> dict[str, Path]:
             GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(),
                                    tokenizer=bert_tokenizer(work)).save_pretrained(p)
     if which & {"segment", "e2e"}:
-        from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor, SamVisionConfig
+        from transformers import (
+            SamConfig,
+            SamImageProcessor,
+            SamModel,
+            SamProcessor,
+            SamVisionConfig,
+        )
 
         for name, (dim, depth, heads, glob) in {"sam-vit-huge": (1280, 32, 16, [7, 15, 23, 31]),
                                                 "sam-vit-base": (768, 12, 12, [2, 5, 8, 11])}.items():
@@ -267,20 +273,20 @@ def time_stage(st, samples, batch: int, device: str, busy: BusyMeter | None = No
     return row
 
 
-def time_raw(fn, n_images: int, batch: int, reps: int, busy: BusyMeter | None) -> dict:
+def time_raw(fn, batch: int, reps: int, device: str, busy: BusyMeter | None) -> dict:
     """``fn()`` processes one batch of ``batch`` images with inputs already on the device."""
     import torch
 
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     t1 = time.perf_counter()
-    return {"images_per_s": round(reps * batch / (t1 - t0), 2), "gpu_busy": busy.share(t0, t1) if busy else None,
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return {"images_per_s": round(reps * batch / (t1 - t0), 2), "gpu_busy": busy.share(t0, t1) if busy else None}
 
 
 # --- raw library calls on a stage's loaded module ---------------------------------------------------
@@ -375,12 +381,11 @@ def stage_rows(sets, inputs, batch: int, device: str, busy, log) -> dict[str, di
             label = f"{name}/{set_name.split('@')[0]}" + (f"@{params.get('steps')}" if name == "edit" else "")
             row = {"batch": batch} | time_stage(st, samples, batch, device, busy)
             raw = {"localize": raw_detector, "verify": raw_detector, "segment": raw_sam, "edit": raw_inpaint}[name]
-            if device == "cuda":
-                r = time_raw(raw(st, samples, batch), len(samples), batch, max(1, len(samples) // batch), busy)
-                row |= {"raw_images_per_s": r["images_per_s"], "raw_gpu_busy": r["gpu_busy"],
-                        "ratio": round(row["images_per_s"] / r["images_per_s"], 3)}
-                # verify detects each edited image once (the original's detection comes from localize)
-                seen[key] = per_image[set_name][name] = 1.0 / r["images_per_s"]
+            r = time_raw(raw(st, samples, batch), batch, max(1, len(samples) // batch), device, busy)
+            row |= {"raw_images_per_s": r["images_per_s"], "raw_gpu_busy": r["gpu_busy"],
+                    "ratio": round(row["images_per_s"] / r["images_per_s"], 3)}
+            # verify detects each edited image once (the original's detection comes from localize)
+            seen[key] = per_image[set_name][name] = 1.0 / r["images_per_s"]
             log("stages", label, row)
             del st
             if device == "cuda":
@@ -487,7 +492,8 @@ def print_table(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--parts", nargs="+", default=["stages", "e2e"], choices=["stages", "e2e"])
+    ap.add_argument("--parts", nargs="+", default=None, choices=["stages", "e2e", "host"],
+                    help="default: stages e2e on cuda, host on cpu (stages/e2e on cpu: a smoke test)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     ap.add_argument("--images", type=int, default=32, help="images per stage measurement")
     ap.add_argument("--pairs", type=int, default=96, help="scenes per end-to-end run")
@@ -528,15 +534,15 @@ def main() -> None:
             inst.setdefault("score", 0.5)
     with (BusyMeter() if a.device == "cuda" else _Null()) as busy:
         busy = busy if a.device == "cuda" else None
-        if a.device == "cpu":
+        parts = a.parts or (["stages", "e2e"] if a.device == "cuda" else ["host"])
+        if "host" in parts:
             host_overhead_rows(sets, inputs, a.batch_sizes[-1], log)
-        else:
-            ceilings: dict = {}
-            if "stages" in a.parts:
-                for bs in a.batch_sizes:
-                    ceilings = stage_rows(sets, inputs, bs, "cuda", busy, log)
-            if "e2e" in a.parts:
-                e2e_rows(sets, ceilings, work, a.pairs, a.size, max(a.batch_sizes), busy, a.ray, log)
+        ceilings: dict = {}
+        if "stages" in parts:
+            for bs in a.batch_sizes:
+                ceilings = stage_rows(sets, inputs, bs, a.device, busy, log)
+        if "e2e" in parts:
+            e2e_rows(sets, ceilings, work, a.pairs, a.size, max(a.batch_sizes), busy, a.ray, log)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     table = print_table(report)
     print(table, flush=True)
