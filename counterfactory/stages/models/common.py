@@ -90,7 +90,7 @@ def maybe_compile(module: Any, enabled: bool, device: str, what: str) -> Any:
         return module
     import torch
 
-    return torch.compile(module, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    return torch.compile(module)  # default mode: max-autotune tunes for minutes per shape
 
 
 def channels_last(module: Any, device: str) -> Any:
