@@ -444,7 +444,32 @@ def test_transformers_llm_batched_generation_falls_back_on_invalid_output(models
         # random weights write no valid JSON: asked, re-asked once, then templates
         assert gen["source"] == "template-fallback" and gen["attempts"] == 2 and len(gen["errors"]) == 2
         assert s.meta["qa"][0]["source"] == "input"
-    assert st.describe()["models"]["llm"]["architecture"] == "LlamaForCausalLM"
+    rec = st.describe()["models"]["llm"]
+    assert rec["architecture"] == "LlamaForCausalLM" and rec["stop"] == "json-end" and rec["kv_cache"] == "dynamic"
+
+
+def test_llm_generation_stops_each_row_where_its_json_closes(models):
+    from transformers import AutoTokenizer
+
+    from counterfactory.stages.models.llm import JsonEnd
+
+    tok = AutoTokenizer.from_pretrained(models["llm"])
+    replies = ['{"questions": [{"question": "Is the } there?", "kind": "count", "answer": "3"}]} and then more',
+               'Sure: {"a": "x\\"}"} tail', "no json here at all"]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+    n = max(len(x) for x in ids)
+    prompt = [[5, 6]] * 3
+    crit = JsonEnd(tok, prompt_len=2)
+    stopped_at: dict[int, str] = {}
+    for step in range(1, n + 1):  # generation appends one token per row per step
+        rows = [p + (x + [tok.pad_token_id] * n)[:step] for p, x in zip(prompt, ids, strict=True)]
+        done = crit(torch.tensor(rows)).tolist()
+        for i, d in enumerate(done):
+            if d and i not in stopped_at:
+                stopped_at[i] = tok.decode(ids[i][:step])
+    assert stopped_at[0].endswith("]}") and "and then" not in stopped_at[0]
+    assert stopped_at[1].rstrip().endswith('"}') and "tail" not in stopped_at[1]
+    assert 2 not in stopped_at  # no JSON: runs to max_new_tokens / EOS as before
 
 
 def unet_rows(st) -> list[int]:
