@@ -157,6 +157,27 @@ def test_detector_localize_converts_boxes_and_applies_thresholds(models, segment
     assert {s.meta["reject"]["reason"] for s in samples} == {"target_not_found"}
 
 
+def test_uint8_images_on_device_give_the_processors_exact_inputs(models):
+    """The fast path (one uint8 copy per equal-sized group, processed where the model runs) feeds
+    the model exactly what the processor makes from the numpy images, mixed sizes included."""
+    from transformers import AutoProcessor, SamProcessor
+
+    from counterfactory.stages.models.common import images_to_device
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    imgs.insert(1, rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    on_dev = images_to_device(imgs, "cpu")
+    assert [tuple(t.shape) for t in on_dev] == [(3, *im.shape[:2]) for im in imgs] and on_dev[0].dtype == torch.uint8
+    gd = AutoProcessor.from_pretrained(models["gd"])
+    a = gd(images=imgs, text=["cat."] * 4, return_tensors="pt", padding=True, device="cpu")
+    b = gd(images=on_dev, text=["cat."] * 4, return_tensors="pt", padding=True, device="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sam = SamProcessor.from_pretrained(models["sam_hf"])
+    a, b = sam(images=imgs, return_tensors="pt", device="cpu"), sam(images=on_dev, return_tensors="pt", device="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- segment -------------------------------------------------------------------------------
 def test_sam_mask_is_the_best_predicted_iou_and_one_embedding_per_image(models, segmented):
     st = stage("segment", "sam", checkpoint=str(models["sam"]), model_type="custom", arch=fx.SAM_ARCH,

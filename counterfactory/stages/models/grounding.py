@@ -24,6 +24,7 @@ from counterfactory.rules import singular
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
+    images_to_device,
     load_pretrained,
     maybe_compile,
     model_record,
@@ -107,7 +108,8 @@ class Detector:
 
         tok = self.processor.tokenizer
         prompts = [". ".join(ph) + "." for ph in phrases]
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True, truncation=True,
+        pixels = images_to_device(images, self.device) if self.image_kw else images
+        inputs = self.processor(images=pixels, text=prompts, return_tensors="pt", padding=True, truncation=True,
                                 **self.image_kw)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}

@@ -23,6 +23,7 @@ from counterfactory.stages.models.common import (
     DType,
     ModelParams,
     check_compile,
+    images_to_device,
     load_pretrained,
     maybe_compile,
     model_record,
@@ -254,7 +255,8 @@ class HfSamSegment(_EncodeOnce):
     def _encode(self, images: list[np.ndarray]) -> list[Any]:
         import torch
 
-        inp = self.processor(images=list(images), return_tensors="pt", device=self.device)  # resize on device
+        # uint8 to the device in one copy, resized and normalized there by the processor
+        inp = self.processor(images=images_to_device(images, self.device), return_tensors="pt", device=self.device)
         with torch.inference_mode():
             emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device, self.dtype))
         sizes, reshaped = inp["original_sizes"].tolist(), inp["reshaped_input_sizes"].tolist()
