@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # pip's notes about local index folders it skips are noise; real errors still fail the pipe
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test bench bench-validity lint clean
+.PHONY: setup demo test bench bench-validity bench-gpu lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ bench: setup
 # variant: pass rate, pixels/answers vs truth, fill texture ratio, flat-patch detection, controls
 bench-validity: setup
 	$(PY) bench/validity.py
+
+# GPU throughput: every model stage beside its raw library call, end to end at 20 and 4 steps,
+# one table (full-size random-weight models, nothing downloaded; < 8 min on one H100/H200).
+# On a machine without a GPU: `make bench-gpu BENCH_GPU_ARGS="--device cpu"` (host overhead).
+BENCH_GPU_ARGS ?=
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py --out bench/gpu.json --table bench/gpu.md $(BENCH_GPU_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check counterfactory tests bench

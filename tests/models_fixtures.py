@@ -201,3 +201,44 @@ def tiny_llm(path: Path) -> Path:
     return path
 
 
+
+
+def sd_lora(path: Path, base: Path, *, cross_attention_dim: int | None = None, seed: int = 1) -> Path:
+    """A LoRA on the tiny SD UNet's attention projections, saved with diffusers'
+    ``save_lora_weights`` (safetensors) as a trainer would. Its up-projections are random (peft
+    initializes them to zero, which would make the adapter a no-op). ``cross_attention_dim``
+    other than the base's makes a LoRA for another base model (its shapes do not fit)."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    if cross_attention_dim is not None:
+        cfg = dict(unet.config)
+        cfg["cross_attention_dim"] = cross_attention_dim
+        unet = UNet2DConditionModel.from_config(cfg)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=True,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in unet.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionInpaintPipeline.save_lora_weights(path, unet_lora_layers=layers, safe_serialization=True)
+    return path
+
+
+def tiny_vae(path: Path) -> Path:
+    """AutoencoderTiny (TAESD's architecture) at tiny width, 2x down like the tiny SD VAE above
+    (TAESD proper has four blocks: 8x, like SD's VAE)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                    latent_channels=4).save_pretrained(path)
+    return path

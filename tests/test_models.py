@@ -157,6 +157,27 @@ def test_detector_localize_converts_boxes_and_applies_thresholds(models, segment
     assert {s.meta["reject"]["reason"] for s in samples} == {"target_not_found"}
 
 
+def test_uint8_images_on_device_give_the_processors_exact_inputs(models):
+    """The fast path (one uint8 copy per equal-sized group, processed where the model runs) feeds
+    the model exactly what the processor makes from the numpy images, mixed sizes included."""
+    from transformers import AutoProcessor, SamProcessor
+
+    from counterfactory.stages.models.common import images_to_device
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    imgs.insert(1, rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    on_dev = images_to_device(imgs, "cpu")
+    assert [tuple(t.shape) for t in on_dev] == [(3, *im.shape[:2]) for im in imgs] and on_dev[0].dtype == torch.uint8
+    gd = AutoProcessor.from_pretrained(models["gd"])
+    a = gd(images=imgs, text=["cat."] * 4, return_tensors="pt", padding=True, device="cpu")
+    b = gd(images=on_dev, text=["cat."] * 4, return_tensors="pt", padding=True, device="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sam = SamProcessor.from_pretrained(models["sam_hf"])
+    a, b = sam(images=imgs, return_tensors="pt", device="cpu"), sam(images=on_dev, return_tensors="pt", device="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- segment -------------------------------------------------------------------------------
 def test_sam_mask_is_the_best_predicted_iou_and_one_embedding_per_image(models, segmented):
     st = stage("segment", "sam", checkpoint=str(models["sam"]), model_type="custom", arch=fx.SAM_ARCH,
@@ -183,9 +204,17 @@ def test_sam_mask_is_the_best_predicted_iou_and_one_embedding_per_image(models, 
 
 
 def test_sam_hf_segment(models, segmented):
-    st = stage("segment", "sam-hf", model=str(models["sam_hf"]), revision="r1", min_box_fill=0.05, **CPU)
+    st = stage("segment", "sam-hf", model=str(models["sam_hf"]), revision="r1", min_box_fill=0.05, batch_size=8, **CPU)
+    calls = {"enc": 0, "dec": 0}
+    st.model.vision_encoder.register_forward_hook(lambda *a: calls.__setitem__("enc", calls["enc"] + 1))
+    st.model.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("dec", calls["dec"] + 1))
     samples = fresh(segmented)
+    assert len(samples) <= st.params.batch_size and any(len(s.meta["instances"]) > 1 for s in samples)
     st.process_batch(samples)
+    assert calls == {"enc": 1, "dec": 1}  # one encoder and one decoder call for every box of the batch
+    again = fresh(segmented)
+    st.process_batch(again)
+    assert all(np.array_equal(a.arrays["mask"], b.arrays["mask"]) for a, b in zip(samples, again, strict=True))
     for s in samples:
         assert s.ok, s.meta.get("reject")
         assert s.arrays["mask"].shape == s.arrays["image"].shape[:2]
@@ -436,7 +465,133 @@ def test_transformers_llm_batched_generation_falls_back_on_invalid_output(models
         # random weights write no valid JSON: asked, re-asked once, then templates
         assert gen["source"] == "template-fallback" and gen["attempts"] == 2 and len(gen["errors"]) == 2
         assert s.meta["qa"][0]["source"] == "input"
-    assert st.describe()["models"]["llm"]["architecture"] == "LlamaForCausalLM"
+    rec = st.describe()["models"]["llm"]
+    assert rec["architecture"] == "LlamaForCausalLM" and rec["stop"] == "json-end" and rec["kv_cache"] == "dynamic"
+
+
+def test_llm_generation_stops_each_row_where_its_json_closes(models):
+    from transformers import AutoTokenizer
+
+    from counterfactory.stages.models.llm import JsonEnd
+
+    tok = AutoTokenizer.from_pretrained(models["llm"])
+    replies = ['{"questions": [{"question": "Is the } there?", "kind": "count", "answer": "3"}]} and then more',
+               'Sure: {"a": "x\\"}"} tail', "no json here at all"]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+    n = max(len(x) for x in ids)
+    prompt = [[5, 6]] * 3
+    crit = JsonEnd(tok, prompt_len=2)
+    stopped_at: dict[int, str] = {}
+    for step in range(1, n + 1):  # generation appends one token per row per step
+        rows = [p + (x + [tok.pad_token_id] * n)[:step] for p, x in zip(prompt, ids, strict=True)]
+        done = crit(torch.tensor(rows)).tolist()
+        for i, d in enumerate(done):
+            if d and i not in stopped_at:
+                stopped_at[i] = tok.decode(ids[i][:step])
+    assert stopped_at[0].endswith("]}") and "and then" not in stopped_at[0]
+    assert stopped_at[1].rstrip().endswith('"}') and "tail" not in stopped_at[1]
+    assert 2 not in stopped_at  # no JSON: runs to max_new_tokens / EOS as before
+
+
+def unet_rows(st) -> list[int]:
+    """Batch rows of every UNet call of a stage (a forward hook on the real module)."""
+    rows: list[int] = []
+    st.pipe.unet.register_forward_pre_hook(lambda mod, args, kw: rows.append(int((args[0] if args else kw["sample"]).shape[0])),
+                                           with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("scheduler,cls,spacing", [("lcm", "LCMScheduler", None), ("tcd", "TCDScheduler", None),
+                                                   ("lightning", "EulerDiscreteScheduler", "trailing"),
+                                                   ("dpmpp_trailing", "DPMSolverMultistepScheduler", "trailing")])
+def test_few_step_schedulers_without_cfg_run_one_unet_pass_per_step(models, segmented, scheduler, cls, spacing):
+    samples = fresh(segmented)[:2]
+    st = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=4, scheduler=scheduler, guidance_scale=1.0,
+               variants=["remove"], batch_size=4, **CPU)
+    rows = unet_rows(st)
+    st.process_batch(samples)
+    assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
+    assert rows == [2] * 4  # 4 steps, one pass of the 2 crops each: no unconditional branch
+    rec = st.describe()["models"]["inpaint"]
+    assert rec["scheduler"] == cls and rec["guidance"] == "none"
+    assert spacing is None or rec["timestep_spacing"] == spacing
+    again = fresh(segmented)[:2]
+    st.process_batch(again)  # same seeds, same bytes (and the cached prompt embedding reused)
+    assert all(np.array_equal(a.arrays["variant/remove"], b.arrays["variant/remove"]) for a, b in zip(samples, again, strict=True))
+    # with guidance the UNet sees the conditional and the unconditional half: 2 passes per step
+    cfg = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=4, scheduler=scheduler, guidance_scale=3.0,
+                variants=["remove"], batch_size=4, **CPU)
+    rows = unet_rows(cfg)
+    cfg.process_batch(fresh(segmented)[:2])
+    assert rows == [4] * 4 and cfg.describe()["models"]["inpaint"]["guidance"] == "cfg"
+
+
+def test_unknown_scheduler_and_bad_lora_are_one_line_config_errors(models, tmp_path):
+    from counterfactory.pipeline.config import ConfigError
+
+    def cfg_with(**params):
+        data = copy.deepcopy(demo_dict())
+        st = {s["name"]: s for s in data["stages"]}
+        st["edit"].update(backend="diffusers-inpaint", params={"model": str(models["sd"]), **params})
+        return validate_config(data, source="t.yaml", base_dir=tmp_path)
+
+    with pytest.raises(ConfigError) as e:
+        cfg_with(scheduler="turbo_magic")
+    assert "stages.edit.params.scheduler" in str(e.value) and "\n" not in str(e.value)
+    empty = tmp_path / "lora-empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("no weights")
+    with pytest.raises(ConfigError, match="no .safetensors file"):
+        cfg_with(loras=[{"id": str(empty)}])
+    pick = tmp_path / "lora-pickle"
+    pick.mkdir()
+    (pick / "pytorch_lora_weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="pickle"):
+        cfg_with(loras=[{"id": str(pick)}])
+    with pytest.raises(ConfigError, match="no such model folder"):
+        cfg_with(loras=[{"id": str(tmp_path / "nowhere" / "lora")}])
+    with pytest.raises(ConfigError, match="vae_path"):
+        cfg_with(vae="tiny")
+
+
+def test_lora_from_a_local_folder_is_fused_and_recorded(models, segmented, tmp_path):
+    lora = fx.sd_lora(tmp_path / "lora", models["sd"])
+    base = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                 variants=["remove"], **CPU)
+    with_lora = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                      variants=["remove"], loras=[{"id": str(lora), "scale": 0.8}], **CPU)
+    a, b = fresh(segmented)[:1], fresh(segmented)[:1]
+    base.process_batch(a)
+    with_lora.process_batch(b)
+    assert not np.array_equal(a[0].arrays["variant/remove"], b[0].arrays["variant/remove"])
+    rec = with_lora.describe()["models"]["inpaint"]["loras"][0]
+    assert rec["id"] == str(lora) and rec["scale"] == 0.8 and rec["local_fingerprint"] and rec["modules"] == ["unet"]
+    # fused: the UNet holds plain layers again (no adapter matmul per step)
+    assert not any("lora" in n for n, _ in with_lora.pipe.unet.named_parameters())
+    # a LoRA made for another base model (other cross-attention width) does not load: one line
+    other = fx.sd_lora(tmp_path / "other", models["sd"], cross_attention_dim=24)
+    with pytest.raises(ValueError, match="another base model") as e:
+        stage("edit", "diffusers-inpaint", model=str(models["sd"]), loras=[{"id": str(other)}], **CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_tiny_vae_and_compile_flag_on_cpu(models, segmented, tmp_path, monkeypatch):
+    vae = fx.tiny_vae(tmp_path / "taesd")
+    with pytest.warns(UserWarning, match="compile: true ignored"):
+        st = stage("edit", "diffusers-inpaint", model=str(models["sd"]), steps=2, guidance_scale=1.0,
+                   variants=["remove"], vae="tiny", vae_path=str(vae), compile=True, **CPU)
+    samples = fresh(segmented)[:2]
+    st.process_batch(samples)
+    assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
+    rec = st.describe()["models"]["inpaint"]
+    assert rec["vae"]["architecture"] == "AutoencoderTiny" and rec["compiled"] is False
+    assert type(st.pipe.vae).__name__ == "AutoencoderTiny"
+    # compile on a torch without a usable torch.compile: refused when the params are read
+    monkeypatch.setattr(torch, "__version__", "1.13.1")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="compile: true needs torch>=2.1"):
+        get_backend("edit", "diffusers-inpaint").Params(model=str(models["sd"]), compile=True)
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -467,6 +622,27 @@ def test_redetect_runs_on_the_edited_image(models, segmented):
     keep.process_batch(samples)
     assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
     assert all(0 <= s.meta["metrics"]["remove"]["redetect_score"] < 1 for s in samples)
+
+
+def test_redetect_reuses_the_detection_of_the_original_from_localize(models, segmented):
+    loc = stage("localize", "owlv2", model=str(models["owl"]), box_threshold=0.0, text_threshold=0.0, max_instances=3,
+                **CPU)
+    samples = fresh(segmented)
+    loc.process_batch(samples)  # the original detected once, its instances carry the detector's scores
+    assert all(s.ok and all("score" in i for i in s.meta["instances"]) for s in samples)
+    st = stage("verify", "redetect", model=str(models["owl"]), detector="owlv2", redetect_threshold=1.0,
+               min_overlap=0.0, text_threshold=0.0, min_inside_mad=0.0, max_contrast_ratio=100.0, **CPU)
+    rows: list[int] = []
+    st.detector.model.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["pixel_values"].shape[0]),
+                                                with_kwargs=True)
+    edited = sum("remove" in s.meta["variants"] for s in samples)  # the pixel checks are off: all go on
+    st.process_batch(samples)
+    assert edited >= 1 and sum(rows) == edited  # the edited images only (never the original), batched together
+    for s in (s for s in samples if s.ok):
+        m = s.meta["metrics"]
+        assert m["redetect_orig_source"] == "localize"
+        best = max(i["score"] for i in s.meta["instances"])  # min_overlap 0: every target box counts
+        assert m["redetect_score_orig"] == round(best, 4)
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -561,3 +737,38 @@ def test_openai_llm_waits_as_the_server_asks_with_jitter(fake_llm, segmented, mo
     assert len(slept) == 2
     assert 1.5 <= slept[0] <= 3.0  # Retry-After 4 s, capped at 3, jittered
     assert 0.25 <= slept[1] <= 0.5  # then backoff_s * 2 for the second retry, jittered
+
+
+# --- the local run with host and device work overlapped ---------------------------------------
+def test_overlapped_local_run_yields_the_loops_bytes_in_order(tmp_path):
+    cfg = make_config(tmp_path, [scenes_input(10, seed=3, questions=1)])
+    plain = list(local_batches(cfg, load_records(cfg), batch_size=3))
+    threads_before = threading.active_count()
+    over = list(local_batches(cfg, load_records(cfg), batch_size=3, overlap=True))
+    assert len(plain) == len(over) == 4
+    for a, b in zip(plain, over, strict=True):
+        assert list(a["idx"]) == list(b["idx"])
+
+        def untimed(m):
+            return {k: v for k, v in json.loads(m).items() if k != "seconds"}  # wall-clock timings differ
+        assert [untimed(m) for m in a["meta"]] == [untimed(m) for m in b["meta"]]
+        assert [bytes(x) for x in a["blob"]] == [bytes(x) for x in b["blob"]]
+    assert threading.active_count() == threads_before  # every step thread ended
+
+
+def test_overlap_raises_a_step_error_in_the_consumer_and_stops_the_threads():
+    from counterfactory.pipeline.overlap import staged
+
+    def boom(x):
+        if x == 5:
+            raise ValueError("bad item 5")
+        return x * 2
+
+    before = threading.active_count()
+    got = []
+    with pytest.raises(ValueError, match="bad item 5"):
+        for y in staged(iter(range(100)), [lambda x: x + 1, boom]):
+            got.append(y)
+    assert got == [2, 4, 6, 8]  # in order, up to the failing item
+    time.sleep(0.3)
+    assert threading.active_count() == before

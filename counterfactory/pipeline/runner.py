@@ -210,10 +210,13 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
 
 
 def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]], *, stop_after: str | None = None,
-                  encode: bool = True, batch_size: int = 8, start: int = 0) -> Iterator[dict[str, Any]]:
+                  encode: bool = True, batch_size: int = 8, start: int = 0,
+                  overlap: bool = False) -> Iterator[dict[str, Any]]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
     the benchmark floor. ``inputs`` is a run's input plan (read slice by slice) or a list of
-    records. ``stop_after`` ends after the named stage (arrays left unencoded)."""
+    records. ``stop_after`` ends after the named stage (arrays left unencoded). ``overlap``
+    runs the reader, each step and the encoder in threads of their own (``overlap.staged``):
+    the same outputs, with host work beside the device work instead of between it."""
     run = run_settings(cfg)
     specs = [spec for step in plan_steps(cfg, stop_after) for spec in step.specs]
     encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
@@ -225,9 +228,38 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
                                           for row in _rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
     else:
         rows = iter(_rows(inputs, 0, start, cfg.seed, chash))
-    while chunk := list(itertools.islice(rows, batch_size)):
-        batch = {k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
-        yield chain(batch)
+    batches = ({k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
+               for chunk in iter(lambda: list(itertools.islice(rows, batch_size)), []))
+    if not overlap:
+        yield from (chain(b) for b in batches)
+        return
+    yield from _overlapped(chain, plan_steps(cfg, stop_after), batches)
+
+
+def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``chain``'s stages grouped by plan step, one thread per step (see ``overlap.staged``)."""
+    from counterfactory.pipeline.overlap import staged
+    from counterfactory.pipeline.sample import decode_batch, encode_batch
+
+    def step_fn(stages: list[Any], first: bool) -> Any:
+        def fn(item: Any) -> Any:
+            samples = decode_batch(item) if first else item
+            for st in stages:
+                st.apply(samples)
+            return samples
+        return fn
+
+    fns, at = [], 0
+    for i, step in enumerate(steps):
+        fns.append(step_fn(chain.stages[at:at + len(step.specs)], i == 0))
+        at += len(step.specs)
+
+    def finish(samples: Any) -> dict[str, Any]:
+        if chain.encoder is not None:
+            chain.encoder.encode_samples(samples)
+        return encode_batch(samples)
+
+    return staged(batches, [*fns, finish])
 
 
 def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
@@ -477,7 +509,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         start = writer.resume()
         stream = _Stream()
         if start < n_inputs and local:
-            stream.consume(local_batches(cfg, plan, start=start), writer, on_progress)
+            stream.consume(local_batches(cfg, plan, start=start, overlap=True), writer, on_progress)
         elif start < n_inputs:
             init_ray(cfg, verbose=verbose)
             import ray

@@ -24,7 +24,9 @@ from counterfactory.rules import singular
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
+    images_to_device,
     load_pretrained,
+    maybe_compile,
     model_record,
     run_batched,
     transformers_setup,
@@ -91,6 +93,7 @@ class Detector:
             self.processor = tf.Owlv2Processor.from_pretrained(p.model, **proc_kw)
             model_cls = tf.Owlv2ForObjectDetection
         self.model = load_pretrained(model_cls, p, backend, dtype=self.dtype, **kw).to(self.device).eval()
+        self.model = maybe_compile(self.model, p.compile, self.device, f"the {kind} detector")
         # Resize/normalize where the model runs: the processors' torchvision backend takes a
         # device, and on CPU their resize costs more than the model on a GPU (OWLv2 ~200 ms/img).
         self.image_kw = {"device": self.device} if getattr(p, "preprocess_on_device", True) else {}
@@ -105,7 +108,8 @@ class Detector:
 
         tok = self.processor.tokenizer
         prompts = [". ".join(ph) + "." for ph in phrases]
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True, truncation=True,
+        pixels = images_to_device(images, self.device) if self.image_kw else images
+        inputs = self.processor(images=pixels, text=prompts, return_tensors="pt", padding=True, truncation=True,
                                 **self.image_kw)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}

@@ -13,28 +13,49 @@ together through the pipeline (CUDA out-of-memory halves the micro-batch).
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from counterfactory.pipeline.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.edit import Skip, annotated_mask, control_mask, place_shape
 from counterfactory.stages.models.common import (
     ModelParams,
+    channels_last,
+    maybe_compile,
     model_record,
     place,
+    refuse_pickles,
     require,
     run_batched,
 )
 
 Variant = Literal["remove", "attribute", "replace", "insert", "blackout", "random_mask"]
 _DIFFUSED = ("remove", "attribute", "replace", "insert")
-Scheduler = Literal["default", "ddim", "dpmpp", "euler", "euler_a", "pndm", "unipc"]
-_SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-               "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
+# scheduler name -> (diffusers class, config overrides). The trailing-spacing entries are what
+# few-step (distilled, "Lightning"/Hyper-SD style) checkpoints are sampled with; lcm and tcd are
+# the schedulers of LCM/TCD-distilled models and LoRAs (e.g. LCM-LoRA at 4 steps, guidance 1).
+_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "dpmpp": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_trailing": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "lightning": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+Scheduler = Literal["default", "ddim", "ddim_trailing", "dpmpp", "dpmpp_karras", "dpmpp_trailing", "euler",
+                    "euler_trailing", "lightning", "euler_a", "lcm", "tcd", "pndm", "unipc"]
 _SEED_OFFSET = {"remove": 0, "attribute": 1, "insert": 2, "replace": 3}
 
 
@@ -42,6 +63,31 @@ class PromptTemplate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     negative: str = ""
+
+
+class LoraSpec(BaseModel):
+    """A LoRA adapter fused into the pipeline at load (LCM-LoRA, a removal fine-tune shipped as a
+    LoRA, ...): a hub id (``revision`` pinned and recorded) or a local folder/file of safetensors."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(description="hub id or local folder / .safetensors file")
+    revision: str | None = None
+    weight_name: str | None = Field(None, description="file inside the folder or repo, when it holds several")
+    scale: float = Field(1.0, description="strength the adapter is fused with")
+
+    @field_validator("id")
+    @classmethod
+    def _safetensors_only(cls, v: str) -> str:
+        """A local LoRA must exist and hold safetensors: checked when the config is read, so a
+        wrong path is one line before any model loads."""
+        try:
+            refuse_pickles(v)
+        except FileNotFoundError as exc:  # pydantic reports ValueErrors as config errors
+            raise ValueError(str(exc)) from None
+        p = Path(v).expanduser()
+        if p.is_dir() and not any(f.suffix == ".safetensors" for f in p.rglob("*")):
+            raise ValueError(f"{v}: no .safetensors file in this LoRA folder")
+        return v
 
 
 DEFAULT_PROMPTS = {
@@ -92,8 +138,12 @@ class DiffusersInpaintEdit(Stage):
                                            "default: AutoPipelineForInpainting picks from the model")
         variants: list[Variant] = Field(["remove", "blackout", "random_mask"], min_length=1)
         steps: int = Field(25, ge=1, le=200)
-        scheduler: Scheduler = "default"
-        guidance_scale: float = Field(7.5, ge=0)
+        scheduler: Scheduler = Field("default", description="by name; lcm/tcd/*_trailing for few-step models")
+        guidance_scale: float = Field(7.5, ge=0, description="<= 1: no classifier-free guidance, one UNet pass "
+                                      "per step instead of two (distilled/LCM/Lightning models)")
+        loras: list[LoraSpec] = Field(default_factory=list, description="LoRA adapters fused at load")
+        vae: Literal["default", "tiny"] = Field("default", description="tiny: AutoencoderTiny (TAESD) from vae_path")
+        vae_path: str | None = Field(None, description="AutoencoderTiny weights (hub id or folder) for vae: tiny")
         strength: float = Field(1.0, gt=0, le=1)
         native_size: int | None = Field(None, ge=8, description="default: the model's sample size")
         crop: bool = Field(True, description="inpaint a crop around the mask (False: the whole image)")
@@ -110,6 +160,17 @@ class DiffusersInpaintEdit(Stage):
         control_tries: int = Field(64, ge=1)
         control_gap: int = Field(4, ge=0)
         batch_size: int = Field(4, ge=1)
+
+        @model_validator(mode="after")
+        def _tiny_vae_has_weights(self):
+            if self.vae == "tiny" and not self.vae_path:
+                raise ValueError("vae: tiny needs vae_path (an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd)")
+            if self.vae_path:
+                try:
+                    refuse_pickles(self.vae_path)
+                except FileNotFoundError as exc:
+                    raise ValueError(str(exc)) from None
+            return self
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -129,10 +190,28 @@ class DiffusersInpaintEdit(Stage):
         pipe = cls.from_pretrained(p.model, revision=p.revision, **{dtype_kw: self.dtype}, use_safetensors=True,
                                    trust_remote_code=p.trust_remote_code)
         if p.scheduler != "default":
-            pipe.scheduler = getattr(diffusers, _SCHEDULERS[p.scheduler]).from_config(pipe.scheduler.config)
+            cls_name, overrides = _SCHEDULERS[p.scheduler]
+            pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+        loras = self._fuse_loras(pipe, p.loras) if p.loras else []
+        vae_rec = None
+        if p.vae == "tiny":
+            pipe.vae = diffusers.AutoencoderTiny.from_pretrained(p.vae_path, **{dtype_kw: self.dtype},
+                                                                 use_safetensors=True)
+            vae_rec = model_record(p.vae_path, None, architecture="AutoencoderTiny")
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        for name in ("unet", "transformer", "vae"):
+            if getattr(pipe, name, None) is not None:
+                channels_last(getattr(pipe, name), self.device)
+        if getattr(pipe, "unet", None) is not None:
+            pipe.unet = maybe_compile(pipe.unet, p.compile, self.device, "the inpainting UNet")
+        elif getattr(pipe, "transformer", None) is not None:
+            pipe.transformer = maybe_compile(pipe.transformer, p.compile, self.device, "the inpainting transformer")
         self.call_args = set(inspect.signature(self.pipe.__call__).parameters)
+        # one UNet pass per step without guidance: the pipeline skips the unconditional branch
+        # when guidance_scale <= 1 (or for guidance-distilled UNets with time_cond_proj_dim)
+        self.cfg = p.guidance_scale > 1
+        self._embeds: dict[tuple[str, str], Any] = {}
         if p.native_size:
             self.native = p.native_size
         elif getattr(pipe, "unet", None) is not None:
@@ -141,7 +220,48 @@ class DiffusersInpaintEdit(Stage):
             self.native = 1024
         self.record = model_record(p.model, p.revision, pipeline=type(self.pipe).__name__,
                                    scheduler=type(self.pipe.scheduler).__name__, native_size=self.native,
-                                   dtype=str(self.dtype).removeprefix("torch."), device=self.device)
+                                   dtype=str(self.dtype).removeprefix("torch."), device=self.device,
+                                   guidance="cfg" if self.cfg else "none", compiled=p.compile and self.device == "cuda")
+        spacing = getattr(self.pipe.scheduler.config, "timestep_spacing", None)
+        if spacing:
+            self.record["timestep_spacing"] = spacing
+        if loras:
+            self.record["loras"] = loras
+        if vae_rec:
+            self.record["vae"] = vae_rec
+
+    @staticmethod
+    def _fuse_loras(pipe: Any, specs: list[LoraSpec]) -> list[dict[str, Any]]:
+        """Load each adapter, check that it landed on this pipeline's modules (a LoRA made for
+        another base model matches no key or no shape: refused in one line), fuse them into the
+        weights at their scales and drop the adapter layers, so inference costs what the base does."""
+        names, records = [], []
+        for i, spec in enumerate(specs):
+            name = f"lora{i}"
+            ref, weight_name = spec.id, spec.weight_name
+            p = Path(ref).expanduser()
+            if p.is_file():
+                ref, weight_name = str(p.parent), p.name
+            try:
+                pipe.load_lora_weights(ref, weight_name=weight_name, revision=spec.revision, adapter_name=name,
+                                       use_safetensors=True)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"LoRA {spec.id}: does not fit this {type(pipe).__name__} "
+                                 f"(a LoRA for another base model?): {why}") from None
+            placed = [comp for comp, ads in pipe.get_list_adapters().items() if name in ads]
+            if not placed:
+                raise ValueError(f"LoRA {spec.id}: none of its keys match this {type(pipe).__name__} "
+                                 "(a LoRA for another base model?)")
+            names.append(name)
+            rec = model_record(spec.id, spec.revision, scale=spec.scale, modules=sorted(placed))
+            if weight_name:
+                rec["weight_name"] = weight_name
+            records.append(rec)
+        pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()  # the fused weights stay; the peft layers (an extra matmul each) go
+        return records
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"models": {"inpaint": self.record}}
@@ -200,26 +320,61 @@ class DiffusersInpaintEdit(Stage):
         return {"sample": s, "variant": v, "box": box, "crop": crop, "mask": cm, "info": info, "full_mask": mask,
                 "seed": (s.seed + _SEED_OFFSET[v]) % 2**32}
 
-    def _diffuse(self, jobs: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _prompt_embeds(self, jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Text embeddings of each distinct (prompt, negative) encoded once for the actor's life:
+        a remove prompt is the same for every sample, so the text encoder leaves the hot path.
+        Each is encoded alone (batch 1), so its bits do not depend on what it was batched with.
+        None where the pipeline has no SD-style ``encode_prompt`` (strings are passed then)."""
         import torch
-        from PIL import Image
+
+        enc = getattr(self.pipe, "encode_prompt", None)
+        if enc is None or "prompt_embeds" not in self.call_args or \
+                "do_classifier_free_guidance" not in inspect.signature(enc).parameters:
+            return None
+        pos, neg = [], []
+        for j in jobs:
+            key = (j["info"]["prompt"], j["info"]["negative_prompt"] if self.cfg else "")
+            if key not in self._embeds:
+                with torch.inference_mode():
+                    pe, ne = enc(key[0], self.device, 1, self.cfg, negative_prompt=key[1] or None)
+                self._embeds[key] = (pe, ne)
+            pe, ne = self._embeds[key]
+            pos.append(pe)
+            neg.append(ne)
+        out = {"prompt_embeds": torch.cat(pos)}
+        if self.cfg:
+            out["negative_prompt_embeds"] = torch.cat(neg)
+        return out
+
+    def _diffuse(self, jobs: list[dict[str, Any]]) -> list[np.ndarray]:
+        """One pipeline call for a micro-batch. Crops and masks go to the device as uint8 and
+        are scaled there (no PIL round trip per image); the images come back as one uint8 copy."""
+        import torch
 
         p = self.params
+        crops = torch.from_numpy(np.stack([j["crop"] for j in jobs])).to(self.device, non_blocking=True)
+        masks = torch.from_numpy(np.stack([j["mask"] for j in jobs])).to(self.device, non_blocking=True)
         kw: dict[str, Any] = {
-            "prompt": [j["info"]["prompt"] for j in jobs],
-            "image": [Image.fromarray(j["crop"]) for j in jobs],
-            "mask_image": [Image.fromarray(j["mask"]) for j in jobs],
+            "image": crops.permute(0, 3, 1, 2).float().div_(255),  # (B, 3, n, n) in [0, 1]
+            "mask_image": masks[:, None].float().div_(255),  # (B, 1, n, n) in {0, 1}
             "height": self.native, "width": self.native, "num_inference_steps": p.steps,
-            "guidance_scale": p.guidance_scale, "output_type": "np",
+            "guidance_scale": p.guidance_scale, "output_type": "pt",
             # CPU generators: the same noise for a seed on any device and at any batch size
             "generator": [torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs],
         }
-        if "negative_prompt" in self.call_args and p.guidance_scale > 1:
-            kw["negative_prompt"] = [j["info"]["negative_prompt"] for j in jobs]
+        embeds = self._prompt_embeds(jobs)
+        if embeds is not None:
+            kw.update(embeds)
+        else:
+            kw["prompt"] = [j["info"]["prompt"] for j in jobs]
+            if "negative_prompt" in self.call_args and self.cfg:
+                kw["negative_prompt"] = [j["info"]["negative_prompt"] for j in jobs]
         if "strength" in self.call_args:
             kw["strength"] = p.strength
-        images = self.pipe(**kw).images
-        return [np.clip(np.asarray(im) * 255 + 0.5, 0, 255).astype(np.uint8) for im in images]
+        with torch.inference_mode():
+            images = self.pipe(**kw).images  # (B, 3, n, n) float in [0, 1], on the device
+            out = (images.float() * 255 + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(out)
 
     def process_batch(self, samples: list[Sample]) -> None:
         p = self.params

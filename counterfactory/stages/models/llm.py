@@ -197,9 +197,62 @@ class LLMQA(TemplateQA):
     # answers from the rule table for what each edit affects) over the LLM's items.
 
 
+class JsonEnd:
+    """Stops a row of batched generation when its reply has closed its top-level JSON value
+    (``{...}`` or ``[...]``, braces inside strings ignored): the reply is complete there, and
+    everything after it would be discarded by the parser anyway, so a batch stops at its longest
+    JSON instead of at ``max_new_tokens``. One token decoded per row per step (incremental state),
+    no re-decoding of the whole reply. A ``transformers`` stopping criterion (per-row booleans)."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int) -> None:
+        self.tok, self.prompt_len = tokenizer, prompt_len
+        self.state: list[list[Any]] = []  # per row: [depth, in_string, escaped, started, done]
+        self.seen = prompt_len
+
+    def feed(self, row: int, text: str) -> bool:
+        st = self.state[row]
+        depth, in_str, esc, started, done = st
+        for ch in text:
+            if done:
+                break
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"' and started:
+                in_str = True
+            elif ch in "{[":
+                depth, started = depth + 1, True
+            elif ch in "}]" and started:
+                depth -= 1
+                done = depth <= 0
+        st[:] = [depth, in_str, esc, started, done]
+        return done
+
+    def __call__(self, input_ids: Any, scores: Any = None, **kw: Any) -> Any:
+        import torch
+
+        rows = input_ids.shape[0]
+        if not self.state:
+            self.state = [[0, False, False, False, False] for _ in range(rows)]
+        new = input_ids[:, self.seen:].tolist()  # the tokens since the last call (one per step)
+        self.seen = input_ids.shape[1]
+        out = [self.feed(i, self.tok.decode(ids, skip_special_tokens=True)) if not self.state[i][4] else True
+               for i, ids in enumerate(new)]
+        return torch.tensor(out, dtype=torch.bool, device=input_ids.device)
+
+
 @register
 class TransformersLLMQA(LLMQA):
     backend = "llm-transformers"
+
+    class Params(LLMQAParams):
+        stop_at_json_end: bool = Field(True, description="end each reply when its JSON closes")
+        static_cache: bool = Field(True, description="preallocated KV cache on CUDA (no reallocation per "
+                                   "token; what torch.compile needs); the dynamic cache on CPU")
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -213,8 +266,12 @@ class TransformersLLMQA(LLMQA):
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{p.model}: the tokenizer has no chat template")
         self.model = tf.AutoModelForCausalLM.from_pretrained(p.model, dtype=self.dtype, **kw).to(self.device).eval()
+        self.static = p.static_cache and self.device == "cuda"
         self.record = model_record(p.model, p.revision, architecture=type(self.model).__name__,
-                                   dtype=str(self.dtype).removeprefix("torch."), device=self.device)
+                                   dtype=str(self.dtype).removeprefix("torch."), device=self.device,
+                                   serving="in-actor transformers generate, batched per micro-batch",
+                                   kv_cache="static" if self.static else "dynamic",
+                                   stop="json-end" if p.stop_at_json_end else "eos/max_new_tokens")
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"models": {"llm": self.record}}
@@ -232,6 +289,13 @@ class TransformersLLMQA(LLMQA):
             torch.manual_seed(self.run.get("seed", 0))
         else:
             gen["do_sample"] = False
+        if p.stop_at_json_end:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            crit = type("JsonEndCriteria", (JsonEnd, StoppingCriteria), {})(self.tokenizer, enc["input_ids"].shape[1])
+            gen["stopping_criteria"] = StoppingCriteriaList([crit])
+        if self.static:
+            gen["cache_implementation"] = "static"
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen)
         return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -266,7 +330,8 @@ class OpenAILLMQA(LLMQA):
         if not self.base_url:
             raise ValueError("llm-openai needs base_url (or $OPENAI_BASE_URL)")
         self.api_key = os.environ.get(p.api_key_env, "")
-        self.record = {"id": p.model, "revision": p.revision, "endpoint": self.base_url}
+        self.record = {"id": p.model, "revision": p.revision, "endpoint": self.base_url,
+                       "serving": f"OpenAI-compatible server, up to {p.concurrency} concurrent requests per actor"}
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"models": {"llm": self.record}}

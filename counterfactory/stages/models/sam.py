@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from counterfactory.pipeline.sample import Sample, Stage
 from counterfactory.stages import register
@@ -22,7 +22,10 @@ from counterfactory.stages.models.common import (
     Device,
     DType,
     ModelParams,
+    check_compile,
+    images_to_device,
     load_pretrained,
+    maybe_compile,
     model_record,
     place,
     require,
@@ -161,6 +164,12 @@ class SamSegment(_EncodeOnce):
         device: Device = "auto"
         dtype: DType = "auto"
         batch_size: int = Field(4, ge=1, description="images per encoder call; halved on CUDA OOM")
+        compile: bool = Field(False, description="torch.compile the image encoder (GPU only)")
+
+        @field_validator("compile")
+        @classmethod
+        def _compile_needs_torch2(cls, v: bool) -> bool:
+            return check_compile(v)
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -175,6 +184,7 @@ class SamSegment(_EncodeOnce):
         self.sam = sam.to(self.device).eval()
         self.encoder_dtype = self.dtype  # the image encoder dominates; the decoder runs in float32
         self.sam.image_encoder.to(self.encoder_dtype)
+        self.sam.image_encoder = maybe_compile(self.sam.image_encoder, p.compile, self.device, "the SAM encoder")
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
         self.record = model_record(p.checkpoint, None, architecture=f"segment_anything.Sam/{p.model_type}",
                                    dtype=str(self.dtype).removeprefix("torch."), device=self.device)
@@ -235,6 +245,7 @@ class HfSamSegment(_EncodeOnce):
         tf, kw = transformers_setup(self, p, self.backend, prefer="bfloat16")
         self.processor = tf.SamProcessor.from_pretrained(p.model, revision=p.revision)
         self.model = load_pretrained(tf.SamModel, p, self.backend, dtype=self.dtype, **kw).to(self.device).eval()
+        self.model.vision_encoder = maybe_compile(self.model.vision_encoder, p.compile, self.device, "the SAM encoder")
         self.record = model_record(p.model, p.revision, architecture="transformers.SamModel",
                                    dtype=str(self.dtype).removeprefix("torch."), device=self.device)
 
@@ -244,28 +255,58 @@ class HfSamSegment(_EncodeOnce):
     def _encode(self, images: list[np.ndarray]) -> list[Any]:
         import torch
 
-        inp = self.processor(images=list(images), return_tensors="pt", device=self.device)  # resize on device
+        # uint8 to the device in one copy, resized and normalized there by the processor
+        inp = self.processor(images=images_to_device(images, self.device), return_tensors="pt", device=self.device)
         with torch.inference_mode():
             emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device, self.dtype))
-        return [(emb[i:i + 1], inp["original_sizes"][i].tolist(), inp["reshaped_input_sizes"][i].tolist())
-                for i in range(len(images))]
+        sizes, reshaped = inp["original_sizes"].tolist(), inp["reshaped_input_sizes"].tolist()
+        return [(emb[i:i + 1], sizes[i], reshaped[i]) for i in range(len(images))]
 
 
-    def _finish(self, s: Sample, emb: Any, orig: list[int], reshaped: list[int]) -> None:
+    def process_batch(self, samples: list[Sample]) -> None:
+        """Embeddings batched (halved on OOM), then every box of every image of the batch decoded
+        in one mask-decoder call against its image's embedding (boxes padded to the longest
+        list), the best of SAM's candidates picked and upsampled on the device: one copy of the
+        final masks to the host per image, no Python loop of small GPU calls per sample."""
+        run = run_batched(self._encode, [s.arrays["image"] for s in samples], self.params.batch_size)
+        live = []
+        for i, s in enumerate(samples):
+            if i in run.failures:
+                s.reject(self.name, *run.failures[i])
+            else:
+                live.append((s, run.outputs[i]))
+        if not live:
+            return
+        dec = run_batched(self._decode_many, live, self.params.batch_size)
+        for i, (s, _) in enumerate(live):
+            if i in dec.failures:
+                s.reject(self.name, *dec.failures[i])
+                continue
+            masks, ious = dec.outputs[i]
+            self.guarded(s, lambda smp, m=masks, q=ious: finish_masks(smp, list(m), q, self.params, "sam-hf"))
+
+    def _decode_many(self, items: list[tuple[Sample, Any]]) -> list[tuple[np.ndarray, list[float]]]:
         import torch
 
-        h, w = orig
-        sx, sy = reshaped[1] / w, reshaped[0] / h  # the processor resized the image to `reshaped`
-        boxes = torch.tensor([[[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]
-                               for b in (inst["box"] for inst in s.meta["instances"])]],
-                             dtype=torch.float32, device=self.device)
+        n = max(len(s.meta["instances"]) for s, _ in items)
+        boxes, embs = [], []
+        for s, (emb, orig, reshaped) in items:
+            h, w = orig
+            sx, sy = reshaped[1] / w, reshaped[0] / h  # the processor resized the image to `reshaped`
+            bx = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in (i["box"] for i in s.meta["instances"])]
+            boxes.append(bx + [bx[0]] * (n - len(bx)))  # padding boxes are decoded and dropped
+            embs.append(emb)
+        bt = torch.tensor(boxes, dtype=torch.float32).to(self.device, self.dtype)
         with torch.inference_mode():
-            out = self.model(image_embeddings=emb, input_boxes=boxes.to(self.dtype),
-                             multimask_output=self.params.multimask)
-        masks = self.processor.post_process_masks(
-            [out.pred_masks[0].float().cpu()], [orig], [reshaped],
-            mask_threshold=self.params.mask_threshold)[0]  # (n, k, h, w) bool
-        iou = out.iou_scores[0].float().cpu()  # (n, k)
-        best = iou.argmax(dim=1)
-        idx = torch.arange(len(best))
-        finish_masks(s, list(masks[idx, best].numpy()), iou[idx, best].tolist(), self.params, "sam-hf")
+            out = self.model(image_embeddings=torch.cat(embs), input_boxes=bt, multimask_output=self.params.multimask)
+            iou = out.iou_scores.float()  # (B, n, k)
+            best = iou.argmax(dim=2, keepdim=True)  # (B, n, 1)
+            low = torch.take_along_dim(out.pred_masks, best[..., None, None], dim=2).float()  # (B, n, 1, h', w')
+            best_iou = iou.gather(2, best)[..., 0].cpu().numpy()  # one small copy for the batch
+            res = []
+            for i, (s, (_, orig, reshaped)) in enumerate(items):
+                k = len(s.meta["instances"])
+                m = self.processor.post_process_masks([low[i, :k]], [orig], [reshaped],
+                                                      mask_threshold=self.params.mask_threshold)[0]
+                res.append((m[:, 0].cpu().numpy(), best_iou[i, :k].tolist()))
+        return res

@@ -4,6 +4,10 @@ A box of a target that overlaps the edited region and scores at or above ``redet
 means the object is still there: that variant is rejected (``target_still_detected``). The best
 score is kept in the sample's metrics either way (``redetect_score``), next to the same score on
 the original (``redetect_score_orig``) when ``score_original`` is on, so a reader can see the drop.
+The original was already detected by a detector ``localize``: its instances (with their scores)
+are that detection, so it is scored from them and not run through the detector again
+(``redetect_orig_source: localize``); only originals localized without scores (annotations) are
+detected here (``redetect``). Every edited image of a batch goes through the detector together.
 """
 
 from __future__ import annotations
@@ -66,7 +70,13 @@ class RedetectVerify(PixelVerify):
             if not s.ok:
                 continue
             if self.params.score_original:
-                jobs.append((s, "orig"))
+                if all("score" in i for i in s.meta["instances"]):
+                    dets = [{"phrase": i["category"], "box": i["box"], "score": i["score"]} for i in s.meta["instances"]]
+                    s.meta["metrics"]["redetect_score_orig"] = round(
+                        overlap_score(dets, s.meta["targets"], s.arrays["mask"], self.params.min_overlap), 4)
+                    s.meta["metrics"]["redetect_orig_source"] = "localize"
+                else:
+                    jobs.append((s, "orig"))
             jobs += [(s, v) for v in s.meta["variants"] if v in self.params.variants]
         if not jobs:
             return
@@ -86,6 +96,7 @@ class RedetectVerify(PixelVerify):
             score = round(overlap_score(dets[i], s.meta["targets"], s.arrays["mask"], self.params.min_overlap), 4)
             if v == "orig":
                 metrics["redetect_score_orig"] = score
+                metrics["redetect_orig_source"] = "redetect"
                 continue
             metrics.setdefault(v, {})["redetect_score"] = score
             if score >= self.params.redetect_threshold:
