@@ -1,0 +1,161 @@
+"""Tiny real models for the issue-19 backends (VLM judge, SAM 3, instruction edits, trackers),
+built from configs with fixed seeds and saved with ``save_pretrained`` so the stages load them
+through the same ``from_pretrained(path)`` a user's config takes. Nothing is downloaded.
+Also a loopback OpenAI-compatible server whose replies are computed from each request.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+VLM_SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+VLM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def vlm_tokenizer():
+    """A byte-level BPE tokenizer trained here, with Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["Is there a cat in the image? yes", "no", "yes", "How many red circles are there? 0 1 2 3 4 5",
+              "What color is the square? red blue green yellow", "left or right", "user assistant"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=VLM_SPECIAL,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_vlm(path: Path, says: str | None = None) -> Path:
+    """Qwen2.5-VL at tiny size with its real processor (Qwen2VLImageProcessor, 56-112 px).
+
+    ``says``: set a handful of weights by hand so the model answers that one word to every
+    prompt (a real forward pass and a real ``generate``; the decoder blocks write nothing to the
+    residual stream, so the last prompt token alone picks the first answer token, and the answer
+    token picks end-of-turn). None: random weights, whose replies are noise."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = vlm_tokenizer()
+    tok.chat_template = VLM_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VLM_SPECIAL}
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"], bos_token_id=None,
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    if says is not None:
+        word = tok.encode(says)
+        if len(word) != 1:
+            raise ValueError(f"{says!r} is not one token of the tiny vocabulary: {word}")
+        last = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"][-1]
+        with torch.no_grad():
+            lm = model.model.language_model
+            for layer in lm.layers:  # the blocks add nothing: the residual is the token embedding
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            lm.norm.weight.zero_()
+            lm.norm.weight[0] = 1.0  # only channel 0 reaches the head
+            emb = lm.embed_tokens.weight
+            emb[:, 0] = 0.0
+            emb[last, 0], emb[word[0], 0] = 1.0, -1.0
+            head = model.lm_head.weight
+            head.zero_()
+            head[word[0], 0], head[ids["<|im_end|>"], 0] = 10.0, -10.0
+    model.save_pretrained(path)
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)
+    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=VLM_TEMPLATE).save_pretrained(path)
+    return path
+
+
+class ScriptedOpenAI:
+    """A loopback ``/v1/chat/completions`` server whose reply to each request is computed by
+    ``respond(body)`` (so answers depend on the question and the image, whatever the order of
+    concurrent requests). ``respond`` returns a string (the message content), any JSON value
+    (a wrong-typed content), ("status", code[, retry_after]), ("refusal", text), ("slow", seconds, reply)."""
+
+    def __init__(self, respond: Callable[[dict], Any]) -> None:
+        self.respond = respond
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append(body)
+                item = outer.respond(body)
+                if isinstance(item, tuple) and item[0] == "slow":
+                    time.sleep(item[1])
+                    item = item[2]
+                if isinstance(item, tuple) and item[0] == "status":
+                    self.send_response(item[1])
+                    if len(item) > 2:
+                        self.send_header("Retry-After", str(item[2]))
+                    self.end_headers()
+                    self.wfile.write(b"busy")
+                    return
+                refusal = None
+                if isinstance(item, tuple) and item[0] == "refusal":
+                    refusal, item = item[1], None
+                msg = {"role": "assistant", "content": item, "refusal": refusal}
+                data = json.dumps({"choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def question_of(body: dict) -> tuple[str, str]:
+    """(prompt text, image data URL) of a judge request."""
+    content = body["messages"][0]["content"]
+    text = next(c["text"] for c in content if c["type"] == "text")
+    url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+    return text, url
