@@ -303,3 +303,26 @@ def test_pixel_checks_run_first_and_spare_the_judge(server, qa_samples):
     assert rejects(samples[0], "remove") == ["region_unchanged"]
     assert samples[0].ok and "flip" in samples[0].meta["variants"]  # a mirror passes, unjudged here
     assert "judge_answers" not in samples[0].meta["metrics"].get("flip", {})
+
+
+# --- in a pipeline --------------------------------------------------------------------------------
+def test_pipeline_with_the_judge_reports_agreement_per_variant_in_the_card(vlms, tmp_path):
+    import copy
+    import json
+
+    from counterfactory.pipeline.config import validate_config
+    from counterfactory.pipeline.runner import run_pipeline
+    from tests.conftest import demo_dict
+
+    data = copy.deepcopy(demo_dict())
+    data["inputs"] = [scenes_input(2, seed=1, questions=1)]
+    data["output"]["root"] = str(tmp_path / "out")
+    st = {s["name"]: s for s in data["stages"]}
+    st["verify"].update(backend="vlm-judge", params={"model": str(vlms["yes"]), "device": "cpu", **st["verify"]["params"]})
+    res = run_pipeline(validate_config(data, source="test", base_dir=tmp_path), local=True, progress=False)
+    card = json.loads(next(res.out_dir.parent.rglob("card.json")).read_text())
+    assert "judge.questions_per_pair" in card["histograms"]
+    assert any(k.endswith(".judge_agreement") for k in card["histograms"])
+    assert {"stage": "verify", "variant": "remove", "reason": "judge_disagrees"}.items() <= next(
+        r for r in card["variant_rejects"] if r["variant"] == "remove").items()
+    assert card["models"], card["models"]
