@@ -159,3 +159,34 @@ def question_of(body: dict) -> tuple[str, str]:
     text = next(c["text"] for c in content if c["type"] == "text")
     url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
     return text, url
+
+
+def tiny_sam3(path: Path, image_size: int = 112) -> Path:
+    """Sam3Model at tiny size (2-layer ViT at 112 px, one-layer DETR, 10 queries) with its real
+    processor and a CLIP tokenizer written here (SAM 3 pads text to 32 tokens)."""
+    import torch
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    from tests.models_fixtures import _special, clip_tokenizer
+
+    tok = clip_tokenizer(max_len=32)
+    torch.manual_seed(0)
+    g = image_size // 14  # ViT grid; the FPN scales it by 4, 2, 1
+    h = 32
+    cfg = Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=14,
+                                 window_size=4, global_attn_indexes=[1], pretrain_image_size=56),
+            fpn_hidden_size=h, backbone_feature_sizes=[[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, projection_dim=32, **_special(tok)),
+        geometry_encoder_config=dict(hidden_size=h, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=dict(hidden_size=h, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=dict(hidden_size=h, num_layers=1, num_queries=10, num_attention_heads=2,
+                                 intermediate_size=64),
+        mask_decoder_config=dict(hidden_size=h, num_upsampling_stages=3, num_attention_heads=2))
+    Sam3Model(cfg).eval().save_pretrained(path)
+    Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}),
+                  tokenizer=tok).save_pretrained(path)
+    return path
