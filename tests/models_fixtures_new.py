@@ -190,3 +190,68 @@ def tiny_sam3(path: Path, image_size: int = 112) -> Path:
     Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}),
                   tokenizer=tok).save_pretrained(path)
     return path
+
+
+
+def tiny_flux_kontext(path: Path, inpaint: bool = False) -> Path:
+    """FluxKontextPipeline (or FluxKontextInpaintPipeline: same components) at tiny size, as in
+    diffusers' own fast tests; the CLIP tokenizer and a byte-level BPE for the T5 side built here."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextInpaintPipeline,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from tests.models_fixtures import _special, clip_tokenizer
+
+    tok = clip_tokenizer(max_len=16)
+    tok2 = vlm_tokenizer()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                                      vocab_size=len(tok), max_position_embeddings=16, projection_dim=32,
+                                      **_special(tok)))
+    torch.manual_seed(0)
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                  pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    cls = FluxKontextInpaintPipeline if inpaint else FluxKontextPipeline
+    cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+        tokenizer_2=tok2, transformer=transformer, image_encoder=None, feature_extractor=None).save_pretrained(path)
+    return path
+
+def tiny_qwen_image_edit(path: Path) -> Path:
+    """QwenImageEditPipeline at tiny size: the QwenImage transformer and VAE as in diffusers'
+    own fast tests, the tiny Qwen2.5-VL above as its text encoder with its processor."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    vlm = tiny_vlm(path.parent / (path.name + "-vlm"))
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=32,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    proc = AutoProcessor.from_pretrained(vlm)
+    QwenImageEditPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                          text_encoder=AutoModelForImageTextToText.from_pretrained(vlm), tokenizer=proc.tokenizer,
+                          processor=proc).save_pretrained(path)
+    return path
