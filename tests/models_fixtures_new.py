@@ -255,3 +255,43 @@ def tiny_qwen_image_edit(path: Path) -> Path:
                           text_encoder=AutoModelForImageTextToText.from_pretrained(vlm), tokenizer=proc.tokenizer,
                           processor=proc).save_pretrained(path)
     return path
+
+
+def tiny_sam2_video(path: Path, size: int = 128) -> Path:
+    """Sam2VideoModel at tiny size (4-stage Hiera, 16-128 channels, 3 memory frames) with its
+    real processor. The memory attention reads 64-channel memories (a constant of the model),
+    and the object pointer is split into hidden/64 tokens, so hidden sizes are 128."""
+    import torch
+    from transformers import (
+        Sam2ImageProcessor,
+        Sam2VideoConfig,
+        Sam2VideoModel,
+        Sam2VideoProcessor,
+        Sam2VideoVideoProcessor,
+    )
+
+    s, h = size, 128
+    torch.manual_seed(0)
+    cfg = Sam2VideoConfig(
+        vision_config=dict(
+            backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[s, s],
+                                 blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                                 num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[4, 4, 4, 4],
+                                 global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2]),
+            backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=h,
+            backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]]),
+        prompt_encoder_config=dict(hidden_size=h, image_size=s, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=h, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+        image_size=s, num_maskmem=3, memory_attention_hidden_size=h, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[s // 16, s // 16],
+        memory_encoder_hidden_size=h, memory_encoder_output_channels=64, mask_downsampler_embed_dim=h,
+        memory_fuser_embed_dim=h, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1)
+    model = Sam2VideoModel(cfg).eval()
+    with torch.no_grad():  # random weights score every object absent (masks all "no object"): the
+        model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)  # presence head says present
+    model.save_pretrained(path)
+    Sam2VideoProcessor(image_processor=Sam2ImageProcessor(size={"height": s, "width": s},
+                                                              mask_size={"height": s // 4, "width": s // 4}),
+                       video_processor=Sam2VideoVideoProcessor(size={"height": s, "width": s})).save_pretrained(path)
+    return path

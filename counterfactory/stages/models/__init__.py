@@ -7,4 +7,4 @@ stays cheap on machines that only run the CPU default.
 
 from counterfactory.stages.models import grounding, inpaint, llm, sam, verify, video_inpaint  # noqa: F401
 # issue 19: the VLM judge, SAM 3, instruction edits, video trackers
-from counterfactory.stages.models import instruct, judge, sam3  # noqa: F401, E402
+from counterfactory.stages.models import instruct, judge, sam3, track  # noqa: F401, E402
