@@ -257,7 +257,7 @@ def tiny_qwen_image_edit(path: Path) -> Path:
     return path
 
 
-def tiny_sam2_video(path: Path, size: int = 128) -> Path:
+def tiny_sam2_video(path: Path, size: int = 64) -> Path:
     """Sam2VideoModel at tiny size (4-stage Hiera, 16-128 channels, 3 memory frames) with its
     real processor. The memory attention reads 64-channel memories (a constant of the model),
     and the object pointer is split into hidden/64 tokens, so hidden sizes are 128."""
