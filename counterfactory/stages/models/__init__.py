@@ -5,4 +5,16 @@ diffusers, segment-anything) are imported inside constructors so that importing 
 stays cheap on machines that only run the CPU default.
 """
 
-from counterfactory.stages.models import grounding, inpaint, llm, sam, verify, video_inpaint  # noqa: F401
+# issue 19 added instruct (instruction edits), judge (VLM judge), sam3, track (video trackers)
+from counterfactory.stages.models import (  # noqa: F401
+    grounding,
+    inpaint,
+    instruct,
+    judge,
+    llm,
+    sam,
+    sam3,
+    track,
+    verify,
+    video_inpaint,
+)

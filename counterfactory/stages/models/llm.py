@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,6 +126,54 @@ def parse_reply(text: str, m: dict[str, Any], core: np.ndarray, max_questions: i
     if problems:
         raise ValueError("; ".join(problems))
     return items
+
+
+class RetryParams(Protocol):
+    timeout_s: float
+    max_http_retries: int
+    backoff_s: float
+    backoff_max_s: float
+
+
+def post_chat(url: str, body: dict[str, Any], api_key: str, p: RetryParams) -> Any:
+    """POST one OpenAI-compatible chat request with retries; the message content, or a Reject
+    (``llm_refusal``, ``llm_http_error``, ``llm_unavailable``). Shared by the QA LLM and the
+    VLM judge (stages/models/judge.py) so both retry, back off and time out the same way."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode()
+    last, wait = "", None
+    for attempt in range(p.max_http_retries + 1):
+        if attempt:
+            # the server's Retry-After when it gave one, else exponential backoff; jittered so
+            # the workers that all hit one overloaded endpoint do not come back in step
+            delay = wait if wait is not None else p.backoff_s * 2 ** (attempt - 1)
+            time.sleep(min(p.backoff_max_s, delay) * random.uniform(0.5, 1.0))
+            wait = None
+        req = urllib.request.Request(url, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=p.timeout_s) as r:
+                payload = json.loads(r.read())
+            choice = payload["choices"][0]
+            msg = choice.get("message") or {}
+            if msg.get("refusal"):
+                return Reject("llm_refusal", str(msg["refusal"])[:300])
+            content = msg.get("content") or ""
+            if choice.get("finish_reason") == "length":
+                content += "\n[truncated]"  # invalid JSON anyway: re-asked like any invalid reply
+            return content
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+            with contextlib.suppress(TypeError, ValueError):  # seconds; an HTTP date is ignored
+                wait = max(0.0, float(exc.headers.get("Retry-After")))
+            if exc.code not in (408, 409, 425, 429) and exc.code < 500:
+                return Reject("llm_http_error", last)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        except (ValueError, KeyError, IndexError, TypeError) as exc:  # not an OpenAI reply
+            last = f"malformed response: {type(exc).__name__}: {exc}"
+    return Reject("llm_unavailable", f"{p.max_http_retries + 1} attempts failed; last: {last}")
 
 
 class LLMQAParams(ModelParams):
@@ -342,41 +390,7 @@ class OpenAILLMQA(LLMQA):
                                 "max_tokens": p.max_new_tokens, "seed": self.run.get("seed", 0)}
         if p.json_mode:
             body["response_format"] = {"type": "json_object"}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
-        last, wait = "", None
-        for attempt in range(p.max_http_retries + 1):
-            if attempt:
-                # the server's Retry-After when it gave one, else exponential backoff; jittered so
-                # the workers that all hit one overloaded endpoint do not come back in step
-                delay = wait if wait is not None else p.backoff_s * 2 ** (attempt - 1)
-                time.sleep(min(p.backoff_max_s, delay) * random.uniform(0.5, 1.0))
-                wait = None
-            req = urllib.request.Request(f"{self.base_url}/chat/completions", data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(req, timeout=p.timeout_s) as r:
-                    payload = json.loads(r.read())
-                choice = payload["choices"][0]
-                msg = choice.get("message") or {}
-                if msg.get("refusal"):
-                    return Reject("llm_refusal", str(msg["refusal"])[:300])
-                content = msg.get("content") or ""
-                if choice.get("finish_reason") == "length":
-                    content += "\n[truncated]"  # invalid JSON anyway: re-asked like any invalid reply
-                return content
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
-                with contextlib.suppress(TypeError, ValueError):  # seconds; an HTTP date is ignored
-                    wait = max(0.0, float(exc.headers.get("Retry-After")))
-                if exc.code not in (408, 409, 425, 429) and exc.code < 500:
-                    return Reject("llm_http_error", last)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            except (ValueError, KeyError, IndexError, TypeError) as exc:  # not an OpenAI reply
-                last = f"malformed response: {type(exc).__name__}: {exc}"
-        return Reject("llm_unavailable", f"{p.max_http_retries + 1} attempts failed; last: {last}")
+        return post_chat(f"{self.base_url}/chat/completions", body, self.api_key, p)
 
     def _chat(self, conversations):
         with ThreadPoolExecutor(max_workers=min(self.params.concurrency, max(1, len(conversations)))) as ex:
