@@ -16,7 +16,7 @@ variant:
                   the evidence's own silhouette moved
 
 The shortcut audit's figures (probe AUC, blind-answerer accuracy, presupposing questions) come
-from ``audit_figures(version_dir)``, the hook the audit module plugs into after merging.
+from ``counterfactory.audit`` on a published version: pass ``--version-dir outputs/demo/vN``.
 
 Usage: python bench/validity.py [--scenes 100] [--method patch|telea|ns] [--no-photos]
 """
@@ -54,10 +54,21 @@ def config(n_scenes: int, photos: bool, method: str, root: Path):
 
 
 def audit_figures(version_dir: Path) -> dict:
-    """Hook for the shortcut audit (issue 16, the other half): given a published version
-    folder, return {variant: {"probe_auc": .., "blind_accuracy": .., "presupposing": ..}}.
-    Empty until the audit module is merged; main() prints whatever it returns."""
-    return {}
+    """The shortcut audit's figures for a published version folder (``counterfactory.audit``):
+    per variant, probe AUC (edit detectability), the blind answerers' accuracies and the
+    abstention share, plus the presupposing-question counts and the audit's warnings."""
+    from counterfactory.audit import audit_version
+
+    a = audit_version(version_dir)
+    out: dict = {}
+    for v in sorted(set(a.get("detectability", {})) | set(a.get("blind", {}))):
+        d, b = a.get("detectability", {}).get(v, {}), a.get("blind", {}).get(v, {})
+        out[v] = {"probe_auc": d.get("auc"), "blind_original_answer": b.get("original_answer"),
+                  "blind_majority_per_kind": b.get("majority_per_kind"), "blind_text_only": b.get("text_only"),
+                  "abstain_share": a.get("balance", {}).get(v, {}).get("abstain_share")}
+    out["presupposition"] = a.get("presupposition")
+    out["warnings"] = a.get("warnings")
+    return out
 
 
 def _spec(s) -> dict | None:
@@ -194,7 +205,7 @@ def main() -> None:
                           _fmt(d["err"]), _fmt(d["ctl_obj"], True), str(sum(d["silhouette"])) if d["silhouette"] else "-",
                           top]))
     if a.version_dir:
-        print("audit:", audit_figures(Path(a.version_dir)) or "(no audit module yet)")
+        print("audit:", audit_figures(Path(a.version_dir)) )
 
 
 if __name__ == "__main__":
