@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -43,15 +42,15 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
 from counterfactory.pipeline.config import AuditConfig
-from counterfactory.pipeline.writer import FailureBudgetExceeded
+from counterfactory.pipeline.writer import FailureBudgetExceeded, answers_of
 from counterfactory.rules import ANSWER_RULES
 from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
 from counterfactory.stages.verify import CONTROLS
+from counterfactory.storage import read_parquet
 
 FORMAT = "counterfactory-audit/1"
 # window features, in this order (see window_features)
@@ -293,7 +292,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         settings = cfg.get("audit") or {}
     s = settings if isinstance(settings, AuditConfig) else AuditConfig.model_validate(settings)
     abstain = cfg.get("abstain_answer", "unknown")
-    index = pq.read_table(vdir / "index.parquet", columns=["key", "shard", "variants", "questions",
+    index = read_parquet(vdir / "index.parquet", columns=["key", "shard", "variants", "questions",
                                                           "question_kinds", "answers"]).to_pylist()
     variants_all = sorted({v for r in index for v in r["variants"]})
 
@@ -302,7 +301,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     per_v: dict[str, Counter[str]] = defaultdict(Counter)
     per_vk: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
     for r in index:
-        for kind, ans in zip(r["question_kinds"], json.loads(r["answers"]), strict=True):
+        for kind, ans in zip(r["question_kinds"], answers_of(r["answers"]), strict=True):
             for v, a in ans.items():
                 per_v[v][a] += 1
                 per_vk[v][kind][a] += 1
