@@ -94,7 +94,7 @@ def iter_samples(version: V.Version) -> Iterator[tuple[dict[str, Any], dict[str,
     for s in version.manifest()["shards"]:
         h = hashlib.sha256()
         with version.open(s["name"]) as f:
-            reader = _Hashing(f, h)
+            reader = V._HashingReader(f, h)
             key, parts = None, {}
             try:
                 with tarfile.open(fileobj=reader, mode="r|") as tf:
@@ -115,20 +115,6 @@ def iter_samples(version: V.Version) -> Iterator[tuple[dict[str, Any], dict[str,
             reader.drain()
         if h.hexdigest() != s["sha256"]:
             raise ExportError(f"{s['name']}: sha256 differs from the manifest; run verify")
-
-
-class _Hashing:
-    def __init__(self, f: Any, h: Any) -> None:
-        self.f, self.h = f, h
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.h.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 def _doc(shard: str, key: str, parts: dict[str, bytes]) -> dict[str, Any]:
