@@ -699,7 +699,8 @@ class Check:
     detail: str
 
 
-_MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")  # a file at the top of the version folder
+# a file at the top of the version folder, or a pair shard in its pairs/ folder (writer.PAIRS_DIR)
+_MEMBER_NAME = re.compile(r"^(pairs/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
 def _manifest_problem(manifest: Any) -> str | None:

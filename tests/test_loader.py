@@ -38,7 +38,7 @@ from counterfactory.loader import (
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
 from counterfactory.pipeline.writer import answers_of
-from tests.conftest import REPO, make_config, scenes_input
+from tests.conftest import LENIENT_FOOTPRINT, REPO, make_config, scenes_input
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,7 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("photos")
-    # the loader is under test, not the footprint policy: verify's footprint checks (issue 16)
-    # reject every photo removal, and these tests need photo records that carry one
-    lenient = ["stages.verify.params.min_texture_ratio=0", "stages.verify.params.max_color_distance=1",
-               "stages.verify.params.reject_flat_patch=false", "stages.verify.params.max_seam_score=1000",
-               "stages.verify.params.max_boundary_score=1000", "stages.verify.params.max_contrast_ratio=1000"]
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp}", "output.shard_size=4", *lenient])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp}", "output.shard_size=4", *LENIENT_FOOTPRINT])
     return run_pipeline(cfg, limit=12, local=True, progress=False).out_dir
 
 
