@@ -486,3 +486,18 @@ def test_card_html_on_a_damaged_version_is_one_line(small_version, tmp_path, cap
     (vdir / "manifest.json").write_text("[]")
     rc, err = _cli(capsys, "card", "demo", "--root", str(tmp_path), "--html")
     assert rc == 2 and "counterfactory verify" in err
+
+
+def test_a_pickle_only_model_folder_is_one_config_line_before_ray_starts(tmp_path: Path) -> None:
+    """The worker refused it too, but only after Ray had started the actor: ~145 lines of
+    traceback came first. The driver now refuses a folder it can see, at config time."""
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    r = _subprocess_cli("run", str(REPO / "configs" / "demo.yaml"), f"output.root={tmp_path / 'out'}",
+                        "stages.localize.backend=grounding-dino", f"stages.localize.params.model={d}",
+                        "stages.localize.params.device=cpu")
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "only pickle checkpoints" in lines[0], lines[:5]
+    assert not (tmp_path / "out").exists()

@@ -55,6 +55,16 @@ class ModelParams(BaseModel):
     def _compile_needs_torch2(cls, v: bool) -> bool:
         return check_compile(v)
 
+    @field_validator("model")
+    @classmethod
+    def _no_pickles_in_a_folder_seen_here(cls, v: str) -> str:
+        # The worker refuses it again when it loads; checking it here too (where the driver sees
+        # the folder) makes it one config line before Ray starts an actor that would die with
+        # a page of traceback. A folder only the workers see is left to them.
+        if Path(v).expanduser().exists():
+            refuse_pickles(v)
+        return v
+
 
 MIN_COMPILE_TORCH = (2, 1)
 
