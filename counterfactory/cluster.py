@@ -109,9 +109,25 @@ def build_job(config: str, overrides: list[str], *, limit: int | None = None,
             "metadata": {"dataset": cfg.dataset, "config": path.name}}
 
 
-def submit(config: str, overrides: list[str], address: str | None, **kw: Any) -> str:
+def submit(config: str, overrides: list[str], address: str | None, *, agent_wait_s: float = 60.0,
+           **kw: Any) -> str:
     job = build_job(config, overrides, **kw)
-    return client(address).submit_job(**job)
+    jobs = client(address)
+    deadline, delay = time.monotonic() + agent_wait_s, 1.0
+    while True:
+        try:
+            return jobs.submit_job(**job)
+        except RuntimeError as exc:
+            # A head that has just started (or is loaded) answers 500 "No available agent to
+            # submit job, please try again later" until its job agent is up; nothing was
+            # submitted, so trying again is safe. Anything else is not ours to retry.
+            if "No available agent" not in str(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(f"{address or 'the cluster'}: the job server had no agent to run jobs "
+                                      f"for {agent_wait_s:.0f} s; check the cluster (`ray status`)") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
 
 
 def wait(job_id: str, address: str | None, timeout: float, poll: float = 1.0) -> str:

@@ -225,3 +225,51 @@ def test_run_under_a_terminal_shows_progress_and_an_80_column_summary(tmp_path: 
     assert "\n  dropped " in joined and "\n  rejected " in joined
     assert "\nnext:\n  counterfactory card demo@v1 --root out --html" in joined
     assert "\nversion: demo@v1  spec id " in joined
+
+
+class _BusyThenReady(_Jobs):
+    """A head whose job agent is not up yet: Ray's job server answers 500 "No available agent"
+    to the first submissions (it asks to try again later), then accepts."""
+
+    refusals = 2
+    posts: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/api/packages/"):  # package not uploaded yet
+            self.send_response(404)
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def do_PUT(self) -> None:  # noqa: N802 - the working_dir package upload
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).posts.append(self.path)
+        if len(type(self).posts) <= self.refusals:
+            msg = b"No available agent to submit job, please try again later."
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
+        data = json.dumps({"job_id": "raysubmit_new", "submission_id": "raysubmit_new"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_submit_waits_for_a_job_agent_that_is_not_up_yet(capsys: pytest.CaptureFixture) -> None:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _BusyThenReady)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rc, out, err = run_cli(capsys, "submit", str(DEMO), "--address", f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+    assert rc == 0 and out.strip() == "raysubmit_new" and "Traceback" not in err
+    assert len(_BusyThenReady.posts) == 3  # two refusals, then the submission
