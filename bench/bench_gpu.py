@@ -207,7 +207,7 @@ def scene_samples(n: int, size: int, upto: str, work: Path):
     from counterfactory.pipeline.config import validate_config
     from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.sample import decode_batch
 
     cfg = validate_config(base_config(work, n, size), source="bench", base_dir=work)
     out = []
@@ -217,7 +217,7 @@ def scene_samples(n: int, size: int, upto: str, work: Path):
 
 
 def fresh(samples):
-    from counterfactory.pipeline.sample import decode_batch, encode_batch
+    from counterfactory.sample import decode_batch, encode_batch
 
     return decode_batch(encode_batch(samples))
 

@@ -169,7 +169,7 @@ def build_track(work: Path, tiny: bool) -> Path:
 def scene_samples(n: int, size: int, upto: str, work: Path):
     from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.sample import decode_batch
     from tests.conftest import make_config
 
     cfg = make_config(work / f"scenes-{upto}-{size}", [{"kind": "procedural", "count": n, "seed": 0,
@@ -187,7 +187,7 @@ def clip_sample(frames: int, work: Path):
 
 
 def fresh(samples):
-    from counterfactory.pipeline.sample import decode_batch, encode_batch
+    from counterfactory.sample import decode_batch, encode_batch
 
     return decode_batch(encode_batch(samples))
 

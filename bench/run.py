@@ -149,7 +149,7 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
 
     from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.sample import decode_batch
     from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
 
     cfg = scenes_config(n, root)

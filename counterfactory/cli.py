@@ -682,7 +682,7 @@ def _stage_start_error(exc: BaseException) -> str | None:
     actor that died in its constructor, a task error, the error as text in another)."""
     import re
 
-    from counterfactory.pipeline.sample import StageStartError
+    from counterfactory.sample import StageStartError
 
     seen: set[int] = set()
     e: BaseException | None = exc

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from counterfactory import scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.pipeline.sample import Sample, decode_batch
+from counterfactory.sample import Sample, decode_batch
 from counterfactory.stages import edit as E
 from tests.conftest import make_config, textured
 

@@ -22,7 +22,7 @@ from counterfactory.loader import LoaderError, resolve_shards
 from counterfactory.pipeline.config import ConfigError, load_config
 from counterfactory.pipeline.inputs import plan_inputs
 from counterfactory.pipeline.runner import local_batches, run_pipeline
-from counterfactory.pipeline.sample import decode_batch
+from counterfactory.sample import decode_batch
 from tests.conftest import demo_dict, make_config, save, scenes_input, square_scene
 
 # CF_FUZZ_EXAMPLES=2000 runs a longer, randomized search by hand (RELIABILITY.md)

@@ -29,7 +29,7 @@ from counterfactory.loader import LoaderError, ShardError, load, resolve_shards
 from counterfactory.pipeline.config import ConfigError, load_config
 from counterfactory.pipeline.inputs import load_records, plan_inputs
 from counterfactory.pipeline.runner import local_batches, run_pipeline
-from counterfactory.pipeline.sample import decode_batch
+from counterfactory.sample import decode_batch
 from tests.conftest import (
     REPO,
     demo_dict,
@@ -446,7 +446,7 @@ def test_loader_shard_linked_to_dev_zero_ends(small_version, tmp_path):
 
 # -- 7. smaller --------------------------------------------------------------------------------------
 def test_grabcut_is_capped_per_image():
-    from counterfactory.pipeline.sample import Sample
+    from counterfactory.sample import Sample
     from counterfactory.stages.segment import ClassicalSegment
 
     img = np.asarray(Image.fromarray(square_scene()).resize((400, 400)))

@@ -10,7 +10,7 @@ import numpy as np
 
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.pipeline.sample import decode_batch
+from counterfactory.sample import decode_batch
 from tests.conftest import make_config
 
 

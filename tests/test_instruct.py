@@ -12,7 +12,7 @@ import torch
 
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.inpaint import crop_box
 from tests import models_fixtures as fx

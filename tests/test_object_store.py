@@ -203,7 +203,7 @@ def test_inputs_named_by_s3_uris_are_read_from_the_bucket(s3, tmp_path):
 
     from counterfactory.pipeline.inputs import load_records, plan_inputs
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.pipeline.sample import decode_batch
+    from counterfactory.sample import decode_batch
     from counterfactory.versions import build_spec
     from counterfactory.video_io import encode_mp4
     from tests.conftest import save, square_line, square_scene

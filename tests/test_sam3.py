@@ -13,7 +13,7 @@ import torch
 from counterfactory.pipeline.config import validate_config
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from tests import models_fixtures as fx
 from tests import models_fixtures_new as fxn

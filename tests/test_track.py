@@ -12,7 +12,7 @@ import pytest
 
 from counterfactory import video_scenes
 from counterfactory.pipeline.inputs import load_records
-from counterfactory.pipeline.sample import Sample
+from counterfactory.sample import Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.track import track_quality
 from tests import models_fixtures_new as fxn

@@ -14,7 +14,7 @@ import pytest
 from counterfactory import footprint, scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.rules import color_name
 from counterfactory.stages import edit as E
 from counterfactory.stages.verify import PixelVerify

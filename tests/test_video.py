@@ -23,7 +23,7 @@ from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import initial_rows, run_pipeline, run_settings
-from counterfactory.pipeline.sample import Sample
+from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
 from counterfactory.stages.video import temporal_fill

@@ -28,7 +28,7 @@ from counterfactory import versions
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
-from counterfactory.pipeline.sample import StageChain
+from counterfactory.pipeline.chain import StageChain
 from counterfactory.pipeline.writer import (
     JOURNAL,
     DatasetWriter,
@@ -239,7 +239,7 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
 def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """``chain``'s stages grouped by plan step, one thread per step (see ``overlap.staged``)."""
     from counterfactory.pipeline.overlap import staged
-    from counterfactory.pipeline.sample import decode_batch, encode_batch
+    from counterfactory.sample import decode_batch, encode_batch
 
     def step_fn(stages: list[Any], first: bool) -> Any:
         def fn(item: Any) -> Any:

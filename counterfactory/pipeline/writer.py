@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from counterfactory import __version__
-from counterfactory.pipeline.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.rules import ANSWER_RULES
 
 FORMAT = "counterfactory/1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from counterfactory.pipeline.sample import Stage
+from counterfactory.sample import Stage
 
 # Modules that define stages; imported lazily so that `counterfactory --help` stays fast.
 _MODULES = ("ingest", "localize", "segment", "edit", "qa", "verify", "models", "video")

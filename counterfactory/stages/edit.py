@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import scenes
-from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.sample import Sample, Stage
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.stages import register
 from counterfactory.stages.fill import patch_fill

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from counterfactory import scenes
 from counterfactory.pipeline.config import resolve_path
 from counterfactory.pipeline.inputs import exhaustive_categories
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.storage import FetchError, ObjectTooLarge, StorageError, is_remote, read_object
 

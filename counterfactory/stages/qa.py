@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import ANSWER_RULES, answer_for, plural, side_of, singular
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from counterfactory import scenes
-from counterfactory.pipeline.sample import Sample
+from counterfactory.sample import Sample
 from counterfactory.rules import HUES
 
 

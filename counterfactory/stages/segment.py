@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.sample import Sample, Stage
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
 

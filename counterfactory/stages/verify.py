@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import footprint
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.stages import register
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import video_scenes
 from counterfactory.pipeline.config import resolve_path
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.pipeline.writer import sha256_file
 from counterfactory.rules import answer_for, classify_question, match_categories, plural
 from counterfactory.scenes import polygon_mask

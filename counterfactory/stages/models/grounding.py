@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import singular
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.edit import Skip, annotated_mask, control_mask, place_shape
 from counterfactory.stages.models.common import (

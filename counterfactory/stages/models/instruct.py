@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from counterfactory.pipeline.sample import Stage
+from counterfactory.sample import Stage
 from counterfactory.stages import register
 from counterfactory.stages.models.common import model_record, place, require
 from counterfactory.stages.models.inpaint import DiffusersInpaintEdit, PromptTemplate

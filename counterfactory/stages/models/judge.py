@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from counterfactory.pipeline.sample import Reject, Sample
+from counterfactory.sample import Reject, Sample
 from counterfactory.rules import ACHROMATIC, HUES, match_categories, singular, words
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from counterfactory.pipeline.sample import Reject, Sample
+from counterfactory.sample import Reject, Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     Device,

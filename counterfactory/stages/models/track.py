@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from counterfactory.pipeline.sample import Reject, Sample, Stage
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,

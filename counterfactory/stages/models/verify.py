@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from counterfactory.pipeline.sample import Sample
+from counterfactory.sample import Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import ModelParams
 from counterfactory.stages.models.grounding import Detector, DetectorKind

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from counterfactory.pipeline.sample import Sample, Stage
+from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.edit import Skip
 from counterfactory.stages.models.common import (

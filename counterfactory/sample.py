@@ -171,32 +171,3 @@ class Stage:
         samples = decode_batch(batch)
         self.apply(samples)
         return encode_batch(samples)
-
-
-class StageChain:
-    """Consecutive stages applied to one batch with a single decode and encode.
-
-    Ray would fuse these map steps into one operator anyway (same resources, task mode);
-    chaining them ourselves also skips the row (de)serialization between them, which cost
-    about a third of the CPU default's time per sample.
-    """
-
-    def __init__(self, specs: list[dict[str, Any]], run: dict[str, Any], encoder: Any = None) -> None:
-        from counterfactory.stages import get_backend
-
-        self.stages = []
-        for s in specs:
-            try:
-                self.stages.append(get_backend(s["name"], s["backend"])(params=s["params"], run=run))
-            except Exception as exc:  # a model that does not load: name the stage, in one line
-                why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-                raise StageStartError(f"stage {s['name']} ({s['backend']}) could not start: {why}") from exc
-        self.encoder = encoder
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = decode_batch(batch)
-        for st in self.stages:
-            st.apply(samples)
-        if self.encoder is not None:  # on the samples: no pickle round trip of the raw arrays
-            self.encoder.encode_samples(samples)
-        return encode_batch(samples)
