@@ -149,8 +149,8 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
 
     from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.sample import decode_batch
     from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
+    from counterfactory.sample import decode_batch
 
     cfg = scenes_config(n, root)
     root.mkdir(parents=True, exist_ok=True)

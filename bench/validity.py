@@ -38,8 +38,8 @@ from counterfactory import footprint, scenes  # noqa: E402
 from counterfactory.pipeline.config import validate_config  # noqa: E402
 from counterfactory.pipeline.inputs import load_records  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
-from counterfactory.sample import decode_batch  # noqa: E402
 from counterfactory.rules import side_of_x, singular  # noqa: E402
+from counterfactory.sample import decode_batch  # noqa: E402
 
 
 def config(n_scenes: int, photos: bool, method: str, root: Path):

@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from counterfactory import versions as V
-from counterfactory.pipeline.writer import atomic_write
+from counterfactory.layout import atomic_write
 
 # working files that are not part of a version (a viewer is rebuilt from the version on demand)
 IGNORE = [".lock", ".journal/**", ".claim.json", "viewer/**", "**/.*.tmp"]

@@ -7,7 +7,7 @@ The table is printed in data cards so a reader can check every counterfactual an
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 QuestionKind = Literal["existence", "count", "color", "position", "direction", "order", "temporal", "other"]
 QUESTION_KINDS: tuple[str, ...] = (
@@ -248,3 +248,18 @@ def color_name(rgb: tuple[float, float, float] | list[float]) -> str:
         return "white" if v > 0.85 else "gray"
     hue = h * 360
     return min(HUES, key=lambda n: _hue_dist(hue, HUES[n]))
+
+
+def exhaustive_categories(value: Any, objects: list[Any]) -> str | list[str]:
+    """A declaration of exhaustive annotation (see ``config.Exhaustive``) as the record carries
+    it: ``"*"`` (every category) or the sorted category names whose every instance is annotated.
+    A malformed value is a ``ValueError`` (a bad manifest line, rejected with the reason)."""
+    if value is True:
+        return "*"
+    if value is False:
+        return []
+    if value == "annotated":
+        return sorted({str(o["category"]) for o in objects if isinstance(o, dict) and o.get("category")})
+    if isinstance(value, list) and all(isinstance(c, str) and c.strip() for c in value):
+        return sorted({c.strip() for c in value})
+    raise ValueError("'exhaustive' must be true, false, \"annotated\" or a list of category names")

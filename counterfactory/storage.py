@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -286,3 +287,18 @@ def local_workdir(uri: str) -> Path:
     """The local folder that stands in for an object-store dataset root on this machine."""
     key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     return cache_dir() / "remote" / key
+
+
+def resolve_path(path: str, base: Path | None) -> Path:
+    """Resolve ``pkg:PACKAGE/rel/path`` or a path relative to ``base`` (the config's folder)."""
+    if path.startswith("pkg:"):
+        package, _, rel = path[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"package {package!r} is not installed") from exc
+        return Path(str(root.joinpath(rel)))
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return p

@@ -48,7 +48,8 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from counterfactory import __version__
-from counterfactory.pipeline.writer import JOURNAL, atomic_write, sha256_file
+from counterfactory.layout import atomic_write, sha256_file
+from counterfactory.pipeline.writer import JOURNAL
 from counterfactory.storage import (
     RemoteDir,
     StorageError,
@@ -144,7 +145,7 @@ class SourceHasher:
     def _one(self, ref: str) -> tuple[str, str]:
         if is_remote(ref):
             return ref, _object_stamp(ref)
-        from counterfactory.pipeline.config import resolve_path
+        from counterfactory.storage import resolve_path
 
         try:
             path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)

@@ -97,7 +97,7 @@ def _source_thumb(ref: str, size: int) -> Image.Image | None:
 
             seed, index, wh = scenes.parse_procedural_uri(ref)
             return _thumb(Image.fromarray(scenes.render_scene(scenes.scene_spec(seed, index, wh))), size)
-        from counterfactory.pipeline.config import resolve_path
+        from counterfactory.storage import resolve_path
 
         path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
         if not path.is_file():

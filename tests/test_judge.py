@@ -15,8 +15,8 @@ import torch
 
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.rules import EDIT_COLORS
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.judge import data_url, fit_image, majority, normalize, read_reply
 from tests import models_fixtures as fx

@@ -8,8 +8,8 @@ import pytest
 from counterfactory import scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.rules import classify_question, match_categories, side_of_x, singular
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages.verify import PixelVerify
 from tests.conftest import make_config, scenes_input
 

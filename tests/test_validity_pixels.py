@@ -14,8 +14,8 @@ import pytest
 from counterfactory import footprint, scenes
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
-from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.rules import color_name
+from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import edit as E
 from counterfactory.stages.verify import PixelVerify
 from counterfactory.stages.video import control_masks

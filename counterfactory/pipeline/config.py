@@ -12,7 +12,6 @@ schema it feeds are kept together, which makes this module longer than most.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import os
 import stat
@@ -30,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from counterfactory.storage import resolve_path
+
 
 class ConfigError(Exception):
     """A config problem, reported as one line: ``FILE: KEY: what is wrong``."""
@@ -37,21 +38,6 @@ class ConfigError(Exception):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def resolve_path(path: str, base: Path | None) -> Path:
-    """Resolve ``pkg:PACKAGE/rel/path`` or a path relative to ``base`` (the config's folder)."""
-    if path.startswith("pkg:"):
-        package, _, rel = path[4:].partition("/")
-        try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError as exc:
-            raise ValueError(f"package {package!r} is not installed") from exc
-        return Path(str(root.joinpath(rel)))
-    p = Path(path).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    return p
 
 
 def _pool(concurrency: int | tuple[int, int] | None) -> tuple[int, int]:

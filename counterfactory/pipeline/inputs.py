@@ -37,7 +37,7 @@ from counterfactory.pipeline.config import (
     ProceduralVideoInput,
     VideoManifestInput,
 )
-from counterfactory.rules import classify_question, plural
+from counterfactory.rules import classify_question, exhaustive_categories, plural
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_LINE_BYTES = 16 << 20  # one manifest line (an image, its questions and polygons)
@@ -66,21 +66,6 @@ def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
         return image
     p = Path(home, image[2:]) if home and image.startswith("~/") else Path(image).expanduser()
     return str(p if p.is_absolute() else (root / p))
-
-
-def exhaustive_categories(value: Any, objects: list[Any]) -> str | list[str]:
-    """A declaration of exhaustive annotation (see ``config.Exhaustive``) as the record carries
-    it: ``"*"`` (every category) or the sorted category names whose every instance is annotated.
-    A malformed value is a ``ValueError`` (a bad manifest line, rejected with the reason)."""
-    if value is True:
-        return "*"
-    if value is False:
-        return []
-    if value == "annotated":
-        return sorted({str(o["category"]) for o in objects if isinstance(o, dict) and o.get("category")})
-    if isinstance(value, list) and all(isinstance(c, str) and c.strip() for c in value):
-        return sorted({c.strip() for c in value})
-    raise ValueError("'exhaustive' must be true, false, \"annotated\" or a list of category names")
 
 
 def _uri_reject(origin: str, image: str, exc: UnsupportedURI, **extra: Any) -> dict[str, Any]:

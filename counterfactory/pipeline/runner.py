@@ -26,9 +26,9 @@ import numpy as np
 
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
+from counterfactory.pipeline.chain import StageChain
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
-from counterfactory.pipeline.chain import StageChain
 from counterfactory.pipeline.writer import (
     JOURNAL,
     DatasetWriter,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from counterfactory import __version__
-from counterfactory.sample import Sample, decode_batch, encode_batch
+from counterfactory.layout import atomic_write, sha256_file
 from counterfactory.rules import ANSWER_RULES
+from counterfactory.sample import Sample, decode_batch, encode_batch
 
 FORMAT = "counterfactory/1"
 TAR_MTIME = 0  # fixed member metadata: reruns give identical bytes
@@ -183,29 +183,6 @@ def pair_features(ext: str) -> dict[str, Any]:
 
 class FailureBudgetExceeded(RuntimeError):
     """The run rejected more inputs than the config's failure budget allows (one-line message)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _encode_image(arr: np.ndarray, fmt: str, quality: int) -> bytes:

@@ -38,8 +38,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import scenes
-from counterfactory.sample import Sample, Stage
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
+from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.fill import patch_fill
 from counterfactory.stages.regions import annotated_mask, control_mask, dominant_region

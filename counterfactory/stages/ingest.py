@@ -22,11 +22,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from counterfactory import scenes
-from counterfactory.pipeline.config import resolve_path
-from counterfactory.pipeline.inputs import exhaustive_categories
+from counterfactory.rules import exhaustive_categories
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.storage import FetchError, ObjectTooLarge, StorageError, is_remote, read_object
+from counterfactory.storage import (
+    FetchError,
+    ObjectTooLarge,
+    StorageError,
+    is_remote,
+    read_object,
+    resolve_path,
+)
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import match_categories, singular, words
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 
 

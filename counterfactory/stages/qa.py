@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import ANSWER_RULES, answer_for, plural, side_of, singular
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
 from counterfactory.stages.verify import CONTROLS

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 
 from counterfactory import scenes
-from counterfactory.sample import Sample
 from counterfactory.rules import HUES
+from counterfactory.sample import Sample
 
 
 def annotated_mask(sample: Sample) -> np.ndarray:

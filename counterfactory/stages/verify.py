@@ -30,8 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import footprint
-from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import ANSWER_RULES, color_name
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 
 # every edit type except the control counts as a counterfactual

@@ -36,16 +36,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import video_scenes
-from counterfactory.pipeline.config import resolve_path
-from counterfactory.sample import Reject, Sample, Stage
-from counterfactory.pipeline.writer import sha256_file
+from counterfactory.layout import sha256_file
 from counterfactory.rules import answer_for, classify_question, match_categories, plural
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
 from counterfactory.stages.ingest import read_source_object, sample_key, source_file_size
 from counterfactory.stages.regions import control_mask
 from counterfactory.stages.segment import dilate
-from counterfactory.storage import is_remote
+from counterfactory.storage import is_remote, resolve_path
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
 VideoEditType = Literal["remove", "blackout", "random_mask", "reverse", "shuffle", "freeze"]

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.rules import singular
+from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,

@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from counterfactory.sample import Reject, Sample
 from counterfactory.rules import ACHROMATIC, HUES, match_categories, singular, words
+from counterfactory.sample import Reject, Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
