@@ -41,7 +41,7 @@ def _print_plan(cfg, n_inputs: int) -> None:
         t.add_column(col, no_wrap=col != "stages (backend)")
     for step in plan_steps(cfg):
         r = step.resources
-        t.add_row("\n".join(f"{s['name']} ({s['backend']})" for s in step.specs), "actors" if step.actors else "tasks",
+        t.add_row("\n".join(f"{s.name} ({s.backend})" for s in step.specs), "actors" if step.actors else "tasks",
                   str(r.num_cpus), str(r.num_gpus), str(r.concurrency or 1) if step.actors else "auto",
                   str(r.batch_size))
     con.print(t)

@@ -21,12 +21,49 @@ import pickle
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 COLUMNS = ("idx", "key", "status", "meta", "blob")
+
+
+# The answer every question gets where its evidence was removed (config ``abstain_answer``)
+ABSTAIN_ANSWER = "unknown"
+
+
+class LimitsConfig(BaseModel):
+    """Bounds on what one input may cost (config ``limits:``), read by ingest on the workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
+    min_side: int = Field(16, ge=1)
+    oversize: Literal["reject", "downscale"] = "reject"
+    # downscale decodes first: a JPEG at 1/2..1/8 of its size, PNG/TIFF/WebP only at full size,
+    # so a small file declaring a huge canvas (a decompression bomb) is refused above this
+    max_decode_pixels: int = Field(100_000_000, ge=1, description="with oversize: downscale, the largest "
+                                   "decode before downscaling")
+    max_image_bytes: int = Field(512 << 20, ge=1, description="largest image file read")
+    # bounds on what a config or an annotation file can make the driver hold, checked before
+    # anything is allocated: a typo such as count: 1000000000000 is an error, not a hang
+    max_inputs: int = Field(1_000_000, ge=1, description="most input records of a run (procedural "
+                            "scenes x questions, manifest questions, COCO questions)")
+    max_objects: int = Field(256, ge=1, description="most annotated objects per image; more is a "
+                             "too_many_objects reject (each box may cost a GrabCut)")
+    max_annotation_bytes: int = Field(2 << 30, ge=1, description="largest COCO annotation file read")
+
+
+class RunSettings(BaseModel):
+    """Run-level settings every stage may read, typed: the config's values, built once in the
+    driver (``PipelineConfig.run_settings``) and handed to each stage as this object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    abstain_answer: str = ABSTAIN_ANSWER
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class StageStartError(RuntimeError):
@@ -123,9 +160,12 @@ class Stage:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, params: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> None:
-        self.params = self.Params.model_validate(params or {})
-        self.run = run or {}
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None,
+                 run: RunSettings | dict[str, Any] | None = None) -> None:
+        # a run hands over the objects the driver validated (``PipelineConfig``); a dict (tests,
+        # benchmarks, a stage built by hand) is validated here, the one other place
+        self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
+        self.run = run if isinstance(run, RunSettings) else RunSettings.model_validate(run or {})
 
     def describe(self) -> dict[str, Any]:
         """Backend name and parameters, recorded in every sample's provenance."""

@@ -21,7 +21,7 @@ ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "inser
 def published(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     cfg = make_config(tmp, [scenes_input(14, seed=3, questions=2)])
-    cfg.stage("edit").params["variants"] = ALL
+    cfg.stage("edit").set_params(variants=ALL)
     res = run_pipeline(cfg, local=True)
     return cfg, res
 

@@ -23,7 +23,7 @@ from tests.conftest import make_config, scenes_input
 def dataset(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     cfg = make_config(tmp, [scenes_input(4, seed=2, questions=1)])
-    cfg.stage("edit").params["variants"] = ["remove", "blackout", "random_mask"]
+    cfg.stage("edit").set_params(variants=["remove", "blackout", "random_mask"])
     return run_pipeline(cfg, local=True).out_dir
 
 
@@ -166,7 +166,7 @@ def test_eval_abstains_with_the_dataset_own_answer(tmp_path, capsys):
     from counterfactory.cli import main
 
     cfg = make_config(tmp_path, [scenes_input(3, seed=4, questions=1)], abstain_answer="n/a")
-    cfg.stage("edit").params["variants"] = ["remove", "blackout"]
+    cfg.stage("edit").set_params(variants=["remove", "blackout"])
     ds = run_pipeline(cfg, local=True).out_dir
     truth = _truth(ds)
     assert "n/a" in truth.values()

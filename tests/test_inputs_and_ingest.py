@@ -216,12 +216,12 @@ def test_a_read_task_block_is_cut_into_batches_of_the_first_stage(tmp_path: Path
     rows = runner.initial_rows(cfg, load_records(cfg))
     batch = {k: np.array([r[k] for r in rows], dtype=np.int64 if k == "idx" else object) for k in rows[0]}
     specs = [spec for step in runner.plan_steps(cfg, "ingest") for spec in step.specs]
-    run = runner.run_settings(cfg)
+    run = cfg.run_settings()
     seen: list[int] = []
     chain = runner.StageChain(specs, run)
     original = chain.stages[0].apply
     chain.stages[0].apply = lambda samples: (seen.append(len(samples)), original(samples))
-    runner._CHAIN_CACHE[json.dumps([specs, run, None], sort_keys=True)] = chain
+    runner._CHAIN_CACHE[runner._chain_key(specs, run, None)] = chain
     try:
         cut = runner._chain_task(batch, specs=specs, run=run, encode=None, max_rows=8)
         assert seen == [8, 8, 4]

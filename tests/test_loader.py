@@ -47,7 +47,7 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = make_config(tmp, [scenes_input(11, questions=2)], output={"shard_size": 5})
     # the same members in every sample (readers that infer one schema need nothing more);
     # the photos fixture below has the full, per-sample-varying taxonomy
-    cfg.stage("edit").params["variants"] = ["remove", "blackout", "random_mask"]
+    cfg.stage("edit").set_params(variants=["remove", "blackout", "random_mask"])
     return run_pipeline(cfg, local=True, progress=False).out_dir
 
 

@@ -19,7 +19,7 @@ import torch
 from counterfactory.pipeline.config import validate_config
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches, run_pipeline
-from counterfactory.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import RunSettings, Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.common import MissingDependency, require, run_batched
 from counterfactory.stages.models.grounding import extract_targets
@@ -708,12 +708,14 @@ def test_a_stage_that_cannot_start_is_one_line_naming_it(tmp_path):
     """Where a worker builds the stages, a missing model folder becomes one line naming the
     stage; the CLI finds that line however Ray wrapped the error."""
     from counterfactory.cli import _stage_start_error
-    from counterfactory.pipeline.chain import StageChain
+    from counterfactory.pipeline.chain import StageChain, StageSpec
     from counterfactory.sample import StageStartError
+    from counterfactory.stages import get_backend
 
     spec = {"name": "localize", "backend": "owlv2", "params": {"model": str(tmp_path / "absent"), **CPU}}
     with pytest.raises(StageStartError) as info:
-        StageChain([spec], {})
+        params = get_backend("localize", "owlv2").Params.model_validate(spec["params"])
+        StageChain([StageSpec("localize", "owlv2", params)], RunSettings())
     line = str(info.value)
     assert line == f"stage localize (owlv2) could not start: FileNotFoundError: {tmp_path / 'absent'}: " \
                    "no such model folder on this node (a hub id reads 'org/name')"

@@ -93,7 +93,7 @@ def test_commands_on_the_uri(published, s3, capsys):
     capsys.readouterr()
     # a second version with one changed parameter, then diff across the store
     cfg2 = _cfg(tmp, root)
-    cfg2.stage("edit").params["inpaint_radius"] = 7
+    cfg2.stage("edit").set_params(inpaint_radius=7)
     second = run_pipeline(cfg2, local=True)
     assert second.label == "v2"
     assert main(["diff", "demo@v1", "demo@v2", "--root", root]) == 0

@@ -87,7 +87,7 @@ def test_changed_spec_never_resumes(tmp_path, monkeypatch):
 def test_failure_budget_stops_and_keeps_progress(tmp_path):
     # 10 scenes x 2 questions, over-tight verify: most inputs are rejected
     cfg = _cfg(tmp_path, "run", failure_budget={"max_reject_share": 0.0})
-    cfg.stage("verify").params["min_area_frac"] = 0.05  # (an over-big mask now rejects only remove/swap)
+    cfg.stage("verify").set_params(min_area_frac=0.05)  # (an over-big mask now rejects only remove/swap)
     with pytest.raises(writer_mod.FailureBudgetExceeded, match="failure budget exceeded"):
         run_pipeline(cfg, local=True, progress=False)
     cfg.failure_budget.max_reject_share = 1.0  # raising the budget is the same spec: resumes

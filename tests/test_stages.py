@@ -20,7 +20,7 @@ N_SCENES = 30
 def processed(tmp_path_factory) -> tuple[list[dict], list[Sample]]:
     tmp = tmp_path_factory.mktemp("stages")
     cfg = make_config(tmp, [scenes_input(N_SCENES, seed=3, questions=3)])
-    cfg.stage("edit").params["variants"] = ["remove", "blackout", "random_mask"]  # the rest: test_taxonomy
+    cfg.stage("edit").set_params(variants=["remove", "blackout", "random_mask"])  # the rest: test_taxonomy
     records = load_records(cfg)
     samples: list[Sample] = []
     for b in local_batches(cfg, records, stop_after="verify"):

@@ -23,7 +23,7 @@ ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "inser
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     cfg = make_config(tmp_path_factory.mktemp("tax"), [scenes_input(40, seed=5, questions=3)])
-    cfg.stage("edit").params["variants"] = ALL
+    cfg.stage("edit").set_params(variants=ALL)
     records = load_records(cfg)
     samples = [s for b in local_batches(cfg, records, stop_after="verify") for s in decode_batch(b)]
     return records, samples
@@ -157,7 +157,7 @@ def test_an_object_annotated_white_or_silver_gets_no_attribute_edit(tmp_path):
                          question="What color is the box?", answer=c) for c in ("white", "orange")]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
-    cfg.stage("edit").params["variants"] = ["remove", "attribute"]
+    cfg.stage("edit").set_params(variants=["remove", "attribute"])
     white, orange = [s for b in local_batches(cfg, load_records(cfg), stop_after="edit") for s in decode_batch(b)]
     assert white.ok and "attribute" not in white.meta["variants"]
     assert [r["reason"] for r in white.meta["variant_rejects"] if r["variant"] == "attribute"] == ["achromatic_evidence"]
@@ -203,7 +203,7 @@ def _manifest_samples(tmp_path, lines, variants):
     save(square_scene(), tmp_path / "sq.png")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
-    cfg.stage("edit").params["variants"] = variants
+    cfg.stage("edit").set_params(variants=variants)
     records = load_records(cfg)
     return records, [s for b in local_batches(cfg, records, stop_after="qa") for s in decode_batch(b)]
 

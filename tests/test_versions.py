@@ -34,7 +34,7 @@ def ds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("versions")
     first = run_pipeline(_cfg(tmp), local=True, command="counterfactory run test.yaml")
     cfg2 = _cfg(tmp)
-    cfg2.stage("edit").params["inpaint_radius"] = 7
+    cfg2.stage("edit").set_params(inpaint_radius=7)
     second = run_pipeline(cfg2, local=True)
     return tmp / "out", first, second
 

@@ -22,7 +22,7 @@ import yaml
 from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
 from counterfactory.pipeline.inputs import load_records
-from counterfactory.pipeline.runner import initial_rows, run_pipeline, run_settings
+from counterfactory.pipeline.runner import initial_rows, run_pipeline
 from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
@@ -56,7 +56,7 @@ def clips_input(count: int = 3, seed: int = 0, frames: int = 24) -> dict[str, An
 
 def run_stages(cfg: PipelineConfig, records: list[dict[str, Any]], stop_after: str = "verify") -> list[Sample]:
     """The stages in a plain loop on Sample objects (what Stage.__call__ does, minus the rows)."""
-    run = run_settings(cfg)
+    run = cfg.run_settings()
     samples = [Sample(r["idx"], "", "ok", json.loads(r["meta"])) for r in initial_rows(cfg, records)]
     for sc in cfg.stages:
         stage = get_backend(sc.name, sc.backend)(params=sc.params, run=run)
@@ -475,7 +475,7 @@ def test_remove_on_textured_ground_is_kept_and_a_faded_object_is_not(tmp_path):
     orig = faded.arrays["video"].astype(np.int16)
     faded.arrays["variant/remove"] = np.where(core[..., None], (orig * 0.7).astype(np.int16), orig).astype(np.uint8)
     sc = next(s for s in cfg.stages if s.name == "verify")
-    verify = get_backend(sc.name, sc.backend)(params=sc.params, run=run_settings(cfg))
+    verify = get_backend(sc.name, sc.backend)(params=sc.params, run=cfg.run_settings())
     verify.process_batch([edited, faded])
     assert "remove" in edited.meta["variants"], edited.meta.get("variant_rejects")
     rej = [r for r in faded.meta.get("variant_rejects", []) if r["variant"] == "remove"]

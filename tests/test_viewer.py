@@ -38,7 +38,7 @@ def version(tmp_path_factory):
     (tmp / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg = make_config(tmp, [{"kind": "manifest", "path": str(tmp / "m.jsonl")}, scenes_input(8)],
                       output={"shard_size": 7})
-    cfg.stage("verify").params["min_area_frac"] = 0.03  # some scenes rejected: thumbnails of rejects
+    cfg.stage("verify").set_params(min_area_frac=0.03)  # some scenes rejected: thumbnails of rejects
     res = run_pipeline(cfg, local=True)
     return V.read_version(res.out_dir)
 

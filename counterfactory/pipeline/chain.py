@@ -6,11 +6,26 @@ which itself sits above the sample contract (``counterfactory.sample``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from counterfactory.sample import StageStartError, decode_batch, encode_batch
+from counterfactory.sample import RunSettings, StageStartError, decode_batch, encode_batch
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One configured stage as the driver hands it to a worker: its params already validated
+    (``StageConfig.typed_params``), never re-read from a dict."""
+
+    name: str
+    backend: str
+    params: BaseModel
+
+    def key(self) -> tuple[str, str, str]:
+        return self.name, self.backend, self.params.model_dump_json()
 
 
 class StageChain:
@@ -21,16 +36,16 @@ class StageChain:
     about a third of the CPU default's time per sample.
     """
 
-    def __init__(self, specs: list[dict[str, Any]], run: dict[str, Any], encoder: Any = None) -> None:
+    def __init__(self, specs: list[StageSpec], run: RunSettings, encoder: Any = None) -> None:
         from counterfactory.stages import get_backend
 
         self.stages = []
         for s in specs:
             try:
-                self.stages.append(get_backend(s["name"], s["backend"])(params=s["params"], run=run))
+                self.stages.append(get_backend(s.name, s.backend)(params=s.params, run=run))
             except Exception as exc:  # a model that does not load: name the stage, in one line
                 why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-                raise StageStartError(f"stage {s['name']} ({s['backend']}) could not start: {why}") from exc
+                raise StageStartError(f"stage {s.name} ({s.backend}) could not start: {why}") from exc
         self.encoder = encoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

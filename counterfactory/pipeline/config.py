@@ -24,11 +24,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from counterfactory.sample import ABSTAIN_ANSWER, LimitsConfig, RunSettings
 from counterfactory.storage import resolve_path
 
 
@@ -81,8 +83,24 @@ class Resources(Strict):
 class StageConfig(Strict):
     name: str
     backend: str = "default"
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)  # as saved: defaults filled in, JSON
     resources: Resources = Field(default_factory=Resources)
+    _typed: BaseModel | None = PrivateAttr(None)
+
+    def typed_params(self) -> BaseModel:
+        """The params as the backend's own validated ``Params`` object, which is what the stage
+        receives on the worker (validated once, in the driver: ``_check_stages`` or here)."""
+        if self._typed is None:
+            from counterfactory.stages import get_backend
+
+            self._typed = get_backend(self.name, self.backend).Params.model_validate(self.params)
+        return self._typed
+
+    def set_params(self, **changes: Any) -> None:
+        """Change params of a loaded config (programmatic use, tests): validated again, so the
+        saved dict and the object the stage receives never disagree."""
+        typed = type(self.typed_params()).model_validate({**self.params, **changes})
+        self.params, self._typed = typed.model_dump(mode="json"), typed
 
 
 # Which categories an input's annotations name *every* instance of, in every image: only for
@@ -187,24 +205,6 @@ class CardConfig(Strict):
     tags: list[str] = Field(default_factory=list, description="extra tags for the card's front matter")
 
 
-class LimitsConfig(Strict):
-    max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
-    min_side: int = Field(16, ge=1)
-    oversize: Literal["reject", "downscale"] = "reject"
-    # downscale decodes first: a JPEG at 1/2..1/8 of its size, PNG/TIFF/WebP only at full size,
-    # so a small file declaring a huge canvas (a decompression bomb) is refused above this
-    max_decode_pixels: int = Field(100_000_000, ge=1, description="with oversize: downscale, the largest "
-                                   "decode before downscaling")
-    max_image_bytes: int = Field(512 << 20, ge=1, description="largest image file read")
-    # bounds on what a config or an annotation file can make the driver hold, checked before
-    # anything is allocated: a typo such as count: 1000000000000 is an error, not a hang
-    max_inputs: int = Field(1_000_000, ge=1, description="most input records of a run (procedural "
-                            "scenes x questions, manifest questions, COCO questions)")
-    max_objects: int = Field(256, ge=1, description="most annotated objects per image; more is a "
-                             "too_many_objects reject (each box may cost a GrabCut)")
-    max_annotation_bytes: int = Field(2 << 30, ge=1, description="largest COCO annotation file read")
-
-
 class RayConfig(Strict):
     address: str | None = None  # None: $RAY_ADDRESS if set, else a local instance
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance")
@@ -260,7 +260,7 @@ class PipelineConfig(Strict):
     inputs: list[InputConfig] = Field(min_length=1)
     output: OutputConfig = Field(default_factory=OutputConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    abstain_answer: str = "unknown"
+    abstain_answer: str = ABSTAIN_ANSWER
     card: CardConfig = Field(default_factory=CardConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     failure_budget: FailureBudget = Field(default_factory=FailureBudget)
@@ -309,6 +309,10 @@ class PipelineConfig(Strict):
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})
+
+    def run_settings(self) -> RunSettings:
+        """The run-level settings every stage reads, as one typed object."""
+        return RunSettings(seed=self.seed, abstain_answer=self.abstain_answer, limits=self.limits)
 
     def config_hash(self) -> str:
         """Hash of everything that shapes the output (Ray placement and address excluded)."""
@@ -382,7 +386,8 @@ def _check_stages(cfg: PipelineConfig, source: str) -> None:
         except ValueError as exc:
             raise ConfigError(f"{source}: stages.{sc.name}.backend: {exc}") from None
         try:
-            sc.params = cls.Params.model_validate(sc.params).model_dump(mode="json")
+            typed = cls.Params.model_validate(sc.params)
+            sc.params, sc._typed = typed.model_dump(mode="json"), typed
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])

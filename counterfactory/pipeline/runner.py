@@ -26,7 +26,7 @@ import numpy as np
 
 from counterfactory import versions
 from counterfactory.pipeline.card import write_card
-from counterfactory.pipeline.chain import StageChain
+from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
 from counterfactory.pipeline.writer import (
@@ -36,6 +36,7 @@ from counterfactory.pipeline.writer import (
     PartEncoder,
     atomic_write,
 )
+from counterfactory.sample import RunSettings
 from counterfactory.stages import get_backend
 from counterfactory.storage import (
     RemoteDir,
@@ -49,12 +50,16 @@ from counterfactory.storage import (
 _CHAIN_CACHE: dict[str, StageChain] = {}
 
 
-def _chain_task(batch: dict, *, specs: list[dict], run: dict, encode: dict | None,
+def _chain_key(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> str:
+    return json.dumps([[s.key() for s in specs], run.model_dump_json(), encode], sort_keys=True)
+
+
+def _chain_task(batch: dict, *, specs: list[StageSpec], run: RunSettings, encode: dict | None,
                 max_rows: int | None = None) -> dict:
     """Task-mode entry: build the chain once per worker process and reuse it for every batch.
     ``max_rows`` cuts a larger block into batches of at most that many rows (the read step of a
     task joins its slices into one block before the fused first step sees it)."""
-    cache_key = json.dumps([specs, run, encode], sort_keys=True)
+    cache_key = _chain_key(specs, run, encode)
     chain = _CHAIN_CACHE.get(cache_key)
     if chain is None:
         encoder = PartEncoder(**encode) if encode else None
@@ -64,11 +69,6 @@ def _chain_task(batch: dict, *, specs: list[dict], run: dict, encode: dict | Non
         return chain(batch)
     outs = [chain({k: v[i:i + max_rows] for k, v in batch.items()}) for i in range(0, n, max_rows)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
-def run_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run-level settings every stage may read (small, JSON-able)."""
-    return {"seed": cfg.seed, "abstain_answer": cfg.abstain_answer, "limits": cfg.limits.model_dump()}
 
 
 def quiet_ray_logs() -> None:
@@ -182,13 +182,13 @@ def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str, cpus: 
 class Step:
     """One map_batches step: a chain of stages sharing resources and execution mode."""
 
-    specs: list[dict[str, Any]]
+    specs: list[StageSpec]
     actors: bool
     resources: Any  # config Resources of the step's stages
 
     @property
     def names(self) -> str:
-        return "+".join(s["name"] for s in self.specs)
+        return "+".join(s.name for s in self.specs)
 
 
 def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]:
@@ -198,7 +198,7 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
     for sc in cfg.stages:
         cls = get_backend(sc.name, sc.backend)
         actors = cls.stateful or sc.resources.concurrency is not None
-        spec = {"name": sc.name, "backend": sc.backend, "params": sc.params}
+        spec = StageSpec(sc.name, sc.backend, sc.typed_params())
         last = steps[-1] if steps else None
         if last and not actors and not last.actors and last.resources == sc.resources:
             last.specs.append(spec)
@@ -217,7 +217,7 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
     records. ``stop_after`` ends after the named stage (arrays left unencoded). ``overlap``
     runs the reader, each step and the encoder in threads of their own (``overlap.staged``):
     the same outputs, with host work beside the device work instead of between it."""
-    run = run_settings(cfg)
+    run = cfg.run_settings()
     specs = [spec for step in plan_steps(cfg, stop_after) for spec in step.specs]
     encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
                if encode and stop_after is None else None)
@@ -270,7 +270,7 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
     ctx.max_errored_blocks = cfg.failure_budget.max_errored_blocks
     retries = cfg.failure_budget.system_retries
-    run = run_settings(cfg)
+    run = cfg.run_settings()
     # Ray 2.60 warns on any extra remote argument, but the retry settings below have no named
     # parameter yet: keep the warning out of every run's output.
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")

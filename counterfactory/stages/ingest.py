@@ -177,7 +177,7 @@ class Ingest(Stage):
         if ref.startswith("procedural://"):
             seed, index, size = scenes.parse_procedural_uri(ref)
             return None, scenes.render_scene(scenes.scene_spec(seed, index, size))
-        max_bytes = int(self.run.get("limits", {}).get("max_image_bytes", 512 << 20))
+        max_bytes = self.run.limits.max_image_bytes
         if is_remote(ref):
             return read_source_object(ref, max_bytes), None
         path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
@@ -188,8 +188,8 @@ class Ingest(Stage):
             raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
 
     def _decode(self, data: bytes, sample: Sample) -> tuple[np.ndarray, dict[str, Any]]:
-        limits = self.run.get("limits", {})
-        max_pixels = int(limits.get("max_pixels", 16_000_000))
+        limits = self.run.limits
+        max_pixels = limits.max_pixels
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
@@ -203,12 +203,12 @@ class Ingest(Stage):
         w, h = img.size
         scale = 1.0
         if w * h > max_pixels:
-            if limits.get("oversize", "reject") == "reject":
+            if limits.oversize == "reject":
                 raise Reject("too_large", f"{w}x{h} = {w * h} pixels > cap {max_pixels}")
             scale = (max_pixels / (w * h)) ** 0.5
             img.draft("RGB", (int(w * scale), int(h * scale)))  # JPEG: decode at reduced size
             dw, dh = img.size  # what load() decodes: reduced for a JPEG, the full canvas otherwise
-            cap = int(limits.get("max_decode_pixels", 100_000_000))
+            cap = limits.max_decode_pixels
             if dw * dh > cap:
                 raise Reject("too_large", f"{w}x{h} {img.format} decodes at {dw}x{dh} = {dw * dh} pixels before "
                                           f"downscaling > limits.max_decode_pixels {cap}")
@@ -240,7 +240,7 @@ class Ingest(Stage):
         if "error" in m:
             reason, _, detail = m["error"].partition(": ")
             raise Reject(reason, detail)
-        check_objects(m.get("objects", []), int(self.run.get("limits", {}).get("max_objects", 256)))
+        check_objects(m.get("objects", []), self.run.limits.max_objects)
         data, rendered = self._read(m["image"])
         if rendered is not None:
             arr = rendered
@@ -253,7 +253,7 @@ class Ingest(Stage):
             digest = hashlib.sha256(data).hexdigest()
             arr, info = self._decode(data, sample)
         h, w = arr.shape[:2]
-        min_side = int(self.run.get("limits", {}).get("min_side", 16))
+        min_side = self.run.limits.min_side
         if min(h, w) < min_side:
             raise Reject("too_small", f"{w}x{h} < min side {min_side}")
         if info["scale"] != 1.0:

@@ -148,7 +148,7 @@ class TemplateQA(Stage):
                 continue  # a count from the annotations (template or LLM) needs all instances annotated
             seen.add((t["kind"], t["question"].lower()))
             items.append(t)
-        abstain = self.run.get("abstain_answer", "unknown")
+        abstain = self.run.abstain_answer
         items += self._inserted_items(m, abstain)
         qa = []
         for it in items:

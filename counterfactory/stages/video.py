@@ -70,9 +70,9 @@ class VideoIngest(Stage):
 
     def caps(self) -> Caps:
         p = self.params
-        limits = self.run.get("limits", {})
+        limits = self.run.limits
         return Caps(fps=p.fps, max_frames=p.max_frames, min_frames=p.min_frames, max_side=p.max_side,
-                    max_pixels=int(limits.get("max_pixels", 16_000_000)), max_duration_s=p.max_duration_s,
+                    max_pixels=limits.max_pixels, max_duration_s=p.max_duration_s,
                     over_frames=p.over_frames, vfr=p.vfr)
 
     def process(self, sample: Sample) -> None:
@@ -665,7 +665,7 @@ class VideoQA(Stage):
     def process(self, sample: Sample) -> None:
         m = sample.meta
         width = m["source"]["width"]
-        abstain = self.run.get("abstain_answer", "unknown")
+        abstain = self.run.abstain_answer
         items, notes = [], []
         for q in m["questions"]:
             kind = q.get("kind", "other")

@@ -216,7 +216,7 @@ class VLMJudgeVerify(PixelVerify):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         p = self.params
-        self.abstain = self.run.get("abstain_answer", "unknown")
+        self.abstain = self.run.abstain_answer
         if p.engine == "openai":
             self.base_url = (p.base_url or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
             if not self.base_url:
@@ -247,7 +247,7 @@ class VLMJudgeVerify(PixelVerify):
         return form.format(question=question, hint=HINTS.get(kind, HINTS["other"])).strip()
 
     def _seed(self, ask: tuple) -> int:
-        key = f"{self.run.get('seed', 0)}:{ask[0]}:{ask[1]}:{ask[2]}:{ask[3]}"
+        key = f"{self.run.seed}:{ask[0]}:{ask[1]}:{ask[2]}:{ask[3]}"
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
     def _generate(self, chunk: list[tuple]) -> list[str]:

@@ -334,7 +334,7 @@ class TransformersLLMQA(LLMQA):
         gen: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if p.temperature > 0:
             gen.update(do_sample=True, temperature=p.temperature)
-            torch.manual_seed(self.run.get("seed", 0))
+            torch.manual_seed(self.run.seed)
         else:
             gen["do_sample"] = False
         if p.stop_at_json_end:
@@ -387,7 +387,7 @@ class OpenAILLMQA(LLMQA):
     def _post(self, messages: list[dict[str, str]]) -> str | Reject:
         p = self.params
         body: dict[str, Any] = {"model": p.model, "messages": messages, "temperature": p.temperature,
-                                "max_tokens": p.max_new_tokens, "seed": self.run.get("seed", 0)}
+                                "max_tokens": p.max_new_tokens, "seed": self.run.seed}
         if p.json_mode:
             body["response_format"] = {"type": "json_object"}
         return post_chat(f"{self.base_url}/chat/completions", body, self.api_key, p)
