@@ -36,6 +36,8 @@ test: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    chromium chromium-driver || echo "warning: could not install chromium; the viewer test will skip"; \
 	fi
+	# the module layers and no import circles (pyproject.toml [tool.importlinter]): a new circle fails CI
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: setup
