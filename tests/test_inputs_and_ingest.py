@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from counterfactory.pipeline.inputs import load_records
+from counterfactory.pipeline.inputs import load_records, pipeline_rows
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import decode_batch
 from tests.conftest import make_config
@@ -213,7 +213,7 @@ def test_a_read_task_block_is_cut_into_batches_of_the_first_stage(tmp_path: Path
     from counterfactory.pipeline.inputs import plan_inputs
 
     cfg = make_config(tmp_path, [{"kind": "procedural", "count": 10, "seed": 2, "questions_per_scene": 2}])
-    rows = runner.initial_rows(cfg, load_records(cfg))
+    rows = pipeline_rows(load_records(cfg), 0, 0, cfg.seed, cfg.config_hash())
     batch = {k: np.array([r[k] for r in rows], dtype=np.int64 if k == "idx" else object) for k in rows[0]}
     specs = [spec for step in runner.plan_steps(cfg, "ingest") for spec in step.specs]
     run = cfg.run_settings()
@@ -256,15 +256,16 @@ def test_the_driver_plan_holds_no_scene(tmp_path: Path):
 def test_read_tasks_group_slices_only_while_every_cpu_keeps_several(tmp_path: Path):
     """Up to 4 slices per Ray read task on few CPUs (Ray's per-task cost), one per task when
     there are many CPUs or few slices; a resumed run leaves out what is done, row counts exact."""
-    from counterfactory.pipeline import runner
     from counterfactory.pipeline.inputs import plan_inputs
+    from counterfactory.pipeline.source import InputSlices
 
     cfg = make_config(tmp_path, [{"kind": "procedural", "count": 1000, "questions_per_scene": 1}])
     plan = plan_inputs(cfg, per_slice=8)
     assert len(plan.slices) == 125
 
     def tasks(cpus, start=0, p=plan):
-        source, n = runner._input_datasource(p, start, 0, "x", cpus)
+        source = InputSlices(p, start, 0, "x", cpus)
+        n = source.num_tasks
         got = source.get_read_tasks(n)
         assert len(got) == n
         return [t.metadata.num_rows for t in got]

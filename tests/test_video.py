@@ -21,8 +21,8 @@ import yaml
 
 from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
-from counterfactory.pipeline.inputs import load_records
-from counterfactory.pipeline.runner import initial_rows, run_pipeline
+from counterfactory.pipeline.inputs import load_records, pipeline_rows
+from counterfactory.pipeline.runner import run_pipeline
 from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
@@ -57,7 +57,7 @@ def clips_input(count: int = 3, seed: int = 0, frames: int = 24) -> dict[str, An
 def run_stages(cfg: PipelineConfig, records: list[dict[str, Any]], stop_after: str = "verify") -> list[Sample]:
     """The stages in a plain loop on Sample objects (what Stage.__call__ does, minus the rows)."""
     run = cfg.run_settings()
-    samples = [Sample(r["idx"], "", "ok", json.loads(r["meta"])) for r in initial_rows(cfg, records)]
+    samples = [Sample(r["idx"], "", "ok", json.loads(r["meta"])) for r in pipeline_rows(records, 0, 0, cfg.seed, cfg.config_hash())]
     for sc in cfg.stages:
         stage = get_backend(sc.name, sc.backend)(params=sc.params, run=run)
         stage.process_batch([s for s in samples if s.ok])

@@ -565,3 +565,19 @@ def iter_records(cfg: PipelineConfig, limit: int | None = None) -> Iterator[dict
 def load_records(cfg: PipelineConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """Every record in one list: for tests and small tools (a run reads slices on the workers)."""
     return list(iter_records(cfg, limit))
+
+
+def pipeline_rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int,
+                  chash: str) -> list[dict[str, Any]]:
+    """Pipeline rows (``counterfactory.sample`` row format) for ``records`` numbered from
+    ``first_idx``, leaving out the inputs before ``start`` (a resumed run starts late)."""
+    return [
+        {"idx": i, "key": "", "status": "ok", "blob": b"",
+         "meta": json.dumps({**rec, "run_seed": seed, "config_hash": chash})}
+        for i, rec in enumerate(records, first_idx) if i >= start
+    ]
+
+
+def slices_from(plan: InputPlan, start: int) -> list[dict[str, Any]]:
+    """The slices holding inputs at or after ``start`` (a resumed run skips whole slices)."""
+    return [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]

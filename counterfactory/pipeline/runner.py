@@ -28,7 +28,13 @@ from counterfactory import versions
 from counterfactory.pipeline.card import write_card
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
-from counterfactory.pipeline.inputs import InputPlan, plan_inputs, read_slice
+from counterfactory.pipeline.inputs import (
+    InputPlan,
+    pipeline_rows,
+    plan_inputs,
+    read_slice,
+    slices_from,
+)
 from counterfactory.pipeline.writer import (
     JOURNAL,
     DatasetWriter,
@@ -109,75 +115,6 @@ def init_ray(cfg: PipelineConfig, verbose: bool = True) -> None:
         raise RunStopped(f"Ray could not start ({why}); nothing was run, rerun to resume") from None
 
 
-def initial_rows(cfg: PipelineConfig, records: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
-    """Pipeline rows for ``records``, leaving out the inputs before ``start`` (a resumed run
-    starts late)."""
-    return _rows(records, 0, start, cfg.seed, cfg.config_hash())
-
-
-def _rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int, chash: str) -> list[dict[str, Any]]:
-    return [
-        {"idx": i, "key": "", "status": "ok", "blob": b"",
-         "meta": json.dumps({**rec, "run_seed": seed, "config_hash": chash})}
-        for i, rec in enumerate(records, first_idx) if i >= start
-    ]
-
-
-def _slices_from(plan: InputPlan, start: int) -> list[dict[str, Any]]:
-    """The slices holding inputs at or after ``start`` (a resumed run skips whole slices)."""
-    return [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
-
-
-def _read_blocks(slices: list[dict[str, Any]], start: int, seed: int, chash: str) -> Iterator[Any]:
-    """A Ray read task: input slices read on a worker, one Arrow table of pipeline rows each,
-    yielded one at a time (Ray may join a task's tables into one block; the fused first step
-    cuts it back into batches, see ``_chain_task``)."""
-    import pyarrow as pa
-
-    for sl in slices:
-        rows = _rows(read_slice(sl), sl["idx0"], start, seed, chash)
-        yield pa.table({"idx": pa.array([r["idx"] for r in rows], pa.int64()),
-                        "key": pa.array([""] * len(rows), pa.string()),
-                        "status": pa.array(["ok"] * len(rows), pa.string()),
-                        "blob": pa.array([b""] * len(rows), pa.binary()),
-                        "meta": pa.array([r["meta"] for r in rows], pa.string())})
-
-
-# Ray pays a fixed cost per task (scheduling, stats, an object per output, one more batch for
-# the driver to fetch): with few CPUs, up to this many slices go into one read task, as long as
-# every CPU still gets several tasks to balance the tail.
-SLICES_PER_TASK_MAX = 4
-TASKS_PER_CPU_MIN = 4
-
-
-def _input_datasource(plan: InputPlan, start: int, seed: int, chash: str, cpus: float) -> tuple[Any, int]:
-    """The inputs as a Ray Data source: read tasks of consecutive slices of the plan (whole
-    slices before ``start`` are left out), so records are made on the workers, streamed, never
-    in the driver."""
-    import functools
-
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    slices = _slices_from(plan, start)
-    per_task = max(1, min(SLICES_PER_TASK_MAX, len(slices) // max(1, int(TASKS_PER_CPU_MIN * cpus))))
-    groups = [slices[i:i + per_task] for i in range(0, len(slices), per_task)]
-
-    class InputSlices(Datasource):
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
-            return [ReadTask(functools.partial(_read_blocks, group, start, seed, chash),
-                             BlockMetadata(num_rows=sum(sl["idx0"] + sl["n"] - max(start, sl["idx0"]) for sl in group),
-                                           size_bytes=None, input_files=None, exec_stats=None),
-                             per_task_row_limit=per_task_row_limit)
-                    for group in groups]
-
-    return InputSlices(), len(groups)
-
-
 @dataclass
 class Step:
     """One map_batches step: a chain of stages sharing resources and execution mode."""
@@ -224,10 +161,10 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
     chain = StageChain(specs, run, encoder)
     chash = cfg.config_hash()
     if isinstance(inputs, InputPlan):
-        rows: Iterator[dict[str, Any]] = (row for sl in _slices_from(inputs, start)
-                                          for row in _rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
+        rows: Iterator[dict[str, Any]] = (row for sl in slices_from(inputs, start)
+                                          for row in pipeline_rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
     else:
-        rows = iter(_rows(inputs, 0, start, cfg.seed, chash))
+        rows = iter(pipeline_rows(inputs, 0, start, cfg.seed, chash))
     batches = ({k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
                for chunk in iter(lambda: list(itertools.islice(rows, batch_size)), []))
     if not overlap:
@@ -274,8 +211,10 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     # Ray 2.60 warns on any extra remote argument, but the retry settings below have no named
     # parameter yet: keep the warning out of every run's output.
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
-    source, blocks = _input_datasource(plan, start, cfg.seed, cfg.config_hash(),
-                                       ray.cluster_resources().get("CPU", 1))
+    from counterfactory.pipeline.source import InputSlices
+
+    source = InputSlices(plan, start, cfg.seed, cfg.config_hash(), ray.cluster_resources().get("CPU", 1))
+    blocks = source.num_tasks
     steps = plan_steps(cfg)
     # The read asks for exactly what a first task step on CPU asks (Ray fuses only equal
     # requests), and that step takes the read's block whole (batch_size None: Ray fuses no
