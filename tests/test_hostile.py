@@ -501,3 +501,18 @@ def test_a_pickle_only_model_folder_is_one_config_line_before_ray_starts(tmp_pat
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "only pickle checkpoints" in lines[0], lines[:5]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_folder_on_a_local_instance_is_one_line_before_ray_starts(tmp_path: Path) -> None:
+    """On a local Ray instance every actor runs here: a folder missing here failed every actor
+    (232 lines of Ray traceback over the retries, then our line). It is now one config line,
+    exit 2, before Ray starts; with a cluster address it stays the workers' to check."""
+    args = ("run", str(REPO / "configs" / "demo.yaml"), f"output.root={tmp_path / 'out'}",
+            "stages.localize.backend=owlv2", f"stages.localize.params.model={tmp_path / 'absent'}",
+            "stages.localize.params.device=cpu")
+    r = _subprocess_cli(*args)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, lines[:5]
+    assert lines[0] == f"error: stages.localize.params.model: {tmp_path / 'absent'}: no such model folder on this " \
+                       "node (a hub id reads 'org/name')"
+    assert not (tmp_path / "out").exists()

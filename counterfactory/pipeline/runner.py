@@ -389,6 +389,24 @@ def _top_reasons(rejects: Path, k: int = 3) -> str:
                      for why, n in counts.most_common(k))
 
 
+def check_model_folders(cfg: PipelineConfig) -> None:
+    """On a local Ray instance every actor runs on this machine: a model folder missing here, or
+    holding only pickle checkpoints, would fail every actor (Ray prints a page of traceback per
+    retry before our one line), so it is one config line before anything starts. On a cluster the
+    folder may exist only on the workers; they check it when they load."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    from counterfactory.stages.models.common import refuse_pickles
+
+    for sc in cfg.stages:
+        model = getattr(sc.typed_params(), "model", None)
+        if isinstance(model, str) and model:
+            try:
+                refuse_pickles(model)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"stages.{sc.name}.params.model: {exc}") from None
+
+
 def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: bool = True,
                  local: bool = False, command: str | None = None, force: bool = False,
                  latest: bool = False, on_progress: Any = None, verbose: bool = True) -> RunResult:
@@ -403,6 +421,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     if limit is not None and limit < 1:  # 0 would publish an empty version as the latest
         raise ConfigError(f"limit must be at least 1, got {limit}")
     # counted here, read in slices where they are processed (see InputPlan)
+    check_model_folders(cfg)
     plan = plan_inputs(cfg, limit, per_slice=cfg.stages[0].resources.batch_size)
     n_inputs = plan.n
     if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
