@@ -26,7 +26,7 @@ from counterfactory.pipeline.runner import initial_rows, run_pipeline
 from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
-from counterfactory.stages.video import temporal_fill
+from counterfactory.stages.video.edit import temporal_fill
 from counterfactory.video_io import (
     Caps,
     VideoError,
@@ -192,7 +192,7 @@ def test_random_mask_control_moves_the_evidence_shape_clear_of_its_footprint(pro
             assert any(r["variant"] == "random_mask" for r in s.meta.get("variant_rejects", []))
             continue
         made += 1
-        ctrl, masks = s.arrays["masks/random_mask"], s.arrays["masks"] > 0
+        ctrl, masks = s.arrays["mask/random_mask"], s.arrays["masks"] > 0
         frames, out = s.arrays["video"], s.arrays["variant/random_mask"]
         assert not (ctrl & masks.any(axis=0)[None]).any()  # clear of the whole footprint, every frame
         assert np.array_equal(ctrl.sum(axis=(1, 2)), masks.sum(axis=(1, 2)))  # same area, frame by frame

@@ -15,13 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from counterfactory.sample import Sample, Stage
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
-
-
-def dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    if px <= 0:
-        return mask
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    return cv2.dilate(mask, k)
+from counterfactory.stages.shared import dilate
 
 
 @register

@@ -32,7 +32,7 @@ from counterfactory.stages.models.common import (
     run_batched,
     transformers_setup,
 )
-from counterfactory.stages.segment import dilate
+from counterfactory.stages.shared import dilate
 
 # segment-anything's published encoders (build_sam.py): embed dim, depth, heads, global blocks
 SAM_ARCHS = {

@@ -31,7 +31,7 @@ from counterfactory.stages.models.common import (
     transformers_setup,
 )
 from counterfactory.stages.models.grounding import DetectorLocalize, PhraseLLM
-from counterfactory.stages.segment import dilate
+from counterfactory.stages.shared import dilate
 
 
 class Sam3Params(ModelParams):
@@ -129,15 +129,7 @@ class Sam3Localize(DetectorLocalize):
         return out
 
     def process_batch(self, samples: list[Sample]) -> None:
-        todo = []
-        found = self._targets(samples)
-        for s in samples:
-            targets, source = found[id(s)]
-            s.meta["target_source"] = source
-            if not targets:
-                s.reject(self.name, "no_target_phrase", f"no noun phrase in {s.meta['question']['question']!r}")
-                continue
-            todo.append((s, targets))
+        todo = self._phrased(samples)
         if not todo:
             return
         run = run_batched(self._step, [(s.arrays["image"], t) for s, t in todo], self.params.batch_size)

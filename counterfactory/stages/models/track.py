@@ -31,8 +31,7 @@ from counterfactory.stages.models.common import (
     model_record,
     transformers_setup,
 )
-from counterfactory.stages.segment import dilate
-from counterfactory.stages.video import _det_mask, iou
+from counterfactory.stages.shared import det_mask, dilate, iou
 
 
 class TrackParams(ModelParams):
@@ -129,7 +128,7 @@ class VideoTracker(Stage):
         for t in sorted(dets):
             for d in dets[t]:
                 oid = int(d["object"]) + 1
-                mk = _det_mask(d, w, h)
+                mk = det_mask(d, w, h)
                 if not mk.any():
                     continue
                 det_masks[(oid, t)] = mk
