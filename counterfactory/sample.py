@@ -26,9 +26,6 @@ from typing import Any, ClassVar, Literal, TypedDict
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-COLUMNS = ("idx", "key", "status", "meta", "blob")
-
-
 # The answer every question gets where its evidence was removed (config ``abstain_answer``)
 ABSTAIN_ANSWER = "unknown"
 

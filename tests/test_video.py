@@ -23,6 +23,7 @@ from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
 from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import initial_rows, run_pipeline
+from counterfactory.pipeline.writer import PartEncoder
 from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
@@ -183,6 +184,19 @@ def test_remove_keeps_outside_pixels_and_erases_the_object(processed):
         assert {"flicker_background", "contrast_ratio", "inpainted_frac"} <= set(vm)
         bo = s.arrays["variant/blackout"]
         assert np.array_equal(bo[~masks], orig[~masks]) and (bo[masks] == 0).all()
+
+
+def test_a_rejected_control_leaves_no_control_masks_in_the_shard(processed):
+    """Issue 17: the sample owns a variant's arrays, so a random_mask dropped after edit (by qa
+    or verify) takes its per-frame control masks with it: masks.npz has no control_masks."""
+    s = next(s for s in processed[1] if s.ok and "random_mask" in s.meta["variants"])
+    s = copy.deepcopy(s)
+    s.reject_variant("verify", "random_mask", "test", "dropped after edit")
+    assert s.region("random_mask") is None and "variant/random_mask" not in s.arrays
+    PartEncoder().encode_samples([s])
+    with np.load(io.BytesIO(s.arrays["parts"]["masks.npz"])) as z:
+        assert "control_masks" not in z.files
+    assert "random_mask.mp4" not in s.arrays["parts"]
 
 
 def test_random_mask_control_moves_the_evidence_shape_clear_of_its_footprint(processed):
