@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.shared import det_mask, dilate, iou
+from counterfactory.stages.shared import det_mask, iou, set_clip_masks
 
 
 class MaskCarrier:
@@ -184,16 +184,8 @@ class VideoSegment(Stage):
                 "anchors": tr["anchors"], "mask_method": "keyframe+flow", "mask_area": int(np.median(area)),
                 "path": path,
             })
-        typical = float(np.median([i["mask_area"] for i in instances])) if instances else 0.0
-        px = p.dilate_px + int(round(p.dilate_frac * np.sqrt(typical)))
-        masks = np.stack([dilate(c, px) for c in core]) if instances else core.copy()
-        frac = masks.reshape(n, -1).mean(axis=1)
-        sample.arrays["masks_core"] = core
-        sample.arrays["masks"] = masks
-        sample.arrays["labels"] = labels
         m["instances"] = instances
-        m["mask"] = {"area_frac": round(float(frac.mean()), 6), "max_area_frac": round(float(frac.max()), 6),
-                     "frames_with_evidence": int((frac > 0).sum()), "core_area": int(core.sum()), "dilate_px": px}
+        set_clip_masks(sample, core, labels, p.dilate_px, p.dilate_frac)
         m["tracking"].update({"tracks": len(tracks), "keyframe_iou_mean": round(float(np.mean(drift)), 4) if drift else None,
                               "keyframe_iou_min": round(float(np.min(drift)), 4) if drift else None})
         m.pop("detections", None)
