@@ -5,7 +5,8 @@ A Ray Data batch is a dict of numpy columns with one row per input:
 - ``idx``    int64   position of the input in the run's input list (the writer's stable order)
 - ``key``    str     the sample key ("" until ingest computes it)
 - ``status`` str     "ok" or "rejected"
-- ``meta``   str     JSON: everything small (source, questions, boxes, answers, metrics, rejects)
+- ``meta``   str     JSON: everything small (source, questions, boxes, answers, metrics, rejects;
+                     every key is declared in ``SampleMeta``)
 - ``blob``   bytes   pickled dict of numpy arrays (image, masks, variants); empty once rejected
 
 Arrays travel as one pickled blob instead of tensor columns because their shapes differ per
