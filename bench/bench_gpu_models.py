@@ -278,9 +278,9 @@ def bench_track(path: Path, a: argparse.Namespace, work: Path) -> dict[str, Any]
     frames = clip.arrays["video"]
     t0 = min(int(k) for k in clip.meta["detections"])
     d = clip.meta["detections"][str(t0)][0]
-    from counterfactory.stages.video import _det_mask
+    from counterfactory.stages.shared import det_mask
 
-    ys, xs = np.nonzero(_det_mask(d, frames.shape[2], frames.shape[1]))
+    ys, xs = np.nonzero(det_mask(d, frames.shape[2], frames.shape[1]))
     box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
     proc, model = st.processor, st.model
 

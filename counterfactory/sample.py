@@ -5,7 +5,8 @@ A Ray Data batch is a dict of numpy columns with one row per input:
 - ``idx``    int64   position of the input in the run's input list (the writer's stable order)
 - ``key``    str     the sample key ("" until ingest computes it)
 - ``status`` str     "ok" or "rejected"
-- ``meta``   str     JSON: everything small (source, questions, boxes, answers, metrics, rejects)
+- ``meta``   str     JSON: everything small (source, questions, boxes, answers, metrics, rejects;
+                     every key is declared in ``SampleMeta``)
 - ``blob``   bytes   pickled dict of numpy arrays (image, masks, variants); empty once rejected
 
 Arrays travel as one pickled blob instead of tensor columns because their shapes differ per
@@ -21,13 +22,10 @@ import pickle
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-
-COLUMNS = ("idx", "key", "status", "meta", "blob")
-
 
 # The answer every question gets where its evidence was removed (config ``abstain_answer``)
 ABSTAIN_ANSWER = "unknown"
@@ -79,12 +77,67 @@ class Reject(Exception):
         self.detail = detail
 
 
+class SampleMeta(TypedDict, total=False):
+    """Every key of ``Sample.meta``: what the driver puts in, what each stage reads and writes,
+    and what the writer takes out (``pipeline.writer.sample_json``). All optional: a key exists
+    from the stage that sets it on. Nested records (a question, an instance, an edit) stay
+    plain dicts; their fields are described where they are made."""
+
+    # --- the input record (pipeline.inputs) and the run (pipeline.runner) --------------------
+    origin: str  # where the input came from: "file#line", "procedural:seed/i#q0", ...; popped by ingest
+    image: str  # the source URI until ingest moves it into source (a clip's too: the name predates video)
+    media: Literal["video"]  # set on clip inputs; absent for images
+    question: dict[str, Any]  # an image input's one question: question, kind, answer?, targets?
+    questions: list[dict[str, Any]]  # a clip's questions (localize keeps those whose targets are found)
+    objects: list[dict[str, Any]]  # annotated objects as read (category, box/polygons/keyframes, attributes)
+    exhaustive: str | list[str]  # categories annotated exhaustively: "*" or names (qa asserts absence only there)
+    span: list[float] | None  # a clip's [start, end] seconds, None for the whole clip
+    error: str  # "reason: detail" of an input the driver found broken (ingest rejects with it)
+    run_seed: int  # the run's seed (Sample.seed derives the per-sample seed from it)
+    config_hash: str  # the run's config hash, recorded in provenance
+    # --- ingest -------------------------------------------------------------------------------
+    source: dict[str, Any]  # image/video URI, origin, sha256, width, height, format, scale, notes; clip: times, fps
+    # --- localize -----------------------------------------------------------------------------
+    targets: list[str]  # the categories the question is about (the evidence)
+    target_phrase: str  # "red circle" where the question names an attribute of its target
+    target_source: str  # where a detector's phrases came from: input, rules, llm, rules-fallback
+    annotated: list[dict[str, Any]]  # every annotated object (category, box, polygons): never covered or copied
+    presence: dict[str, float]  # SAM 3: presence score per phrase
+    detections: dict[str, list[dict[str, Any]]]  # clip: keyframe detections per sampled frame (segment consumes)
+    tracking: dict[str, Any]  # clip: keyframes used, tracks, tracker, keyframe IoU
+    instances: list[dict[str, Any]]  # one per evidence object (a clip: per track): category, box, polygons, path
+    # --- segment ------------------------------------------------------------------------------
+    mask: dict[str, Any]  # the evidence mask's figures: area_frac, core_area, dilate_px (clip: per frame max)
+    # --- edit (through Sample.add_variant / reject_variant) ------------------------------------
+    variants: list[str]  # the variants made and not rejected, in the configured order
+    edits: dict[str, dict[str, Any]]  # per variant: the edit record (method, region, affects, ...)
+    variant_rejects: list[dict[str, Any]]  # per dropped variant: stage, variant, reason, detail
+    # --- qa -----------------------------------------------------------------------------------
+    qa: list[dict[str, Any]]  # question, kind, targets, source and answers per variant ("orig" too)
+    qa_generation: dict[str, Any]  # an LLM qa backend's record: backend, attempts, errors
+    # --- verify -------------------------------------------------------------------------------
+    metrics: dict[str, Any]  # sample-level figures and, per variant, its measured figures
+    # --- every stage (Stage.apply, Sample.reject) ----------------------------------------------
+    notes: list[str]  # what a stage dropped or changed without rejecting (shipped in KEY.json)
+    reject: dict[str, str]  # why the whole sample was rejected: stage, reason, detail
+    seconds: dict[str, float]  # per stage: its share of the batch's time
+    provenance: dict[str, Any]  # per stage: backend, params (and models) that made this sample
+
+
+def _variant_key(variant: str) -> str:
+    return f"variant/{variant}"
+
+
+def _region_key(variant: str) -> str:
+    return f"mask/{variant}"
+
+
 @dataclass
 class Sample:
     idx: int
     key: str
     status: str
-    meta: dict[str, Any]
+    meta: SampleMeta
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -96,13 +149,43 @@ class Sample:
         self.meta["reject"] = {"stage": stage, "reason": reason, "detail": detail[:500]}
         self.arrays = {}
 
+    # --- variants: the one owner of adding and dropping them --------------------------------
+    # A variant is its image or clip (array ``variant/<v>``), optionally the region it changed
+    # when that is not the evidence mask (``mask/<v>``: the control, an inserted object's place;
+    # H x W for an image, T x H x W for a clip), its name in ``meta["variants"]`` and its edit
+    # record in ``meta["edits"]``. Stages add and drop variants only through these methods, so
+    # a dropped variant leaves no array behind that the writer could ship.
+
+    def begin_variants(self) -> None:
+        """An edit stage starts: no variant yet."""
+        self.meta["variants"], self.meta["edits"] = [], {}
+
+    def add_variant(self, variant: str, media: np.ndarray, edit: dict[str, Any],
+                    region: np.ndarray | None = None) -> None:
+        """Add one variant: its image or clip, its edit record and, when the edit changed a
+        region of its own (not the evidence mask), that region."""
+        self.arrays[_variant_key(variant)] = media
+        if region is not None:
+            self.arrays[_region_key(variant)] = region
+        self.meta["variants"].append(variant)
+        self.meta["edits"][variant] = edit
+
+    def variant(self, variant: str) -> np.ndarray:
+        """The image or clip of a variant."""
+        return self.arrays[_variant_key(variant)]
+
+    def region(self, variant: str, default: np.ndarray | None = None) -> np.ndarray | None:
+        """The region a variant's edit changed, when it has one of its own; else ``default``."""
+        return self.arrays.get(_region_key(variant), default)
+
     def reject_variant(self, stage: str, variant: str, reason: str, detail: str = "") -> None:
-        """Drop one variant of an otherwise good sample, recording why (never silently)."""
+        """Drop one variant of an otherwise good sample, recording why (never silently): its
+        arrays (image or clip, and its region) go with it."""
         self.meta.setdefault("variant_rejects", []).append(
             {"stage": stage, "variant": variant, "reason": reason, "detail": detail[:500]}
         )
-        self.arrays.pop(f"variant/{variant}", None)
-        self.arrays.pop(f"mask/{variant}", None)
+        self.arrays.pop(_variant_key(variant), None)
+        self.arrays.pop(_region_key(variant), None)
         self.meta["variants"] = [v for v in self.meta.get("variants", []) if v != variant]
         self.meta.get("edits", {}).pop(variant, None)
         for item in self.meta.get("qa", []):

@@ -17,6 +17,7 @@ from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import Sample, decode_batch
 from counterfactory.stages import edit as E
+from counterfactory.stages import shared
 from tests.conftest import make_config, textured
 
 ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
@@ -189,10 +190,10 @@ def _place_shape_full(sample, shape, r, rng, tries):
         cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
         poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
         obj = scenes.polygon_mask(poly, w, h)
-        region = cv2.dilate(obj.astype(np.uint8) * 255, E._CLONE_MARGIN)
+        region = cv2.dilate(obj.astype(np.uint8) * 255, shared.CLONE_MARGIN)
         if not (keepout & (region > 0)).any():
             return poly, obj, region
-    raise E.Skip("no_room_for_insert", "")
+    raise shared.Skip("no_room_for_insert", "")
 
 
 def test_windowed_placement_equals_whole_image_placement(segmented):
@@ -204,12 +205,12 @@ def test_windowed_placement_equals_whole_image_placement(segmented):
                 r = max(6.0, 0.12 * min(h, w)) * (1 + seed)
                 got = want = None
                 try:
-                    got = E.place_shape(s, shape, r, np.random.default_rng(seed), 16)
-                except E.Skip:
+                    got = shared.place_shape(s, shape, r, np.random.default_rng(seed), 16)
+                except shared.Skip:
                     pass
                 try:
                     want = _place_shape_full(s, shape, r, np.random.default_rng(seed), 16)
-                except E.Skip:
+                except shared.Skip:
                     pass
                 assert (got is None) == (want is None)
                 if got is not None:

@@ -17,8 +17,8 @@ from counterfactory.pipeline.runner import local_batches
 from counterfactory.rules import color_name
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import edit as E
+from counterfactory.stages.shared import control_masks
 from counterfactory.stages.verify import PixelVerify
-from counterfactory.stages.video import control_masks
 from tests.conftest import make_config
 
 PHOTOS = {"kind": "manifest", "path": "pkg:counterfactory/demo/photos.jsonl"}

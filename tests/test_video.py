@@ -23,10 +23,11 @@ from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
 from counterfactory.pipeline.inputs import load_records, pipeline_rows
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.pipeline.writer import PartEncoder
 from counterfactory.sample import Sample
 from counterfactory.scenes import COLORS
 from counterfactory.stages import get_backend
-from counterfactory.stages.video import temporal_fill
+from counterfactory.stages.video.edit import temporal_fill
 from counterfactory.video_io import (
     Caps,
     VideoError,
@@ -185,6 +186,19 @@ def test_remove_keeps_outside_pixels_and_erases_the_object(processed):
         assert np.array_equal(bo[~masks], orig[~masks]) and (bo[masks] == 0).all()
 
 
+def test_a_rejected_control_leaves_no_control_masks_in_the_shard(processed):
+    """Issue 17: the sample owns a variant's arrays, so a random_mask dropped after edit (by qa
+    or verify) takes its per-frame control masks with it: masks.npz has no control_masks."""
+    s = next(s for s in processed[1] if s.ok and "random_mask" in s.meta["variants"])
+    s = copy.deepcopy(s)
+    s.reject_variant("verify", "random_mask", "test", "dropped after edit")
+    assert s.region("random_mask") is None and "variant/random_mask" not in s.arrays
+    PartEncoder().encode_samples([s])
+    with np.load(io.BytesIO(s.arrays["parts"]["masks.npz"])) as z:
+        assert "control_masks" not in z.files
+    assert "random_mask.mp4" not in s.arrays["parts"]
+
+
 def test_random_mask_control_moves_the_evidence_shape_clear_of_its_footprint(processed):
     made = 0
     for _, s in zip(*processed, strict=True):
@@ -192,7 +206,7 @@ def test_random_mask_control_moves_the_evidence_shape_clear_of_its_footprint(pro
             assert any(r["variant"] == "random_mask" for r in s.meta.get("variant_rejects", []))
             continue
         made += 1
-        ctrl, masks = s.arrays["masks/random_mask"], s.arrays["masks"] > 0
+        ctrl, masks = s.arrays["mask/random_mask"], s.arrays["masks"] > 0
         frames, out = s.arrays["video"], s.arrays["variant/random_mask"]
         assert not (ctrl & masks.any(axis=0)[None]).any()  # clear of the whole footprint, every frame
         assert np.array_equal(ctrl.sum(axis=(1, 2)), masks.sum(axis=(1, 2)))  # same area, frame by frame

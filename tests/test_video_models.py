@@ -147,7 +147,7 @@ def test_wan_vace_remove_replace_windows_paste_and_seeding(wan, clips):
         assert r["affects"] == [*sa.meta["targets"], new]
         assert r["removed_instances"] == r["inserted_instances"] == len(sa.meta["instances"])
         # the video QA answers for both kinds: the replaced one is gone, the new one appears
-        from counterfactory.stages.video import VideoQA
+        from counterfactory.stages.video.qa import VideoQA
 
         VideoQA().process(sa)
         by_q = {q["question"]: q["answers"] for q in sa.meta["qa"]}

@@ -351,7 +351,7 @@ class PartEncoder:
         parts["masks.npz"] = encode_npz({
             "masks": a["masks"], "masks_core": a["masks_core"], "labels": a["labels"],
             "times": np.asarray(meta["source"]["times"], dtype=np.float64),
-            **({"control_masks": a["masks/random_mask"]} if "masks/random_mask" in a else {})})
+            **({"control_masks": a["mask/random_mask"]} if "mask/random_mask" in a else {})})
         return parts
 
 

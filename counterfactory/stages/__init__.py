@@ -35,8 +35,3 @@ def get_backend(stage: str, backend: str) -> type[Stage]:
         backends = sorted(b for s, b in _REGISTRY if s == stage)
         raise ValueError(f"unknown backend {backend!r} for stage {stage!r}; known: {', '.join(backends)}")
     return cls
-
-
-def all_backends() -> dict[tuple[str, str], type[Stage]]:
-    _load()
-    return dict(_REGISTRY)

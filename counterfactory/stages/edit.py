@@ -35,38 +35,31 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from counterfactory import scenes
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.fill import patch_fill
-from counterfactory.stages.regions import annotated_mask, control_mask, dominant_region
-
-__all__ = ["ClassicalEdit", "Skip", "annotated_mask", "control_mask", "dominant_region", "inpaint", "patch_fill",
-           "place_shape", "recolor"]
+from counterfactory.stages.shared import (
+    CONTROL_SALT,
+    FlatFillParams,
+    Skip,
+    annotated_mask,
+    bbox,
+    control_variant,
+    disk,
+    flat_fill,
+    place_shape,
+)
 
 EditType = Literal["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
-_CLONE_MARGIN = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
-_SALT = {"random_mask": 7, "attribute": 11, "count": 13, "insert": 17, "swap": 19}
+_SALT = {"random_mask": CONTROL_SALT, "attribute": 11, "count": 13, "insert": 17, "swap": 19}
 # recent evidence fills kept per stage instance (see _evidence_filled): at most this many, and
 # this many bytes
 _FILL_CACHE_ENTRIES = 8
 _FILL_CACHE_BYTES = 64 * 2**20
-
-
-class Skip(Exception):
-    """This variant cannot be made for this sample (recorded as a variant reject)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    x, y, w, h = cv2.boundingRect(mask)
-    return y, y + h, x, x + w
 
 
 def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_max_side: int = 384,
@@ -85,7 +78,7 @@ def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_ma
     h, w = mask.shape
     # Work on the bounding crop of the mask plus a margin: inpainting reads only pixels within
     # ``radius`` of the hole (4r + 8 also holds OpenCV's outer fast-marching band).
-    by0, by1, bx0, bx1 = _bbox(mask)
+    by0, by1, bx0, bx1 = bbox(mask)
     pad = 4 * radius + 8
     y0, y1 = max(0, by0 - pad), min(h, by1 + pad)
     x0, x1 = max(0, bx0 - pad), min(w, bx1 + pad)
@@ -154,13 +147,39 @@ def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: fl
     return out
 
 
+def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,
+                    annotated: str | None = None) -> np.ndarray:
+    """The object's dominant colored region inside ``core``: saturated pixels whose hue lies
+    within 25 degrees of the annotated color's hue (else of the strongest hue bin), their
+    largest connected part. The coffee in a red cup, a white rim or the table seen through a
+    loose polygon are not part of it."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for the full circle
+    sel = core > 0
+    sat_ok = sel & (hsv[..., 1] >= max(0.15, 0.6 * min_saturation) * 255) & (hsv[..., 2] >= 40)
+    if not sat_ok.any():
+        return np.zeros(core.shape, np.uint8)
+    hue = hsv[..., 0][sat_ok].astype(np.int64)
+    hist = np.bincount(hue // 8, minlength=32).astype(np.float64)
+    hist = hist + np.roll(hist, 1) + np.roll(hist, -1)  # circular smoothing
+    peak = (int(np.argmax(hist)) * 8 + 4) % 256
+    if annotated in HUES:  # the color the answer names: the part of the object that has it
+        peak = int(round(HUES[annotated] / 360 * 256)) % 256
+    dist = np.abs(((hsv[..., 0].astype(np.int64) - peak + 128) % 256) - 128)
+    near = (sat_ok & (dist <= 18)).astype(np.uint8)  # 18/256 of the circle: ~25 degrees
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
+    if n < 2:
+        return np.zeros(core.shape, np.uint8)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == biggest).astype(np.uint8) * 255
+
+
 @register
 class ClassicalEdit(Stage):
     name = "edit"
     backend = "default"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Params(FlatFillParams):
+        flat_fill_after = ("inpaint_band_px", "fill")  # where config.yaml lists the flat-fill fields
         variants: list[EditType] = Field(["remove", "blackout", "random_mask"], min_length=1)
         inpaint_method: Literal["patch", "telea", "ns"] = Field(
             "patch", description="patch: copied background (no texture-flat footprint); telea/ns: OpenCV diffusion")
@@ -170,9 +189,6 @@ class ClassicalEdit(Stage):
                                    "lower resolution (at most this many hole pixels), then a full-resolution band")
         inpaint_band_px: int = Field(6, ge=1, le=64, description="width of the band inside a large hole's edge "
                                      "that is inpainted at full resolution after the coarse pass")
-        fill: tuple[int, int, int] = (0, 0, 0)
-        control_tries: int = Field(64, ge=1)
-        control_gap: int = Field(4, ge=0, description="pixels between the control region and the evidence")
         attribute_min_saturation: float = Field(0.25, ge=0, le=1, description="below: evidence too gray to recolor")
         insert_scale: float = Field(0.12, gt=0, le=0.5, description="inserted shape radius / min(image side)")
         insert_tries: int = Field(64, ge=1)
@@ -217,8 +233,7 @@ class ClassicalEdit(Stage):
         return filled
 
     def process(self, sample: Sample) -> None:
-        sample.meta["variants"] = []
-        sample.meta["edits"] = {}
+        sample.begin_variants()
         for v in self.params.variants:
             rng = np.random.default_rng([sample.seed, _SALT.get(v, 0)])
             try:
@@ -226,11 +241,7 @@ class ClassicalEdit(Stage):
             except Skip as s:
                 sample.reject_variant(self.name, v, s.reason, s.detail)
                 continue
-            sample.arrays[f"variant/{v}"] = out
-            if region is not None:
-                sample.arrays[f"mask/{v}"] = region
-            sample.meta["variants"].append(v)
-            sample.meta["edits"][v] = info
+            sample.add_variant(v, out, info, region)
 
     # each edit: (edited image, its region mask or None for the evidence mask / global, record)
     def _remove(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
@@ -239,20 +250,13 @@ class ClassicalEdit(Stage):
                            "affects": sample.meta["targets"], "removed_instances": len(sample.meta["instances"])}
 
     def _blackout(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
-        out = sample.arrays["image"].copy()
-        out[sample.arrays["mask"] > 0] = np.array(self.params.fill, np.uint8)
+        out = flat_fill(sample.arrays["image"], sample.arrays["mask"], self.params.fill)
         return out, None, {"method": "flat-fill", "region": "evidence", "affects": sample.meta["targets"],
                            "removed_instances": len(sample.meta["instances"])}
 
     def _random_mask(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
-        mask = sample.arrays["mask"]
-        ctrl = control_mask(mask, rng, self.params.control_tries, self.params.control_gap, annotated_mask(sample))
-        if ctrl is None:
-            raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
-                       "clear of every annotated object")
-        out = sample.arrays["image"].copy()
-        out[ctrl > 0] = np.array(self.params.fill, np.uint8)
-        return out, ctrl, {"method": "flat-fill", "region": "control", "shape": "neutral", "affects": []}
+        out, ctrl, info = control_variant(sample, self.params)  # its own draws, from the same salt
+        return out, ctrl, info | {"shape": "neutral"}
 
     def _attribute(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         img, core = sample.arrays["image"], sample.arrays["mask_core"]
@@ -299,8 +303,7 @@ class ClassicalEdit(Stage):
             removed |= inst[i]
         kept = (inst.sum(axis=0) > 0) & (removed == 0)
         px = int(sample.meta["mask"]["dilate_px"])
-        k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-        region = cv2.dilate(removed * 255, k_el)
+        region = cv2.dilate(removed * 255, disk(px))
         region[kept] = 0  # never paint over an instance that stays
         img, mask = sample.arrays["image"], sample.arrays["mask"]
         # The region lies inside the evidence mask (the same dilation of a subset of the same
@@ -332,7 +335,7 @@ class ClassicalEdit(Stage):
         # calls, single-threaded), which would break byte-identical reruns.
         # Only the region's bounding box is blended: the blur reads 3 px around the object, and
         # the region reaches 6 px past it, so the box gives the same pixels as the whole image.
-        y0, y1, x0, x1 = _bbox(region)
+        y0, y1, x0, x1 = bbox(region)
         win = (slice(y0, y1), slice(x0, x1))
         alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
         sel = region[win] > 0
@@ -379,9 +382,8 @@ class ClassicalEdit(Stage):
         if side_new in (None, side_a):
             raise Skip("not_applicable", "the swap would not move the evidence to the other side")
         px = int(sample.meta["mask"]["dilate_px"])
-        k_el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-        hole_a = cv2.dilate(a.astype(np.uint8) * 255, k_el)
-        hole_b = cv2.dilate(b.astype(np.uint8) * 255, k_el)
+        hole_a = cv2.dilate(a.astype(np.uint8) * 255, disk(px))
+        hole_b = cv2.dilate(b.astype(np.uint8) * 255, disk(px))
         hole = hole_a | hole_b
         mask = sample.arrays["mask"]
         if not cv2.countNonZero(cv2.bitwise_xor(hole_a, mask)):
@@ -399,37 +401,6 @@ class ClassicalEdit(Stage):
         return out, region, {"method": f"cut-paste+{self._method}", "region": "swap",
                              "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
                              "translation": [dx, dy]}
-
-
-def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
-                tries: int) -> tuple[list[list[float]], np.ndarray, np.ndarray]:
-    """Where an inserted object goes: a ``shape`` of radius ``r`` whose region (with a margin
-    for blending) covers neither the evidence nor any annotated object's box. Returns the
-    polygon, the object mask and the region mask; ``Skip`` when nothing fits."""
-    h, w = sample.arrays["mask"].shape
-    keepout = sample.arrays["mask"] > 0
-    for a in sample.meta.get("annotated", []):
-        x0, y0, x1, y1 = a["box"]
-        keepout[y0:y1, x0:x1] = True
-    m = int(r) + 4
-    if h <= 2 * m or w <= 2 * m:
-        raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
-    half = _CLONE_MARGIN.shape[0] // 2
-    for _ in range(tries):
-        cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
-        poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
-        # Each try is tested in the polygon's box grown by the margin (the region cannot reach
-        # past it), with the rasterization scenes.polygon_mask uses; full-size masks only for
-        # the spot that fits.
-        pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32)
-        x0, y0 = max(0, int(pts[:, 0].min()) - half), max(0, int(pts[:, 1].min()) - half)
-        x1, y1 = min(w, int(pts[:, 0].max()) + half + 1), min(h, int(pts[:, 1].max()) + half + 1)
-        win = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
-        if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, _CLONE_MARGIN) > 0)).any():
-            obj = scenes.polygon_mask(poly, w, h)
-            return poly, obj, cv2.dilate(obj.astype(np.uint8) * 255, _CLONE_MARGIN)
-    raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:

@@ -27,14 +27,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-
-def _disk(px: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    x, y, w, h = cv2.boundingRect(mask)
-    return y, y + h, x, x + w
+from counterfactory.stages.shared import bbox, disk
 
 
 def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None, *,
@@ -61,7 +54,7 @@ def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = No
         if _fill_piece(out, imgf, hole, todo, objects, piece, min_ring, max_ring, surface_share):
             todo[piece > 0] = 0
             continue
-        y0, y1, x0, x1 = _bbox(piece)
+        y0, y1, x0, x1 = bbox(piece)
         if depth >= max_depth or (y1 - y0 < 8 and x1 - x0 < 8):
             continue  # left to the Telea pass below
         half = np.zeros_like(piece)
@@ -73,7 +66,7 @@ def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = No
         # depth-first: the first half's fill becomes context for the second
         pieces[:0] = [(p, depth + 1) for p in (a, b) if cv2.countNonZero(p)]
     if cv2.countNonZero(todo):
-        y0, y1, x0, x1 = _bbox(todo)
+        y0, y1, x0, x1 = bbox(todo)
         pad = 4 * radius + 8
         y0, x0 = max(0, y0 - pad), max(0, x0 - pad)
         y1, x1 = min(hole.shape[0], y1 + pad), min(hole.shape[1], x1 + pad)
@@ -137,12 +130,12 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     h, w = piece.shape
     area = cv2.countNonZero(piece)
     rp = int(np.clip(round(0.3 * np.sqrt(area)), min_ring, max_ring))
-    grown = cv2.dilate(piece, _disk(rp))
+    grown = cv2.dilate(piece, disk(rp))
     ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo, piece)))
     n_ring = cv2.countNonZero(ring)
     if n_ring < 8:
         return False
-    y0, y1, x0, x1 = _bbox(grown)
+    y0, y1, x0, x1 = bbox(grown)
     th, tw = y1 - y0, x1 - x0
     if th >= h or tw >= w:
         return False

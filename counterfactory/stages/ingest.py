@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import stat
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,56 +23,19 @@ from counterfactory import scenes
 from counterfactory.rules import exhaustive_categories
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.storage import (
-    FetchError,
-    ObjectTooLarge,
-    StorageError,
-    is_remote,
-    read_object,
-    resolve_path,
+from counterfactory.stages.shared import (
+    array_digest,
+    local_source,
+    raise_input_error,
+    read_source_object,
+    sample_key,
+    source_file_size,
 )
+from counterfactory.storage import is_remote
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.
 Image.MAX_IMAGE_PIXELS = None
-
-
-def sample_key(source_sha256: str, question: str) -> str:
-    """Stable key from the source content and the question; hex only (no dots for webdataset)."""
-    return hashlib.sha256(f"{source_sha256}\n{question.strip()}".encode()).hexdigest()[:24]
-
-
-def source_file_size(path: Path, max_bytes: int | None = None) -> int:
-    """The size of a source file that can be read, or a reject saying why it cannot."""
-    try:
-        st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        raise Reject("file_not_found", str(path)) from None
-    except (OSError, ValueError) as exc:  # permissions, a name too long, a NUL in the path
-        raise Reject("read_error", f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO or a device (/dev/zero) is never read
-        raise Reject("not_a_file", str(path))
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise Reject("too_large", f"{path}: {st.st_size} bytes > limits.max_image_bytes {max_bytes}")
-    return st.st_size
-
-
-def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of a source named by an object-store or web URI, or a reject saying why not."""
-    try:
-        return read_object(uri, max_bytes)
-    except StorageError as exc:
-        raise Reject("unsupported_uri", str(exc).replace("\n", " ")) from None
-    except FetchError as exc:
-        raise Reject("fetch_error", str(exc)) from None
-    except FileNotFoundError:
-        raise Reject("file_not_found", uri) from None
-    except IsADirectoryError:
-        raise Reject("not_a_file", uri) from None
-    except ObjectTooLarge as exc:
-        raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
-    except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
-        raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
 
 
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
@@ -180,7 +141,7 @@ class Ingest(Stage):
         max_bytes = self.run.limits.max_image_bytes
         if is_remote(ref):
             return read_source_object(ref, max_bytes), None
-        path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
+        path = local_source(ref)
         source_file_size(path, max_bytes)
         try:
             return path.read_bytes(), None
@@ -237,14 +198,12 @@ class Ingest(Stage):
 
     def process(self, sample: Sample) -> None:
         m = sample.meta
-        if "error" in m:
-            reason, _, detail = m["error"].partition(": ")
-            raise Reject(reason, detail)
+        raise_input_error(m)
         check_objects(m.get("objects", []), self.run.limits.max_objects)
         data, rendered = self._read(m["image"])
         if rendered is not None:
             arr = rendered
-            digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+            digest = array_digest(arr)
             info: dict[str, Any] = {"format": "procedural", "mode": "RGB", "frames": 1, "scale": 1.0, "notes": []}
         else:
             assert data is not None

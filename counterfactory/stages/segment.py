@@ -15,13 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from counterfactory.sample import Sample, Stage
 from counterfactory.scenes import polygon_mask
 from counterfactory.stages import register
-
-
-def dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    if px <= 0:
-        return mask
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    return cv2.dilate(mask, k)
+from counterfactory.stages.shared import set_evidence_mask
 
 
 @register
@@ -99,17 +93,5 @@ class ClassicalSegment(Stage):
             inst["mask_area"] = int(m.sum())
             core |= m
             per_instance.append(m)
-        area = int(core.sum())
-        # margin scales with the typical instance, not the union: 24 coins are not one big coin
-        typical = float(np.median([i["mask_area"] for i in sample.meta["instances"]]))
-        px = self.params.dilate_px + int(round(self.params.dilate_frac * np.sqrt(typical)))
-        mask = dilate(core, px)
-        sample.arrays["mask_core"] = core * 255
         sample.arrays["instance_masks"] = np.stack(per_instance)  # 0/1, for edits of some instances
-        sample.arrays["mask"] = mask * 255
-        sample.meta["mask"] = {
-            "core_area": area,
-            "area": int(mask.sum()),
-            "area_frac": round(float(mask.sum()) / (h * w), 6),
-            "dilate_px": px,
-        }
+        set_evidence_mask(sample, core, self.params.dilate_px, self.params.dilate_frac)

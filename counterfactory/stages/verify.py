@@ -33,6 +33,7 @@ from counterfactory import footprint
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
+from counterfactory.stages.shared import ring
 
 # every edit type except the control counts as a counterfactual
 CONTROLS = ("random_mask",)
@@ -42,13 +43,6 @@ REMOVAL = ("remove", "swap")
 # variants whose region is only filled background: the footprint metrics apply
 FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
-
-
-def _ring(mask: np.ndarray, px: int) -> np.ndarray:
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    ring = cv2.dilate(mask, k)
-    ring[mask > 0] = 0
-    return ring
 
 
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
@@ -104,20 +98,20 @@ class PixelVerify(Stage):
         if area_frac < p.min_area_frac:
             raise Reject("mask_area_out_of_bounds", f"mask_area_frac={area_frac} < {p.min_area_frac}")
         too_big = area_frac > p.max_area_frac
-        ring = _ring(mask, p.ring_px)
+        band = ring(mask, p.ring_px)
         for v in list(m["variants"]):
-            out = a[f"variant/{v}"]
+            out = sample.variant(v)
             edit = m["edits"][v]
             if edit.get("region") == "global":
                 vm = self._global_metrics(v, img, out)
             else:
-                region = a.get(f"mask/{v}", mask)
+                region = sample.region(v, mask)
                 vm = self._metrics(img, out, region)
                 if v in CONTROLS:
                     vm["control_overlap_px"] = int(cv2.countNonZero(cv2.bitwise_and(region, mask)))
-                if edit.get("inpainted") and cv2.countNonZero(ring):
+                if edit.get("inpainted") and cv2.countNonZero(band):
                     # the filled region should blend with its surroundings, unlike the object did
-                    ring_v = ring if region is mask else _ring(region, p.ring_px)
+                    ring_v = band if region is mask else ring(region, p.ring_px)
                     before = float(np.abs(_mean_color(img, region) - _mean_color(img, ring_v)).max())
                     after = float(np.abs(_mean_color(out, region) - _mean_color(out, ring_v)).max())
                     vm["object_contrast"] = round(before, 3)

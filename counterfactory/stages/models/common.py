@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,10 +151,6 @@ def resolve_dtype(dtype: str, device: str, prefer: str = "float16"):
             return torch.bfloat16
         return torch.float16
     return getattr(torch, dtype)
-
-
-def is_local(ref: str) -> bool:
-    return Path(ref).expanduser().exists()
 
 
 def refuse_pickles(ref: str) -> None:
@@ -332,7 +327,3 @@ def run_batched(fn: Callable[[Sequence[Any]], Sequence[Any]], items: Sequence[An
         out[i:i + len(chunk)] = res
         i += len(chunk)
     return run
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

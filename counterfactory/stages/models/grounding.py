@@ -289,8 +289,9 @@ class DetectorLocalize(Stage):
                     out[id(s)] = got
         return out
 
-    def process_batch(self, samples: list[Sample]) -> None:
-        p = self.params
+    def _phrased(self, samples: list[Sample]) -> list[tuple[Sample, list[str]]]:
+        """The samples with phrases to look for, each with its phrases (their source recorded);
+        a sample whose question names none is rejected."""
         todo = []
         found = self._targets(samples)
         for s in samples:
@@ -300,6 +301,11 @@ class DetectorLocalize(Stage):
                 s.reject(self.name, "no_target_phrase", f"no noun phrase in {s.meta['question']['question']!r}")
                 continue
             todo.append((s, targets))
+        return todo
+
+    def process_batch(self, samples: list[Sample]) -> None:
+        p = self.params
+        todo = self._phrased(samples)
         if not todo:
             return
         dets, failures = self.detector.detect(

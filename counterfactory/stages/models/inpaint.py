@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.edit import Skip, annotated_mask, control_mask, place_shape
 from counterfactory.stages.models.common import (
     ModelParams,
     channels_last,
@@ -32,6 +31,13 @@ from counterfactory.stages.models.common import (
     refuse_pickles,
     require,
     run_batched,
+)
+from counterfactory.stages.shared import (
+    FlatFillParams,
+    Skip,
+    control_variant,
+    flat_fill,
+    place_shape,
 )
 
 Variant = Literal["remove", "attribute", "replace", "insert", "blackout", "random_mask"]
@@ -133,7 +139,8 @@ class DiffusersInpaintEdit(Stage):
     backend = "diffusers-inpaint"
     stateful = True
 
-    class Params(ModelParams):
+    class Params(FlatFillParams, ModelParams):
+        flat_fill_after = ("attribute_values", "fill")  # where config.yaml lists the flat-fill fields
         pipeline_class: str | None = Field(None, description="diffusers class, e.g. FluxFillPipeline; "
                                            "default: AutoPipelineForInpainting picks from the model")
         variants: list[Variant] = Field(["remove", "blackout", "random_mask"], min_length=1)
@@ -156,9 +163,6 @@ class DiffusersInpaintEdit(Stage):
         insert_tries: int = Field(64, ge=1)
         attribute_values: list[str] = Field(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
                                             min_length=2, description="new colors for the attribute edit")
-        fill: tuple[int, int, int] = (0, 0, 0)
-        control_tries: int = Field(64, ge=1)
-        control_gap: int = Field(4, ge=0)
         batch_size: int = Field(4, ge=1)
 
         @model_validator(mode="after")
@@ -381,7 +385,7 @@ class DiffusersInpaintEdit(Stage):
         jobs = []
         skipped: dict[tuple[int, str], Any] = {}
         for s in samples:
-            s.meta["variants"], s.meta["edits"] = [], {}
+            s.begin_variants()
             for v in p.variants:
                 if v in _DIFFUSED:
                     try:
@@ -398,37 +402,29 @@ class DiffusersInpaintEdit(Stage):
     def _assemble(self, s: Sample, done: dict[tuple[int, str], Any]) -> None:
         p = self.params
         img, mask = s.arrays["image"], s.arrays["mask"]
-        fill = np.array(p.fill, np.uint8)
         n = len(s.meta["instances"])
         for v in p.variants:
+            region = None
             if v in _DIFFUSED:
                 job, painted, failure = done[(id(s), v)]
                 if failure is not None:
-                    s.meta.setdefault("variant_rejects", []).append(
-                        {"stage": self.name, "variant": v, "reason": failure[0], "detail": failure[1][:500]})
+                    s.reject_variant(self.name, v, failure[0], failure[1])
                     continue
                 out = paste(img, job["full_mask"], job["box"], painted)
                 if v == "insert":
-                    s.arrays["mask/insert"] = job["full_mask"]
+                    region = job["full_mask"]
                 info = job["info"] | {"method": f"diffusers:{self.record['pipeline']}", "steps": p.steps,
                                       "seed": job["seed"]}
             elif v == "blackout":
-                out = img.copy()
-                out[mask > 0] = fill
+                out = flat_fill(img, mask, p.fill)
                 info = {"region": "evidence", "removed_instances": n, "method": "flat-fill",
                         "affects": s.meta["targets"]}
             else:
-                rng = np.random.default_rng([s.seed, 7])
                 # issue 16: a neutral shape clear of every annotated object, not only the evidence
-                ctrl = control_mask(mask, rng, p.control_tries, p.control_gap, annotated_mask(s))
-                if ctrl is None:
-                    s.reject_variant(self.name, v, "no_room_for_control",
-                                     f"no region of area {int((mask > 0).sum())} clear of the evidence")
+                try:
+                    out, region, info = control_variant(s, p)
+                except Skip as skip:
+                    s.reject_variant(self.name, v, skip.reason, skip.detail)
                     continue
-                out = img.copy()
-                out[ctrl > 0] = fill
-                s.arrays["mask/random_mask"] = ctrl
-                info = {"region": "control", "removed_instances": 0, "method": "flat-fill", "affects": []}
-            s.arrays[f"variant/{v}"] = out
-            s.meta["variants"].append(v)
-            s.meta["edits"][v] = info
+                info["removed_instances"] = 0
+            s.add_variant(v, out, info, region)

@@ -312,7 +312,7 @@ class VLMJudgeVerify(PixelVerify):
                 continue
             plans[si] = self._plan(s)
             for img_key, qs in plans[si].items():
-                arr = s.arrays["image" if img_key == "orig" else f"variant/{img_key}"]
+                arr = s.arrays["image"] if img_key == "orig" else s.variant(img_key)
                 img = fit_image(arr, p.image_size)
                 payload = data_url(img) if p.engine == "openai" else img
                 for qi in qs:

@@ -32,7 +32,7 @@ from counterfactory.stages.models.common import (
     run_batched,
     transformers_setup,
 )
-from counterfactory.stages.segment import dilate
+from counterfactory.stages.shared import set_evidence_mask
 
 # segment-anything's published encoders (build_sam.py): embed dim, depth, heads, global blocks
 SAM_ARCHS = {
@@ -75,13 +75,7 @@ def finish_masks(sample: Sample, masks: list[np.ndarray], ious: list[float], p: 
         inst["mask_iou_pred"] = round(float(iou), 4)
         inst["mask_area"] = int(m.sum())
         core |= m
-    typical = float(np.median([i["mask_area"] for i in instances]))
-    px = p.dilate_px + int(round(p.dilate_frac * np.sqrt(typical)))
-    mask = dilate(core, px)
-    sample.arrays["mask_core"] = core * 255
-    sample.arrays["mask"] = mask * 255
-    sample.meta["mask"] = {"core_area": int(core.sum()), "area": int(mask.sum()),
-                           "area_frac": round(float(mask.sum()) / (h * w), 6), "dilate_px": px}
+    set_evidence_mask(sample, core, p.dilate_px, p.dilate_frac)
 
 
 class SamArch(BaseModel):

@@ -31,7 +31,7 @@ from counterfactory.stages.models.common import (
     transformers_setup,
 )
 from counterfactory.stages.models.grounding import DetectorLocalize, PhraseLLM
-from counterfactory.stages.segment import dilate
+from counterfactory.stages.shared import set_evidence_mask
 
 
 class Sam3Params(ModelParams):
@@ -129,15 +129,7 @@ class Sam3Localize(DetectorLocalize):
         return out
 
     def process_batch(self, samples: list[Sample]) -> None:
-        todo = []
-        found = self._targets(samples)
-        for s in samples:
-            targets, source = found[id(s)]
-            s.meta["target_source"] = source
-            if not targets:
-                s.reject(self.name, "no_target_phrase", f"no noun phrase in {s.meta['question']['question']!r}")
-                continue
-            todo.append((s, targets))
+        todo = self._phrased(samples)
         if not todo:
             return
         run = run_batched(self._step, [(s.arrays["image"], t) for s, t in todo], self.params.batch_size)
@@ -195,13 +187,5 @@ class Sam3Segment(Stage):
         if inst is None or len(inst) != len(instances):
             raise Reject("no_instance_masks", "segment: sam3 uses the masks of localize: sam3 "
                          "(this sample's instances came without them)")
-        h, w = sample.arrays["image"].shape[:2]
         core = (inst.max(axis=0) > 0).astype(np.uint8)
-        # margin scales with the typical instance, not the union (as the classical segment)
-        typical = float(np.median([i["mask_area"] for i in instances]))
-        px = self.params.dilate_px + int(round(self.params.dilate_frac * np.sqrt(typical)))
-        mask = dilate(core, px)
-        sample.arrays["mask_core"] = core * 255
-        sample.arrays["mask"] = mask * 255
-        sample.meta["mask"] = {"core_area": int(core.sum()), "area": int(mask.sum()),
-                               "area_frac": round(float(mask.sum()) / (h * w), 6), "dilate_px": px}
+        set_evidence_mask(sample, core, self.params.dilate_px, self.params.dilate_frac)

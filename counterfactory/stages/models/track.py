@@ -31,8 +31,7 @@ from counterfactory.stages.models.common import (
     model_record,
     transformers_setup,
 )
-from counterfactory.stages.segment import dilate
-from counterfactory.stages.video import _det_mask, iou
+from counterfactory.stages.shared import det_mask, iou, set_clip_masks
 
 
 class TrackParams(ModelParams):
@@ -129,7 +128,7 @@ class VideoTracker(Stage):
         for t in sorted(dets):
             for d in dets[t]:
                 oid = int(d["object"]) + 1
-                mk = _det_mask(d, w, h)
+                mk = det_mask(d, w, h)
                 if not mk.any():
                     continue
                 det_masks[(oid, t)] = mk
@@ -175,14 +174,8 @@ class VideoTracker(Stage):
                 "mask_method": self.backend, "mask_area": int(np.median(area)), "path": path})
         if not instances:
             raise Reject("target_lost", f"{self.backend} kept no mask of {p.min_area_px} px or more on any frame")
-        typical = float(np.median([i["mask_area"] for i in instances]))
-        px = p.dilate_px + int(round(p.dilate_frac * np.sqrt(typical)))
-        masks_d = np.stack([dilate(c, px) for c in core])
-        frac = masks_d.reshape(n, -1).mean(axis=1)
-        sample.arrays["masks_core"], sample.arrays["masks"], sample.arrays["labels"] = core, masks_d, labels
         m["instances"] = instances
-        m["mask"] = {"area_frac": round(float(frac.mean()), 6), "max_area_frac": round(float(frac.max()), 6),
-                     "frames_with_evidence": int((frac > 0).sum()), "core_area": int(core.sum()), "dilate_px": px}
+        set_clip_masks(sample, core, labels, p.dilate_px, p.dilate_frac)
         m["tracking"].update({"tracker": self.backend, "prompts": p.prompts, "tracks": len(instances),
                               "prompt_frames": sorted(prompts),
                               "keyframe_iou_mean": round(float(np.mean(drift)), 4) if drift else None,

@@ -80,7 +80,7 @@ class RedetectVerify(PixelVerify):
             jobs += [(s, v) for v in s.meta["variants"] if v in self.params.variants]
         if not jobs:
             return
-        images = [s.arrays["image"] if v == "orig" else s.arrays[f"variant/{v}"] for s, v in jobs]
+        images = [s.arrays["image"] if v == "orig" else s.variant(v) for s, v in jobs]
         phrases = [list(s.meta["targets"]) for s, _ in jobs]
         dets, failures = self.detector.detect(images, phrases, box_threshold=0.0,
                                               text_threshold=self.params.text_threshold, nms_iou=0.5,

@@ -2,7 +2,7 @@
 ``remove`` (the evidence painted over with background on every frame) and ``replace`` (the
 evidence repainted as another kind of object, named by a prompt), plus the model-free
 ``blackout`` / ``random_mask`` / ``reverse`` / ``shuffle`` / ``freeze`` of the video default,
-delegated to :class:`~counterfactory.stages.video.VideoEdit` (one config has one edit backend).
+delegated to :class:`~counterfactory.stages.video.edit.VideoEdit` (one config has one edit backend).
 
 Diffusion runs on a box around the union of the clip's masks over all frames (plus a margin,
 with the model's aspect ratio where the frame allows), resized to the model's size; the masked
@@ -34,7 +34,6 @@ from pydantic import Field
 
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.edit import Skip
 from counterfactory.stages.models.common import (
     ModelParams,
     model_record,
@@ -43,7 +42,8 @@ from counterfactory.stages.models.common import (
     run_batched,
 )
 from counterfactory.stages.models.inpaint import PromptTemplate
-from counterfactory.stages.video import VideoEdit
+from counterfactory.stages.shared import FlatFillParams, Skip
+from counterfactory.stages.video.edit import VideoEdit
 
 Variant = Literal["remove", "replace", "blackout", "random_mask", "reverse", "shuffle", "freeze"]
 _DIFFUSED = ("remove", "replace")
@@ -107,7 +107,8 @@ class WanVACEEdit(Stage):
     backend = "wan-vace"
     stateful = True
 
-    class Params(ModelParams):
+    class Params(FlatFillParams, ModelParams):
+        flat_fill_after = ("replace_categories", "freeze_frac")  # where config.yaml lists the flat-fill fields
         variants: list[Variant] = Field(["remove", "blackout", "random_mask"], min_length=1)
         steps: int = Field(30, ge=1, le=200)
         guidance_scale: float = Field(5.0, ge=0)
@@ -126,13 +127,11 @@ class WanVACEEdit(Stage):
             default_factory=lambda: dict(DEFAULT_PROMPTS))
         replace_categories: list[str] = Field(["cat", "dog", "bird", "ball", "car", "horse", "bicycle", "duck"],
                                               min_length=1, description="object kinds replace may paint")
-        # passed to the video default for the model-free variants
-        fill: tuple[int, int, int] = (0, 0, 0)
+        # passed to the video default for the model-free variants (with the flat-fill parameters)
         shuffle_segments: int = Field(4, ge=2, le=16)
         freeze_frac: float = Field(0.4, gt=0, lt=1)
-        control_tries: int = Field(64, ge=1)
-        control_gap: int = Field(4, ge=0)
-        batch_size: int = Field(1, ge=1, description="unused: the pipeline generates one video per call")
+        batch_size: int = Field(1, ge=1, description="windows per generation step (their prompts encoded together); "
+                                "the pipeline still generates one window per call; halved on CUDA out-of-memory")
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -162,9 +161,9 @@ class WanVACEEdit(Stage):
         if (p.max_frames - 1) % self.temporal:
             raise ValueError(f"max_frames must be {self.temporal}k+1 for this model: got {p.max_frames}")
         classical = [v for v in p.variants if v not in _DIFFUSED]
-        self.classical = VideoEdit({"variants": classical, "fill": p.fill, "shuffle_segments": p.shuffle_segments,
-                                    "freeze_frac": p.freeze_frac, "control_tries": p.control_tries,
-                                    "control_gap": p.control_gap}, run) if classical else None
+        flat = {k: getattr(p, k) for k in FlatFillParams.model_fields}
+        self.classical = VideoEdit({"variants": classical, "shuffle_segments": p.shuffle_segments,
+                                    "freeze_frac": p.freeze_frac, **flat}, run) if classical else None
         self.record = model_record(p.model, p.revision, pipeline=type(pipe).__name__,
                                    scheduler=type(pipe.scheduler).__name__, size=[p.width, p.height],
                                    max_frames=p.max_frames, dtype=str(self.dtype).removeprefix("torch."),
@@ -293,7 +292,7 @@ class WanVACEEdit(Stage):
         plans: dict[tuple[int, str], Any] = {}
         jobs: list[dict[str, Any]] = []
         for s in samples:
-            s.meta["variants"], s.meta["edits"] = [], {}
+            s.begin_variants()
             if self.classical is not None:
                 self.guarded(s, self.classical.process)
             if not s.ok:
@@ -309,7 +308,7 @@ class WanVACEEdit(Stage):
                 plans[(id(s), v)] = (info, vjobs)
                 jobs += vjobs
         self._generated: dict[int, np.ndarray] = {}  # job -> its frames, for the next window
-        run = run_batched(self._diffuse, jobs, 1)
+        run = run_batched(self._diffuse, jobs, p.batch_size)
         self._generated = {}
         results = {id(j): (run.outputs[i], run.failures.get(i)) for i, j in enumerate(jobs)}
         for s in samples:
@@ -350,8 +349,6 @@ class WanVACEEdit(Stage):
                     out[t][y0:y1, x0:x1][sel] = back[sel]
             info |= {"method": f"diffusers:{self.record['pipeline']}", "steps": p.steps,
                      "seed": vjobs[0]["seed"], "windows": [list(j["window"]) for j in vjobs]}
-            s.arrays[f"variant/{v}"] = out
-            s.meta["variants"].append(v)
-            s.meta["edits"][v] = info
+            s.add_variant(v, out, info)
         order = {v: i for i, v in enumerate(p.variants)}
         s.meta["variants"].sort(key=order.__getitem__)

@@ -1,0 +1,387 @@
+"""Helpers the image and video stages share: reading a source, sample keys, morphology
+(disk, dilation, rings), the neutral control region (image and clip) and the flat-fill
+control variant with its parameters, shape placing for inserts, detection masks.
+
+One copy of each: the image stages (``ingest``, ``segment``, ``edit``, ``verify``), the model
+backends (``models/*``) and the video package (``video/*``) import them from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from counterfactory import scenes
+from counterfactory.sample import Reject, Sample
+from counterfactory.storage import (
+    FetchError,
+    ObjectTooLarge,
+    StorageError,
+    read_object,
+    resolve_path,
+)
+
+# --- sources and keys -----------------------------------------------------------------------
+
+
+def raise_input_error(meta: dict[str, Any]) -> None:
+    """An input the driver already found broken (``meta["error"]``: "reason: detail") is
+    rejected with that reason by the first stage that sees it."""
+    if "error" in meta:
+        reason, _, detail = meta["error"].partition(": ")
+        raise Reject(reason, detail)
+
+
+def sample_key(source_sha256: str, question: str) -> str:
+    """Stable key from the source content and the question; hex only (no dots for webdataset)."""
+    return hashlib.sha256(f"{source_sha256}\n{question.strip()}".encode()).hexdigest()[:24]
+
+
+def array_digest(arr: np.ndarray) -> str:
+    """The sha256 of a rendered (procedural) source: its pixels and its shape."""
+    return hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+
+
+def local_source(ref: str) -> Path:
+    """The file a local source reference names (``pkg:`` paths resolved into the package)."""
+    return resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
+
+
+def source_file_size(path: Path, max_bytes: int | None = None) -> int:
+    """The size of a source file that can be read, or a reject saying why it cannot."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise Reject("file_not_found", str(path)) from None
+    except (OSError, ValueError) as exc:  # permissions, a name too long, a NUL in the path
+        raise Reject("read_error", f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO or a device (/dev/zero) is never read
+        raise Reject("not_a_file", str(path))
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise Reject("too_large", f"{path}: {st.st_size} bytes > limits.max_image_bytes {max_bytes}")
+    return st.st_size
+
+
+def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a source named by an object-store or web URI, or a reject saying why not."""
+    try:
+        return read_object(uri, max_bytes)
+    except StorageError as exc:
+        raise Reject("unsupported_uri", str(exc).replace("\n", " ")) from None
+    except FetchError as exc:
+        raise Reject("fetch_error", str(exc)) from None
+    except FileNotFoundError:
+        raise Reject("file_not_found", uri) from None
+    except IsADirectoryError:
+        raise Reject("not_a_file", uri) from None
+    except ObjectTooLarge as exc:
+        raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
+    except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
+        raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+
+
+# --- morphology -----------------------------------------------------------------------------
+
+
+def disk(px: int) -> np.ndarray:
+    """The elliptic structuring element of radius ``px``."""
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+
+
+def dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    if px <= 0:
+        return mask
+    return cv2.dilate(mask, disk(px))
+
+
+def ring(mask: np.ndarray, px: int) -> np.ndarray:
+    """The ``px``-wide band around a uint8 mask (the mask's own pixels cleared)."""
+    out = cv2.dilate(mask, disk(px))
+    out[mask > 0] = 0
+    return out
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a uint8 mask's non-zero pixels."""
+    x, y, w, h = cv2.boundingRect(mask)
+    return y, y + h, x, x + w
+
+
+def det_mask(det: dict[str, Any], w: int, h: int) -> np.ndarray:
+    """A detection's pixels (bool, h x w): its polygon, else its box."""
+    if "polygon" in det:
+        return scenes.polygon_mask(det["polygon"], w, h).copy()
+    x0, y0, x1, y1 = det["box"]
+    out = np.zeros((h, w), bool)
+    out[max(0, int(np.floor(y0))):max(0, int(np.ceil(y1))), max(0, int(np.floor(x0))):max(0, int(np.ceil(x1)))] = True
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b)) / union if union else 0.0
+
+
+# --- the evidence mask: instances merged, then dilated --------------------------------------
+
+
+def margin_px(instances: list[dict[str, Any]], dilate_px: int, dilate_frac: float) -> int:
+    """The dilation margin: ``dilate_px`` plus ``dilate_frac`` of the square root of the median
+    instance area (the typical instance, not the union: 24 coins are not one big coin)."""
+    typical = float(np.median([i["mask_area"] for i in instances])) if instances else 0.0
+    return dilate_px + int(round(dilate_frac * np.sqrt(typical)))
+
+
+def set_evidence_mask(sample: Sample, core: np.ndarray, dilate_px: int, dilate_frac: float) -> None:
+    """An image's evidence (``core``: uint8 0/1, the instances merged) dilated by the margin:
+    arrays ``mask_core`` and ``mask`` (0/255) and its figures in ``meta["mask"]``."""
+    h, w = core.shape
+    px = margin_px(sample.meta["instances"], dilate_px, dilate_frac)
+    mask = dilate(core, px)
+    sample.arrays["mask_core"] = core * 255
+    sample.arrays["mask"] = mask * 255
+    sample.meta["mask"] = {"core_area": int(core.sum()), "area": int(mask.sum()),
+                           "area_frac": round(float(mask.sum()) / (h * w), 6), "dilate_px": px}
+
+
+def set_clip_masks(sample: Sample, core: np.ndarray, labels: np.ndarray, dilate_px: int, dilate_frac: float) -> None:
+    """A clip's evidence (``core``: T x H x W uint8 0/1, the tracks merged) dilated frame by
+    frame by the margin: arrays ``masks_core``, ``masks``, ``labels``, figures in ``meta["mask"]``."""
+    instances = sample.meta["instances"]
+    px = margin_px(instances, dilate_px, dilate_frac)
+    masks = np.stack([dilate(c, px) for c in core]) if instances else core.copy()
+    frac = masks.reshape(len(core), -1).mean(axis=1)
+    sample.arrays["masks_core"], sample.arrays["masks"], sample.arrays["labels"] = core, masks, labels
+    sample.meta["mask"] = {"area_frac": round(float(frac.mean()), 6), "max_area_frac": round(float(frac.max()), 6),
+                           "frames_with_evidence": int((frac > 0).sum()), "core_area": int(core.sum()),
+                           "dilate_px": px}
+
+
+# --- where an edit may act (issue 16) -------------------------------------------------------
+
+
+class Skip(Exception):
+    """This variant cannot be made for this sample (recorded as a variant reject)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def annotated_mask(sample: Sample) -> np.ndarray:
+    """uint8 0/255 mask of every object the sample knows about: each annotated object (its
+    polygons, else its box) and each evidence instance. The fill never copies from them, the
+    control never covers them."""
+    h, w = sample.arrays["mask"].shape
+    out = np.zeros((h, w), np.uint8)
+    for o in [*sample.meta.get("annotated", []), *sample.meta.get("instances", [])]:
+        if o.get("polygons"):
+            for poly in o["polygons"]:
+                out[scenes.polygon_mask(poly, w, h)] = 255
+        elif o.get("box"):
+            x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
+            out[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 255
+    if "mask_core" in sample.arrays:
+        out |= (sample.arrays["mask_core"] > 0).astype(np.uint8) * 255
+    return out
+
+
+CONTROL_SHAPES = ("rectangle", "ellipse")
+
+
+def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap: int,
+                 avoid: np.ndarray | None = None, area: int | None = None) -> np.ndarray | None:
+    """DeFacto's control region: a shape of the evidence's area from a fixed neutral family
+    (rectangle or ellipse, aspect 1:2 to 2:1), never the evidence's own silhouette (a black star
+    pasted elsewhere is a new star), placed ``gap`` pixels clear of the evidence and of every
+    pixel of ``avoid`` (all annotated objects). ``tries`` (shape, aspect) draws; for each, every
+    position that fits is found at once (an integral image over the shape's box) and one is
+    drawn, so a spot is missed only when none exists. ``area``: the shape's area when not the
+    evidence's (a clip's largest frame). None when nothing fits."""
+    h, w = evidence.shape
+    blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
+    keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
+    integ = cv2.integral(keepout)
+    area = cv2.countNonZero(evidence) if area is None else area
+    if not area:
+        return None
+    for _ in range(min(tries, 8)):
+        kind = CONTROL_SHAPES[int(rng.integers(len(CONTROL_SHAPES)))]
+        aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        # an ellipse inscribed in a box of area A*4/pi has area A
+        box_area = area * (4 / np.pi if kind == "ellipse" else 1.0)
+        bw = int(round(np.sqrt(box_area * aspect)))
+        bh = int(round(box_area / max(bw, 1)))
+        if not (0 < bw <= w and 0 < bh <= h):
+            continue
+        shape = _neutral_shape(kind, bw, bh)
+        for _ in range(3):  # a small ellipse rasterizes a few % off its area: rescale to match
+            k = np.sqrt(area / max(int(shape.sum()), 1))
+            if abs(k * k - 1) <= 0.01:
+                break
+            bw, bh = max(1, int(round(bw * k))), max(1, int(round(bh * k)))
+            shape = _neutral_shape(kind, bw, bh)
+        bh, bw = shape.shape
+        if not (bw <= w and bh <= h):
+            continue
+        free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
+        ys, xs = np.nonzero(free)
+        if not len(ys):
+            continue
+        i = int(rng.integers(len(ys)))
+        y, x = int(ys[i]), int(xs[i])
+        out = np.zeros((h, w), np.uint8)
+        out[y : y + bh, x : x + bw][shape] = 255
+        return out
+    return None
+
+
+def _neutral_shape(kind: str, bw: int, bh: int) -> np.ndarray:
+    """A filled ``bw`` x ``bh`` rectangle or the ellipse inscribed in that box (bool)."""
+    if kind == "rectangle":
+        return np.ones((bh, bw), bool)
+    m = np.zeros((bh, bw), np.uint8)
+    cv2.ellipse(m, (((bw - 1) / 2, (bh - 1) / 2), (float(bw), float(bh)), 0.0), 1, -1)
+    return m > 0
+
+
+def control_masks(masks: np.ndarray, rng: np.random.Generator, tries: int, gap: int,
+                  avoid: np.ndarray | None = None) -> np.ndarray | None:
+    """DeFacto's control for a clip (issue 16): on each frame a rectangle or ellipse of that
+    frame's evidence area (a fixed neutral family, never the evidence's silhouette), all sharing
+    one center and aspect, placed ``gap`` pixels clear of the evidence's whole footprint and of
+    ``avoid`` (other annotated objects, HxW). None when nothing fits."""
+    t, h, w = masks.shape
+    union = masks.any(axis=0).astype(np.uint8) * 255
+    areas = masks.reshape(t, -1).sum(axis=1)
+    if not areas.max():
+        return None
+    # the largest frame's shape (a little bigger, so every frame's exact area fits), placed clear
+    # of the whole footprint; each frame takes the pixels of it nearest its center, in the
+    # shape's own norm (Chebyshev for a rectangle, Euclidean for an ellipse), so its area equals
+    # the evidence's on that frame exactly and the control keeps the neutral shape
+    base = control_mask(union, rng, tries, gap, avoid=avoid, area=int(np.ceil(areas.max() * 1.06)) + 4)
+    if base is None:
+        return None
+    x, y, bw, bh = cv2.boundingRect(base)
+    rect = bool((base[y : y + bh, x : x + bw] > 0).all())
+    ys, xs = np.nonzero(base)
+    dy, dx = (ys - (y + (bh - 1) / 2)) / max(bh, 1), (xs - (x + (bw - 1) / 2)) / max(bw, 1)
+    dist = np.maximum(np.abs(dx), np.abs(dy)) if rect else np.hypot(dx, dy)
+    order = np.argsort(dist, kind="stable")
+    out = np.zeros((t, h, w), bool)
+    for i in range(t):
+        k = int(areas[i])
+        if k:
+            sel = order[:k]
+            out[i, ys[sel], xs[sel]] = True
+    return out
+
+
+class FlatFillParams(BaseModel):
+    """The flat fill (``blackout``, ``random_mask``) and the control region's placement: the
+    parameters every edit backend with those variants shares (as ``ModelParams`` for models).
+
+    A backend names in ``flat_fill_after`` the fields these followed when each backend declared
+    them itself: a version's ``config.yaml`` lists a stage's parameters in that order, and a new
+    order would change the bytes (and content id) of every dataset built before."""
+
+    model_config = ConfigDict(extra="forbid")
+    # (the field ``fill`` follows, the field ``control_tries``/``control_gap`` follow)
+    flat_fill_after: ClassVar[tuple[str, str] | None] = None
+    fill: tuple[int, int, int] = (0, 0, 0)
+    control_tries: int = Field(64, ge=1)
+    control_gap: int = Field(4, ge=0, description="pixels between the control region and the evidence")
+
+    @model_serializer(mode="wrap")
+    def _in_declared_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if not self.flat_fill_after or not isinstance(out, dict):
+            return out
+        after = {"fill": self.flat_fill_after[0], "control_tries": self.flat_fill_after[1],
+                 "control_gap": "control_tries"}  # moved field -> the field it follows
+        moved = {k: out.pop(k) for k in after if k in out}
+        ordered: dict[str, Any] = {}
+
+        def put(k: str, v: Any) -> None:
+            ordered[k] = v
+            for m, anchor in after.items():
+                if anchor == k and m in moved:
+                    put(m, moved.pop(m))
+
+        for k, v in out.items():
+            put(k, v)
+        return ordered | moved
+
+
+def flat_fill(media: np.ndarray, region: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """A copy of an image (H x W x 3) or clip (T x H x W x 3) with ``region`` set to ``fill``."""
+    out = media.copy()
+    out[region > 0] = np.array(fill, np.uint8)
+    return out
+
+
+# the salt of the control's random draws (``[sample.seed, CONTROL_SALT]``), for image and clip
+CONTROL_SALT = 7
+
+
+def control_variant(sample: Sample, p: FlatFillParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The ``random_mask`` control of an image or a clip (DeFacto): the flat fill over a neutral
+    region of the evidence's area, clear of the evidence (an image's: of every annotated object
+    too). Returns (media, region, edit record); ``Skip`` when nothing fits."""
+    rng = np.random.default_rng([sample.seed, CONTROL_SALT])
+    record = {"method": "flat-fill", "region": "control", "affects": []}
+    if "video" in sample.arrays:
+        frames = sample.arrays["video"]
+        ctrl = control_masks(sample.arrays["masks"], rng, p.control_tries, p.control_gap)
+        if ctrl is None:
+            raise Skip("no_room_for_control", "no offset moves the evidence clear of its own footprint in every frame")
+        return flat_fill(frames, ctrl, p.fill), ctrl, record
+    mask = sample.arrays["mask"]
+    ctrl = control_mask(mask, rng, p.control_tries, p.control_gap, annotated_mask(sample))
+    if ctrl is None:
+        raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
+                   "clear of every annotated object")
+    return flat_fill(sample.arrays["image"], ctrl, p.fill), ctrl, record
+
+
+# --- where an inserted object goes ----------------------------------------------------------
+
+CLONE_MARGIN = disk(6)
+
+
+def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
+                tries: int) -> tuple[list[list[float]], np.ndarray, np.ndarray]:
+    """Where an inserted object goes: a ``shape`` of radius ``r`` whose region (with a margin
+    for blending) covers neither the evidence nor any annotated object's box. Returns the
+    polygon, the object mask and the region mask; ``Skip`` when nothing fits."""
+    h, w = sample.arrays["mask"].shape
+    keepout = sample.arrays["mask"] > 0
+    for a in sample.meta.get("annotated", []):
+        x0, y0, x1, y1 = a["box"]
+        keepout[y0:y1, x0:x1] = True
+    m = int(r) + 4
+    if h <= 2 * m or w <= 2 * m:
+        raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
+    half = CLONE_MARGIN.shape[0] // 2
+    for _ in range(tries):
+        cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
+        poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
+        # Each try is tested in the polygon's box grown by the margin (the region cannot reach
+        # past it), with the rasterization scenes.polygon_mask uses; full-size masks only for
+        # the spot that fits.
+        pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32)
+        x0, y0 = max(0, int(pts[:, 0].min()) - half), max(0, int(pts[:, 1].min()) - half)
+        x1, y1 = min(w, int(pts[:, 0].max()) + half + 1), min(h, int(pts[:, 1].max()) + half + 1)
+        win = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
+        if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, CLONE_MARGIN) > 0)).any():
+            obj = scenes.polygon_mask(poly, w, h)
+            return poly, obj, cv2.dilate(obj.astype(np.uint8) * 255, CLONE_MARGIN)
+    raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
