@@ -45,8 +45,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from counterfactory.pipeline.config import AuditConfig
-from counterfactory.pipeline.writer import FailureBudgetExceeded, answers_of
+from counterfactory.audit_config import AuditConfig
+from counterfactory.index import answers_of
+from counterfactory.layout import CONFIG, INDEX
+from counterfactory.publish import FailureBudgetExceeded
 from counterfactory.rules import ANSWER_RULES
 from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
 from counterfactory.stages.verify import CONTROLS
@@ -121,7 +123,7 @@ def _part(sample: dict[str, Any], name: str) -> bytes | None:
 
 # -- sampling and reading -------------------------------------------------------------------------
 def _read_config(vdir: Path) -> dict[str, Any]:
-    p = vdir / "config.yaml"
+    p = vdir / CONFIG
     return yaml.safe_load(p.read_text()) if p.exists() else {}
 
 
@@ -292,7 +294,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         settings = cfg.get("audit") or {}
     s = settings if isinstance(settings, AuditConfig) else AuditConfig.model_validate(settings)
     abstain = cfg.get("abstain_answer", "unknown")
-    index = read_parquet(vdir / "index.parquet", columns=["key", "shard", "variants", "questions",
+    index = read_parquet(vdir / INDEX, columns=["key", "shard", "variants", "questions",
                                                           "question_kinds", "answers"]).to_pylist()
     variants_all = sorted({v for r in index for v in r["variants"]})
 

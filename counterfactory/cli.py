@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from counterfactory import layout
 from counterfactory.pipeline.config import ConfigError, load_config
-from counterfactory.pipeline.writer import FailureBudgetExceeded
+from counterfactory.publish import FailureBudgetExceeded
 
 
 def _print_plan(cfg, n_inputs: int) -> None:
@@ -205,10 +206,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from counterfactory import console
     from counterfactory import versions as V
+    from counterfactory.verify import verify
 
     v = V.locate(args.dataset, args.root)
     with console.status(f"verifying {v.dataset}@{v.label}"):
-        checks = V.verify(v)
+        checks = verify(v)
     bad = [c for c in checks if not c.ok]
     for c in checks:
         if not c.ok or args.verbose:
@@ -227,9 +229,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     import tempfile
 
     from counterfactory import versions as V
+    from counterfactory.regenerate import regenerate
 
     v = V.locate(args.dataset, args.root)
-    if not (v.info.get("spec") or {}).get("config") and not (v.path / "config.yaml").exists():
+    if not (v.info.get("spec") or {}).get("config") and not (v.path / layout.CONFIG).exists():
         print(f"error: {v.path} records no spec to regenerate", file=sys.stderr)
         return 2
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="counterfactory-regen-"))
@@ -237,7 +240,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         from counterfactory import console
 
         with console.status(f"regenerating {v.dataset}@{v.label} in {scratch}", enabled=not args.quiet):
-            rep = V.regenerate(v, scratch, local=args.local, progress=False, verbose=False)
+            rep = regenerate(v, scratch, local=args.local, progress=False, verbose=False)
     finally:
         if not args.keep and not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -268,9 +271,10 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from counterfactory import versions as V
+    from counterfactory.diff import diff
 
     a, b = V.locate(args.a, args.root), V.locate(args.b, args.root)
-    d = V.diff(a, b)
+    d = diff(a, b)
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0
@@ -319,9 +323,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     abstain = args.abstain
     if abstain is None:  # the answer this dataset abstains with, as its config says
-        from counterfactory.versions import version_config
+        from counterfactory.diff import version_config
 
-        abstain = version_config(ds).get("abstain_answer", "unknown") if (ds / "config.yaml").exists() else "unknown"
+        abstain = version_config(ds).get("abstain_answer", "unknown") if (ds / layout.CONFIG).exists() else "unknown"
     try:
         rep = E.evaluate(ds, Path(args.predictions), abstain=abstain)
     except E.PredictionsError as exc:

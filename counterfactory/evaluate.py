@@ -25,9 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from counterfactory.pipeline.writer import answers_of  # typed index columns (or older JSON text)
+from counterfactory.index import answers_of  # typed index columns (or older JSON text)
+from counterfactory.layout import INDEX, MANIFEST
 from counterfactory.stages.verify import CONTROLS as CONTROL_VARIANTS
 from counterfactory.storage import read_parquet
+from counterfactory.versions import locate
 
 _NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve".split())}
@@ -62,23 +64,21 @@ def is_abstention(answer: Any, abstain: str = "unknown") -> bool:
 def dataset_dir(ref: str | Path, root: str | Path = "outputs") -> Path:
     """A version folder from ``DATASET[@VERSION]``, a ``ROOT/DATASET/vN`` path, or a folder
     holding ``index.parquet``."""
-    from counterfactory import versions
-
     p = Path(ref)
-    if p.is_dir() and (p / "index.parquet").exists():
+    if p.is_dir() and (p / INDEX).exists():
         return p
-    return versions.locate(str(ref), root).path
+    return locate(str(ref), root).path
 
 
 def _rows(ds: Path) -> list[dict[str, Any]]:
     cols = ["key", "shard", "questions", "question_kinds", "answers", "variants"]
-    return read_parquet(ds / "index.parquet", cols).to_pylist()
+    return read_parquet(ds / INDEX, cols).to_pylist()
 
 
 def export_questions(ds: Path, out: Path, image_ext: str | None = None) -> int:
     """One row per (sample, variant, question): what to ask and of which tar member."""
     if image_ext is None:
-        manifest = json.loads((ds / "manifest.json").read_text())
+        manifest = json.loads((ds / MANIFEST).read_text())
         image_ext = "mp4" if manifest.get("counts", {}).get("videos") else "jpg"
     n = 0
     with open(out, "w", encoding="utf-8") as f:

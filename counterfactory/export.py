@@ -38,7 +38,9 @@ import yaml
 
 from counterfactory import export_recipes
 from counterfactory import versions as V
-from counterfactory.pipeline.writer import pair_doc
+from counterfactory.diff import version_config
+from counterfactory.index import pair_doc
+from counterfactory.layout import CONFIG, HashingReader, UnsafeMember, tar_samples
 
 TRAINER_FORMATS = ("llava", "trl", "sharegpt", "parquet")
 FORMATS = (*TRAINER_FORMATS, *export_recipes.FORMATS)
@@ -94,22 +96,12 @@ def iter_samples(version: V.Version) -> Iterator[tuple[dict[str, Any], dict[str,
     for s in version.manifest()["shards"]:
         h = hashlib.sha256()
         with version.open(s["name"]) as f:
-            reader = V._HashingReader(f, h)
-            key, parts = None, {}
+            reader = HashingReader(f, h)
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as tf:
-                    for m in tf:
-                        name = m.name
-                        if not m.isfile() or "/" in name or "\\" in name or "." not in name:
-                            raise ExportError(f"{s['name']}: unexpected member {name!r}; run verify")
-                        k, part = name.split(".", 1)
-                        if k != key:
-                            if key is not None:
-                                yield _doc(s["name"], key, parts), parts
-                            key, parts = k, {}
-                        parts[part] = tf.extractfile(m).read()  # type: ignore[union-attr]
-                if key is not None:
+                for key, parts in tar_samples(reader, strict=True, plain_names=True):
                     yield _doc(s["name"], key, parts), parts
+            except UnsafeMember as exc:
+                raise ExportError(f"{s['name']}: unexpected member {exc.name!r}; run verify") from None
             except tarfile.TarError as exc:
                 raise ExportError(f"{s['name']}: unreadable tar ({exc}); run verify") from None
             reader.drain()
@@ -278,8 +270,8 @@ def export(version: V.Version, fmt: str, out: Path, *, variants: list[str] | Non
         if fmt in export_recipes.FORMATS:
             if variants is not None or len(splits) > 1:
                 raise ExportError(f"--format {fmt} writes the paper's own layout: --variants and --split do not apply")
-            abstain = V.version_config(version.path).get("abstain_answer", "unknown") \
-                if (version.path / "config.yaml").exists() else "unknown"
+            abstain = version_config(version.path).get("abstain_answer", "unknown") \
+                if (version.path / CONFIG).exists() else "unknown"
             counts = export_recipes.write(fmt, iter_samples(version), tmp, progress, abstain)
         else:
             counts = _write(version, fmt, tmp, variants, splits, progress)
@@ -354,7 +346,7 @@ def _readme(version: V.Version, fmt: str, tmp: Path, splits: list[tuple[str, flo
     """Front matter that makes ``datasets.load_dataset(DIR)`` read the parquet formats natively."""
     if fmt not in ("parquet", "trl"):
         return
-    lic = (V.version_config(version.path).get("card") or {}).get("license") if (version.path / "config.yaml").exists() else None
+    lic = (version_config(version.path).get("card") or {}).get("license") if (version.path / CONFIG).exists() else None
     front = {
         "license": lic or "unknown",
         "task_categories": ["visual-question-answering"],

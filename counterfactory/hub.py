@@ -17,7 +17,8 @@ import json
 from typing import Any
 
 from counterfactory import versions as V
-from counterfactory.layout import atomic_write
+from counterfactory.layout import VERSION_FILE, atomic_write
+from counterfactory.verify import verify
 
 # working files that are not part of a version (a viewer is rebuilt from the version on demand)
 IGNORE = [".lock", ".journal/**", ".claim.json", "viewer/**", "**/.*.tmp"]
@@ -34,7 +35,7 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
     if version.remote is not None:
         raise HubError(f"{version.location} is on an object store: push a local copy of it "
                        "(e.g. regenerate it with a local --scratch folder)")
-    bad = [c for c in V.verify(version) if not c.ok]
+    bad = [c for c in verify(version) if not c.ok]
     if bad:
         raise HubError(f"{version.dataset}@{version.label} fails verify ({len(bad)} problem(s): "
                        + "; ".join(f"{c.name}: {c.detail}" for c in bad[:3]) + "); nothing pushed")
@@ -74,6 +75,6 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
               "private": private, "pushed": V.now_utc()}
     info = dict(version.info)
     info["hub"] = [*info.get("hub", []), record]
-    atomic_write(version.path / V.VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+    atomic_write(version.path / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
     version.info = info
     return record

@@ -1,11 +1,57 @@
-"""The files of a version folder: atomic writes and checksums (bottom layer: no package imports)."""
+"""The files of a version folder: their names, atomic writes, checksums, the folder object and
+the one safe tar reader (bottom layer: standard library only, so the trainers' ``loader``
+imports it without Ray or pyarrow).
+
+Layout of ``ROOT/DATASET/vN`` (``versions.py`` owns the labels, ``publish.py`` the renames)::
+
+    DATASET-000000.tar ...   shards (KEY.json, KEY.orig.jpg, KEY.VARIANT.jpg, masks ...)
+    pairs/*.tar              the pairs layout (one sample per original x variant)
+    index.parquet            one row per sample          rejects.parquet  one row per reject
+    shards.json              per-shard sha256/bytes/samples for loaders
+    config.yaml              the resolved config         summary.json     the run report
+    manifest.json            per-shard and per-file sha256, counts: its sha256 is the content id
+    version.json             label, spec and content ids: the commit marker
+    README.md, card.json, plots/   the data card (not in the manifest)
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import tarfile
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+# -- names ---------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+REJECTS = "rejects.parquet"
+SHARDS_INDEX = "shards.json"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+VERSION_FILE = "version.json"
+CARD_JSON = "card.json"
+README = "README.md"
+PLOTS_DIR = "plots"
+PAIRS_DIR = "pairs"  # the pairs layout: one sample per original x variant, the same members in each
+JOURNAL = ".journal"  # per-shard resume journal of a staging folder
+LOCK = ".lock"
+STAGING_PREFIX = ".staging-"  # ROOT/DATASET/.staging-<spec id>: a run in progress, never a version
+CLAIM = ".claim.json"  # written first into a label being uploaded; removed once it is committed
+LATEST = "latest"
+TAGS = "tags"  # ROOT/DATASET/tags/NAME holds a label, like `latest`
+HASH_CACHE = Path(".cache") / "source-hashes.json"
+LABEL_RE = re.compile(r"^v(\d+)$")
+# a file at the top of the version folder, or a pair shard in its pairs/ folder
+MEMBER_NAME = re.compile(r"^(pairs/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+# -- checksums and atomic writes ----------------------------------------------------------------
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -29,3 +75,174 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class HashingReader:
+    """A read-only file that hashes what passes through it; ``drain`` hashes the rest."""
+
+    def __init__(self, f: Any, h: Any) -> None:
+        self.f, self.h = f, h
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 << 20):
+            pass
+
+
+# -- the manifest ------------------------------------------------------------------------------------
+def manifest_problem(manifest: Any) -> str | None:
+    """What makes ``manifest`` unusable for verify (None: usable). Names must be plain file
+    names: a manifest is data, and ``../x`` or ``/etc/passwd`` must not be opened through it."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is not a list"
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            return f"shards[{i}] is not an object"
+        if not isinstance(sh.get("name"), str) or not MEMBER_NAME.match(sh["name"]):
+            return f"shards[{i}].name {sh.get('name')!r} is not a file name"
+        for k, typ in (("bytes", int), ("samples", int), ("sha256", str)):
+            if not isinstance(sh.get(k), typ) or isinstance(sh.get(k), bool):
+                return f"shards[{i}] ({sh['name']}): '{k}' missing or not a {typ.__name__}"
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for name, meta in files.items():
+        if not MEMBER_NAME.match(name) or not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            return f"files[{name!r}] is not a file name with a sha256"
+    return None
+
+
+# -- the folder object ------------------------------------------------------------------------------
+class LocalDir:
+    """A local folder with the operations of ``storage.RemoteDir`` (same names, same results), so
+    a version or dataset is read and written through one object wherever it lives."""
+
+    remote = False
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"LocalDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def uri(self) -> str:
+        return str(self.path.resolve())
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def child(self, name: str) -> LocalDir:
+        return LocalDir(self.path / name)
+
+    def sizes(self, rels: Sequence[str]) -> dict[str, int | None]:
+        return {r: (self.path / r).stat().st_size if (self.path / r).is_file() else None for r in rels}
+
+    def exists(self, rel: str = "") -> bool:
+        return (self.path / rel).exists()
+
+    def list(self, rel: str = "", recursive: bool = False) -> list[tuple[str, bool, int]]:
+        """(name relative to this folder, is_dir, size) of its entries; [] when it is absent."""
+        base = self.path / rel
+        if not base.is_dir():
+            return []
+        found = base.rglob("*") if recursive else base.iterdir()
+        return sorted((p.relative_to(self.path).as_posix(), p.is_dir(), p.stat().st_size if p.is_file() else 0)
+                      for p in found)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.path / rel).read_bytes()
+
+    def read_text(self, rel: str) -> str:
+        return (self.path / rel).read_text()
+
+    def open(self, rel: str) -> Any:
+        return open(self.path / rel, "rb")
+
+    def sha256(self, rel: str) -> str:
+        return sha256_file(self.path / rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / rel, data)
+
+    def delete(self, rel: str) -> None:
+        (self.path / rel).unlink()
+
+
+# -- the one tar reader -------------------------------------------------------------------------------
+class UnsafeMember(ValueError):
+    """A tar member that is not a plain file with a relative name (a link, a device, ``..``)."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name}: {why}")
+        self.name, self.why = name, why
+
+
+def member_problem(info: tarfile.TarInfo, max_bytes: int | None = None) -> str | None:
+    """Why a member may not be read from a shard (None: a regular file with a safe name)."""
+    name = info.name
+    if info.issym() or info.islnk():
+        return (f"a {'symbolic' if info.issym() else 'hard'} link "
+                f"(to {info.linkname!r}); shards hold regular files only")
+    if info.ischr() or info.isblk() or info.isfifo():
+        return "a device or FIFO entry; shards hold regular files only"
+    if not info.isreg():
+        return "not a regular file; shards hold regular files only"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\x00" in name:
+        return "an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "a '..' path component"
+    if max_bytes is not None and info.size > max_bytes:
+        return f"{info.size} bytes, over the {max_bytes}-byte member limit"
+    return None
+
+
+def tar_members(f: Any, *, strict: bool = False, plain_names: bool = False, max_member_bytes: int | None = None,
+                want: Callable[[str], bool] | None = None,
+                mode: str = "r|") -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """(member, its bytes) of every regular file of a tar read as a stream (``f`` needs only
+    ``read``), in memory: nothing is ever extracted. Anything else (a link, a device, a folder)
+    is skipped, or with ``strict`` raises ``UnsafeMember``, as does a name other than a plain
+    ``KEY.part`` with ``plain_names``. ``want(name)`` false: the bytes are not read (``b""``)."""
+    with tarfile.open(fileobj=f, mode=mode) as tf:
+        for m in tf:
+            why = member_problem(m, max_member_bytes) if strict else None
+            if not why and plain_names and ("/" in m.name or "\\" in m.name or "." not in m.name):
+                why = "not a plain KEY.part name"
+            if why:
+                raise UnsafeMember(m.name, why)
+            if not m.isfile():
+                continue
+            data = b""
+            if want is None or want(m.name):
+                member = tf.extractfile(m)
+                data = member.read() if member is not None else b""
+            tf.members = []  # stream mode keeps every TarInfo otherwise
+            yield m, data
+
+
+def tar_samples(f: Any, **kw: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {part: bytes}) per sample of a shard, members of a sample being contiguous."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    for m, data in tar_members(f, **kw):
+        k, _, part = m.name.partition(".")
+        if k != key:
+            if key is not None:
+                yield key, parts
+            key, parts = k, {}
+        parts[part] = data
+    if key is not None:
+        yield key, parts

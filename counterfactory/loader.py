@@ -49,6 +49,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from counterfactory import layout
+from counterfactory.layout import UnsafeMember, tar_members
+
 __all__ = [
     "LoaderError",
     "PairDataset",
@@ -62,8 +65,8 @@ __all__ = [
     "resolve_shards",
 ]
 
-SHARD_INDEX = "shards.json"
-INDEX_PARQUET = "index.parquet"
+SHARD_INDEX = layout.SHARDS_INDEX
+INDEX_PARQUET = layout.INDEX
 MASK_PARTS = ("mask", "control_mask")
 DEFAULT_MAX_MEMBER_BYTES = 1 << 30  # one member never legitimately approaches this
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -310,23 +313,6 @@ class _CountingReader(io.RawIOBase):
             pass
 
 
-def _check_member(info: tarfile.TarInfo, url: str, max_bytes: int) -> None:
-    name = info.name
-    if info.issym() or info.islnk():
-        raise UnsafeMemberError(url, name, f"a {'symbolic' if info.issym() else 'hard'} link "
-                                f"(to {info.linkname!r}); shards hold regular files only")
-    if info.ischr() or info.isblk() or info.isfifo():
-        raise UnsafeMemberError(url, name, "a device or FIFO entry; shards hold regular files only")
-    if not info.isreg():
-        raise UnsafeMemberError(url, name, "not a regular file; shards hold regular files only")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or "\x00" in name:
-        raise UnsafeMemberError(url, name, "an absolute path")
-    if ".." in name.replace("\\", "/").split("/"):
-        raise UnsafeMemberError(url, name, "a '..' path component")
-    if info.size > max_bytes:
-        raise UnsafeMemberError(url, name, f"{info.size} bytes, over the {max_bytes}-byte member limit")
-
-
 def _complete(sample: dict[str, Any], url: str) -> dict[str, Any]:
     """Parse the JSON and check that every part it lists is there: a shard cut at a member
     boundary leaves a sample that parses but lacks its last parts."""
@@ -389,27 +375,24 @@ def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, ver
         counter = _CountingReader(raw, hash_it=check, limit=limit)
         current: dict[str, Any] | None = None
         try:
-            with tarfile.open(fileobj=counter, mode="r|*") as tf:
-                for info in tf:
-                    _check_member(info, url, max_member_bytes)
-                    key, suffix = base_plus_ext(info.name)
-                    if key is None:
-                        continue  # a name without an extension belongs to no sample
-                    member = tf.extractfile(info)
-                    data = member.read() if member is not None else b""
-                    if len(data) != info.size:
-                        raise ShardError(url, f"member {info.name} ends after {len(data)} of {info.size} bytes")
-                    if current is None or current["__key__"] != key:
-                        if current is not None:
-                            yield _complete(current, url)
-                            n += 1
-                        current = {"__key__": key, "__url__": url}
-                    suffix = suffix.lower()
-                    if suffix in current:
-                        raise ShardError(url, f"duplicate member {info.name}")
-                    current[suffix] = data
-                    tf.members = []  # stream mode keeps every TarInfo otherwise
+            for info, data in tar_members(counter, strict=True, max_member_bytes=max_member_bytes, mode="r|*"):
+                key, suffix = base_plus_ext(info.name)
+                if key is None:
+                    continue  # a name without an extension belongs to no sample
+                if len(data) != info.size:
+                    raise ShardError(url, f"member {info.name} ends after {len(data)} of {info.size} bytes")
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield _complete(current, url)
+                        n += 1
+                    current = {"__key__": key, "__url__": url}
+                suffix = suffix.lower()
+                if suffix in current:
+                    raise ShardError(url, f"duplicate member {info.name}")
+                current[suffix] = data
             counter.drain()
+        except UnsafeMember as e:
+            raise UnsafeMemberError(url, e.name, e.why) from None
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise ShardError(url, f"corrupt or truncated after {n} complete samples ({e})") from None
         if current is not None:
@@ -757,7 +740,7 @@ def describe_version(folder: str | None, filesystem: Any = None, n_shards: int =
         return f"reading {what} given as URLs (no version folder)"
     try:
         fsys, path = _fs_for(folder, _as_fsspec(filesystem))
-        with fsys.open(_join(path, "version.json"), "rb") as f:
+        with fsys.open(_join(path, layout.VERSION_FILE), "rb") as f:
             info = json.loads(f.read())
     except (OSError, ValueError):
         return f"reading {what} from {folder} (no version.json)"
@@ -789,7 +772,7 @@ def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = Non
     fsys, path = _fs_for(folder, _as_fsspec(filesystem))
     with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
         per_sample = pq.read_table(f, columns=["variants"]).column("variants").to_pylist()
-    with fsys.open(_join(path, "manifest.json"), "rb") as f:
+    with fsys.open(_join(path, layout.MANIFEST), "rb") as f:
         parts = json.loads(f.read()).get("counts", {}).get("parts")
     if parts is None:  # datasets written before the manifest listed its parts
         with contextlib.closing(read_shard(shards[0], fs=_as_fsspec(filesystem))) as samples:

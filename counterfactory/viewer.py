@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from counterfactory.layout import CONFIG, INDEX, MANIFEST, REJECTS, tar_samples
 from counterfactory.storage import read_parquet
 from counterfactory.versions import VersionError
 
@@ -42,22 +43,9 @@ MAX_SOURCE_PIXELS = 40_000_000  # a rejected "too_large" source is not decoded f
 
 def _iter_samples(shard: Any, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {part: bytes}) for the wanted keys of one shard; members of a sample are contiguous."""
-    cur: str | None = None
-    parts: dict[str, bytes] = {}
-    with tarfile.open(fileobj=shard, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, part = m.name.partition(".")
-            if key != cur:
-                if cur in wanted:
-                    yield cur, parts
-                cur, parts = key, {}
-            if key in wanted:
-                f = tf.extractfile(m)
-                parts[part] = f.read() if f else b""
-    if cur in wanted:
-        yield cur, parts
+    for key, parts in tar_samples(shard, want=lambda name: name.partition(".")[0] in wanted):
+        if key in wanted:
+            yield key, parts
 
 
 def _thumb(img: Image.Image, size: int) -> Image.Image:
@@ -117,9 +105,9 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
             thumb: int = THUMB) -> dict[str, Any]:
     """Read index, rejects and shards of a version; write thumbnails; return the page data."""
     vdir: Path = version.path
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    index = read_parquet(vdir / "index.parquet").to_pylist()
-    rejects = read_parquet(vdir / "rejects.parquet").to_pylist()
+    manifest = json.loads((vdir / MANIFEST).read_text())
+    index = read_parquet(vdir / INDEX).to_pylist()
+    rejects = read_parquet(vdir / REJECTS).to_pylist()
     shown = index[:max_samples]
     rej_shown = rejects[:max_rejects]
     wanted = {r["key"] for r in shown} | {r["key"] for r in rej_shown if r["variant"] is not None}
@@ -449,7 +437,7 @@ def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int 
             why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             raise ViewerError(f"{version.path}: cannot read this version for the viewer ({why}); "
                               "run `counterfactory verify` on it") from None
-        cfg = yaml.safe_load((version.path / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((version.path / CONFIG).read_text()) or {}
         card_path = version.path / "card.json"
         audit = json.loads(card_path.read_text()).get("audit") if card_path.exists() else None
         abstain = cfg.get("abstain_answer", "unknown") if isinstance(cfg, dict) else "unknown"

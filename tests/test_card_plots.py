@@ -9,7 +9,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from counterfactory.pipeline import card as card_mod
+from counterfactory import card as card_mod
 from tests.conftest import REPO
 
 BLUE = (0x4C, 0x72, 0xB0)  # the mask-area fill

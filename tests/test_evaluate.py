@@ -14,8 +14,8 @@ from counterfactory.evaluate import (
     normalize,
     report_table,
 )
+from counterfactory.index import answers_of
 from counterfactory.pipeline.runner import run_pipeline
-from counterfactory.pipeline.writer import answers_of
 from tests.conftest import make_config, scenes_input
 
 

@@ -19,9 +19,9 @@ from PIL import Image
 
 from counterfactory import export as X
 from counterfactory import versions as V
+from counterfactory.index import answers_of
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
-from counterfactory.pipeline.writer import answers_of
 from tests.conftest import LENIENT_FOOTPRINT, REPO
 
 DEMO = REPO / "configs" / "demo.yaml"

@@ -23,6 +23,7 @@ from counterfactory.pipeline.config import ConfigError, load_config
 from counterfactory.pipeline.inputs import plan_inputs
 from counterfactory.pipeline.runner import local_batches, run_pipeline
 from counterfactory.sample import decode_batch
+from counterfactory.verify import verify
 from tests.conftest import demo_dict, make_config, save, scenes_input, square_scene
 
 # CF_FUZZ_EXAMPLES=2000 runs a longer, randomized search by hand (RELIABILITY.md)
@@ -158,7 +159,7 @@ def test_fuzz_shard_metadata(version, tmp_path_factory, edits, drop_list):
         docs["manifest"]["files"] = list(docs["manifest"].get("files", {}))
     (vdir / "manifest.json").write_text(json.dumps(docs["manifest"]))
     (vdir / "shards.json").write_text(json.dumps(docs["shards"]))
-    checks = V.verify(V.read_version(vdir))
+    checks = verify(V.read_version(vdir))
     assert checks and all(isinstance(c.ok, bool) for c in checks)
     try:
         shards, _ = resolve_shards(str(vdir))

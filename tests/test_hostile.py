@@ -30,6 +30,7 @@ from counterfactory.pipeline.config import ConfigError, load_config
 from counterfactory.pipeline.inputs import load_records, plan_inputs
 from counterfactory.pipeline.runner import local_batches, run_pipeline
 from counterfactory.sample import decode_batch
+from counterfactory.spec import build_spec, spec_id
 from tests.conftest import (
     REPO,
     demo_dict,
@@ -323,8 +324,8 @@ def test_second_run_of_the_same_spec_is_one_line_and_the_lock_is_released(tmp_pa
     data["inputs"] = [scenes_input(2)]
     path = _config_file(tmp_path, data)
     cfg = load_config(path)
-    spec, _ = V.build_spec(cfg, plan_inputs(cfg), None)
-    staging = tmp_path / "out" / "demo" / f".staging-{V.spec_id(spec)[:24]}"
+    spec, _ = build_spec(cfg, plan_inputs(cfg), None)
+    staging = tmp_path / "out" / "demo" / f".staging-{spec_id(spec)[:24]}"
     staging.mkdir(parents=True)
     fd = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # what a live run holds
@@ -371,9 +372,10 @@ def test_verify_and_viewer_start_no_native_threads(small_version):
     """The cause of the exit aborts, checked deterministically: reading a version (verify, the
     viewer's page data) must start no Arrow thread pool, whose teardown at exit can abort."""
     code = ("import os, sys, pathlib, tempfile; import cv2; from counterfactory import versions as V, viewer\n"
+            "from counterfactory.verify import verify\n"
             "n = lambda: len(os.listdir('/proc/self/task'))\n"
             "v = V.read_version(pathlib.Path(sys.argv[1])); before = n()\n"
-            "assert all(c.ok for c in V.verify(v))\n"
+            "assert all(c.ok for c in verify(v))\n"
             "viewer.collect(v, pathlib.Path(tempfile.mkdtemp()), max_samples=2)\n"
             "print(before, n())")
     r = subprocess.run([PY, "-c", code, str(small_version.path)], capture_output=True, text=True, env=ENV, timeout=120)
@@ -386,7 +388,8 @@ def test_verify_does_not_abort_at_exit(small_version):
     ("terminate called without an active exception"), ~14% with OpenCV loaded as the CLI loads
     it. 32 runs, 4 at a time: the old code fails this with probability ~99%."""
     code = ("import cv2, sys; from counterfactory import versions as V; "
-            "c = V.verify(V.read_version(__import__('pathlib').Path(sys.argv[1]))); "
+            "from counterfactory.verify import verify; "
+            "c = verify(V.read_version(__import__('pathlib').Path(sys.argv[1]))); "
             "sys.exit(0 if all(x.ok for x in c) else 1)")
     failures = []
     for _ in range(8):

@@ -20,8 +20,10 @@ import yaml
 
 from counterfactory import hub
 from counterfactory import versions as V
+from counterfactory.layout import VERSION_FILE
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.verify import verify
 from tests.conftest import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
@@ -127,15 +129,15 @@ def test_pairs_are_in_the_manifest_and_verified(photos: Path, tmp_path: Path) ->
     assert sum(m["files"][n]["samples"] for n in listed) == m["counts"]["pairs"] == len(expected_pairs(photos))
     copy = tmp_path / "demo" / photos.name
     shutil.copytree(photos, copy)
-    assert all(c.ok for c in V.verify(V.read_version(copy)))
+    assert all(c.ok for c in verify(V.read_version(copy)))
     p = copy / listed[0]
     data = bytearray(p.read_bytes())
     data[700] ^= 1
     p.write_bytes(bytes(data))
-    bad = [c for c in V.verify(V.read_version(copy)) if not c.ok]
+    bad = [c for c in verify(V.read_version(copy)) if not c.ok]
     assert [c.name for c in bad] == [listed[0]]
     (copy / "pairs" / "demo-999999.tar").write_bytes(b"")  # data_files: pairs/*.tar would read it
-    bad = [c for c in V.verify(V.read_version(copy)) if not c.ok]
+    bad = [c for c in verify(V.read_version(copy)) if not c.ok]
     assert [c.name for c in bad] == ["pairs/demo-999999.tar", listed[0]]
 
 
@@ -164,11 +166,11 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_push_offline_is_one_line_and_records_nothing(photos: Path) -> None:
-    before = (photos / V.VERSION_FILE).read_bytes()
+    before = (photos / VERSION_FILE).read_bytes()
     r = _cli("push", str(photos), "someone/demo", env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test"})
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and "HF_HUB_OFFLINE" in r.stderr and "Traceback" not in r.stderr
-    assert (photos / V.VERSION_FILE).read_bytes() == before
+    assert (photos / VERSION_FILE).read_bytes() == before
 
 
 def test_push_refuses_a_version_that_fails_verify(photos: Path, tmp_path: Path) -> None:
@@ -179,7 +181,7 @@ def test_push_refuses_a_version_that_fails_verify(photos: Path, tmp_path: Path) 
         hub.push(V.read_version(copy), "someone/demo")
     r = _cli("push", str(copy), "someone/demo", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and "fails verify" in r.stderr and r.stderr.count("\n") == 1
-    assert "hub" not in json.loads((copy / V.VERSION_FILE).read_text())
+    assert "hub" not in json.loads((copy / VERSION_FILE).read_text())
 
 
 def test_push_of_a_malformed_repo_id_is_one_line(photos: Path) -> None:

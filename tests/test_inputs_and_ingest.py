@@ -283,7 +283,7 @@ def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path)
     URI nothing here opens keeps its text in the reject."""
     import threading
 
-    from counterfactory.versions import SourceHasher
+    from counterfactory.spec import SourceHasher
     from tests.conftest import save, square_line, square_scene
 
     save(square_scene(), tmp_path / "good.png")
@@ -326,7 +326,7 @@ def test_images_named_by_http_uris_are_read_by_the_workers(tmp_path: Path):
     import http.server
     import threading
 
-    from counterfactory.versions import SourceHasher
+    from counterfactory.spec import SourceHasher
     from tests.conftest import save, square_line, square_scene
 
     www = tmp_path / "www"
@@ -403,7 +403,7 @@ def test_a_run_where_every_input_is_rejected_publishes_nothing(tmp_path: Path):
     import pytest
 
     from counterfactory.pipeline.runner import run_pipeline
-    from counterfactory.pipeline.writer import FailureBudgetExceeded
+    from counterfactory.publish import FailureBudgetExceeded
 
     (tmp_path / "m.jsonl").write_text('{"image": "gone.png", "question": "Is there a cat?"}\n{broken\n')
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
@@ -416,7 +416,7 @@ def test_a_run_where_every_input_is_rejected_publishes_nothing(tmp_path: Path):
 
 def test_procedural_scenes_and_clips_are_their_own_content_in_the_spec():
     """Neither kind of procedural URI is taken for an object-store address."""
-    from counterfactory.versions import SourceHasher
+    from counterfactory.spec import SourceHasher
 
     refs = ["procedural://1/2?size=64x64", "procedural-video://0/1?size=64x64&frames=8&fps=8"]
     assert all(v.startswith("uri:") for v in SourceHasher(None).hash_all(refs).values())

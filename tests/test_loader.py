@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from counterfactory.index import answers_of
 from counterfactory.loader import (
     LoaderError,
     ShardError,
@@ -37,7 +38,6 @@ from counterfactory.loader import (
 )
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
-from counterfactory.pipeline.writer import answers_of
 from tests.conftest import LENIENT_FOOTPRINT, REPO, make_config, scenes_input
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from counterfactory import publish
 from counterfactory import versions as V
 from counterfactory.cli import main
+from counterfactory.layout import CLAIM
 from counterfactory.pipeline.config import ConfigError
 from counterfactory.pipeline.runner import run_pipeline
 from counterfactory.storage import RemoteDir
@@ -176,7 +178,7 @@ def test_publish_cut_after_commit_marker_is_finished_by_the_rerun(s3, tmp_path, 
     def lost(ds, label):
         raise ConnectionError("network gone before latest")
 
-    monkeypatch.setattr(V, "finish_remote", lost)
+    monkeypatch.setattr(publish, "finish_remote", lost)
     with pytest.raises(ConnectionError):
         run_pipeline(_cfg(tmp_path, root), local=True)
     monkeypatch.undo()
@@ -184,7 +186,7 @@ def test_publish_cut_after_commit_marker_is_finished_by_the_rerun(s3, tmp_path, 
     assert not ds.exists("latest") and V.list_versions(ds)[0].status() == "complete"
     res = run_pipeline(_cfg(tmp_path, root), local=True)
     assert res.reused and res.label == "v1"
-    assert ds.read_text("latest").strip() == "v1" and not ds.child("v1").exists(V.CLAIM)
+    assert ds.read_text("latest").strip() == "v1" and not ds.child("v1").exists(CLAIM)
     assert not V.staging_dirs(ds)
 
 
@@ -204,7 +206,7 @@ def test_inputs_named_by_s3_uris_are_read_from_the_bucket(s3, tmp_path):
     from counterfactory.pipeline.inputs import load_records, plan_inputs
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.sample import decode_batch
-    from counterfactory.versions import build_spec
+    from counterfactory.spec import build_spec
     from counterfactory.video_io import encode_mp4
     from tests.conftest import save, square_line, square_scene
     from tests.test_video import noise_clip, run_stages, video_config

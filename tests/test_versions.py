@@ -13,11 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from counterfactory import card as card_mod
 from counterfactory import versions as V
 from counterfactory.cli import main
-from counterfactory.pipeline import card as card_mod
+from counterfactory.diff import diff
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.regenerate import regenerate
+from counterfactory.spec import build_spec, spec_id
 from tests.conftest import DEMO, REPO, make_config, save, scenes_input, square_line, square_scene
 
 DATA_CARDS = REPO / "data_cards"
@@ -47,7 +50,7 @@ def test_layout_labels_latest_and_ids(ds):
     assert (d / "latest").read_text() == "v2\n" and V.read_latest(d) == "v2"
     info = json.loads((d / "v1" / "version.json").read_text())
     assert info["content_id"] == hashlib.sha256((d / "v1" / "manifest.json").read_bytes()).hexdigest()
-    assert info["spec_id"] == first.spec_id == V.spec_id(info["spec"])
+    assert info["spec_id"] == first.spec_id == spec_id(info["spec"])
     assert info["spec"]["package_version"] and info["spec"]["input_set_hash"]
     assert info["parent"] is None and json.loads((d / "v2" / "version.json").read_text())["parent"] == "v1"
     assert first.spec_id != second.spec_id
@@ -102,7 +105,7 @@ def test_regenerate_reports_differing_shards_and_samples(ds, tmp_path):
     # pretend the stored version was made with another inpaint radius: bytes must differ
     cfg = (copy / "v1" / "config.yaml").read_text().replace("inpaint_radius: 5", "inpaint_radius: 9")
     (copy / "v1" / "config.yaml").write_text(cfg)
-    rep = V.regenerate(V.locate("demo@v1", tmp_path / "copy"), tmp_path / "scratch", local=True)
+    rep = regenerate(V.locate("demo@v1", tmp_path / "copy"), tmp_path / "scratch", local=True)
     assert not rep["identical"]
     assert rep["shards"] and set(rep["shards"]) <= {s["name"] for s in first.manifest["shards"]}
     keys = {r["key"] for d in (first.out_dir, Path(rep["scratch"]))
@@ -171,7 +174,7 @@ def test_changed_config_makes_a_new_version_whose_diff_names_the_change(ds, caps
     out = capsys.readouterr().out
     assert "stages.edit.params.inpaint_radius: 5 -> 7" in out
     assert re.search(r"samples: 0 added, 0 removed, \d+ changed", out)
-    d = V.diff(V.locate("demo@v1", root), V.locate("demo@v2", root))
+    d = diff(V.locate("demo@v1", root), V.locate("demo@v2", root))
     assert [c["key"] for c in d["config"] if not c["placement_only"]] == ["stages.edit.params.inpaint_radius"]
     assert d["samples"]["changed"] and not d["samples"]["added"]
     card = json.loads((second.out_dir / "card.json").read_text())
@@ -184,7 +187,7 @@ def test_diff_reports_added_and_removed_samples(ds, tmp_path):
     root, *_ = ds
     cfg = make_config(tmp_path, [scenes_input(4)], output={"shard_size": 5})
     small = run_pipeline(cfg, local=True)
-    d = V.diff(V.locate("demo@v1", root), V.read_version(small.out_dir))
+    d = diff(V.locate("demo@v1", root), V.read_version(small.out_dir))
     assert d["counts"]["inputs"]["delta"] == -4 and len(d["samples"]["removed"]) == d["counts"]["samples"]["a"] - d["counts"]["samples"]["b"]
     assert not d["samples"]["added"]
 
@@ -250,16 +253,16 @@ def test_input_set_hash_follows_source_bytes(tmp_path):
     from counterfactory.pipeline.inputs import plan_inputs
 
     cache = tmp_path / "cache.json"
-    s1, h1 = V.build_spec(cfg, plan_inputs(cfg), None, cache)
+    s1, h1 = build_spec(cfg, plan_inputs(cfg), None, cache)
     assert h1[str(img)] == hashlib.sha256(img.read_bytes()).hexdigest()
-    s1b, _ = V.build_spec(cfg, plan_inputs(cfg), None, cache)  # from the stat-keyed cache
-    assert V.spec_id(s1) == V.spec_id(s1b)
+    s1b, _ = build_spec(cfg, plan_inputs(cfg), None, cache)  # from the stat-keyed cache
+    assert spec_id(s1) == spec_id(s1b)
     save(square_scene(seed=1), img)
     os.utime(img, ns=(1, 1))  # a new mtime as well as new bytes
-    s2, _ = V.build_spec(cfg, plan_inputs(cfg), None, cache)
-    assert s2["input_set_hash"] != s1["input_set_hash"] and V.spec_id(s2) != V.spec_id(s1)
-    s3, _ = V.build_spec(cfg, plan_inputs(cfg), 0, cache)
-    assert V.spec_id(s3) != V.spec_id(s2)  # --limit is part of the spec
+    s2, _ = build_spec(cfg, plan_inputs(cfg), None, cache)
+    assert s2["input_set_hash"] != s1["input_set_hash"] and spec_id(s2) != spec_id(s1)
+    s3, _ = build_spec(cfg, plan_inputs(cfg), 0, cache)
+    assert spec_id(s3) != spec_id(s2)  # --limit is part of the spec
 
 
 def test_flat_layout_is_migrated_to_v1(ds, tmp_path):
@@ -302,3 +305,27 @@ def test_data_cards_demo_is_up_to_date(tmp_path):
     for p, text in want.items():
         assert p.exists(), f"{p} missing: run UPDATE_DATA_CARDS=1 pytest tests/test_versions.py -k data_cards"
         assert p.read_text() == text, f"{p} is stale: run UPDATE_DATA_CARDS=1 pytest tests/test_versions.py -k data_cards"
+
+
+def test_one_rule_for_what_changes_no_byte():
+    """The config hash, the spec id and diff share ``spec.OUTPUT_NEUTRAL``: a change of Ray
+    placement, stage resources, output root or failure budget is neutral in all three."""
+    import copy
+
+    from counterfactory.diff import config_changes
+    from counterfactory.spec import config_hash, spec_config
+
+    a = {"seed": 0, "ray": {"address": None}, "failure_budget": {"max_reject_share": None},
+         "output": {"root": "a", "shard_size": 16},
+         "stages": [{"name": "edit", "resources": {"num_cpus": 1}, "params": {"radius": 3}}]}
+    b = copy.deepcopy(a)
+    b["ray"]["address"] = "auto"
+    b["failure_budget"]["max_reject_share"] = 0.5
+    b["output"]["root"] = "b"
+    b["stages"][0]["resources"]["num_cpus"] = 2
+    changes = config_changes(a, b)
+    assert len(changes) == 4 and all(c["placement_only"] for c in changes), changes
+    assert spec_config(a) == spec_config(b) and config_hash(a) == config_hash(b)
+    b["stages"][0]["params"]["radius"] = 4
+    real = [c for c in config_changes(a, b) if not c["placement_only"]]
+    assert [c["key"] for c in real] == ["stages.edit.params.radius"] and config_hash(a) != config_hash(b)

@@ -87,7 +87,7 @@ def test_index_has_typed_answers_and_metrics(tmp_path):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from counterfactory.pipeline.writer import ANSWERS_TYPE, METRICS_TYPE, answers_of, metrics_of
+    from counterfactory.index import ANSWERS_TYPE, METRICS_TYPE, answers_of, metrics_of
 
     meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove", "flip"],
             "qa": [{"question": "Is there a cat?", "kind": "existence", "targets": ["cat"],

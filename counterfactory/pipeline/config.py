@@ -11,8 +11,6 @@ schema it feeds are kept together, which makes this module longer than most.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import stat
 from pathlib import Path
@@ -30,7 +28,9 @@ from pydantic import (
     model_validator,
 )
 
+from counterfactory.audit_config import AuditConfig
 from counterfactory.sample import ABSTAIN_ANSWER, LimitsConfig, RunSettings
+from counterfactory.spec import config_hash
 from counterfactory.storage import resolve_path
 
 
@@ -230,27 +230,6 @@ class FailureBudget(Strict):
     system_retries: int = Field(3, ge=0)
 
 
-class AuditConfig(Strict):
-    """The shortcut audit computed at publish (``counterfactory.audit``): sample size and the
-    thresholds over which the card carries a warning (or, with ``--strict``, nothing is published).
-    Part of the spec: other thresholds give another card."""
-
-    sample_pairs: int = Field(256, ge=0, description="at most this many samples are read for the image probe, "
-                              "blind answerers and presupposition check (0: audit off)")
-    folds: int = Field(5, ge=2, le=20, description="cross-validation folds (grouped by sample)")
-    seed: int = 0
-    grid: int = Field(8, ge=2, le=32, description="the probe's windows: a grid x grid split of each image")
-    max_probe_auc: float = Field(0.9, ge=0.5, le=1.0, description="edit detectability (orig vs variant) over this warns")
-    probe_exempt: list[str] = Field(["blackout", "random_mask"], description="variants meant to be seen (DeFacto's "
-                                    "masked evidence and its control)")
-    max_blind_accuracy: float = Field(0.85, ge=0.0, le=1.0, description="a blind answerer (text or answer prior only) "
-                                      "over this on a counterfactual variant warns")
-    max_abstain_share: float = Field(0.6, ge=0.0, le=1.0, description="abstentions on a variant whose rules do not "
-                                     "abstain on everything, over this share, warn")
-    max_presupposing: int = Field(0, ge=0, description="questions about an object absent from the image they are "
-                                  "asked of (on an original, or answered on a variant), over this warn")
-
-
 REQUIRED_STAGES = ("ingest", "localize", "segment", "edit", "qa", "verify")
 
 
@@ -315,15 +294,8 @@ class PipelineConfig(Strict):
         return RunSettings(seed=self.seed, abstain_answer=self.abstain_answer, limits=self.limits)
 
     def config_hash(self) -> str:
-        """Hash of everything that shapes the output (Ray placement and address excluded)."""
-        d = self.resolved()
-        d.pop("ray")
-        d.pop("failure_budget")
-        d["output"].pop("root")  # where a dataset is written does not change its bytes
-        for s in d["stages"]:
-            s.pop("resources")
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """Hash of everything that shapes the output (``spec.OUTPUT_NEUTRAL`` excluded)."""
+        return config_hash(self.resolved())
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -25,7 +25,17 @@ from typing import Any
 import numpy as np
 
 from counterfactory import versions
-from counterfactory.pipeline.card import write_card
+from counterfactory.card import write_card
+from counterfactory.layout import (
+    HASH_CACHE,
+    INDEX,
+    JOURNAL,
+    LOCK,
+    REJECTS,
+    STAGING_PREFIX,
+    SUMMARY,
+    atomic_write,
+)
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.inputs import (
@@ -35,14 +45,10 @@ from counterfactory.pipeline.inputs import (
     read_slice,
     slices_from,
 )
-from counterfactory.pipeline.writer import (
-    JOURNAL,
-    DatasetWriter,
-    FailureBudgetExceeded,
-    PartEncoder,
-    atomic_write,
-)
+from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
+from counterfactory.publish import FailureBudgetExceeded, publish_version, repair_remote
 from counterfactory.sample import RunSettings
+from counterfactory.spec import build_spec, check_sources_unchanged, spec_id
 from counterfactory.stages import get_backend
 from counterfactory.storage import (
     RemoteDir,
@@ -277,7 +283,7 @@ class RunStopped(FailureBudgetExceeded):
 
 
 def _lock_staging(staging: Path) -> int:
-    fd = os.open(staging / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(staging / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -434,8 +440,8 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     work.mkdir(parents=True, exist_ok=True)
     if not isinstance(ds_dir, RemoteDir):
         versions.migrate_flat_layout(ds_dir)
-    spec, source_hashes = versions.build_spec(cfg, plan, limit, work / versions.HASH_CACHE)
-    sid = versions.spec_id(spec)
+    spec, source_hashes = build_spec(cfg, plan, limit, work / HASH_CACHE)
+    sid = spec_id(spec)
     try:
         existing = None if force else versions.find_complete(ds_dir, sid)
         parent = versions.read_latest(ds_dir)
@@ -443,14 +449,14 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         raise ConfigError(f"output.root: {ds_dir}: {exc}") from None
     if existing is not None:
         if isinstance(ds_dir, RemoteDir):  # a publish cut after its commit marker: finish it
-            versions.repair_remote(ds_dir, existing)
-            shutil.rmtree(work / f".staging-{sid[:24]}", ignore_errors=True)
+            repair_remote(ds_dir, existing)
+            shutil.rmtree(work / f"{STAGING_PREFIX}{sid[:24]}", ignore_errors=True)
         return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
                          existing.label, sid, existing.info["content_id"], reused=True,
                          location=existing.location)
     # The staging folder is named by the spec: a killed run of the same spec resumes in it, a
     # changed spec never does. A lock keeps two live runs of one spec apart.
-    staging = work / f".staging-{sid[:24]}"
+    staging = work / f"{STAGING_PREFIX}{sid[:24]}"
     staging.mkdir(mode=0o755, exist_ok=True)
     lock = _lock_staging(staging)
     writer = None
@@ -483,9 +489,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             # the rerun meant to fix it (a model that failed to load, an endpoint that was down)
             writer.drop_journal()
             raise FailureBudgetExceeded(f"no sample survived: all {n_inputs} input(s) were rejected ("
-                                        f"{_top_reasons(staging / 'rejects.parquet')}); nothing published")
-        changed = versions.check_sources_unchanged(
-            source_hashes, read_parquet(staging / "index.parquet", ["source", "source_sha256"]).to_pylist())
+                                        f"{_top_reasons(staging / REJECTS)}); nothing published")
+        changed = check_sources_unchanged(
+            source_hashes, read_parquet(staging / INDEX, ["source", "source_sha256"]).to_pylist())
         if changed:
             writer.drop_journal()  # its shards were made from other bytes: never resume them
             raise RunStopped(f"{len(changed)} input file(s) changed during the run, e.g. {changed[0]}; "
@@ -501,12 +507,12 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                                 "inputs_per_second": round((n_inputs - start) / stream.wall, 3)
                                 if stream.wall > 0 else None},
                    "ray_operators": stream.ray_ops}
-        atomic_write(staging / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write(staging / SUMMARY, json.dumps(summary, indent=2).encode())
         if not isinstance(ds_dir, RemoteDir):
             # a local publish is one rename; an upload can fail half-way, so the journal stays
             # (not uploaded) until it is done, and a rerun resumes with every shard kept
             writer.drop_journal()
-        (staging / ".lock").unlink(missing_ok=True)
+        (staging / LOCK).unlink(missing_ok=True)
         cid = versions.content_id(staging)
 
         def make_info(label: str) -> dict[str, Any]:
@@ -516,7 +522,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                     "root": cfg.output.root if isinstance(ds_dir, RemoteDir) else str(ds_dir.parent),
                     "command": command, **({"limited": True} if limited else {})}
 
-        version = versions.publish_version(staging, ds_dir, make_info,
+        version = publish_version(staging, ds_dir, make_info,
                                            lambda d, info: write_card(d),
                                            set_latest=not limited or latest)
         shutil.rmtree(version.path / JOURNAL, ignore_errors=True)

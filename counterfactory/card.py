@@ -9,6 +9,10 @@ so they never change a content id; the PNGs are written without software/date me
 
 The markdown skeleton is ``CARD_TEMPLATE``; ``data_cards/TEMPLATE.md`` is a copy kept equal
 by a test.
+
+One module (~680 lines, a third of it the markdown template and the plot code) because the
+figures are computed once into one ``card`` dict that the markdown, ``card.json`` and the plots
+all render; it sits below the pipeline (the runner calls ``write_card`` at publish).
 """
 
 from __future__ import annotations
@@ -25,14 +29,26 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from counterfactory.pipeline.writer import (
+from counterfactory import audit
+from counterfactory.diff import diff
+from counterfactory.index import answers_of, metrics_of, pair_features
+from counterfactory.layout import (
+    CARD_JSON,
+    CONFIG,
+    INDEX,
+    MANIFEST,
     PAIRS_DIR,
-    answers_of,
+    PLOTS_DIR,
+    README,
+    REJECTS,
+    SUMMARY,
+    VERSION_FILE,
     atomic_write,
-    metrics_of,
-    pair_features,
+    tar_members,
 )
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, RULE_TEXT
+from counterfactory.spec import model_refs
+from counterfactory.versions import Version, read_version
 
 CARD_TEMPLATE = """\
 ---
@@ -197,12 +213,10 @@ def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
 
 def compute_card(vdir: Path) -> dict[str, Any]:
     """All figures of the card, from the files of one version folder."""
-    from counterfactory import versions
-
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    cfg = yaml.safe_load((vdir / "config.yaml").read_text())
-    info = json.loads((vdir / versions.VERSION_FILE).read_text()) if (vdir / versions.VERSION_FILE).exists() else {}
-    summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
+    manifest = json.loads((vdir / MANIFEST).read_text())
+    cfg = yaml.safe_load((vdir / CONFIG).read_text())
+    info = json.loads((vdir / VERSION_FILE).read_text()) if (vdir / VERSION_FILE).exists() else {}
+    summary = json.loads((vdir / SUMMARY).read_text()) if (vdir / SUMMARY).exists() else {}
     abstain = cfg.get("abstain_answer", "unknown")
     stage_names = [s["name"] for s in cfg.get("stages", [])]
 
@@ -212,7 +226,7 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     abstentions: dict[str, Counter[str]] = defaultdict(Counter)
     metric_values: dict[str, list[float]] = defaultdict(list)
     mask_areas: list[float] = []
-    for row in _parquet_rows(vdir / "index.parquet",
+    for row in _parquet_rows(vdir / INDEX,
                              ["variants", "question_kinds", "answers", "metrics", "mask_area_frac"]):
         mask_areas.append(row["mask_area_frac"])
         variants_c.update(row["variants"])
@@ -232,7 +246,7 @@ def compute_card(vdir: Path) -> dict[str, Any]:
 
     per_stage: dict[str, Counter[str]] = defaultdict(Counter)
     vrej: Counter[tuple[str, str, str]] = Counter()
-    for r in _parquet_rows(vdir / "rejects.parquet", ["stage", "variant", "reason"]):
+    for r in _parquet_rows(vdir / REJECTS, ["stage", "variant", "reason"]):
         if r["variant"] is None:
             per_stage[r["stage"]][r["reason"]] += 1
         else:
@@ -256,8 +270,8 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         histograms[k] = _hist(metric_values[k])
 
     stages_cfg = cfg.get("stages", [])
-    prov = versions.first_sample_provenance(vdir, manifest)
-    models = versions.model_refs([{"name": n, **p} for n, p in prov.items()]) or versions.model_refs(stages_cfg)
+    prov = first_sample_provenance(vdir, manifest)
+    models = model_refs([{"name": n, **p} for n, p in prov.items()]) or model_refs(stages_cfg)
     variants_order = [v for v in ("remove", "blackout", "random_mask") if v in variants_c]
     variants_order += sorted(v for v in variants_c if v not in variants_order)
     label = info.get("label") or vdir.name
@@ -354,8 +368,6 @@ def _exhaustive_text(ex: Any) -> str:
 
 def _audit(vdir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The shortcut audit, or None when the config turns it off (``audit.sample_pairs: 0``)."""
-    from counterfactory import audit
-
     settings = cfg.get("audit") or {}
     if settings.get("sample_pairs", 1) == 0:
         return None
@@ -378,16 +390,14 @@ def _display_root(root: str | None) -> str:
 
 def _changes(vdir: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     """What changed since the parent (the version ``latest`` named when this one was made)."""
-    from counterfactory import versions
-
     parent = info.get("parent")
     if not parent:
         return None
     pdir = vdir.parent / parent
-    if not (pdir / "manifest.json").exists():
+    if not (pdir / MANIFEST).exists():
         return {"parent": parent, "missing": True}
-    me = versions.Version(info.get("label", vdir.name), vdir, info)
-    d = versions.diff(versions.read_version(pdir), me)
+    me = Version(info.get("label", vdir.name), vdir, info)
+    d = diff(read_version(pdir), me)
     s = d["samples"]
     return {"parent": parent, "config": d["config"], "spec": d["spec"],
             "counts": {k: v for k, v in d["counts"].items() if v["delta"]},
@@ -503,8 +513,6 @@ def render_markdown(card: dict[str, Any]) -> str:
 
 
 def _audit_markdown(a: dict[str, Any] | None) -> str:
-    from counterfactory import audit
-
     if a and a.get("error"):
         return f"**The audit could not be computed:** {a['error']}"
     return audit.render_markdown(a) if a else "_not computed (audit.sample_pairs: 0)_"
@@ -649,19 +657,30 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     ``AuditFailed`` here, so nothing is published and no card is written."""
     card = compute_card(vdir)
     _gate(vdir, card)
-    (vdir / "plots").mkdir(exist_ok=True)
+    (vdir / PLOTS_DIR).mkdir(exist_ok=True)
     for name, data in render_plots(card).items():
         atomic_write(vdir / name, data)
-    atomic_write(vdir / "card.json", json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False).encode())
-    atomic_write(vdir / "README.md", render_markdown(card).encode())
+    atomic_write(vdir / CARD_JSON, json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False).encode())
+    atomic_write(vdir / README, render_markdown(card).encode())
     return card
 
 
 def _gate(vdir: Path, card: dict[str, Any]) -> None:
-    from counterfactory.audit import AuditFailed
-
-    cfg = yaml.safe_load((vdir / "config.yaml").read_text()) if (vdir / "config.yaml").exists() else {}
+    cfg = yaml.safe_load((vdir / CONFIG).read_text()) if (vdir / CONFIG).exists() else {}
     warnings = (card.get("audit") or {}).get("warnings") or []
     if warnings and (cfg.get("failure_budget") or {}).get("refuse_on_audit"):
         more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
-        raise AuditFailed(f"audit: {warnings[0]}{more}; nothing published (--strict)")
+        raise audit.AuditFailed(f"audit: {warnings[0]}{more}; nothing published (--strict)")
+
+
+def first_sample_provenance(vdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Stage provenance of the first sample (every sample of a version has the same stages)."""
+    for s in manifest.get("shards", []):
+        p = vdir / s["name"]
+        if not p.exists():
+            continue
+        with open(p, "rb") as f:
+            for m, data in tar_members(f, want=lambda name: name.endswith(".json")):
+                if m.name.endswith(".json"):
+                    return json.loads(data).get("provenance", {}).get("stages", {})
+    return {}

@@ -1,0 +1,131 @@
+"""Publishing a staged version: a local rename onto the next free label, or an upload to an
+object store with ``version.json`` (the commit marker) last; and the run's refusal to publish
+(``FailureBudgetExceeded``, exit 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from counterfactory.layout import (
+    CLAIM,
+    JOURNAL,
+    LABEL_RE,
+    LOCK,
+    MANIFEST,
+    PAIRS_DIR,
+    VERSION_FILE,
+    atomic_write,
+)
+from counterfactory.storage import RemoteDir, StorageError
+from counterfactory.versions import (
+    Dataset,
+    Version,
+    list_versions,
+    next_label,
+    read_latest,
+    read_version,
+    remote_mirror,
+    write_latest,
+)
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """The run rejected more inputs than the config's failure budget allows (one-line message)."""
+
+
+def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
+                    finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
+    """Name the staging folder with the next free label and rename it into place.
+
+    ``make_info(label)`` gives version.json; ``finish(staging, info)`` writes label-dependent
+    files (the card). Two concurrent runs may pick the same label: the rename of the loser
+    fails (the target exists and is not empty), and it retries with the next label.
+    On an object store the staging folder is uploaded instead (see ``_publish_remote``)."""
+    if isinstance(ds_dir, RemoteDir):
+        return _publish_remote(staging, ds_dir, make_info, finish, set_latest=set_latest)
+    for _ in range(100):
+        label = next_label(ds_dir)
+        info = make_info(label)
+        atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+        finish(staging, info)
+        target = ds_dir / label
+        try:
+            target.mkdir()  # claims the label (atomic); fails if another run took it
+        except FileExistsError:
+            continue
+        os.replace(staging, target)  # onto an empty folder: atomic on POSIX
+        if set_latest:
+            write_latest(ds_dir, label)
+        return read_version(target)
+    raise RuntimeError(f"could not allocate a version label in {ds_dir}")
+
+
+def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
+                    finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
+    """Upload the staging folder as ``DATASET/vN`` on the object store: a claim naming the
+    content, every file, then ``manifest.json``, then ``version.json`` (the commit marker: a
+    label folder without it is an unfinished upload, never taken as a version), then
+    ``latest``. A rerun after an upload was cut off finishes the same label. The local staging
+    folder becomes the version's local mirror, without its shards.
+
+    Object stores have no atomic rename or create-if-absent here, so two runs publishing
+    different content to one dataset at the same instant are told apart by reading the claim
+    and version.json back: the loser moves on, or fails with a clear message."""
+    probe = make_info("v0")
+    ours = {"spec_id": probe["spec_id"], "content_id": probe["content_id"]}
+
+    def claim_of(label: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(ds.read_bytes(f"{label}/{CLAIM}"))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    unfinished = [v.label for v in list_versions(ds) if not v.info and claim_of(v.label) == ours]
+    for _ in range(100):
+        label = unfinished.pop(0) if unfinished else next_label(ds)
+        target = ds.child(label)
+        if claim_of(label) != ours:
+            if target.exists():  # another run is uploading this label
+                continue
+            target.write_bytes(CLAIM, json.dumps(ours).encode())
+            if claim_of(label) != ours:
+                continue
+        info = make_info(label)
+        atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+        finish(staging, info)
+        ds.upload(staging, label, last=(MANIFEST, VERSION_FILE), skip={LOCK, JOURNAL})
+        got = json.loads(target.read_bytes(VERSION_FILE))
+        if (got.get("spec_id"), got.get("content_id")) != (info["spec_id"], info["content_id"]):
+            raise StorageError(f"{target.uri}: another run published this label at the same time; "
+                               "run again to publish under the next label")
+        target.delete(CLAIM)
+        if set_latest:
+            finish_remote(ds, label)
+        mirror = remote_mirror(ds) / label
+        shutil.rmtree(mirror, ignore_errors=True)
+        for tar in [*staging.glob("*.tar"), *staging.glob(f"{PAIRS_DIR}/*.tar")]:
+            tar.unlink()
+        os.replace(staging, mirror)
+        return Version(label, mirror, info, target)
+    raise RuntimeError(f"could not allocate a version label in {ds}")
+
+
+def finish_remote(ds: RemoteDir, label: str) -> None:
+    """After ``label`` is committed: point ``latest`` at it unless a newer version is already
+    there (a rerun finishing a cut upload of an older label must not move it back)."""
+    current = read_latest(ds)
+    if current is None or not LABEL_RE.match(current) or int(current[1:]) <= int(label[1:]):
+        write_latest(ds, label)
+
+
+def repair_remote(ds: RemoteDir, version: Version) -> None:
+    """A complete version found again (its spec rerun): finish what a publish cut off after the
+    commit marker, i.e. a leftover claim and a ``latest`` that was never moved to it."""
+    if version.folder.exists(CLAIM):
+        version.folder.delete(CLAIM)
+    finish_remote(ds, version.label)
