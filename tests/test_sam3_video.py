@@ -205,3 +205,16 @@ def test_hub_kernels_are_off_unless_asked(model_dir):
     mod.cv_utils_kernel = None  # "not tried yet": the library would fetch it at the first detection
     get_backend("segment", "sam3-video")(params={"model": str(model_dir), "device": "cpu"}, run={})
     assert mod.cv_utils_kernel is False  # the library will not fetch code from the Hub
+
+
+def test_the_commented_gpu_config_choice_validates():
+    """configs/gpu.yaml offers segment: sam3-video as a commented choice: uncommented, its
+    params are valid for the backend (a hub id with a revision)."""
+    import yaml
+
+    lines = (Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml").read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.strip() == "#     backend: sam3-video")
+    block = yaml.safe_load("\n".join(ln.replace("#", " ", 1) for ln in lines[at - 1:at + 3]))[0]
+    assert block["name"] == "segment" and block["resources"]["num_gpus"] > 0
+    params = get_backend("segment", "sam3-video").Params.model_validate(block["params"])
+    assert params.model == "facebook/sam3" and params.revision
