@@ -14,6 +14,7 @@ from counterfactory.stages.models import (  # noqa: F401
     llm,
     sam,
     sam3,
+    sam3_video,
     track,
     verify,
     video_inpaint,
