@@ -44,8 +44,8 @@ from counterfactory.stages.models.common import (
     model_record,
     transformers_setup,
 )
-from counterfactory.stages.segment import dilate
-from counterfactory.stages.video import _det_mask, iou
+from counterfactory.stages.shared import det_mask as _det_mask
+from counterfactory.stages.shared import dilate, iou
 
 
 class Sam3VideoParams(ModelParams):
