@@ -44,6 +44,7 @@ from counterfactory.stages.models.common import (
     model_record,
     transformers_setup,
 )
+from counterfactory.stages.models.track import paint_track
 from counterfactory.stages.shared import det_mask as _det_mask
 from counterfactory.stages.shared import dilate, iou
 
@@ -175,16 +176,7 @@ class Sam3VideoSegment(Stage):
         times = m["source"]["times"]
         instances = []
         for k_, (oid, masks) in enumerate(tracks):
-            path, area = [], []
-            union = np.zeros((h, w), bool)
-            for t in sorted(masks):
-                mk = masks[t]
-                core[t][mk] = 1
-                labels[t][mk] = min(k_ + 1, 255)
-                ys, xs = np.nonzero(mk)
-                path.append([t, round(float(xs.mean()), 1), round(float(ys.mean()), 1)])
-                area.append(int(mk.sum()))
-                union |= mk
+            path, area, union = paint_track(core, labels, masks, k_ + 1)
             # the annotated object this track follows, if any: best mean IoU on its keyframes
             by_obj: dict[int, list[float]] = {}
             for (obj, t), (d, dm) in det_masks.items():

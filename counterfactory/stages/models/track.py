@@ -69,6 +69,23 @@ def track_quality(labels: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
             "min_iou": round(float(np.min(ious)), 4) if ious else None, "identity_switches": switches}
 
 
+def paint_track(core: np.ndarray, labels: np.ndarray, masks: dict[int, np.ndarray],
+                label: int) -> tuple[list[list[float]], list[int], np.ndarray]:
+    """Write one track's per-frame masks into ``core``/``labels`` (id ``label``, capped at 255):
+    its centroid path, per-frame areas and the union of its masks, in frame order."""
+    path, area = [], []
+    union = np.zeros(core.shape[1:], bool)
+    for t in sorted(masks):
+        mk = masks[t]
+        core[t][mk] = 1
+        labels[t][mk] = min(label, 255)
+        ys, xs = np.nonzero(mk)
+        path.append([t, round(float(xs.mean()), 1), round(float(ys.mean()), 1)])
+        area.append(int(mk.sum()))
+        union |= mk
+    return path, area, union
+
+
 class VideoTracker(Stage):
     name = "segment"
     stateful = True
@@ -152,16 +169,7 @@ class VideoTracker(Stage):
             if not masks:
                 continue
             k = len(instances)
-            path, area = [], []
-            union = np.zeros((h, w), bool)
-            for t in sorted(masks):
-                mk = masks[t]
-                core[t][mk] = 1
-                labels[t][mk] = min(k + 1, 255)
-                ys, xs = np.nonzero(mk)
-                path.append([t, round(float(xs.mean()), 1), round(float(ys.mean()), 1)])
-                area.append(int(mk.sum()))
-                union |= mk
+            path, area, union = paint_track(core, labels, masks, k + 1)
             drift += [iou(masks.get(t, np.zeros((h, w), bool)), dm) for (o, t), dm in det_masks.items() if o == oid]
             ys, xs = np.nonzero(union)
             fr = sorted(masks)
