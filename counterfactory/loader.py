@@ -7,14 +7,10 @@ with the answer each variant should get. ``load`` returns a ``PairDataset``, a P
 ``with_epoch``) that yields exactly that, or, with ``flat=True``, one
 (image, question, answer, variant) row at a time for plain SFT.
 
-Reading is streaming and in memory: members are read with ``tarfile`` in stream mode straight
-from the (fsspec) file object and nothing is ever extracted to disk. The member iterator is
-ours rather than webdataset's because webdataset silently skips links and device entries and
-cannot tell a shard cut at a member boundary from a complete one; here a link, a device entry,
-an absolute name or a ``..`` component is refused (``UnsafeMemberError``), and a short shard
-(fewer samples than ``shards.json`` says, a sample missing a part its JSON lists, fewer bytes
-than recorded) raises ``ShardError`` naming the shard, or is skipped with a warning when
-``errors="skip"``.
+Shards are located and read by ``counterfactory.shards`` (streaming, in memory, nothing
+extracted; unsafe members refused, short or corrupt shards raise ``ShardError`` naming the
+shard, or are skipped with a warning when ``errors="skip"``); its public names are re-exported
+here. This module decodes, resizes and batches.
 
 Epochs are sized from ``shards.json`` (and ``index.parquet`` in flat mode) without opening a tar.
 Without resampling every sample is read exactly once per epoch across nodes and DataLoader
@@ -27,30 +23,36 @@ on a rank that ran out early.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
 import os
 import random
-import stat
 import sys
-import tarfile
 import warnings
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import fsspec
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from counterfactory import layout
-from counterfactory.layout import UnsafeMember, tar_members
+from counterfactory.resize import FITS, decode_image, image_part, resize_frames, to_tensor
+from counterfactory.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    LoaderError,
+    Shard,
+    ShardError,
+    UnsafeMemberError,
+    as_fsspec,
+    describe_version,
+    fs_for,
+    join,
+    read_shard,
+    resolve_shards,
+)
 
 __all__ = [
     "LoaderError",
@@ -59,427 +61,16 @@ __all__ = [
     "ShardError",
     "UnsafeMemberError",
     "collate_pairs",
+    "describe_version",
     "hf_webdataset_args",
     "load",
     "read_shard",
     "resolve_shards",
 ]
 
-SHARD_INDEX = layout.SHARDS_INDEX
 INDEX_PARQUET = layout.INDEX
 MASK_PARTS = ("mask", "control_mask")
-DEFAULT_MAX_MEMBER_BYTES = 1 << 30  # one member never legitimately approaches this
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class LoaderError(RuntimeError):
-    """Base class: a dataset reference or a shard the loader cannot use."""
-
-
-class ShardError(LoaderError):
-    """A shard that cannot be read completely (missing, truncated, corrupt). Skippable."""
-
-    def __init__(self, url: str, message: str) -> None:
-        super().__init__(f"shard {url}: {message}")
-        self.url = url
-
-
-class UnsafeMemberError(LoaderError):
-    """A tar member that a counterfactory writer never produces and that would be dangerous if
-    someone extracted the shard: never skipped, because it means the shard was tampered with."""
-
-    def __init__(self, url: str, member: str, why: str) -> None:
-        super().__init__(f"shard {url}: refusing member {member!r}: {why}")
-        self.url = url
-        self.member = member
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One tar shard as listed in ``shards.json``; counts are None for bare URL lists."""
-
-    url: str
-    nsamples: int | None = None
-    filesize: int | None = None
-    sha256: str | None = None
-
-
-# -- resolving a dataset reference ----------------------------------------------------------
-
-
-def _as_fsspec(filesystem: Any) -> fsspec.AbstractFileSystem | None:
-    """Accept an fsspec filesystem or a pyarrow one (wrapped), so one code path reads both."""
-    if filesystem is None or isinstance(filesystem, fsspec.AbstractFileSystem):
-        return filesystem
-    import pyarrow.fs as pafs
-
-    if isinstance(filesystem, pafs.FileSystem):
-        from fsspec.implementations.arrow import ArrowFSWrapper
-
-        return ArrowFSWrapper(filesystem)
-    raise TypeError(f"filesystem must be an fsspec or pyarrow filesystem, not {type(filesystem).__name__}")
-
-
-def _fs_for(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    if fs is not None:
-        return fs, url
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError:
-        # no fsspec implementation installed for the scheme (s3:// without s3fs, ...): pyarrow's
-        # own S3/GCS/HDFS filesystems, the ones `counterfactory run` wrote with, read it too
-        from fsspec.implementations.arrow import ArrowFSWrapper
-
-        from counterfactory.storage import open_filesystem
-
-        pfs, path = open_filesystem(url)
-        return ArrowFSWrapper(pfs), path
-
-
-def _join(base: str, name: str) -> str:
-    if "://" in name or name.startswith("/"):
-        return name
-    return base.rstrip("/") + "/" + name
-
-
-def _split_ref(source: str, root: str | None, fs: fsspec.AbstractFileSystem | None) -> str:
-    """``DATASET@VERSION`` -> ``ROOT/DATASET/VERSION`` (``PATH/DATASET@VERSION`` -> that path's
-    version; ``DATASET`` alone -> ``ROOT/DATASET``); an existing path is left alone."""
-    fsys, path = _fs_for(source, fs)
-    if fsys.exists(path):
-        return source
-    if "@" not in source:  # a bare DATASET name under root: its latest version
-        bare = root is not None and "/" not in source and "://" not in source
-        return _join(root, source) if bare else source
-    name, _, version = source.rpartition("@")
-    if not name or not version or "/" in version:
-        raise LoaderError(f"{source!r}: expected DATASET@VERSION")
-    if "/" not in name and "://" not in name:
-        name = _join(root or os.environ.get("COUNTERFACTORY_ROOT") or "outputs", name)
-    # `latest` is resolved by _dataset_dir: a file naming the version, or a link/folder
-    return name if version == "latest" else _join(name, version)
-
-
-def _dataset_dir(source: str, root: str | None, fs: fsspec.AbstractFileSystem | None) -> str:
-    """The folder holding ``shards.json`` for a path, a ``shards.json`` path, a dataset folder
-    whose ``latest`` file (or symlink) names the version, or ``DATASET@VERSION``."""
-    source = _split_ref(source, root, fs)
-    fsys, path = _fs_for(source, fs)
-    if path.endswith(SHARD_INDEX) and fsys.isfile(path):
-        return source[: -len(SHARD_INDEX)].rstrip("/") or "/"
-    for _ in range(2):  # the folder itself, or the version its `latest` points at
-        if fsys.isfile(_join(path, SHARD_INDEX)):
-            return source
-        latest = _join(path, "latest")
-        if fsys.isdir(latest):
-            source, path = _join(source, "latest"), latest
-        elif fsys.isfile(latest):
-            version = fsys.cat_file(latest).decode().strip()
-            if not version or "/" in version or version in (".", ".."):
-                raise LoaderError(f"{source}: the 'latest' file names no version ({version!r})")
-            source, path = _join(source, version), _join(path, version)
-        else:
-            break
-    raise LoaderError(f"{source}: no {SHARD_INDEX} here (nor under a 'latest' version); "
-                      "expected a dataset folder written by `counterfactory run`")
-
-
-def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = None,
-                   filesystem: Any = None) -> tuple[list[Shard], str | None]:
-    """Shards of a dataset, and its folder (None for a bare URL list).
-
-    ``source``: a dataset folder (local path, ``file://`` or any fsspec URL), a ``shards.json``
-    path, ``DATASET@VERSION`` (resolved as ``ROOT/DATASET/VERSION``; ``root`` defaults to
-    ``$COUNTERFACTORY_ROOT`` or ``outputs``), a brace pattern ``x-{000000..000003}.tar``, or a
-    list of shard URLs.
-    """
-    fs = _as_fsspec(filesystem)
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if not isinstance(source, str):
-        urls = [str(u) for u in source]
-        if not urls:
-            raise LoaderError("an empty list of shard URLs")
-        return [Shard(u) for u in urls], None
-    if source.endswith(".tar") or "{" in source:
-        return [Shard(u) for u in wds.shardlists.expand_urls(source)], None
-    folder = _dataset_dir(source, root, fs)
-    return _shard_index(folder, fs), folder
-
-
-# -- shards.json as untrusted data (security: bounded read, schema, no path out of the folder) --
-MAX_SHARD_INDEX_BYTES = 64 << 20  # ~300,000 shards; a larger one is not ours
-
-
-def _local_regular(fsys: fsspec.AbstractFileSystem, path: str, what: str) -> None:
-    """On a local filesystem, a regular file only (links followed): a device such as /dev/zero
-    never ends and a FIFO blocks forever."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fsys, LocalFileSystem):
-        try:
-            st = os.stat(fsys._strip_protocol(path))
-        except OSError as e:
-            raise ShardError(path, f"cannot open ({e.strerror or e})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ShardError(path, f"{what} is not a regular file (a device, FIFO or folder)")
-
-
-def _safe_shard_url(url: Any, where: str) -> str:
-    """A shard name relative to the dataset folder: no scheme, no absolute path, no ``..``,
-    so a shards.json can never make the loader read outside its own folder or URL prefix."""
-    if not isinstance(url, str) or not url or "\x00" in url:
-        raise LoaderError(f"{where}: shard url {url!r} is not a file name")
-    parts = url.replace("\\", "/").split("/")
-    if "://" in url or url.startswith(("/", "\\", "~")) or (len(url) > 1 and url[1] == ":"):
-        raise LoaderError(f"{where}: shard url {url!r} is absolute; shards are named relative to the dataset folder")
-    if ".." in parts:
-        raise LoaderError(f"{where}: shard url {url!r} leaves the dataset folder")
-    return url
-
-
-def _shard_index(folder: str, fs: fsspec.AbstractFileSystem | None) -> list[Shard]:
-    fsys, path = _fs_for(folder, fs)
-    where = f"{folder}/{SHARD_INDEX}"
-    index_path = _join(path, SHARD_INDEX)
-    try:
-        _local_regular(fsys, index_path, SHARD_INDEX)
-    except ShardError as e:
-        raise LoaderError(f"{where}: {e}") from None
-    try:
-        with fsys.open(index_path, "rb") as f:
-            raw = f.read(MAX_SHARD_INDEX_BYTES + 1)
-    except OSError as e:
-        raise LoaderError(f"{where}: cannot read ({e})") from None
-    if len(raw) > MAX_SHARD_INDEX_BYTES:
-        raise LoaderError(f"{where}: over {MAX_SHARD_INDEX_BYTES} bytes; not a shard index")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise LoaderError(f"{where}: not JSON ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
-        raise LoaderError(f"{where}: not a wids-shard-index-v1 shard index")
-    shards = []
-    for i, s in enumerate(doc["shardlist"]):
-        if not isinstance(s, dict):
-            raise LoaderError(f"{where}: shardlist[{i}] is not an object")
-        url = _safe_shard_url(s.get("url"), where)
-        n, size, sha = s.get("nsamples"), s.get("filesize"), s.get("sha256")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise LoaderError(f"{where}: shardlist[{i}].nsamples {n!r} is not a count")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise LoaderError(f"{where}: shardlist[{i}].filesize {size!r} is not a byte count")
-        if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
-            raise LoaderError(f"{where}: shardlist[{i}].sha256 {sha!r} is not a sha256")
-        shards.append(Shard(_join(folder, url), n, size, sha))
-    return shards
-
-
-# -- reading shards safely -------------------------------------------------------------------
-
-
-class _CountingReader(io.RawIOBase):
-    """Counts (and optionally hashes) the bytes tarfile pulls, so the end of a shard can be
-    checked against ``shards.json`` without a second pass over the file."""
-
-    def __init__(self, raw: Any, hash_it: bool, limit: int | None = None) -> None:
-        self.raw = raw
-        self.nbytes = 0
-        self.sha = hashlib.sha256() if hash_it else None
-        self.limit = limit  # a read past the listed size stops here (one byte over tells)
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self.limit is not None:
-            room = self.limit - self.nbytes
-            size = room if size is None or size < 0 else min(size, room)
-            if size <= 0:
-                return b""
-        data = self.raw.read(size)
-        self.nbytes += len(data)
-        if self.sha is not None:
-            self.sha.update(data)
-        return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _complete(sample: dict[str, Any], url: str) -> dict[str, Any]:
-    """Parse the JSON and check that every part it lists is there: a shard cut at a member
-    boundary leaves a sample that parses but lacks its last parts."""
-    key = sample["__key__"]
-    if "json" not in sample:
-        raise ShardError(url, f"sample {key} has no json member (truncated or not a counterfactory shard)")
-    try:
-        doc = json.loads(sample["json"])
-    except ValueError as e:
-        raise ShardError(url, f"sample {key}: unreadable json ({e})") from None
-    missing = [p for p in doc.get("parts", []) if p not in sample]
-    if missing:
-        raise ShardError(url, f"sample {key} lacks {missing} (truncated?)")
-    sample["json"] = doc
-    return sample
-
-
-VERIFY_BUFFER_BYTES = 1 << 30  # a verified shard up to this size is checked before any sample leaves
-
-
-def read_shard(shard: Shard, *, fs: fsspec.AbstractFileSystem | None = None, verify: bool = True,
-               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
-    """Samples of one shard, in order, as ``{"__key__", "__url__", "json": dict, SUFFIX: bytes}``.
-
-    Raises ``ShardError`` (shard named) when the shard cannot be read to its end or disagrees
-    with ``shards.json``. With ``verify`` (the default) its sha256 is checked too: a shard of
-    known size (every shard a shards.json lists, up to ``VERIFY_BUFFER_BYTES``) is read into
-    memory and hashed before its first sample is yielded, so a tampered or bit-flipped shard
-    gives no sample at all; ``verify=False`` skips the hash for trusted storage. Reads never go
-    past the listed size, and a local shard must be a regular file (not /dev/zero, not a FIFO).
-    An incomplete trailing sample is never yielded.
-    """
-    url = shard.url
-    try:
-        fsys, path = _fs_for(url, fs)
-        _local_regular(fsys, path, "the shard")
-        raw = fsys.open(path, "rb")
-    except (OSError, ValueError) as e:
-        raise ShardError(url, f"cannot open ({e})") from None
-    check = verify and shard.sha256 is not None
-    limit = None if shard.filesize is None else shard.filesize + 1
-    if check and shard.filesize is not None and shard.filesize <= VERIFY_BUFFER_BYTES:
-        with raw:
-            try:
-                reader, chunks = _CountingReader(raw, hash_it=False, limit=limit), []
-                while chunk := reader.read(8 << 20):
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-            except OSError as e:
-                raise ShardError(url, f"unreadable ({e})") from None
-        if len(data) != shard.filesize:
-            raise ShardError(url, f"{len(data)}{'+' if len(data) > shard.filesize else ''} bytes, "
-                             f"{SHARD_INDEX} lists {shard.filesize}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != shard.sha256:
-            raise ShardError(url, f"sha256 {digest} differs from {SHARD_INDEX}")
-        raw, check = io.BytesIO(data), False  # verified: parse from memory
-    n = 0
-    with raw:
-        counter = _CountingReader(raw, hash_it=check, limit=limit)
-        current: dict[str, Any] | None = None
-        try:
-            for info, data in tar_members(counter, strict=True, max_member_bytes=max_member_bytes, mode="r|*"):
-                key, suffix = base_plus_ext(info.name)
-                if key is None:
-                    continue  # a name without an extension belongs to no sample
-                if len(data) != info.size:
-                    raise ShardError(url, f"member {info.name} ends after {len(data)} of {info.size} bytes")
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield _complete(current, url)
-                        n += 1
-                    current = {"__key__": key, "__url__": url}
-                suffix = suffix.lower()
-                if suffix in current:
-                    raise ShardError(url, f"duplicate member {info.name}")
-                current[suffix] = data
-            counter.drain()
-        except UnsafeMember as e:
-            raise UnsafeMemberError(url, e.name, e.why) from None
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise ShardError(url, f"corrupt or truncated after {n} complete samples ({e})") from None
-        if current is not None:
-            yield _complete(current, url)
-            n += 1
-    if shard.nsamples is not None and n != shard.nsamples:
-        raise ShardError(url, f"ended after {n} of {shard.nsamples} samples listed in {SHARD_INDEX} (truncated?)")
-    if shard.filesize is not None and counter.nbytes != shard.filesize:  # over: the limit read one byte more
-        raise ShardError(url, f"{counter.nbytes} bytes, {SHARD_INDEX} lists {shard.filesize} (truncated?)")
-    if counter.sha is not None and counter.sha.hexdigest() != shard.sha256:
-        raise ShardError(url, f"sha256 {counter.sha.hexdigest()} differs from {SHARD_INDEX}")
-
-
-# -- decoding ------------------------------------------------------------------------------
-
-
-def _image_part(sample: dict[str, Any], name: str) -> bytes | None:
-    for ext in ("jpg", "png", "jpeg", "webp"):
-        data = sample.get(f"{name}.{ext}")
-        if data is not None:
-            return data
-    return None
-
-
-def _decode_image(data: bytes, mode: str, size: tuple[int, int] | None, fit: str = "stretch") -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert(mode)
-    if size is not None and im.size != (size[1], size[0]):
-        # masks stay binary: nearest neighbour; pictures bilinear (PIL antialiases when shrinking)
-        resample = Image.Resampling.NEAREST if mode == "L" else Image.Resampling.BILINEAR
-        im = _fit_image(im, size, fit, resample)
-    return im
-
-
-# -- aspect-preserving resize (one geometry for a sample's pictures and masks) -----------------
-FITS = ("pad", "crop", "stretch")
-
-
-def _fit_box(w: int, h: int, size: tuple[int, int], fit: str) -> tuple[int, int, int, int]:
-    """(scaled width, scaled height, x offset, y offset) of a w x h picture in ``size``
-    (height, width): ``pad`` fits it inside (centered, zero borders), ``crop`` covers the size
-    and cuts the centre, ``stretch`` ignores the aspect ratio. It depends only on the source
-    size, so an original, its variants and its masks get the same geometry (pairs stay aligned)."""
-    th, tw = size
-    if fit == "stretch":
-        return tw, th, 0, 0
-    scale = min(tw / w, th / h) if fit == "pad" else max(tw / w, th / h)
-    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    return sw, sh, (tw - sw) // 2, (th - sh) // 2
-
-
-def _fit_image(im: Image.Image, size: tuple[int, int], fit: str, resample: Any) -> Image.Image:
-    sw, sh, x, y = _fit_box(im.width, im.height, size, fit)
-    im = im.resize((sw, sh), resample)
-    if (sw, sh) == (size[1], size[0]):
-        return im
-    canvas = Image.new(im.mode, (size[1], size[0]), 0)
-    canvas.paste(im, (x, y))  # pad: at an offset; crop: at a negative offset (the centre stays)
-    return canvas
-
-
-def _resize_frames(frames: Any, size: tuple[int, int] | None, mask: bool, fit: str = "stretch") -> Any:
-    """T x H x W (x 3) uint8 frames at ``size`` (height, width): masks nearest, pictures area
-    when shrinking and bilinear when growing; ``fit`` as for pictures (``_fit_box``)."""
-    import cv2
-    import numpy as np
-
-    if size is None or frames.shape[1:3] == tuple(size):
-        return frames
-    interp = cv2.INTER_NEAREST if mask else (
-        cv2.INTER_AREA if size[0] * size[1] < frames.shape[1] * frames.shape[2] else cv2.INTER_LINEAR)
-    sw, sh, x, y = _fit_box(frames.shape[2], frames.shape[1], size, fit)
-    scaled = np.stack([cv2.resize(f, (sw, sh), interpolation=interp) for f in frames])
-    if (sw, sh) == (size[1], size[0]):
-        return scaled
-    out = np.zeros((frames.shape[0], size[0], size[1], *frames.shape[3:]), dtype=frames.dtype)
-    ys, xs = max(0, y), max(0, x)  # destination window
-    yo, xo = max(0, -y), max(0, -x)  # source window (crop)
-    hh, ww = min(sh - yo, size[0] - ys), min(sw - xo, size[1] - xs)
-    out[:, ys:ys + hh, xs:xs + ww] = scaled[:, yo:yo + hh, xo:xo + ww]
-    return out
-
-
-def _to_tensor(im: Image.Image, mask: bool) -> torch.Tensor:
-    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    t = t.view(im.height, im.width, len(im.getbands())).permute(2, 0, 1)
-    return (t > 127).float() if mask else t.float().div_(255.0)
 
 
 # -- the dataset -----------------------------------------------------------------------------
@@ -505,7 +96,7 @@ class PairDataset(IterableDataset):
             raise LoaderError("no shards")
         self.shards = list(shards)
         self.folder = folder
-        self.fs = _as_fsspec(filesystem)
+        self.fs = as_fsspec(filesystem)
         self.variants = tuple(variants) if variants is not None else None
         if self.variants is not None and "orig" in self.variants:
             raise ValueError("'orig' is always included; variants names the counterfactuals")
@@ -562,14 +153,14 @@ class PairDataset(IterableDataset):
             raise TypeError("length unknown: flat rows are counted from index.parquet, which a bare URL list lacks")
         import pyarrow.parquet as pq
 
-        fsys, path = _fs_for(self.folder, self.fs)
-        with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
+        fsys, path = fs_for(self.folder, self.fs)
+        with fsys.open(join(path, INDEX_PARQUET), "rb") as f:
             table = pq.read_table(f, columns=["shard", "questions", "variants"])
         rows: dict[str, int] = {}
         for shard, qs, vs in zip(*(table.column(c).to_pylist() for c in ("shard", "questions", "variants")),
                                  strict=True):
             chosen = [v for v in vs if self.variants is None or v in self.variants]
-            url = _join(self.folder, shard)
+            url = join(self.folder, shard)
             rows[url] = rows.get(url, 0) + len(qs) * (1 + len(chosen))
         return rows
 
@@ -613,11 +204,11 @@ class PairDataset(IterableDataset):
             data = sample.get(f"{name}.mp4")
             if data is None:
                 raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no {name} clip")
-            out[name] = _resize_frames(read_frames(data)[0], self.size, mask=False, fit=self.fit)
+            out[name] = resize_frames(read_frames(data)[0], self.size, mask=False, fit=self.fit)
         if "masks.npz" not in sample:
             raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no masks.npz")
         masks = np.load(io.BytesIO(sample["masks.npz"]))["masks"]
-        out["mask"] = _resize_frames((masks > 0).astype(np.uint8) * 255, self.size, mask=True, fit=self.fit)
+        out["mask"] = resize_frames((masks > 0).astype(np.uint8) * 255, self.size, mask=True, fit=self.fit)
         if self.decode == "pil":
             return {n: [Image.fromarray(f) for f in a] for n, a in out.items()}
         from torchvision import tv_tensors
@@ -634,7 +225,7 @@ class PairDataset(IterableDataset):
             return self._finish(sample, doc, present, images)
         mode_images: dict[str, tuple[str, bytes]] = {}
         for name in ("orig", *present, *MASK_PARTS):
-            data = _image_part(sample, name)
+            data = image_part(sample, name)
             if data is None:
                 if name in ("orig", "mask") or name in present:
                     raise ShardError(sample["__url__"], f"sample {sample['__key__']} has no {name} image")
@@ -642,12 +233,12 @@ class PairDataset(IterableDataset):
             if name == "control_mask" and "random_mask" not in present:
                 continue
             mode_images[name] = ("L" if name in MASK_PARTS else "RGB", data)
-        images: dict[str, Any] = {n: _decode_image(d, m, self.size, self.fit) for n, (m, d) in mode_images.items()}
+        images: dict[str, Any] = {n: decode_image(d, m, self.size, self.fit) for n, (m, d) in mode_images.items()}
         if self.decode == "tensor":
             from torchvision import tv_tensors
 
             images = {n: (tv_tensors.Mask if n in MASK_PARTS else tv_tensors.Image)(
-                _to_tensor(im, n in MASK_PARTS)) for n, im in images.items()}
+                to_tensor(im, n in MASK_PARTS)) for n, im in images.items()}
         return self._finish(sample, doc, present, images)
 
     def _finish(self, sample: dict[str, Any], doc: dict[str, Any], present: list[str],
@@ -732,23 +323,6 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     return PairDataset(shards, folder=folder, filesystem=filesystem, **options)
 
 
-def describe_version(folder: str | None, filesystem: Any = None, n_shards: int = 0) -> str:
-    """Which version a loader reads (dataset@label, content id), from its version.json: a run
-    trained on a --limit version, or on yesterday's, says so in its first line of output."""
-    what = f"{n_shards} shard(s)"
-    if folder is None:
-        return f"reading {what} given as URLs (no version folder)"
-    try:
-        fsys, path = _fs_for(folder, _as_fsspec(filesystem))
-        with fsys.open(_join(path, layout.VERSION_FILE), "rb") as f:
-            info = json.loads(f.read())
-    except (OSError, ValueError):
-        return f"reading {what} from {folder} (no version.json)"
-    limited = " (a limited --limit run)" if info.get("limited") else ""
-    return (f"reading {info.get('dataset', '?')}@{info.get('label', '?')}{limited}, content id "
-            f"{(info.get('content_id') or '-')[:12]}, {what} from {folder}")
-
-
 def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = None, filesystem: Any = None,
                        split: str = "train") -> dict[str, Any]:
     """Keyword arguments for ``datasets.load_dataset("webdataset", **args, split=split)``.
@@ -769,13 +343,13 @@ def hf_webdataset_args(source: str | os.PathLike[str], *, root: str | None = Non
     shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
     if folder is None:
         raise LoaderError("hf_webdataset_args needs a dataset folder (it reads index.parquet), not shard URLs")
-    fsys, path = _fs_for(folder, _as_fsspec(filesystem))
-    with fsys.open(_join(path, INDEX_PARQUET), "rb") as f:
+    fsys, path = fs_for(folder, as_fsspec(filesystem))
+    with fsys.open(join(path, INDEX_PARQUET), "rb") as f:
         per_sample = pq.read_table(f, columns=["variants"]).column("variants").to_pylist()
-    with fsys.open(_join(path, layout.MANIFEST), "rb") as f:
+    with fsys.open(join(path, layout.MANIFEST), "rb") as f:
         parts = json.loads(f.read()).get("counts", {}).get("parts")
     if parts is None:  # datasets written before the manifest listed its parts
-        with contextlib.closing(read_shard(shards[0], fs=_as_fsspec(filesystem))) as samples:
+        with contextlib.closing(read_shard(shards[0], fs=as_fsspec(filesystem))) as samples:
             first = next(samples)
         ext = next(p.split(".", 1)[1] for p in first if p.startswith("orig."))
         variants = sorted({v for vs in per_sample for v in vs})
