@@ -205,9 +205,9 @@ def base_config(work: Path, n: int, size: int) -> dict:
 
 def scene_samples(n: int, size: int, upto: str, work: Path):
     from counterfactory.pipeline.config import validate_config
-    from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.sample import decode_batch
+    from tests.conftest import load_records
 
     cfg = validate_config(base_config(work, n, size), source="bench", base_dir=work)
     out = []

@@ -167,10 +167,9 @@ def build_track(work: Path, tiny: bool) -> Path:
 
 # --- inputs ------------------------------------------------------------------------------------
 def scene_samples(n: int, size: int, upto: str, work: Path):
-    from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.sample import decode_batch
-    from tests.conftest import make_config
+    from tests.conftest import load_records, make_config
 
     cfg = make_config(work / f"scenes-{upto}-{size}", [{"kind": "procedural", "count": n, "seed": 0,
                                                          "size": [size, size], "questions_per_scene": 1}])
@@ -179,7 +178,7 @@ def scene_samples(n: int, size: int, upto: str, work: Path):
 
 
 def clip_sample(frames: int, work: Path):
-    from counterfactory.pipeline.inputs import load_records
+    from tests.conftest import load_records
     from tests.test_video import clips_input, run_stages, video_config
 
     cfg = video_config(work / "clip", [clips_input(1, seed=2, frames=frames)])

@@ -147,10 +147,10 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     write, already loaded by Ray Data in a real run), then ``rounds`` rounds, the three writers
     interleaved in each, each output deleted before the next write; medians reported."""
 
-    from counterfactory.pipeline.inputs import load_records
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
     from counterfactory.sample import decode_batch
+    from tests.conftest import load_records
 
     cfg = scenes_config(n, root)
     root.mkdir(parents=True, exist_ok=True)

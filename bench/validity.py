@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 
 from counterfactory import footprint, scenes  # noqa: E402
 from counterfactory.pipeline.config import validate_config  # noqa: E402
-from counterfactory.pipeline.inputs import load_records  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
 from counterfactory.rules import side_of_x, singular  # noqa: E402
 from counterfactory.sample import decode_batch  # noqa: E402
+from tests.conftest import load_records  # noqa: E402
 
 
 def config(n_scenes: int, photos: bool, method: str, root: Path):

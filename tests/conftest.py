@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from counterfactory.pipeline.config import PipelineConfig, validate_config
+from counterfactory.pipeline.inputs import plan_inputs, read_slice
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -45,6 +46,13 @@ def make_config(
         else:
             data[k] = v
     return validate_config(data, source="test", base_dir=tmp_path)
+
+
+def load_records(cfg: PipelineConfig, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every input record of a config in one list, read slice by slice as a run's workers read
+    them (for tests and bench; a run never holds them all)."""
+    plan = plan_inputs(cfg, limit)
+    return [r for sl in plan.slices for r in read_slice(sl)]
 
 
 def scenes_input(count: int = 6, seed: int = 0, questions: int = 2) -> dict[str, Any]:

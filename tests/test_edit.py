@@ -13,12 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from counterfactory import scenes
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import Sample, decode_batch
 from counterfactory.stages import edit as E
 from counterfactory.stages import shared
-from tests.conftest import make_config, textured
+from tests.conftest import load_records, make_config, textured
 
 ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]
 

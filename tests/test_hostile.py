@@ -27,13 +27,14 @@ from counterfactory import viewer
 from counterfactory.cli import main
 from counterfactory.loader import LoaderError, ShardError, load, resolve_shards
 from counterfactory.pipeline.config import ConfigError, load_config
-from counterfactory.pipeline.inputs import load_records, plan_inputs
+from counterfactory.pipeline.inputs import plan_inputs
 from counterfactory.pipeline.runner import local_batches, run_pipeline
 from counterfactory.sample import decode_batch
 from counterfactory.spec import build_spec, spec_id
 from tests.conftest import (
     REPO,
     demo_dict,
+    load_records,
     make_config,
     save,
     scenes_input,

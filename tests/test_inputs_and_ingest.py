@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from counterfactory.pipeline.inputs import load_records, pipeline_rows
+from counterfactory.pipeline.inputs import pipeline_rows
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import decode_batch
-from tests.conftest import make_config
+from tests.conftest import load_records, make_config
 
 
 def _run(cfg, upto: str):

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.inpaint import crop_box
 from tests import models_fixtures as fx
 from tests import models_fixtures_new as fxn
-from tests.conftest import make_config, scenes_input
+from tests.conftest import load_records, make_config, scenes_input
 
 FAST = {"device": "cpu", "native_size": 32, "steps": 2, "max_sequence_length": 16, "true_cfg_scale": 1.0}
 VARIANTS = ["remove", "attribute", "replace", "blackout", "random_mask"]

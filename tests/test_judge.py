@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.rules import EDIT_COLORS
 from counterfactory.sample import Sample, decode_batch, encode_batch
@@ -21,7 +20,7 @@ from counterfactory.stages import get_backend
 from counterfactory.stages.models.judge import data_url, fit_image, majority, normalize, read_reply
 from tests import models_fixtures as fx
 from tests import models_fixtures_new as fxn
-from tests.conftest import make_config, scenes_input
+from tests.conftest import load_records, make_config, scenes_input
 
 CPU = {"device": "cpu"}
 

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from counterfactory.pipeline.config import validate_config
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches, run_pipeline
 from counterfactory.sample import RunSettings, Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.common import MissingDependency, require, run_batched
 from counterfactory.stages.models.grounding import extract_targets
 from tests import models_fixtures as fx
-from tests.conftest import demo_dict, make_config, scenes_input
+from tests.conftest import demo_dict, load_records, make_config, scenes_input
 
 CPU = {"device": "cpu"}
 

@@ -203,12 +203,12 @@ def test_inputs_named_by_s3_uris_are_read_from_the_bucket(s3, tmp_path):
     on disk; a missing object is a file_not_found reject; the spec follows an object's change."""
     import numpy as np
 
-    from counterfactory.pipeline.inputs import load_records, plan_inputs
+    from counterfactory.pipeline.inputs import plan_inputs
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.sample import decode_batch
     from counterfactory.spec import build_spec
     from counterfactory.video_io import encode_mp4
-    from tests.conftest import save, square_line, square_scene
+    from tests.conftest import load_records, save, square_line, square_scene
     from tests.test_video import noise_clip, run_stages, video_config
 
     save(square_scene(), tmp_path / "a.png")

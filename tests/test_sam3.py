@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from counterfactory.pipeline.config import validate_config
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from tests import models_fixtures as fx
 from tests import models_fixtures_new as fxn
-from tests.conftest import demo_dict, make_config, scenes_input
+from tests.conftest import demo_dict, load_records, make_config, scenes_input
 
 CPU = {"device": "cpu"}
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.sample import Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.track import track_quality
 from tests import models_fixtures_new as fxn
+from tests.conftest import load_records
 from tests.test_track import truth_of
 from tests.test_video import clips_input, run_stages, video_config
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from counterfactory import scenes
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.rules import classify_question, match_categories, side_of_x, singular
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages.verify import PixelVerify
-from tests.conftest import make_config, scenes_input
+from tests.conftest import load_records, make_config, scenes_input
 
 N_SCENES = 30
 

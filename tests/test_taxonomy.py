@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from counterfactory import scenes
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.rules import ANSWER_RULES, QUESTION_KINDS, answer_for, color_name, singular
 from counterfactory.sample import decode_batch
-from tests.conftest import make_config, scenes_input
+from tests.conftest import load_records, make_config, scenes_input
 from tests.test_stages import _evidence, _spec, _truth
 
 ALL = ["remove", "blackout", "random_mask", "attribute", "flip", "count", "insert", "swap"]

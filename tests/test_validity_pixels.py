@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from counterfactory import footprint, scenes
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.rules import color_name
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import edit as E
 from counterfactory.stages.shared import control_masks
 from counterfactory.stages.verify import PixelVerify
-from tests.conftest import make_config
+from tests.conftest import load_records, make_config
 
 PHOTOS = {"kind": "manifest", "path": "pkg:counterfactory/demo/photos.jsonl"}
 

@@ -21,7 +21,7 @@ import yaml
 
 from counterfactory import video_scenes
 from counterfactory.pipeline.config import PipelineConfig, validate_config
-from counterfactory.pipeline.inputs import load_records, pipeline_rows
+from counterfactory.pipeline.inputs import pipeline_rows
 from counterfactory.pipeline.runner import run_pipeline
 from counterfactory.pipeline.writer import PartEncoder
 from counterfactory.sample import Sample
@@ -36,6 +36,7 @@ from counterfactory.video_io import (
     encode_npz,
     read_frames,
 )
+from tests.conftest import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_VIDEO = REPO / "configs" / "demo_video.yaml"

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from counterfactory.pipeline.inputs import load_records
 from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.video_inpaint import padded_length, video_crop_box, windows
+from tests.conftest import load_records
 from tests.test_video import clips_input, run_stages, video_config
 
 torch = pytest.importorskip("torch")

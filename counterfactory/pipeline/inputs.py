@@ -562,11 +562,6 @@ def iter_records(cfg: PipelineConfig, limit: int | None = None) -> Iterator[dict
         yield from read_slice(sl)
 
 
-def load_records(cfg: PipelineConfig, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every record in one list: for tests and small tools (a run reads slices on the workers)."""
-    return list(iter_records(cfg, limit))
-
-
 def pipeline_rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int,
                   chash: str) -> list[dict[str, Any]]:
     """Pipeline rows (``counterfactory.sample`` row format) for ``records`` numbered from
