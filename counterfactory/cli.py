@@ -1,6 +1,6 @@
 """Command line: ``counterfactory VERB ...`` (``counterfactory VERB --help`` for each verb).
 
-Verbs: run, versions, card, verify, regenerate, diff, eval, export, push, tag, plan, submit,
+Verbs: run, versions, card, verify, regenerate, diff, eval, export, push, tag, pin, plan, submit,
 status, logs, stop. Overrides (``dotted.key=value``) and flags go in any order. User errors are
 one line on stderr. Exit codes: 0 done (status: the job SUCCEEDED), 1 a check failed or the job
 FAILED/STOPPED, 2 a usage or input error, 3 a run stopped by its failure budget or nothing to
@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from counterfactory.cli_run import cmd_job, cmd_plan, cmd_regenerate, cmd_run, cmd_submit
+from counterfactory.cli_run import cmd_job, cmd_pin, cmd_plan, cmd_regenerate, cmd_run, cmd_submit
 from counterfactory.cli_versions import (
     cmd_audit,
     cmd_card,
@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dataset", metavar="DATASET@VERSION")
     t.add_argument("name", metavar="NAME")
     root(t)
+
+    pn = verb("pin", "write the Hub commit of every model and LoRA into a config (a branch such as main moves)",
+              "counterfactory pin configs/gpu.yaml --write", cmd_pin)
+    pn.add_argument("config", help="pipeline config (YAML); comments and layout are kept")
+    pn.add_argument("--write", action="store_true", help="rewrite the file (default: print the diff)")
+    pn.add_argument("--offline", action="store_true", help="read commits from the local Hub cache only")
+    pn.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
     def address(sp: argparse.ArgumentParser, required: bool = True) -> None:
         sp.add_argument("--address", required=required and not os.environ.get("RAY_API_SERVER_ADDRESS"),

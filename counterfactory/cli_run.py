@@ -196,3 +196,24 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 # status: 0 succeeded, 1 failed or stopped, 3 not finished (a script can wait on it)
 JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1, "PENDING": 3, "RUNNING": 3}
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from counterfactory.pin import PinError, pin_file
+
+    try:
+        diff, refs = pin_file(Path(args.config), write=args.write, offline=args.offline, endpoint=args.endpoint)
+    except PinError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in refs:
+        state = "pinned" if r.source == "config" else f"{r.commit} (from the {r.source})"
+        print(f"{r.label}: {state}")
+    if not diff:
+        print(f"{args.config}: every Hub model is pinned to a commit")
+    elif args.write:
+        print(f"{args.config}: written")
+    else:
+        sys.stdout.write(diff)
+        print("(dry run: --write to apply)")
+    return 0

@@ -155,3 +155,19 @@ def test_the_shipped_gpu_config_parses_into_its_hub_refs():
     text = (Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml").read_text()
     repos = {r.repo for r in hub_refs(yaml.safe_load(text))}
     assert {"IDEA-Research/grounding-dino-base", "facebook/sam-vit-huge"} <= repos
+
+
+def test_cli_pin_dry_run_then_write(hub, tmp_path, capsys):
+    from counterfactory.cli import main
+
+    f = tmp_path / "job.yaml"
+    f.write_text(CONFIG)
+    assert main(["pin", str(f), "--endpoint", hub]) == 0
+    out = capsys.readouterr().out
+    assert "facebook/sam-vit-huge@main: " + "b" * 40 + " (from the hub)" in out and "--write" in out
+    assert f.read_text() == CONFIG
+    assert main(["pin", str(f), "--endpoint", hub, "--write"]) == 0
+    assert main(["pin", str(f), "--endpoint", hub]) == 0
+    assert "every Hub model is pinned" in capsys.readouterr().out
+    assert main(["pin", str(tmp_path / "missing.yaml"), "--offline"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read")
