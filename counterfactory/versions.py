@@ -161,7 +161,7 @@ def read_version(where: Folder | Path, strict: bool = True) -> Version:
     folder = open_dir(where)
     try:
         info = json.loads(folder.read_bytes(VERSION_FILE))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         info = {}  # no record: on an object store an unfinished upload (version.json is written last)
     except (OSError, ValueError, RecursionError) as exc:  # a garbled commit marker: a damaged version
         if strict:
@@ -328,13 +328,13 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
         try:
             folder = open_dir(name)
             folder = folder.parent().child(folder.name)  # through its dataset: where its mirror is
-            found = folder.exists(MANIFEST)
+            v = read_version(folder)
+            found = bool(v.info) or folder.exists(MANIFEST)
         except StorageError as exc:
             raise VersionError(str(exc)) from None
         except (OSError, ValueError) as exc:
             raise VersionError(f"{name}: {exc}") from None
         if found:
-            v = read_version(folder)
             if not v.committed:  # version.json is the commit marker
                 raise VersionError(f"{name}: no version.json: an unfinished upload, not a version "
                                    "(run the same spec again to finish it)")
