@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from counterfactory import versions as V
-from counterfactory.layout import VERSION_FILE, atomic_write
+from counterfactory.layout import VERSION_FILE
 from counterfactory.verify import verify
 
 # working files that are not part of a version (a viewer is rebuilt from the version on demand)
@@ -32,7 +32,7 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
          large: bool = False, commit_message: str | None = None) -> dict[str, Any]:
     """Verify ``version``, create the dataset repo if needed and upload the folder; returns the
     record written to version.json's ``hub`` list."""
-    if version.remote is not None:
+    if not version.folder.is_local:  # the Hub client uploads a folder of this machine
         raise HubError(f"{version.location} is on an object store: push a local copy of it "
                        "(e.g. regenerate it with a local --scratch folder)")
     bad = [c for c in verify(version) if not c.ok]
@@ -75,6 +75,6 @@ def push(version: V.Version, repo_id: str, *, private: bool = False, revision: s
               "private": private, "pushed": V.now_utc()}
     info = dict(version.info)
     info["hub"] = [*info.get("hub", []), record]
-    atomic_write(version.path / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
+    version.folder.write_bytes(VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
     version.info = info
     return record

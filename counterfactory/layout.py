@@ -21,6 +21,7 @@ import os
 import re
 import tarfile
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,98 @@ def manifest_problem(manifest: Any) -> str | None:
 
 
 # -- the folder object ------------------------------------------------------------------------------
-class LocalDir:
-    """A local folder with the operations of ``storage.RemoteDir`` (same names, same results), so
-    a version or dataset is read and written through one object wherever it lives."""
+def mirrored(name: str) -> bool:
+    """A file of a version that its local mirror holds: all but the shards, the viewer (rebuilt
+    on demand) and an upload's claim."""
+    return not name.endswith(".tar") and not name.startswith("viewer/") and name != CLAIM
 
-    remote = False
+
+class Folder(ABC):
+    """A folder read and written by names relative to it, wherever it lives: ``LocalDir`` here,
+    ``storage.RemoteDir`` on an object store. Callers ask the folder, never its type; which
+    class a path or URI gets is decided once, by ``storage.open_dir``."""
+
+    #: a folder of this machine's filesystem: published by one rename (whole as soon as it
+    #: exists) and readable by tools that take a path. An object-store folder is uploaded file by
+    #: file and is whole only once its commit marker (``version.json``) is there.
+    is_local: bool
+
+    uri: str
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The last component of its path."""
+
+    @property
+    @abstractmethod
+    def parent_name(self) -> str:
+        """The name of the folder it is in (a version's dataset)."""
+
+    @abstractmethod
+    def child(self, name: str) -> Folder: ...
+
+    @abstractmethod
+    def parent(self) -> Folder: ...
+
+    @abstractmethod
+    def workdir(self) -> Path:
+        """The local folder that stands for this one on this machine: the folder itself, or for
+        an object-store folder a working folder (a dataset's staging and its versions' mirrors)."""
+
+    @abstractmethod
+    def mirror(self, content_id: str | None) -> Path:
+        """``workdir()`` holding this version folder's ``mirrored`` files (a local folder holds
+        them already). A mirror whose manifest matches ``content_id`` is reused."""
+
+    @abstractmethod
+    def sizes(self, rels: Sequence[str]) -> dict[str, int | None]:
+        """Size of each named file; None where it is missing."""
+
+    @abstractmethod
+    def exists(self, rel: str = "") -> bool: ...
+
+    @abstractmethod
+    def list(self, rel: str = "", recursive: bool = False) -> list[tuple[str, bool, int]]:
+        """(name relative to this folder, is_dir, size) of its entries; [] when it is absent."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    @abstractmethod
+    def read_pointer(self, rel: str) -> str | None:
+        """The text of a small file naming something (``latest``), None when there is none."""
+
+    @abstractmethod
+    def open(self, rel: str) -> Any:
+        """A seekable binary file (tarfile reads members by offset)."""
+
+    @abstractmethod
+    def sha256(self, rel: str) -> str: ...
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Readers see the old file or the new one, never a part."""
+
+    @abstractmethod
+    def create(self, rel: str, data: bytes) -> None:
+        """Write a new file; FileExistsError when it is there already, where the store can tell
+        (an object store's PUT cannot: the caller's check before it is all there is)."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> None: ...
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+class LocalDir(Folder):
+    """A folder of this machine's filesystem."""
+
+    is_local = True
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -143,8 +231,21 @@ class LocalDir:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def parent_name(self) -> str:
+        return self.path.parent.name
+
     def child(self, name: str) -> LocalDir:
         return LocalDir(self.path / name)
+
+    def parent(self) -> LocalDir:
+        return LocalDir(self.path.parent)
+
+    def workdir(self) -> Path:
+        return self.path
+
+    def mirror(self, content_id: str | None) -> Path:
+        return self.path
 
     def sizes(self, rels: Sequence[str]) -> dict[str, int | None]:
         return {r: (self.path / r).stat().st_size if (self.path / r).is_file() else None for r in rels}
@@ -153,7 +254,6 @@ class LocalDir:
         return (self.path / rel).exists()
 
     def list(self, rel: str = "", recursive: bool = False) -> list[tuple[str, bool, int]]:
-        """(name relative to this folder, is_dir, size) of its entries; [] when it is absent."""
         base = self.path / rel
         if not base.is_dir():
             return []
@@ -167,6 +267,13 @@ class LocalDir:
     def read_text(self, rel: str) -> str:
         return (self.path / rel).read_text()
 
+    def read_pointer(self, rel: str) -> str | None:
+        """A symbolic link (tolerated if someone made one by hand) names its target."""
+        p = self.path / rel
+        if p.is_symlink():
+            return Path(os.readlink(p)).name
+        return p.read_text() if p.is_file() else None
+
     def open(self, rel: str) -> Any:
         return open(self.path / rel, "rb")
 
@@ -176,6 +283,15 @@ class LocalDir:
     def write_bytes(self, rel: str, data: bytes) -> None:
         (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / rel, data)
+
+    def create(self, rel: str, data: bytes) -> None:
+        """O_EXCL: of two concurrent writers exactly one wins."""
+        (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     def delete(self, rel: str) -> None:
         (self.path / rel).unlink()

@@ -1,6 +1,6 @@
 """Publishing a staged version: a local rename onto the next free label, or an upload to an
-object store with ``version.json`` (the commit marker) last; and the run's refusal to publish
-(``FailureBudgetExceeded``, exit 3)."""
+object store with ``version.json`` (the commit marker) last, as the dataset folder's
+``is_local`` says; and the run's refusal to publish (``FailureBudgetExceeded``, exit 3)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from counterfactory.versions import (
     next_label,
     read_latest,
     read_version,
-    remote_mirror,
     write_latest,
 )
 
@@ -40,20 +39,37 @@ class FailureBudgetExceeded(RuntimeError):
 
 def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
                     finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
-    """Name the staging folder with the next free label and rename it into place.
+    """Publish the staging folder as the next free label of ``ds_dir``: renamed into place in a
+    local folder (``_publish_by_rename``), uploaded to an object store (``_publish_by_upload``).
 
     ``make_info(label)`` gives version.json; ``finish(staging, info)`` writes label-dependent
-    files (the card). Two concurrent runs may pick the same label: the rename of the loser
-    fails (the target exists and is not empty), and it retries with the next label.
-    On an object store the staging folder is uploaded instead (see ``_publish_remote``)."""
-    if isinstance(ds_dir, RemoteDir):
-        return _publish_remote(staging, ds_dir, make_info, finish, set_latest=set_latest)
+    files (the card). The staging folder's resume journal goes once nothing can fail half-way:
+    before the rename, after the upload (a rerun of a cut upload resumes with every shard)."""
+    how = _publish_by_rename if ds_dir.is_local else _publish_by_upload
+    return how(staging, ds_dir, make_info, finish, set_latest=set_latest)
+
+
+def finish_reused(ds_dir: Dataset, version: Version, staging: Path) -> None:
+    """A complete version found again (its spec rerun). An upload can be cut after its commit
+    marker: finish it (``repair_remote``) and drop the spec's local staging. A rename leaves
+    nothing unfinished."""
+    if not ds_dir.is_local:
+        repair_remote(ds_dir, version)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_by_rename(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
+                       finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
+    """Name the staging folder with the next free label and rename it into place. Two
+    concurrent runs may pick the same label: the rename of the loser fails (the target exists
+    and is not empty), and it retries with the next label."""
+    shutil.rmtree(staging / JOURNAL, ignore_errors=True)
     for _ in range(100):
         label = next_label(ds_dir)
         info = make_info(label)
         atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
         finish(staging, info)
-        target = ds_dir / label
+        target = ds_dir.workdir() / label  # a local folder is its own workdir
         try:
             target.mkdir()  # claims the label (atomic); fails if another run took it
         except FileExistsError:
@@ -65,8 +81,8 @@ def publish_version(staging: Path, ds_dir: Dataset, make_info: Callable[[str], d
     raise RuntimeError(f"could not allocate a version label in {ds_dir}")
 
 
-def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
-                    finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
+def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
+                       finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
     """Upload the staging folder as ``DATASET/vN`` on the object store: a claim naming the
     content, every file, then ``manifest.json``, then ``version.json`` (the commit marker: a
     label folder without it is an unfinished upload, never taken as a version), then
@@ -106,16 +122,17 @@ def _publish_remote(staging: Path, ds: RemoteDir, make_info: Callable[[str], dic
         target.delete(CLAIM)
         if set_latest:
             finish_remote(ds, label)
-        mirror = remote_mirror(ds) / label
+        mirror = target.workdir()
         shutil.rmtree(mirror, ignore_errors=True)
         for tar in [*staging.glob("*.tar"), *staging.glob(f"{PAIRS_DIR}/*.tar")]:
             tar.unlink()
         os.replace(staging, mirror)
-        return Version(label, mirror, info, target)
+        shutil.rmtree(mirror / JOURNAL, ignore_errors=True)
+        return Version(label, target, info)
     raise RuntimeError(f"could not allocate a version label in {ds}")
 
 
-def finish_remote(ds: RemoteDir, label: str) -> None:
+def finish_remote(ds: Dataset, label: str) -> None:
     """After ``label`` is committed: point ``latest`` at it unless a newer version is already
     there (a rerun finishing a cut upload of an older label must not move it back)."""
     current = read_latest(ds)
@@ -123,9 +140,9 @@ def finish_remote(ds: RemoteDir, label: str) -> None:
         write_latest(ds, label)
 
 
-def repair_remote(ds: RemoteDir, version: Version) -> None:
-    """A complete version found again (its spec rerun): finish what a publish cut off after the
-    commit marker, i.e. a leftover claim and a ``latest`` that was never moved to it."""
+def repair_remote(ds: Dataset, version: Version) -> None:
+    """Finish what a publish cut off after the commit marker: a leftover claim and a ``latest``
+    that was never moved to it."""
     if version.folder.exists(CLAIM):
         version.folder.delete(CLAIM)
     finish_remote(ds, version.label)

@@ -23,12 +23,14 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from counterfactory.layout import MANIFEST, Folder, LocalDir, mirrored, sha256_file
 
 COPY_CHUNK = 8 << 20
 HTTP_CONNECT_TIMEOUT_S = 15
@@ -168,26 +170,55 @@ def read_object(uri: str, max_bytes: int | None = None) -> bytes:
         return f.read()
 
 
-class RemoteDir:
-    """A folder on a (pyarrow) filesystem: the few operations versions need, all by name
-    relative to the folder."""
+class RemoteDir(Folder):
+    """A folder on a (pyarrow) filesystem, all by name relative to the folder. Its local
+    stand-in (``workdir``) is a working folder under ``cache_dir()``; a child's is its parent's
+    child, so a version's mirror lies in its dataset's working folder however it was found."""
 
-    def __init__(self, uri: str, fs: pafs.FileSystem | None = None, path: str | None = None) -> None:
+    is_local = False
+
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None, path: str | None = None,
+                 local: Path | None = None) -> None:
         self.uri = uri
         if fs is None or path is None:
             fs, path = open_filesystem(uri)
         if not path.strip("/"):
             raise StorageError(f"{uri}: names no bucket or folder")
         self.fs, self.path = fs, path.rstrip("/")
+        self._local = local
 
     def __repr__(self) -> str:
         return f"RemoteDir({self.uri!r})"
 
-    def __str__(self) -> str:
-        return self.uri
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent_name(self) -> str:
+        return PurePosixPath(urlsplit(self.uri).path).parent.name
 
     def child(self, name: str) -> RemoteDir:
-        return RemoteDir(join_uri(self.uri, name), self.fs, f"{self.path}/{name.strip('/')}")
+        return RemoteDir(join_uri(self.uri, name), self.fs, f"{self.path}/{name.strip('/')}",
+                         self.workdir() / name)
+
+    def parent(self) -> RemoteDir:
+        u = urlsplit(self.uri)
+        return RemoteDir(urlunsplit((u.scheme, u.netloc, u.path.rstrip("/").rpartition("/")[0], u.query, u.fragment)))
+
+    def workdir(self) -> Path:
+        return self._local if self._local is not None else local_workdir(self.uri)
+
+    def mirror(self, content_id: str | None) -> Path:
+        """Download the ``mirrored`` files, ``manifest.json`` last: a mirror is taken as
+        complete only when its manifest matches the content id (versions never change)."""
+        mirror = self.workdir()
+        if content_id and (mirror / MANIFEST).is_file() and sha256_file(mirror / MANIFEST) == content_id:
+            return mirror
+        names = [n for n, is_dir, _ in self.list(recursive=True) if not is_dir and mirrored(n)]
+        self.download([n for n in names if n != MANIFEST], mirror)
+        self.download([MANIFEST], mirror)
+        return mirror
 
     def _p(self, rel: str) -> str:
         return f"{self.path}/{rel}" if rel else self.path
@@ -215,11 +246,13 @@ class RemoteDir:
         with self.fs.open_input_stream(self._p(rel)) as f:
             return f.read()
 
-    def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode()
+    def read_pointer(self, rel: str) -> str | None:
+        try:
+            return self.read_text(rel)
+        except OSError:  # FileNotFoundError, or a store that cannot be read: listed instead
+            return None
 
     def open(self, rel: str) -> Any:
-        """A seekable binary file (tarfile reads members by offset)."""
         return self.fs.open_input_file(self._p(rel))
 
     def sha256(self, rel: str) -> str:
@@ -234,6 +267,9 @@ class RemoteDir:
         """One PUT: readers see the old object or the new one, never a part."""
         with self.fs.open_output_stream(self._p(rel)) as f:
             f.write(data)
+
+    def create(self, rel: str, data: bytes) -> None:
+        self.write_bytes(rel, data)
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self._p(rel))
@@ -275,6 +311,17 @@ class RemoteDir:
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(one, rels))
+
+
+def open_dir(where: str | os.PathLike[str] | Folder) -> Folder:
+    """The folder object for a path or URI: the one place that decides where a folder lives. A
+    filesystem URI other than ``file://`` is a folder on its object store, anything else a
+    folder of this machine; a folder object comes back as it is."""
+    if isinstance(where, Folder):
+        return where
+    if is_remote(where):
+        return RemoteDir(os.fspath(where))
+    return LocalDir(local_path(where))
 
 
 def cache_dir() -> Path:

@@ -96,7 +96,7 @@ def verify(version: Version) -> list[Check]:
     # hashing releases the GIL and remote reads wait on the network: a few shards at a time
     with ThreadPoolExecutor(max_workers=4) as pool:
         out.extend(pool.map(check_shard, manifest["shards"]))
-    if sizes.get(INDEX) is not None or (not version.remote and (version.path / INDEX).exists()):
+    if sizes.get(INDEX) is not None or version.folder.exists(INDEX):
         try:
             # single-threaded: Arrow's CPU and I/O pools, once started, can abort the process at exit
             # ("terminate called without an active exception", ~4% of `verify` runs, more with

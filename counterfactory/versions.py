@@ -26,31 +26,29 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from counterfactory.layout import (
-    CLAIM,
     LABEL_RE,
     LATEST,
     MANIFEST,
     STAGING_PREFIX,
     TAGS,
     VERSION_FILE,
-    LocalDir,
+    Folder,
     atomic_write,
     manifest_problem,
     sha256_bytes,
     sha256_file,
 )
 from counterfactory.storage import (
-    RemoteDir,
     StorageError,
     is_remote,
     join_uri,
     local_path,
-    local_workdir,
+    open_dir,
 )
 
 TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -67,19 +65,27 @@ def content_id(version_dir: Path) -> str:
 
 @dataclass
 class Version:
-    """One version folder. ``path`` is local: the folder itself, or for a version on an object
-    store (``remote`` set) a local mirror of its small files (card, index, manifest, config);
-    shards are always read through ``folder`` (``open``/``sizes``/``sha256``), wherever they are."""
+    """One version folder (``folder``: local, or on an object store; a path is taken as a local
+    folder). ``path`` is its local side: the folder itself, or for a version on an object store
+    a local mirror of its small files (card, index, manifest, config); shards are always read
+    through ``folder`` (``open``/``sizes``/``sha256``), wherever they are."""
 
     label: str
-    path: Path
+    folder: Folder
     info: dict[str, Any]
-    remote: RemoteDir | None = None
+
+    def __post_init__(self) -> None:
+        self.folder = open_dir(self.folder)
 
     @property
-    def folder(self) -> LocalDir | RemoteDir:
-        """The version folder itself, local or on an object store (one interface)."""
-        return self.remote if self.remote is not None else LocalDir(self.path)
+    def path(self) -> Path:
+        return self.folder.workdir()
+
+    @property
+    def remote(self) -> Folder | None:
+        """The folder when it is on an object store (kept for ``cli.py``, which is to ask
+        ``folder.is_local`` instead)."""
+        return None if self.folder.is_local else self.folder
 
     @property
     def number(self) -> int:
@@ -91,9 +97,12 @@ class Version:
 
     @property
     def dataset(self) -> str:
-        if self.remote:
-            return urlsplit(self.remote.uri).path.rstrip("/").rsplit("/", 2)[-2]
-        return self.path.parent.name
+        return self.folder.parent_name
+
+    @property
+    def committed(self) -> bool:
+        """Published whole: renamed into place, or uploaded up to its commit marker."""
+        return bool(self.info) or self.folder.is_local
 
     def read_bytes(self, name: str) -> bytes:
         return self.folder.read_bytes(name)
@@ -125,7 +134,7 @@ class Version:
             raw = self.read_bytes(MANIFEST)
         except (FileNotFoundError, OSError):
             return "incomplete: no manifest"
-        if self.remote and not self.info:
+        if not self.committed:
             return "incomplete: no version.json (upload unfinished?)"
         if self.info.get("content_id") and sha256_bytes(raw) != self.info["content_id"]:
             return "modified: manifest changed"
@@ -146,106 +155,77 @@ class Version:
         return "complete"
 
 
-def read_version(path: Path, strict: bool = True) -> Version:
-    """The version in ``path``; a garbled ``version.json`` is a VersionError, or with
+def read_version(where: Folder | Path, strict: bool = True) -> Version:
+    """The version in ``where``; a garbled ``version.json`` is a VersionError, or with
     ``strict=False`` (listing every version) a version without a record."""
-    info_path = path / VERSION_FILE
-    info: dict[str, Any] = {}
-    if info_path.exists():
-        try:  # a garbled commit marker is a damaged version, said in one line
-            info = json.loads(info_path.read_bytes())
-        except (OSError, ValueError, RecursionError) as exc:
-            if not strict:
-                return Version(path.name, path, {})
-            raise VersionError(f"{info_path}: unreadable: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-        if not isinstance(info, dict):
-            if not strict:
-                return Version(path.name, path, {})
-            raise VersionError(f"{info_path}: not a version record (a JSON object)")
-    return Version(path.name, path, info)
-
-
-Dataset = Path | RemoteDir  # ROOT/DATASET: a local folder or a folder on an object store
-
-
-def remote_mirror(ds: RemoteDir) -> Path:
-    """Local working folder of a dataset on an object store: staging of runs and mirrors of
-    each version's small files."""
-    return work_dir(ds)
-
-
-def _read_remote_version(ds: RemoteDir, label: str) -> Version:
+    folder = open_dir(where)
     try:
-        info = json.loads(ds.read_bytes(f"{label}/{VERSION_FILE}"))
-    except (FileNotFoundError, OSError, ValueError):
-        info = {}  # an unfinished upload: version.json is written last
-    return Version(label, remote_mirror(ds) / label, info, ds.child(label))
+        info = json.loads(folder.read_bytes(VERSION_FILE))
+    except (FileNotFoundError, NotADirectoryError):
+        info = {}  # no record: on an object store an unfinished upload (version.json is written last)
+    except (OSError, ValueError, RecursionError) as exc:  # a garbled commit marker: a damaged version
+        if strict:
+            raise VersionError(f"{folder}/{VERSION_FILE}: unreadable: {type(exc).__name__}: {exc}"
+                               .splitlines()[0]) from None
+        info = {}
+    if not isinstance(info, dict):
+        if strict:
+            raise VersionError(f"{folder}/{VERSION_FILE}: not a version record (a JSON object)")
+        info = {}
+    return Version(folder.name, folder, info)
 
 
-def list_versions(ds_dir: Dataset) -> list[Version]:
-    if isinstance(ds_dir, RemoteDir):
-        labels = [n for n, is_dir, _ in ds_dir.list() if is_dir and LABEL_RE.match(n)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            found = list(pool.map(lambda lb: _read_remote_version(ds_dir, lb), labels))
-        return sorted(found, key=lambda v: v.number)
-    if not ds_dir.is_dir():
-        return []
-    found = [read_version(p, strict=False) for p in ds_dir.iterdir() if p.is_dir() and LABEL_RE.match(p.name)]
+Dataset = Folder  # ROOT/DATASET: a local folder or a folder on an object store
+
+
+def list_versions(ds_dir: Dataset | Path) -> list[Version]:
+    ds = open_dir(ds_dir)
+    labels = [n for n, is_dir, _ in ds.list() if is_dir and LABEL_RE.match(n)]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # an object store answers each in a round trip
+        found = list(pool.map(lambda lb: read_version(ds.child(lb), strict=False), labels))
     return sorted(found, key=lambda v: v.number)
 
 
-def read_latest(ds_dir: Dataset) -> str | None:
-    if isinstance(ds_dir, RemoteDir):
-        try:
-            return ds_dir.read_text(LATEST).strip() or None
-        except (FileNotFoundError, OSError):
-            versions = [v for v in list_versions(ds_dir) if v.info and not is_limited(v)]
-            return versions[-1].label if versions else None
-    p = ds_dir / LATEST
-    if p.is_symlink():  # tolerated if someone made one by hand
-        return Path(os.readlink(p)).name
-    if p.is_file():
-        label = p.read_text().strip()
-        return label or None
-    versions = [v for v in list_versions(ds_dir) if not is_limited(v)]
+def read_latest(ds_dir: Dataset | Path) -> str | None:
+    ds = open_dir(ds_dir)
+    named = ds.read_pointer(LATEST)
+    if named is not None:
+        return named.strip() or None
+    versions = [v for v in list_versions(ds) if v.committed and not is_limited(v)]
     return versions[-1].label if versions else None
 
 
-def as_folder(ds_dir: Dataset) -> LocalDir | RemoteDir:
-    """A dataset folder as the one folder object (local or on an object store)."""
-    return ds_dir if isinstance(ds_dir, RemoteDir) else LocalDir(ds_dir)
+def write_latest(ds_dir: Dataset | Path, label: str) -> None:
+    open_dir(ds_dir).write_bytes(LATEST, f"{label}\n".encode())
 
 
-def write_latest(ds_dir: Dataset, label: str) -> None:
-    as_folder(ds_dir).write_bytes(LATEST, f"{label}\n".encode())
-
-
-def work_dir(ds_dir: Dataset) -> Path:
+def work_dir(ds_dir: Dataset | Path) -> Path:
     """Where a run of this dataset stages its shards (the dataset folder itself when local; a
     local working folder for one on an object store, which also holds its versions' mirrors)."""
-    return local_workdir(ds_dir.uri) if isinstance(ds_dir, RemoteDir) else ds_dir
+    return open_dir(ds_dir).workdir()
 
 
-def staging_dirs(ds_dir: Dataset) -> list[Path]:
+def staging_dirs(ds_dir: Dataset | Path) -> list[Path]:
     """Unfinished runs (in progress or crashed) of this dataset on this machine."""
     return sorted(work_dir(ds_dir).glob(f"{STAGING_PREFIX}*"))
 
 
-def find_complete(ds_dir: Dataset, sid: str) -> Version | None:
+def find_complete(ds_dir: Dataset | Path, sid: str) -> Version | None:
     for v in reversed(list_versions(ds_dir)):
         if v.info.get("spec_id") == sid and v.status() == "complete":
             return v
     return None
 
 
-def next_label(ds_dir: Dataset) -> str:
+def next_label(ds_dir: Dataset | Path) -> str:
     nums = [v.number for v in list_versions(ds_dir)]
     return f"v{max(nums, default=0) + 1}"
 
 
 def migrate_flat_layout(ds_dir: Path) -> str | None:
     """A dataset written before versions existed (files directly in ROOT/DATASET) becomes v1,
-    by two renames; returns the label, or None when there was nothing to migrate."""
+    by two renames; returns the label, or None when there was nothing to migrate. ``ds_dir`` is
+    a dataset's ``workdir()``: an object-store dataset's never held the flat layout."""
     if not (ds_dir / MANIFEST).is_file():
         return None
     tmp = ds_dir.with_name(f".{ds_dir.name}.migrating")
@@ -264,19 +244,8 @@ def migrate_flat_layout(ds_dir: Path) -> str | None:
 
 def fetch_mirror(version: Version) -> Version:
     """Bring a remote version's small files (everything but shards) into its local mirror, so
-    card, diff, eval, regenerate and the viewer read them like a local version's. Versions
-    never change, so a mirror whose manifest matches the recorded content id is reused."""
-    if version.remote is None:
-        return version
-    mirror = version.path
-    cid = version.info.get("content_id")
-    if cid and (mirror / MANIFEST).is_file() and sha256_file(mirror / MANIFEST) == cid:
-        return version
-    names = [n for n, is_dir, _ in version.remote.list(recursive=True)
-             if not is_dir and not n.endswith(".tar") and not n.startswith("viewer/") and n != CLAIM]
-    # manifest.json last: a mirror is taken as complete only when it matches the content id
-    version.remote.download([n for n in names if n != MANIFEST], mirror)
-    version.remote.download([MANIFEST], mirror)
+    card, diff, eval, regenerate and the viewer read them like a local version's."""
+    version.folder.mirror(version.info.get("content_id"))
     return version
 
 
@@ -288,8 +257,8 @@ def is_limited(v: Version) -> bool:
     return bool(v.info.get("limited"))
 
 
-def read_tags(ds_dir: Dataset) -> dict[str, str]:
-    folder = as_folder(ds_dir)
+def read_tags(ds_dir: Dataset | Path) -> dict[str, str]:
+    folder = open_dir(ds_dir)
     try:
         names = [n.rsplit("/", 1)[-1] for n, is_dir, _ in folder.list(TAGS) if not is_dir]
     except (FileNotFoundError, OSError):
@@ -297,7 +266,7 @@ def read_tags(ds_dir: Dataset) -> dict[str, str]:
     return {n: folder.read_text(f"{TAGS}/{n}").strip() for n in sorted(names) if TAG_RE.match(n)}
 
 
-def write_tag(ds_dir: Dataset, name: str, label: str) -> None:
+def write_tag(ds_dir: Dataset | Path, name: str, label: str) -> None:
     """Name a version; a name is given once (moving it would change what a reference means)."""
     if not TAG_RE.match(name) or LABEL_RE.match(name) or name == LATEST:
         raise VersionError(f"bad tag {name!r}: a letter, then letters, digits, '_', '.', '-' "
@@ -305,18 +274,10 @@ def write_tag(ds_dir: Dataset, name: str, label: str) -> None:
     have = read_tags(ds_dir)
     if name in have:
         raise VersionError(f"tag {name!r} exists (it names {have[name]}); tags are never moved: choose another name")
-    if isinstance(ds_dir, RemoteDir):
-        ds_dir.write_bytes(f"{TAGS}/{name}", f"{label}\n".encode())
-        return
-    (ds_dir / TAGS).mkdir(exist_ok=True)
-    try:  # O_EXCL: of two concurrent taggers exactly one wins
-        fd = os.open(ds_dir / TAGS / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:  # of two concurrent local taggers exactly one wins
+        open_dir(ds_dir).create(f"{TAGS}/{name}", f"{label}\n".encode())
     except FileExistsError:
         raise VersionError(f"tag {name!r} exists; tags are never moved: choose another name") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{label}\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def now_utc() -> str:
@@ -337,7 +298,7 @@ def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
     if is_remote(name) or (is_remote(root) and not local_path(name).is_dir()):
         uri = name if is_remote(name) else join_uri(str(root), name)
         try:
-            ds = RemoteDir(uri)
+            ds = open_dir(uri)
             found = ds.exists()
         except StorageError as exc:
             raise VersionError(str(exc)) from None
@@ -348,10 +309,10 @@ def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
         return ds
     p = local_path(name)
     if p.is_dir() and (list_versions(p) or (p / LATEST).exists()):
-        return p
+        return open_dir(p)
     q = local_path(root) / name
     if q.is_dir():
-        return q
+        return open_dir(q)
     if p.is_dir() and (p / MANIFEST).exists():
         raise VersionError(f"{p} is a dataset in the flat layout; run it again to migrate it to {p}/v1")
     raise VersionError(f"no dataset {name!r} (looked for {q} and {p})")
@@ -362,27 +323,22 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
     version folder (``ROOT/DATASET/v2``, or its URI) works as well. A version on an object
     store comes back with its small files mirrored locally (``fetch_mirror``)."""
     name, label = split_ref(ref)
-    u = urlsplit(name) if is_remote(name) else None
-    path_part = u.path if u else name
-    if label is None and LABEL_RE.match(path_part.rstrip("/").rsplit("/", 1)[-1]):
-        if u:
-            parent_path, _, lb = u.path.rstrip("/").rpartition("/")
-            parent = urlunsplit((u.scheme, u.netloc, parent_path, u.query, u.fragment))
-            try:
-                v = _read_remote_version(RemoteDir(parent), lb)
-            except StorageError as exc:
-                raise VersionError(str(exc)) from None
-            except (OSError, ValueError) as exc:
-                raise VersionError(f"{name}: {exc}") from None
-            if v.info:  # version.json is the commit marker
-                return fetch_mirror(v)
-            if v.folder.exists(MANIFEST):
+    last = PurePosixPath(urlsplit(name).path if is_remote(name) else name).name
+    if label is None and LABEL_RE.match(last):
+        try:
+            folder = open_dir(name)
+            folder = folder.parent().child(folder.name)  # through its dataset: where its mirror is
+            v = read_version(folder)
+            found = bool(v.info) or folder.exists(MANIFEST)
+        except StorageError as exc:
+            raise VersionError(str(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise VersionError(f"{name}: {exc}") from None
+        if found:
+            if not v.committed:  # version.json is the commit marker
                 raise VersionError(f"{name}: no version.json: an unfinished upload, not a version "
                                    "(run the same spec again to finish it)")
-        else:
-            p = local_path(name)
-            if (p / MANIFEST).exists():
-                return read_version(p)
+            return fetch_mirror(v)
     try:
         ds_dir = locate_dataset(name, root)
         if label in (None, LATEST):
@@ -397,18 +353,12 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
             if tagged is None:
                 raise VersionError(f"bad version label {label!r}: expected v1, v2, ..., latest or a tag")
             label = tagged
-        if isinstance(ds_dir, RemoteDir):
-            v = _read_remote_version(ds_dir, label)
-            if not v.info:
-                have = ", ".join(x.label for x in list_versions(ds_dir) if x.info) or "none"
-                raise VersionError(f"{ds_dir.uri} has no version {label} (versions: {have})")
-            return fetch_mirror(v)
+        v = read_version(ds_dir.child(label))
+        if not v.info and not (v.committed and v.folder.exists()):  # a folder, or an upload's marker
+            have = ", ".join(x.label for x in list_versions(ds_dir) if x.committed) or "none"
+            raise VersionError(f"{ds_dir} has no version {label} (versions: {have})")
+        return fetch_mirror(v)
     except StorageError as exc:
         raise VersionError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise VersionError(f"{name}: {exc}") from None
-    vdir = ds_dir / label
-    if not vdir.is_dir():
-        have = ", ".join(v.label for v in list_versions(ds_dir)) or "none"
-        raise VersionError(f"{ds_dir.name} has no version {label} (versions: {have})")
-    return read_version(vdir)

@@ -46,16 +46,16 @@ from counterfactory.pipeline.inputs import (
     slices_from,
 )
 from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
-from counterfactory.publish import FailureBudgetExceeded, publish_version, repair_remote
+from counterfactory.publish import FailureBudgetExceeded, finish_reused, publish_version
 from counterfactory.sample import RunSettings
 from counterfactory.spec import build_spec, check_sources_unchanged, spec_id
 from counterfactory.stages import get_backend
 from counterfactory.storage import (
-    RemoteDir,
     StorageError,
     is_remote,
     join_uri,
     local_path,
+    open_dir,
     read_parquet,
 )
 
@@ -263,18 +263,20 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     return ds
 
 
-def dataset_location(cfg: PipelineConfig) -> versions.Dataset:
-    """``ROOT/DATASET``: a local folder (``file://`` accepted), or a folder on an object store
+def dataset_location(cfg: PipelineConfig) -> tuple[versions.Dataset, str]:
+    """(``ROOT/DATASET``, ``ROOT`` as version.json records it): a local folder (``file://``
+    accepted; a relative root is under the config's folder), or a folder on an object store
     when the root is a filesystem URI (``s3://bucket/prefix``; see ``counterfactory.storage``).
     The driver alone writes, so on a cluster a local root must be a folder the driver's node
     sees; an object-store root needs no shared mount."""
     root = cfg.output.root
-    if is_remote(root):
+    if is_remote(root):  # the user's string: a URI stays as it is
         try:
-            return RemoteDir(join_uri(root, cfg.dataset))
+            return open_dir(join_uri(root, cfg.dataset)), root
         except StorageError as exc:
             raise ConfigError(f"output.root: {exc}") from None
-    return (local_path(root) if root.startswith("file://") else cfg.path(root)) / cfg.dataset
+    local = local_path(root) if root.startswith("file://") else cfg.path(root)
+    return open_dir(local / cfg.dataset), str(local)
 
 
 class RunStopped(FailureBudgetExceeded):
@@ -434,12 +436,11 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
     # limited: the limit left inputs out (a --limit at or above the input count is a full run)
     limited = limit is not None and plan_inputs(cfg, limit + 1).n > limit
-    ds_dir = dataset_location(cfg)
+    ds_dir, root = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
-    work = versions.work_dir(ds_dir)
+    work = ds_dir.workdir()
     work.mkdir(parents=True, exist_ok=True)
-    if not isinstance(ds_dir, RemoteDir):
-        versions.migrate_flat_layout(ds_dir)
+    versions.migrate_flat_layout(work)
     spec, source_hashes = build_spec(cfg, plan, limit, work / HASH_CACHE)
     sid = spec_id(spec)
     try:
@@ -448,9 +449,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     except OSError as exc:  # an unreachable or unauthorized object store: one line, before any work
         raise ConfigError(f"output.root: {ds_dir}: {exc}") from None
     if existing is not None:
-        if isinstance(ds_dir, RemoteDir):  # a publish cut after its commit marker: finish it
-            repair_remote(ds_dir, existing)
-            shutil.rmtree(work / f"{STAGING_PREFIX}{sid[:24]}", ignore_errors=True)
+        finish_reused(ds_dir, existing, work / f"{STAGING_PREFIX}{sid[:24]}")
         return RunResult(existing.path, existing.manifest(), time.perf_counter() - t0, {},
                          existing.label, sid, existing.info["content_id"], reused=True,
                          location=existing.location)
@@ -508,10 +507,6 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                                 if stream.wall > 0 else None},
                    "ray_operators": stream.ray_ops}
         atomic_write(staging / SUMMARY, json.dumps(summary, indent=2).encode())
-        if not isinstance(ds_dir, RemoteDir):
-            # a local publish is one rename; an upload can fail half-way, so the journal stays
-            # (not uploaded) until it is done, and a rerun resumes with every shard kept
-            writer.drop_journal()
         (staging / LOCK).unlink(missing_ok=True)
         cid = versions.content_id(staging)
 
@@ -519,13 +514,12 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             return {"format": "counterfactory-version/1", "label": label, "dataset": cfg.dataset,
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
-                    "root": cfg.output.root if isinstance(ds_dir, RemoteDir) else str(ds_dir.parent),
+                    "root": root,
                     "command": command, **({"limited": True} if limited else {})}
 
         version = publish_version(staging, ds_dir, make_info,
                                            lambda d, info: write_card(d),
                                            set_latest=not limited or latest)
-        shutil.rmtree(version.path / JOURNAL, ignore_errors=True)
     except BaseException:
         # completed shards are kept for a resume; a run that completed none leaves nothing behind
         if writer is None or not writer.shards or not (staging / JOURNAL).is_dir():
