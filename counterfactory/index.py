@@ -45,6 +45,15 @@ REJECT_SCHEMA = pa.schema([
     ("variant", pa.string()),  # null: the whole input was rejected
 ])
 
+# The key of a sample's ``source`` record (``KEY.json``) that names its input: an image's URI
+# under "image", a clip's under "video". Every reader takes it through ``source_uri``.
+SOURCE_URI_KEYS = ("image", "video")
+
+
+def source_uri(source: dict[str, Any]) -> str:
+    """The input reference (path or URI) of a ``source`` record, image or clip; "" if none."""
+    return str(next((source[k] for k in SOURCE_URI_KEYS if source.get(k)), ""))
+
 
 
 def index_answers(qa: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -99,7 +108,7 @@ def pair_doc(doc: dict[str, Any], variant: str) -> dict[str, Any]:
     return {
         "key": doc["key"],
         "variant": variant,
-        "source": str(src.get("image") or src.get("video") or ""),
+        "source": source_uri(src),
         "source_sha256": str(src.get("sha256") or ""),
         "qa": [{"question": q["question"], "kind": q["kind"],
                 "answer_orig": _text(q["answers"].get("orig")),

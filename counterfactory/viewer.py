@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from counterfactory.index import source_uri
 from counterfactory.layout import CONFIG, INDEX, MANIFEST, REJECTS, tar_samples
 from counterfactory.storage import read_parquet
 from counterfactory.versions import VersionError
@@ -163,7 +164,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
             "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"], "posters": s["posters"],
             "outline": s["outline"], "control": s["control"], "vout": s["vout"],
             "variants": doc.get("variants", []),
-            "source": doc.get("source", {}).get("image", ""),
+            "source": source_uri(doc.get("source", {})),
             "origin": doc.get("source", {}).get("origin", ""),
             "targets": doc.get("targets", []),
             "qa": [{"question": q["question"], "kind": q["kind"], "answers": q["answers"]} for q in doc.get("qa", [])],

@@ -200,7 +200,7 @@ class Ingest(Stage):
         m = sample.meta
         raise_input_error(m)
         check_objects(m.get("objects", []), self.run.limits.max_objects)
-        data, rendered = self._read(m["image"])
+        data, rendered = self._read(m["uri"])
         if rendered is not None:
             arr = rendered
             digest = array_digest(arr)
@@ -208,7 +208,7 @@ class Ingest(Stage):
         else:
             assert data is not None
             if not data:
-                raise Reject("empty_file", m["image"])
+                raise Reject("empty_file", m["uri"])
             digest = hashlib.sha256(data).hexdigest()
             arr, info = self._decode(data, sample)
         h, w = arr.shape[:2]
@@ -218,7 +218,7 @@ class Ingest(Stage):
         if info["scale"] != 1.0:
             m["objects"] = _scale_objects(m.get("objects", []), info["scale"])
         sample.key = sample_key(digest, m["question"]["question"])
-        m["source"] = {"image": m.pop("image"), "origin": m.pop("origin"), "sha256": digest,
+        m["source"] = {"image": m.pop("uri"), "origin": m.pop("origin"), "sha256": digest,
                        "width": w, "height": h, **info}
         # the categories whose every instance the input annotates (qa asserts absence only for
         # those; a record that declares nothing: the categories it annotates); kept with the

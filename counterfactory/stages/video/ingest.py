@@ -52,7 +52,7 @@ class VideoIngest(Stage):
         raise_input_error(m)
         if m.get("media") != "video":
             raise Reject("not_a_video_input", "the video ingest backend reads video_manifest/procedural_video inputs")
-        ref = m["image"]
+        ref = m["uri"]
         span = tuple(m["span"]) if m.get("span") else None
         if ref.startswith("procedural-video://"):
             seed, index, size, n, fps = video_scenes.parse_clip_uri(ref)
@@ -84,7 +84,5 @@ class VideoIngest(Stage):
         info = clip.info
         if fmt:
             info["format"] = fmt
-        m["source"] = {"image": ref, "video": ref, "origin": m.pop("origin"), "sha256": digest,
-                       "times": clip.times, **info}
-        m.pop("image")
+        m["source"] = {"video": m.pop("uri"), "origin": m.pop("origin"), "sha256": digest, "times": clip.times, **info}
         sample.arrays["video"] = clip.frames
