@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Literal, TypedDict
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from counterfactory.video_io import MAX_PIXELS
+
 # The answer every question gets where its evidence was removed (config ``abstain_answer``)
 ABSTAIN_ANSWER = "unknown"
 
@@ -36,7 +38,7 @@ class LimitsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="pixel cap per decoded image (a clip: per frame)")
     min_side: int = Field(16, ge=1)
     oversize: Literal["reject", "downscale"] = "reject"
     # downscale decodes first: a JPEG at 1/2..1/8 of its size, PNG/TIFF/WebP only at full size,

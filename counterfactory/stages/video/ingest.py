@@ -24,21 +24,25 @@ from counterfactory.stages.shared import (
 from counterfactory.storage import is_remote
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
+_CAPS = Caps()
+
 
 @register
 class VideoIngest(Stage):
     name = "ingest"
     backend = "video"
 
-    class Params(BaseModel):
+    class Params(BaseModel):  # the defaults are video_io's (``Caps``), written there once
         model_config = ConfigDict(extra="forbid")
-        fps: float = Field(8.0, gt=0, le=60, description="sampling rate (never above the source's)")
-        max_frames: int = Field(48, ge=2, le=1000, description="sampled frames kept per clip")
-        min_frames: int = Field(4, ge=1)
-        max_side: int = Field(320, ge=16, description="frames downscaled to at most this side (even sizes)")
-        max_duration_s: float = Field(600.0, gt=0, description="longer clips (after the span) are rejected unread")
-        over_frames: Literal["trim", "reject"] = Field("trim", description="clips over max_frames: keep the first max_frames, or reject")
-        vfr: Literal["resample", "reject"] = "resample"
+        fps: float = Field(_CAPS.fps, gt=0, le=60, description="sampling rate (never above the source's)")
+        max_frames: int = Field(_CAPS.max_frames, ge=2, le=1000, description="sampled frames kept per clip")
+        min_frames: int = Field(_CAPS.min_frames, ge=1)
+        max_side: int = Field(_CAPS.max_side, ge=16, description="frames downscaled to at most this side (even sizes)")
+        max_duration_s: float = Field(_CAPS.max_duration_s, gt=0,
+                                      description="longer clips (after the span) are rejected unread")
+        over_frames: Literal["trim", "reject"] = Field(_CAPS.over_frames,
+                                                       description="clips over max_frames: keep the first max_frames, or reject")
+        vfr: Literal["resample", "reject"] = _CAPS.vfr
 
     def caps(self) -> Caps:
         p = self.params
