@@ -3,25 +3,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import video_scenes
-from counterfactory.layout import sha256_file
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.shared import (
-    array_digest,
-    local_source,
-    raise_input_error,
-    read_source_object,
-    sample_key,
-    source_file_size,
-)
-from counterfactory.storage import is_remote
+from counterfactory.stages.shared import array_digest, raise_input_error, read_source, sample_key
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
 
 _CAPS = Caps()
@@ -65,20 +55,9 @@ class VideoIngest(Stage):
             digest = array_digest(raw)
             src: Path | bytes = encode_mp4(raw, fps)  # through the real decode path
             fmt = "procedural"
-        elif is_remote(ref):  # an object-store or web URI: decoded from memory
-            src = read_source_object(ref)
-            if not src:
-                raise Reject("empty_file", ref)
-            digest, fmt = hashlib.sha256(src).hexdigest(), None
-        else:
-            path = local_source(ref)
-            if source_file_size(path) == 0:
-                raise Reject("empty_file", str(path))
-            try:
-                digest = sha256_file(path)
-            except OSError as exc:
-                raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
-            src, fmt = path, None
+        else:  # an object-store or web URI is decoded from memory, a local file from its path
+            src, digest = read_source(ref, stream_local=True)
+            fmt = None
         try:
             clip = decode_clip(src, self.caps(), span)
         except VideoError as exc:
