@@ -22,7 +22,7 @@ INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
     ("input_index", pa.int64()),
-    ("source", pa.string()),
+    ("source", pa.string()),  # the image's or the clip's path or URI (``source_uri``)
     ("source_sha256", pa.string()),
     ("variants", pa.list_(pa.string())),
     ("questions", pa.list_(pa.string())),
@@ -37,7 +37,7 @@ INDEX_SCHEMA = pa.schema([
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("input_index", pa.int64()),
-    ("source", pa.string()),
+    ("source", pa.string()),  # as in the index; an input rejected before ingest: its reference as read
     ("origin", pa.string()),
     ("stage", pa.string()),
     ("reason", pa.string()),
