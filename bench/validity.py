@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from counterfactory import footprint, scenes  # noqa: E402
+from counterfactory.index import source_uri  # noqa: E402
 from counterfactory.pipeline.config import validate_config  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
 from counterfactory.rules import side_of_x, singular  # noqa: E402
@@ -72,8 +73,8 @@ def audit_figures(version_dir: Path) -> dict:
 
 
 def _spec(s) -> dict | None:
-    uri = s.meta["source"].get("image", "")
-    if not str(uri).startswith("procedural://"):
+    uri = source_uri(s.meta["source"])
+    if not uri.startswith("procedural://"):
         return None
     seed, index, size = scenes.parse_procedural_uri(uri)
     return scenes.scene_spec(seed, index, size)

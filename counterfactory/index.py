@@ -22,7 +22,7 @@ INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
     ("input_index", pa.int64()),
-    ("source", pa.string()),
+    ("source", pa.string()),  # the image's or the clip's path or URI (``source_uri``)
     ("source_sha256", pa.string()),
     ("variants", pa.list_(pa.string())),
     ("questions", pa.list_(pa.string())),
@@ -37,13 +37,22 @@ INDEX_SCHEMA = pa.schema([
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("input_index", pa.int64()),
-    ("source", pa.string()),
+    ("source", pa.string()),  # as in the index; an input rejected before ingest: its reference as read
     ("origin", pa.string()),
     ("stage", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
     ("variant", pa.string()),  # null: the whole input was rejected
 ])
+
+# The key of a sample's ``source`` record (``KEY.json``) that names its input: an image's URI
+# under "image", a clip's under "video". Every reader takes it through ``source_uri``.
+SOURCE_URI_KEYS = ("image", "video")
+
+
+def source_uri(source: dict[str, Any]) -> str:
+    """The input reference (path or URI) of a ``source`` record, image or clip; "" if none."""
+    return str(next((source[k] for k in SOURCE_URI_KEYS if source.get(k)), ""))
 
 
 
@@ -99,7 +108,7 @@ def pair_doc(doc: dict[str, Any], variant: str) -> dict[str, Any]:
     return {
         "key": doc["key"],
         "variant": variant,
-        "source": str(src.get("image") or src.get("video") or ""),
+        "source": source_uri(src),
         "source_sha256": str(src.get("sha256") or ""),
         "qa": [{"question": q["question"], "kind": q["kind"],
                 "answer_orig": _text(q["answers"].get("orig")),

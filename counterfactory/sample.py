@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Literal, TypedDict
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from counterfactory.video_io import MAX_PIXELS
+
 # The answer every question gets where its evidence was removed (config ``abstain_answer``)
 ABSTAIN_ANSWER = "unknown"
 
@@ -36,7 +38,7 @@ class LimitsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_pixels: int = Field(16_000_000, ge=1, description="pixel cap per decoded image")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="pixel cap per decoded image (a clip: per frame)")
     min_side: int = Field(16, ge=1)
     oversize: Literal["reject", "downscale"] = "reject"
     # downscale decodes first: a JPEG at 1/2..1/8 of its size, PNG/TIFF/WebP only at full size,
@@ -85,7 +87,7 @@ class SampleMeta(TypedDict, total=False):
 
     # --- the input record (pipeline.inputs) and the run (pipeline.runner) --------------------
     origin: str  # where the input came from: "file#line", "procedural:seed/i#q0", ...; popped by ingest
-    image: str  # the source URI until ingest moves it into source (a clip's too: the name predates video)
+    uri: str  # the input's image or clip (a path or URI), until ingest moves it into source
     media: Literal["video"]  # set on clip inputs; absent for images
     question: dict[str, Any]  # an image input's one question: question, kind, answer?, targets?
     questions: list[dict[str, Any]]  # a clip's questions (localize keeps those whose targets are found)
@@ -96,7 +98,9 @@ class SampleMeta(TypedDict, total=False):
     run_seed: int  # the run's seed (Sample.seed derives the per-sample seed from it)
     config_hash: str  # the run's config hash, recorded in provenance
     # --- ingest -------------------------------------------------------------------------------
-    source: dict[str, Any]  # image/video URI, origin, sha256, width, height, format, scale, notes; clip: times, fps
+    # the input as read: "image" (an image's URI) or "video" (a clip's; ``index.source_uri``
+    # reads either), origin, sha256, width, height, format, scale, notes; a clip: times, fps
+    source: dict[str, Any]
     # --- localize -----------------------------------------------------------------------------
     targets: list[str]  # the categories the question is about (the evidence)
     target_phrase: str  # "red circle" where the question names an attribute of its target

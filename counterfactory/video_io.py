@@ -13,6 +13,10 @@ are kept (downscaled at once), and decoding stops at ``max_frames`` sampled fram
 Encoding (H.264 via libx264, yuv420p) uses fixed settings, one thread and bit-exact muxing, so
 the same frames give the same bytes on the same machine; mask archives are zip files with a
 fixed entry date.
+
+``MAX_PIXELS`` is the one default pixel cap, of a clip's frames here and of an image
+(``sample.LimitsConfig.max_pixels``): the sample contract imports it, so PyAV and OpenCV are
+imported where they are used, not with this module.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import av
-import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
+
+# The default pixel cap of one decoded picture: a clip's frame (``Caps``) or an image
+# (``LimitsConfig.max_pixels``, config ``limits.max_pixels``, which the video ingest passes on)
+MAX_PIXELS = 16_000_000
 
 # Fixed encoder settings: part of the output format (changing them changes every shard's bytes).
 X264_OPTIONS = {
@@ -61,7 +70,7 @@ class Caps:
     max_frames: int = 48
     min_frames: int = 4
     max_side: int = 320
-    max_pixels: int = 16_000_000
+    max_pixels: int = MAX_PIXELS
     max_duration_s: float = 600.0
     over_frames: str = "trim"  # or "reject"
     vfr: str = "resample"  # or "reject"
@@ -87,6 +96,9 @@ def even_size(w: int, h: int, max_side: int) -> tuple[int, int, float, float]:
 
 def decode_clip(src: Path | bytes, caps: Caps, span: tuple[float, float | None] | None = None) -> Clip:
     """Sample frames at ``caps.fps`` (never above the source rate) from ``span`` of the video."""
+    import av
+    import cv2
+
     notes: list[str] = []
     try:
         container = av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src), mode="r")
@@ -220,6 +232,8 @@ def encode_mp4(frames: np.ndarray, fps: float | Fraction | list[int]) -> bytes:
     t, h, w = frames.shape[:3]
     if h % 2 or w % 2:
         raise ValueError(f"frame size {w}x{h} must be even for yuv420p")
+    import av
+
     buf = io.BytesIO()
     with _ieee_denormals(), av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as c:
         s = c.add_stream("libx264", rate=rate)
@@ -255,6 +269,7 @@ def _yuv420p_frame(rgb: np.ndarray) -> av.VideoFrame:
     and the same clip then encoded to different bytes in a long-running process (seen after
     model tests had churned the heap). OpenCV does the RGB -> I420 conversion (BT.601,
     deterministic), and the planes are copied in with zeroed padding."""
+    import av
     import cv2
 
     h, w = rgb.shape[:2]
@@ -287,6 +302,8 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 def read_frames(data: bytes) -> tuple[np.ndarray, float]:
     """Every frame of an mp4 (tests and readers) and its average frame rate."""
+    import av
+
     with av.open(io.BytesIO(data)) as c:
         st = c.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(st)]

@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from counterfactory.index import source_uri
 from counterfactory.layout import CONFIG, INDEX, MANIFEST, REJECTS, tar_samples
+from counterfactory.sample import ABSTAIN_ANSWER
 from counterfactory.storage import read_parquet
 from counterfactory.versions import VersionError
 
@@ -163,7 +165,7 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
             "key": s["key"], "w": s["w"], "h": s["h"], "frames": s["frames"], "posters": s["posters"],
             "outline": s["outline"], "control": s["control"], "vout": s["vout"],
             "variants": doc.get("variants", []),
-            "source": doc.get("source", {}).get("image", ""),
+            "source": source_uri(doc.get("source", {})),
             "origin": doc.get("source", {}).get("origin", ""),
             "targets": doc.get("targets", []),
             "qa": [{"question": q["question"], "kind": q["kind"], "answers": q["answers"]} for q in doc.get("qa", [])],
@@ -384,7 +386,7 @@ CSP = ("default-src 'none'; script-src " + _inline("script") + "; style-src " + 
        + "; img-src 'self' file: data:; media-src 'self' file:; base-uri 'none'; form-action 'none'")
 
 
-def render_page(data: dict[str, Any], abstain: str = "unknown", card_href: str = "../",
+def render_page(data: dict[str, Any], abstain: str = ABSTAIN_ANSWER, card_href: str = "../",
                 audit: dict[str, Any] | None = None) -> str:
     """The page: every embedded string escaped for where it goes (HTML text, an attribute, JSON
     in a script), substituted in one pass so that data can never forge a placeholder."""
@@ -440,7 +442,7 @@ def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int 
         cfg = yaml.safe_load((version.path / CONFIG).read_text()) or {}
         card_path = version.path / "card.json"
         audit = json.loads(card_path.read_text()).get("audit") if card_path.exists() else None
-        abstain = cfg.get("abstain_answer", "unknown") if isinstance(cfg, dict) else "unknown"
+        abstain = cfg.get("abstain_answer", ABSTAIN_ANSWER) if isinstance(cfg, dict) else ABSTAIN_ANSWER
         card = "../"
         if out_dir:  # the card links are relative to VERSION/viewer; point them at the version
             card = urllib.parse.quote(os.path.relpath(version.path, out.resolve())) + "/"

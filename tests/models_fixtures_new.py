@@ -161,19 +161,13 @@ def question_of(body: dict) -> tuple[str, str]:
     return text, url
 
 
-def tiny_sam3(path: Path, image_size: int = 112) -> Path:
-    """Sam3Model at tiny size (2-layer ViT at 112 px, one-layer DETR, 10 queries) with its real
-    processor and a CLIP tokenizer written here (SAM 3 pads text to 32 tokens)."""
-    import torch
-    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+def _sam3_detector(tok: Any, image_size: int, h: int) -> dict[str, Any]:
+    """The sub-configs of a tiny SAM 3 detector (``Sam3Config``; the detector of
+    ``Sam3VideoConfig``): a 2-layer ViT at ``image_size``, FPN and DETR ``h`` wide, 10 queries."""
+    from tests.models_fixtures import _special
 
-    from tests.models_fixtures import _special, clip_tokenizer
-
-    tok = clip_tokenizer(max_len=32)
-    torch.manual_seed(0)
     g = image_size // 14  # ViT grid; the FPN scales it by 4, 2, 1
-    h = 32
-    cfg = Sam3Config(
+    return dict(
         vision_config=dict(
             backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=14,
@@ -186,11 +180,77 @@ def tiny_sam3(path: Path, image_size: int = 112) -> Path:
         detr_decoder_config=dict(hidden_size=h, num_layers=1, num_queries=10, num_attention_heads=2,
                                  intermediate_size=64),
         mask_decoder_config=dict(hidden_size=h, num_upsampling_stages=3, num_attention_heads=2))
+
+
+def _sam2_tracker(image_size: int, h: int, patch_size: int, grid: int) -> dict[str, Any]:
+    """The tracker fields of a tiny ``Sam2VideoConfig`` (and of SAM 3's tracker): prompt encoder,
+    mask decoder, 3 memory frames and one memory-attention layer ``h`` wide on a ``grid``."""
+    return dict(
+        prompt_encoder_config=dict(hidden_size=h, image_size=image_size, patch_size=patch_size, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=h, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+        image_size=image_size, num_maskmem=3, memory_attention_hidden_size=h, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[grid, grid],
+        memory_encoder_hidden_size=h, memory_encoder_output_channels=64, mask_downsampler_embed_dim=h,
+        memory_fuser_embed_dim=h, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1)
+
+
+def tiny_sam3(path: Path, image_size: int = 112) -> Path:
+    """Sam3Model at tiny size (2-layer ViT at 112 px, one-layer DETR, 10 queries) with its real
+    processor and a CLIP tokenizer written here (SAM 3 pads text to 32 tokens)."""
+    import torch
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    from tests.models_fixtures import clip_tokenizer
+
+    tok = clip_tokenizer(max_len=32)
+    torch.manual_seed(0)
+    cfg = Sam3Config(**_sam3_detector(tok, image_size, 32))
     Sam3Model(cfg).eval().save_pretrained(path)
     Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}),
                   tokenizer=tok).save_pretrained(path)
     return path
 
+
+def tiny_sam3_video(path: Path, sees: bool = True, image_size: int = 112) -> Path:
+    """Sam3VideoModel at tiny size: the tiny SAM 3 detector of ``tiny_sam3`` (2-layer ViT at
+    112 px, 10 queries) with a 64-wide tracker (3 memory frames, one memory-attention layer)
+    sharing its vision encoder, low-res masks at 4 x the ViT grid as in the full model, and its
+    real processor (Sam3ImageProcessor, Sam2VideoVideoProcessor, a CLIP tokenizer at 32 tokens).
+
+    ``sees``: set the presence head's and the query/text projections' biases so that every
+    query scores present (random weights otherwise detect nothing, so nothing is tracked); the
+    masks stay random. False: the random model, which finds no instance of anything."""
+    import torch
+    from transformers import (
+        Sam2VideoVideoProcessor,
+        Sam3ImageProcessor,
+        Sam3VideoConfig,
+        Sam3VideoModel,
+        Sam3VideoProcessor,
+    )
+
+    from tests.models_fixtures import clip_tokenizer
+
+    tok = clip_tokenizer(max_len=32)
+    s, g = image_size, image_size // 14
+    detector = _sam3_detector(tok, s, 128)
+    tracker = dict(vision_config=detector["vision_config"], **_sam2_tracker(s, 128, 14, g))
+    torch.manual_seed(0)
+    model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector, tracker_config=tracker,
+                                           low_res_mask_size=4 * g)).eval()
+    if sees:
+        det = model.detector_model
+        with torch.no_grad():
+            det.detr_decoder.presence_head.layer3.bias.fill_(10.0)  # presence logit clamps at 10
+            for lin in (det.dot_product_scoring.query_proj, det.dot_product_scoring.text_proj):
+                lin.weight.zero_()
+                lin.bias.fill_(1.0)  # every query's logit: 128 / sqrt(128) = 11.3
+    model.save_pretrained(path)
+    Sam3VideoProcessor(image_processor=Sam3ImageProcessor(size={"height": s, "width": s}),
+                       video_processor=Sam2VideoVideoProcessor(size={"height": s, "width": s}),
+                       tokenizer=tok).save_pretrained(path)
+    return path
 
 
 def tiny_flux_kontext(path: Path, inpaint: bool = False) -> Path:
@@ -280,13 +340,7 @@ def tiny_sam2_video(path: Path, size: int = 64) -> Path:
                                  global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2]),
             backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=h,
             backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]]),
-        prompt_encoder_config=dict(hidden_size=h, image_size=s, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=h, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32),
-        image_size=s, num_maskmem=3, memory_attention_hidden_size=h, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[s // 16, s // 16],
-        memory_encoder_hidden_size=h, memory_encoder_output_channels=64, mask_downsampler_embed_dim=h,
-        memory_fuser_embed_dim=h, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1)
+        **_sam2_tracker(s, h, 16, s // 16))
     model = Sam2VideoModel(cfg).eval()
     with torch.no_grad():  # random weights score every object absent (masks all "no object"): the
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)  # presence head says present

@@ -30,7 +30,7 @@ def segmented(tmp_path_factory) -> list[Sample]:
               {"kind": "procedural", "count": 40, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
     cfg = make_config(tmp, inputs)
     records = load_records(cfg)
-    records = records[:6] + [r for r in records if r["image"].startswith("procedural")]
+    records = records[:6] + [r for r in records if r["uri"].startswith("procedural")]
     out = [s for b in local_batches(cfg, records, stop_after="segment") for s in decode_batch(b)]
     assert all(s.ok for s in out)
     return out

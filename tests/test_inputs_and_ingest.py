@@ -23,7 +23,7 @@ def _run(cfg, upto: str):
 
 
 def _name(rec) -> str:
-    return "<bad line>" if "error" in rec and rec["error"].startswith("bad_manifest_line") else Path(rec["image"]).name
+    return "<bad line>" if "error" in rec and rec["error"].startswith("bad_manifest_line") else Path(rec["uri"]).name
 
 
 def test_odd_inputs_are_normalized_or_rejected_with_reason(tmp_path: Path, odd_inputs):
@@ -195,7 +195,7 @@ def test_a_manifest_changed_after_planning_gives_rejects_not_other_records(tmp_p
     plan = plan_inputs(cfg)
     assert plan.n == 3 and set(plan.sources) == {str(tmp_path / "m.jsonl"), str(tmp_path / "home" / "a.png")}
     monkeypatch.setenv("HOME", "/elsewhere")
-    assert [r["image"] for r in read_slice(plan.slices[0])] == [str(tmp_path / "home" / "a.png")] * 3
+    assert [r["uri"] for r in read_slice(plan.slices[0])] == [str(tmp_path / "home" / "a.png")] * 3
     stat = (tmp_path / "m.jsonl").stat()
     os.utime(tmp_path / "m.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
     assert "error" not in read_slice(plan.slices[0])[0]
@@ -311,12 +311,12 @@ def test_sources_that_cannot_be_read_are_rejects_and_never_block(tmp_path: Path)
     for (src, want), rec, s in zip(lines.items(), records, samples, strict=True):
         if want == "ok":
             assert s.ok, s.meta.get("reject")
-            assert rec["image"] == str(tmp_path / "good.png")
+            assert rec["uri"] == str(tmp_path / "good.png")
         else:
             assert not s.ok and s.meta["reject"]["reason"] == want, (src, s.meta.get("reject"))
             assert "\n" not in s.meta["reject"]["detail"]
             if want == "unsupported_uri":
-                assert rec["image"] == src  # the source as written, not a path made of it
+                assert rec["uri"] == src  # the source as written, not a path made of it
 
 
 def test_images_named_by_http_uris_are_read_by_the_workers(tmp_path: Path):
@@ -342,7 +342,7 @@ def test_images_named_by_http_uris_are_read_by_the_workers(tmp_path: Path):
         (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
         records, (web, missing, local) = _run(cfg, "ingest")
-        assert records[0]["image"] == f"{base}/a.png"
+        assert records[0]["uri"] == f"{base}/a.png"
         assert web.ok and local.ok, (web.meta.get("reject"), local.meta.get("reject"))
         assert web.key == local.key and np.array_equal(web.arrays["image"], local.arrays["image"])
         assert not missing.ok and missing.meta["reject"]["reason"] == "file_not_found"

@@ -17,84 +17,17 @@ from counterfactory.sample import Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.track import track_quality
 from tests import models_fixtures_new as fxn
-from tests.conftest import load_records
+from tests import test_track
 from tests.test_track import truth_of
-from tests.test_video import clips_input, run_stages, video_config
-
-
-def tiny_sam3_video(path: Path, sees: bool = True, image_size: int = 112) -> Path:
-    """Sam3VideoModel at tiny size: the tiny SAM 3 detector of ``tiny_sam3`` (2-layer ViT at
-    112 px, 10 queries) with a 64-wide tracker (3 memory frames, one memory-attention layer)
-    sharing its vision encoder, low-res masks at 4 x the ViT grid as in the full model, and its
-    real processor (Sam3ImageProcessor, Sam2VideoVideoProcessor, a CLIP tokenizer at 32 tokens).
-
-    ``sees``: set the presence head's and the query/text projections' biases so that every
-    query scores present (random weights otherwise detect nothing, so nothing is tracked); the
-    masks stay random. False: the random model, which finds no instance of anything."""
-    import torch
-    from transformers import (
-        Sam2VideoVideoProcessor,
-        Sam3ImageProcessor,
-        Sam3VideoConfig,
-        Sam3VideoModel,
-        Sam3VideoProcessor,
-    )
-
-    from tests.models_fixtures import _special, clip_tokenizer
-
-    tok = clip_tokenizer(max_len=32)
-    s, g, h = image_size, image_size // 14, 128
-    vision = dict(backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=2, image_size=s, patch_size=14,
-                                       window_size=4, global_attn_indexes=[1], pretrain_image_size=56),
-                  fpn_hidden_size=h, backbone_feature_sizes=[[4 * g, 4 * g], [2 * g, 2 * g], [g, g]])
-    detector = dict(
-        vision_config=vision,
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, projection_dim=32, **_special(tok)),
-        geometry_encoder_config=dict(hidden_size=h, num_layers=1, num_attention_heads=2, intermediate_size=64),
-        detr_encoder_config=dict(hidden_size=h, num_layers=1, num_attention_heads=2, intermediate_size=64),
-        detr_decoder_config=dict(hidden_size=h, num_layers=1, num_queries=10, num_attention_heads=2,
-                                 intermediate_size=64),
-        mask_decoder_config=dict(hidden_size=h, num_upsampling_stages=3, num_attention_heads=2))
-    tracker = dict(
-        vision_config=vision, image_size=s,
-        prompt_encoder_config=dict(hidden_size=h, image_size=s, patch_size=14, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=h, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32),
-        num_maskmem=3, memory_attention_hidden_size=h, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[g, g],
-        memory_encoder_hidden_size=h, memory_encoder_output_channels=64, mask_downsampler_embed_dim=h,
-        memory_fuser_embed_dim=h, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1)
-    torch.manual_seed(0)
-    model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector, tracker_config=tracker,
-                                           low_res_mask_size=4 * g)).eval()
-    if sees:
-        det = model.detector_model
-        with torch.no_grad():
-            det.detr_decoder.presence_head.layer3.bias.fill_(10.0)  # presence logit clamps at 10
-            for lin in (det.dot_product_scoring.query_proj, det.dot_product_scoring.text_proj):
-                lin.weight.zero_()
-                lin.bias.fill_(1.0)  # every query's logit: 128 / sqrt(128) = 11.3
-    model.save_pretrained(path)
-    Sam3VideoProcessor(image_processor=Sam3ImageProcessor(size={"height": s, "width": s}),
-                       video_processor=Sam2VideoVideoProcessor(size={"height": s, "width": s}),
-                       tokenizer=tok).save_pretrained(path)
-    return path
+from tests.test_video import clips_input, video_config
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return tiny_sam3_video(tmp_path_factory.mktemp("s3v") / "m")
+    return fxn.tiny_sam3_video(tmp_path_factory.mktemp("s3v") / "m")
 
 
-@pytest.fixture(scope="module")
-def localized(tmp_path_factory) -> tuple[list[dict], list[Sample]]:
-    cfg = video_config(tmp_path_factory.mktemp("clips"), [clips_input(2, seed=2, frames=8)])
-    records = load_records(cfg)
-    samples = run_stages(cfg, records, stop_after="localize")
-    assert all(s.ok for s in samples)
-    return records, samples
+localized = test_track.localized  # the same module-scoped fixture: two clips after localize
 
 
 SMALL = {"min_area_px": 1, "max_objects": 8}  # random masks: keep every pixel, few tracks (fast)
@@ -181,7 +114,7 @@ def test_no_instance_of_the_phrase_is_target_not_found(model_dir, localized, tmp
     absent = segment(model_dir, samples[:1], presence_threshold=1.0)[0]
     assert not absent.ok and absent.meta["reject"]["reason"] == "target_not_found"
     assert "found no instance of" in absent.meta["reject"]["detail"] and "presence_threshold=1.0" in absent.meta["reject"]["detail"]
-    blind = segment(tiny_sam3_video(tmp_path / "blind", sees=False), samples[:1])[0]  # random weights see nothing
+    blind = segment(fxn.tiny_sam3_video(tmp_path / "blind", sees=False), samples[:1])[0]  # random weights see nothing
     assert not blind.ok and blind.meta["reject"]["reason"] == "target_not_found"
 
 

@@ -28,7 +28,7 @@ def processed(tmp_path_factory) -> tuple[list[dict], list[Sample]]:
 
 
 def _spec(rec) -> dict:
-    seed, index, size = scenes.parse_procedural_uri(rec["image"])
+    seed, index, size = scenes.parse_procedural_uri(rec["uri"])
     return scenes.scene_spec(seed, index, size)
 
 

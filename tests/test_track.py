@@ -34,7 +34,7 @@ def localized(tmp_path_factory) -> tuple[list[dict], list[Sample]]:
 
 
 def truth_of(rec: dict, targets: list[str]) -> np.ndarray:
-    spec = video_scenes.clip_spec(*video_scenes.parse_clip_uri(rec["image"]))
+    spec = video_scenes.clip_spec(*video_scenes.parse_clip_uri(rec["uri"]))
     gt = video_scenes.object_masks(spec)
     return gt[[k for k, o in enumerate(spec["objects"]) if o["category"] in targets]]
 

@@ -128,7 +128,7 @@ def processed(tmp_path_factory):
 
 
 def _truth(rec: dict[str, Any], targets: list[str]) -> tuple[dict[str, Any], np.ndarray]:
-    seed, idx, size, n, fps = video_scenes.parse_clip_uri(rec["image"])
+    seed, idx, size, n, fps = video_scenes.parse_clip_uri(rec["uri"])
     spec = video_scenes.clip_spec(seed, idx, size, n, fps)
     gt = video_scenes.object_masks(spec)
     keep = [k for k, o in enumerate(spec["objects"]) if o["category"] in targets]
@@ -145,7 +145,7 @@ def test_masks_tracked_through_time_match_ground_truth(processed):
         assert core.shape == truth.shape
         ious = [(core[t] & truth[t]).sum() / (core[t] | truth[t]).sum() if (core[t] | truth[t]).any() else 1.0
                 for t in range(len(core))]
-        assert np.mean(ious) > 0.8 and min(ious) > 0.5, (rec["image"], np.round(ious, 2))
+        assert np.mean(ious) > 0.8 and min(ious) > 0.5, (rec["uri"], np.round(ious, 2))
         # annotations were used on every 4th frame only: the others are tracking
         assert s.meta["tracking"]["detection_frames"] == list(range(0, len(core), 4))
         # one track per object, including one that entered mid-clip (caught, carried back)
@@ -331,14 +331,14 @@ def test_bad_videos_are_rejected_with_reasons(tmp_path):
     cfg.limits.max_pixels = 20_000  # 96x64 passes, 320x240 does not
     records = load_records(cfg)
     samples = run_stages(cfg, records, stop_after="ingest")
-    got = {Path(r["image"]).name if "error" not in r else r["error"].split(":")[0]:
+    got = {Path(r["uri"]).name if "error" not in r else r["error"].split(":")[0]:
            ("ok" if s.ok else s.meta["reject"]["reason"]) for r, s in zip(records, samples, strict=True)}
     assert {k: got[k] for k in expect} == expect
     assert got["bad_manifest_line"] == "bad_manifest_line" and got["no_question"] == "no_question"
     # variable frame rate is resampled by timestamp unless the config says reject
     cfg2 = video_config(tmp_path, [{"kind": "video_manifest", "path": str(d / "videos.jsonl")}], ingest={"fps": 10})
     vfr = [s for r, s in zip(records, run_stages(cfg2, records[:9], stop_after="ingest"), strict=False)
-           if r["image"].endswith("vfr.mp4")][0]
+           if r["uri"].endswith("vfr.mp4")][0]
     assert vfr.ok and vfr.meta["source"]["vfr"] and np.all(np.diff(vfr.meta["source"]["times"]) > 0)
 
 
@@ -375,7 +375,10 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
             for q in doc["qa"]:
                 assert set(q["answers"]) == {"orig", *doc["variants"]}
             assert doc["provenance"]["stages"]["edit"]["backend"] == "video"
+            # a clip is named under source.video (an image under source.image), never both
+            assert doc["source"]["video"].startswith("procedural-video://") and "image" not in doc["source"]
     assert n == 3
+    assert all(r["source"].startswith("procedural-video://") for r in index)
     card = (out / "README.md").read_text()
     assert "`KEY.orig.mp4`" in card and "`KEY.masks.npz`" in card and ".jpg" not in card
     assert "video-text-to-text" in card and "original clip" in card
@@ -388,6 +391,7 @@ def test_end_to_end_shards_read_back_and_reruns_are_byte_identical(tmp_path):
     assert len(data["samples"]) == 3
     for smp in data["samples"]:
         assert smp["frames"]["orig"].endswith(".mp4") and smp["outline"]
+        assert smp["source"].startswith("procedural-video://")
         for name, src in smp["frames"].items():
             assert (page.parent / src).is_file() and (page.parent / smp["posters"][name]).is_file()
     # the trainer loader: clips with a time axis, masks per frame, batches through collate_pairs

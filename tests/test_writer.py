@@ -126,3 +126,27 @@ def test_an_answer_for_an_unknown_variant_is_refused(tmp_path):
     w = DatasetWriter(tmp_path, "d", 2, 1, {}, "h", pairs=False)
     with pytest.raises(ValueError, match="warp"):
         w.add(0, "k0", "ok", meta, {"json": b"{}", "orig.jpg": b"o"})
+
+
+def test_index_and_rejects_name_an_image_or_a_clip_by_its_source_uri(tmp_path):
+    """One ``source`` column for images (``source.image``) and clips (``source.video``), and for
+    an input rejected before ingest made its source record (the record's ``uri``)."""
+    import pyarrow.parquet as pq
+
+    from counterfactory.index import source_uri
+
+    assert source_uri({"image": "a.png"}) == "a.png" and source_uri({"video": "b.mp4"}) == "b.mp4"
+    assert source_uri({"origin": "x"}) == "" and source_uri({}) == ""
+    base = {"qa": [{"question": "q", "kind": "existence", "answers": {"orig": "yes", "remove": "no"}}],
+            "targets": [], "instances": [], "mask": {"area_frac": 0.1}, "metrics": {}, "variants": ["remove"],
+            "variant_rejects": [{"stage": "edit", "variant": "blackout", "reason": "r", "detail": ""}]}
+    w = DatasetWriter(tmp_path, "d", 4, 3, {}, "h", pairs=False)
+    w.add(0, "k0", "ok", {**base, "source": {"image": "x.png", "origin": "m:1", "sha256": "s0"}}, {"json": b"{}"})
+    w.add(1, "k1", "ok", {**base, "source": {"video": "c.mp4", "origin": "m:2", "sha256": "s1"}}, {"json": b"{}"})
+    w.add(2, "", "rejected", {"uri": "gone.mp4", "origin": "m:3", "media": "video",
+                              "reject": {"stage": "ingest", "reason": "file_not_found", "detail": ""}}, {})
+    w.close()
+    assert [r["source"] for r in pq.read_table(tmp_path / "index.parquet").to_pylist()] == ["x.png", "c.mp4"]
+    rejects = pq.read_table(tmp_path / "rejects.parquet").to_pylist()
+    assert [(r["source"], r["origin"], r["variant"]) for r in rejects] == [
+        ("x.png", "m:1", "blackout"), ("c.mp4", "m:2", "blackout"), ("gone.mp4", "m:3", None)]

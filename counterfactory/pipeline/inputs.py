@@ -2,8 +2,9 @@
 
 The driver only plans (``plan_inputs``: how many records, which source files, and slices of
 them: manifest byte ranges, scene ranges); each slice is read into records where it is
-processed (``read_slice``, on a Ray worker). Records are small JSON-able dicts; pixels are read
-later, in the ingest stage. A malformed manifest line or an image without questions still
+processed (``read_slice``, on a Ray worker). Records are small JSON-able dicts (the keys of
+``sample.SampleMeta``: the image or clip under ``uri``, whatever the manifest called it); pixels
+are read later, in the ingest stage. A malformed manifest line or an image without questions still
 becomes a record (carrying an ``error``) so that ingest rejects it with a reason: every input
 ends in the shards or the rejects ledger, never nowhere.
 
@@ -69,7 +70,7 @@ def _image_ref(image: Any, root: Path, home: str | None = None) -> str:
 
 
 def _uri_reject(origin: str, image: str, exc: UnsupportedURI, **extra: Any) -> dict[str, Any]:
-    return {"origin": origin, "image": image, **extra, "error": f"unsupported_uri: {exc}"}
+    return {"origin": origin, "uri": image, **extra, "error": f"unsupported_uri: {exc}"}
 
 
 def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
@@ -165,7 +166,7 @@ def _jsonl(path: Path) -> Iterator[_Line]:
 
 def _bad_line(origin: str, raw: str, exc: Exception | str, error: str = "bad_manifest_line",
               **extra: Any) -> dict[str, Any]:
-    return {"origin": origin, "image": raw.strip()[:200], **extra, "error": f"{error}: {exc}"}
+    return {"origin": origin, "uri": raw.strip()[:200], **extra, "error": f"{error}: {exc}"}
 
 
 def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "annotated") -> list[dict[str, Any]]:
@@ -192,8 +193,8 @@ def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "a
     except (ValueError, TypeError) as exc:
         return [_bad_line(origin, raw, exc)]
     if not questions:
-        return [{"origin": origin, "image": image, "error": "no_question: the line has no question"}]
-    return [{"origin": f"{origin}#q{qi}", "image": image, "question": q, "objects": objects,
+        return [{"origin": origin, "uri": image, "error": "no_question: the line has no question"}]
+    return [{"origin": f"{origin}#q{qi}", "uri": image, "question": q, "objects": objects,
              "exhaustive": complete} for qi, q in enumerate(questions)]
 
 
@@ -300,7 +301,7 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
                 obj["box"] = box
             objects.append(obj)
         if problems:
-            yield [{"origin": origin, "image": image,
+            yield [{"origin": origin, "uri": image,
                     "error": f"bad_annotation: {len(problems)} bad annotation(s), e.g. {problems[0]}"}]
             continue
         complete = exhaustive_categories(sorted(set(cats.values())) if inp.exhaustive is None else inp.exhaustive,
@@ -309,7 +310,7 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
         for o in objects:
             by_cat[o["category"]] += 1
         if not by_cat:
-            yield [{"origin": origin, "image": image, "error": "no_question: no annotations for this image"}]
+            yield [{"origin": origin, "uri": image, "error": "no_question: no annotations for this image"}]
             continue
         recs = []
         chosen = sorted(by_cat, key=lambda c: (-by_cat[c], c))[: inp.max_categories_per_image]
@@ -325,14 +326,13 @@ def _coco_records(inp: CocoInput, cfg: PipelineConfig) -> Iterator[list[dict[str
                 qs.append({"question": f"Is the {cat} on the left or the right?", "kind": "position"})
             for q in qs:
                 q["targets"] = [cat]
-                recs.append({"origin": f"{origin}#{q['kind']}:{cat}", "image": image, "question": q,
+                recs.append({"origin": f"{origin}#{q['kind']}:{cat}", "uri": image, "question": q,
                              "objects": objects, "exhaustive": complete})
         yield recs
 
 
 def _video_record(line: Any, root: Path, origin: str, home: str | None = None) -> dict[str, Any]:
-    """One record per clip, all its questions in it (one WebDataset sample per clip). The
-    source goes under ``image``, the key the writer reads a source reference from."""
+    """One record per clip, all its questions in it (one WebDataset sample per clip)."""
     if not isinstance(line, dict):
         raise ValueError("a manifest line must be a JSON object")
     video = line.get("video", line.get("path"))
@@ -362,7 +362,7 @@ def _video_record(line: Any, root: Path, origin: str, home: str | None = None) -
               and (span[1] is None or (isinstance(span[1], int | float) and span[1] > span[0])) and span[0] >= 0)
         if not ok:
             raise ValueError("'span' must be [start_s, end_s] with 0 <= start < end (end may be null)")
-    rec: dict[str, Any] = {"origin": origin, "image": ref, "media": "video", "questions": questions,
+    rec: dict[str, Any] = {"origin": origin, "uri": ref, "media": "video", "questions": questions,
                            "objects": objects, "targets": targets, "span": span}
     if not questions:
         rec["error"] = "no_question: the line has no question"
@@ -400,7 +400,7 @@ class InputPlan:
 
     n: int = 0
     slices: list[dict[str, Any]] = field(default_factory=list)
-    sources: dict[str, str] = field(default_factory=dict)  # ref -> role ("annotations" | "image")
+    sources: dict[str, str] = field(default_factory=dict)  # ref -> role ("annotations" | "media")
 
 
 class _Planner:
@@ -412,7 +412,7 @@ class _Planner:
     def full(self) -> bool:
         return self.limit is not None and self.plan.n >= self.limit
 
-    def add(self, base: dict[str, Any], records: int, images: Iterable[str] = (), *,
+    def add(self, base: dict[str, Any], records: int, refs: Iterable[str] = (), *,
             first: int | None = None, start: int | None = None,
             inline: list[dict[str, Any]] | None = None) -> None:
         """One unit (a scene, a clip, a manifest line, a COCO image) of ``records`` records."""
@@ -438,12 +438,12 @@ class _Planner:
         if inline is not None:
             sl["records"].extend(inline[:take])
         self.plan.n += take
-        for ref in images:
-            self.plan.sources.setdefault(ref, "image")
+        for ref in refs:
+            self.plan.sources.setdefault(ref, "media")
 
 
-def _image_refs(records: list[dict[str, Any]]) -> list[str]:
-    return [r["image"] for r in records if isinstance(r.get("image"), str) and r["image"] and "error" not in r]
+def _source_refs(records: list[dict[str, Any]]) -> list[str]:
+    return [r["uri"] for r in records if isinstance(r.get("uri"), str) and r["uri"] and "error" not in r]
 
 
 def _seal(path: Path, slices: list[dict[str, Any]]) -> None:
@@ -498,7 +498,7 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
                 if pl.full():
                     break
                 recs = _video_line(ln, root, home) if video else _manifest_line(ln, root, home, inp.exhaustive)
-                pl.add(base, len(recs), _image_refs(recs), start=ln.start)
+                pl.add(base, len(recs), _source_refs(recs), start=ln.start)
                 if pl.open is not None and pl.open.get("start") == ln.start:
                     pl.open["lineno"] = ln.lineno - 1
                 if pl.open is not None and pl.open["base"] is base:
@@ -509,7 +509,7 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
             for recs in _coco_records(inp, cfg):
                 if pl.full():
                     break
-                pl.add(base, len(recs), _image_refs(recs), inline=recs)
+                pl.add(base, len(recs), _source_refs(recs), inline=recs)
     for sl in plan.slices:  # the shared fields written out: a slice travels alone to a worker
         sl.update(sl.pop("base"))
     return plan
@@ -525,7 +525,7 @@ def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
         w, h = sl["size"]
         for i in range(sl["first"], sl["first"] + sl["units"]):
             rec = scenes.scene_record(sl["seed"], i, (w, h), sl["q"])
-            out += [{"origin": f"procedural:{sl['seed']}/{i}#q{qi}", "image": rec["image"], "question": q,
+            out += [{"origin": f"procedural:{sl['seed']}/{i}#q{qi}", "uri": rec["image"], "question": q,
                      "objects": rec["objects"], "exhaustive": rec["exhaustive"]}
                     for qi, q in enumerate(rec["questions"])]
     elif kind == "procedural_video":
@@ -550,16 +550,11 @@ def read_slice(sl: dict[str, Any]) -> list[dict[str, Any]]:
                             else _manifest_line(ln, root, sl["home"], sl.get("exhaustive", "annotated")))
         if problem:  # every record of the slice still ends in the rejects ledger, with the reason
             extra = {"media": "video"} if kind == "video_manifest" else {}
-            out = [{"origin": f"{path.name}@{sl['start']}+{k}", "image": str(path), **extra, "error": problem}
+            out = [{"origin": f"{path.name}@{sl['start']}+{k}", "uri": str(path), **extra, "error": problem}
                    for k in range(n)]
     if len(out) < n:
         raise RuntimeError(f"input slice at idx {sl['idx0']} gave {len(out)} records, planned {n}")
     return out[:n]
-
-
-def iter_records(cfg: PipelineConfig, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    for sl in plan_inputs(cfg, limit).slices:
-        yield from read_slice(sl)
 
 
 def pipeline_rows(records: list[dict[str, Any]], first_idx: int, start: int, seed: int,

@@ -40,6 +40,7 @@ from counterfactory.index import (
     index_answers,
     index_metrics,
     pair_samples,
+    source_uri,
 )
 from counterfactory.layout import (
     CONFIG,
@@ -288,7 +289,8 @@ class DatasetWriter:
         self._cursor = idx + 1  # everything this input adds precedes a shard close it triggers
         for stage, sec in meta.get("seconds", {}).items():
             self.stage_seconds[stage] += sec
-        source = meta.get("source", {}).get("image") or meta.get("image", "")
+        # an input rejected before ingest has no source record yet: its reference is still "uri"
+        source = source_uri(meta.get("source", {})) or meta.get("uri", "")
         origin = meta.get("source", {}).get("origin") or meta.get("origin", "")
         if status != "ok":
             r = meta.get("reject", {"stage": "unknown", "reason": "unknown", "detail": ""})

@@ -9,7 +9,6 @@ with a reason.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import warnings
@@ -23,15 +22,7 @@ from counterfactory import scenes
 from counterfactory.rules import exhaustive_categories
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.shared import (
-    array_digest,
-    local_source,
-    raise_input_error,
-    read_source_object,
-    sample_key,
-    source_file_size,
-)
-from counterfactory.storage import is_remote
+from counterfactory.stages.shared import array_digest, raise_input_error, read_source, sample_key
 
 # The pipeline checks the declared size against its own cap before decoding, so PIL's
 # decompression-bomb guard (which raises on large but legitimate photos) is not needed.
@@ -134,20 +125,6 @@ class Ingest(Stage):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def _read(self, ref: str) -> tuple[bytes | None, np.ndarray | None]:
-        if ref.startswith("procedural://"):
-            seed, index, size = scenes.parse_procedural_uri(ref)
-            return None, scenes.render_scene(scenes.scene_spec(seed, index, size))
-        max_bytes = self.run.limits.max_image_bytes
-        if is_remote(ref):
-            return read_source_object(ref, max_bytes), None
-        path = local_source(ref)
-        source_file_size(path, max_bytes)
-        try:
-            return path.read_bytes(), None
-        except OSError as exc:
-            raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
-
     def _decode(self, data: bytes, sample: Sample) -> tuple[np.ndarray, dict[str, Any]]:
         limits = self.run.limits
         max_pixels = limits.max_pixels
@@ -200,16 +177,14 @@ class Ingest(Stage):
         m = sample.meta
         raise_input_error(m)
         check_objects(m.get("objects", []), self.run.limits.max_objects)
-        data, rendered = self._read(m["image"])
-        if rendered is not None:
-            arr = rendered
+        ref = m["uri"]
+        if ref.startswith("procedural://"):
+            arr = scenes.render_scene(scenes.scene_spec(*scenes.parse_procedural_uri(ref)))
             digest = array_digest(arr)
             info: dict[str, Any] = {"format": "procedural", "mode": "RGB", "frames": 1, "scale": 1.0, "notes": []}
         else:
-            assert data is not None
-            if not data:
-                raise Reject("empty_file", m["image"])
-            digest = hashlib.sha256(data).hexdigest()
+            data, digest = read_source(ref, self.run.limits.max_image_bytes)
+            assert isinstance(data, bytes)
             arr, info = self._decode(data, sample)
         h, w = arr.shape[:2]
         min_side = self.run.limits.min_side
@@ -218,7 +193,7 @@ class Ingest(Stage):
         if info["scale"] != 1.0:
             m["objects"] = _scale_objects(m.get("objects", []), info["scale"])
         sample.key = sample_key(digest, m["question"]["question"])
-        m["source"] = {"image": m.pop("image"), "origin": m.pop("origin"), "sha256": digest,
+        m["source"] = {"image": m.pop("uri"), "origin": m.pop("origin"), "sha256": digest,
                        "width": w, "height": h, **info}
         # the categories whose every instance the input annotates (qa asserts absence only for
         # those; a record that declares nothing: the categories it annotates); kept with the

@@ -18,11 +18,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from counterfactory import scenes
+from counterfactory.layout import sha256_file
 from counterfactory.sample import Reject, Sample
 from counterfactory.storage import (
     FetchError,
     ObjectTooLarge,
     StorageError,
+    is_remote,
     read_object,
     resolve_path,
 )
@@ -84,6 +86,29 @@ def read_source_object(uri: str, max_bytes: int | None = None) -> bytes:
         raise Reject("too_large", f"{exc} (limits.max_image_bytes)") from None
     except Exception as exc:  # noqa: BLE001 - network and permission errors differ per filesystem
         raise Reject("read_error", f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+
+
+def read_source(ref: str, max_bytes: int | None = None, *, stream_local: bool = False) -> tuple[bytes | Path, str]:
+    """A (non-procedural) source and the sha256 of its bytes, or a reject saying why not: an
+    object-store or web URI is read into memory, a local file too unless ``stream_local`` (a
+    clip: decoded from its path, hashed in chunks). An empty source is ``empty_file``."""
+    if is_remote(ref):
+        data = read_source_object(ref, max_bytes)
+        if not data:
+            raise Reject("empty_file", ref)
+        return data, hashlib.sha256(data).hexdigest()
+    path = local_source(ref)
+    if source_file_size(path, max_bytes) == 0:
+        raise Reject("empty_file", str(path))
+    try:
+        if stream_local:
+            return path, sha256_file(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
+    if not data:  # emptied between the size check and the read
+        raise Reject("empty_file", str(path))
+    return data, hashlib.sha256(data).hexdigest()
 
 
 # --- morphology -----------------------------------------------------------------------------

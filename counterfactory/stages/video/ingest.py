@@ -3,26 +3,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from counterfactory import video_scenes
-from counterfactory.layout import sha256_file
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.shared import (
-    array_digest,
-    local_source,
-    raise_input_error,
-    read_source_object,
-    sample_key,
-    source_file_size,
-)
-from counterfactory.storage import is_remote
+from counterfactory.stages.shared import array_digest, raise_input_error, read_source, sample_key
 from counterfactory.video_io import Caps, VideoError, decode_clip, encode_mp4
+
+_CAPS = Caps()
 
 
 @register
@@ -30,15 +22,17 @@ class VideoIngest(Stage):
     name = "ingest"
     backend = "video"
 
-    class Params(BaseModel):
+    class Params(BaseModel):  # the defaults are video_io's (``Caps``), written there once
         model_config = ConfigDict(extra="forbid")
-        fps: float = Field(8.0, gt=0, le=60, description="sampling rate (never above the source's)")
-        max_frames: int = Field(48, ge=2, le=1000, description="sampled frames kept per clip")
-        min_frames: int = Field(4, ge=1)
-        max_side: int = Field(320, ge=16, description="frames downscaled to at most this side (even sizes)")
-        max_duration_s: float = Field(600.0, gt=0, description="longer clips (after the span) are rejected unread")
-        over_frames: Literal["trim", "reject"] = Field("trim", description="clips over max_frames: keep the first max_frames, or reject")
-        vfr: Literal["resample", "reject"] = "resample"
+        fps: float = Field(_CAPS.fps, gt=0, le=60, description="sampling rate (never above the source's)")
+        max_frames: int = Field(_CAPS.max_frames, ge=2, le=1000, description="sampled frames kept per clip")
+        min_frames: int = Field(_CAPS.min_frames, ge=1)
+        max_side: int = Field(_CAPS.max_side, ge=16, description="frames downscaled to at most this side (even sizes)")
+        max_duration_s: float = Field(_CAPS.max_duration_s, gt=0,
+                                      description="longer clips (after the span) are rejected unread")
+        over_frames: Literal["trim", "reject"] = Field(_CAPS.over_frames,
+                                                       description="clips over max_frames: keep the first max_frames, or reject")
+        vfr: Literal["resample", "reject"] = _CAPS.vfr
 
     def caps(self) -> Caps:
         p = self.params
@@ -52,7 +46,7 @@ class VideoIngest(Stage):
         raise_input_error(m)
         if m.get("media") != "video":
             raise Reject("not_a_video_input", "the video ingest backend reads video_manifest/procedural_video inputs")
-        ref = m["image"]
+        ref = m["uri"]
         span = tuple(m["span"]) if m.get("span") else None
         if ref.startswith("procedural-video://"):
             seed, index, size, n, fps = video_scenes.parse_clip_uri(ref)
@@ -61,20 +55,9 @@ class VideoIngest(Stage):
             digest = array_digest(raw)
             src: Path | bytes = encode_mp4(raw, fps)  # through the real decode path
             fmt = "procedural"
-        elif is_remote(ref):  # an object-store or web URI: decoded from memory
-            src = read_source_object(ref)
-            if not src:
-                raise Reject("empty_file", ref)
-            digest, fmt = hashlib.sha256(src).hexdigest(), None
-        else:
-            path = local_source(ref)
-            if source_file_size(path) == 0:
-                raise Reject("empty_file", str(path))
-            try:
-                digest = sha256_file(path)
-            except OSError as exc:
-                raise Reject("read_error", f"{path}: {exc.strerror or exc}") from None
-            src, fmt = path, None
+        else:  # an object-store or web URI is decoded from memory, a local file from its path
+            src, digest = read_source(ref, stream_local=True)
+            fmt = None
         try:
             clip = decode_clip(src, self.caps(), span)
         except VideoError as exc:
@@ -84,7 +67,5 @@ class VideoIngest(Stage):
         info = clip.info
         if fmt:
             info["format"] = fmt
-        m["source"] = {"image": ref, "video": ref, "origin": m.pop("origin"), "sha256": digest,
-                       "times": clip.times, **info}
-        m.pop("image")
+        m["source"] = {"video": m.pop("uri"), "origin": m.pop("origin"), "sha256": digest, "times": clip.times, **info}
         sample.arrays["video"] = clip.frames
