@@ -103,7 +103,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from counterfactory import versions as V
 
     v = V.locate(args.dataset, args.root)
-    if v.remote:
+    if not v.folder.is_local:
         raise V.VersionError(f"{args.dataset}: audit reads local versions only (copy it first)")
     try:
         a = audit.audit_version(v.path)

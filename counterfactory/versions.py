@@ -82,12 +82,6 @@ class Version:
         return self.folder.workdir()
 
     @property
-    def remote(self) -> Folder | None:
-        """The folder when it is on an object store (kept for ``cli.py``, which is to ask
-        ``folder.is_local`` instead)."""
-        return None if self.folder.is_local else self.folder
-
-    @property
     def number(self) -> int:
         return int(self.label[1:])
 
