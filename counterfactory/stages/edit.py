@@ -16,7 +16,10 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
 - ``swap``: the evidence and another annotated object on the other side trade places (each
   cut out, the holes inpainted, both pasted at the other's centroid; position answers change);
 - ``insert``: a shape that no annotation names, alpha-blended with a feathered edge where it
-  covers no annotated object (HalluciDoctor: existence becomes yes, counts go up).
+  covers no annotated object (HalluciDoctor: existence becomes yes, counts go up), with the look
+  of the objects really in the image (``insert_paint``): flat like a procedural scene's drawn
+  objects; on a photograph lit by its spot and grained like its ring, gray on a grayscale one
+  (no pasted sticker); ``new_value`` is the color it reads as.
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
