@@ -451,16 +451,32 @@ def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.
         look["albedo"] = color
     paint = base * shade[..., None]
     # grain: the ring's high-pass energy (footprint.highpass, the measure verify reads) times the
-    # real object's texture ratio; the noise is scaled by its own measured energy
+    # real object's texture ratio; the noise is scaled by its own measured energy, and its grain
+    # size (a blur of white noise) is the one whose fine-to-coarse energy ratio is the ring's
     around = footprint.ring(region[py0:py1, px0:px1], 8)
     share = 1.0 if ref is None else min(ref, 1.0)
     target = cv2.mean(footprint.highpass(img[py0:py1, px0:px1]), mask=around)[0] * share
-    noise = cv2.GaussianBlur(rng.standard_normal((y1 - y0, x1 - x0)).astype(np.float32), (0, 0), 0.6)
+    want = _band_ratio(lum, around)
+    white = rng.standard_normal((y1 - y0, x1 - x0)).astype(np.float32)
+    grains = [cv2.GaussianBlur(white, (0, 0), s) for s in _GRAIN_SIGMAS]
+    k = int(np.argmin([abs(_band_ratio(n, o) - want) for n in grains]))
+    noise = grains[k]
     unit = cv2.mean(cv2.absdiff(noise, cv2.GaussianBlur(noise, (0, 0), 1.5)), mask=o)[0]
     amp = target / unit if unit > 0 else 0.0
     paint = paint + np.float32(amp) * noise[..., None]
-    look |= {"grain": round(float(amp), 3), "object_texture_ratio": ref}
+    look |= {"grain": round(float(amp), 3), "grain_sigma": _GRAIN_SIGMAS[k], "object_texture_ratio": ref}
     return paint, look
+
+
+_GRAIN_SIGMAS = (0.35, 0.5, 0.7, 1.0, 1.4)  # grain sizes an insert's noise is drawn at
+
+
+def _band_ratio(g: np.ndarray, mask: np.ndarray) -> float:
+    """Fine over coarse high-pass energy of ``g`` in ``mask``: high for pixel-sized grain,
+    lower for coarser texture (what picks the grain size of an inserted object)."""
+    fine = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 0.7)), mask=mask)[0]
+    coarse = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 1.5)), mask=mask)[0]
+    return fine / coarse if coarse > 0 else 0.0
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:
