@@ -7,10 +7,15 @@ variant:
   made / kept     variants the edit stage made, and those verify kept (pass rate)
   px ok           kept scene variants whose pixels outside the edited region are the original's
   ans ok          kept scene answers equal to the scene's ground truth (orig, remove, blackout,
-                  random_mask: the kinds whose truth this script computes; others "-")
+                  random_mask, insert: the kinds whose truth this script computes; others "-")
   tex             mean texture-energy ratio of the fill to its ring (remove, count; 1.0 = the
-                  real background's, Telea ~0.2), over every fill made
-  flat            share of fills the flat-texture detector finds (counterfactory.footprint)
+                  real background's, Telea ~0.2), over every fill made; insert: of the inserted
+                  object's interior to the ring outside its blended region
+  flat            share of fills (inserted objects) the flat-texture detector finds
+                  (counterfactory.footprint)
+  obj tex         insert: the same texture ratio of the real object (the evidence, in the
+                  original): what an object in that image looks like (procedural ~0, photos >= 0.2)
+  gray!           insert: colored objects pasted into an achromatic (grayscale) original
   err             mean |fill - object-free render| inside the mask (remove, scenes)
   ctl/obj         controls touching another annotated object; silhouette: controls that are
                   the evidence's own silhouette moved
@@ -136,6 +141,15 @@ def measure(cfg) -> dict:
                 if spec and v == "remove":
                     truth = scenes.render_background(spec).astype(int)
                     st[(src, v)]["err"].append(float(np.abs(out[mask].astype(int) - truth[mask]).mean()))
+            if v == "insert" and s.meta["edits"][v].get("polygon"):
+                h, w = img.shape[:2]
+                obj = scenes.polygon_mask(s.meta["edits"][v]["polygon"], w, h)
+                m = footprint.insert_metrics(img, out, obj, s.arrays["mask/insert"], s.arrays["mask_core"])
+                st[(src, v)]["tex"].append(m["insert_texture_ratio"])
+                st[(src, v)]["flat"].append(m["insert_flat_patch"])
+                if m["object_texture_ratio"] is not None:
+                    st[(src, v)]["obj_tex"].append(m["object_texture_ratio"])
+                st[(src, v)]["gray_col"].append(m["achromatic"] and m["insert_chroma"] > 12)
             if v == "random_mask" and spec:
                 ctrl = s.arrays["mask/random_mask"] > 0
                 ev = [o for o in spec["objects"] if o["category"] in s.meta["targets"]]
@@ -162,8 +176,11 @@ def measure(cfg) -> dict:
                 st[(src, v)]["px_ok"].append(bool(np.array_equal(out[~region], img[~region])))
             gone = [o for o in spec["objects"] if o["category"] in s.meta["targets"]] if v == "remove" else []
             rest = [o for o in spec["objects"] if o not in gone]
+            if v == "insert":  # the scene now holds the inserted object too
+                rest = [*rest, {"category": edit["inserted_category"], "polygon": edit["polygon"],
+                                "attributes": {"color": edit["new_value"]}}]
             for q in s.meta["qa"]:
-                if v not in q["answers"] or v not in ("orig", "remove", "blackout", "random_mask"):
+                if v not in q["answers"] or v not in ("orig", "remove", "blackout", "random_mask", "insert"):
                     continue
                 shape = singular(q["targets"][0])
                 hidden = v == "blackout" and shape in s.meta["targets"]  # the evidence is covered
@@ -195,15 +212,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(config(a.scenes, not a.no_photos, a.method, Path(tmp)))
     print(f"validity: {res['inputs']} inputs, fill {a.method}, edit {res['edit_ms_per_input']:.1f} ms/input")
-    cols = ["source", "variant", "made", "kept", "pass", "px ok", "ans ok", "tex", "flat", "err", "ctl/obj", "silh",
-            "top reject"]
+    cols = ["source", "variant", "made", "kept", "pass", "px ok", "ans ok", "tex", "flat", "obj tex", "gray!", "err",
+            "ctl/obj", "silh", "top reject"]
     print(" | ".join(cols))
     for (src, v), d in sorted(res["stats"].items()):
         made, kept = len(d["made"]), len(d["kept"])
         top = max(set(d["rejected"]), key=d["rejected"].count) if d["rejected"] else "-"
         print(" | ".join([src, v, str(made), str(kept), f"{100 * kept / made:.0f}%" if made and v != "orig" else "-",
                           _fmt(d["px_ok"], True), _fmt(d["ans_ok"], True), _fmt(d["tex"]), _fmt(d["flat"], True),
-                          _fmt(d["err"]), _fmt(d["ctl_obj"], True), str(sum(d["silhouette"])) if d["silhouette"] else "-",
+                          _fmt(d["obj_tex"]), str(sum(d["gray_col"])) if d["gray_col"] else "-", _fmt(d["err"]), _fmt(d["ctl_obj"], True), str(sum(d["silhouette"])) if d["silhouette"] else "-",
                           top]))
     if a.version_dir:
         print("audit:", audit_figures(Path(a.version_dir)) )

@@ -268,3 +268,142 @@ def test_big_evidence_keeps_the_variants_that_still_make_sense(tmp_path):
         reasons = {r["variant"]: r["reason"] for r in s.meta.get("variant_rejects", [])}
         assert reasons["remove"] == "mask_area_out_of_bounds"
         assert {"attribute", "blackout"} <= set(s.meta["variants"])  # flip: qa drops it (answers unchanged)
+
+
+# -- insert: no pasted sticker ---------------------------------------------------------------------
+def _insert_obj(s: Sample) -> np.ndarray:
+    h, w = s.arrays["image"].shape[:2]
+    return scenes.polygon_mask(s.meta["edits"]["insert"]["polygon"], w, h)
+
+
+def _inserted(samples: list[Sample]) -> list[Sample]:
+    out = [s for s in (_edit(s0, {"variants": ["insert", "blackout"]}) for s0 in samples)
+           if "insert" in s.meta["variants"]]
+    assert out
+    return out
+
+
+def _grain_scene(w: int = 200, h: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A photo-like image: a lit gradient with sensor-like grain, and a real object (a disc with
+    grain of its own) as the evidence core. Returns image, core, inserted object, its region."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 60 + 100 * x / w + 20 * np.sin(y / 17)
+    img = np.stack([base + 10, base, base - 15], -1) + rng.normal(0, 7, (h, w, 1))
+    core = np.zeros((h, w), np.uint8)
+    cv2.circle(core, (50, 80), 28, 255, -1)
+    img[core > 0] = np.array([150, 70, 40], np.float32) + rng.normal(0, 6, (int((core > 0).sum()), 1))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    poly = scenes.shape_polygon("hexagon", 140, 80, 30, 0.2)
+    obj = scenes.polygon_mask(poly, w, h)
+    region = cv2.dilate(obj.astype(np.uint8) * 255, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13)))
+    return img, core, obj, region
+
+
+def _blend(img: np.ndarray, obj: np.ndarray, region: np.ndarray, paint: np.ndarray) -> np.ndarray:
+    """As ``_insert`` composites ``insert_paint``'s pixels (its region's bounding box)."""
+    y0, y1, x0, x1 = E.bbox(region)
+    win = (slice(y0, y1), slice(x0, x1))
+    alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
+    alpha[region[win] == 0] = 0
+    out = img.copy()
+    out[win] = np.clip(np.rint(alpha * paint + (1 - alpha) * img[win]), 0, 255).astype(np.uint8)
+    return out
+
+
+def test_insert_paint_takes_the_grain_of_its_ring_on_a_photo_like_image():
+    """The object's texture energy (interior over the ring outside its region) is the ring's
+    times the real object's ratio (at most 1), not the ~0.03 of a flat paste; shading follows
+    the light (the left of the object, on the darker side, is darker); same bytes twice."""
+    img, core, obj, region = _grain_scene()
+    ref, _ = footprint.object_texture(img, core)
+    assert ref is not None and ref > 0.5  # the real object is photographed: it has grain
+    paint, look = E.insert_paint(img, obj, region, core, "green", 30, np.random.default_rng(1))
+    out = _blend(img, obj, region, paint)
+    m = footprint.insert_metrics(img, out, obj, region, core)
+    assert 0.75 * min(ref, 1) <= m["insert_texture_ratio"] <= 1.3 * min(ref, 1), m
+    assert not m["insert_flat_patch"]
+    assert look["method"] == "feathered-alpha+shade+grain" and look["grain"] > 0
+    inner = footprint.interior(obj) > 0
+    g = footprint.gray(out)
+    cols = np.nonzero(inner.any(axis=0))[0]
+    left, right = inner & (np.arange(g.shape[1]) < cols.mean()), inner & (np.arange(g.shape[1]) >= cols.mean())
+    assert g[left].mean() < g[right].mean() - 3  # lit like the gradient under it
+    flat = _blend(img, obj, region, np.broadcast_to(np.float32([40, 170, 60]), paint.shape))
+    assert footprint.insert_metrics(img, flat, obj, region, core)["insert_texture_ratio"] < 0.2
+    again, _ = E.insert_paint(img, obj, region, core, "green", 30, np.random.default_rng(1))
+    assert np.array_equal(_blend(img, obj, region, again), out)
+
+
+def test_insert_on_a_grayscale_image_is_gray_and_contrasts_with_its_spot():
+    img, core, obj, region = _grain_scene(seed=2)
+    gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    assert footprint.achromatic(gray) and not footprint.achromatic(img)
+    paint, look = E.insert_paint(gray, obj, region, core, "purple", 30, np.random.default_rng(0))
+    out = _blend(gray, obj, region, paint)
+    sel = obj > 0
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    assert look["albedo"] == "gray"
+    ring_m = footprint.ring(footprint._u8(region), 8) > 0
+    assert abs(out[sel].mean() - gray[ring_m].mean()) > 50  # seen against its spot
+    assert color_name(cv2.mean(out, mask=sel.astype(np.uint8))[:3]) in ("gray", "black", "white")
+
+
+def test_photo_inserts_match_their_surroundings_and_verify_keeps_them(photo_samples):
+    """On the demo photos: no inserted object is found flat, its texture ratio is at least half
+    the real object's (a flat paste: <= 0.15 of it, where the ring has texture), a grayscale
+    photograph gets a gray one, new_value names what it reads as; verify keeps every one."""
+    made = _inserted(photo_samples)
+    for s in made:
+        img, out = s.arrays["image"], s.arrays["variant/insert"]
+        obj = _insert_obj(s)
+        m = footprint.insert_metrics(img, out, obj, s.arrays["mask/insert"], s.arrays["mask_core"])
+        ref = min(m["object_texture_ratio"], 1.0)
+        assert not m["insert_flat_patch"], (s.key, m)
+        assert 0.5 * ref <= m["insert_texture_ratio"] <= 2.5, (s.key, m)
+        e = s.meta["edits"]["insert"]
+        assert e["new_value"] == color_name(cv2.mean(out, mask=obj.astype(np.uint8))[:3])
+        if m["achromatic"]:
+            assert m["insert_chroma"] == 0 and e["albedo"] == "gray", s.key
+        v = _verify(s)
+        assert "insert" in v.meta["variants"], v.meta.get("variant_rejects")
+    assert any(footprint.achromatic(s.arrays["image"]) for s in made)  # camera.png is covered
+
+
+def test_verify_rejects_a_flat_paste_on_a_photo(photo_samples):
+    """The old insert (one flat color, feathered) on the same spots: rejected wherever its ring
+    has texture (insert_flat / insert_flat_patch), and on the grayscale photograph as
+    insert_color_foreign. On the dark rocket sky, with no texture to match, a flat object is
+    what the ring shows: not a texture footprint."""
+    judged = []
+    for s in _inserted(photo_samples):
+        obj = _insert_obj(s)
+        out = s.arrays["variant/insert"].copy()
+        out[obj] = (150, 60, 200)  # flat purple, as scenes.COLORS paints it
+        s.arrays["variant/insert"] = out
+        v = _verify(s)
+        r = {x["variant"]: x["reason"] for x in v.meta.get("variant_rejects", [])}.get("insert")
+        m = v.meta["metrics"]["insert"]
+        if m["achromatic"]:
+            assert r == "insert_color_foreign", (s.key, m)
+        ring_textured = footprint.texture_ratio(out, footprint.interior(obj), around=footprint.ring(
+            s.arrays["mask/insert"], 8)) != 1.0  # 1.0: a ring under the texture floor
+        if ring_textured:
+            assert r in ("insert_flat", "insert_flat_patch", "insert_color_foreign"), (s.key, m)
+            judged.append(s.key)
+    assert len(judged) >= 4
+
+
+def test_scene_inserts_stay_flat_like_the_scene_objects_and_are_kept(scene_samples):
+    """Procedural scenes draw objects in one flat color: the insert is drawn the same way (its
+    interior is exactly its named color), and verify keeps it; a grained insert there would be
+    the one textured object in the scene."""
+    made = _inserted(scene_samples)
+    for s in made:
+        e = s.meta["edits"]["insert"]
+        assert e["method"] == "feathered-alpha"
+        inner = footprint.interior(_insert_obj(s)) > 0
+        px = s.arrays["variant/insert"][inner]
+        assert (px == np.array(scenes.COLORS[e["albedo"]], np.uint8)).all()
+        assert e["new_value"] == e["albedo"]
+        assert "insert" in _verify(s).meta["variants"]

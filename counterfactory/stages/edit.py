@@ -16,7 +16,10 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
 - ``swap``: the evidence and another annotated object on the other side trade places (each
   cut out, the holes inpainted, both pasted at the other's centroid; position answers change);
 - ``insert``: a shape that no annotation names, alpha-blended with a feathered edge where it
-  covers no annotated object (HalluciDoctor: existence becomes yes, counts go up).
+  covers no annotated object (HalluciDoctor: existence becomes yes, counts go up), with the look
+  of the objects really in the image (``insert_paint``): flat like a procedural scene's drawn
+  objects; on a photograph lit by its spot and grained like its ring, gray on a grayscale one
+  (no pasted sticker); ``new_value`` is the color it reads as.
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
@@ -37,7 +40,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from counterfactory import scenes
+from counterfactory import footprint, scenes
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
@@ -340,14 +343,16 @@ class ClassicalEdit(Stage):
         alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
         sel = region[win] > 0
         alpha[~sel] = 0.0
-        rgb = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
-        blended = np.clip(np.rint(alpha * rgb + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
+        paint, look = insert_paint(img, obj, region, sample.arrays.get("mask_core"), color, r, rng)
+        blended = np.clip(np.rint(alpha * paint + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
         out = img.copy()
         out[win][sel] = blended[sel].astype(np.uint8)
+        # what the object reads as in the output, not what was asked for (shading can darken a
+        # cyan into a blue; on a grayscale photograph it is gray)
         seen = color_name(cv2.mean(out, mask=obj.astype(np.uint8))[:3])
-        return out, region, {"method": "feathered-alpha", "region": "inserted", "affects": [shape],
+        return out, region, {"method": look.pop("method"), "region": "inserted", "affects": [shape],
                              "inserted_category": shape, "inserted_instances": 1,
-                             "new_value": seen if seen == color else None, "polygon": poly}
+                             "new_value": seen, "polygon": poly} | look
 
     def _swap(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
         inst = sample.arrays["instance_masks"]
@@ -401,6 +406,77 @@ class ClassicalEdit(Stage):
         return out, region, {"method": f"cut-paste+{self._method}", "region": "swap",
                              "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
                              "translation": [dx, dy]}
+
+
+def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.ndarray | None, color: str,
+                 r: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The pixels an inserted object is painted with over ``region``'s bounding box (float32
+    RGB, before the feathered blend), and how (the edit record's ``method`` and look fields).
+
+    The object takes the character of the objects really in the image. Where they are drawn
+    flat (a procedural scene: the evidence's interior has < ``footprint.PHOTO_OBJECT_TEXTURE``
+    of its ring's texture), it is drawn flat in its named color, as they are. Where they are
+    photographed, it is lit and grained like its spot: (1) shading: its color times the local
+    low-frequency luminance of the background under it (Gaussian, sigma r/2) over that
+    luminance's mean on the object, and an exposure that follows the spot's brightness half-way
+    (sqrt(L / 128), 0.45..1: no glowing sticker in a night sky); (2) grain: seeded Gaussian
+    luminance noise, scaled so the object's high-pass energy is the ring's times the real
+    object's own texture ratio (at most 1): an object as textured, relative to its surroundings,
+    as the one the photographer caught. On an achromatic image (a grayscale photograph) the
+    object is gray, its level 90 away from the spot's luminance, and every channel equal."""
+    y0, y1, x0, x1 = bbox(region)
+    win = (slice(y0, y1), slice(x0, x1))
+    ref, _ = footprint.object_texture(img, core)
+    gray_img = footprint.achromatic(img)
+    photo = ref is None or ref >= footprint.PHOTO_OBJECT_TEXTURE
+    albedo = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
+    if not photo and not gray_img:
+        return np.broadcast_to(albedo, (y1 - y0, x1 - x0, 3)), {"method": "feathered-alpha", "albedo": color}
+    h, w = obj.shape
+    sigma = max(2.0, r / 2)
+    pad = max(int(3 * sigma) + 1, 16)  # the ring (8 px) and its high-pass (6 px) lie inside
+    py0, py1, px0, px1 = max(0, y0 - pad), min(h, y1 + pad), max(0, x0 - pad), min(w, x1 + pad)
+    lum = footprint.gray(img[py0:py1, px0:px1])
+    low = cv2.GaussianBlur(lum, (0, 0), sigma)[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+    o = obj[win].astype(np.uint8)
+    spot = max(cv2.mean(low, mask=o)[0], 1.0)
+    shade = np.clip(low / spot, 0.6, 1.4)
+    look: dict[str, Any] = {"method": "feathered-alpha+shade+grain"}
+    if gray_img:
+        level = spot - 90 if spot >= 128 else spot + 90
+        base = np.float32(np.clip(level, 16, 240))
+        look["albedo"] = "gray"
+    else:
+        base = albedo * np.float32(np.clip(np.sqrt(spot / 128), 0.45, 1.0))
+        look["albedo"] = color
+    paint = base * shade[..., None]
+    # grain: the ring's high-pass energy (footprint.highpass, the measure verify reads) times the
+    # real object's texture ratio; the noise is scaled by its own measured energy, and its grain
+    # size (a blur of white noise) is the one whose fine-to-coarse energy ratio is the ring's
+    around = footprint.ring(region[py0:py1, px0:px1], 8)
+    share = 1.0 if ref is None else min(ref, 1.0)
+    target = cv2.mean(footprint.highpass(img[py0:py1, px0:px1]), mask=around)[0] * share
+    want = _band_ratio(lum, around)
+    white = rng.standard_normal((y1 - y0, x1 - x0)).astype(np.float32)
+    grains = [cv2.GaussianBlur(white, (0, 0), s) for s in _GRAIN_SIGMAS]
+    k = int(np.argmin([abs(_band_ratio(n, o) - want) for n in grains]))
+    noise = grains[k]
+    unit = cv2.mean(cv2.absdiff(noise, cv2.GaussianBlur(noise, (0, 0), 1.5)), mask=o)[0]
+    amp = target / unit if unit > 0 else 0.0
+    paint = paint + np.float32(amp) * noise[..., None]
+    look |= {"grain": round(float(amp), 3), "grain_sigma": _GRAIN_SIGMAS[k], "object_texture_ratio": ref}
+    return paint, look
+
+
+_GRAIN_SIGMAS = (0.35, 0.5, 0.7, 1.0, 1.4)  # grain sizes an insert's noise is drawn at
+
+
+def _band_ratio(g: np.ndarray, mask: np.ndarray) -> float:
+    """Fine over coarse high-pass energy of ``g`` in ``mask``: high for pixel-sized grain,
+    lower for coarser texture (what picks the grain size of an inserted object)."""
+    fine = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 0.7)), mask=mask)[0]
+    coarse = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 1.5)), mask=mask)[0]
+    return fine / coarse if coarse > 0 else 0.0
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:

@@ -18,6 +18,13 @@ Metrics (kept in the sample's JSON whether they pass or not):
   the ring's texture: ``outline_kept``), ``seam_score`` (the same across the fill's own edge:
   ``fill_seam``). ``contrast_ratio`` applies to low-contrast objects
   too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
+- insert footprint (``footprint.insert_metrics``): the inserted object (its edit record's
+  polygon) against its ring and against the real object in the same image (the evidence, in the
+  original): ``insert_flat`` when its texture is under ``min_insert_texture_share`` of what the
+  real object shows (only where real objects are photographed, not drawn flat as in procedural
+  scenes), ``insert_flat_patch`` when the flat-texture detector finds it but not the real
+  object, ``insert_texture_busy`` over ``max_texture_ratio``, ``insert_color_foreign`` for a
+  colored object in an achromatic (grayscale) original.
 A sample left without any counterfactual variant is rejected whole.
 """
 
@@ -29,7 +36,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from counterfactory import footprint
+from counterfactory import footprint, scenes
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
@@ -74,6 +81,11 @@ class PixelVerify(Stage):
         max_seam_score: float = Field(2.5, gt=0, description="gradient across the fill's own edge over the ring's "
                                       "texture, at most (object-free truth: <= 1.27)")
         footprint_ring_px: int = Field(8, ge=2)
+        min_insert_texture_share: float = Field(
+            0.5, ge=0, description="insert: the object's texture ratio over the real object's (at most 1), at "
+            "least (a flat paste on a photograph reads <= 0.15 of it; the grained insert ~1)")
+        max_insert_chroma: float = Field(12.0, ge=0, description="insert on an achromatic original: mean "
+                                         "channel spread of the object, at most (0-255)")
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
@@ -123,6 +135,8 @@ class PixelVerify(Stage):
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
+                if edit.get("inserted_category") and edit.get("region") == "inserted":
+                    vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core")))
             metrics[v] = vm
             failure = self._failure(v, vm)
             if too_big and v in REMOVAL:
@@ -132,6 +146,13 @@ class PixelVerify(Stage):
                 sample.reject_variant(self.name, v, failure[0], failure[1])
         if not any(v in COUNTERFACTUALS for v in m["variants"]):
             raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
+
+    def _insert_metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray, edit: dict[str, Any],
+                        core: np.ndarray | None) -> dict[str, Any]:
+        h, w = img.shape[:2]
+        # the object as the edit painted it (its polygon); a backend that records none: its region
+        obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
+        return footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
 
     @staticmethod
     def _global_metrics(v: str, img: np.ndarray, out: np.ndarray) -> dict[str, Any]:
@@ -164,6 +185,10 @@ class PixelVerify(Stage):
             return "outline_kept", f"boundary_score={vm['boundary_score']} > {p.max_boundary_score}"
         if vm.get("seam_score", 0) > p.max_seam_score:
             return "fill_seam", f"seam_score={vm['seam_score']} > {p.max_seam_score}"
+        if "insert_texture_ratio" in vm:
+            failure = self._insert_failure(vm)
+            if failure:
+                return failure
         if "texture_ratio" in vm:
             if not p.min_texture_ratio <= vm["texture_ratio"] <= p.max_texture_ratio:
                 return "fill_texture_flat" if vm["texture_ratio"] < p.min_texture_ratio else "fill_texture_busy", (
@@ -172,4 +197,23 @@ class PixelVerify(Stage):
                 return "fill_flat_patch", f"flat_share={vm['flat_share']} (ring {vm['flat_share_ring']})"
             if vm["color_distance"] > p.max_color_distance:
                 return "fill_color_mismatch", f"color_distance={vm['color_distance']} > {p.max_color_distance}"
+        return None
+
+    def _insert_failure(self, vm: dict[str, Any]) -> tuple[str, str] | None:
+        p = self.params
+        if vm["achromatic"] and vm["insert_chroma"] > p.max_insert_chroma:
+            return "insert_color_foreign", (f"insert_chroma={vm['insert_chroma']} > {p.max_insert_chroma} "
+                                            "in an achromatic image")
+        ref = vm["object_texture_ratio"]
+        ref = 1.0 if ref is None else min(ref, 1.0)  # no real object to read: hold it to its ring's
+        tex = vm["insert_texture_ratio"]
+        if ref >= footprint.PHOTO_OBJECT_TEXTURE and tex < p.min_insert_texture_share * ref:
+            return "insert_flat", (f"insert_texture_ratio={tex} < {p.min_insert_texture_share} x the real "
+                                   f"object's {ref}")
+        if tex > p.max_texture_ratio:
+            return "insert_texture_busy", f"insert_texture_ratio={tex} > {p.max_texture_ratio}"
+        if (p.reject_flat_patch and ref >= footprint.PHOTO_OBJECT_TEXTURE and vm["insert_flat_patch"]
+                and not vm["object_flat_patch"]):
+            return "insert_flat_patch", (f"insert_flat_share={vm['insert_flat_share']} (ring "
+                                         f"{vm['insert_flat_share_ring']}); the real object is not flat")
         return None
