@@ -158,13 +158,89 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     rmask = (ring[y0:y1, x0:x1] > 0).astype(np.float32)
     sy, sx = _best_offset(imgf, ctx, rmask, ok)
     src = imgf[sy : sy + th, sx : sx + tw]
-    # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
-    diff = (ctx - src) * rmask[..., None]
-    sigma = max(2.0, 0.5 * rp)
-    num = cv2.GaussianBlur(diff, (0, 0), sigma)
-    den = cv2.GaussianBlur(rmask, (0, 0), sigma)[..., None]
-    corr = num / np.maximum(den, 1e-3)
-    patch = np.clip(np.rint(src + corr), 0, 255).astype(np.uint8)
     sel = piece[y0:y1, x0:x1] > 0
+    corr = _correction(ctx, src, rmask, sel, todo[y0:y1, x0:x1] > 0, max(2.0, 0.5 * rp))
+    patch = np.clip(np.rint(src + corr), 0, 255).astype(np.uint8)
     out[y0:y1, x0:x1][sel] = patch[sel]
     return True
+
+
+# the membrane solve runs on at most about this many unknowns (the hole downscaled by an
+# integer factor): a sparse LU of that size takes ~30 ms; the field it solves for is smooth
+_MAX_UNKNOWNS = 4096
+
+
+def _correction(ctx: np.ndarray, src: np.ndarray, rmask: np.ndarray, sel: np.ndarray,
+                todo: np.ndarray, sigma: float) -> np.ndarray:
+    """What to add to the copy ``src`` so its lighting meets the ring's: the ring's color
+    mismatch, smoothed along the ring (normalized convolution at ``sigma``), carried into the
+    hole as a membrane (Laplace equation, the ring's values fixed, the image border and other
+    unfilled holes free: Neumann), the offset-field form of Poisson image editing. The old
+    correction faded to zero a few sigma from the ring, so a wide hole, or one along the image
+    border, kept the source's own brightness: a lighter band where the rocket photo's tower was."""
+    d = (ctx - src) * rmask[..., None]
+    num = cv2.GaussianBlur(d, (0, 0), sigma)
+    den = cv2.GaussianBlur(rmask, (0, 0), sigma)[..., None]
+    g = num / np.maximum(den, 1e-6)  # the smoothed mismatch, defined near the ring
+    free = sel | todo  # unknown: this piece and what is still to be filled
+    return _membrane(g, rmask > 0, free)
+
+
+def _membrane(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """The harmonic field over ``free`` pixels with the values ``g`` on ``known`` pixels
+    (Dirichlet); pixels neither known nor free, and the box's edge, are not linked (Neumann).
+    Solved on a grid downscaled by an integer factor when ``free`` is large, then upsampled
+    (bilinear); ``g`` elsewhere."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as sla
+
+    h, w = known.shape
+    n_free = int(free.sum())
+    f = max(1, int(np.ceil(np.sqrt(n_free / _MAX_UNKNOWNS))))
+    if f > 1:
+        hc, wc = -(-h // f), -(-w // f)
+        pad = ((0, hc * f - h), (0, wc * f - w))
+
+        def block_mean(a: np.ndarray) -> np.ndarray:
+            a = np.pad(a, pad + ((0, 0),) * (a.ndim - 2))
+            return a.reshape(hc, f, wc, f, *a.shape[2:]).mean(axis=(1, 3))
+
+        k = block_mean(known.astype(np.float32))
+        u = block_mean(free.astype(np.float32))
+        gk = block_mean(g * known[..., None]) / np.maximum(k, 1e-6)[..., None]
+        known_c = (k > 0) & ((u == 0) | (k >= u))
+        free_c = (u > 0) & ~known_c
+        fld = _membrane(gk, known_c, free_c)
+        up = cv2.resize(fld, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
+        return np.where(free[..., None], up, g)
+    idx = np.full((h, w), -1, np.int64)
+    idx[free] = np.arange(n_free)
+    c = g.shape[2]
+    diag = np.zeros(n_free)
+    rhs = np.zeros((n_free, c))
+    rows, cols = [], []
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        # pairs (p, q): p free, q its neighbour inside the box
+        ys, xs = np.nonzero(free[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)])
+        ys, xs = ys + max(0, -dy), xs + max(0, -dx)
+        qy, qx = ys + dy, xs + dx
+        p = idx[ys, xs]
+        qf, qk = free[qy, qx], known[qy, qx]
+        diag += np.bincount(p[qf | qk], minlength=n_free)
+        rows.append(p[qf])
+        cols.append(idx[qy[qf], qx[qf]])
+        for ch in range(c):
+            rhs[:, ch] += np.bincount(p[qk], weights=g[qy[qk], qx[qk], ch], minlength=n_free)
+    # a free part that touches no known pixel (walled in by the border and other holes) takes
+    # the ring's mean: a tiny pull toward it keeps the system regular
+    eps = 1e-6
+    mean = g[known].mean(axis=0) if known.any() else np.zeros(c)
+    rhs += eps * mean
+    r, q = np.concatenate(rows), np.concatenate(cols)
+    a = sp.csc_matrix((np.concatenate([-np.ones(len(r)), diag + eps]),
+                       (np.concatenate([r, np.arange(n_free)]), np.concatenate([q, np.arange(n_free)]))),
+                      shape=(n_free, n_free))
+    x = sla.splu(a).solve(rhs)
+    out = g.astype(np.float32).copy()
+    out[free] = x.astype(np.float32)
+    return out
