@@ -126,7 +126,15 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         free = comp[y0:y1, x0:x1] > 0
         delta = _membrane_delta(low[sub] - plane[sub], known[sub], free)
         box = out[y0:y1, x0:x1]
-        base = np.where((smear[y0:y1, x0:x1] > 0)[..., None], low[sub], box.astype(np.float32))
+        # a copy keeps its texture, faded out over ``sg`` toward Telea's pixels, which take the
+        # field alone (Telea's fronts meet in creases; a texture that stops at a straight cut
+        # shows the cut)
+        sm = smear[y0:y1, x0:x1]
+        keep = np.ones(free.shape, np.float32)
+        if cv2.countNonZero(sm):
+            keep = np.minimum(cv2.distanceTransform((sm == 0).astype(np.uint8), cv2.DIST_L2, 5) / sg, 1.0)
+        lo = low[sub]
+        base = lo + keep[..., None] * (box.astype(np.float32) - lo)
         box[free] = np.clip(np.rint(base[free] + delta[free]), 0, 255).astype(np.uint8)
     return out
 
