@@ -112,8 +112,7 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         fy0, fx0, fy1, fx1 = max(0, cy0 - reach), max(0, cx0 - reach), min(H, cy1 + reach), min(W, cx1 + reach)
         m = int(np.ceil(4 * sg))
         py0, px0, py1, px1 = max(0, fy0 - m), max(0, fx0 - m), min(H, fy1 + m), min(W, fx1 + m)
-        low = cv2.GaussianBlur(out[py0:py1, px0:px1].astype(np.float32), (0, 0), sg,
-                               borderType=cv2.BORDER_REFLECT)[fy0 - py0 : fy1 - py0, fx0 - px0 : fx1 - px0]
+        low = _lowpass(out[py0:py1, px0:px1], sg)[fy0 - py0 : fy1 - py0, fx0 - px0 : fx1 - px0]
         known = hole[fy0:fy1, fx0:fx1] == 0
         if not known.any():
             continue
@@ -137,6 +136,21 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         base = lo + keep[..., None] * (box.astype(np.float32) - lo)
         box[free] = np.clip(np.rint(base[free] + delta[free]), 0, 255).astype(np.uint8)
     return out
+
+
+def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian low-pass (float32, reflected at the edge); a wide one runs on a copy shrunk by
+    an integer factor (exact block means) and is upsampled bilinearly: it is smooth anyway."""
+    k = max(1, int(sigma // 4))
+    a = img.astype(np.float32)
+    if k == 1:
+        return cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    h, w = a.shape[:2]
+    hc, wc = -(-h // k), -(-w // k)
+    a = cv2.copyMakeBorder(a, 0, hc * k - h, 0, wc * k - w, cv2.BORDER_REFLECT)
+    small = cv2.resize(a, (wc, hc), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / k, borderType=cv2.BORDER_REFLECT)
+    return cv2.resize(small, (wc * k, hc * k), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
 def _plane(low: np.ndarray, where: np.ndarray, slack: float = 0.5) -> np.ndarray:
