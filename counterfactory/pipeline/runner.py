@@ -7,6 +7,9 @@ default pays no hand-off between stages); stages that hold models, or whose conf
 finished rows and writes bytes (``DatasetWriter``).
 """
 
+# Over ~450 lines on purpose: Ray init, step planning, resume and the failure budget are one
+# run's life cycle; publishing, layout and folders already live in publish/layout/storage.
+
 from __future__ import annotations
 
 import fcntl

@@ -17,6 +17,9 @@ inputs after that point gives the same following shards: the final manifest equa
 uninterrupted run's.
 """
 
+# Over ~450 lines on purpose: the byte format (tar headers, pairs layout, journal, index rows)
+# must have one owner, or determinism has several.
+
 from __future__ import annotations
 
 import hashlib

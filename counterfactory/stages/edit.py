@@ -31,6 +31,9 @@ and ``swap`` paste from that one fill; a large hole is filled coarse-to-fine
 one full-resolution pass.
 """
 
+# Over ~450 lines on purpose: the seven CPU edits share one Params, one fill cache and one
+# rng discipline; split by edit they would each re-import and re-declare them.
+
 from __future__ import annotations
 
 from collections import deque
