@@ -237,3 +237,15 @@ def s3_server(tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def loopback_server(handler: type):
+    """A threaded HTTP server on a free loopback port serving ``handler``; yields its base URL
+    (a generator for ``pytest.fixture``: the test's fake Hub, job server, ...)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()

@@ -20,7 +20,7 @@ from counterfactory import cli
 from counterfactory import versions as V
 from counterfactory.pipeline.config import load_config
 from counterfactory.pipeline.runner import run_pipeline
-from tests.conftest import REPO
+from tests.conftest import REPO, loopback_server
 
 DEMO = REPO / "configs" / "demo.yaml"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -107,11 +107,7 @@ class _Jobs(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def job_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Jobs)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    yield from loopback_server(_Jobs)
 
 
 @pytest.mark.parametrize("job,code", [("raysubmit_ok", 0), ("raysubmit_bad", 1), ("raysubmit_stop", 1),

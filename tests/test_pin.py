@@ -6,8 +6,7 @@ Hub does (``HfApi(endpoint=...)``: the real client, no mock of it)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from counterfactory.pin import PinError, hub_refs, pin_file, pin_text
+from tests.conftest import loopback_server
 
 SHA = {("IDEA-Research/grounding-dino-base", "main"): "a" * 40,
        ("facebook/sam-vit-huge", "main"): "b" * 40,
@@ -46,11 +46,7 @@ class _Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hub():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    yield from loopback_server(_Hub)
 
 
 CONFIG = """\
