@@ -272,7 +272,9 @@ def export(version: V.Version, fmt: str, out: Path, *, variants: list[str] | Non
                 raise ExportError(f"--format {fmt} writes the paper's own layout: --variants and --split do not apply")
             abstain = version_config(version.path).get("abstain_answer", "unknown") \
                 if (version.path / CONFIG).exists() else "unknown"
-            counts = export_recipes.write(fmt, iter_samples(version), tmp, progress, abstain)
+            ctx = export_recipes.Context(out=tmp, final=out.resolve(), name=version.dataset, abstain=abstain,
+                                         progress=progress)
+            counts = export_recipes.write(fmt, iter_samples(version), ctx)
         else:
             counts = _write(version, fmt, tmp, variants, splits, progress)
         meta = {"format": fmt, "dataset": version.dataset, "version": version.label,
