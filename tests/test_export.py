@@ -198,7 +198,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_export_errors_are_one_line_and_write_nothing(version: V.Version, tmp_path: Path) -> None:
     out = tmp_path / "x"
     r = _cli("export", str(version.path), "--format", "coco", "--out", str(out))
-    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet, defacto, beaf, popev2, countercurate\n"
+    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet, pope, popev2, beaf, defacto, countercurate\n"
     assert not out.exists()
     r = _cli("export", str(version.path), "--out", str(out), "--format", "llava", "--split", "train=0.5")
     assert r.returncode == 2 and "add up to 0.5" in r.stderr and r.stderr.count("\n") == 1 and not out.exists()
