@@ -243,6 +243,7 @@ def _pope(samples, ctx: Context) -> dict[str, int]:
             cooc.setdefault(p, Counter()).update(img.present - {p})
     vocab = sorted(freq)
     counts: dict[str, int] = {}
+    one_label = False
     for setting in POPE_SETTINGS:
         rows: list[tuple[str, str, str]] = []
         for img in images.values():
@@ -256,9 +257,15 @@ def _pope(samples, ctx: Context) -> dict[str, int]:
                 rows += [(img.name, _ask(neg[i]), "no")] if i < len(neg) else []
         (ctx.out / f"{ctx.name}_pope_{setting}.json").write_text(_pope_lines(rows))
         counts[setting] = len(rows)
+        one_label = one_label or len({label for _, _, label in rows}) < 2
     (ctx.out / f"{ctx.name}_pope_counterfactual.json").write_text(_pope_lines(cf_rows))
     counts["counterfactual"] = len(cf_rows)
     labels = Counter(label for _, _, label in cf_rows)
+    one_label = one_label or len(labels) < 2
+    warn = ("\n**A file above has one label only**: POPE's `evaluate.py` divides by zero on it for some "
+            "answers. Absent objects are asked about only where the annotation is exhaustive (declare "
+            "`exhaustive` in the manifest); the counterfactual file needs removals whose images hold "
+            "other objects.\n" if one_label else "")
     _write_readme(ctx.out, f"{ctx.name}: POPE question files", f"""
 One JSON object per line (`question_id`, `image`, `text`, `label`), as RUCAIBox/POPE's
 `output/coco/coco_pope_*.json`; images in `images/` (give that folder as the image folder).
@@ -273,7 +280,7 @@ One JSON object per line (`question_id`, `image`, `text`, `label`), as RUCAIBox/
 An object is asked about as absent only where the annotation is exhaustive for its category.
 Score answers (one JSON object per line with `answer`, in the question file's order) with POPE's
 `evaluate.py` (set `ans_file` and `label_file`), or `counterfactory eval FILE --predictions ANSWERS`.
-""")
+{warn}""")
     return {**counts, "skipped_samples": skipped}
 
 
