@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
              "counterfactory eval demo --predictions answers.jsonl --json", cmd_eval)
     e.add_argument("dataset", metavar="DATASET@VERSION")
     root(e)
-    e.add_argument("--predictions", default=None, help="JSONL: key, variant, qid, answer")
+    e.add_argument("--predictions", default=None,
+                   help="JSONL: key, variant, qid, answer (a paper's export: that paper's answer format)")
     e.add_argument("--export", default=None, metavar="FILE.jsonl", help="write the questions to ask")
     e.add_argument("--report", default=None, help="report path (default: PREDICTIONS.report.json)")
     e.add_argument("--abstain", default=None, help="the abstention answer (default: the dataset's abstain_answer)")
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("dataset", metavar="DATASET@VERSION")
     root(x)
     x.add_argument("--format", required=True, metavar="FORMAT",
-                   help="llava, trl, sharegpt, parquet; or a paper's layout: defacto, beaf, popev2, countercurate")
+                   help="llava, trl, sharegpt, parquet; or a paper's layout: pope, popev2, beaf, defacto, countercurate")
     x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (or an earlier export)")
     x.add_argument("--variants", default=None, metavar="V1,V2",
                    help="images to export: orig and variant names (default: all)")

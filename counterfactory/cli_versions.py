@@ -174,7 +174,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from counterfactory import evaluate as E
+    from counterfactory import paper_eval
 
+    if paper_eval.export_of(args.dataset) is not None:  # a paper-layout export: that paper's metric
+        return paper_eval.cmd(args)
     ds = E.dataset_dir(args.dataset, args.root)
     if args.export:
         out = Path(args.export)

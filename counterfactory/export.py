@@ -3,13 +3,14 @@
 Every format is written from the version's per-source shards (read as streams, members kept in
 memory, each shard's sha256 checked against the manifest on the way) in shard order, samples
 in input order, images in the order original, then variants as the sample lists them: an export
-of one version is the same bytes every time.
+of one version is the same bytes every time (countercurate's absolute paths: for the same ``--out``).
 
 - ``llava``: ``SPLIT.json``, a list of ``{id, image, conversations: [{from: human|gpt, value}]}``
   (LLaVA's instruction-tuning format; ``<image>`` once, in the first human turn), images under
-  ``images/``.
+  ``images/`` (the ``image`` values begin with ``images/``: LLaVA's ``--image_folder`` is the export root).
 - ``sharegpt``: ``SPLIT.json``, a list of ``{messages: [{role, content}], images: [path]}`` and a
-  ``dataset_info.json`` entry per split (LLaMA-Factory's ShareGPT format), images under ``images/``.
+  ``dataset_info.json`` entry per split (LLaMA-Factory's ShareGPT format: ``--dataset_dir`` the export),
+  images under ``images/``.
 - ``trl``: parquet rows ``{messages, images}`` with the images embedded (TRL's conversational
   vision format: content parts ``{"type": "image"}`` and ``{"type": "text", "text": ...}``) and a
   README whose front matter lets ``datasets.load_dataset(DIR)`` read them as PIL images.
@@ -272,7 +273,9 @@ def export(version: V.Version, fmt: str, out: Path, *, variants: list[str] | Non
                 raise ExportError(f"--format {fmt} writes the paper's own layout: --variants and --split do not apply")
             abstain = version_config(version.path).get("abstain_answer", "unknown") \
                 if (version.path / CONFIG).exists() else "unknown"
-            counts = export_recipes.write(fmt, iter_samples(version), tmp, progress, abstain)
+            ctx = export_recipes.Context(out=tmp, final=out.resolve(), name=version.dataset, abstain=abstain,
+                                         progress=progress)
+            counts = export_recipes.write(fmt, iter_samples(version), ctx)
         else:
             counts = _write(version, fmt, tmp, variants, splits, progress)
         meta = {"format": fmt, "dataset": version.dataset, "version": version.label,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_export_errors_are_one_line_and_write_nothing(version: V.Version, tmp_path: Path) -> None:
     out = tmp_path / "x"
     r = _cli("export", str(version.path), "--format", "coco", "--out", str(out))
-    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet, defacto, beaf, popev2, countercurate\n"
+    assert r.returncode == 2 and r.stderr == "error: unknown format 'coco': choose one of llava, trl, sharegpt, parquet, pope, popev2, beaf, defacto, countercurate\n"
     assert not out.exists()
     r = _cli("export", str(version.path), "--out", str(out), "--format", "llava", "--split", "train=0.5")
     assert r.returncode == 2 and "add up to 0.5" in r.stderr and r.stderr.count("\n") == 1 and not out.exists()
@@ -218,16 +219,26 @@ def recipe_version(name: str, root: Path, limit: int | None = None) -> V.Version
 
 def test_every_recipe_is_documented_in_one_line() -> None:
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["beaf", "countercurate", "defacto", "popev2"]
+    assert names == ["beaf", "countercurate", "defacto", "pope", "popev2"]
     for n in names:
         first = (RECIPES / f"{n}.yaml").read_text().splitlines()[0]
         assert first.startswith("# ") and f"--format {n}" in first
         assert n in X.FORMATS
 
 
-def test_beaf_recipe_reads_as_beaf_metric_reads_it(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def removals(tmp_path_factory: pytest.TempPathFactory) -> V.Version:
+    """The removal recipe (beaf.yaml; pope and popev2 differ only in name), built once."""
+    return recipe_version("beaf", tmp_path_factory.mktemp("removals"))
+
+
+def docs(v: V.Version) -> list[dict[str, Any]]:
+    return [doc for doc, _ in X.iter_samples(v)]
+
+
+def test_beaf_recipe_reads_as_beaf_metric_reads_it(removals: V.Version, tmp_path: Path) -> None:
     out = tmp_path / "beaf"
-    X.export(recipe_version("beaf", tmp_path / "runs"), "beaf", out)
+    X.export(removals, "beaf", out)
     qna = json.loads((out / "beaf_qna.json").read_text())
     assert qna and [q["id"] for q in qna] == list(range(len(qna)))
     assert all(set(q) == {"id", "image", "question", "orig_img", "removed_q", "gt"} and q["gt"] in ("yes", "no")
@@ -241,19 +252,85 @@ def test_beaf_recipe_reads_as_beaf_metric_reads_it(tmp_path: Path) -> None:
         if not q["orig_img"]:
             before = orig[(q["image"][:-7] + ".jpg", q["question"])]
             tu += q["removed_q"] and before == "yes" and q["gt"] == "no"
-    assert tu == sum(1 for q in qna if not q["orig_img"] and q["removed_q"]) > 0
+            if not q["removed_q"]:  # an object the removal left alone (or never there): same answer
+                assert before == q["gt"]
+    edited = [q for q in qna if not q["orig_img"]]
+    assert tu == sum(1 for q in edited if q["removed_q"]) > 0
+    # InDecision's denominator (id_tot): questions on edited images about objects not removed,
+    # both present ones (yes) and absent ones (no)
+    others = [q for q in edited if not q["removed_q"]]
+    assert {q["gt"] for q in others} == {"yes", "no"}
+    # its hard-coded sizes, and the command that replaces them with ours
+    readme = (out / "README.md").read_text()
+    assert f"s/26118/{len(qna)}/" in readme and f"s/1727/{tu}/g" in readme
 
 
-def test_popev2_recipe_fields(tmp_path: Path) -> None:
+def pope_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_pope_question_files(removals: V.Version, tmp_path: Path) -> None:
+    out = tmp_path / "pope"
+    X.export(removals, "pope", out)
+    ds = removals.dataset
+    files = {s: pope_rows(out / f"{ds}_pope_{s}.json") for s in ("random", "popular", "adversarial", "counterfactual")}
+    annotated = {}
+    for d in docs(removals):
+        annotated.setdefault(d["source"]["sha256"], {o["category"] for o in d["annotated"]})
+    freq = {c: sum(c in cats for cats in annotated.values()) for c in set().union(*annotated.values())}
+    for setting, rows in files.items():
+        # RUCAIBox/POPE evaluate.py: one object per line with a label; both labels present, so
+        # precision and recall have denominators for any answers (an all-"no" half divides by zero)
+        assert rows and all(set(r) == {"question_id", "image", "text", "label"} for r in rows), setting
+        assert [r["question_id"] for r in rows] == list(range(1, len(rows) + 1))
+        assert {r["label"] for r in rows} == {"yes", "no"}, setting
+        for r in rows:
+            assert (out / "images" / r["image"]).is_file() and r["text"].startswith("Is there ")
+    negatives: dict[str, list[str]] = {}
+    for r in files["popular"]:
+        if r["label"] == "no":
+            cat = r["text"].removeprefix("Is there a ").removeprefix("n ").removesuffix(" in the image?")
+            negatives.setdefault(r["image"], []).append(cat)
+    assert negatives
+    for image, cats in negatives.items():  # absent categories, the dataset's most frequent first
+        src = next(s for s in annotated if image.startswith(s[:24]))
+        absent = sorted((c for c in freq if c not in annotated[src]), key=lambda c: (-freq[c], c))
+        assert cats == absent[:len(cats)]
+    X.export(removals, "pope", tmp_path / "again")  # the same bytes every time
+    assert tree_digest(tmp_path / "again") == tree_digest(out)
+    by_key = {d["key"]: d for d in docs(removals)}
+    for r in files["counterfactual"]:
+        d = by_key[r["image"].removesuffix("_remove.jpg")]
+        truth = {q["question"]: q["answers"]["remove"] for q in d["qa"] if q["kind"] == "existence"}
+        if r["label"] == "no":
+            assert truth[r["text"]] == "no"
+        else:  # an object the removal left intact, not the target
+            assert not any(t in r["text"] for t in d["targets"])
+
+
+def test_popev2_is_the_releases_parquet(tmp_path: Path) -> None:
+    import datasets
+
     out = tmp_path / "popev2"
-    X.export(recipe_version("popev2", tmp_path / "runs"), "popev2", out)
-    rows = [json.loads(x) for x in (out / "popev2.jsonl").read_text().splitlines()]
-    assert rows
-    for r in rows:
-        assert set(r) == {"normal_image", "counterfactual_image", "question", "normal_label",
-                          "counterfactual_label", "target_object"}
+    v = recipe_version("popev2", tmp_path / "runs")
+    X.export(v, "popev2", out)
+    # AoiDragon/POPEv2 prepare_popev2_hf_parquet.py: these columns, in this order, of these types
+    t = pq.read_table(out / "test.parquet")
+    assert [(f.name, str(f.type)) for f in t.schema] == [
+        ("example_id", "string"), ("image_id", "int64"), ("target_object", "string"), ("question", "string"),
+        ("counterfactual_image", "struct<bytes: binary, path: string>"), ("counterfactual_label", "string"),
+        ("normal_image", "struct<bytes: binary, path: string>"), ("normal_label", "string")]
+    # load_dataset(folder) reads the questions (not the imagefolder builder)
+    ds = datasets.load_dataset(str(out), split="test", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["normal_image"], datasets.Image)
+    assert isinstance(ds.features["counterfactual_image"], datasets.Image)
+    assert ds.features["image_id"].dtype == "int64"
+    removals_n = sum(1 for d in docs(v) if "remove" in d["variants"])
+    assert ds.num_rows == removals_n > 0  # one question per image pair
+    assert len(set(ds["image_id"])) == len(set(ds["example_id"])) == ds.num_rows
+    for r in ds:
         assert (r["normal_label"], r["counterfactual_label"]) == ("yes", "no") and r["target_object"] in r["question"]
-        assert Image.open(out / r["normal_image"]).size == Image.open(out / r["counterfactual_image"]).size
+        assert r["normal_image"].size == r["counterfactual_image"].size
 
 
 def test_defacto_recipe_folders(tmp_path: Path) -> None:
@@ -262,17 +339,32 @@ def test_defacto_recipe_folders(tmp_path: Path) -> None:
     folders = sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: int(p.name))
     assert [p.name for p in folders] == [str(i) for i in range(1, len(folders) + 1)] and folders
     rows = [json.loads(x) for x in (out / "defacto.jsonl").read_text().splitlines()]
+
+    def boxes(p: Path) -> list[tuple[int, ...]]:
+        return [tuple(map(int, line.split())) for line in p.read_text().splitlines()]
+
+    more = 0
     for d, r in zip(folders, rows, strict=True):
         assert {p.name for p in d.iterdir()} == {"original.jpg", "original_smask.jpg", "original_rmask.jpg", "boxes.txt",
                                                  "sboxes.txt", "outside_boxes.txt", "random_boxes.txt",
                                                  "question.txt", "answer.txt"}
         o, s = Image.open(d / "original.jpg"), Image.open(d / "original_smask.jpg")
         assert o.size == s.size and (d / "question.txt").read_text().strip() == r["question"]
-        assert (d / "answer.txt").read_text().strip() == r["answer_original"]
-        assert r["answer_smask"] == "unknown" and r["answer_rmask"] == r["answer_original"]
-        for line in (d / "sboxes.txt").read_text().splitlines():
-            x0, y0, x1, y1 = map(int, line.split())
+        answer = (d / "answer.txt").read_text().strip()
+        assert answer == r["answer_original"] == r["answer_rmask"]
+        # the masked evidence answers "unknown"; DeFacto's reward penalizes unknown/no/none on the
+        # intact images, so no such answer is written there
+        assert r["answer_smask"] == "unknown" and not re.search("unknown|no|none", answer, re.IGNORECASE)
+        # README: boxes = all boxes in the image, sboxes = the question's, outside = the rest,
+        # random = the masked control region
+        every, evidence, outside = boxes(d / "boxes.txt"), boxes(d / "sboxes.txt"), boxes(d / "outside_boxes.txt")
+        assert evidence and set(evidence) <= set(every) and sorted(outside) == sorted(b for b in every if b not in evidence)
+        rnd = boxes(d / "random_boxes.txt")
+        assert len(rnd) == 1 and rnd[0] not in every
+        for x0, y0, x1, y1 in every + rnd:
             assert 0 <= x0 < x1 <= o.size[0] and 0 <= y0 < y1 <= o.size[1]
+        more += len(every) > len(evidence)
+    assert more > 0  # images with objects besides the evidence
 
 
 def test_countercurate_recipe_reads_as_its_csv_dataset(tmp_path: Path) -> None:
@@ -283,6 +375,14 @@ def test_countercurate_recipe_reads_as_its_csv_dataset(tmp_path: Path) -> None:
     df = pd.read_csv(out / "train_countercurate.csv", sep="\t")  # CounterCurate's CsvDataset
     assert list(df.columns) == ["captions", "images", "neg_captions", "neg_images"] and len(df)
     assert any("left" in c for c in df["captions"]) and any(c.startswith("There ") for c in df["captions"])
-    for _, r in df.iterrows():
-        assert r["captions"] != r["neg_captions"]
-        assert Image.open(out / r["images"]).size == Image.open(out / r["neg_images"]).size
+    elsewhere = tmp_path / "training-starts-here"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    try:  # CsvDataset opens Image.open(path) from wherever training starts
+        os.chdir(elsewhere)
+        for _, r in df.iterrows():
+            assert r["captions"] != r["neg_captions"]
+            assert Path(r["images"]).is_absolute() and Path(r["neg_images"]).is_absolute()
+            assert Image.open(r["images"]).size == Image.open(r["neg_images"]).size
+    finally:
+        os.chdir(cwd)

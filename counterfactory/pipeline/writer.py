@@ -93,6 +93,8 @@ def sample_json(meta: dict[str, Any], key: str) -> dict[str, Any]:
         "metrics": meta["metrics"],
         "provenance": prov,
     }
+    if meta.get("annotated"):  # every annotated object's box: what the paper layouts ask about (issue 29)
+        out["annotated"] = [{"category": o["category"], "box": o["box"]} for o in meta["annotated"]]
     if meta.get("variant_rejects"):
         out["variant_rejects"] = meta["variant_rejects"]
     if meta.get("notes"):
