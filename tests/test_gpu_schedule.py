@@ -199,3 +199,22 @@ def test_the_gpu_schedule_runs_under_a_declared_gpu_with_the_local_bytes(tiny, t
     models = [rec for d in docs for st in d["provenance"]["stages"].values() for rec in st.get("models", {}).values()]
     assert models and all(rec["device"] == "cpu" for rec in models if isinstance(rec, dict) and "device" in rec)
     assert np.isfinite(res.seconds)
+
+
+def test_owlv2_takes_uint8_tensors_with_the_processors_exact_inputs(tmp_path):
+    """OWLv2 (localize and the verify re-detection) now hands the processor uint8 tensors moved
+    once, as Grounding DINO and SAM do: the model gets exactly what the numpy path gives it."""
+    import torch
+    from transformers import Owlv2Processor
+
+    from counterfactory.stages.models.common import images_to_device
+
+    proc = Owlv2Processor.from_pretrained(fx.owlv2(tmp_path / "owl"))
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (80, 96, 3), dtype=np.uint8) for _ in range(2)]
+    imgs.append(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    text = [["a cat", "a dog"]] * 3
+    kw = {"return_tensors": "pt", "padding": "max_length", "truncation": True, "device": "cpu"}
+    a = proc(images=imgs, text=text, **kw)
+    b = proc(images=images_to_device(imgs, "cpu"), text=text, **kw)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
