@@ -23,9 +23,24 @@ class StageSpec:
     name: str
     backend: str
     params: BaseModel
+    # "all": the whole stage; a model stage split by the plan (issue 28): "model" (its actor
+    # part), "before" / "after" (its host work, in CPU steps; no model loaded)
+    part: str = "all"
 
-    def key(self) -> tuple[str, str, str]:
-        return self.name, self.backend, self.params.model_dump_json()
+    def key(self) -> tuple[str, str, str, str]:
+        return self.name, self.backend, self.params.model_dump_json(), self.part
+
+    def build(self, run: RunSettings) -> Any:
+        from counterfactory.stages import get_backend
+        from counterfactory.stages.models.common import HostStep
+
+        cls = get_backend(self.name, self.backend)
+        if self.part in ("before", "after"):
+            return HostStep(cls.host_only(self.params, run), self.part)
+        stage = cls(params=self.params, run=run)
+        if self.part == "model":
+            stage.split = True
+        return stage
 
 
 class StageChain:
@@ -37,12 +52,10 @@ class StageChain:
     """
 
     def __init__(self, specs: list[StageSpec], run: RunSettings, encoder: Any = None) -> None:
-        from counterfactory.stages import get_backend
-
         self.stages = []
         for s in specs:
             try:
-                self.stages.append(get_backend(s.name, s.backend)(params=s.params, run=run))
+                self.stages.append(s.build(run))
             except Exception as exc:  # a model that does not load: name the stage, in one line
                 why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
                 raise StageStartError(f"stage {s.name} ({s.backend}) could not start: {why}") from exc

@@ -134,22 +134,39 @@ class Step:
 
     @property
     def names(self) -> str:
-        return "+".join(s.name for s in self.specs)
+        return "+".join(s.name if s.part in ("all", "model") else f"{s.name}({s.part})" for s in self.specs)
 
 
 def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]:
     """Group consecutive task-mode stages with identical resources (what Ray would fuse);
-    a stage that holds a model or sets ``concurrency`` is an actor-pool step of its own."""
+    a stage that holds a model or sets ``concurrency`` is an actor-pool step of its own.
+    A model stage with host work (``SplitStage.host_parts``) is split: its host parts run in
+    CPU task steps around its actor (one CPU each, the stage's batch size; fused with an equal
+    neighbour), so a GPU actor does only what needs the model (issue 28)."""
     steps: list[Step] = []
+
+    def add(spec: StageSpec, actors: bool, res: Any) -> None:
+        last = steps[-1] if steps else None
+        if last and not actors and not last.actors and last.resources == res:
+            last.specs.append(spec)
+        else:
+            steps.append(Step([spec], actors, res))
+
     for sc in cfg.stages:
         cls = get_backend(sc.name, sc.backend)
         actors = cls.stateful or sc.resources.concurrency is not None
-        spec = StageSpec(sc.name, sc.backend, sc.typed_params())
-        last = steps[-1] if steps else None
-        if last and not actors and not last.actors and last.resources == sc.resources:
-            last.specs.append(spec)
+        params = sc.typed_params()
+        parts = getattr(cls, "host_parts", ()) if actors else ()
+        if parts:
+            host = sc.resources.model_copy(update={"num_cpus": 1.0, "num_gpus": 0.0, "concurrency": None,
+                                                   "memory": None})
+            if "before" in parts:
+                add(StageSpec(sc.name, sc.backend, params, "before"), False, host)
+            add(StageSpec(sc.name, sc.backend, params, "model"), True, sc.resources)
+            if "after" in parts:
+                add(StageSpec(sc.name, sc.backend, params, "after"), False, host)
         else:
-            steps.append(Step([spec], actors, sc.resources))
+            add(StageSpec(sc.name, sc.backend, params), actors, sc.resources)
         if sc.name == stop_after:
             break
     return steps

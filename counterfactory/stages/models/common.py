@@ -327,3 +327,84 @@ def run_batched(fn: Callable[[Sequence[Any]], Sequence[Any]], items: Sequence[An
         out[i:i + len(chunk)] = res
         i += len(chunk)
     return run
+
+
+HostPart = Literal["before", "after"]
+
+
+class SplitStage:
+    """A model stage whose host work (crops, paste-back, pixel checks, mask dilation) can run in
+    CPU steps beside its actor instead of inside it (issue 28): the GPU waits for none of it.
+
+    A subclass (mixed in before ``Stage``) names its parts in ``host_parts`` and implements
+    ``model_batch`` (what needs the model) and ``host_before`` / ``host_after`` (what does not:
+    they use ``self.params``, ``self.run`` and whatever ``_init_host`` sets, never the model).
+    Whole (``split`` False: a stage built by hand, a test) ``process_batch`` runs the three in
+    order; ``runner.plan_steps`` splits it into a CPU task step, the actor step and a CPU task
+    step, and the chain builds the host parts with ``host_only`` (no model loaded). Both ways
+    run the same code on the same samples in the same order, so the bytes are the same."""
+
+    host_parts: tuple[HostPart, ...] = ()
+    split: bool = False
+
+    def _init_host(self) -> None:
+        """Light state the host parts need, read without loading the model (``host_only``); the
+        model's constructor sets the same from the loaded model."""
+
+    @classmethod
+    def host_only(cls, params: Any, run: Any) -> Any:
+        from counterfactory.sample import Stage
+
+        obj = cls.__new__(cls)
+        Stage.__init__(obj, params, run)  # params validated, no model loaded
+        obj._init_host()
+        return obj
+
+    def host_before(self, samples: list[Any]) -> None:
+        """CPU work before the model (default: none)."""
+
+    def host_after(self, samples: list[Any]) -> None:
+        """CPU work after the model (default: none)."""
+
+    def model_batch(self, samples: list[Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def process_batch(self, samples: list[Any]) -> None:
+        if not self.split and "before" in self.host_parts:
+            self.host_before(samples)
+        live = [s for s in samples if s.ok]
+        if live:
+            self.model_batch(live)
+        if not self.split and "after" in self.host_parts:
+            live = [s for s in samples if s.ok]
+            if live:
+                self.host_after(live)
+
+
+class HostStep:
+    """One host part of a split model stage, as a chain member of a CPU step: it times itself
+    under ``<stage>+host`` (the model part keeps the stage's own figure) and leaves provenance
+    to the model part (the same record as an unsplit run's)."""
+
+    def __init__(self, stage: Any, part: HostPart) -> None:
+        self.stage, self.part = stage, part
+        self.name = stage.name
+
+    def apply(self, samples: list[Any]) -> None:
+        import time
+
+        live = [s for s in samples if s.ok]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        fn = self.stage.host_before if self.part == "before" else self.stage.host_after
+        try:
+            fn(live)
+        except Exception:  # noqa: BLE001 - as Stage.apply: one by one, so only the bad one fails
+            for s in live:
+                if s.ok:
+                    self.stage.guarded(s, lambda x: fn([x]))
+        share = (time.perf_counter() - t0) / len(live)
+        for s in live:
+            secs = s.meta.setdefault("seconds", {})
+            secs[f"{self.name}+host"] = round(secs.get(f"{self.name}+host", 0.0) + share, 6)

@@ -147,7 +147,8 @@ class Detector:
 
         n = max(len(ph) for ph in phrases)
         padded = [ph + [ph[0]] * (n - len(ph)) for ph in phrases]  # equal query count per image
-        inputs = self.processor(images=images, text=padded, return_tensors="pt", **self.image_kw,
+        pixels = images_to_device(images, self.device) if self.image_kw else images  # uint8, one copy
+        inputs = self.processor(images=pixels, text=padded, return_tensors="pt", **self.image_kw,
                                 padding="max_length", truncation=True)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}

@@ -24,6 +24,7 @@ from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
+    SplitStage,
     channels_last,
     maybe_compile,
     model_record,
@@ -133,11 +134,37 @@ def paste(img: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], pai
     return out
 
 
+def native_from_config(p: Any) -> int:
+    """The square the pipeline paints at, read from the folder's configs without loading a
+    weight (the host parts crop to it in CPU steps): the UNet's sample size times the VAE's
+    scale factor, as the pipeline computes it; 1024 for a transformer pipeline (FLUX Fill)."""
+    if p.native_size:
+        return p.native_size
+    import diffusers
+
+    try:
+        unet = diffusers.UNet2DConditionModel.load_config(p.model, subfolder="unet", revision=p.revision)
+    except OSError:
+        return 1024
+    try:
+        vae = diffusers.AutoencoderKL.load_config(p.model, subfolder="vae", revision=p.revision)
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    except OSError:
+        scale = 8
+    return int(unet["sample_size"] * scale)
+
+
+_TMP = "_edit"  # meta key and array prefix of the jobs between the host parts and the model part
+
+
 @register
-class DiffusersInpaintEdit(Stage):
+class DiffusersInpaintEdit(SplitStage, Stage):
     name = "edit"
     backend = "diffusers-inpaint"
     stateful = True
+    # crops resized to the native square before, paste-back and the flat-fill controls after:
+    # CPU steps beside the actor, which only diffuses
+    host_parts = ("before", "after")
 
     class Params(FlatFillParams, ModelParams):
         flat_fill_after = ("attribute_values", "fill")  # where config.yaml lists the flat-fill fields
@@ -380,24 +407,67 @@ class DiffusersInpaintEdit(Stage):
             out = (images.float() * 255 + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(out)
 
-    def process_batch(self, samples: list[Sample]) -> None:
-        p = self.params
+    def _init_host(self) -> None:
+        self.native = native_from_config(self.params)
+
+    def host_before(self, samples: list[Sample]) -> None:
+        for s in samples:
+            self.guarded(s, self._plan_jobs)
+
+    def _plan_jobs(self, s: Sample) -> None:
+        """Each diffused variant's crop and mask at the native square (or why it is skipped),
+        kept on the sample for the model part: ``meta[_TMP]`` and ``_edit/...`` arrays."""
+        s.begin_variants()
+        plan: dict[str, Any] = {}
+        for v in self.params.variants:
+            if v not in _DIFFUSED:
+                continue
+            try:
+                job = self._prepare(s, v)
+            except Skip as skip:
+                plan[v] = {"skip": [skip.reason, skip.detail]}
+                continue
+            plan[v] = {"box": list(job["box"]), "info": job["info"], "seed": job["seed"]}
+            s.arrays[f"{_TMP}/crop/{v}"], s.arrays[f"{_TMP}/mask/{v}"] = job["crop"], job["mask"]
+            if job["full_mask"] is not s.arrays["mask"]:  # insert: its own region
+                s.arrays[f"{_TMP}/full_mask/{v}"] = job["full_mask"]
+        s.meta[_TMP] = plan
+
+    def model_batch(self, samples: list[Sample]) -> None:
+        """Only the diffusion: every planned job of the batch through ``_diffuse`` (micro-batches
+        halved on CUDA OOM), each painted crop kept on its sample for the host part after."""
         jobs = []
-        skipped: dict[tuple[int, str], Any] = {}
         for s in samples:
-            s.begin_variants()
-            for v in p.variants:
-                if v in _DIFFUSED:
-                    try:
-                        jobs.append(self._prepare(s, v))
-                    except Skip as skip:
-                        skipped[(id(s), v)] = (None, None, (skip.reason, skip.detail))
-        run = run_batched(self._diffuse, jobs, p.batch_size)
-        done: dict[tuple[int, str], Any] = dict(skipped)
+            plan = s.meta[_TMP]
+            for v in self.params.variants:  # the config's order (meta keys come back sorted)
+                j = plan.get(v)
+                if j is None or "skip" in j:
+                    continue
+                jobs.append({"sample": s, "variant": v, "box": tuple(j["box"]), "info": j["info"], "seed": j["seed"],
+                             "crop": s.arrays.pop(f"{_TMP}/crop/{v}"), "mask": s.arrays.pop(f"{_TMP}/mask/{v}")})
+        run = run_batched(self._diffuse, jobs, self.params.batch_size)
+        method = f"diffusers:{self.record['pipeline']}"
         for i, job in enumerate(jobs):
-            done[(id(job["sample"]), job["variant"])] = (job, run.outputs[i], run.failures.get(i))
+            s, v = job["sample"], job["variant"]
+            if i in run.failures:
+                s.meta[_TMP][v]["failure"] = list(run.failures[i])
+            else:
+                s.arrays[f"{_TMP}/painted/{v}"] = run.outputs[i]
+                s.meta[_TMP][v]["method"] = method
+
+    def host_after(self, samples: list[Sample]) -> None:
         for s in samples:
-            self.guarded(s, lambda smp: self._assemble(smp, done))
+            plan = s.meta.pop(_TMP)
+            done: dict[tuple[int, str], Any] = {}
+            for v, j in plan.items():
+                if "skip" in j:
+                    done[(id(s), v)] = (None, None, tuple(j["skip"]))
+                    continue
+                job = j | {"box": tuple(j["box"]),
+                           "full_mask": s.arrays.pop(f"{_TMP}/full_mask/{v}", s.arrays["mask"])}
+                painted = s.arrays.pop(f"{_TMP}/painted/{v}", None)
+                done[(id(s), v)] = (job, painted, tuple(j["failure"]) if "failure" in j else None)
+            self.guarded(s, lambda smp, d=done: self._assemble(smp, d))
 
     def _assemble(self, s: Sample, done: dict[tuple[int, str], Any]) -> None:
         p = self.params
@@ -413,8 +483,7 @@ class DiffusersInpaintEdit(Stage):
                 out = paste(img, job["full_mask"], job["box"], painted)
                 if v == "insert":
                     region = job["full_mask"]
-                info = job["info"] | {"method": f"diffusers:{self.record['pipeline']}", "steps": p.steps,
-                                      "seed": job["seed"]}
+                info = job["info"] | {"method": job["method"], "steps": p.steps, "seed": job["seed"]}
             elif v == "blackout":
                 out = flat_fill(img, mask, p.fill)
                 info = {"region": "evidence", "removed_instances": n, "method": "flat-fill",

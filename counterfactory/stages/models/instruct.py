@@ -90,6 +90,9 @@ class InstructionEdit(DiffusersInpaintEdit):
                                    scheduler=type(self.pipe.scheduler).__name__, native_size=self.native,
                                    dtype=str(self.dtype).removeprefix("torch."), device=self.device)
 
+    def _init_host(self) -> None:
+        self.native = self.params.native_size or 1024
+
     def describe(self) -> dict[str, Any]:
         return Stage.describe(self) | {"models": {"instruction_edit": self.record}}
 

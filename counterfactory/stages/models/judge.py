@@ -44,6 +44,7 @@ from counterfactory.sample import Reject, Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import (
     ModelParams,
+    SplitStage,
     model_record,
     run_batched,
     transformers_setup,
@@ -168,10 +169,11 @@ def check_image_text_model(ref: str, revision: str | None, backend: str) -> None
 
 
 @register
-class VLMJudgeVerify(PixelVerify):
+class VLMJudgeVerify(SplitStage, PixelVerify):
     name = "verify"
     backend = "vlm-judge"
     stateful = True
+    host_parts = ("before",)
 
     class Params(PixelVerify.Params, ModelParams):
         engine: Literal["transformers", "openai"] = Field(
@@ -298,13 +300,16 @@ class VLMJudgeVerify(PixelVerify):
         orig = sorted({i for qs in plan.values() for i in qs if qa[i]["answers"].get("orig") not in (None, self.abstain)})
         return {"orig": orig, **plan} if orig else plan
 
-    def process_batch(self, samples: list[Sample]) -> None:
-        p = self.params
+    def host_before(self, samples: list[Sample]) -> None:
+        """The pixel checks (no judge time on failures): a CPU step beside the judge's actor."""
         for s in samples:
-            if p.pixel_checks:
-                self.guarded(s, super().process)  # pixel checks first: no judge time on failures
+            if self.params.pixel_checks:
+                self.guarded(s, super().process)
             else:
                 s.meta.setdefault("metrics", {})
+
+    def model_batch(self, samples: list[Sample]) -> None:
+        p = self.params
         asks: list[tuple] = []
         plans: dict[int, dict[str, list[int]]] = {}
         for si, s in enumerate(samples):

@@ -22,6 +22,7 @@ from counterfactory.stages.models.common import (
     Device,
     DType,
     ModelParams,
+    SplitStage,
     check_compile,
     images_to_device,
     load_pretrained,
@@ -76,6 +77,9 @@ def finish_masks(sample: Sample, masks: list[np.ndarray], ious: list[float], p: 
         inst["mask_area"] = int(m.sum())
         core |= m
     set_evidence_mask(sample, core, p.dilate_px, p.dilate_frac)
+
+
+_MASKS = "_segment/masks"  # the model part's masks (bool, per instance) and IoUs, for the host part
 
 
 class SamArch(BaseModel):
@@ -223,12 +227,14 @@ class SamSegment(_EncodeOnce):
 
 
 @register
-class HfSamSegment(_EncodeOnce):
-    """transformers ``SamModel``: image embeddings batched, boxes decoded per image."""
+class HfSamSegment(SplitStage, _EncodeOnce):
+    """transformers ``SamModel``: image embeddings batched, boxes decoded per image; the masks'
+    clipping, merge and dilation (``finish_masks``) run after, in a CPU step beside the actor."""
 
     name = "segment"
     backend = "sam-hf"
     stateful = True
+    host_parts = ("after",)
 
     class Params(ModelParams, MaskParams):
         batch_size: int = Field(4, ge=1)
@@ -257,7 +263,7 @@ class HfSamSegment(_EncodeOnce):
         return [(emb[i:i + 1], sizes[i], reshaped[i]) for i in range(len(images))]
 
 
-    def process_batch(self, samples: list[Sample]) -> None:
+    def model_batch(self, samples: list[Sample]) -> None:
         """Embeddings batched (halved on OOM), then every box of every image of the batch decoded
         in one mask-decoder call against its image's embedding (boxes padded to the longest
         list), the best of SAM's candidates picked and upsampled on the device: one copy of the
@@ -277,6 +283,11 @@ class HfSamSegment(_EncodeOnce):
                 s.reject(self.name, *dec.failures[i])
                 continue
             masks, ious = dec.outputs[i]
+            s.arrays[_MASKS], s.meta[_MASKS] = masks, ious  # for host_after
+
+    def host_after(self, samples: list[Sample]) -> None:
+        for s in samples:
+            masks, ious = s.arrays.pop(_MASKS), s.meta.pop(_MASKS)
             self.guarded(s, lambda smp, m=masks, q=ious: finish_masks(smp, list(m), q, self.params, "sam-hf"))
 
     def _decode_many(self, items: list[tuple[Sample, Any]]) -> list[tuple[np.ndarray, list[float]]]:

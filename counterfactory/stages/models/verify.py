@@ -19,7 +19,7 @@ from pydantic import Field
 
 from counterfactory.sample import Sample
 from counterfactory.stages import register
-from counterfactory.stages.models.common import ModelParams
+from counterfactory.stages.models.common import ModelParams, SplitStage
 from counterfactory.stages.models.grounding import Detector, DetectorKind
 from counterfactory.stages.verify import COUNTERFACTUALS, PixelVerify
 
@@ -42,7 +42,7 @@ def overlap_score(dets: list[dict[str, Any]], targets: list[str], mask: np.ndarr
 
 
 @register
-class RedetectVerify(PixelVerify):
+class RedetectVerify(SplitStage, PixelVerify):
     name = "verify"
     backend = "redetect"
     stateful = True
@@ -55,6 +55,8 @@ class RedetectVerify(PixelVerify):
         variants: list[str] = Field(["remove"], description="variants whose target must be gone")
         score_original: bool = Field(True, description="also score the original, for the metrics")
 
+    host_parts = ("before",)
+
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         self.detector = Detector(self.params.detector, self.params, self.backend)
@@ -62,21 +64,25 @@ class RedetectVerify(PixelVerify):
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"models": {"detector": self.detector.record}}
 
-    def process_batch(self, samples: list[Sample]) -> None:
+    def host_before(self, samples: list[Sample]) -> None:
+        """The pixel checks (no detector time on failures) and the original's score from its
+        localize detection: CPU work, run in a CPU step beside the detector's actor."""
         for s in samples:
-            self.guarded(s, super().process)  # pixel checks first: no detector time on failures
+            self.guarded(s, super().process)
+        if not self.params.score_original:
+            return
+        for s in samples:
+            if s.ok and all("score" in i for i in s.meta["instances"]):
+                dets = [{"phrase": i["category"], "box": i["box"], "score": i["score"]} for i in s.meta["instances"]]
+                s.meta["metrics"]["redetect_score_orig"] = round(
+                    overlap_score(dets, s.meta["targets"], s.arrays["mask"], self.params.min_overlap), 4)
+                s.meta["metrics"]["redetect_orig_source"] = "localize"
+
+    def model_batch(self, samples: list[Sample]) -> None:
         jobs: list[tuple[Sample, str]] = []
         for s in samples:
-            if not s.ok:
-                continue
-            if self.params.score_original:
-                if all("score" in i for i in s.meta["instances"]):
-                    dets = [{"phrase": i["category"], "box": i["box"], "score": i["score"]} for i in s.meta["instances"]]
-                    s.meta["metrics"]["redetect_score_orig"] = round(
-                        overlap_score(dets, s.meta["targets"], s.arrays["mask"], self.params.min_overlap), 4)
-                    s.meta["metrics"]["redetect_orig_source"] = "localize"
-                else:
-                    jobs.append((s, "orig"))
+            if self.params.score_original and not all("score" in i for i in s.meta["instances"]):
+                jobs.append((s, "orig"))
             jobs += [(s, v) for v in s.meta["variants"] if v in self.params.variants]
         if not jobs:
             return
