@@ -15,7 +15,12 @@ def tiny_sdxl_inpaint(path: Path) -> Path:
     """StableDiffusionXLInpaintPipeline with a 9-channel UNet (an inpainting fine-tune such as
     RORem), two CLIP text encoders (the second with a projection), native 32 px."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from tests.models_fixtures import _special, clip_tokenizer
@@ -51,7 +56,12 @@ def tiny_flux_fill(path: Path) -> Path:
     """FluxFillPipeline: the transformer reads the noisy latents, the masked image and the mask
     (2 latent channels: 8 + 8 packed, mask 4), CLIP + T5 text encoders; native 32 px."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from tests.models_fixtures import _special, clip_tokenizer

@@ -122,7 +122,8 @@ class SdxlRemoverEdit(RemoverEdit):
                            "lightning", "euler", "dpmpp"] = Field("lcm", description="lcm/tcd for LCM/TCD LoRAs")
         guidance_scale: float = Field(1.0, ge=0, description="<= 1: no classifier-free guidance (one UNet pass "
                                       "per step), as LCM/TCD-distilled removers are sampled")
-        strength: float = Field(0.99, gt=0, le=1, description="RORem samples at 0.99")
+        strength: float = Field(1.0, gt=0, le=1, description="below 1 drops steps: int(steps x strength) run "
+                                "(RORem's 50-step recipe: 0.99; at 4 steps keep 1)")
         prompts: dict[_REMOVER_PROMPT_KEYS, PromptTemplate] = Field(
             default_factory=lambda: {"remove": RORem_PROMPT}, description="RORem: content-free quality words")
 

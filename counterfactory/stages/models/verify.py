@@ -21,6 +21,7 @@ from counterfactory.sample import Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import ModelParams
 from counterfactory.stages.models.grounding import Detector, DetectorKind
+from counterfactory.stages.models.invented import InventedParams, check_invented
 from counterfactory.stages.verify import COUNTERFACTUALS, PixelVerify
 
 
@@ -47,7 +48,7 @@ class RedetectVerify(PixelVerify):
     backend = "redetect"
     stateful = True
 
-    class Params(PixelVerify.Params, ModelParams):
+    class Params(PixelVerify.Params, ModelParams, InventedParams):  # issue 31: object_invented
         detector: DetectorKind = "grounding-dino"
         redetect_threshold: float = Field(0.35, ge=0, le=1, description="a target box scoring this much is still there")
         text_threshold: float = Field(0.25, ge=0, le=1)
@@ -65,6 +66,7 @@ class RedetectVerify(PixelVerify):
     def process_batch(self, samples: list[Sample]) -> None:
         for s in samples:
             self.guarded(s, super().process)  # pixel checks first: no detector time on failures
+        check_invented(self, samples)  # issue 31: an object painted into a removal's region
         jobs: list[tuple[Sample, str]] = []
         for s in samples:
             if not s.ok:
