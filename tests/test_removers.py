@@ -175,6 +175,10 @@ def test_remover_config_errors_are_one_line_before_any_weight_loads(pipes, tmp_p
         cfg_with("remover-sdxl", model=str(pipes["sdxl"]), pipeline_class="StableDiffusionInpaintPipeline")
     with pytest.raises(ValidationError):
         get_backend("edit", "remover-flux2-klein").Params(model=str(pipes["klein"]), loras=[], reference="blur")
+    with pytest.raises(ConfigError, match="multiple of 16") as e:
+        cfg_with("remover-flux2-klein", model=str(pipes["klein"]), native_size=1000,
+                 loras=[{"id": str(pipes["klein-lora"])}])
+    assert "\n" not in str(e.value)
     # a folder of another pipeline: named in one line, nothing loaded
     with pytest.raises(ValueError, match="a 'FluxFillPipeline' folder, but edit: remover-sdxl loads") as e:
         stage("edit", "remover-sdxl", model=str(pipes["fill"]), **CPU)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from counterfactory.stages import register
 from counterfactory.stages.models.common import DType, require
@@ -146,6 +146,15 @@ class FluxRemoverParams(RemoverEdit.Params):
                                   "with whatever fits there, often a new object")
     max_sequence_length: int = Field(512, ge=8, le=1024, description="text tokens the prompt is encoded to")
     native_size: int | None = Field(1024, ge=16, description="crop side the model runs at (multiple of 16)")
+
+    @field_validator("native_size")
+    @classmethod
+    def _whole_patches(cls, v: int | None) -> int | None:
+        # the FLUX VAEs downsample 8x and the transformers read 2x2 latent patches: another side
+        # would be floored by the pipeline and the crop pasted back resampled
+        if v is not None and v % 16:
+            raise ValueError(f"native_size {v} is not a multiple of 16 (FLUX: 8x VAE, 2x2 patches)")
+        return v
 
 
 @register
