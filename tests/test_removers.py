@@ -203,6 +203,25 @@ def test_gpu_config_names_a_pinnable_remover_and_the_invented_check():
     assert verify.invented_threshold == 0.3 and verify.invented_iou == 0.3 and "object" in verify.invented_prompts
 
 
+def test_the_commented_remover_choices_of_the_gpu_config_validate():
+    """configs/gpu.yaml lists the FLUX Fill and FLUX.2 klein removers as commented choices:
+    uncommented, each is valid for its backend (hub ids with a revision, a removal LoRA)."""
+    import re
+
+    import yaml
+
+    text = (REPO / "configs" / "gpu.yaml").read_text()
+    found = {}
+    for block in re.findall(r"  #   - name: edit\n((?:  #     .*\n)+)", text):
+        doc = yaml.safe_load("\n".join(ln[len("  #     "):] for ln in block.splitlines()))
+        if doc["backend"].startswith("remover-"):
+            found[doc["backend"]] = get_backend("edit", doc["backend"]).Params.model_validate(doc["params"])
+    assert set(found) == {"remover-flux-fill", "remover-flux2-klein"}
+    for p in found.values():
+        assert p.revision and p.loras and all(lo.revision for lo in p.loras)
+    assert found["remover-flux2-klein"].reference == "mask" and found["remover-flux2-klein"].steps == 4
+
+
 # --- object_invented ---------------------------------------------------------------------------
 def test_invented_hit_is_a_box_in_the_edited_region():
     region = np.zeros((100, 100), np.uint8)
