@@ -139,6 +139,19 @@ def test_the_removal_lora_changes_the_fill_and_a_lora_of_another_family_is_refus
     with pytest.raises(ValueError, match="another base model") as e:
         remover(pipes, "remover-flux-fill", loras=[{"id": str(sd_lora)}])
     assert "\n" not in str(e.value)
+    # a LoRA of a deeper FLUX (same widths: its first blocks fit, the others name blocks this one
+    # lacks) is refused, not loaded in part; diffusers drops those layers without a word
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(pipes["fill-lora"] / "pytorch_lora_weights.safetensors"))
+    deeper = tmp_path / "deeper-lora"
+    deeper.mkdir()
+    save_file(sd | {k.replace("transformer_blocks.0.", "transformer_blocks.5."): v.clone() for k, v in sd.items()
+                    if k.startswith("transformer.transformer_blocks.0.")}, str(deeper / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"4 of its \d+ layers are not in this FluxFillPipeline's transformer "
+                       r"\(e.g. transformer_blocks.5.attn") as e:
+        remover(pipes, "remover-flux-fill", loras=[{"id": str(deeper)}])
+    assert "\n" not in str(e.value)
 
 
 def test_klein_reads_the_highlighted_crop_as_a_reference_image(pipes, segmented):

@@ -22,6 +22,8 @@ prompt for the actor's life (the text encoders leave the hot path).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -40,6 +42,19 @@ def folder_pipeline(ref: str, revision: str | None) -> str | None:
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.load_config(ref, revision=revision).get("_class_name")
+
+
+def lora_layers_missing(pipe: Any, spec: LoraSpec, have: set[str]) -> tuple[list[str], int]:
+    """The transformer layers ``spec`` names (read as the pipeline's loader reads it, formats
+    converted) that are not among the module names ``have``; and how many layers it names."""
+    ref, weight_name = spec.id, spec.weight_name
+    if Path(ref).expanduser().is_file():
+        ref, weight_name = str(Path(ref).expanduser().parent), Path(ref).name
+    sd = pipe.lora_state_dict(ref, weight_name=weight_name, revision=spec.revision, use_safetensors=True)
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    layers = {re.split(r"\.lora(?:_A|_B|_magnitude_vector|\.down|\.up)\b", k.removeprefix("transformer."))[0]
+              for k in sd if k.startswith("transformer.") and ".lora" in k}
+    return sorted(layers - have), len(layers)
 
 
 class RemoverEdit(DiffusersInpaintEdit):
@@ -69,6 +84,21 @@ class RemoverEdit(DiffusersInpaintEdit):
         super().__init__(p, run)
         self.cfg = self._uses_cfg()
         self.record["guidance"] = self._guidance_kind()
+
+    @staticmethod
+    def _fuse_loras(pipe: Any, specs: list[LoraSpec]) -> list[dict[str, Any]]:
+        """The inpaint backend's fusing, after checking that every layer a LoRA names exists in
+        this pipeline's transformer: a LoRA for another FLUX (klein's 5 double blocks on FLUX.1's
+        19, same widths) would load its matching layers and silently drop the rest."""
+        if getattr(pipe, "transformer", None) is not None:
+            have = {name for name, _ in pipe.transformer.named_modules()}
+            for spec in specs:
+                missing, total = lora_layers_missing(pipe, spec, have)
+                if missing:
+                    raise ValueError(f"LoRA {spec.id}: {len(missing)} of its {total} layers are not in this "
+                                     f"{type(pipe).__name__}'s transformer (e.g. {missing[0]}): a LoRA for "
+                                     "another base model?")
+        return DiffusersInpaintEdit._fuse_loras(pipe, specs)
 
     def _uses_cfg(self) -> bool:
         return self.params.guidance_scale > 1
