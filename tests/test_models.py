@@ -616,7 +616,7 @@ def test_redetect_runs_on_the_edited_image(models, segmented):
     batch = torch.cat(seen)
     assert any(torch.allclose(row, want_edit[0]) for row in batch)
     keep = stage("verify", "redetect", model=str(models["owl"]), detector="owlv2", redetect_threshold=1.0,
-                 **loose, **CPU)
+                 invented_threshold=None, **loose, **CPU)  # object_invented: tests/test_removers.py
     samples = fresh(segmented)
     keep.process_batch(samples)
     assert all(s.ok and "remove" in s.meta["variants"] for s in samples)
@@ -630,7 +630,8 @@ def test_redetect_reuses_the_detection_of_the_original_from_localize(models, seg
     loc.process_batch(samples)  # the original detected once, its instances carry the detector's scores
     assert all(s.ok and all("score" in i for i in s.meta["instances"]) for s in samples)
     st = stage("verify", "redetect", model=str(models["owl"]), detector="owlv2", redetect_threshold=1.0,
-               min_overlap=0.0, text_threshold=0.0, min_inside_mad=0.0, max_contrast_ratio=100.0, **CPU)
+               min_overlap=0.0, text_threshold=0.0, min_inside_mad=0.0, max_contrast_ratio=100.0,
+               invented_threshold=None, **CPU)
     rows: list[int] = []
     st.detector.model.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["pixel_values"].shape[0]),
                                                 with_kwargs=True)
@@ -657,6 +658,7 @@ def test_pipeline_end_to_end_with_model_backends(models, tmp_path):
                                                            "device": "cpu", "variants": ["remove", "blackout"]})
     st["verify"].update(backend="redetect", params={"model": str(models["gd"]), "detector": "grounding-dino",
                                                     "redetect_threshold": 1.0, "min_inside_mad": 0.0,
+                                                    "invented_threshold": None,
                                                     "max_contrast_ratio": 100.0, "device": "cpu"})
     cfg = validate_config(data, source="test", base_dir=tmp_path)
     res = run_pipeline(cfg, local=True, progress=False)

@@ -5,13 +5,15 @@ diffusers, segment-anything) are imported inside constructors so that importing 
 stays cheap on machines that only run the CPU default.
 """
 
-# issue 19 added instruct (instruction edits), judge (VLM judge), sam3, track (video trackers)
+# issue 19 added instruct (instruction edits), judge (VLM judge), sam3, track (video trackers);
+# issue 31 removers (SDXL / FLUX Fill / FLUX.2 klein removal backends)
 from counterfactory.stages.models import (  # noqa: F401
     grounding,
     inpaint,
     instruct,
     judge,
     llm,
+    removers,
     sam,
     sam3,
     sam3_video,

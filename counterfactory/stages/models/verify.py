@@ -21,6 +21,7 @@ from counterfactory.sample import Sample
 from counterfactory.stages import register
 from counterfactory.stages.models.common import ModelParams, SplitStage
 from counterfactory.stages.models.grounding import Detector, DetectorKind
+from counterfactory.stages.models.invented import InventedParams, check_invented
 from counterfactory.stages.verify import COUNTERFACTUALS, PixelVerify
 
 
@@ -47,7 +48,7 @@ class RedetectVerify(SplitStage, PixelVerify):
     backend = "redetect"
     stateful = True
 
-    class Params(PixelVerify.Params, ModelParams):
+    class Params(PixelVerify.Params, ModelParams, InventedParams):  # issue 31: object_invented
         detector: DetectorKind = "grounding-dino"
         redetect_threshold: float = Field(0.35, ge=0, le=1, description="a target box scoring this much is still there")
         text_threshold: float = Field(0.25, ge=0, le=1)
@@ -79,8 +80,11 @@ class RedetectVerify(SplitStage, PixelVerify):
                 s.meta["metrics"]["redetect_orig_source"] = "localize"
 
     def model_batch(self, samples: list[Sample]) -> None:
+        check_invented(self, samples)  # issue 31: an object painted into a removal's region
         jobs: list[tuple[Sample, str]] = []
         for s in samples:
+            if not s.ok:  # rejected by the pixel checks or by check_invented: nothing to detect
+                continue
             if self.params.score_original and not all("score" in i for i in s.meta["instances"]):
                 jobs.append((s, "orig"))
             jobs += [(s, v) for v in s.meta["variants"] if v in self.params.variants]
