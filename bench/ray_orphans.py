@@ -80,7 +80,7 @@ def main() -> None:
         args_ = [a.decode(errors="replace") for a in cmd.split(b"\0") if a]
         prog = [a for a in args_[1:] if not a.startswith("-")][:1] if "python" in args_[0] else []
         name = "python -c (the watchdog)" if "-c" in args_ else (prog or args_[:1])[0].strip().rsplit("/", 1)[-1][:40]
-        print(f"{name:42s} {'%.1f s' % gone[pid] if pid in gone else 'alive at %.0f s' % args.limit}")
+        print(f"{name:42s} " + (f"{gone[pid]:.1f} s" if pid in gone else f"alive at {args.limit:.0f} s"))
         if pid not in gone:
             os.kill(pid, signal.SIGKILL)
     print(f"{len(tree) - len(gone)} of {len(tree)} processes outlived the driver by more than {args.limit:.0f} s")

@@ -27,10 +27,25 @@ from counterfactory.cli import main
 from counterfactory.layout import sha256_bytes
 from counterfactory.loader import LoaderError, load, resolve_shards
 from counterfactory.pipeline.runner import run_pipeline
-from tests.conftest import REPO, demo_dict, make_config, save, scenes_input, square_line, square_scene
-from tests.test_hostile import _cli, small_version  # noqa: F401 - the module's 4-scene version
+from tests.conftest import (
+    REPO,
+    demo_dict,
+    make_config,
+    save,
+    scenes_input,
+    square_line,
+    square_scene,
+)
+from tests.test_hostile import _cli
 
 PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def small_version(tmp_path_factory):
+    res = run_pipeline(make_config(tmp_path_factory.mktemp("tail"), [scenes_input(4)], output={"shard_size": 2}),
+                       local=True, progress=False)
+    return V.read_version(res.out_dir)
 
 
 def _run_config(tmp_path: Path) -> Path:
