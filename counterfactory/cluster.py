@@ -343,19 +343,26 @@ class local_ray_guard:  # noqa: N801 - used as `with local_ray_guard():` around 
     mark (``ray_owner_mark``), so they are stopped when the driver dies, however it dies. The
     variable is set only while Ray starts, so other children of the driver do not carry it."""
 
+    # SPT_NOENV: Ray renames its processes (ray::DashboardAgent) with setproctitle, which by
+    # default may write the title over the environment block that /proc/PID/environ shows, and
+    # with it the mark; with SPT_NOENV set it keeps to the command line's own space
+    MARKS = (RAY_OWNER_ENV, "SPT_NOENV")
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.saved: str | None = None
+        self.saved: dict[str, str | None] = {}
 
     def __enter__(self) -> local_ray_guard:
         if self.enabled:
-            self.saved = os.environ.get(RAY_OWNER_ENV)
+            self.saved = {k: os.environ.get(k) for k in self.MARKS}
             os.environ[RAY_OWNER_ENV] = ray_owner_mark()
+            os.environ["SPT_NOENV"] = os.environ.get("SPT_NOENV") or "1"
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            if self.saved is None:
-                os.environ.pop(RAY_OWNER_ENV, None)
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[RAY_OWNER_ENV] = self.saved
+                os.environ[k] = v
+        self.saved = {}
