@@ -100,6 +100,13 @@ def test_eval_export_to_a_folder_and_predictions_from_a_device(small_version, tm
     assert rc == 2 and "no usable prediction" in err
 
 
+def test_an_os_error_on_a_named_path_is_one_line_exit_2(small_version, tmp_path, capsys):
+    """What no up-front check caught goes through one mapping in cli.main (was exit 1, errno text)."""
+    (tmp_path / "plain.txt").write_text("a file")
+    rc, err = _cli(capsys, "card", str(small_version.path), "--html", "--out", str(tmp_path / "plain.txt" / "viewer"))
+    assert rc == 2 and "plain.txt" in err and "Errno" not in err, err
+
+
 def test_card_max_samples_must_not_be_negative(small_version, capsys):
     with pytest.raises(SystemExit) as e:  # was: accepted, and -5 showed 4 of 9 samples
         main(["card", str(small_version.path), "--html", "--max-samples", "-5"])
