@@ -18,6 +18,7 @@ such as s3://bucket/prefix) or a path or URI to ROOT/DATASET; @VERSION is a labe
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -52,6 +53,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _at_least_zero(text: str) -> int:
+    """--max-samples: a whole number, 0 or more (a negative one would slice from the end)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
     return n
 
 
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--serve", action="store_true", help="write the viewer and serve it on 127.0.0.1")
     c.add_argument("--port", type=_port, default=0, help="port for --serve (default: any free port)")
     c.add_argument("--out", default=None, help="viewer folder (default: VERSION/viewer)")
-    c.add_argument("--max-samples", type=int, default=300, help="samples shown in the viewer")
+    c.add_argument("--max-samples", type=_at_least_zero, default=300, help="samples shown in the viewer")
     g = verb("regenerate", "re-run a version's spec in a scratch folder and compare bytes",
              "counterfactory regenerate demo@v2 --local", cmd_regenerate)
     g.add_argument("dataset", metavar="DATASET@VERSION")
@@ -258,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except FailureBudgetExceeded as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except OSError as exc:  # a file or an object store that failed mid-command
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a path the user gave that cannot be used, or a store that failed mid-command
+        line, code = os_error_line(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -270,6 +283,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {why}", file=sys.stderr)  # the worker's traceback is in Ray's logs
         return 1
+
+
+# errors of a path as given (missing, a file for a folder, a folder for a file, too long, not
+# allowed): a usage error, exit 2; any other OSError (disk full, I/O, a store) failed the command
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM,
+                errno.EROFS, errno.EEXIST, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EINVAL}
+
+
+def os_error_line(exc: OSError) -> tuple[str, int]:
+    """One line for an OSError (the path shortened, no errno number) and its exit code: 2 when
+    it is about a path the user named, 1 otherwise."""
+    from counterfactory.versions import short_name
+
+    why = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    line = f"{' -> '.join(short_name(n) for n in names)}: {why}" if names else short_name(why, 300)
+    return line, 2 if names and exc.errno in _PATH_ERRNOS else 1
 
 
 def _stage_start_error(exc: BaseException) -> str | None:

@@ -181,6 +181,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = E.dataset_dir(args.dataset, args.root)
     if args.export:
         out = Path(args.export)
+        if out.is_dir():
+            print(f"error: --export {out}: is a folder; give a file name such as questions.jsonl", file=sys.stderr)
+            return 2
         n = E.export_questions(ds, out)
         root = f" --root {args.root}" if args.root else ""
         print(f"{n} questions to ask written to {out}; answer each row with an 'answer' field and run "
@@ -189,8 +192,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.predictions:
         print("error: give --predictions FILE.jsonl (or --export FILE.jsonl)", file=sys.stderr)
         return 2
-    if not Path(args.predictions).is_file():
-        print(f"error: predictions file not found: {args.predictions}", file=sys.stderr)
+    problem = _predictions_problem(Path(args.predictions))
+    if problem:
+        print(f"error: --predictions {args.predictions}: {problem}", file=sys.stderr)
         return 2
     abstain = args.abstain
     if abstain is None:  # the answer this dataset abstains with, as its config says
@@ -210,6 +214,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(E.report_table(rep))
     print(f"report: {out}")
     return 0
+
+
+MAX_PREDICTIONS_BYTES = 4 << 30  # ~30 M answer lines; more is not a predictions file
+
+
+def _predictions_problem(path: Path) -> str | None:
+    """A predictions file must be a regular file of bounded size: /dev/zero never ends, a FIFO
+    blocks, and neither is "not found"."""
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a folder, FIFO or device); give a JSONL file"
+    if st.st_size > MAX_PREDICTIONS_BYTES:
+        return f"{st.st_size} bytes; a predictions file is at most {MAX_PREDICTIONS_BYTES} bytes"
+    return None
 
 
 def cmd_export(args: argparse.Namespace) -> int:

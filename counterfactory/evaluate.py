@@ -109,7 +109,8 @@ def read_predictions(path: Path, truth: dict[tuple[str, str, int], str]
     pred: dict[tuple[str, str, int], str] = {}
     problems: list[str] = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        # a line is read at most 1 MiB at a time: a file of zeros without a newline stays bounded
+        for lineno, raw in enumerate(iter(lambda: f.readline(1 << 20), b""), 1):
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():

@@ -315,9 +315,14 @@ def load(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = N
     - ``errors="skip"``: warn and skip the rest of a missing/truncated/corrupt shard.
     - ``verify`` (default True): check each shard's sha256 against ``shards.json`` before its
       samples are used; ``verify=False`` for trusted storage (see BENCHMARKS.md for the cost).
+    - ``check_manifest`` (default True): refuse a version folder whose ``shards.json``,
+      ``manifest.json`` and content id (``version.json``) disagree, or that holds a ``.tar`` the
+      manifest does not list (``LoaderError``, the content id named); ``False`` reads what
+      ``shards.json`` lists without that check (a folder assembled by hand).
     """
     announce = options.pop("announce", True)
-    shards, folder = resolve_shards(source, root=root, filesystem=filesystem)
+    shards, folder = resolve_shards(source, root=root, filesystem=filesystem,
+                                    check_manifest=options.pop("check_manifest", True))
     if announce:
         print(f"counterfactory.loader: {describe_version(folder, filesystem, len(shards))}", file=sys.stderr)
     return PairDataset(shards, folder=folder, filesystem=filesystem, **options)

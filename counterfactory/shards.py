@@ -39,6 +39,7 @@ from counterfactory.layout import UnsafeMember, tar_members
 
 __all__ = [
     "LoaderError",
+    "check_against_manifest",
     "Shard",
     "ShardError",
     "UnsafeMemberError",
@@ -164,13 +165,19 @@ def _dataset_dir(source: str, root: str | None, fs: fsspec.AbstractFileSystem | 
 
 
 def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str | None = None,
-                   filesystem: Any = None) -> tuple[list[Shard], str | None]:
+                   filesystem: Any = None, check_manifest: bool = True) -> tuple[list[Shard], str | None]:
     """Shards of a dataset, and its folder (None for a bare URL list).
 
     ``source``: a dataset folder (local path, ``file://`` or any fsspec URL), a ``shards.json``
     path, ``DATASET@VERSION`` (resolved as ``ROOT/DATASET/VERSION``; ``root`` defaults to
     ``$COUNTERFACTORY_ROOT`` or ``outputs``), a brace pattern ``x-{000000..000003}.tar``, or a
     list of shard URLs.
+
+    With ``check_manifest`` (the default) a dataset folder's ``shards.json`` must agree with its
+    ``manifest.json`` (names, sizes, sample counts, sha256), the manifest with the content id in
+    ``version.json``, and no ``.tar`` may sit in the folder unlisted (``check_against_manifest``);
+    ``read_shard`` then checks each shard's bytes against that sha256 as it reads them. Bare URL
+    lists and brace patterns have no manifest to check.
     """
     fs = as_fsspec(filesystem)
     if isinstance(source, os.PathLike):
@@ -183,7 +190,10 @@ def resolve_shards(source: str | os.PathLike[str] | Sequence[str], *, root: str 
     if source.endswith(".tar") or "{" in source:
         return [Shard(u) for u in wds.shardlists.expand_urls(source)], None
     folder = _dataset_dir(source, root, fs)
-    return _shard_index(folder, fs), folder
+    shards = _shard_index(folder, fs)
+    if check_manifest:
+        check_against_manifest(folder, shards, fs)
+    return shards, folder
 
 
 # -- shards.json as untrusted data (security: bounded read, schema, no path out of the folder) --
@@ -217,25 +227,35 @@ def _safe_shard_url(url: Any, where: str) -> str:
     return url
 
 
-def _shard_index(folder: str, fs: fsspec.AbstractFileSystem | None) -> list[Shard]:
+def _read_small(folder: str, name: str, fs: fsspec.AbstractFileSystem | None, limit: int) -> bytes:
+    """The bytes of a small file of the dataset folder: a regular file, at most ``limit`` bytes."""
     fsys, path = fs_for(folder, fs)
-    where = f"{folder}/{SHARD_INDEX}"
-    index_path = join(path, SHARD_INDEX)
+    where = f"{folder}/{name}"
+    file_path = join(path, name)
     try:
-        _local_regular(fsys, index_path, SHARD_INDEX)
+        _local_regular(fsys, file_path, name)
     except ShardError as e:
         raise LoaderError(f"{where}: {e}") from None
     try:
-        with fsys.open(index_path, "rb") as f:
-            raw = f.read(MAX_SHARD_INDEX_BYTES + 1)
+        with fsys.open(file_path, "rb") as f:
+            raw = f.read(limit + 1)
     except OSError as e:
         raise LoaderError(f"{where}: cannot read ({e})") from None
-    if len(raw) > MAX_SHARD_INDEX_BYTES:
-        raise LoaderError(f"{where}: over {MAX_SHARD_INDEX_BYTES} bytes; not a shard index")
+    if len(raw) > limit:
+        raise LoaderError(f"{where}: over {limit} bytes; not a file counterfactory wrote")
+    return raw
+
+
+def _json_of(raw: bytes, where: str) -> Any:
     try:
-        doc = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise LoaderError(f"{where}: not JSON ({type(e).__name__})") from None
+
+
+def _shard_index(folder: str, fs: fsspec.AbstractFileSystem | None) -> list[Shard]:
+    where = f"{folder}/{SHARD_INDEX}"
+    doc = _json_of(_read_small(folder, SHARD_INDEX, fs, MAX_SHARD_INDEX_BYTES), where)
     if not isinstance(doc, dict) or doc.get("__kind__") != "wids-shard-index-v1" or not isinstance(doc.get("shardlist"), list):
         raise LoaderError(f"{where}: not a wids-shard-index-v1 shard index")
     shards = []
@@ -252,6 +272,71 @@ def _shard_index(folder: str, fs: fsspec.AbstractFileSystem | None) -> list[Shar
             raise LoaderError(f"{where}: shardlist[{i}].sha256 {sha!r} is not a sha256")
         shards.append(Shard(join(folder, url), n, size, sha))
     return shards
+
+
+# -- the manifest and the content id: what `counterfactory verify` checks, before a shard is read --
+MAX_VERSION_BYTES = 1 << 20
+_HEX = frozenset("0123456789abcdef")
+
+
+def _content_id(folder: str, fs: fsspec.AbstractFileSystem | None) -> str | None:
+    """The content id ``version.json`` records (None: no version.json, a folder not published
+    yet); a garbled record is refused, since it is the one anchor of everything else."""
+    fsys, path = fs_for(folder, fs)
+    if not fsys.exists(join(path, layout.VERSION_FILE)):
+        return None
+    where = f"{folder}/{layout.VERSION_FILE}"
+    info = _json_of(_read_small(folder, layout.VERSION_FILE, fs, MAX_VERSION_BYTES), where)
+    cid = info.get("content_id") if isinstance(info, dict) else None
+    if not (isinstance(cid, str) and len(cid) == 64 and set(cid) <= _HEX):
+        raise LoaderError(f"{where}: not a version record with a content id (garbled or edited); "
+                          "run `counterfactory verify` on it")
+    return cid
+
+
+def check_against_manifest(folder: str, shards: Sequence[Shard], fs: fsspec.AbstractFileSystem | None) -> None:
+    """Refuse a version whose files disagree with each other: ``manifest.json`` against the
+    content id (its sha256) in ``version.json``; ``shards.json`` against the manifest's shard
+    list; and any ``.tar`` in the folder that the manifest does not list (a reader globbing
+    ``*.tar`` would take it). One small read each; the shards' bytes are hashed by
+    ``read_shard`` while they are read for training, never in a second pass."""
+    cid = _content_id(folder, fs)
+    where = f"{folder}/{layout.MANIFEST}"
+    raw = _read_small(folder, layout.MANIFEST, fs, MAX_SHARD_INDEX_BYTES)
+    named = f"content id {cid[:12]}" if cid else "no version.json"
+    digest = hashlib.sha256(raw).hexdigest()
+    if cid is not None and digest != cid:
+        raise LoaderError(f"{where}: sha256 {digest[:12]} is not the content id {cid[:12]} in "
+                          f"{layout.VERSION_FILE} (edited or damaged); run `counterfactory verify` on it")
+    manifest = _json_of(raw, where)
+    problem = layout.manifest_problem(manifest)
+    if problem:
+        raise LoaderError(f"{where} ({named}): not a manifest: {problem}")
+    want = [(s["name"], s["samples"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
+    counts = manifest.get("counts")
+    total = counts.get("samples") if isinstance(counts, dict) else None
+    if total != sum(w[1] for w in want):
+        raise LoaderError(f"{where} ({named}): counts {total!r} samples, its shards hold "
+                          f"{sum(w[1] for w in want)}; run `counterfactory verify` on it")
+    prefix = folder.rstrip("/") + "/"
+    have = [(s.url[len(prefix):] if s.url.startswith(prefix) else s.url, s.nsamples, s.filesize, s.sha256)
+            for s in shards]
+    if have != want:
+        bad = next((h for h, w in zip(have, want, strict=False) if h != w), None)
+        what = (f"shard {bad[0]}" if bad else f"{len(have)} shard(s) against {len(want)}")
+        raise LoaderError(f"{folder}/{SHARD_INDEX} disagrees with {layout.MANIFEST} ({named}): {what} "
+                          "(name, samples, bytes or sha256); run `counterfactory verify` on it")
+    fsys, path = fs_for(folder, fs)
+    listed = {w[0] for w in want}
+    try:
+        names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in fsys.ls(path, detail=False)]
+    except OSError as e:
+        raise LoaderError(f"{folder}: cannot list ({e})") from None
+    extra = sorted(n for n in names if n.endswith(".tar") and n not in listed)
+    if extra:
+        raise LoaderError(f"{folder}: {extra[0]} is a shard {layout.MANIFEST} ({named}) does not list"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                          + "; run `counterfactory verify` on it")
 
 
 # -- reading shards safely -------------------------------------------------------------------

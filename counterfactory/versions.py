@@ -286,6 +286,17 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return name, label or None
 
 
+def short_name(text: str, n: int = 160) -> str:
+    """A path or name as an error line shows it: a 5,000-character one cut in the middle."""
+    return text if len(text) <= n else f"{text[:n // 2]}...{text[-n // 2:]} ({len(text)} characters)"
+
+
+def _unusable(name: str, exc: Exception) -> VersionError:
+    """One line for a name the filesystem refuses (too long, a file on the way): no errno text."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return VersionError(f"{short_name(name)}: {why}")
+
+
 def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
     """``DATASET`` is a name under ``--root`` or a path (or URI) to ``ROOT/DATASET``; ``root``
     may be an object-store URI (``s3://bucket/prefix``)."""
@@ -297,7 +308,7 @@ def locate_dataset(name: str, root: str | Path = "outputs") -> Dataset:
         except StorageError as exc:
             raise VersionError(str(exc)) from None
         except (OSError, ValueError) as exc:  # unreachable, unauthorized, or a malformed path
-            raise VersionError(f"{uri}: {exc}") from None
+            raise _unusable(uri, exc) from None
         if not found:
             raise VersionError(f"no dataset at {uri}")
         return ds
@@ -327,7 +338,7 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
         except StorageError as exc:
             raise VersionError(str(exc)) from None
         except (OSError, ValueError) as exc:
-            raise VersionError(f"{name}: {exc}") from None
+            raise _unusable(name, exc) from None
         if found:
             if not v.committed:  # version.json is the commit marker
                 raise VersionError(f"{name}: no version.json: an unfinished upload, not a version "
@@ -355,4 +366,4 @@ def locate(ref: str, root: str | Path = "outputs") -> Version:
     except StorageError as exc:
         raise VersionError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise VersionError(f"{name}: {exc}") from None
+        raise _unusable(name, exc) from None

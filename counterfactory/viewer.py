@@ -79,18 +79,42 @@ def _outline(mask: bytes | np.ndarray, w: int, h: int) -> list[list[list[int]]]:
     return [c.reshape(-1, 2).tolist() for c in contours if len(c) >= 2]
 
 
-def _source_thumb(ref: str, size: int) -> Image.Image | None:
-    """Thumbnail of a rejected input's source, when it can be read at all."""
+def _inside(path: str | Path, folder: Path) -> bool:
+    """``path``, links followed, is a regular file inside ``folder`` (links followed too)."""
+    try:
+        root, real = os.path.realpath(folder), os.path.realpath(path)
+        return real.startswith(root + os.sep) and os.path.isfile(real)
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
+def _ledger_trusted(version: Any) -> bool:
+    """The rejects ledger is the one the run wrote: ``manifest.json`` is the content id and
+    ``rejects.parquet`` has the manifest's sha256 (what ``verify`` checks, for these two files)."""
+    from counterfactory.layout import sha256_bytes, sha256_file
+
+    try:
+        raw = (version.path / MANIFEST).read_bytes()
+        want = json.loads(raw)["files"][REJECTS]["sha256"]
+        return (sha256_bytes(raw) == version.info.get("content_id")
+                and sha256_file(version.path / REJECTS) == want)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _source_thumb(ref: str, size: int, vdir: Path) -> Image.Image | None:
+    """Thumbnail of a rejected input's source, when it can be read at all: a procedural scene
+    (drawn from its URI), or an image file inside the version folder. ``rejects.parquet`` may
+    name any path, so a file elsewhere (``/home/me/secret.png``, a package's data) is never
+    read: the viewer, and ``--serve``, show only what the version holds."""
     try:
         if ref.startswith("procedural://"):
             from counterfactory import scenes
 
             seed, index, wh = scenes.parse_procedural_uri(ref)
             return _thumb(Image.fromarray(scenes.render_scene(scenes.scene_spec(seed, index, wh))), size)
-        from counterfactory.storage import resolve_path
-
-        path = resolve_path(ref, None) if ref.startswith("pkg:") else Path(ref)
-        if not path.is_file():
+        path = Path(ref)
+        if "://" in ref or ref.startswith("pkg:") or not _inside(path, vdir):
             return None
         with Image.open(path) as im:
             if im.width * im.height > MAX_SOURCE_PIXELS:
@@ -173,12 +197,13 @@ def collect(version: Any, img_dir: Path, *, max_samples: int = 300, max_rejects:
             "variant_rejects": doc.get("variant_rejects", []),
         })
     rej_out = []
+    trusted = _ledger_trusted(version)  # a ledger edited after the run names no file to read
     for i, r in enumerate(rej_shown):
         img = None
         if r["variant"] is not None and r["key"] in by_key:
             img = by_key[r["key"]]["posters"].get("orig")
-        elif r["variant"] is None:
-            t = _source_thumb(r["source"] or "", thumb // 2 * 1)
+        elif r["variant"] is None and trusted:
+            t = _source_thumb(r["source"] or "", thumb // 2 * 1, vdir)
             if t is not None:
                 fname = f"reject-{i:05d}.jpg"
                 _save_jpeg(t, img_dir / fname)
@@ -411,12 +436,15 @@ def _check_out(out: Path, default: bool) -> None:
         raise ViewerError(f"{out}: is a symbolic link; the viewer is written to a real folder only")
     if not out.exists():
         return
+    where = "move it away, or give --out a new or empty folder" if default else \
+        "choose a new or empty folder for --out"
     if not out.is_dir():
-        raise ViewerError(f"{out}: exists and is not a folder; choose a new or empty folder for --out")
-    if default or (out / MARKER).is_file() or not any(out.iterdir()):
+        raise ViewerError(f"{out}: exists and is not a folder; {where}")
+    # the default VERSION/viewer too: a user's notes kept there are not ours to delete
+    if (out / MARKER).is_file() or not any(out.iterdir()):
         return
     raise ViewerError(f"{out}: a folder that counterfactory did not create (not empty, no {MARKER}); "
-                      "nothing was changed: choose a new or empty folder for --out")
+                      f"nothing was changed: {where}")
 
 
 def build_viewer(version: Any, out_dir: Path | None = None, *, max_samples: int = 300,
@@ -474,13 +502,17 @@ class _VersionFilesHandler(SimpleHTTPRequestHandler):
 
     def translate_path(self, path: str) -> str:
         root = os.path.realpath(self.directory)
-        real = os.path.realpath(super().translate_path(path))
-        if os.path.isdir(real):
-            real = os.path.realpath(os.path.join(real, "index.html"))
+        refused = os.path.join(root, ".refused", "missing")  # does not exist: answered 404
+        try:
+            real = os.path.realpath(super().translate_path(path))
+            if os.path.isdir(real):
+                real = os.path.realpath(os.path.join(real, "index.html"))
+        except (ValueError, OSError):  # /index.html%00.txt: "embedded null byte"; a name too long
+            return refused
         inside = real == root or real.startswith(root + os.sep)
         if inside and os.path.isfile(real):  # isfile: a regular file (after the links)
             return real
-        return os.path.join(root, ".refused", "missing")  # does not exist: answered 404
+        return refused
 
     def list_directory(self, path: Any) -> None:
         self.send_error(404, "File not found")

@@ -233,11 +233,14 @@ class FailureBudget(Strict):
     system_retries: int = Field(3, ge=0)
 
 
+MAX_DATASET_NAME = 128
 REQUIRED_STAGES = ("ingest", "localize", "segment", "edit", "qa", "verify")
 
 
 class PipelineConfig(Strict):
-    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+    # a folder name and the stem of every shard name (DATASET-000000.tar): well under the 255
+    # bytes a file name may have, so a long name is this line, not an errno mid-run
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", max_length=MAX_DATASET_NAME)
     seed: int = 0
     inputs: list[InputConfig] = Field(min_length=1)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -388,6 +391,50 @@ def _check_files(cfg: PipelineConfig, source: str) -> None:
                 raise ConfigError(f"{source}: inputs.{i}.{key}: not a folder: {p}")
 
 
+# pseudo filesystems: nothing a run writes belongs there (/proc refuses new folders with ENOENT,
+# /sys with EPERM; /dev is devices); /dev/shm is an ordinary tmpfs
+_PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+_NAME_MAX = 255
+
+
+def check_output_root(root: str, base: Path | None) -> str | None:
+    """What makes a local ``output.root`` unusable, as a phrase (None: usable or remote). Checked
+    with the config so that a file, a pseudo filesystem, a name too long or a read-only folder
+    is one line before Ray starts, not an errno from ``mkdir`` after planning."""
+    from counterfactory.storage import is_remote, local_path
+
+    if is_remote(root):
+        return None
+    if "\x00" in root:
+        return "a path cannot hold a NUL byte"
+    try:
+        p = local_path(root) if root.startswith("file://") else resolve_path(root, base)
+        p = Path(os.path.abspath(p))
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    if any(len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX for part in p.parts):
+        return f"a folder name over {_NAME_MAX} bytes"
+    existing = p
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    real = os.path.realpath(existing)
+    pseudo = [r for r in _PSEUDO_ROOTS if real == r or real.startswith(r + "/")]
+    if pseudo and not (real == "/dev/shm" or real.startswith("/dev/shm/")):
+        return f"{p} is under {pseudo[0]}, a pseudo filesystem: choose a real folder"
+    if not os.path.isdir(real):
+        return f"{existing} is {'a file' if os.path.exists(real) else 'a broken link'}, not a folder"
+    # only a root that exists: a missing one may be a cluster's shared path (submit)
+    if existing == p and not os.access(real, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
+def _check_output(cfg: PipelineConfig, source: str) -> None:
+    problem = check_output_root(cfg.output.root, cfg.base_dir)
+    if problem:
+        raise ConfigError(f"{source}: output.root: {problem}")
+
+
 MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a page of YAML; more is a wrong file
 MAX_CONFIG_DEPTH = 64
 MAX_CONFIG_NODES = 200_000  # values counted as the YAML expands (aliases count every time)
@@ -505,4 +552,5 @@ def validate_config(
     cfg.base_dir = base_dir
     if check_files:
         _check_files(cfg, source)
+        _check_output(cfg, source)
     return cfg

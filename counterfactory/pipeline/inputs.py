@@ -41,7 +41,7 @@ from counterfactory.pipeline.config import (
     ProceduralVideoInput,
     VideoManifestInput,
 )
-from counterfactory.rules import classify_question, exhaustive_categories, plural
+from counterfactory.rules import QUESTION_KINDS, classify_question, exhaustive_categories, plural
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_LINE_BYTES = 16 << 20  # one manifest line (an image, its questions and polygons)
@@ -90,8 +90,8 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise ValueError("every question needs a non-empty 'question' string")
         q.setdefault("kind", classify_question(q["question"]))
-        if not isinstance(q["kind"], str) or not q["kind"].strip():
-            raise ValueError(f"'kind' must be a question kind name (a string), got {q['kind']!r}")
+        if q["kind"] not in QUESTION_KINDS:  # an unknown kind would get no answer rule downstream
+            raise ValueError(f"'kind' {str(q['kind'])[:40]!r} is not a question kind: one of {', '.join(QUESTION_KINDS)}")
         targets = q.get("targets")
         if isinstance(targets, str):  # "targets": "cup" means the one target "cup", not c, u, p
             q["targets"] = [targets]
@@ -235,7 +235,10 @@ def _coco_box(bbox: Any) -> list[float] | None:
     """COCO's [x, y, w, h] as [x0, y0, x1, y1]; None when it is not four finite numbers."""
     if not isinstance(bbox, list) or len(bbox) != 4:
         return None
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+    try:
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            return None
+    except OverflowError:  # an int too large for a float
         return None
     x, y, w, h = bbox
     return [x, y, x + w, y + h]

@@ -117,8 +117,11 @@ def init_ray(cfg: PipelineConfig, verbose: bool = True) -> None:
         kwargs["include_dashboard"] = False
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
+    from counterfactory.cluster import local_ray_guard
+
     try:
-        ray.init(**kwargs)
+        with local_ray_guard(enabled=not address):  # a local head's processes die with this driver
+            ray.init(**kwargs)
     except Exception as exc:  # noqa: BLE001 - a node that timed out starting, an address nothing answers
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         raise RunStopped(f"Ray could not start ({why}); nothing was run, rerun to resume") from None

@@ -41,7 +41,12 @@ def _signature(data: bytes) -> str | None:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float (JSON allows 400 digits): not a coordinate
+        return False
 
 
 def _is_polygon(p: Any) -> bool:
