@@ -52,6 +52,7 @@ from counterfactory.stages.shared import (
     CONTROL_SALT,
     FlatFillParams,
     Skip,
+    annotated_keepout,
     annotated_mask,
     bbox,
     control_variant,
@@ -368,17 +369,20 @@ class ClassicalEdit(Stage):
         if side_a is None:
             raise Skip("not_applicable", "the evidence is too central for a left/right swap")
         others = []
-        for o in sample.meta.get("annotated", []):
+        # the evidence's own annotation (a purple star; another star of another color is a third object)
+        ev = [(i.get("box"), i.get("polygons")) for i in sample.meta["instances"]]
+        moved = [j for j, o in enumerate(sample.meta.get("annotated", [])) if (o.get("box"), o.get("polygons")) in ev]
+        for j, o in enumerate(sample.meta.get("annotated", [])):
             if o["category"] in sample.meta["targets"] or not o.get("polygons"):
                 continue
             b = np.zeros((h, w), bool)
             for poly in o["polygons"]:
                 b |= scenes.polygon_mask(poly, w, h)
             if b.any() and not (b & a).any() and side_of(b) not in (None, side_a):
-                others.append((o["category"], b))
+                others.append((o["category"], b, j))
         if not others:
             raise Skip("not_applicable", "no annotated object with a polygon on the other side to swap with")
-        cat_b, b = others[int(rng.integers(len(others)))]
+        cat_b, b, j = others[int(rng.integers(len(others)))]
         ya, xa = np.nonzero(a)
         yb, xb = np.nonzero(b)
         dx, dy = int(round(xb.mean() - xa.mean())), int(round(yb.mean() - ya.mean()))
@@ -393,6 +397,13 @@ class ClassicalEdit(Stage):
         hole_a = cv2.dilate(a.astype(np.uint8) * 255, disk(px))
         hole_b = cv2.dilate(b.astype(np.uint8) * 255, disk(px))
         hole = hole_a | hole_b
+        # every other object stays whole: neither moved onto nor inpainted over (issue 31)
+        touched = hole.copy()
+        touched[a_to | b_to] = 255
+        third = cv2.bitwise_and(annotated_keepout(sample, skip=(*moved, j)), touched)
+        if cv2.countNonZero(third):
+            raise Skip("swap_blocked", f"the swap would cover or inpaint {cv2.countNonZero(third)} px of "
+                       "another annotated object (or its box)")
         mask = sample.arrays["mask"]
         if not cv2.countNonZero(cv2.bitwise_xor(hole_a, mask)):
             # a's hole is the evidence mask (a is its only instance): start from remove's fill

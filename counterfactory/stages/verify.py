@@ -18,6 +18,9 @@ Metrics (kept in the sample's JSON whether they pass or not):
   the ring's texture: ``outline_kept``), ``seam_score`` (the same across the fill's own edge:
   ``fill_seam``). ``contrast_ratio`` applies to low-contrast objects
   too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
+- ``invented_ncc`` (remove, count; ``stages.invented``, issue 31): the best correlation of any other
+  annotated object (and, for count, each kept instance) with the fill, placed on it; over
+  ``max_invented_ncc`` the fill reproduces an object: ``object_invented``;
 - insert footprint (``footprint.insert_metrics``): the inserted object (its edit record's
   polygon) against its ring and against the real object in the same image (the evidence, in the
   original): ``insert_flat`` when its texture is under ``min_insert_texture_share`` of what the
@@ -40,6 +43,7 @@ from counterfactory import footprint, scenes
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
+from counterfactory.stages.invented import copied_object, other_objects
 from counterfactory.stages.shared import ring
 
 # every edit type except the control counts as a counterfactual
@@ -86,6 +90,8 @@ class PixelVerify(Stage):
             "least (a flat paste on a photograph reads <= 0.15 of it; the grained insert ~1)")
         max_insert_chroma: float = Field(12.0, ge=0, description="insert on an achromatic original: mean "
                                          "channel spread of the object, at most (0-255)")
+        max_invented_ncc: float = Field(0.9, ge=0, le=1, description="remove/count: correlation of the fill with "
+                                        "another annotated object placed on it, at most (object_invented)")
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
@@ -135,6 +141,7 @@ class PixelVerify(Stage):
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
+                    vm.update(copied_object(img, out, region, other_objects(m, a, edit)))
                 if edit.get("inserted_category") and edit.get("region") == "inserted":
                     vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core")))
             metrics[v] = vm
@@ -174,6 +181,9 @@ class PixelVerify(Stage):
             return "region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}"
         if vm.get("control_overlap_px", 0) > 0:
             return "control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}"
+        if vm.get("invented_ncc", 0) > p.max_invented_ncc:
+            return "object_invented", (f"the fill reproduces a {vm['invented_category']} (invented_ncc="
+                                       f"{vm['invented_ncc']} > {p.max_invented_ncc})")
         if "object_contrast" in vm:
             # a faint object's fill may stand out no more than the floor allows: the ratio alone
             # let a fill 1.15x as visible as a low-contrast camera through
