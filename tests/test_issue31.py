@@ -8,13 +8,20 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import tempfile
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from counterfactory import scenes
 from counterfactory.pipeline.runner import local_batches
 from counterfactory.sample import Reject, Sample, decode_batch
+from counterfactory.stages import cutouts
 from counterfactory.stages import edit as E
+from counterfactory.stages.shared import local_source
 from counterfactory.stages.verify import PixelVerify
 from tests.conftest import load_records, make_config
 
@@ -165,3 +172,148 @@ def test_a_clean_fill_is_not_object_invented(removed, photo_samples):
                 assert vm["invented_ncc"] <= 0.9, (v, s.meta["question"], vm["invented_ncc"], vm["invented_category"])
         assert "object_invented" not in {r["reason"] for r in t.meta.get("variant_rejects", [])}
     assert checked >= 40
+
+
+# --- real cut-outs inserted on photographs ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo_cfg(tmp_path_factory):
+    return make_config(tmp_path_factory.mktemp("cut31"), [PHOTOS, {"kind": "procedural", "count": 8, "seed": 3,
+                                                                  "size": [256, 256], "questions_per_scene": 1}])
+
+
+@pytest.fixture(scope="module")
+def inserted(photo_cfg) -> list[Sample]:
+    photo_cfg.stage("edit").set_params(variants=["insert"])
+    return [s for b in local_batches(photo_cfg, load_records(photo_cfg), stop_after="verify") for s in decode_batch(b)]
+
+
+def test_the_bank_holds_whole_annotated_objects_of_the_run(photo_cfg):
+    bank = photo_cfg.run_settings().cutouts
+    cats = {c["category"] for c in bank}
+    # whole objects only: the cat, the flag, the person and the towers touch their frame
+    assert {"coin", "cup", "camera", "spoon", "rocket", "motorcycle"} <= cats
+    assert not cats & {"cat", "flag", "person", "tower", "tripod", "helmet"}
+    assert len(bank) <= cutouts.MAX_BANK
+    assert sum(c["category"] == "coin" for c in bank) == cutouts.MAX_PER_CATEGORY
+    assert photo_cfg.run_settings().cutouts == bank  # the same bank each time it is made
+
+
+def test_photos_get_a_real_object_of_an_absent_category(inserted):
+    photos = [s for s in inserted if cutouts.is_photo(s)]
+    kept = [s for s in photos if s.ok and "insert" in s.meta["variants"]]
+    assert len(kept) >= 15, [r for s in photos for r in s.meta.get("variant_rejects", [])]
+    for s in kept:
+        e = s.meta["edits"]["insert"]
+        assert "cutout" in e and e["method"].startswith("cutout"), e
+        present = {a["category"] for a in s.meta["annotated"]} | set(s.meta["targets"])
+        assert e["inserted_category"] not in present
+        assert e["cutout"]["source"] != s.meta["source"]["image"]
+        img, out, region = s.arrays["image"], s.arrays["variant/insert"], s.arrays["mask/insert"] > 0
+        assert np.array_equal(out[~region], img[~region])
+        h, w = region.shape
+        for a in s.meta["annotated"]:
+            assert not (region & _box_mask(a, w, h)).any(), f"the insert covers the {a['category']}'s box"
+        # the object's pixels are the cut-out's (relit and grained, not redrawn): its detail
+        # correlates with the source object's, resized to the same box
+        rgb, alpha = cutouts.load_cutout({"source": e["cutout"]["source"], "polygons": _bank_polys(s, e)})
+        x0, y0, x1, y1 = e["cutout"]["box"]
+        src = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+        a = cv2.resize(alpha, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) > 0.9
+        got = cv2.cvtColor(out[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY)
+
+        def detail(g: np.ndarray) -> np.ndarray:  # the object's own detail, without the relighting
+            g = g.astype(np.float32)
+            return (g - cv2.GaussianBlur(g, (0, 0), 3.0))[a]
+
+        r = np.corrcoef(detail(src), detail(got))[0, 1]
+        assert r > 0.8, (e, r)
+        answers = {q["question"]: q["answers"] for q in s.meta["qa"]}
+        assert answers[f"Is there a {e['inserted_category']} in the image?"]["insert"] == "yes"
+
+
+_BANK: dict[str, tuple] = {}
+
+
+def _bank_polys(s: Sample, e: dict):
+    """The polygons of the bank entry an insert used (found by source, category and size)."""
+    bank = _BANK.setdefault("demo", make_config(Path(tempfile.mkdtemp()), [PHOTOS]).run_settings().cutouts)
+    for c in bank:
+        if c["source"] == e["cutout"]["source"] and cutouts._poly_box(c["polygons"]) == e["cutout"]["source_box"]:
+            return c["polygons"]
+    raise AssertionError(f"no bank entry for {e}")
+
+
+def test_procedural_scenes_keep_their_drawn_shapes_byte_for_byte(photo_cfg, inserted, tmp_path):
+    cfg = make_config(tmp_path, [{"kind": "procedural", "count": 8, "seed": 3, "size": [256, 256],
+                                  "questions_per_scene": 1}])
+    cfg.stage("edit").set_params(variants=["insert"], cutouts=None)
+    assert cfg.run_settings().cutouts == ()
+    plain = [s for b in local_batches(cfg, load_records(cfg), stop_after="verify") for s in decode_batch(b)]
+    scenes_run = [s for s in inserted if not cutouts.is_photo(s)]
+    assert len(plain) == len(scenes_run) == 8
+    for a, b in zip(plain, scenes_run, strict=True):
+        assert a.meta.get("edits") == b.meta.get("edits")
+        if "variant/insert" in a.arrays:
+            assert np.array_equal(a.arrays["variant/insert"], b.arrays["variant/insert"])
+
+
+def test_photo_inserts_are_deterministic(photo_cfg, inserted):
+    again = [s for b in local_batches(photo_cfg, load_records(photo_cfg), stop_after="edit") for s in decode_batch(b)]
+    for a, b in zip(again, inserted, strict=True):
+        if "variant/insert" in b.arrays:
+            assert np.array_equal(a.arrays["variant/insert"], b.arrays["variant/insert"])
+
+
+def test_a_hard_pasted_cutout_is_rejected_as_insert_seam(inserted):
+    """The cut-out's whole box pasted with its old background and no feather: the step where the
+    pasted pixels end is a seam; the feathered cut-out of the same run passes."""
+    hard = 0
+    for s0 in inserted:
+        if not (s0.ok and cutouts.is_photo(s0) and "insert" in s0.meta["variants"]):
+            continue
+        e = s0.meta["edits"]["insert"]
+        vm = s0.meta["metrics"]["insert"]
+        assert vm["insert_seam_score"] <= 2.5
+        c = {"source": e["cutout"]["source"], "polygons": _bank_polys(s0, e)}
+        x0, y0, x1, y1 = e["cutout"]["box"]
+        src = cv2.imread(str(local_source(c["source"])), cv2.IMREAD_COLOR_RGB)
+        pts = np.concatenate([np.asarray(p, np.float32) for p in c["polygons"]])
+        bx0, by0 = np.floor(pts.min(axis=0)).astype(int)
+        bx1, by1 = np.ceil(pts.max(axis=0)).astype(int)
+        pad = 12  # the box with a margin of its old background
+        crop = src[max(0, by0 - pad):by1 + pad, max(0, bx0 - pad):bx1 + pad]
+        s = copy.deepcopy(s0)
+        out, region = s.arrays["image"].copy(), np.zeros(s.arrays["mask"].shape, np.uint8)
+        h, w = region.shape
+        ry0, rx0 = max(0, y0 - pad), max(0, x0 - pad)
+        ry1, rx1 = min(h, y1 + pad), min(w, x1 + pad)
+        out[ry0:ry1, rx0:rx1] = cv2.resize(crop, (rx1 - rx0, ry1 - ry0), interpolation=cv2.INTER_AREA)
+        region[ry0:ry1, rx0:rx1] = 255
+        s.arrays["variant/insert"], s.arrays["mask/insert"] = out, region
+        s.meta["variant_rejects"] = []
+        _verify(s)
+        reasons = {r["variant"]: r["reason"] for r in s.meta["variant_rejects"]}
+        if reasons.get("insert") == "insert_seam":
+            hard += 1
+    assert hard >= 12
+
+
+def test_a_folder_of_cutouts_feeds_the_bank(tmp_path):
+    folder = tmp_path / "cutouts" / "kettle"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgba = np.zeros((60, 50, 4), np.uint8)
+    rgba[..., :3] = rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)
+    alpha = np.zeros((60, 50), np.uint8)
+    cv2.ellipse(alpha, (25, 30), (20, 26), 0, 0, 360, 255, -1)
+    rgba[..., 3] = alpha
+    Image.fromarray(rgba, "RGBA").save(folder / "k1.png")
+    cfg = make_config(tmp_path, [PHOTOS])
+    cfg.stage("edit").set_params(variants=["insert"], cutouts=str(tmp_path / "cutouts"))
+    bank = cfg.run_settings().cutouts
+    assert [c["category"] for c in bank] == ["kettle"]
+    out = [s for b in local_batches(cfg, load_records(cfg)[:3], stop_after="edit") for s in decode_batch(b)]
+    got = [s.meta["edits"]["insert"] for s in out if "insert" in s.meta["variants"]]
+    assert got and all(e["inserted_category"] == "kettle" for e in got)

@@ -47,6 +47,7 @@ from counterfactory import footprint, scenes
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
+from counterfactory.stages.cutouts import insert_cutout, is_photo
 from counterfactory.stages.fill import patch_fill
 from counterfactory.stages.shared import (
     CONTROL_SALT,
@@ -199,6 +200,9 @@ class ClassicalEdit(Stage):
         attribute_min_saturation: float = Field(0.25, ge=0, le=1, description="below: evidence too gray to recolor")
         insert_scale: float = Field(0.12, gt=0, le=0.5, description="inserted shape radius / min(image side)")
         insert_tries: int = Field(64, ge=1)
+        cutouts: str | None = Field("run", description="insert on photographs: real cut-outs from \"run\" (the "
+                                    "annotated instances of the run's manifests) or a folder FOLDER/<category>/*.png "
+                                    "(RGBA); null: drawn shapes (stages/cutouts.py)")
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -327,6 +331,8 @@ class ClassicalEdit(Stage):
                              "remaining_instances": n - k, "removed_indices": [int(i) for i in chosen]}
 
     def _insert(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        if self.run.cutouts and is_photo(sample):  # a real object on a photograph (issue 31)
+            return insert_cutout(sample, self.run.cutouts, rng)
         img = sample.arrays["image"]
         h, w = img.shape[:2]
         present = {a["category"] for a in sample.meta.get("annotated", [])} | set(sample.meta["targets"])

@@ -27,7 +27,10 @@ Metrics (kept in the sample's JSON whether they pass or not):
   real object shows (only where real objects are photographed, not drawn flat as in procedural
   scenes), ``insert_flat_patch`` when the flat-texture detector finds it but not the real
   object, ``insert_texture_busy`` over ``max_texture_ratio``, ``insert_color_foreign`` for a
-  colored object in an achromatic (grayscale) original.
+  colored object in an achromatic (grayscale) original; ``insert_seam`` when the step where the
+  pasted pixels end (``insert_seam_score``, the fill seam's measure on the insert's region) is
+  over ``max_seam_score``. A real cut-out (``stages/cutouts.py``) is not held to
+  ``max_texture_ratio``: a motorcycle in front of a plain wall is busier than the wall.
 A sample left without any counterfactual variant is rejected whole.
 """
 
@@ -159,7 +162,11 @@ class PixelVerify(Stage):
         h, w = img.shape[:2]
         # the object as the edit painted it (its polygon); a backend that records none: its region
         obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
-        return footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        # issue 31: the step where the pasted pixels end (a cut-out's border as pasted: a hard
+        # cut, a box of its old background), as the fill's seam; a real cut-out's own texture
+        return m | {"insert_seam_score": footprint.boundary_score(out, region, region, self.params.footprint_ring_px),
+                    "cutout": bool(edit.get("cutout"))}
 
     @staticmethod
     def _global_metrics(v: str, img: np.ndarray, out: np.ndarray) -> dict[str, Any]:
@@ -214,13 +221,15 @@ class PixelVerify(Stage):
         if vm["achromatic"] and vm["insert_chroma"] > p.max_insert_chroma:
             return "insert_color_foreign", (f"insert_chroma={vm['insert_chroma']} > {p.max_insert_chroma} "
                                             "in an achromatic image")
+        if vm.get("insert_seam_score", 0) > p.max_seam_score:
+            return "insert_seam", f"insert_seam_score={vm['insert_seam_score']} > {p.max_seam_score}"
         ref = vm["object_texture_ratio"]
         ref = 1.0 if ref is None else min(ref, 1.0)  # no real object to read: hold it to its ring's
         tex = vm["insert_texture_ratio"]
         if ref >= footprint.PHOTO_OBJECT_TEXTURE and tex < p.min_insert_texture_share * ref:
             return "insert_flat", (f"insert_texture_ratio={tex} < {p.min_insert_texture_share} x the real "
                                    f"object's {ref}")
-        if tex > p.max_texture_ratio:
+        if tex > p.max_texture_ratio and not vm.get("cutout"):  # a real object may be busier than a wall
             return "insert_texture_busy", f"insert_texture_ratio={tex} > {p.max_texture_ratio}"
         if (p.reject_flat_patch and ref >= footprint.PHOTO_OBJECT_TEXTURE and vm["insert_flat_patch"]
                 and not vm["object_flat_patch"]):
