@@ -24,8 +24,9 @@ Sources (the edit stage's ``cutouts`` parameter):
 The insert (``insert_cutout``): a category the image neither annotates nor asks about, drawn
 from the bank by the sample's seed; a cut-out of it from another image, scaled so its share of
 the frame is its share of its own photo (within ``AREA_FRAC``), placed fully inside the frame
-where it and a blending margin cover no annotated object nor its box, its foot preferably in the
-lower half of the frame (objects rest on something more often than they float), then lit like
+where it and a blending margin cover no annotated object nor its box, its foot in the
+lower half of the frame (objects rest on something more often than they float: every scale is
+tried there before any spot higher up), then lit like
 its spot and grained like its ring (``cutout_paint``) and blended with a feathered alpha. On an
 achromatic (grayscale) photograph the cut-out is made gray. Procedural scenes keep their drawn
 shapes: their objects are drawn flat, and their bytes stay as they were.
@@ -207,9 +208,11 @@ def candidates(bank: tuple[dict[str, Any], ...], present: set[str], source: str)
     return [c for c in bank if c["category"] not in present and c["source"] != source]
 
 
-def _place(keepout: np.ndarray, shape: np.ndarray, rng: np.random.Generator) -> tuple[int, int] | None:
+def _place(keepout: np.ndarray, shape: np.ndarray, rng: np.random.Generator,
+           low: bool) -> tuple[int, int] | None:
     """A top-left corner where ``shape`` (bool, with its margin) lies inside the frame and off
-    ``keepout``; one whose foot is in the frame's lower half when there is one. None: no room."""
+    ``keepout``, drawn from all such corners; ``low``: only those whose foot is in the frame's
+    lower half. None: no room."""
     h, w = keepout.shape
     sh, sw = shape.shape
     if sh > h or sw > w:
@@ -218,9 +221,11 @@ def _place(keepout: np.ndarray, shape: np.ndarray, rng: np.random.Generator) -> 
     ys, xs = np.nonzero(hits < 0.5)
     if not len(ys):
         return None
-    low = ys + sh >= h / 2
-    if low.any():
-        ys, xs = ys[low], xs[low]
+    if low:
+        foot = ys + sh >= h / 2
+        ys, xs = ys[foot], xs[foot]
+        if not len(ys):
+            return None
     i = int(rng.integers(len(ys)))
     return int(ys[i]), int(xs[i])
 
@@ -305,14 +310,15 @@ def insert_cutout(sample: Sample, bank: tuple[dict[str, Any], ...],
             ah, aw = alpha.shape
             frac = float(np.clip(c["area_frac"] or AREA_FRAC[1], *AREA_FRAC))
             base = min(1.0, np.sqrt(frac * h * w / max(float(alpha.sum()), 1.0)))  # never upscaled
-            for s in SCALES:
+            # a smaller object resting in the lower half before a bigger one floating higher up
+            for low, s in ((low, s) for low in (True, False) for s in SCALES):
                 size = (max(MIN_SIDE, round(aw * base * s)), max(MIN_SIDE, round(ah * base * s)))
                 if size[0] > aw or size[1] > ah:
                     continue
                 a = cv2.resize(alpha, size, interpolation=cv2.INTER_AREA)
                 # the margin reaches past the object's box
                 shape = cv2.dilate(np.pad((a > 0.02).astype(np.uint8), MARGIN), footprint_disk(MARGIN))
-                spot = _place(blocked, shape, rng)
+                spot = _place(blocked, shape, rng, low)
                 if spot is None:
                     continue
                 y, x = spot[0] + MARGIN, spot[1] + MARGIN
