@@ -27,7 +27,7 @@ from counterfactory import scenes
 
 MIN_TEMPLATE_STD = 6.0  # levels, in its most varied channel: a flatter object has nothing a correlation could recognise
 OUTLINE_PX = 3  # px of the surroundings each template keeps around its object
-WORK_SIDE = 64  # px: an object's template is at most this long at the scale it is compared at
+WORK_SIDE = 32  # px: an object's template is at most this long at the scale it is compared at
 
 
 def other_objects(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray],
