@@ -77,17 +77,18 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         return {"invented_ncc": 0.0, "invented_category": None}
     ry0, ry1, rx0, rx1 = int(ry.min()), int(ry.max()) + 1, int(rx.min()), int(rx.max()) + 1
     for cat, m in objects:
+        m = np.ascontiguousarray(m, dtype=bool)
         area = int(np.count_nonzero(m))
         if not area or area * min_cover > n_region:
             continue  # too big to fit into the fill
         # the object and a thin band of what was around it: a flat object (a drawn star) is
         # recognised by its outline against its surroundings
-        mt = cv2.dilate(m.astype(np.uint8), np.ones((2 * OUTLINE_PX + 1,) * 2, np.uint8)) > 0
-        ys, xs = np.nonzero(mt)
-        oy0, oy1, ox0, ox1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        bx, by, bw, bh = cv2.boundingRect(m.view(np.uint8))
+        oy0, oy1 = max(0, by - OUTLINE_PX), min(h, by + bh + OUTLINE_PX)
+        ox0, ox1 = max(0, bx - OUTLINE_PX), min(w, bx + bw + OUTLINE_PX)
         th, tw = oy1 - oy0, ox1 - ox0
         tpl = g_orig[oy0:oy1, ox0:ox1]
-        tmask = mt[oy0:oy1, ox0:ox1]
+        tmask = cv2.dilate(m[oy0:oy1, ox0:ox1].view(np.uint8), np.ones((2 * OUTLINE_PX + 1,) * 2, np.uint8)) > 0
         if float(tpl[tmask].std(axis=0).max()) < MIN_TEMPLATE_STD:
             continue
         # the window: every placement of the object's box that reaches the region's box
@@ -97,7 +98,7 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
             continue
         # filled pixels a copy could sit on: the region, less the object's own place (where an
         # untouched object would match itself)
-        free = (region & ~m)[wy0:wy1, wx0:wx1].astype(np.float32)
+        free = (region[wy0:wy1, wx0:wx1] & ~m[wy0:wy1, wx0:wx1]).astype(np.float32)
         win = g_out[wy0:wy1, wx0:wx1]
         k = min(1.0, WORK_SIDE / max(th, tw))
         tm = tmask.astype(np.float32)
@@ -110,16 +111,20 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
             free = cv2.resize(free, wsize, interpolation=cv2.INTER_AREA)
         if not tm.any():
             continue
-        ncc = cv2.matchTemplate(win, tpl, cv2.TM_CCOEFF_NORMED, mask=tm)
         om = m[oy0:oy1, ox0:ox1].astype(np.float32)  # the object itself must land on the fill
         if k < 1.0:
             om = cv2.resize(om, tm.shape[::-1], interpolation=cv2.INTER_AREA)
         cover = cv2.matchTemplate(free, om, cv2.TM_CCORR) / max(float(om.sum()), 1.0)
-        ncc = np.nan_to_num(ncc, nan=0.0, posinf=0.0, neginf=0.0)
         ok = cover >= min_cover - 1e-6
         if not ok.any():
             continue
-        score = float(np.clip(ncc[ok].max(), -1.0, 1.0))
+        # the masked correlation (the costly part) only over the placements that land on the fill
+        oky, okx = np.nonzero(ok)
+        y0, y1, x0, x1 = int(oky.min()), int(oky.max()) + 1, int(okx.min()), int(okx.max()) + 1
+        th2, tw2 = tm.shape
+        ncc = cv2.matchTemplate(win[y0:y1 + th2 - 1, x0:x1 + tw2 - 1], tpl, cv2.TM_CCOEFF_NORMED, mask=tm)
+        ncc = np.nan_to_num(ncc, nan=0.0, posinf=0.0, neginf=0.0)
+        score = float(np.clip(ncc[ok[y0:y1, x0:x1]].max(), -1.0, 1.0))
         if score > best:
             best, best_cat = score, cat
     return {"invented_ncc": round(best, 4), "invented_category": best_cat}
