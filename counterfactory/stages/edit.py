@@ -19,7 +19,9 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
   covers no annotated object (HalluciDoctor: existence becomes yes, counts go up), with the look
   of the objects really in the image (``insert_paint``): flat like a procedural scene's drawn
   objects; on a photograph lit by its spot and grained like its ring, gray on a grayscale one
-  (no pasted sticker); ``new_value`` is the color it reads as.
+  (no pasted sticker); ``new_value`` is the color it reads as. On a photograph with a cut-out
+  bank (``cutouts``, issue 31) a real object instead: an annotated instance of another image of
+  the run, of a category this one lacks (``stages/cutouts.py``).
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
