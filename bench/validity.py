@@ -23,7 +23,10 @@ variant:
 The shortcut audit's figures (probe AUC, blind-answerer accuracy, presupposing questions) come
 from ``counterfactory.audit`` on a published version: pass ``--version-dir outputs/demo/vN``.
 
-Usage: python bench/validity.py [--scenes 100] [--method patch|telea|ns] [--no-photos]
+``--photo-table`` (issue 31): each demo photo input and variant, kept or rejected with its stage
+and reason, as a markdown table.
+
+Usage: python bench/validity.py [--scenes 100] [--method patch|telea|ns] [--no-photos] [--photo-table]
 """
 
 from __future__ import annotations
@@ -193,6 +196,32 @@ def measure(cfg) -> dict:
     return {"stats": st, "edit_ms_per_input": 1000 * edit_s / max(len(records), 1), "inputs": len(records)}
 
 
+def photo_table(root: Path) -> list[tuple[str, str, dict[str, str]]]:
+    """Issue 31: every demo photo input (image, question) and, per variant, what became of it:
+    "kept", or the stage and reason it was rejected ("no input" when the whole input was)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["inputs"] = [{"kind": "manifest", "path": "pkg:counterfactory/demo/photos.jsonl"}]
+    data["output"]["root"] = str(root)
+    cfg = validate_config(data, source="bench-validity", base_dir=REPO)
+    variants = next(s for s in data["stages"] if s["name"] == "edit")["params"]["variants"]
+    rows = []
+    for s in (s for b in local_batches(cfg, load_records(cfg), stop_after="verify") for s in decode_batch(b)):
+        src = s.meta.get("source", {}).get("image") or s.meta.get("uri", "?")
+        row = {v: "kept" if s.ok and v in s.meta.get("variants", []) else "-" for v in variants}
+        for r in s.meta.get("variant_rejects", []):
+            row[r["variant"]] = f"{r['stage']}:{r['reason']}"
+        if not s.ok:
+            row = {v: (x if x != "kept" else "no input") for v, x in row.items()}
+            row["input"] = f"{s.meta.get('reject', {}).get('reason', '?')}"
+        ins = s.meta.get("edits", {}).get("insert", {})
+        if s.ok and "insert" in s.meta.get("variants", []):
+            row["insert"] = f"kept ({ins.get('inserted_category')})"
+        rows.append((Path(str(src)).name, s.meta["question"]["question"], row))
+    return rows
+
+
 def _fmt(vals, pct=False, nd=2) -> str:
     if not vals:
         return "-"
@@ -206,8 +235,20 @@ def main() -> None:
     ap.add_argument("--method", default="patch", choices=["patch", "telea", "ns"])
     ap.add_argument("--no-photos", action="store_true")
     ap.add_argument("--version-dir", default=None, help="a published version for the audit hook")
+    ap.add_argument("--photo-table", action="store_true", help="issue 31: each demo photo input and variant, "
+                    "kept or the stage and reason it was rejected (markdown), then exit")
     a = ap.parse_args()
     import tempfile
+
+    if a.photo_table:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = photo_table(Path(tmp))
+        variants = [v for v in rows[0][2] if v != "input"]
+        print("| photo | question | " + " | ".join(variants) + " |")
+        print("|---|---|" + "---|" * len(variants))
+        for name, q, row in rows:
+            print(f"| {name} | {q} | " + " | ".join(row.get(v, "-") for v in variants) + " |")
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(config(a.scenes, not a.no_photos, a.method, Path(tmp)))

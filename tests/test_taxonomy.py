@@ -202,7 +202,9 @@ def _manifest_samples(tmp_path, lines, variants):
     save(square_scene(), tmp_path / "sq.png")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(tmp_path / "m.jsonl")}])
-    cfg.stage("edit").set_params(variants=variants)
+    # drawn shapes (the categories the exhaustive lists below name), not real cut-outs: the one
+    # photo here has no object of another category to cut out (issue 31)
+    cfg.stage("edit").set_params(variants=variants, cutouts=None)
     records = load_records(cfg)
     return records, [s for b in local_batches(cfg, records, stop_after="qa") for s in decode_batch(b)]
 

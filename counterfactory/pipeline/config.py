@@ -297,7 +297,10 @@ class PipelineConfig(Strict):
 
     def run_settings(self) -> RunSettings:
         """The run-level settings every stage reads, as one typed object."""
-        return RunSettings(seed=self.seed, abstain_answer=self.abstain_answer, limits=self.limits)
+        from counterfactory.stages.cutouts import build_bank  # the stages import this module
+
+        return RunSettings(seed=self.seed, abstain_answer=self.abstain_answer, limits=self.limits,
+                           cutouts=build_bank(self))
 
     def config_hash(self) -> str:
         """Hash of everything that shapes the output (``spec.OUTPUT_NEUTRAL`` excluded)."""

@@ -19,7 +19,9 @@ Embedded default (OpenCV, CPU), one answer rule per edit type (``rules.ANSWER_RU
   covers no annotated object (HalluciDoctor: existence becomes yes, counts go up), with the look
   of the objects really in the image (``insert_paint``): flat like a procedural scene's drawn
   objects; on a photograph lit by its spot and grained like its ring, gray on a grayscale one
-  (no pasted sticker); ``new_value`` is the color it reads as.
+  (no pasted sticker); ``new_value`` is the color it reads as. On a photograph with a cut-out
+  bank (``cutouts``, issue 31) a real object instead: an annotated instance of another image of
+  the run, of a category this one lacks (``stages/cutouts.py``).
 Every pixel outside an edit's region is copied from the original, bit for bit (``flip`` aside,
 which is an exact mirror). Each variant's edit record names the categories it ``affects``, so
 the qa stage changes only the answers about those.
@@ -47,11 +49,13 @@ from counterfactory import footprint, scenes
 from counterfactory.rules import ACHROMATIC, EDIT_COLORS, HUES, color_name, side_of
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
+from counterfactory.stages.cutouts import insert_cutout, is_photo
 from counterfactory.stages.fill import patch_fill
 from counterfactory.stages.shared import (
     CONTROL_SALT,
     FlatFillParams,
     Skip,
+    annotated_keepout,
     annotated_mask,
     bbox,
     control_variant,
@@ -198,6 +202,9 @@ class ClassicalEdit(Stage):
         attribute_min_saturation: float = Field(0.25, ge=0, le=1, description="below: evidence too gray to recolor")
         insert_scale: float = Field(0.12, gt=0, le=0.5, description="inserted shape radius / min(image side)")
         insert_tries: int = Field(64, ge=1)
+        cutouts: str | None = Field("run", description="insert on photographs: real cut-outs from \"run\" (the "
+                                    "annotated instances of the run's manifests) or a folder FOLDER/<category>/*.png "
+                                    "(RGBA); null: drawn shapes (stages/cutouts.py)")
 
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
@@ -326,6 +333,8 @@ class ClassicalEdit(Stage):
                              "remaining_instances": n - k, "removed_indices": [int(i) for i in chosen]}
 
     def _insert(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
+        if self.run.cutouts and is_photo(sample):  # a real object on a photograph (issue 31)
+            return insert_cutout(sample, self.run.cutouts, rng)
         img = sample.arrays["image"]
         h, w = img.shape[:2]
         present = {a["category"] for a in sample.meta.get("annotated", [])} | set(sample.meta["targets"])
@@ -368,17 +377,20 @@ class ClassicalEdit(Stage):
         if side_a is None:
             raise Skip("not_applicable", "the evidence is too central for a left/right swap")
         others = []
-        for o in sample.meta.get("annotated", []):
+        # the evidence's own annotation (a purple star; another star of another color is a third object)
+        ev = [(i.get("box"), i.get("polygons")) for i in sample.meta["instances"]]
+        moved = [j for j, o in enumerate(sample.meta.get("annotated", [])) if (o.get("box"), o.get("polygons")) in ev]
+        for j, o in enumerate(sample.meta.get("annotated", [])):
             if o["category"] in sample.meta["targets"] or not o.get("polygons"):
                 continue
             b = np.zeros((h, w), bool)
             for poly in o["polygons"]:
                 b |= scenes.polygon_mask(poly, w, h)
             if b.any() and not (b & a).any() and side_of(b) not in (None, side_a):
-                others.append((o["category"], b))
+                others.append((o["category"], b, j))
         if not others:
             raise Skip("not_applicable", "no annotated object with a polygon on the other side to swap with")
-        cat_b, b = others[int(rng.integers(len(others)))]
+        cat_b, b, j = others[int(rng.integers(len(others)))]
         ya, xa = np.nonzero(a)
         yb, xb = np.nonzero(b)
         dx, dy = int(round(xb.mean() - xa.mean())), int(round(yb.mean() - ya.mean()))
@@ -393,6 +405,13 @@ class ClassicalEdit(Stage):
         hole_a = cv2.dilate(a.astype(np.uint8) * 255, disk(px))
         hole_b = cv2.dilate(b.astype(np.uint8) * 255, disk(px))
         hole = hole_a | hole_b
+        # every other object stays whole: neither moved onto nor inpainted over (issue 31)
+        touched = hole.copy()
+        touched[a_to | b_to] = 255
+        third = cv2.bitwise_and(annotated_keepout(sample, skip=(*moved, j)), touched)
+        if cv2.countNonZero(third):
+            raise Skip("swap_blocked", f"the swap would cover or inpaint {cv2.countNonZero(third)} px of "
+                       "another annotated object (or its box)")
         mask = sample.arrays["mask"]
         if not cv2.countNonZero(cv2.bitwise_xor(hole_a, mask)):
             # a's hole is the evidence mask (a is its only instance): start from remove's fill

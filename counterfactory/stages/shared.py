@@ -217,6 +217,25 @@ def annotated_mask(sample: Sample) -> np.ndarray:
     return out
 
 
+def annotated_keepout(sample: Sample, skip: tuple[int, ...] = ()) -> np.ndarray:
+    """uint8 0/255: every annotated object's pixels (``annotated_mask``) and its box (a hand-drawn
+    polygon on a photo is loose: a spoon's handle can lie outside it, never outside its box).
+    What a control and a moved object keep off (issue 31). ``skip``: indices into
+    ``meta["annotated"]`` left out (the objects a swap moves; the evidence's instances and core
+    are then left out too, the caller moves them)."""
+    h, w = sample.arrays["mask"].shape
+    out = annotated_mask(sample) if not skip else np.zeros((h, w), np.uint8)
+    for i, o in enumerate(sample.meta.get("annotated", [])):
+        if i in skip:
+            continue
+        for poly in o.get("polygons") or []:
+            out[scenes.polygon_mask(poly, w, h)] = 255
+        if o.get("box"):
+            x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
+            out[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 255
+    return out
+
+
 CONTROL_SHAPES = ("rectangle", "ellipse")
 
 
@@ -369,10 +388,10 @@ def control_variant(sample: Sample, p: FlatFillParams) -> tuple[np.ndarray, np.n
             raise Skip("no_room_for_control", "no offset moves the evidence clear of its own footprint in every frame")
         return flat_fill(frames, ctrl, p.fill), ctrl, record
     mask = sample.arrays["mask"]
-    ctrl = control_mask(mask, rng, p.control_tries, p.control_gap, annotated_mask(sample))
+    ctrl = control_mask(mask, rng, p.control_tries, p.control_gap, annotated_keepout(sample))
     if ctrl is None:
         raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
-                   "clear of every annotated object")
+                   "clear of every annotated object and its box")
     return flat_fill(sample.arrays["image"], ctrl, p.fill), ctrl, record
 
 

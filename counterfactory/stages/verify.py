@@ -18,13 +18,19 @@ Metrics (kept in the sample's JSON whether they pass or not):
   the ring's texture: ``outline_kept``), ``seam_score`` (the same across the fill's own edge:
   ``fill_seam``). ``contrast_ratio`` applies to low-contrast objects
   too, against a floor of ``min_object_contrast`` (a camera on dark grass was exempt before).
+- ``invented_ncc`` (remove, count; ``stages.invented``, issue 31): the best correlation of any other
+  annotated object (and, for count, each kept instance) with the fill, placed on it; over
+  ``max_invented_ncc`` the fill reproduces an object: ``object_invented``;
 - insert footprint (``footprint.insert_metrics``): the inserted object (its edit record's
   polygon) against its ring and against the real object in the same image (the evidence, in the
   original): ``insert_flat`` when its texture is under ``min_insert_texture_share`` of what the
   real object shows (only where real objects are photographed, not drawn flat as in procedural
   scenes), ``insert_flat_patch`` when the flat-texture detector finds it but not the real
   object, ``insert_texture_busy`` over ``max_texture_ratio``, ``insert_color_foreign`` for a
-  colored object in an achromatic (grayscale) original.
+  colored object in an achromatic (grayscale) original; ``insert_seam`` when the step where the
+  pasted pixels end (``insert_seam_score``, the fill seam's measure on the insert's region) is
+  over ``max_seam_score``. A real cut-out (``stages/cutouts.py``) is not held to
+  ``max_texture_ratio``: a motorcycle in front of a plain wall is busier than the wall.
 A sample left without any counterfactual variant is rejected whole.
 """
 
@@ -40,6 +46,7 @@ from counterfactory import footprint, scenes
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
+from counterfactory.stages.invented import copied_object, other_objects
 from counterfactory.stages.shared import ring
 
 # every edit type except the control counts as a counterfactual
@@ -86,6 +93,8 @@ class PixelVerify(Stage):
             "least (a flat paste on a photograph reads <= 0.15 of it; the grained insert ~1)")
         max_insert_chroma: float = Field(12.0, ge=0, description="insert on an achromatic original: mean "
                                          "channel spread of the object, at most (0-255)")
+        max_invented_ncc: float = Field(0.9, ge=0, le=1, description="remove/count: correlation of the fill with "
+                                        "another annotated object placed on it, at most (object_invented)")
 
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
@@ -135,6 +144,7 @@ class PixelVerify(Stage):
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
+                    vm.update(copied_object(img, out, region, other_objects(m, a, edit)))
                 if edit.get("inserted_category") and edit.get("region") == "inserted":
                     vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core")))
             metrics[v] = vm
@@ -152,7 +162,11 @@ class PixelVerify(Stage):
         h, w = img.shape[:2]
         # the object as the edit painted it (its polygon); a backend that records none: its region
         obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
-        return footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        # issue 31: the step where the pasted pixels end (a cut-out's border as pasted: a hard
+        # cut, a box of its old background), as the fill's seam; a real cut-out's own texture
+        return m | {"insert_seam_score": footprint.boundary_score(out, region, region, self.params.footprint_ring_px),
+                    "cutout": bool(edit.get("cutout"))}
 
     @staticmethod
     def _global_metrics(v: str, img: np.ndarray, out: np.ndarray) -> dict[str, Any]:
@@ -174,6 +188,9 @@ class PixelVerify(Stage):
             return "region_unchanged", f"inside_mad={vm['inside_mad']} < {p.min_inside_mad}"
         if vm.get("control_overlap_px", 0) > 0:
             return "control_overlaps_evidence", f"control_overlap_px={vm['control_overlap_px']}"
+        if vm.get("invented_ncc", 0) > p.max_invented_ncc:
+            return "object_invented", (f"the fill reproduces a {vm['invented_category']} (invented_ncc="
+                                       f"{vm['invented_ncc']} > {p.max_invented_ncc})")
         if "object_contrast" in vm:
             # a faint object's fill may stand out no more than the floor allows: the ratio alone
             # let a fill 1.15x as visible as a low-contrast camera through
@@ -204,13 +221,15 @@ class PixelVerify(Stage):
         if vm["achromatic"] and vm["insert_chroma"] > p.max_insert_chroma:
             return "insert_color_foreign", (f"insert_chroma={vm['insert_chroma']} > {p.max_insert_chroma} "
                                             "in an achromatic image")
+        if vm.get("insert_seam_score", 0) > p.max_seam_score:
+            return "insert_seam", f"insert_seam_score={vm['insert_seam_score']} > {p.max_seam_score}"
         ref = vm["object_texture_ratio"]
         ref = 1.0 if ref is None else min(ref, 1.0)  # no real object to read: hold it to its ring's
         tex = vm["insert_texture_ratio"]
         if ref >= footprint.PHOTO_OBJECT_TEXTURE and tex < p.min_insert_texture_share * ref:
             return "insert_flat", (f"insert_texture_ratio={tex} < {p.min_insert_texture_share} x the real "
                                    f"object's {ref}")
-        if tex > p.max_texture_ratio:
+        if tex > p.max_texture_ratio and not vm.get("cutout"):  # a real object may be busier than a wall
             return "insert_texture_busy", f"insert_texture_ratio={tex} > {p.max_texture_ratio}"
         if (p.reject_flat_patch and ref >= footprint.PHOTO_OBJECT_TEXTURE and vm["insert_flat_patch"]
                 and not vm["object_flat_patch"]):

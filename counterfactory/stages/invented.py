@@ -1,0 +1,130 @@
+"""object_invented on the CPU default (issue 31): does a fill reproduce another annotated object?
+
+A removal must leave background. A fill that copies pixels from elsewhere in the image can copy
+another object into the hole (a second coin where one was removed, the cup's rim in the
+saucer's place): "is there a coin?" then has a true answer the rule table does not give. The
+patch fill is told never to copy from annotated objects, but a loose polygon, a fill from
+another backend or a later change can still do it, so verify checks the result, not the intent.
+
+The check: each other annotated object (in the original: its polygon, else its box, cropped to
+its bounding box) is a template; it is slid over the edited image around the filled region
+(``cv2.matchTemplate``, zero-mean normalized cross-correlation under the object's own mask), and
+the best correlation among the positions where at least ``min_cover`` of the object's pixels
+would land on filled pixels (not on the object's own place) is its score. A copy scores ~1;
+background texture that merely resembles an object scores well under 0.9. Templates with no
+texture to correlate (a flat object: std under ``MIN_TEMPLATE_STD`` gray levels) are skipped,
+and large objects are compared at a scale where their longer side is ``WORK_SIDE`` pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from counterfactory import scenes
+
+MIN_TEMPLATE_STD = 6.0  # levels, in its most varied channel: a flatter object has nothing a correlation could recognise
+OUTLINE_PX = 3  # px of the surroundings each template keeps around its object
+WORK_SIDE = 32  # px: an object's template is at most this long at the scale it is compared at
+
+
+def other_objects(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                  edit: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """(category, bool mask) of every annotated object an edit's fill must not reproduce: the
+    objects that are not the evidence, and (``count``) the evidence instances that stay."""
+    h, w = arrays["mask"].shape
+    targets = set(sample_meta.get("targets", []))
+    out: list[tuple[str, np.ndarray]] = []
+    for o in sample_meta.get("annotated", []):
+        if o["category"] in targets:
+            continue
+        m = np.zeros((h, w), bool)
+        for poly in o.get("polygons") or []:
+            m |= scenes.polygon_mask(poly, w, h)
+        if not m.any() and o.get("box"):
+            x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
+            m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+        if m.any():
+            out.append((o["category"], m))
+    inst = arrays.get("instance_masks")
+    removed = edit.get("removed_indices")
+    if inst is not None and removed is not None:
+        cat = next(iter(targets), "evidence")
+        out += [(cat, inst[i] > 0) for i in range(len(inst)) if i not in set(removed)]
+    return out
+
+
+def _float3(img: np.ndarray) -> np.ndarray:
+    """RGB as float32 (a gray image as three equal channels): the correlation sums the channels,
+    so a red star on a green ground of the same brightness is still seen."""
+    return (img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)).astype(np.float32)
+
+
+def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
+                  objects: list[tuple[str, np.ndarray]], min_cover: float = 0.5) -> dict[str, Any]:
+    """The best correlation of any of ``objects`` (templates from ``orig``) with ``out`` at a
+    position where it lies mostly on the filled ``region``: ``invented_ncc`` (-1..1, 0.0 when no
+    object can lie there) and ``invented_category``."""
+    region = region > 0
+    n_region = int(np.count_nonzero(region))
+    g_orig, g_out = _float3(orig), _float3(out)
+    h, w = region.shape
+    best, best_cat = 0.0, None
+    ry, rx = np.nonzero(region)
+    if not n_region:
+        return {"invented_ncc": 0.0, "invented_category": None}
+    ry0, ry1, rx0, rx1 = int(ry.min()), int(ry.max()) + 1, int(rx.min()), int(rx.max()) + 1
+    for cat, m in objects:
+        m = np.ascontiguousarray(m, dtype=bool)
+        area = int(np.count_nonzero(m))
+        if not area or area * min_cover > n_region:
+            continue  # too big to fit into the fill
+        # the object and a thin band of what was around it: a flat object (a drawn star) is
+        # recognised by its outline against its surroundings
+        bx, by, bw, bh = cv2.boundingRect(m.view(np.uint8))
+        oy0, oy1 = max(0, by - OUTLINE_PX), min(h, by + bh + OUTLINE_PX)
+        ox0, ox1 = max(0, bx - OUTLINE_PX), min(w, bx + bw + OUTLINE_PX)
+        th, tw = oy1 - oy0, ox1 - ox0
+        tpl = g_orig[oy0:oy1, ox0:ox1]
+        tmask = cv2.dilate(m[oy0:oy1, ox0:ox1].view(np.uint8), np.ones((2 * OUTLINE_PX + 1,) * 2, np.uint8)) > 0
+        if float(tpl[tmask].std(axis=0).max()) < MIN_TEMPLATE_STD:
+            continue
+        # the window: every placement of the object's box that reaches the region's box
+        wy0, wy1 = max(0, ry0 - th + 1), min(h, ry1 + th - 1)
+        wx0, wx1 = max(0, rx0 - tw + 1), min(w, rx1 + tw - 1)
+        if wy1 - wy0 < th or wx1 - wx0 < tw:
+            continue
+        # filled pixels a copy could sit on: the region, less the object's own place (where an
+        # untouched object would match itself)
+        free = (region[wy0:wy1, wx0:wx1] & ~m[wy0:wy1, wx0:wx1]).astype(np.float32)
+        win = g_out[wy0:wy1, wx0:wx1]
+        k = min(1.0, WORK_SIDE / max(th, tw))
+        tm = tmask.astype(np.float32)
+        if k < 1.0:
+            size = (max(1, round(tw * k)), max(1, round(th * k)))
+            wsize = (max(size[0], round((wx1 - wx0) * k)), max(size[1], round((wy1 - wy0) * k)))
+            tpl = cv2.resize(tpl, size, interpolation=cv2.INTER_AREA)
+            tm = (cv2.resize(tm, size, interpolation=cv2.INTER_AREA) > 0.5).astype(np.float32)
+            win = cv2.resize(win, wsize, interpolation=cv2.INTER_AREA)
+            free = cv2.resize(free, wsize, interpolation=cv2.INTER_AREA)
+        if not tm.any():
+            continue
+        om = m[oy0:oy1, ox0:ox1].astype(np.float32)  # the object itself must land on the fill
+        if k < 1.0:
+            om = cv2.resize(om, tm.shape[::-1], interpolation=cv2.INTER_AREA)
+        cover = cv2.matchTemplate(free, om, cv2.TM_CCORR) / max(float(om.sum()), 1.0)
+        ok = cover >= min_cover - 1e-6
+        if not ok.any():
+            continue
+        # the masked correlation (the costly part) only over the placements that land on the fill
+        oky, okx = np.nonzero(ok)
+        y0, y1, x0, x1 = int(oky.min()), int(oky.max()) + 1, int(okx.min()), int(okx.max()) + 1
+        th2, tw2 = tm.shape
+        ncc = cv2.matchTemplate(win[y0:y1 + th2 - 1, x0:x1 + tw2 - 1], tpl, cv2.TM_CCOEFF_NORMED, mask=tm)
+        ncc = np.nan_to_num(ncc, nan=0.0, posinf=0.0, neginf=0.0)
+        score = float(np.clip(ncc[ok[y0:y1, x0:x1]].max(), -1.0, 1.0))
+        if score > best:
+            best, best_cat = score, cat
+    return {"invented_ncc": round(best, 4), "invented_category": best_cat}
