@@ -130,13 +130,15 @@ def test_failed_run_publishes_nothing_and_keeps_previous(tmp_path, monkeypatch):
     def boom(self):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writer_mod.DatasetWriter, "close", boom)
+    monkeypatch.setattr(writer_mod.DatasetCommit, "on_write_complete", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_pipeline(make_config(tmp_path, [scenes_input(3)]), local=True)
     assert (first.out_dir / "manifest.json").read_bytes() == before
-    # ROOT/demo holds v1 and the latest pointer (plus the source-hash cache); no staging left
+    # ROOT/demo holds v1 and the latest pointer (plus the source-hash cache, and the failed
+    # run's staging: its written shard stays for a resume, never a version)
     assert first.out_dir.name == "v1"
-    assert sorted(p.name for p in first.out_dir.parent.iterdir() if p.name != ".cache") == ["latest", "v1"]
+    assert sorted(p.name for p in first.out_dir.parent.iterdir()
+                  if p.name != ".cache" and not p.name.startswith(".staging-")) == ["latest", "v1"]
 
 
 def test_cli_run_prints_summary(tmp_path):
