@@ -100,6 +100,20 @@ def test_two_runs_are_byte_identical_and_match_the_plain_loop(tmp_path, demo_run
     assert (local.out_dir / "manifest.json").read_bytes() == ref
 
 
+def test_content_id_does_not_depend_on_placement(tmp_path, demo_run):
+    """Shard k holds inputs [k * shard_size, (k + 1) * shard_size): one CPU per run or two, a
+    stage moved into an actor pool (its shards then gathered by a groupby) and the plain loop
+    all write the same manifest; the placement is recorded in version.json, not config.yaml."""
+    ref = (demo_run.out_dir / "manifest.json").read_bytes()
+    one = run_pipeline(_demo(tmp_path / "one", "ray.num_cpus=1"), limit=LIMIT, progress=False)
+    pool = run_pipeline(_demo(tmp_path / "pool", "stages.verify.resources.concurrency=1"), limit=LIMIT,
+                        progress=False)
+    assert (one.out_dir / "manifest.json").read_bytes() == ref
+    assert (pool.out_dir / "manifest.json").read_bytes() == ref
+    assert json.loads((one.out_dir / "version.json").read_text())["placement"]["ray"]["num_cpus"] == 1
+    assert "ray" not in (one.out_dir / "config.yaml").read_text()
+
+
 def test_bad_inputs_through_ray_nothing_lost(tmp_path, odd_inputs, ray_local):
     manifest, expect = odd_inputs
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}, scenes_input(3)],

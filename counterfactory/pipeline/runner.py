@@ -60,7 +60,7 @@ from counterfactory.pipeline.inputs import (
 from counterfactory.pipeline.writer import DatasetCommit, PartEncoder, shard_range
 from counterfactory.publish import FailureBudgetExceeded, finish_reused, publish_version
 from counterfactory.sample import RunSettings
-from counterfactory.spec import build_spec, check_sources_unchanged, spec_id
+from counterfactory.spec import build_spec, check_sources_unchanged, spec_id, split_placement
 from counterfactory.stages import get_backend
 from counterfactory.storage import (
     StorageError,
@@ -500,11 +500,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     lock = _lock_staging(staging)
     writer = None
     try:
-        saved = cfg.resolved()
         # the saved spec is location- and placement-free so that the same run elsewhere, on more
-        # or fewer CPUs, has the same manifest (placement goes to version.json)
-        saved["output"].pop("root")
-        placement = saved.pop("ray")
+        # or fewer CPUs, has the same manifest (the placement goes to version.json)
+        saved, placement = split_placement(cfg.resolved())
         share = cfg.failure_budget.max_reject_share
         writer = DatasetCommit(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
                                saved, cfg.config_hash(),
@@ -557,7 +555,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             return {"format": "counterfactory-version/1", "label": label, "dataset": cfg.dataset,
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
-                    "root": root, "ray": placement,
+                    "root": root, "placement": placement,
                     "command": command, **({"limited": True} if limited else {})}
 
         version = publish_version(staging, ds_dir, make_info,
