@@ -1,19 +1,18 @@
 """The output format: WebDataset shards of paired samples, an index, a rejects ledger, a manifest.
 
-Two halves: ``PartEncoder`` runs on the Ray workers as the last map step and turns a sample's
-arrays into the bytes of its tar members; ``DatasetWriter`` runs in the driver and only writes
-bytes. It reorders rows by input index so shard contents never depend on Ray's execution order,
-writes each shard under a temporary name, fsyncs and renames it, and streams index and rejects
-rows to parquet as shards complete. The manifest (per-shard sha256, bytes, sample count) holds
-no timestamps, so the same config and inputs give a byte-identical manifest.
+Three parts: ``PartEncoder`` turns a sample's arrays into the bytes of its tar members;
+``ShardWriter`` writes one shard where its samples are made (a Ray task beside the stages, see
+``datasink``): shard ``k`` is the accepted samples of inputs ``[k * shard_size, (k + 1) *
+shard_size)`` in input order, under a temporary name, fsynced and renamed, with its ``pairs/``
+copy, then its journal entry (``.journal/K.json``: checksums, index rows, rejects, counters);
+``DatasetCommit`` runs in the driver in the shape of a Ray ``Datasink``: it receives each
+shard's small result, never a sample's bytes, and at the end makes index and rejects (from the
+journal entries, in shard order), config, shard index and the manifest (per-shard sha256, bytes,
+sample count; no timestamps, so the same config and inputs give a byte-identical manifest).
 
-Resume: after each shard is renamed into place the writer journals it (``.journal/NNNNNN.json``,
-written atomically): the shard's name, sha256, bytes and samples, the input index the stream
-has reached, the shard's index rows, the rejects recorded since the previous shard, and the
-running counters. ``resume()`` replays the journal of a staging folder left by a killed run,
-keeps every shard whose bytes still match its sha256 (the first mismatch ends the replay) and
-says from which input to continue. Shards are assigned in input order, so recomputing the
-inputs after that point gives the same following shards: the final manifest equals an
+Resume: ``on_write_start`` keeps every journaled shard whose files still match their sha256,
+each on its own (a kill leaves any pattern of finished shards); only the others are written
+again, and since a shard's content is fixed by its input range the final manifest equals an
 uninterrupted run's.
 """
 
