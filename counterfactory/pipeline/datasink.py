@@ -21,6 +21,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,9 @@ from counterfactory.pipeline.writer import PartEncoder, ShardWriter, shard_range
 from counterfactory.sample import RunSettings, Sample, decode_batch
 
 _CHAINS: dict[str, StageChain] = {}
+# bench/run.py --only driver: shard 0's task sleeps this many seconds first (a straggler: one slow
+# input, a task retried after its node was lost), to show the driver holds nothing back for it
+STRAGGLER_ENV = "COUNTERFACTORY_STRAGGLER_S"
 
 
 def cached_chain(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> StageChain:
@@ -96,6 +101,8 @@ def make_and_write_shard(k: int, slices: list[dict[str, Any]], *, sink: ShardSin
                          specs: list[StageSpec], run: RunSettings, encode: dict, batch_size: int) -> dict[str, Any]:
     """One shard, start to end in one task: read its inputs, run every stage and the part encoder
     on each batch, stream the samples into the shard; returns the journal entry."""
+    if k == 0 and os.environ.get(STRAGGLER_ENV):
+        time.sleep(float(os.environ[STRAGGLER_ENV]))
     chain = cached_chain(specs, run, encode)
     writer = sink.writer(k)
     for batch in batches_of(range_rows(slices, writer.lo, writer.hi, seed, chash), batch_size):
