@@ -114,6 +114,29 @@ def test_content_id_does_not_depend_on_placement(tmp_path, demo_run):
     assert "ray" not in (one.out_dir / "config.yaml").read_text()
 
 
+class _Killed(BaseException):
+    """Stands in for the driver's SIGKILL: not an Exception, so nothing swallows it."""
+
+
+def test_ray_run_killed_after_a_shard_resumes_per_shard(tmp_path, demo_run, monkeypatch):
+    """The workers wrote and journaled the shards: a driver gone after the first result leaves
+    them, and the rerun writes only the others, to the same manifest."""
+    real = writer_mod.DatasetCommit.on_write_result
+
+    def on_write_result(self, entry):
+        real(self, entry)
+        raise _Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(writer_mod.DatasetCommit, "on_write_result", on_write_result)
+        with pytest.raises(_Killed):
+            run_pipeline(_demo(tmp_path), limit=LIMIT, progress=False)
+    res = run_pipeline(_demo(tmp_path), limit=LIMIT, progress=False)
+    assert (res.out_dir / "manifest.json").read_bytes() == (demo_run.out_dir / "manifest.json").read_bytes()
+    resumed = json.loads((res.out_dir / "summary.json").read_text())["resumed"]
+    assert resumed["shards"] >= 1 and resumed["inputs"] >= 8
+
+
 def test_bad_inputs_through_ray_nothing_lost(tmp_path, odd_inputs, ray_local):
     manifest, expect = odd_inputs
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}, scenes_input(3)],
