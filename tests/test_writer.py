@@ -102,7 +102,7 @@ def test_writer_shards_manifest_and_journal(tmp_path):
 
 
 def test_shard_is_a_fixed_input_range_and_a_rewrite_is_identical(tmp_path):
-    """A range whose inputs were all rejected has no tar (shard names keep their range's k); a
+    """A range whose inputs were all rejected has an empty tar (names 0..K-1, no gaps); a
     retried write of a shard gives the same bytes; inputs must come in order."""
     rej = {"uri": "gone.png", "origin": "m", "reject": {"stage": "ingest", "reason": "file_not_found", "detail": ""}}
     rows = [(0, "k0", "ok", META, {"json": b"{}"}), (1, "", "rejected", rej, {}),
@@ -110,12 +110,15 @@ def test_shard_is_a_fixed_input_range_and_a_rewrite_is_identical(tmp_path):
     manifest = _write(tmp_path, 2, rows)
     assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [("d-000000.tar", 1), ("d-000001.tar", 1)]
     manifest = _write(tmp_path / "b", 1, rows)
-    assert [s["name"] for s in manifest["shards"]] == ["d-000000.tar", "d-000003.tar"]
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [
+        ("d-000000.tar", 1), ("d-000001.tar", 0), ("d-000002.tar", 0), ("d-000003.tar", 1)]
+    with tarfile.open(tmp_path / "b" / "d-000001.tar") as tf:
+        assert tf.getnames() == []
     assert manifest["counts"]["samples"] + manifest["counts"]["rejected_inputs"] == 4
     before = (tmp_path / "b" / "d-000003.tar").read_bytes()
     again = ShardWriter(tmp_path / "b", "d", 3, 3, 4, pairs=False)
     again.add(*rows[3])
-    assert again.finish()["shard"] == manifest["shards"][1]
+    assert again.finish()["shard"] == manifest["shards"][3]
     assert (tmp_path / "b" / "d-000003.tar").read_bytes() == before
     w = ShardWriter(tmp_path, "d", 0, 0, 2, pairs=False)
     with pytest.raises(RuntimeError, match="expected 0"):

@@ -307,15 +307,18 @@ class ShardWriter:
             "metrics": index_metrics(meta["metrics"]),
         })
         if self._tar is None:
-            self._tar = _TarShard(self.out_dir / f".{self.name}.{os.getpid()}.tmp")
-            if self.pairs:
-                (self.out_dir / PAIRS_DIR).mkdir(exist_ok=True)
-                self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{self.name}.{os.getpid()}.tmp")
+            self._open()
         self._tar.write_sample(key, parts)
         if self._pair_tar is not None:
             # the sample's own fields (what KEY.json holds), so pairs and shard never disagree
             for pair_key, members in pair_samples({**meta, "key": key}, parts):
                 self._pair_tar.write_sample(pair_key, members)
+
+    def _open(self) -> None:
+        self._tar = _TarShard(self.out_dir / f".{self.name}.{os.getpid()}.tmp")
+        if self.pairs:
+            (self.out_dir / PAIRS_DIR).mkdir(exist_ok=True)
+            self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{self.name}.{os.getpid()}.tmp")
 
     def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
         self.rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
@@ -329,13 +332,15 @@ class ShardWriter:
         return {"name": name, "sha256": tar.sha.hexdigest(), "bytes": tar.size, "samples": tar.samples}
 
     def finish(self) -> dict[str, Any]:
-        """Close the shard (a range whose inputs were all rejected has no tar), journal it, and
-        return the driver's part of the journal entry."""
+        """Close the shard, journal it, and return the driver's part of the journal entry. A range
+        whose inputs were all rejected gets an empty tar: shard names stay 0..K-1 without gaps
+        (``{000000..K-1}`` brace patterns), and a file per shard says the shard is done."""
         if self.next_idx != self.hi:
             raise RuntimeError(f"shard {self.k}: inputs {self.next_idx}..{self.hi - 1} never arrived")
-        shard = pair = None
-        if self._tar is not None:
-            shard = self._close(self._tar, self.out_dir / self.name, self.name)
+        if self._tar is None:
+            self._open()
+        shard = self._close(self._tar, self.out_dir / self.name, self.name)
+        pair = None
         if self._pair_tar is not None:
             pair = self._close(self._pair_tar, self.out_dir / PAIRS_DIR / self.name, f"{PAIRS_DIR}/{self.name}")
         whole = [r for r in self.rejects if r["variant"] is None]
@@ -429,12 +434,14 @@ class DatasetCommit:
             return False
         for sh, want in ((e["shard"], shard_name(self.dataset, k)),
                          (e["pair_shard"] if self.pairs else None, f"{PAIRS_DIR}/{shard_name(self.dataset, k)}")):
-            if sh is None:
+            if sh is None and want.startswith(PAIRS_DIR) and not self.pairs:
                 continue
+            if sh is None:
+                return False
             f = self.out_dir / sh["name"]
             if sh["name"] != want or not f.is_file() or f.stat().st_size != sh["bytes"] or sha256_file(f) != sh["sha256"]:
                 return False
-        return (e["shard"] is None) == (e["samples"] == 0) and (not self.pairs or (e["pair_shard"] is None) == (e["shard"] is None))
+        return True
 
     # -- results in --------------------------------------------------------------------------
     def on_write_result(self, entry: dict[str, Any]) -> None:
@@ -468,26 +475,23 @@ class DatasetCommit:
         shutil.rmtree(self.out_dir / JOURNAL, ignore_errors=True)
 
     # -- the end ----------------------------------------------------------------------------
-    def _missing(self, k: int) -> dict[str, Any]:
-        """A shard Ray Data gave up on (within max_errored_blocks): its inputs are rejects."""
+    def _write_missing(self, k: int) -> dict[str, Any]:
+        """A shard Ray Data gave up on (within max_errored_blocks): its inputs become rejects, its
+        tar an empty one (no sample bytes pass through the driver)."""
         lo, hi = self.shard_range(k)
-        rejects = [{"key": "", "input_index": i, "source": "", "origin": "", "stage": "pipeline",
-                    "reason": "errored_block", "detail": "the block holding this input failed after retries",
-                    "variant": None} for i in range(lo, hi)]
-        return {"k": k, "lo": lo, "hi": hi, "shard": None, "pair_shard": None, "samples": 0,
-                "rejected_inputs": hi - lo, "rejected_variants": 0,
-                "input_reject_reasons": {"pipeline/errored_block": hi - lo}, "variant_reject_stages": {},
-                "last_reject": rejects[-1],
-                "stage_seconds": {}, "variant_counts": {}, "kind_counts": {}, "part_counts": {},
-                "index_rows": [], "rejects": rejects}
+        w = ShardWriter(self.out_dir, self.dataset, k, lo, hi, pairs=self.pairs)
+        why = {"stage": "pipeline", "reason": "errored_block", "detail": "the block holding this input failed after retries"}
+        for i in range(lo, hi):
+            w.add(i, "", "rejected", {"reject": why}, {})
+        return w.finish()
 
     def on_write_complete(self) -> dict[str, Any]:
         missing = [k for k in range(self.n_shards) if k not in self.done]
         if missing and self.fill_missing:
             for k in missing:
-                self._count(self._missing(k))
+                self._count(self._write_missing(k))
         elif missing:
-            lost = sum(hi - lo for hi, lo in (self.shard_range(k)[::-1] for k in missing))
+            lost = sum(hi - lo for lo, hi in map(self.shard_range, missing))
             raise RuntimeError(f"{lost} input(s) never came back from the pipeline; nothing finalized")
         index_tmp, rejects_tmp = self.out_dir / ".index.parquet.tmp", self.out_dir / ".rejects.parquet.tmp"
         index_w = pq.ParquetWriter(index_tmp, INDEX_SCHEMA)
@@ -501,11 +505,10 @@ class DatasetCommit:
         samples = rejected_inputs = 0
         # one shard's journal at a time, in shard order: driver memory does not grow with the run
         for k in range(self.n_shards):
-            e = read_journal(self.out_dir, k) if k not in missing else self._missing(k)
+            e = read_journal(self.out_dir, k)
             if e is None:
                 raise RuntimeError(f"shard {k}: its journal entry is gone; nothing finalized")
-            if e["shard"]:
-                shards.append(e["shard"])
+            shards.append(e["shard"])
             if self.pairs and e["pair_shard"]:
                 pair_shards.append(e["pair_shard"])
             if e["index_rows"]:
