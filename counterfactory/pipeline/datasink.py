@@ -78,6 +78,10 @@ class ShardSink:
     pairs: bool = True
 
     def writer(self, k: int) -> ShardWriter:
+        if not Path(self.out_dir).is_dir():  # made by the driver: a node that cannot see it
+            raise RuntimeError(f"the staging folder {self.out_dir} is not visible on this node: the workers write "
+                               "the shards, so on a multi-node cluster the output root (for an object-store root: "
+                               "$COUNTERFACTORY_CACHE) must be a folder every node mounts")
         lo, hi = shard_range(k, self.shard_size, self.n_inputs)
         return ShardWriter(Path(self.out_dir), self.dataset, k, lo, hi, pairs=self.pairs)
 
