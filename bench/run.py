@@ -319,15 +319,16 @@ def main() -> None:
             rows.append(("writer with the pairs/ copy beside each shard (same MB counted once)",
                          f"{w['MB'] / w['ours_pairs_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_pairs_s']:.2f}x "
                          "plain tarfile + fsync"))
+            rows.append(("image encode (JPEG q95 / PNG, on the workers)",
+                         f"{w['encode_ms_per_image']:.2f} ms/image"))
         if "driver" in only:
             straggle = {"COUNTERFACTORY_STRAGGLER_S": "30"}
             for label, env in (("", None), (", first shard 30 s late", straggle)):
                 d = run_ray(args.n, 2, tmp / f"driver{len(label)}", env)
+                print(json.dumps({"driver_run": label, **d}), flush=True)
                 rows.append((f"driver process (ray, 2 CPU, N={args.n}{label})",
                              f"{1000 * d['driver_cpu_s'] / d['inputs']:.2f} CPU ms/input (RUSAGE_SELF), "
                              f"peak RSS {d['driver_peak_rss'] / 2**20:.0f} MiB, {d['seconds']:.1f} s"))
-            rows.append(("image encode (JPEG q95 / PNG, on the workers)",
-                         f"{w['encode_ms_per_image']:.2f} ms/image"))
         if "profile" in only:
             cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp / 'demo'}"])
             res = run_pipeline(cfg, local=True)
