@@ -344,6 +344,13 @@ class _Stream:
         self.wall = time.perf_counter() - t0
 
 
+def _own_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _entries(ds: Any) -> Iterator[dict[str, Any]]:
     """The journal entries of the shards the workers wrote, as they finish (any order)."""
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -513,6 +520,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         start = writer.resumed_inputs
         sink = ShardSink(str(staging), cfg.dataset, cfg.output.shard_size, n_inputs, cfg.output.pairs)
         stream = _Stream()
+        cpu0 = _own_cpu()
         if todo and local:
             stream.consume(_local_entries(cfg, plan, todo, sink), writer, on_progress)
         elif todo:
@@ -524,6 +532,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             stream.consume(_entries(ds), writer, on_progress)
             stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.on_write_complete()
+        driver_cpu = _own_cpu() - cpu0  # the stream and the commit: what grows with the inputs
         if n_inputs and not manifest["counts"]["samples"]:
             # an empty version would become `latest` and, named by the same spec, be reused by
             # the rerun meant to fix it (a model that failed to load, an endpoint that was down)
@@ -544,6 +553,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                    "stages": stage_report(cfg, writer, stream, seconds),
                    "pipeline": {"wall_seconds": round(stream.wall, 3),
                                 "driver_wait_seconds": round(stream.wait, 3),
+                                # this process's CPU (Ray's driver threads included) from the first
+                                # shard to the manifest; with local=True it includes the stages
+                                "driver_cpu_seconds": round(driver_cpu, 3),
                                 "inputs_per_second": round((n_inputs - start) / stream.wall, 3)
                                 if stream.wall > 0 else None},
                    "ray_operators": stream.ray_ops}
