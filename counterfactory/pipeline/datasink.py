@@ -41,10 +41,14 @@ _CHAINS: dict[str, StageChain] = {}
 STRAGGLER_ENV = "COUNTERFACTORY_STRAGGLER_S"
 
 
+def chain_key(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> str:
+    return json.dumps([[s.key() for s in specs], run.model_dump_json(), encode], sort_keys=True)
+
+
 def cached_chain(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> StageChain:
     """One chain per worker process and configuration, built on first use, reused by every batch
     and task that process runs (a model loads once)."""
-    key = json.dumps([[s.key() for s in specs], run.model_dump_json(), encode], sort_keys=True)
+    key = chain_key(specs, run, encode)
     chain = _CHAINS.get(key)
     if chain is None:
         chain = _CHAINS[key] = StageChain(specs, run, PartEncoder(**encode) if encode else None)
