@@ -57,7 +57,8 @@ def scenes_config(n: int, root: Path, num_cpus: int | None = None):
         next(s for s in data["stages"] if s["name"] == "edit")["params"]["variants"] = VARIANTS
     data["inputs"] = [{"kind": "procedural", "count": n, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
     data["output"]["root"] = str(root)
-    data["output"]["shard_size"] = 256
+    # one Ray task writes each shard (issue 26): a run needs several shards per CPU to balance
+    data["output"]["shard_size"] = int(os.environ.get("COUNTERFACTORY_BENCH_SHARD_SIZE", 256))
     if num_cpus:
         data["ray"]["num_cpus"] = num_cpus
     return validate_config(data, source="bench", base_dir=REPO)
