@@ -70,6 +70,8 @@ def _write(out, shard_size: int, rows: list[tuple], *, pairs: bool = False, conf
     """Each shard written by its own ShardWriter (as a Ray task would), last shard first, the
     results committed as they come; returns the manifest."""
     n = len(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".d-000000.tar.4242.tmp").write_bytes(b"half")  # a worker killed mid-shard
     commit = DatasetCommit(out, "d", shard_size, n, config or {}, "h", pairs=pairs)
     for k in reversed(commit.on_write_start()):
         lo, hi = shard_range(k, shard_size, n)

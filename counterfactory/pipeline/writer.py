@@ -493,6 +493,10 @@ class DatasetCommit:
         elif missing:
             lost = sum(hi - lo for lo, hi in map(self.shard_range, missing))
             raise RuntimeError(f"{lost} input(s) never came back from the pipeline; nothing finalized")
+        # a worker killed mid-shard (its task retried elsewhere) leaves its temporary file behind
+        for d in (self.out_dir, self.out_dir / PAIRS_DIR):
+            for tmp in d.glob(f".{self.dataset}-*.tar.*.tmp"):
+                tmp.unlink(missing_ok=True)
         index_tmp, rejects_tmp = self.out_dir / ".index.parquet.tmp", self.out_dir / ".rejects.parquet.tmp"
         index_w = pq.ParquetWriter(index_tmp, INDEX_SCHEMA)
         rejects_w = pq.ParquetWriter(rejects_tmp, REJECT_SCHEMA)
