@@ -7,8 +7,12 @@
              the whole run, of the stream alone (first input read to last row written), the
              per-run cost outside the stream (planning, closing the writer, card, publish), and
              the marginal cost of a pair between two sizes, where any fixed cost cancels
-  writer     DatasetWriter vs a plain tarfile loop writing the same member bytes (with and
-             without an fsync: ours fsyncs every shard), and the image encode cost
+  writer     the shard writer (ShardWriter per shard + DatasetCommit) vs a plain tarfile loop
+             writing the same member bytes (with and without an fsync: ours fsyncs every
+             shard), without and with the pairs/ copy, and the image encode cost
+  driver     the driver process's own CPU per input (RUSAGE_SELF around the run, Ray's threads
+             in the driver included) and its peak RSS, with and without a first shard 30 s late
+             (issue 26: the driver commits metadata, so a straggler holds nothing back)
   profile    share of stage time in the demo run
 
 Timings exclude Ray start-up (one `ray.init` per CPU setting, before the clock starts);
@@ -53,7 +57,8 @@ def scenes_config(n: int, root: Path, num_cpus: int | None = None):
         next(s for s in data["stages"] if s["name"] == "edit")["params"]["variants"] = VARIANTS
     data["inputs"] = [{"kind": "procedural", "count": n, "seed": 1, "size": [256, 256], "questions_per_scene": 1}]
     data["output"]["root"] = str(root)
-    data["output"]["shard_size"] = 256
+    # one Ray task writes each shard (issue 26): a run needs several shards per CPU to balance
+    data["output"]["shard_size"] = int(os.environ.get("COUNTERFACTORY_BENCH_SHARD_SIZE", 256))
     if num_cpus:
         data["ray"]["num_cpus"] = num_cpus
     return validate_config(data, source="bench", base_dir=REPO)
@@ -94,6 +99,17 @@ class PeakRSS:
         self._t.join()
 
 
+def driver_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class PeakDriverRSS(PeakRSS):
+    """Peak RSS of this process alone (the driver), sampled every 0.2 s."""
+
+    def _sample(self) -> int:
+        return driver_rss()
+
+
 def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float, float]:
     """Wall seconds, samples, peak RSS, this process's CPU seconds (for the in-process floor the
     CPU time is the figure least disturbed by other load on the machine), and the seconds of the
@@ -107,20 +123,32 @@ def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float, float]:
 
 
 def ray_child(n: int, cpus: int, root: str) -> None:
-    """One Ray setting per process, so each gets a fresh local instance of the given size."""
+    """One Ray setting per process, so each gets a fresh local instance of the given size. The
+    driver's own CPU (``RUSAGE_SELF``: its threads, Ray's included, not the workers) and peak RSS
+    are taken around the timed run."""
+    import resource
+
     import ray
 
     cfg = scenes_config(n, Path(root), cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    env = {k: v for k, v in os.environ.items() if k == "COUNTERFACTORY_STRAGGLER_S"}
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     run_pipeline(scenes_config(min(n, 32), Path(root) / "warm", cpus), progress=False)  # warm workers
-    dt, samples, peak, _, stream = timed_run(cfg, local=False)
-    print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak, "stream_seconds": stream}))
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    with PeakDriverRSS() as drv:
+        dt, samples, peak, _, stream = timed_run(cfg, local=False)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    driver_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    pipe = json.loads(max(Path(root).glob("demo/v*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())["pipeline"]
+    print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak, "stream_seconds": stream,
+                      "driver_cpu_s": driver_cpu, "driver_stream_cpu_s": pipe.get("driver_cpu_seconds"),
+                      "driver_peak_rss": drv.peak, "inputs": n}))
 
 
-def run_ray(n: int, cpus: int, root: Path) -> dict:
+def run_ray(n: int, cpus: int, root: Path, env: dict | None = None) -> dict:
     extra = ["--variants", ",".join(VARIANTS)] if VARIANTS else []
     out = subprocess.run([sys.executable, __file__, "--ray-child", str(n), str(cpus), str(root), *extra],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,8 +175,9 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     write, already loaded by Ray Data in a real run), then ``rounds`` rounds, the three writers
     interleaved in each, each output deleted before the next write; medians reported."""
 
+    from counterfactory.pipeline.datasink import ShardSink, write_local
     from counterfactory.pipeline.runner import local_batches
-    from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
+    from counterfactory.pipeline.writer import DatasetCommit, PartEncoder
     from counterfactory.sample import decode_batch
     from tests.conftest import load_records
 
@@ -173,22 +202,25 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
         (root / "plain.tar").unlink()
         return dt
 
-    def ours() -> float:
+    def ours(pairs: bool = False) -> float:
         t0 = time.perf_counter()
-        w = DatasetWriter(root / "ours", "bench", 256, len(records), {}, "x")
-        for b in encoded:
-            w.add_batch(b)
-        w.close()
+        out = root / "ours"
+        commit = DatasetCommit(out, "bench", 256, len(records), {}, "x", pairs=pairs)
+        commit.on_write_start()
+        for entry in write_local(iter(encoded), ShardSink(str(out), "bench", 256, len(records), pairs)):
+            commit.on_write_result(entry)
+        commit.on_write_complete()
         dt = time.perf_counter() - t0
-        shutil.rmtree(root / "ours")
+        shutil.rmtree(out)
         return dt
 
     plain(False), ours()  # warm-up, untimed
-    times: dict[str, list[float]] = {"plain_s": [], "plain_fsync_s": [], "ours_s": []}
+    times: dict[str, list[float]] = {"plain_s": [], "plain_fsync_s": [], "ours_s": [], "ours_pairs_s": []}
     for _ in range(rounds):
         times["plain_s"].append(plain(False))
         times["ours_s"].append(ours())
         times["plain_fsync_s"].append(plain(True))
+        times["ours_pairs_s"].append(ours(pairs=True))
     mb = sum(len(v) for _, p in samples for v in p.values()) / 1e6
     return {"samples": len(samples), "MB": mb, **{k: statistics.median(v) for k, v in times.items()},
             "rounds": rounds, "encode_ms_per_image": 1000 * encode_s / max(n_images, 1), "stages_s": stages_s}
@@ -198,7 +230,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--growth", default="100,1000,10000")
-    ap.add_argument("--only", default="floor,ray,growth,writer,profile")
+    ap.add_argument("--only", default="floor,ray,growth,writer,driver,profile")
     ap.add_argument("--rounds", type=int, default=3, help="runs per floor/Ray setting (median reported)")
     ap.add_argument("--ray-child", nargs=3)
     ap.add_argument("--variants", default=None, help="comma list: pin the edit variants (default: demo config)")
@@ -287,8 +319,21 @@ def main() -> None:
                          f"ours {w['MB'] / w['ours_s']:.0f} MB/s vs plain tarfile {w['MB'] / w['plain_s']:.0f} MB/s "
                          f"= {w['plain_s'] / w['ours_s']:.2f}x; vs plain tarfile + fsync "
                          f"{w['MB'] / w['plain_fsync_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_s']:.2f}x"))
+            rows.append(("writer with the pairs/ copy beside each shard (same MB counted once)",
+                         f"{w['MB'] / w['ours_pairs_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_pairs_s']:.2f}x "
+                         "plain tarfile + fsync"))
             rows.append(("image encode (JPEG q95 / PNG, on the workers)",
                          f"{w['encode_ms_per_image']:.2f} ms/image"))
+        if "driver" in only:
+            straggle = {"COUNTERFACTORY_STRAGGLER_S": "30"}
+            for label, env in (("", None), (", first shard 30 s late", straggle)):
+                d = run_ray(args.n, 2, tmp / f"driver{len(label)}", env)
+                print(json.dumps({"driver_run": label, **d}), flush=True)
+                rows.append((f"driver process (ray, 2 CPU, N={args.n}{label})",
+                             f"stream + commit {1000 * d['driver_stream_cpu_s'] / d['inputs']:.2f} CPU ms/input, "
+                             f"whole run with card and audit {1000 * d['driver_cpu_s'] / d['inputs']:.2f} "
+                             "(RUSAGE_SELF), "
+                             f"peak RSS {d['driver_peak_rss'] / 2**20:.0f} MiB, {d['seconds']:.1f} s"))
         if "profile" in only:
             cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.root={tmp / 'demo'}"])
             res = run_pipeline(cfg, local=True)

@@ -304,6 +304,9 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "extra_tags": list(card_cfg.get("tags") or []),
         "media": media,
         "pairs": manifest["counts"].get("pairs"),
+        # what the pairs/ copy costs beside the per-source shards (issue 26: it doubles the bytes)
+        "bytes": {"shards": sum(s["bytes"] for s in manifest["shards"]),
+                  "pairs": sum(f["bytes"] for n, f in manifest.get("files", {}).items() if n.startswith(f"{PAIRS_DIR}/"))},
         "counts": {
             "inputs": manifest["counts"]["inputs"],
             "samples": len(mask_areas),
@@ -518,6 +521,14 @@ def _audit_markdown(a: dict[str, Any] | None) -> str:
     return audit.render_markdown(a) if a else "_not computed (audit.sample_pairs: 0)_"
 
 
+def _pairs_cost(card: dict[str, Any]) -> str:
+    b = card.get("bytes") or {}
+    if not b.get("pairs"):
+        return ""
+    return (f" Their cost: {b['pairs'] / 1e6:.1f} MB of `pairs/` beside {b['shards'] / 1e6:.1f} MB of shards "
+            "(each original is stored once per variant; `output.pairs: false` leaves them out).")
+
+
 def _load_section(card: dict[str, Any], pairs: bool) -> str:
     ext = card.get("media", "jpg")
     if not pairs:
@@ -527,7 +538,7 @@ def _load_section(card: dict[str, Any], pairs: bool) -> str:
 `orig.{ext}`, `counterfactual.{ext}`, {'`masks.npz`' if ext == 'mp4' else '`mask.png` (the region the edit changed)'}
 and `json` (key, variant, source, qa with the answer for the original and for the counterfactual, targets,
 edit method). They are written from the same bytes as the per-source shards, and listed with their
-sha256 in `manifest.json`.
+sha256 in `manifest.json`.{_pairs_cost(card)}
 
 ```python
 from datasets import load_dataset            # this folder, or the Hub repo it was pushed to

@@ -14,7 +14,6 @@ import json
 import sys
 import textwrap
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,7 @@ class RunProgress:
             self.start_idx = writer.resumed_inputs
         dt = max(time.monotonic() - self.t0, 1e-6)
         rate = (done - self.start_idx) / dt
-        rejects = Counter(f"{r['stage']}/{r['reason']}" for r in writer._rejects if r["variant"] is None)
-        top = ", ".join(f"{k} {n}" for k, n in rejects.most_common(2))
+        top = ", ".join(f"{k} {n}" for k, n in writer.reject_counts.most_common(2))
         extra = f"{sum(writer.variant_counts.values())} pairs" + (f", rejected {top}" if top else "")
         self.progress.update(self.task, completed=done, rate=f"{rate:.1f}/s", extra=extra)
 

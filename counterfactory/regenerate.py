@@ -12,6 +12,7 @@ from counterfactory.diff import spec_changes, version_config
 from counterfactory.layout import CONFIG, tar_members
 from counterfactory.pipeline.config import validate_config
 from counterfactory.pipeline.runner import run_pipeline
+from counterfactory.spec import with_placement
 from counterfactory.verify import verify
 from counterfactory.versions import Version, content_id, read_version
 
@@ -52,7 +53,7 @@ def regenerate(version: Version, scratch: Path, *, local: bool = False, progress
     """Re-run the stored spec into ``scratch`` and compare content ids byte for byte; the stored
     copy is verified as well (``stored_failures``)."""
     info = version.info
-    data = version_config(version.path)
+    data = with_placement(version_config(version.path), info.get("placement"))
     data.setdefault("output", {})["root"] = str(scratch)
     base = info.get("base_dir")
     cfg = validate_config(data, source=str(version.path / CONFIG),

@@ -65,6 +65,31 @@ def _drop(node: Any, path: list[str]) -> None:
             _drop(node[head], rest)
 
 
+def split_placement(cfg_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the version's ``config.yaml`` holds, where the run was placed). The content id
+    covers the first only: the same spec on 1 CPU or 64 nodes writes the same manifest. The placement (Ray settings, stage resources) is kept in ``version.json``
+    (``with_placement`` puts it back)."""
+    d = spec_config(cfg_dict)
+    # the failure budget stays in config.yaml: the card's --strict gate reads it there
+    d["failure_budget"] = cfg_dict.get("failure_budget")
+    place = {"ray": cfg_dict.get("ray"),
+             "resources": {s.get("name"): s.get("resources") for s in cfg_dict.get("stages", [])
+                           if isinstance(s, dict) and "resources" in s}}
+    return d, place
+
+
+def with_placement(cfg_dict: dict[str, Any], place: dict[str, Any] | None) -> dict[str, Any]:
+    """A saved ``config.yaml`` with the placement recorded beside it restored."""
+    d = json.loads(json.dumps(cfg_dict))
+    if (place or {}).get("ray") is not None:
+        d["ray"] = place["ray"]
+    for s in d.get("stages", []):
+        res = ((place or {}).get("resources") or {}).get(s.get("name"))
+        if res is not None:
+            s["resources"] = res
+    return d
+
+
 def spec_id(spec: dict[str, Any]) -> str:
     return sha256_bytes(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode())
 

@@ -209,7 +209,7 @@ def test_a_manifest_changed_after_planning_gives_rejects_not_other_records(tmp_p
 def test_a_read_task_block_is_cut_into_batches_of_the_first_stage(tmp_path: Path):
     """Ray joins a read task's slices into one block; the fused first step still runs its
     stages on at most batch_size rows at a time, with the same output."""
-    from counterfactory.pipeline import runner
+    from counterfactory.pipeline import datasink, runner
     from counterfactory.pipeline.inputs import plan_inputs
 
     cfg = make_config(tmp_path, [{"kind": "procedural", "count": 10, "seed": 2, "questions_per_scene": 2}])
@@ -221,13 +221,13 @@ def test_a_read_task_block_is_cut_into_batches_of_the_first_stage(tmp_path: Path
     chain = runner.StageChain(specs, run)
     original = chain.stages[0].apply
     chain.stages[0].apply = lambda samples: (seen.append(len(samples)), original(samples))
-    runner._CHAIN_CACHE[runner._chain_key(specs, run, None)] = chain
+    datasink._CHAINS[datasink.chain_key(specs, run, None)] = chain
     try:
         cut = runner._chain_task(batch, specs=specs, run=run, encode=None, max_rows=8)
         assert seen == [8, 8, 4]
         whole = runner._chain_task(batch, specs=specs, run=run, encode=None)
     finally:
-        runner._CHAIN_CACHE.clear()
+        datasink._CHAINS.clear()
     def untimed(out):  # per-stage seconds differ run to run; everything else must not
         return [{k: v for k, v in json.loads(m).items() if k != "seconds"} for m in out["meta"]]
 

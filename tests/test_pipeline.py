@@ -100,6 +100,43 @@ def test_two_runs_are_byte_identical_and_match_the_plain_loop(tmp_path, demo_run
     assert (local.out_dir / "manifest.json").read_bytes() == ref
 
 
+def test_content_id_does_not_depend_on_placement(tmp_path, demo_run):
+    """Shard k holds inputs [k * shard_size, (k + 1) * shard_size): one CPU per run or two, a
+    stage moved into an actor pool (its shards then gathered by a groupby) and the plain loop
+    all write the same manifest; the placement is recorded in version.json, not config.yaml."""
+    ref = (demo_run.out_dir / "manifest.json").read_bytes()
+    one = run_pipeline(_demo(tmp_path / "one", "ray.num_cpus=1"), limit=LIMIT, progress=False)
+    pool = run_pipeline(_demo(tmp_path / "pool", "stages.verify.resources.concurrency=1"), limit=LIMIT,
+                        progress=False)
+    assert (one.out_dir / "manifest.json").read_bytes() == ref
+    assert (pool.out_dir / "manifest.json").read_bytes() == ref
+    assert json.loads((one.out_dir / "version.json").read_text())["placement"]["ray"]["num_cpus"] == 1
+    assert "ray" not in (one.out_dir / "config.yaml").read_text()
+
+
+class _Killed(BaseException):
+    """Stands in for the driver's SIGKILL: not an Exception, so nothing swallows it."""
+
+
+def test_ray_run_killed_after_a_shard_resumes_per_shard(tmp_path, demo_run, monkeypatch):
+    """The workers wrote and journaled the shards: a driver gone after the first result leaves
+    them, and the rerun writes only the others, to the same manifest."""
+    real = writer_mod.DatasetCommit.on_write_result
+
+    def on_write_result(self, entry):
+        real(self, entry)
+        raise _Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(writer_mod.DatasetCommit, "on_write_result", on_write_result)
+        with pytest.raises(_Killed):
+            run_pipeline(_demo(tmp_path), limit=LIMIT, progress=False)
+    res = run_pipeline(_demo(tmp_path), limit=LIMIT, progress=False)
+    assert (res.out_dir / "manifest.json").read_bytes() == (demo_run.out_dir / "manifest.json").read_bytes()
+    resumed = json.loads((res.out_dir / "summary.json").read_text())["resumed"]
+    assert resumed["shards"] >= 1 and resumed["inputs"] >= 8
+
+
 def test_bad_inputs_through_ray_nothing_lost(tmp_path, odd_inputs, ray_local):
     manifest, expect = odd_inputs
     cfg = make_config(tmp_path, [{"kind": "manifest", "path": str(manifest)}, scenes_input(3)],
@@ -130,13 +167,15 @@ def test_failed_run_publishes_nothing_and_keeps_previous(tmp_path, monkeypatch):
     def boom(self):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writer_mod.DatasetWriter, "close", boom)
+    monkeypatch.setattr(writer_mod.DatasetCommit, "on_write_complete", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_pipeline(make_config(tmp_path, [scenes_input(3)]), local=True)
     assert (first.out_dir / "manifest.json").read_bytes() == before
-    # ROOT/demo holds v1 and the latest pointer (plus the source-hash cache); no staging left
+    # ROOT/demo holds v1 and the latest pointer (plus the source-hash cache, and the failed
+    # run's staging: its written shard stays for a resume, never a version)
     assert first.out_dir.name == "v1"
-    assert sorted(p.name for p in first.out_dir.parent.iterdir() if p.name != ".cache") == ["latest", "v1"]
+    assert sorted(p.name for p in first.out_dir.parent.iterdir()
+                  if p.name != ".cache" and not p.name.startswith(".staging-")) == ["latest", "v1"]
 
 
 def test_cli_run_prints_summary(tmp_path):

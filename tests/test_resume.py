@@ -17,16 +17,17 @@ class Killed(BaseException):
 
 
 def _crash_after(monkeypatch, n: int) -> None:
-    real = writer_mod.DatasetWriter._journal
+    """The driver killed once ``n`` shards are written and journaled (by their writers)."""
+    real = writer_mod.DatasetCommit.on_write_result
     calls = {"n": 0}
 
-    def journal(self, rows):
-        real(self, rows)
+    def on_write_result(self, entry):
+        real(self, entry)
         calls["n"] += 1
         if calls["n"] == n:
             raise Killed()
 
-    monkeypatch.setattr(writer_mod.DatasetWriter, "_journal", journal)
+    monkeypatch.setattr(writer_mod.DatasetCommit, "on_write_result", on_write_result)
 
 
 def _cfg(tmp_path, name: str, **top):
@@ -68,7 +69,8 @@ def test_damaged_shard_is_recomputed(tmp_path, monkeypatch):
     shard = staging / "demo-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-10] + b"x" * 10)  # same size, other bytes
     res = run_pipeline(cfg, local=True, progress=False)
-    assert json.loads((res.out_dir / "summary.json").read_text())["resumed"]["shards"] == 1
+    # shards stand alone: 0 and 2 are kept, only the damaged 1 is written again
+    assert json.loads((res.out_dir / "summary.json").read_text())["resumed"]["shards"] == 2
     assert (res.out_dir / "manifest.json").read_bytes() == (ref.out_dir / "manifest.json").read_bytes()
 
 

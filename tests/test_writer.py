@@ -9,7 +9,14 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from counterfactory.pipeline.writer import TAR_MTIME, DatasetWriter, _TarShard, _ustar_header
+from counterfactory.pipeline.writer import (
+    TAR_MTIME,
+    DatasetCommit,
+    ShardWriter,
+    _TarShard,
+    _ustar_header,
+    shard_range,
+)
 
 
 def _tarfile_header(name: str, size: int) -> bytes:
@@ -59,15 +66,32 @@ def test_shard_rejects_non_bytes(tmp_path):
         shard.write_sample("k", {"json": {"a": 1}})
 
 
+def _write(out, shard_size: int, rows: list[tuple], *, pairs: bool = False, config=None) -> dict:
+    """Each shard written by its own ShardWriter (as a Ray task would), last shard first, the
+    results committed as they come; returns the manifest."""
+    n = len(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".d-000000.tar.4242.tmp").write_bytes(b"half")  # a worker killed mid-shard
+    commit = DatasetCommit(out, "d", shard_size, n, config or {}, "h", pairs=pairs)
+    for k in reversed(commit.on_write_start()):
+        lo, hi = shard_range(k, shard_size, n)
+        w = ShardWriter(out, "d", k, lo, hi, pairs=pairs)
+        for r in rows[lo:hi]:
+            w.add(*r)
+        commit.on_write_result(w.finish())
+    return commit.on_write_complete()
+
+
+META = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove"],
+        "qa": [{"question": "q", "kind": "exists", "answers": {"orig": "yes", "remove": "no"}}],
+        "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "metrics": {}}
+
+
 def test_writer_shards_manifest_and_journal(tmp_path):
-    """Shards are renamed into place whole, checksummed, journaled; no temporary file remains."""
-    meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["remove"],
-            "qa": [{"question": "q", "kind": "exists", "answers": {"orig": "yes", "remove": "no"}}],
-            "targets": ["cat"], "instances": [{}], "mask": {"area_frac": 0.1}, "metrics": {}}
-    w = DatasetWriter(tmp_path, "d", 2, 5, {"a": 1}, "h", pairs=False)  # pairs: test below
-    for i in reversed(range(5)):  # any arrival order: shards follow the input order
-        w.add(i, f"k{i}", "ok", meta, {"json": b"{}", "orig.jpg": b"x" * (100 * i)})
-    manifest = w.close()
+    """Shards are renamed into place whole, checksummed, journaled; no temporary file remains;
+    shards written in any order are committed in shard order."""
+    rows = [(i, f"k{i}", "ok", META, {"json": b"{}", "orig.jpg": b"x" * (100 * i)}) for i in range(5)]
+    manifest = _write(tmp_path, 2, rows, config={"a": 1})
     assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
     for s in manifest["shards"]:
         data = (tmp_path / s["name"]).read_bytes()
@@ -77,6 +101,32 @@ def test_writer_shards_manifest_and_journal(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))
     with tarfile.open(tmp_path / "d-000000.tar") as tf:
         assert tf.getnames() == ["k0.json", "k0.orig.jpg", "k1.json", "k1.orig.jpg"]
+
+
+def test_shard_is_a_fixed_input_range_and_a_rewrite_is_identical(tmp_path):
+    """A range whose inputs were all rejected has an empty tar (names 0..K-1, no gaps); a
+    retried write of a shard gives the same bytes; inputs must come in order."""
+    rej = {"uri": "gone.png", "origin": "m", "reject": {"stage": "ingest", "reason": "file_not_found", "detail": ""}}
+    rows = [(0, "k0", "ok", META, {"json": b"{}"}), (1, "", "rejected", rej, {}),
+            (2, "", "rejected", rej, {}), (3, "k3", "ok", META, {"json": b"{}"})]
+    manifest = _write(tmp_path, 2, rows)
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [("d-000000.tar", 1), ("d-000001.tar", 1)]
+    manifest = _write(tmp_path / "b", 1, rows)
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [
+        ("d-000000.tar", 1), ("d-000001.tar", 0), ("d-000002.tar", 0), ("d-000003.tar", 1)]
+    with tarfile.open(tmp_path / "b" / "d-000001.tar") as tf:
+        assert tf.getnames() == []
+    assert manifest["counts"]["samples"] + manifest["counts"]["rejected_inputs"] == 4
+    before = (tmp_path / "b" / "d-000003.tar").read_bytes()
+    again = ShardWriter(tmp_path / "b", "d", 3, 3, 4, pairs=False)
+    again.add(*rows[3])
+    assert again.finish()["shard"] == manifest["shards"][3]
+    assert (tmp_path / "b" / "d-000003.tar").read_bytes() == before
+    w = ShardWriter(tmp_path, "d", 0, 0, 2, pairs=False)
+    with pytest.raises(RuntimeError, match="expected 0"):
+        w.add(1, "k1", "ok", META, {})
+    with pytest.raises(RuntimeError, match="never arrived"):
+        w.finish()
 
 
 def test_index_has_typed_answers_and_metrics(tmp_path):
@@ -97,9 +147,7 @@ def test_index_has_typed_answers_and_metrics(tmp_path):
                         "flip": {"mirror_exact": True}}}
     parts = {"json": b"{}", "orig.jpg": b"o", "remove.jpg": b"r", "flip.jpg": b"f", "mask.png": b"m",
              "remove_mask.png": b"rm"}
-    w = DatasetWriter(tmp_path, "d", 2, 1, {}, "h")
-    w.add(0, "k0", "ok", meta, parts)
-    manifest = w.close()
+    manifest = _write(tmp_path, 2, [(0, "k0", "ok", meta, parts)], pairs=True)
     t = pq.read_table(tmp_path / "index.parquet")
     assert t.schema.field("answers").type == ANSWERS_TYPE and t.schema.field("metrics").type == METRICS_TYPE
     flat = pc.list_flatten(t.column("answers"))
@@ -123,7 +171,7 @@ def test_an_answer_for_an_unknown_variant_is_refused(tmp_path):
     meta = {"source": {"image": "x.png", "origin": "t", "sha256": "s"}, "variants": ["warp"],
             "qa": [{"question": "q", "kind": "existence", "answers": {"orig": "yes", "warp": "no"}}],
             "targets": [], "instances": [], "mask": {"area_frac": 0.1}, "metrics": {}}
-    w = DatasetWriter(tmp_path, "d", 2, 1, {}, "h", pairs=False)
+    w = ShardWriter(tmp_path, "d", 0, 0, 1, pairs=False)
     with pytest.raises(ValueError, match="warp"):
         w.add(0, "k0", "ok", meta, {"json": b"{}", "orig.jpg": b"o"})
 
@@ -140,12 +188,11 @@ def test_index_and_rejects_name_an_image_or_a_clip_by_its_source_uri(tmp_path):
     base = {"qa": [{"question": "q", "kind": "existence", "answers": {"orig": "yes", "remove": "no"}}],
             "targets": [], "instances": [], "mask": {"area_frac": 0.1}, "metrics": {}, "variants": ["remove"],
             "variant_rejects": [{"stage": "edit", "variant": "blackout", "reason": "r", "detail": ""}]}
-    w = DatasetWriter(tmp_path, "d", 4, 3, {}, "h", pairs=False)
-    w.add(0, "k0", "ok", {**base, "source": {"image": "x.png", "origin": "m:1", "sha256": "s0"}}, {"json": b"{}"})
-    w.add(1, "k1", "ok", {**base, "source": {"video": "c.mp4", "origin": "m:2", "sha256": "s1"}}, {"json": b"{}"})
-    w.add(2, "", "rejected", {"uri": "gone.mp4", "origin": "m:3", "media": "video",
-                              "reject": {"stage": "ingest", "reason": "file_not_found", "detail": ""}}, {})
-    w.close()
+    _write(tmp_path, 4, [
+        (0, "k0", "ok", {**base, "source": {"image": "x.png", "origin": "m:1", "sha256": "s0"}}, {"json": b"{}"}),
+        (1, "k1", "ok", {**base, "source": {"video": "c.mp4", "origin": "m:2", "sha256": "s1"}}, {"json": b"{}"}),
+        (2, "", "rejected", {"uri": "gone.mp4", "origin": "m:3", "media": "video",
+                             "reject": {"stage": "ingest", "reason": "file_not_found", "detail": ""}}, {})])
     assert [r["source"] for r in pq.read_table(tmp_path / "index.parquet").to_pylist()] == ["x.png", "c.mp4"]
     rejects = pq.read_table(tmp_path / "rejects.parquet").to_pylist()
     assert [(r["source"], r["origin"], r["variant"]) for r in rejects] == [

@@ -193,7 +193,7 @@ InputConfig = Annotated[
 class OutputConfig(Strict):
     root: str = Field("outputs", description="a local folder, or an object-store URI (s3://bucket/prefix, "
                                          "gs://, hdfs://, abfs://: anything pyarrow.fs or fsspec opens)")
-    shard_size: int = Field(64, ge=1, description="samples per shard")
+    shard_size: int = Field(64, ge=1, description="inputs per shard: shard k holds the accepted samples of inputs [k*size, (k+1)*size)")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=50, le=100)
     pairs: bool = Field(True, description="also write pairs/: one sample per original x variant with the same "

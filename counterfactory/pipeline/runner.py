@@ -3,8 +3,9 @@
 Each stage is one ``map_batches`` step placed with the resources of its config entry.
 Stateless stages run as Ray tasks (Ray fuses consecutive ones into one operator, so the CPU
 default pays no hand-off between stages); stages that hold models, or whose config sets
-``concurrency``, run as actor pools, constructed once per actor. The driver only consumes
-finished rows and writes bytes (``DatasetWriter``).
+``concurrency``, run as actor pools, constructed once per actor. Shards are written
+beside the stages (``datasink``: one task per shard, or a group per shard after an actor step);
+the driver commits their small results (``writer.DatasetCommit``).
 """
 
 # Over ~450 lines on purpose: Ray init, step planning, resume and the failure budget are one
@@ -41,6 +42,14 @@ from counterfactory.layout import (
 )
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
+from counterfactory.pipeline.datasink import (
+    ShardSink,
+    add_shard_column,
+    batches_of,
+    cached_chain,
+    write_group,
+    write_local,
+)
 from counterfactory.pipeline.inputs import (
     InputPlan,
     pipeline_rows,
@@ -48,10 +57,10 @@ from counterfactory.pipeline.inputs import (
     read_slice,
     slices_from,
 )
-from counterfactory.pipeline.writer import DatasetWriter, PartEncoder
+from counterfactory.pipeline.writer import DatasetCommit, PartEncoder, shard_range
 from counterfactory.publish import FailureBudgetExceeded, finish_reused, publish_version
 from counterfactory.sample import RunSettings
-from counterfactory.spec import build_spec, check_sources_unchanged, spec_id
+from counterfactory.spec import build_spec, check_sources_unchanged, spec_id, split_placement
 from counterfactory.stages import get_backend
 from counterfactory.storage import (
     StorageError,
@@ -62,23 +71,13 @@ from counterfactory.storage import (
     read_parquet,
 )
 
-_CHAIN_CACHE: dict[str, StageChain] = {}
-
-
-def _chain_key(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> str:
-    return json.dumps([[s.key() for s in specs], run.model_dump_json(), encode], sort_keys=True)
-
 
 def _chain_task(batch: dict, *, specs: list[StageSpec], run: RunSettings, encode: dict | None,
                 max_rows: int | None = None) -> dict:
     """Task-mode entry: build the chain once per worker process and reuse it for every batch.
     ``max_rows`` cuts a larger block into batches of at most that many rows (the read step of a
     task joins its slices into one block before the fused first step sees it)."""
-    cache_key = _chain_key(specs, run, encode)
-    chain = _CHAIN_CACHE.get(cache_key)
-    if chain is None:
-        encoder = PartEncoder(**encode) if encode else None
-        chain = _CHAIN_CACHE[cache_key] = StageChain(specs, run, encoder)
+    chain = cached_chain(specs, run, encode)
     n = len(batch["idx"])
     if not max_rows or n <= max_rows:
         return chain(batch)
@@ -176,11 +175,11 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
 
 
 def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]], *, stop_after: str | None = None,
-                  encode: bool = True, batch_size: int = 8, start: int = 0,
+                  encode: bool = True, batch_size: int = 8, start: int = 0, end: int | None = None,
                   overlap: bool = False) -> Iterator[dict[str, Any]]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
     the benchmark floor. ``inputs`` is a run's input plan (read slice by slice) or a list of
-    records. ``stop_after`` ends after the named stage (arrays left unencoded). ``overlap``
+    records; inputs ``[start, end)`` only. ``stop_after`` ends after the named stage (arrays left unencoded). ``overlap``
     runs the reader, each step and the encoder in threads of their own (``overlap.staged``):
     the same outputs, with host work beside the device work instead of between it."""
     run = cfg.run_settings()
@@ -194,8 +193,9 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
                                           for row in pipeline_rows(read_slice(sl), sl["idx0"], start, cfg.seed, chash))
     else:
         rows = iter(pipeline_rows(inputs, 0, start, cfg.seed, chash))
-    batches = ({k: np.array([r[k] for r in chunk], dtype=np.int64 if k == "idx" else object) for k in chunk[0]}
-               for chunk in iter(lambda: list(itertools.islice(rows, batch_size)), []))
+    if end is not None:
+        rows = itertools.takewhile(lambda r: r["idx"] < end, rows)
+    batches = batches_of(rows, batch_size)
     if not overlap:
         yield from (chain(b) for b in batches)
         return
@@ -228,7 +228,9 @@ def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str
     return staged(batches, [*fns, finish])
 
 
-def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
+def build_dataset(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: ShardSink):
+    """The run as a Ray dataset whose rows are the written shards' journal entries (``k``,
+    ``entry``): the shards ``todo`` are written by the workers (see ``datasink``)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -240,11 +242,31 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
     # Ray 2.60 warns on any extra remote argument, but the retry settings below have no named
     # parameter yet: keep the warning out of every run's output.
     warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
-    from counterfactory.pipeline.source import InputSlices
+    from counterfactory.pipeline.source import InputSlices, ShardTasks
 
-    source = InputSlices(plan, start, cfg.seed, cfg.config_hash(), ray.cluster_resources().get("CPU", 1))
-    blocks = source.num_tasks
     steps = plan_steps(cfg)
+    encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
+    if not any(step.actors for step in steps):
+        # every stage a task: one task per shard reads, runs every stage and writes its shard,
+        # asking for the most any step asks (the steps would share the task once fused anyway)
+        source = ShardTasks(plan, todo, sink, seed=cfg.seed, chash=cfg.config_hash(),
+                            specs=[sp for step in steps for sp in step.specs], run=run, encode=encode,
+                            batch_size=steps[0].resources.batch_size)
+        args: dict[str, Any] = {"num_cpus": max(st.resources.num_cpus for st in steps)}
+        for key in ("num_gpus", "memory"):
+            most = max((getattr(st.resources, key) or 0) for st in steps)
+            if most:
+                args[key] = most
+        return ray.data.read_datasource(source, override_num_blocks=max(1, source.num_tasks),
+                                        ray_remote_args={"max_retries": retries}, **args)
+    # an actor step: the stages as map steps over the inputs of the shards still to write, then
+    # each shard written from its rows, wherever they were computed
+    from counterfactory.pipeline.datasink import shard_slices
+
+    cut = [{**sl, "lo": lo, "hi": hi} for k, group in shard_slices(plan, sink, todo)
+           for lo, hi in [shard_range(k, sink.shard_size, sink.n_inputs)] for sl in group]
+    source = InputSlices(plan, 0, cfg.seed, cfg.config_hash(), ray.cluster_resources().get("CPU", 1), slices=cut)
+    blocks = source.num_tasks
     # The read asks for exactly what a first task step on CPU asks (Ray fuses only equal
     # requests), and that step takes the read's block whole (batch_size None: Ray fuses no
     # read into a step with a batch size), cutting it into batches itself. Before an actor or
@@ -256,7 +278,6 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
         read_args["memory"] = first.memory
     ds = ray.data.read_datasource(source, override_num_blocks=max(1, blocks),
                                   ray_remote_args={"max_retries": retries}, **read_args)
-    encode = {"image_format": cfg.output.image_format, "jpeg_quality": cfg.output.jpeg_quality}
     for i, step in enumerate(steps):
         r = step.resources
         whole = i == 0 and fused_read
@@ -283,7 +304,9 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, start: int = 0):
         ds = ds.map_batches(_chain_task, fn_kwargs={"specs": [], "run": run, "encode": encode},
                             batch_size=steps[-1].resources.batch_size, batch_format="numpy", num_cpus=1,
                             max_retries=retries)
-    return ds
+    ds = ds.map_batches(add_shard_column, fn_kwargs={"shard_size": sink.shard_size}, batch_format="numpy",
+                        num_cpus=1, max_retries=retries)
+    return ds.groupby("shard").map_groups(write_group, fn_kwargs={"sink": sink}, batch_format="numpy")
 
 
 def dataset_location(cfg: PipelineConfig) -> tuple[versions.Dataset, str]:
@@ -319,26 +342,48 @@ def _lock_staging(staging: Path) -> int:
 
 
 class _Stream:
-    """Feeds finished batches to the writer, timing how long the driver waited for them."""
+    """Feeds the written shards' results to the commit, timing how long the driver waited."""
 
     def __init__(self) -> None:
         self.wall = 0.0
         self.wait = 0.0
         self.ray_ops: list[dict[str, Any]] = []
 
-    def consume(self, batches: Iterator[dict[str, Any]], writer: DatasetWriter, on_progress: Any = None) -> None:
+    def consume(self, entries: Iterator[dict[str, Any]], commit: DatasetCommit, on_progress: Any = None) -> None:
         t0 = time.perf_counter()
-        it = iter(batches)
+        it = iter(entries)
         while True:
             tw = time.perf_counter()
-            batch = next(it, None)
+            entry = next(it, None)
             self.wait += time.perf_counter() - tw
-            if batch is None:
+            if entry is None:
                 break
-            writer.add_batch(batch)
+            commit.on_write_result(entry)
             if on_progress is not None:
-                on_progress(writer)
+                on_progress(commit)
         self.wall = time.perf_counter() - t0
+
+
+def _own_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _entries(ds: Any) -> Iterator[dict[str, Any]]:
+    """The journal entries of the shards the workers wrote, as they finish (any order)."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for raw in batch["entry"]:
+            yield json.loads(raw)
+
+
+def _local_entries(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: ShardSink) -> Iterator[dict[str, Any]]:
+    """The plain loop, over each run of consecutive shards still to write."""
+    for _, run in itertools.groupby(enumerate(todo), key=lambda t: t[1] - t[0]):
+        ks = [k for _, k in run]
+        lo, hi = shard_range(ks[0], sink.shard_size, sink.n_inputs)[0], shard_range(ks[-1], sink.shard_size, sink.n_inputs)[1]
+        yield from write_local(local_batches(cfg, plan, start=lo, end=hi, overlap=True), sink)
 
 
 def _ray_operator_stats(ds: Any) -> list[dict[str, Any]]:
@@ -362,15 +407,14 @@ def _ray_operator_stats(ds: Any) -> list[dict[str, Any]]:
     return out
 
 
-def stage_report(cfg: PipelineConfig, writer: DatasetWriter, stream: _Stream,
+def stage_report(cfg: PipelineConfig, writer: DatasetCommit, stream: _Stream,
                  wall: float) -> list[dict[str, Any]]:
     """Per stage: rows in and out, rejects, busy seconds (time in the stage's code, summed over
     samples), throughput per busy second, and for GPU stages the share of GPU time used."""
-    input_rejects: dict[str, int] = {}
-    variant_rejects: dict[str, int] = {}
-    for r in writer._rejects:
-        d = input_rejects if r["variant"] is None else variant_rejects
-        d[r["stage"]] = d.get(r["stage"], 0) + 1
+    input_rejects: Counter[str] = Counter()
+    for why, n in writer.reject_counts.items():
+        input_rejects[why.split("/", 1)[0]] += n
+    variant_rejects = writer.variant_reject_stages
     rows = writer.n_inputs
     table = []
     busy_wall = stream.wall if stream.wall > 0 else wall
@@ -483,29 +527,32 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     lock = _lock_staging(staging)
     writer = None
     try:
-        saved = cfg.resolved()
-        # the saved spec is location-free so that the same run elsewhere has the same manifest
-        saved["output"].pop("root")
+        # the saved spec is location- and placement-free so that the same run elsewhere, on more
+        # or fewer CPUs, has the same manifest (the placement goes to version.json)
+        saved, placement = split_placement(cfg.resolved())
         share = cfg.failure_budget.max_reject_share
-        writer = DatasetWriter(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
+        writer = DatasetCommit(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
                                saved, cfg.config_hash(),
                                max_rejected_inputs=None if share is None else int(share * n_inputs),
                                fill_missing=cfg.failure_budget.max_errored_blocks > 0,
                                pairs=cfg.output.pairs)
-        start = writer.resume()
+        todo = writer.on_write_start()
+        start = writer.resumed_inputs
+        sink = ShardSink(str(staging), cfg.dataset, cfg.output.shard_size, n_inputs, cfg.output.pairs)
         stream = _Stream()
-        if start < n_inputs and local:
-            stream.consume(local_batches(cfg, plan, start=start, overlap=True), writer, on_progress)
-        elif start < n_inputs:
+        cpu0 = _own_cpu()
+        if todo and local:
+            stream.consume(_local_entries(cfg, plan, todo, sink), writer, on_progress)
+        elif todo:
             init_ray(cfg, verbose=verbose)
             import ray
 
             ray.data.DataContext.get_current().enable_progress_bars = progress
-            ds = build_dataset(cfg, plan, start)
-            stream.consume(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2), writer,
-                           on_progress)
+            ds = build_dataset(cfg, plan, todo, sink)
+            stream.consume(_entries(ds), writer, on_progress)
             stream.ray_ops = _ray_operator_stats(ds)
-        manifest = writer.close()
+        manifest = writer.on_write_complete()
+        driver_cpu = _own_cpu() - cpu0  # the stream and the commit: what grows with the inputs
         if n_inputs and not manifest["counts"]["samples"]:
             # an empty version would become `latest` and, named by the same spec, be reused by
             # the rerun meant to fix it (a model that failed to load, an endpoint that was down)
@@ -526,6 +573,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                    "stages": stage_report(cfg, writer, stream, seconds),
                    "pipeline": {"wall_seconds": round(stream.wall, 3),
                                 "driver_wait_seconds": round(stream.wait, 3),
+                                # this process's CPU (Ray's driver threads included) from the first
+                                # shard to the manifest; with local=True it includes the stages
+                                "driver_cpu_seconds": round(driver_cpu, 3),
                                 "inputs_per_second": round((n_inputs - start) / stream.wall, 3)
                                 if stream.wall > 0 else None},
                    "ray_operators": stream.ray_ops}
@@ -537,7 +587,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
             return {"format": "counterfactory-version/1", "label": label, "dataset": cfg.dataset,
                     "spec_id": sid, "content_id": cid, "created": versions.now_utc(),
                     "parent": parent, "spec": spec, "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
-                    "root": root,
+                    "root": root, "placement": placement,
                     "command": command, **({"limited": True} if limited else {})}
 
         version = publish_version(staging, ds_dir, make_info,

@@ -1,19 +1,18 @@
 """The output format: WebDataset shards of paired samples, an index, a rejects ledger, a manifest.
 
-Two halves: ``PartEncoder`` runs on the Ray workers as the last map step and turns a sample's
-arrays into the bytes of its tar members; ``DatasetWriter`` runs in the driver and only writes
-bytes. It reorders rows by input index so shard contents never depend on Ray's execution order,
-writes each shard under a temporary name, fsyncs and renames it, and streams index and rejects
-rows to parquet as shards complete. The manifest (per-shard sha256, bytes, sample count) holds
-no timestamps, so the same config and inputs give a byte-identical manifest.
+Three parts: ``PartEncoder`` turns a sample's arrays into the bytes of its tar members;
+``ShardWriter`` writes one shard where its samples are made (a Ray task beside the stages, see
+``datasink``): shard ``k`` is the accepted samples of inputs ``[k * shard_size, (k + 1) *
+shard_size)`` in input order, under a temporary name, fsynced and renamed, with its ``pairs/``
+copy, then its journal entry (``.journal/K.json``: checksums, index rows, rejects, counters);
+``DatasetCommit`` runs in the driver in the shape of a Ray ``Datasink``: it receives each
+shard's small result, never a sample's bytes, and at the end makes index and rejects (from the
+journal entries, in shard order), config, shard index and the manifest (per-shard sha256, bytes,
+sample count; no timestamps, so the same config and inputs give a byte-identical manifest).
 
-Resume: after each shard is renamed into place the writer journals it (``.journal/NNNNNN.json``,
-written atomically): the shard's name, sha256, bytes and samples, the input index the stream
-has reached, the shard's index rows, the rejects recorded since the previous shard, and the
-running counters. ``resume()`` replays the journal of a staging folder left by a killed run,
-keeps every shard whose bytes still match its sha256 (the first mismatch ends the replay) and
-says from which input to continue. Shards are assigned in input order, so recomputing the
-inputs after that point gives the same following shards: the final manifest equals an
+Resume: ``on_write_start`` keeps every journaled shard whose files still match their sha256,
+each on its own (a kill leaves any pattern of finished shards); only the others are written
+again, and since a shard's content is fixed by its input range the final manifest equals an
 uninterrupted run's.
 """
 
@@ -235,63 +234,51 @@ class PartEncoder:
         return parts
 
 
-class DatasetWriter:
-    """Driver side: ordered, atomic, streaming. ``add`` rows in any order; ``close`` at the end."""
+def shard_name(dataset: str, k: int) -> str:
+    return f"{dataset}-{k:06d}.tar"
 
-    def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
-                 config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
-                 fill_missing: bool = False, pairs: bool = True) -> None:
-        self.out_dir = out_dir
-        # the pairs layout (``pairs/``), written beside each shard from the same bytes
-        self.pairs = pairs
-        self.pair_shards: list[dict[str, Any]] = []
-        self._pair_tar: _TarShard | None = None
-        # failure budget: more rejected inputs than this stops the run (None: no limit)
-        self.max_rejected_inputs = max_rejected_inputs
-        # inputs lost with an errored block (Ray Data max_errored_blocks) become rejects at close
-        self.fill_missing = fill_missing
-        self.rejected_inputs = 0
-        self.resumed_shards = 0
-        self.resumed_inputs = 0
-        self._cursor = 0  # inputs fully accounted for (journaled with each shard)
-        self._rejects_journaled = 0
-        self.dataset = dataset
-        self.shard_size = shard_size
-        self.n_inputs = n_inputs
-        self.config = config
-        self.config_hash = config_hash
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.pending: dict[int, tuple[str, str, dict[str, Any], dict[str, bytes]]] = {}
-        self.next_idx = 0
+
+def shard_range(k: int, shard_size: int, n_inputs: int) -> tuple[int, int]:
+    """Shard ``k`` holds the accepted samples of inputs ``[k * shard_size, (k + 1) * shard_size)``:
+    fixed by input index alone, so no block size, task order or cluster size moves a sample."""
+    return k * shard_size, min((k + 1) * shard_size, n_inputs)
+
+
+def n_shards(shard_size: int, n_inputs: int) -> int:
+    return -(-n_inputs // shard_size)
+
+
+class ShardWriter:
+    """One shard, written where its samples are made (a Ray task, or the local loop): the
+    accepted samples of inputs ``[lo, hi)`` in input order, the ``pairs/`` copy beside it from the
+    same bytes, each under a temporary name, fsynced and renamed; then its journal entry
+    (``.journal/K.json``: the shard's checksums, index rows, rejects and counters). A retried
+    task writes the same bytes under the same names, so a retry is harmless. ``finish`` returns
+    the entry without its rows: the small result the driver commits (``DatasetCommit``)."""
+
+    def __init__(self, out_dir: Path, dataset: str, k: int, lo: int, hi: int, *, pairs: bool = True) -> None:
+        self.out_dir, self.dataset, self.k, self.lo, self.hi, self.pairs = out_dir, dataset, k, lo, hi, pairs
+        self.name = shard_name(dataset, k)
+        self.next_idx = lo
         self.keys: set[str] = set()
-        self.shards: list[dict[str, Any]] = []
         self._tar: _TarShard | None = None
-        self._index_rows: list[dict[str, Any]] = []
-        self._index_writer = pq.ParquetWriter(out_dir / ".index.parquet.tmp", INDEX_SCHEMA)
-        self._rejects: list[dict[str, Any]] = []
+        self._pair_tar: _TarShard | None = None
+        self.index_rows: list[dict[str, Any]] = []
+        self.rejects: list[dict[str, Any]] = []
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self.variant_counts: Counter[str] = Counter()
         self.kind_counts: Counter[str] = Counter()
-        # which members samples carry (variants differ per sample): readers that need one
-        # schema for the whole dataset (Hugging Face datasets) take it from here
         self.part_counts: Counter[str] = Counter()
-        self.samples = 0
 
-    # -- rows in ---------------------------------------------------------------------------
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         for s in decode_batch(batch):
             self.add(s.idx, s.key, s.status, s.meta, s.arrays.get("parts", {}))
 
     def add(self, idx: int, key: str, status: str, meta: dict[str, Any], parts: dict[str, bytes]) -> None:
-        if idx in self.pending or idx < self.next_idx:
-            raise RuntimeError(f"input {idx} arrived twice")
-        self.pending[idx] = (key, status, meta, parts)
-        while self.next_idx in self.pending:
-            self._emit(self.next_idx, *self.pending.pop(self.next_idx))
-            self.next_idx += 1
-
-    def _emit(self, idx: int, key: str, status: str, meta: dict[str, Any], parts: dict[str, bytes]) -> None:
-        self._cursor = idx + 1  # everything this input adds precedes a shard close it triggers
+        """The next input of the range (inputs come in order: one task reads its range in order)."""
+        if idx != self.next_idx:
+            raise RuntimeError(f"shard {self.k}: input {idx} arrived, expected {self.next_idx}")
+        self.next_idx += 1
         for stage, sec in meta.get("seconds", {}).items():
             self.stage_seconds[stage] += sec
         # an input rejected before ingest has no source record yet: its reference is still "uri"
@@ -308,14 +295,11 @@ class DatasetWriter:
         self.keys.add(key)
         for vr in meta.get("variant_rejects", []):
             self._reject(key, idx, source, origin, vr["stage"], vr["reason"], vr["detail"], vr["variant"])
-        # the row must be queued before the write, which may close (and flush) the shard
-        shard = self._shard_name(len(self.shards))
-        self.samples += 1
         self.variant_counts.update(meta["variants"])
         self.part_counts.update(parts.keys())
         self.kind_counts.update(q["kind"] for q in meta["qa"])
-        self._index_rows.append({
-            "key": key, "shard": shard, "input_index": idx, "source": source,
+        self.index_rows.append({
+            "key": key, "shard": self.name, "input_index": idx, "source": source,
             "source_sha256": meta["source"]["sha256"], "variants": meta["variants"],
             "questions": [q["question"] for q in meta["qa"]],
             "question_kinds": [q["kind"] for q in meta["qa"]],
@@ -324,69 +308,52 @@ class DatasetWriter:
             "mask_area_frac": meta["mask"]["area_frac"],
             "metrics": index_metrics(meta["metrics"]),
         })
-        self._write_sample(key, parts, meta)
-
-    def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
-        self._rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
-                              "stage": stage, "reason": reason, "detail": detail, "variant": variant})
-        if variant is None:
-            self.rejected_inputs += 1
-            cap = self.max_rejected_inputs
-            if cap is not None and self.rejected_inputs > cap:
-                raise FailureBudgetExceeded(
-                    f"failure budget exceeded: {self.rejected_inputs} of {self.n_inputs} inputs rejected "
-                    f"(failure_budget.max_reject_share allows {cap}); last: input {idx} at {stage}: {reason}; "
-                    f"{len(self.shards)} completed shard(s) kept, rerun the same spec to resume")
-
-    # -- shards ------------------------------------------------------------------------------
-    def _shard_name(self, i: int) -> str:
-        return f"{self.dataset}-{i:06d}.tar"
-
-    def _write_sample(self, key: str, parts: dict[str, bytes], meta: dict[str, Any]) -> None:
         if self._tar is None:
-            name = self._shard_name(len(self.shards))
-            self._tar = _TarShard(self.out_dir / f".{name}.tmp")
-            if self.pairs:
-                (self.out_dir / PAIRS_DIR).mkdir(exist_ok=True)
-                self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{name}.tmp")
+            self._open()
         self._tar.write_sample(key, parts)
         if self._pair_tar is not None:
             # the sample's own fields (what KEY.json holds), so pairs and shard never disagree
             for pair_key, members in pair_samples({**meta, "key": key}, parts):
                 self._pair_tar.write_sample(pair_key, members)
-        if self._tar.samples >= self.shard_size:
-            self._close_shard()
 
-    def _close_shard(self) -> None:
-        tar = self._tar
-        if tar is None:
-            return
+    def _open(self) -> None:
+        self._tar = _TarShard(self.out_dir / f".{self.name}.{os.getpid()}.tmp")
+        if self.pairs:
+            (self.out_dir / PAIRS_DIR).mkdir(exist_ok=True)
+            self._pair_tar = _TarShard(self.out_dir / PAIRS_DIR / f".{self.name}.{os.getpid()}.tmp")
+
+    def _reject(self, key, idx, source, origin, stage, reason, detail, variant) -> None:
+        self.rejects.append({"key": key, "input_index": idx, "source": source, "origin": origin,
+                             "stage": stage, "reason": reason, "detail": detail, "variant": variant})
+
+    @staticmethod
+    def _close(tar: _TarShard, final: Path, name: str) -> dict[str, Any]:
         tar.finish()  # end blocks, fsync, close
-        name = self._shard_name(len(self.shards))
-        os.replace(tar.tmp, self.out_dir / name)
+        os.replace(tar.tmp, final)
         # hashed on the way out: one pass over the bytes, not a re-read of the shard
-        self.shards.append({"name": name, "sha256": tar.sha.hexdigest(), "bytes": tar.size,
-                            "samples": tar.samples})
-        if self._pair_tar is not None:
-            pt, self._pair_tar = self._pair_tar, None
-            pt.finish()
-            os.replace(pt.tmp, self.out_dir / PAIRS_DIR / name)
-            self.pair_shards.append({"name": f"{PAIRS_DIR}/{name}", "sha256": pt.sha.hexdigest(),
-                                     "bytes": pt.size, "samples": pt.samples})
-        self._index_writer.write_table(pa.Table.from_pylist(self._index_rows, schema=INDEX_SCHEMA))
-        self._journal(self._index_rows)
-        self._index_rows = []
-        self._tar = None
+        return {"name": name, "sha256": tar.sha.hexdigest(), "bytes": tar.size, "samples": tar.samples}
 
-    # -- journal / resume ----------------------------------------------------------------------
-    def _journal(self, index_rows: list[dict[str, Any]]) -> None:
-        """Record the shard just renamed into place; atomic, so a kill leaves it whole or absent."""
+    def finish(self) -> dict[str, Any]:
+        """Close the shard, journal it, and return the driver's part of the journal entry. A range
+        whose inputs were all rejected gets an empty tar: shard names stay 0..K-1 without gaps
+        (``{000000..K-1}`` brace patterns), and a file per shard says the shard is done."""
+        if self.next_idx != self.hi:
+            raise RuntimeError(f"shard {self.k}: inputs {self.next_idx}..{self.hi - 1} never arrived")
+        if self._tar is None:
+            self._open()
+        shard = self._close(self._tar, self.out_dir / self.name, self.name)
+        pair = None
+        if self._pair_tar is not None:
+            pair = self._close(self._pair_tar, self.out_dir / PAIRS_DIR / self.name, f"{PAIRS_DIR}/{self.name}")
+        whole = [r for r in self.rejects if r["variant"] is None]
         entry = {
-            "shard": self.shards[-1],
-            "pair_shard": self.pair_shards[-1] if self.pairs else None,
-            "next_idx": self._cursor,
-            "index_rows": index_rows,
-            "rejects": self._rejects[self._rejects_journaled:],
+            "k": self.k, "lo": self.lo, "hi": self.hi,
+            "shard": shard, "pair_shard": pair,
+            "samples": len(self.index_rows), "rejected_inputs": len(whole),
+            "rejected_variants": len(self.rejects) - len(whole),
+            "input_reject_reasons": dict(Counter(f"{r['stage']}/{r['reason']}" for r in whole)),
+            "variant_reject_stages": dict(Counter(r["stage"] for r in self.rejects if r["variant"] is not None)),
+            "last_reject": whole[-1] if whole else None,
             "stage_seconds": dict(self.stage_seconds),
             "variant_counts": dict(self.variant_counts),
             "kind_counts": dict(self.kind_counts),
@@ -394,49 +361,115 @@ class DatasetWriter:
         }
         jdir = self.out_dir / JOURNAL
         jdir.mkdir(exist_ok=True)
-        atomic_write(jdir / f"{len(self.shards) - 1:06d}.json", json.dumps(entry, sort_keys=True).encode())
-        self._rejects_journaled = len(self._rejects)
+        atomic_write(jdir / f"{self.k:06d}.json", json.dumps(
+            {**entry, "index_rows": self.index_rows, "rejects": self.rejects}, sort_keys=True).encode())
+        return entry
 
-    def resume(self) -> int:
-        """Restore the state journaled by an earlier, killed run in this folder; return the first
-        input index still to compute. Only shards whose bytes match the journal are kept."""
+
+def read_journal(out_dir: Path, k: int) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / JOURNAL / f"{k:06d}.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+class DatasetCommit:
+    """Driver side, in the shape of a Ray ``Datasink``: ``on_write_start`` (what a killed run of
+    this spec already wrote: the shards still to write), ``on_write_result`` for each shard's small
+    result as it arrives in any order (counts, the failure budget, live progress), and
+    ``on_write_complete`` (index, rejects, config, shard index and manifest, made from the
+    shards' journal entries in shard order). It never sees a sample's bytes."""
+
+    def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
+                 config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
+                 fill_missing: bool = False, pairs: bool = True) -> None:
+        self.out_dir = out_dir
+        self.pairs = pairs
+        # failure budget: more rejected inputs than this stops the run (None: no limit)
+        self.max_rejected_inputs = max_rejected_inputs
+        # inputs lost with an errored block (Ray Data max_errored_blocks) become rejects at close
+        self.fill_missing = fill_missing
+        self.dataset = dataset
+        self.shard_size = shard_size
+        self.n_inputs = n_inputs
+        self.n_shards = n_shards(shard_size, n_inputs)
+        self.config = config
+        self.config_hash = config_hash
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.done: set[int] = set()
+        self.next_idx = 0  # inputs accounted for (the live display's count)
+        self.samples = 0
+        self.rejected_inputs = 0
+        self.resumed_shards = 0
+        self.resumed_inputs = 0
+        self.reject_counts: Counter[str] = Counter()  # whole-input rejects by "stage/reason"
+        self.variant_reject_stages: Counter[str] = Counter()
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self.variant_counts: Counter[str] = Counter()
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards written so far (by this run or kept from a killed one)."""
+        return sorted(self.done)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        return shard_range(k, self.shard_size, self.n_inputs)
+
+    # -- resume ------------------------------------------------------------------------------
+    def on_write_start(self) -> list[int]:
+        """Keep every journaled shard whose files still match their checksums; return the shards
+        still to write (a kill leaves each shard whole or absent, in any pattern)."""
         jdir = self.out_dir / JOURNAL
-        entries = sorted(jdir.glob("[0-9]*.json")) if jdir.is_dir() else []
-        kept = 0
-        for i, path in enumerate(entries):
-            try:
-                e = json.loads(path.read_text())
-            except (OSError, ValueError):
-                break
-            sh = e["shard"]
+        for path in sorted(jdir.glob("[0-9]*.json")) if jdir.is_dir() else []:
+            e = read_journal(self.out_dir, int(path.stem)) if path.stem.isdigit() else None
+            if e is None or not self._intact(e):
+                path.unlink(missing_ok=True)  # its shard is written again
+                continue
+            self._count(e)
+            self.resumed_shards += 1
+            self.resumed_inputs += e["hi"] - e["lo"]
+        return [k for k in range(self.n_shards) if k not in self.done]
+
+    def _intact(self, e: dict[str, Any]) -> bool:
+        k = e.get("k")
+        if not isinstance(k, int) or not 0 <= k < self.n_shards or (e["lo"], e["hi"]) != self.shard_range(k):
+            return False
+        for sh, want in ((e["shard"], shard_name(self.dataset, k)),
+                         (e["pair_shard"] if self.pairs else None, f"{PAIRS_DIR}/{shard_name(self.dataset, k)}")):
+            if sh is None and want.startswith(PAIRS_DIR) and not self.pairs:
+                continue
+            if sh is None:
+                return False
             f = self.out_dir / sh["name"]
-            if (path.name != f"{i:06d}.json" or sh["name"] != self._shard_name(i) or not f.is_file()
-                    or f.stat().st_size != sh["bytes"] or sha256_file(f) != sh["sha256"]):
-                break
-            ps = e.get("pair_shard")
-            if self.pairs and not (ps and (self.out_dir / ps["name"]).is_file()
-                                   and sha256_file(self.out_dir / ps["name"]) == ps["sha256"]):
-                break
-            self.shards.append(sh)
-            if self.pairs:
-                self.pair_shards.append(ps)
-            self._index_writer.write_table(pa.Table.from_pylist(e["index_rows"], schema=INDEX_SCHEMA))
-            self.keys.update(r["key"] for r in e["index_rows"])
-            self.samples += sh["samples"]
-            self._rejects.extend(e["rejects"])
-            self.next_idx = self._cursor = e["next_idx"]
-            self.stage_seconds = defaultdict(float, e["stage_seconds"])
-            self.variant_counts = Counter(e["variant_counts"])
-            self.kind_counts = Counter(e["kind_counts"])
-            self.part_counts = Counter(e["part_counts"])
-            kept += 1
-        for path in entries[kept:]:  # journal past a damaged or missing shard is void
-            path.unlink(missing_ok=True)
-        self._rejects_journaled = len(self._rejects)
-        self.rejected_inputs = sum(1 for r in self._rejects if r["variant"] is None)
-        self.resumed_shards = kept
-        self.resumed_inputs = self.next_idx
-        return self.next_idx
+            if sh["name"] != want or not f.is_file() or f.stat().st_size != sh["bytes"] or sha256_file(f) != sh["sha256"]:
+                return False
+        return True
+
+    # -- results in --------------------------------------------------------------------------
+    def on_write_result(self, entry: dict[str, Any]) -> None:
+        """One shard written (any order). Checks the failure budget."""
+        self._count(entry)
+        cap = self.max_rejected_inputs
+        if cap is not None and self.rejected_inputs > cap:
+            last = entry.get("last_reject") or {}
+            raise FailureBudgetExceeded(
+                f"failure budget exceeded: {self.rejected_inputs} of {self.n_inputs} inputs rejected "
+                f"(failure_budget.max_reject_share allows {cap}); last: input {last.get('input_index')} at "
+                f"{last.get('stage')}: {last.get('reason')}; "
+                f"{len(self.done)} completed shard(s) kept, rerun the same spec to resume")
+
+    def _count(self, e: dict[str, Any]) -> None:
+        if e["k"] in self.done:
+            raise RuntimeError(f"shard {e['k']} was written twice")
+        self.done.add(e["k"])
+        self.next_idx += e["hi"] - e["lo"]
+        self.samples += e["samples"]
+        self.rejected_inputs += e["rejected_inputs"]
+        self.reject_counts.update(e["input_reject_reasons"])
+        self.variant_reject_stages.update(e["variant_reject_stages"])
+        for stage, sec in e["stage_seconds"].items():
+            self.stage_seconds[stage] += sec
+        self.variant_counts.update(e["variant_counts"])
 
     def drop_journal(self) -> None:
         import shutil
@@ -444,27 +477,60 @@ class DatasetWriter:
         shutil.rmtree(self.out_dir / JOURNAL, ignore_errors=True)
 
     # -- the end ----------------------------------------------------------------------------
-    def close(self) -> dict[str, Any]:
-        if self.fill_missing and self.next_idx < self.n_inputs:
-            # inputs of blocks Ray Data gave up on (within max_errored_blocks): rejects, in order
-            for idx in range(self.next_idx, self.n_inputs):
-                if idx in self.pending:
-                    self._emit(idx, *self.pending.pop(idx))
-                else:
-                    self._cursor = idx + 1
-                    self._reject("", idx, "", "", "pipeline", "errored_block",
-                                 "the block holding this input failed after retries", None)
-                self.next_idx = idx + 1
-        if self.pending or self.next_idx != self.n_inputs:
-            missing = self.n_inputs - self.next_idx
-            raise RuntimeError(f"{missing} input(s) never came back from the pipeline; nothing finalized")
-        self._close_shard()
-        self._index_writer.close()
-        os.replace(self.out_dir / ".index.parquet.tmp", self.out_dir / INDEX)
-        rej = pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(rej, sink)
-        atomic_write(self.out_dir / REJECTS, sink.getvalue().to_pybytes())
+    def _write_missing(self, k: int) -> dict[str, Any]:
+        """A shard Ray Data gave up on (within max_errored_blocks): its inputs become rejects, its
+        tar an empty one (no sample bytes pass through the driver)."""
+        lo, hi = self.shard_range(k)
+        w = ShardWriter(self.out_dir, self.dataset, k, lo, hi, pairs=self.pairs)
+        why = {"stage": "pipeline", "reason": "errored_block", "detail": "the block holding this input failed after retries"}
+        for i in range(lo, hi):
+            w.add(i, "", "rejected", {"reject": why}, {})
+        return w.finish()
+
+    def on_write_complete(self) -> dict[str, Any]:
+        missing = [k for k in range(self.n_shards) if k not in self.done]
+        if missing and self.fill_missing:
+            for k in missing:
+                self._count(self._write_missing(k))
+        elif missing:
+            lost = sum(hi - lo for lo, hi in map(self.shard_range, missing))
+            raise RuntimeError(f"{lost} input(s) never came back from the pipeline; nothing finalized")
+        # a worker killed mid-shard (its task retried elsewhere) leaves its temporary file behind
+        for d in (self.out_dir, self.out_dir / PAIRS_DIR):
+            for tmp in d.glob(f".{self.dataset}-*.tar.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        index_tmp, rejects_tmp = self.out_dir / ".index.parquet.tmp", self.out_dir / ".rejects.parquet.tmp"
+        index_w = pq.ParquetWriter(index_tmp, INDEX_SCHEMA)
+        rejects_w = pq.ParquetWriter(rejects_tmp, REJECT_SCHEMA)
+        shards: list[dict[str, Any]] = []
+        pair_shards: list[dict[str, Any]] = []
+        kinds: Counter[str] = Counter()
+        parts: Counter[str] = Counter()
+        variants: Counter[str] = Counter()
+        by_reason: Counter[tuple[str, str, str]] = Counter()
+        samples = rejected_inputs = 0
+        # one shard's journal at a time, in shard order: driver memory does not grow with the run
+        for k in range(self.n_shards):
+            e = read_journal(self.out_dir, k)
+            if e is None:
+                raise RuntimeError(f"shard {k}: its journal entry is gone; nothing finalized")
+            shards.append(e["shard"])
+            if self.pairs and e["pair_shard"]:
+                pair_shards.append(e["pair_shard"])
+            if e["index_rows"]:
+                index_w.write_table(pa.Table.from_pylist(e["index_rows"], schema=INDEX_SCHEMA))
+            if e["rejects"]:
+                rejects_w.write_table(pa.Table.from_pylist(e["rejects"], schema=REJECT_SCHEMA))
+            samples += e["samples"]
+            rejected_inputs += e["rejected_inputs"]
+            kinds.update(e["kind_counts"])
+            parts.update(e["part_counts"])
+            variants.update(e["variant_counts"])
+            by_reason.update((r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in e["rejects"])
+        index_w.close()
+        rejects_w.close()
+        os.replace(index_tmp, self.out_dir / INDEX)
+        os.replace(rejects_tmp, self.out_dir / REJECTS)
         atomic_write(self.out_dir / CONFIG, yaml.safe_dump(self.config, sort_keys=False).encode())
         # Shard index in the wids format (webdataset's indexed reader), plus our sha256:
         # loaders size epochs from it without opening a tar. URLs are relative to this file.
@@ -473,17 +539,14 @@ class DatasetWriter:
             "wids_version": 1,
             "name": self.dataset,
             "shardlist": [{"url": s["name"], "nsamples": s["samples"], "filesize": s["bytes"],
-                           "sha256": s["sha256"]} for s in self.shards],
+                           "sha256": s["sha256"]} for s in shards],
         }
         atomic_write(self.out_dir / SHARDS_INDEX, json.dumps(shard_index, indent=1).encode())
-        rejected_inputs = self.rejected_inputs
-        by_reason = Counter(
-            (r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in self._rejects
-        )
         files = {n: {"sha256": sha256_file(self.out_dir / n), "bytes": (self.out_dir / n).stat().st_size}
                  for n in (INDEX, REJECTS, CONFIG, SHARDS_INDEX)}
         # pair shards are files of the version like the index: verify checks their sha256
-        files.update({p["name"]: {k: p[k] for k in ("sha256", "bytes", "samples")} for p in self.pair_shards})
+        files.update({p["name"]: {k: p[k] for k in ("sha256", "bytes", "samples")} for p in pair_shards})
+        n_rejects = sum(by_reason.values())
         manifest = {
             "format": FORMAT,
             "dataset": self.dataset,
@@ -491,20 +554,22 @@ class DatasetWriter:
             "config_hash": self.config_hash,
             "counts": {
                 "inputs": self.n_inputs,
-                "samples": self.samples,
+                "samples": samples,
                 "rejected_inputs": rejected_inputs,
-                "rejected_variants": len(self._rejects) - rejected_inputs,
-                "variants": dict(sorted(self.variant_counts.items())),
-                "question_kinds": dict(sorted(self.kind_counts.items())),
-                "parts": dict(sorted(self.part_counts.items())),
-                **({"pairs": sum(p["samples"] for p in self.pair_shards)} if self.pairs else {}),
+                "rejected_variants": n_rejects - rejected_inputs,
+                "variants": dict(sorted(variants.items())),
+                "question_kinds": dict(sorted(kinds.items())),
+                "parts": dict(sorted(parts.items())),
+                **({"pairs": sum(p["samples"] for p in pair_shards)} if self.pairs else {}),
             },
             "rejects": [{"stage": s, "reason": r, "scope": sc, "count": c}
                         for (s, r, sc), c in sorted(by_reason.items())],
-            "shards": self.shards,
+            "shards": shards,
             "files": files,
         }
-        if self.samples + rejected_inputs != self.n_inputs:
-            raise RuntimeError(f"accounting error: {self.samples} samples + {rejected_inputs} rejects != {self.n_inputs} inputs")
+        if samples + rejected_inputs != self.n_inputs:
+            raise RuntimeError(f"accounting error: {samples} samples + {rejected_inputs} rejects != {self.n_inputs} inputs")
         atomic_write(self.out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
+
+    close = on_write_complete
