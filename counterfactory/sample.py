@@ -64,7 +64,7 @@ class RunSettings(BaseModel):
     seed: int = 0
     abstain_answer: str = ABSTAIN_ANSWER
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    # the run's cut-out bank for photo inserts (``stages.cutouts.build_bank``, made in the driver)
+    # the run's cut-out bank for photo inserts (``pipeline.cutout_bank.build_bank``, made in the driver)
     cutouts: tuple[dict[str, Any], ...] = ()
 
 

@@ -297,7 +297,7 @@ class PipelineConfig(Strict):
 
     def run_settings(self) -> RunSettings:
         """The run-level settings every stage reads, as one typed object."""
-        from counterfactory.stages.cutouts import build_bank  # the stages import this module
+        from counterfactory.pipeline.cutout_bank import build_bank
 
         return RunSettings(seed=self.seed, abstain_answer=self.abstain_answer, limits=self.limits,
                            cutouts=build_bank(self))

@@ -116,7 +116,7 @@ def init_ray(cfg: PipelineConfig, verbose: bool = True) -> None:
         kwargs["include_dashboard"] = False
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
-    from counterfactory.cluster import local_ray_guard
+    from counterfactory.pipeline.ray_guard import local_ray_guard
 
     try:
         with local_ray_guard(enabled=not address):  # a local head's processes die with this driver

@@ -4,7 +4,7 @@ A flat star pasted on a photograph teaches "geometric shape = the inserted objec
 a category no photo has. On a photograph the CPU ``insert`` pastes a real object instead: a
 cut-out of an annotated instance of another input of the run, or one from a configured folder.
 
-The bank (``build_bank``) is made once, in the driver, when the run's settings are made
+The bank (``pipeline.cutout_bank.build_bank``) is made once, in the driver, when the run's settings are made
 (``PipelineConfig.run_settings``), and travels to every worker inside ``RunSettings``: a
 bounded list (``MAX_BANK`` entries, ``MAX_PER_CATEGORY`` each) of small references (category,
 source image, polygons, the object's share of its image), never pixels. So every worker sees the
@@ -34,10 +34,8 @@ shapes: their objects are drawn flat, and their bytes stay as they were.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -58,108 +56,6 @@ FEATHER_PAD = 3  # px the feathered edge may reach past the object's box
 MARGIN = 6  # px of blending margin around the object, kept off annotated objects too
 _CACHE = 8  # decoded cut-outs kept per process
 _cache: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-
-# --- the bank (driver) -----------------------------------------------------------------------
-
-
-def _polygons(o: dict[str, Any]) -> list[list[list[float]]]:
-    if isinstance(o.get("polygon"), list) and o["polygon"]:
-        return [o["polygon"]]
-    polys = o.get("polygons")
-    return [p for p in polys if isinstance(p, list) and p] if isinstance(polys, list) else []
-
-
-def _frame_size(ref: str) -> tuple[int, int] | None:
-    """(width, height) of a local or ``pkg:`` image from its header, None when unreadable."""
-    from PIL import Image
-
-    from counterfactory.stages.shared import local_source
-
-    try:
-        with Image.open(local_source(ref)) as im:
-            w, h = im.size
-            orient = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a missing or undecodable file simply gives no cut-out
-        return None
-    return (h, w) if orient in (5, 6, 7, 8) else (w, h)
-
-
-def _manifest_cutouts(path: Path, root: Path) -> list[dict[str, Any]]:
-    from counterfactory.pipeline.inputs import _image_ref
-    from counterfactory.storage import is_remote
-
-    out: list[dict[str, Any]] = []
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError:
-        return out
-    with fh:
-        for i, raw in enumerate(fh):
-            if i >= MAX_LINES:
-                break
-            try:
-                line = json.loads(raw)
-                ref = _image_ref(line.get("image"), root)
-            except Exception:  # noqa: BLE001 - the input planner reports bad lines; no cut-out
-                continue
-            if not isinstance(line, dict) or is_remote(ref) or ref.startswith("procedural://"):
-                continue
-            objs = [o for o in line.get("objects") or [] if isinstance(o, dict) and o.get("category")
-                    and _polygons(o)]
-            size = _frame_size(ref) if objs else None
-            if size is None:
-                continue
-            w, h = size
-            for o in objs:
-                polys = _polygons(o)
-                try:
-                    pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys])
-                except ValueError:
-                    continue
-                x0, y0 = pts.min(axis=0)
-                x1, y1 = pts.max(axis=0)
-                if x0 <= 1 or y0 <= 1 or x1 >= w - 1 or y1 >= h - 1:
-                    continue  # cut off by the frame
-                if min(x1 - x0, y1 - y0) < MIN_SIDE:
-                    continue
-                area = sum(float(cv2.contourArea(np.asarray(p, np.float32).reshape(-1, 1, 2))) for p in polys)
-                out.append({"category": str(o["category"]).strip(), "source": ref, "polygons": polys,
-                            "area_frac": round(area / (w * h), 6)})
-    return out
-
-
-def _folder_cutouts(folder: Path) -> list[dict[str, Any]]:
-    return [{"category": p.parent.name, "source": str(p), "polygons": None, "area_frac": None}
-            for p in sorted(folder.glob("*/*.png"))]
-
-
-def build_bank(cfg: Any) -> tuple[dict[str, Any], ...]:
-    """The run's cut-out bank (see the module's docstring): from the edit stage's ``cutouts``
-    parameter and the run's inputs; empty when the edit backend has no such parameter."""
-    try:
-        edit = cfg.stage("edit")
-    except KeyError:
-        return ()
-    src = edit.params.get("cutouts") if edit.backend == "default" else None
-    if not src:
-        return ()
-    found: list[dict[str, Any]] = []
-    if src == "run":
-        for inp in cfg.inputs:
-            if getattr(inp, "kind", None) != "manifest":
-                continue
-            path = cfg.path(inp.path)
-            root = cfg.path(inp.images_root) if inp.images_root else path.parent
-            found += _manifest_cutouts(path, root)
-    else:
-        found = _folder_cutouts(cfg.path(src))
-    bank, per = [], {}
-    for c in found:
-        if per.get(c["category"], 0) < MAX_PER_CATEGORY and len(bank) < MAX_BANK:
-            per[c["category"]] = per.get(c["category"], 0) + 1
-            bank.append(c)
-    return tuple(bank)
 
 
 # --- one cut-out's pixels (worker) ------------------------------------------------------------
