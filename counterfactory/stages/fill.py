@@ -282,12 +282,20 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     h, w = piece.shape
     area = cv2.countNonZero(piece)
     rp = int(np.clip(round(0.3 * np.sqrt(area)), min_ring, max_ring))
-    grown = cv2.dilate(piece, disk(rp))
-    ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo, piece)))
+    # the piece grown by the ring, on the crop that holds it (a 49 x 49 dilation of the whole
+    # image was most of this function's own time; issue 27): the same pixels
+    py0, py1, px0, px1 = bbox(piece)
+    cy0, cx0 = max(0, py0 - rp - 1), max(0, px0 - rp - 1)
+    crop = (slice(cy0, min(h, py1 + rp + 1)), slice(cx0, min(w, px1 + rp + 1)))
+    pc = piece[crop]
+    grown = cv2.dilate(pc, disk(rp))
+    ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo[crop], pc)))
     n_ring = cv2.countNonZero(ring)
     if n_ring < 8:
         return False
     y0, y1, x0, x1 = bbox(grown)
+    ring = ring[y0:y1, x0:x1]
+    y0, y1, x0, x1 = y0 + cy0, y1 + cy0, x0 + cx0, x1 + cx0
     th, tw = y1 - y0, x1 - x0
     if th >= h or tw >= w:
         return False
@@ -295,7 +303,7 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     n_obj, objs = objects
     no_src = hole.copy()
     if n_obj > 1:
-        on_ring = np.bincount(objs[ring > 0], minlength=n_obj)
+        on_ring = np.bincount(objs[y0:y1, x0:x1][ring > 0], minlength=n_obj)
         lut = (on_ring <= surface_share * n_ring).astype(np.uint8) * 255
         lut[0] = 0
         no_src |= lut[objs]
@@ -307,7 +315,7 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     if not ok.any():
         return False
     ctx = out[y0:y1, x0:x1].astype(np.float32)
-    rmask = (ring[y0:y1, x0:x1] > 0).astype(np.float32)
+    rmask = (ring > 0).astype(np.float32)
     sy, sx = _best_offset(imgf, ctx, rmask, ok)
     src = imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
