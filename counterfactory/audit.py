@@ -147,8 +147,9 @@ def _chosen(keys: list[str], n: int, seed: int) -> list[str]:
 
 
 def _read_samples(vdir: Path, wanted: set[str], shard_names: set[str]) -> dict[str, dict[str, Any]]:
-    """The wanted samples, read with the safe shard reader (shards.json, member checks)."""
-    from counterfactory.shards import read_shard, resolve_shards  # not loader: it imports torch (seconds)
+    """The wanted samples, read with the safe shard reader (shards.json, member checks); from
+    ``shards``, not ``loader``, which imports torch (seconds at publish)."""
+    from counterfactory.shards import read_shard, resolve_shards
 
     shards, _ = resolve_shards(str(vdir))
     out: dict[str, dict[str, Any]] = {}
