@@ -117,13 +117,13 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         if not known.any():
             continue
         fit = known & (forbid[fy0:fy1, fx0:fx1] == 0)  # another object is no lighting
-        plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known)
         # the membrane's box: known pixels around the part at least two of its grid cells deep
         b = 2 * int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))) + 1
         y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
         sub = (slice(y0 - fy0, y1 - fy0), slice(x0 - fx0, x1 - fx0))
+        plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known, sub)
         free = comp[y0:y1, x0:x1] > 0
-        delta = _membrane_delta(low[sub] - plane[sub], known[sub], free)
+        delta = _membrane_delta(low[sub] - plane, known[sub], free)
         box = out[y0:y1, x0:x1]
         # a copy keeps its texture, faded out over ``sg`` toward Telea's pixels, which take the
         # field alone (Telea's fronts meet in creases; a texture that stops at a straight cut
@@ -153,9 +153,10 @@ def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.resize(small, (wc * k, hc * k), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
-def _plane(low: np.ndarray, where: np.ndarray, slack: float = 0.5) -> np.ndarray:
+def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: float = 0.5) -> np.ndarray:
     """The least-squares plane through ``low`` (per channel) at ``where`` (subsampled to ~4000
-    points), over the whole box, clipped to the range it was fitted on widened by ``slack``
+    points), on the part ``sub`` of the box (the membrane's; each value is the one the whole
+    box's plane has there), clipped to the range it was fitted on widened by ``slack``
     of it on each side (a gradient goes on past the hole's edge, but not without end)."""
     h, w = where.shape
     step = max(1, int(np.sqrt(np.count_nonzero(where) / 4000)))
@@ -165,8 +166,8 @@ def _plane(low: np.ndarray, where: np.ndarray, slack: float = 0.5) -> np.ndarray
     a = np.stack([np.ones(len(ys)), xs / s - 0.5, ys / s - 0.5], -1)
     vals = low[ys, xs].astype(np.float64)
     coef, *_ = np.linalg.lstsq(a, vals, rcond=None)
-    gx = (np.arange(w) / s - 0.5)[None, :, None]
-    gy = (np.arange(h) / s - 0.5)[:, None, None]
+    gx = (np.arange(sub[1].start, sub[1].stop) / s - 0.5)[None, :, None]
+    gy = (np.arange(sub[0].start, sub[0].stop) / s - 0.5)[:, None, None]
     plane = coef[0] + gx * coef[1] + gy * coef[2]
     lo, hi = vals.min(0), vals.max(0)
     return np.clip(plane, lo - slack * (hi - lo), hi + slack * (hi - lo)).astype(np.float32)
