@@ -333,18 +333,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     ``settings``: an ``AuditConfig`` (or its dict); default: the ``audit:`` section of the
     version's ``config.yaml``. Returns a JSON-able dict: ``detectability``, ``blind``,
     ``balance``, ``presupposition`` (all per variant where it applies), ``thresholds``,
-    ``warnings`` (one line each; empty when the dataset is under every threshold), ``cost``.
-
-    BLAS runs single-threaded here: its matrices are small (a few thousand rows by 13-78
-    columns), and its worker threads spun: 47 CPU s for a 256-sample audit that takes ~15
-    single-threaded on this 2-core machine (issue 27), taken from the pipeline's workers."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        return _audit_version(version_dir, settings)
-
-
-def _audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any] | None) -> dict[str, Any]:
+    ``warnings`` (one line each; empty when the dataset is under every threshold), ``cost``."""
     t0 = time.perf_counter()
     vdir = Path(version_dir)
     cfg = _read_config(vdir)
