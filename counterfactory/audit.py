@@ -73,6 +73,19 @@ def _cells(x: np.ndarray, grid: int) -> np.ndarray:
     return cv2.resize(x.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
 
 
+def _cells_of(maps: list[np.ndarray], grid: int) -> list[np.ndarray]:
+    """``_cells`` of each map, four maps to one resize (OpenCV's area resampling takes at most
+    four channels at a non-integer scale; per channel it is the same arithmetic, so the same
+    numbers as one call per map at a quarter of the calls)."""
+    out: list[np.ndarray] = []
+    for i in range(0, len(maps), 4):
+        group = maps[i : i + 4]
+        stack = cv2.merge([m.astype(np.float32, copy=False) for m in group]) if len(group) > 1 else group[0]
+        cells = cv2.resize(stack, (grid, grid), interpolation=cv2.INTER_AREA).reshape(grid, grid, -1)
+        out.extend(cells[..., c] for c in range(len(group)))
+    return out
+
+
 def window_features(img: np.ndarray, grid: int) -> np.ndarray:
     """(grid*grid, len(WINDOW_FEATURES)) statistics of an RGB uint8 image, one row per window."""
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
@@ -81,13 +94,8 @@ def window_features(img: np.ndarray, grid: int) -> np.ndarray:
     lap = np.abs(cv2.Laplacian(gray, cv2.CV_32F, ksize=3))
     grad = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
     hp = gray - cv2.GaussianBlur(gray, (0, 0), 1.0)
-    cols = []
-    for c in range(3):
-        m = _cells(lab[..., c], grid)
-        cols.append((m, np.sqrt(np.maximum(_cells(lab[..., c] ** 2, grid) - m * m, 0))))
-    feats = [cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], _cells(sat, grid),
-             np.log1p(_cells(lap, grid)), np.log1p(_cells(grad, grid)), np.log1p(_cells(hp * hp, grid)),
-             _cells((lap < 2).astype(np.float32), grid)]
+    maps = [lab[..., c] for c in range(3)] + [lab[..., c] ** 2 for c in range(3)]
+    maps += [sat, lap, grad, hp * hp, (lap < 2).astype(np.float32)]
     # JPEG blockiness: neighbour differences across the 8-pixel block grid over those inside it
     for axis in (1, 0):
         d = np.abs(np.diff(gray, axis=axis))
@@ -96,8 +104,14 @@ def window_features(img: np.ndarray, grid: int) -> np.ndarray:
         edge = ((idx % 8) == 7).astype(np.float32)
         edge = edge[None, :] if axis else edge[:, None]
         edge = np.broadcast_to(edge, gray.shape)
-        at = _cells(d * edge, grid) / np.maximum(_cells(edge, grid), 1e-6)
-        inside = _cells(d * (1 - edge), grid) / np.maximum(_cells(1 - edge, grid), 1e-6)
+        maps += [d * edge, edge, d * (1 - edge), 1 - edge]
+    c = _cells_of(maps, grid)
+    cols = [(c[i], np.sqrt(np.maximum(c[3 + i] - c[i] * c[i], 0))) for i in range(3)]
+    feats = [cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], c[6],
+             np.log1p(c[7]), np.log1p(c[8]), np.log1p(c[9]), c[10]]
+    for j in (11, 15):
+        at = c[j] / np.maximum(c[j + 1], 1e-6)
+        inside = c[j + 2] / np.maximum(c[j + 3], 1e-6)
         feats.append(np.log1p(at) - np.log1p(inside))
     return np.stack([f.reshape(-1) for f in feats], axis=1).astype(np.float64)
 
@@ -133,8 +147,9 @@ def _chosen(keys: list[str], n: int, seed: int) -> list[str]:
 
 
 def _read_samples(vdir: Path, wanted: set[str], shard_names: set[str]) -> dict[str, dict[str, Any]]:
-    """The wanted samples, read with the loader's safe shard reader (shards.json, member checks)."""
-    from counterfactory.loader import read_shard, resolve_shards
+    """The wanted samples, read with the safe shard reader (shards.json, member checks); from
+    ``shards``, not ``loader``, which imports torch (seconds at publish)."""
+    from counterfactory.shards import read_shard, resolve_shards
 
     shards, _ = resolve_shards(str(vdir))
     out: dict[str, dict[str, Any]] = {}
@@ -199,7 +214,6 @@ def _probe(pairs: list[dict[str, Any]], folds: int, grid: int) -> dict[str, Any]
 # -- (b) blind answerers -----------------------------------------------------------------------------
 def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[str, dict[str, Any]]:
     """rows: {"g": sample number, "v": image, "q": question, "k": kind, "a": answer, "orig": answer}."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
 
@@ -208,18 +222,20 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
     pooled_text = [None] * len(rows)
     pooled_major = [None] * len(rows)
 
+    texts = [r["q"] + " kind_" + r["k"] for r in rows]
+
     def fit_predict(train: list[int], test: list[int], out: list[Any]) -> None:
         ys = [rows[i]["a"] for i in train]
         if len(set(ys)) == 1:
             for i in test:
                 out[i] = ys[0]
             return
-        vec = TfidfVectorizer(ngram_range=(1, 2), lowercase=True)
-        xt = vec.fit_transform([rows[i]["q"] + " kind_" + rows[i]["k"] for i in train])
-        clf = LogisticRegression(C=10.0, max_iter=5000).fit(xt, ys)
-        for i, a in zip(test, clf.predict(vec.transform([rows[j]["q"] + " kind_" + rows[j]["k"] for j in test])),
-                        strict=True):
-            out[i] = a
+        vec, xt, (ty, tw) = _tfidf_weighted([texts[i] for i in train], ys)
+        clf = LogisticRegression(C=10.0, max_iter=5000).fit(xt, ty, sample_weight=tw)
+        uniq = list(dict.fromkeys(texts[j] for j in test))
+        pred = dict(zip(uniq, clf.predict(vec(uniq)), strict=True))
+        for i in test:
+            out[i] = pred[texts[i]]
 
     if k >= 2:
         for tr, te in GroupKFold(k).split(np.zeros(len(rows)), groups=groups):
@@ -255,6 +271,37 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
             res["text_given_variant"] = acc(per_v)
         out[v] = res
     return out
+
+
+def _tfidf_weighted(texts: list[str], ys: list[Any]) -> tuple[Any, Any, tuple[list[Any], np.ndarray]]:
+    """``TfidfVectorizer(ngram_range=(1, 2))`` fitted on ``texts``, with the rows of identical
+    (text, answer) merged into one row weighted by its count: the questions are templated, so
+    ~1,300 rows per variant are a few dozen distinct ones. The idf counts every row, so the
+    matrix rows are the vectorizer's; and logistic regression's objective (per-sample losses
+    summed with their weights, over the weight total) is the one of the repeated rows, at a
+    fraction of the cost (issue 27: the blind answerers were 40 % of the audit).
+    Returns (transform of a list of texts, the merged rows' matrix, (their answers, weights))."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.preprocessing import normalize
+
+    mult = Counter(texts)
+    uniq = list(mult)
+    cv = CountVectorizer(ngram_range=(1, 2), lowercase=True)
+    counts = cv.fit_transform(uniq)
+    # TfidfTransformer's smooth idf: ln((1 + n) / (1 + df)) + 1, df over every (repeated) row
+    df = (counts > 0).T.astype(np.float64) @ np.array([mult[t] for t in uniq], np.float64)
+    idf = np.log(float(len(texts) + 1) / (np.asarray(df).ravel() + 1)) + 1.0
+
+    def vec(batch: list[str]) -> Any:
+        x = cv.transform(batch).astype(np.float64).tocsr()
+        x.data *= idf[x.indices]
+        return normalize(x, norm="l2", copy=False)
+
+    pairs = Counter(zip(texts, ys, strict=True))
+    keys = list(pairs)
+    row = {t: i for i, t in enumerate(uniq)}
+    x = vec(uniq)[[row[t] for t, _ in keys]]
+    return vec, x, ([a for _, a in keys], np.array([pairs[k] for k in keys], np.float64))
 
 
 # -- (d) presupposition -------------------------------------------------------------------------------

@@ -117,13 +117,13 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         if not known.any():
             continue
         fit = known & (forbid[fy0:fy1, fx0:fx1] == 0)  # another object is no lighting
-        plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known)
         # the membrane's box: known pixels around the part at least two of its grid cells deep
         b = 2 * int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))) + 1
         y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
         sub = (slice(y0 - fy0, y1 - fy0), slice(x0 - fx0, x1 - fx0))
+        plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known, sub)
         free = comp[y0:y1, x0:x1] > 0
-        delta = _membrane_delta(low[sub] - plane[sub], known[sub], free)
+        delta = _membrane_delta(low[sub] - plane, known[sub], free)
         box = out[y0:y1, x0:x1]
         # a copy keeps its texture, faded out over ``sg`` toward Telea's pixels, which take the
         # field alone (Telea's fronts meet in creases; a texture that stops at a straight cut
@@ -153,9 +153,10 @@ def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.resize(small, (wc * k, hc * k), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
-def _plane(low: np.ndarray, where: np.ndarray, slack: float = 0.5) -> np.ndarray:
+def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: float = 0.5) -> np.ndarray:
     """The least-squares plane through ``low`` (per channel) at ``where`` (subsampled to ~4000
-    points), over the whole box, clipped to the range it was fitted on widened by ``slack``
+    points), on the part ``sub`` of the box (the membrane's; each value is the one the whole
+    box's plane has there), clipped to the range it was fitted on widened by ``slack``
     of it on each side (a gradient goes on past the hole's edge, but not without end)."""
     h, w = where.shape
     step = max(1, int(np.sqrt(np.count_nonzero(where) / 4000)))
@@ -165,8 +166,8 @@ def _plane(low: np.ndarray, where: np.ndarray, slack: float = 0.5) -> np.ndarray
     a = np.stack([np.ones(len(ys)), xs / s - 0.5, ys / s - 0.5], -1)
     vals = low[ys, xs].astype(np.float64)
     coef, *_ = np.linalg.lstsq(a, vals, rcond=None)
-    gx = (np.arange(w) / s - 0.5)[None, :, None]
-    gy = (np.arange(h) / s - 0.5)[:, None, None]
+    gx = (np.arange(sub[1].start, sub[1].stop) / s - 0.5)[None, :, None]
+    gy = (np.arange(sub[0].start, sub[0].stop) / s - 0.5)[:, None, None]
     plane = coef[0] + gx * coef[1] + gy * coef[2]
     lo, hi = vals.min(0), vals.max(0)
     return np.clip(plane, lo - slack * (hi - lo), hi + slack * (hi - lo)).astype(np.float32)
@@ -282,12 +283,20 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     h, w = piece.shape
     area = cv2.countNonZero(piece)
     rp = int(np.clip(round(0.3 * np.sqrt(area)), min_ring, max_ring))
-    grown = cv2.dilate(piece, disk(rp))
-    ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo, piece)))
+    # the piece grown by the ring, on the crop that holds it (a 49 x 49 dilation of the whole
+    # image was most of this function's own time; issue 27): the same pixels
+    py0, py1, px0, px1 = bbox(piece)
+    cy0, cx0 = max(0, py0 - rp - 1), max(0, px0 - rp - 1)
+    crop = (slice(cy0, min(h, py1 + rp + 1)), slice(cx0, min(w, px1 + rp + 1)))
+    pc = piece[crop]
+    grown = cv2.dilate(pc, disk(rp))
+    ring = cv2.bitwise_and(grown, cv2.bitwise_not(cv2.bitwise_or(todo[crop], pc)))
     n_ring = cv2.countNonZero(ring)
     if n_ring < 8:
         return False
     y0, y1, x0, x1 = bbox(grown)
+    ring = ring[y0:y1, x0:x1]
+    y0, y1, x0, x1 = y0 + cy0, y1 + cy0, x0 + cx0, x1 + cx0
     th, tw = y1 - y0, x1 - x0
     if th >= h or tw >= w:
         return False
@@ -295,7 +304,7 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     n_obj, objs = objects
     no_src = hole.copy()
     if n_obj > 1:
-        on_ring = np.bincount(objs[ring > 0], minlength=n_obj)
+        on_ring = np.bincount(objs[y0:y1, x0:x1][ring > 0], minlength=n_obj)
         lut = (on_ring <= surface_share * n_ring).astype(np.uint8) * 255
         lut[0] = 0
         no_src |= lut[objs]
@@ -307,7 +316,7 @@ def _fill_piece(out: np.ndarray, imgf: np.ndarray, hole: np.ndarray, todo: np.nd
     if not ok.any():
         return False
     ctx = out[y0:y1, x0:x1].astype(np.float32)
-    rmask = (ring[y0:y1, x0:x1] > 0).astype(np.float32)
+    rmask = (ring > 0).astype(np.float32)
     sy, sx = _best_offset(imgf, ctx, rmask, ok)
     src = imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy

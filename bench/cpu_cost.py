@@ -1,0 +1,101 @@
+"""CPU cost per pair of the embedded default (issue 27): the plain-loop floor, in CPU time.
+
+On a shared or loaded machine wall time says little; this process's CPU time does (the floor
+runs in one process). Prints one line per run: CPU ms per pair for the whole run, for the
+stream (first input to last row) and for what runs after it (card, audit, publish), the audit's
+own seconds, peak RSS and the content id (two commits that make the same bytes print the same
+id). ``--profile``: the stage code alone (``local_batches`` through the part encoder) under
+cProfile, top entries by own time; ``--audit DIR``: the shortcut audit of a published version
+alone, in CPU seconds.
+
+Usage: python bench/cpu_cost.py [--n 1000] [--profile 120] [--audit outputs/demo/v1]
+Run two commits side by side (a ``git worktree`` of the old one, each with its own PYTHONPATH)
+at the same time: then both see the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import run as bench_run  # noqa: E402
+
+from counterfactory.pipeline.runner import local_batches, run_pipeline  # noqa: E402
+
+
+def floor(n: int) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
+    try:
+        cfg = bench_run.scenes_config(n, tmp)
+        with bench_run.PeakRSS() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = run_pipeline(cfg, local=True, progress=False)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        summary = json.loads((res.out_dir / "summary.json").read_text())
+        stream = summary["pipeline"]["wall_seconds"]
+        card = json.loads((res.out_dir / "card.json").read_text())
+        info = json.loads((res.out_dir / "version.json").read_text())
+        s = res.manifest["counts"]["samples"]
+        return (f"N={n}: {s} pairs, CPU {1000 * cpu / s:.1f} ms/pair ({s / wall:.1f} pairs/s wall); wall: stream "
+                f"{stream:.1f} s, after it {wall - stream:.1f} s (audit {card['timing']['audit_seconds']} s); "
+                f"peak RSS {mem.peak / 2**20:.0f} MiB; content id {info['content_id'][:16]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile(n: int, top: int = 25) -> None:
+    from counterfactory.pipeline.writer import PartEncoder
+    from tests.conftest import load_records
+
+    tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
+    cfg = bench_run.scenes_config(n, tmp)
+    records = load_records(cfg)
+    enc = PartEncoder("jpg", 95)
+    pr = cProfile.Profile()
+    c0 = time.process_time()
+    pr.enable()
+    for b in local_batches(cfg, records, stop_after="verify"):
+        enc(b)
+    pr.disable()
+    print(f"stage code + encoding, {n} inputs: {1000 * (time.process_time() - c0) / n:.1f} CPU ms/input under cProfile")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(top)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def audit_cost(vdir: str) -> str:
+    from counterfactory import audit
+
+    c0 = time.process_time()
+    a = audit.audit_version(vdir)
+    return (f"audit of {vdir}: {time.process_time() - c0:.1f} CPU s, {a['sample']['audited']} of "
+            f"{a['sample']['samples']} samples, {a['cost']['images_decoded']} images decoded; probe AUC "
+            + json.dumps({v: d.get("auc") for v, d in a["detectability"].items()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--profile", type=int, default=0, help="profile the stage code on this many inputs instead")
+    ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
+    args = ap.parse_args()
+    if args.audit:
+        print(audit_cost(args.audit))
+    elif args.profile:
+        profile(args.profile)
+    else:
+        print(floor(args.n))
+
+
+if __name__ == "__main__":
+    main()
