@@ -209,6 +209,12 @@ def build_spec(cfg: Any, plan: Any, limit: int | None,
         "limit": limit,
         "package_version": __version__,
     }
+    # cut-outs from a folder (issue 31) are inputs too: their bytes move the spec id. Cut-outs
+    # taken from the run's own manifests are already in the input-set hash.
+    folder_cutouts = [c["source"] for c in cfg.run_settings().cutouts if c.get("polygons") is None]
+    if folder_cutouts:
+        cut = SourceHasher(None).hash_all(folder_cutouts)
+        spec["cutouts_hash"] = sha256_bytes("\n".join(f"{k}\t{v}" for k, v in sorted(cut.items())).encode())
     return spec, hashes
 
 

@@ -317,3 +317,25 @@ def test_a_folder_of_cutouts_feeds_the_bank(tmp_path):
     out = [s for b in local_batches(cfg, load_records(cfg)[:3], stop_after="edit") for s in decode_batch(b)]
     got = [s.meta["edits"]["insert"] for s in out if "insert" in s.meta["variants"]]
     assert got and all(e["inserted_category"] == "kettle" for e in got)
+
+
+def test_folder_cutouts_are_part_of_the_spec(tmp_path):
+    """A cut-out folder is an input: changing one of its files changes the spec id (a rerun is not
+    answered with the version made from the old cut-outs); a run without one has no such key."""
+    from counterfactory.pipeline.inputs import plan_inputs
+    from counterfactory.spec import build_spec, spec_id
+
+    folder = tmp_path / "cutouts" / "kettle"
+    folder.mkdir(parents=True)
+    rgba = np.zeros((40, 30, 4), np.uint8)
+    rgba[8:32, 6:24] = (200, 90, 40, 255)
+    Image.fromarray(rgba, "RGBA").save(folder / "k1.png")
+    cfg = make_config(tmp_path, [PHOTOS])
+    plan = plan_inputs(cfg, None)
+    assert "cutouts_hash" not in build_spec(cfg, plan, None)[0]
+    cfg.stage("edit").set_params(variants=["insert"], cutouts=str(tmp_path / "cutouts"))
+    first = spec_id(build_spec(cfg, plan, None)[0])
+    assert first == spec_id(build_spec(cfg, plan, None)[0])
+    rgba[8:32, 6:24] = (40, 90, 200, 255)
+    Image.fromarray(rgba, "RGBA").save(folder / "k1.png")
+    assert spec_id(build_spec(cfg, plan, None)[0]) != first
