@@ -24,6 +24,7 @@ from counterfactory.sample import Sample, decode_batch, encode_batch
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.common import HostStep
 from tests import models_fixtures as fx
+from tests.models_fixtures_removers import tiny_sdxl_inpaint
 from tests.conftest import load_records, make_config, scenes_input
 
 GPU_YAML = Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml"
@@ -34,7 +35,7 @@ RUN = {"seed": 0, "abstain_answer": "unknown"}
 def tiny(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tiny-models-i28")
     return {"gd": fx.grounding_dino(d / "gd"), "sam_hf": fx.sam_hf(d / "sam_hf"), "sd": fx.sd_inpaint(d / "sd"),
-            "llm": fx.tiny_llm(d / "llm")}
+            "sdxl": tiny_sdxl_inpaint(d / "sdxl"), "llm": fx.tiny_llm(d / "llm")}
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,12 @@ def gpu_config_with_tiny_models(tiny: dict[str, Path], root: Path, n: int) -> di
     st["localize"]["params"].update(model=str(tiny["gd"]), revision=None, box_threshold=0.0, text_threshold=0.0,
                                     max_instances=3, batch_size=4)
     st["segment"]["params"].update(model=str(tiny["sam_hf"]), revision=None, batch_size=4)
-    st["edit"]["params"].update(model=str(tiny["sd"]), revision=None, steps=2, scheduler="default",
-                                guidance_scale=1.0, batch_size=4)
+    if st["edit"]["backend"] == "remover-sdxl":  # gpu.yaml's remover (issue 31): a tiny SDXL inpainting UNet
+        st["edit"]["params"].update(model=str(tiny["sdxl"]), revision=None, loras=[], steps=2, native_size=64,
+                                    batch_size=4)
+    else:
+        st["edit"]["params"].update(model=str(tiny["sd"]), revision=None, steps=2, scheduler="default",
+                                    guidance_scale=1.0, batch_size=4)
     st["qa"]["params"].update(model=str(tiny["llm"]), revision=None, max_new_tokens=16, max_reasks=1, batch_size=4)
     st["verify"]["params"].update(model=str(tiny["gd"]), revision=None, redetect_threshold=1.0, min_inside_mad=0.0,
                                   batch_size=4)

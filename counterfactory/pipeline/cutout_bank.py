@@ -72,7 +72,9 @@ def _manifest_cutouts(path: Path, root: Path) -> list[dict[str, Any]]:
                 polys = _polygons(o)
                 try:
                     pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys])
-                except ValueError:
+                except (ValueError, TypeError, OverflowError):  # a 400-digit coordinate: ingest's bad_polygon
+                    continue
+                if not np.isfinite(pts).all():
                     continue
                 x0, y0 = pts.min(axis=0)
                 x1, y1 = pts.max(axis=0)
