@@ -65,6 +65,32 @@ def scenes_input(count: int = 6, seed: int = 0, questions: int = 2) -> dict[str,
     }
 
 
+def segmented_scenes(folder: Path, questions: int = 2) -> list:
+    """Three procedural scenes through the default ingest/localize/segment/edit (annotations):
+    the input the model-stage tests (models, removers, the GPU schedule) start from."""
+    from counterfactory.pipeline.runner import local_batches
+    from counterfactory.sample import decode_batch
+
+    cfg = make_config(folder, [scenes_input(3, seed=5, questions=questions)])
+    out = [s for b in local_batches(cfg, load_records(cfg), stop_after="edit") for s in decode_batch(b)]
+    assert all(s.ok for s in out)
+    return out
+
+
+def fresh(samples: list) -> list:
+    """Copies of samples, as a stage on another worker receives them (encoded, decoded)."""
+    from counterfactory.sample import decode_batch, encode_batch
+
+    return decode_batch(encode_batch(samples))
+
+
+def build_stage(name: str, backend: str, **params: Any):
+    """A stage built by hand with the test run settings (seed 0)."""
+    from counterfactory.stages import get_backend
+
+    return get_backend(name, backend)(params=params, run={"seed": 0, "abstain_answer": "unknown"})
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

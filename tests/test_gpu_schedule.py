@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from counterfactory.pipeline.config import load_config, validate_config
-from counterfactory.pipeline.runner import local_batches, plan_steps, run_pipeline
-from counterfactory.sample import Sample, decode_batch, encode_batch
+from counterfactory.pipeline.runner import plan_steps, run_pipeline
+from counterfactory.sample import Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.common import HostStep
 from tests import models_fixtures as fx
+from tests.conftest import fresh, scenes_input, segmented_scenes
 from tests.models_fixtures_removers import tiny_sdxl_inpaint
-from tests.conftest import load_records, make_config, scenes_input
 
 GPU_YAML = Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml"
 RUN = {"seed": 0, "abstain_answer": "unknown"}
@@ -40,16 +40,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory) -> list[Sample]:
-    cfg = make_config(tmp_path_factory.mktemp("seg-i28"), [scenes_input(3, seed=5, questions=2)])
-    out: list[Sample] = []
-    for b in local_batches(cfg, load_records(cfg), stop_after="edit"):
-        out.extend(decode_batch(b))
-    assert all(s.ok for s in out)
-    return out
-
-
-def fresh(samples: list[Sample]) -> list[Sample]:
-    return decode_batch(encode_batch(samples))
+    return segmented_scenes(tmp_path_factory.mktemp("seg-i28"), questions=2)
 
 
 def rows(samples: list[Sample]) -> list[tuple]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-
 import tempfile
 from pathlib import Path
 
@@ -223,7 +222,7 @@ def test_photos_get_a_real_object_of_an_absent_category(inserted):
         a = cv2.resize(alpha, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) > 0.9
         got = cv2.cvtColor(out[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY)
 
-        def detail(g: np.ndarray) -> np.ndarray:  # the object's own detail, without the relighting
+        def detail(g: np.ndarray, a: np.ndarray = a) -> np.ndarray:  # the object's detail, not the relighting
             g = g.astype(np.float32)
             return (g - cv2.GaussianBlur(g, (0, 0), 3.0))[a]
 

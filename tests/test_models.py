@@ -18,12 +18,20 @@ import torch
 
 from counterfactory.pipeline.config import validate_config
 from counterfactory.pipeline.runner import local_batches, run_pipeline
-from counterfactory.sample import RunSettings, Sample, decode_batch, encode_batch
+from counterfactory.sample import RunSettings, Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.common import MissingDependency, require, run_batched
 from counterfactory.stages.models.grounding import extract_targets
 from tests import models_fixtures as fx
-from tests.conftest import demo_dict, load_records, make_config, scenes_input
+from tests.conftest import (
+    build_stage,
+    demo_dict,
+    fresh,
+    load_records,
+    make_config,
+    scenes_input,
+    segmented_scenes,
+)
 
 CPU = {"device": "cpu"}
 
@@ -44,21 +52,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory) -> list[Sample]:
-    """Procedural scenes through the default ingest/localize/segment/edit (annotations)."""
-    cfg = make_config(tmp_path_factory.mktemp("seg"), [scenes_input(3, seed=5, questions=2)])
-    out: list[Sample] = []
-    for b in local_batches(cfg, load_records(cfg), stop_after="edit"):
-        out.extend(decode_batch(b))
-    assert all(s.ok for s in out)
-    return out
+    return segmented_scenes(tmp_path_factory.mktemp("seg"), questions=2)
 
 
-def fresh(samples: list[Sample]) -> list[Sample]:
-    return decode_batch(encode_batch(samples))
-
-
-def stage(name: str, backend: str, **params):
-    return get_backend(name, backend)(params=params, run={"seed": 0, "abstain_answer": "unknown"})
+stage = build_stage
 
 
 # --- shared helpers ---------------------------------------------------------------------

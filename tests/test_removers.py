@@ -14,13 +14,17 @@ import pytest
 from pydantic import ValidationError
 
 from counterfactory.pipeline.config import ConfigError, load_config, validate_config
-from counterfactory.pipeline.runner import local_batches
-from counterfactory.sample import Sample, decode_batch, encode_batch
+from counterfactory.sample import Sample
 from counterfactory.stages import get_backend
 from counterfactory.stages.models.invented import invented_hit, invented_phrases
 from tests import models_fixtures as fx
 from tests import models_fixtures_removers as fr
-from tests.conftest import demo_dict, load_records, make_config, scenes_input
+from tests.conftest import (
+    build_stage,
+    demo_dict,
+    fresh,
+    segmented_scenes,
+)
 
 CPU = {"device": "cpu"}
 REPO = Path(__file__).resolve().parents[1]
@@ -38,21 +42,10 @@ def pipes(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory) -> list[Sample]:
-    """Procedural scenes through the default ingest/localize/segment/edit (annotations)."""
-    cfg = make_config(tmp_path_factory.mktemp("seg"), [scenes_input(3, seed=5, questions=1)])
-    out: list[Sample] = []
-    for b in local_batches(cfg, load_records(cfg), stop_after="edit"):
-        out.extend(decode_batch(b))
-    assert all(s.ok for s in out)
-    return out
+    return segmented_scenes(tmp_path_factory.mktemp("seg"), questions=1)
 
 
-def fresh(samples: list[Sample]) -> list[Sample]:
-    return decode_batch(encode_batch(samples))
-
-
-def stage(name: str, backend: str, **params):
-    return get_backend(name, backend)(params=params, run={"seed": 0, "abstain_answer": "unknown"})
+stage = build_stage
 
 
 def remover(pipes: dict[str, Path], backend: str, **extra):
