@@ -332,3 +332,19 @@ def test_a_sample_left_without_a_counterfactual_by_object_invented_is_rejected(d
     for s in samples:
         assert not s.ok and s.meta["reject"]["reason"] == "no_valid_counterfactual"
         assert [r["reason"] for r in s.meta["variant_rejects"] if r["variant"] == "remove"] == ["object_invented"]
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_diffusers_inpaint_on_sdxl_weights_encodes_prompts_with_pooled_embeddings(pipes, segmented, guidance_scale):
+    """``edit: diffusers-inpaint`` with an SDXL inpainting model: its ``encode_prompt`` takes
+    ``prompt_2`` second and returns pooled embeddings the pipeline requires (the SD 1.5 argument
+    order sent the device as ``prompt_2``)."""
+    st = stage("edit", "diffusers-inpaint", model=str(pipes["sdxl"]), steps=2, guidance_scale=guidance_scale,
+               variants=["remove"], batch_size=2, **CPU)
+    a, b = fresh(segmented)[:2], fresh(segmented)[:2]
+    st.process_batch(a)
+    st.process_batch(b)  # the cached embeddings give the same pixels
+    for sa, sb in zip(a, b, strict=True):
+        assert sa.ok and "remove" in sa.meta["variants"], sa.meta.get("reject")
+        assert np.array_equal(sa.arrays["variant/remove"], sb.arrays["variant/remove"])
+    assert st.describe()["models"]["inpaint"]["guidance"] == ("cfg" if guidance_scale > 1 else "none")

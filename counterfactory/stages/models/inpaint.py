@@ -362,20 +362,21 @@ class DiffusersInpaintEdit(SplitStage, Stage):
         if enc is None or "prompt_embeds" not in self.call_args or \
                 "do_classifier_free_guidance" not in inspect.signature(enc).parameters:
             return None
-        pos, neg = [], []
+        # by keyword: SD 1.5's encode_prompt takes (prompt, device, ...), SDXL's (prompt, prompt_2,
+        # device, ...) and returns the pooled embeddings too (which its pipeline then requires)
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        got: dict[str, list[Any]] = {}
         for j in jobs:
             key = (j["info"]["prompt"], j["info"]["negative_prompt"] if self.cfg else "")
             if key not in self._embeds:
                 with torch.inference_mode():
-                    pe, ne = enc(key[0], self.device, 1, self.cfg, negative_prompt=key[1] or None)
-                self._embeds[key] = (pe, ne)
-            pe, ne = self._embeds[key]
-            pos.append(pe)
-            neg.append(ne)
-        out = {"prompt_embeds": torch.cat(pos)}
-        if self.cfg:
-            out["negative_prompt_embeds"] = torch.cat(neg)
-        return out
+                    res = enc(prompt=key[0], device=self.device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=self.cfg, negative_prompt=key[1] or None)
+                self._embeds[key] = dict(zip(names, res, strict=False))
+            for name, t in self._embeds[key].items():
+                got.setdefault(name, []).append(t)
+        return {name: torch.cat(ts) for name, ts in got.items()
+                if (self.cfg or not name.startswith("negative")) and ts[0] is not None}
 
     def _diffuse(self, jobs: list[dict[str, Any]]) -> list[np.ndarray]:
         """One pipeline call for a micro-batch. Crops and masks go to the device as uint8 and
