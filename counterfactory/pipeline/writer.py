@@ -55,6 +55,7 @@ from counterfactory.layout import (
     atomic_write,
     sha256_file,
 )
+from counterfactory.pipeline.dedupe import KeysSeen, drop_inputs
 from counterfactory.publish import FailureBudgetExceeded
 from counterfactory.sample import Sample, decode_batch, encode_batch
 
@@ -487,6 +488,23 @@ class DatasetCommit:
             w.add(i, "", "rejected", {"reject": why}, {})
         return w.finish()
 
+    def _drop_later_copies(self, e: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        """Shard ``e["k"]`` rewritten without its copies of keys an earlier shard keeps; the run's
+        counts follow (the failure budget was checked on the counts before)."""
+        new = drop_inputs(self.out_dir, e, keys, _TarShard)
+        self.samples += new["samples"] - e["samples"]
+        self.rejected_inputs += new["rejected_inputs"] - e["rejected_inputs"]
+        self.reject_counts.update(new["input_reject_reasons"])
+        self.reject_counts.subtract(e["input_reject_reasons"])
+        self.variant_reject_stages.update(new["variant_reject_stages"])
+        self.variant_reject_stages.subtract(e["variant_reject_stages"])
+        self.variant_counts.update(new["variant_counts"])
+        self.variant_counts.subtract(e["variant_counts"])
+        for c in (self.reject_counts, self.variant_reject_stages, self.variant_counts):
+            for key in [key for key, n in c.items() if n <= 0]:
+                del c[key]
+        return new
+
     def on_write_complete(self) -> dict[str, Any]:
         missing = [k for k in range(self.n_shards) if k not in self.done]
         if missing and self.fill_missing:
@@ -509,11 +527,15 @@ class DatasetCommit:
         variants: Counter[str] = Counter()
         by_reason: Counter[tuple[str, str, str]] = Counter()
         samples = rejected_inputs = 0
+        seen = KeysSeen()  # the cross-shard duplicate rule (see dedupe.py)
         # one shard's journal at a time, in shard order: driver memory does not grow with the run
         for k in range(self.n_shards):
             e = read_journal(self.out_dir, k)
             if e is None:
                 raise RuntimeError(f"shard {k}: its journal entry is gone; nothing finalized")
+            if later := seen.later(e):
+                e = self._drop_later_copies(e, later)
+            seen.take(e)
             shards.append(e["shard"])
             if self.pairs and e["pair_shard"]:
                 pair_shards.append(e["pair_shard"])
