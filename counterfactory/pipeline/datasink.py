@@ -32,6 +32,7 @@ import numpy as np
 
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.inputs import InputPlan, pipeline_rows, read_slice
+from counterfactory.pipeline.slices import SliceTable
 from counterfactory.pipeline.writer import PartEncoder, ShardWriter, shard_range
 from counterfactory.sample import RunSettings, Sample, decode_batch
 
@@ -90,14 +91,14 @@ class ShardSink:
         return ShardWriter(Path(self.out_dir), self.dataset, k, lo, hi, pairs=self.pairs)
 
 
-def shard_slices(plan: InputPlan, sink: ShardSink, ks: list[int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """For each shard of ``ks``: the plan's slices holding its inputs (slices are sorted by
-    ``idx0``; one bisection each, so a plan of millions of slices is cut in one pass)."""
-    starts = [sl["idx0"] for sl in plan.slices]
+def shard_slices(plan: InputPlan, sink: ShardSink, ks: list[int]) -> Iterator[tuple[int, SliceTable]]:
+    """For each shard of ``ks``: the plan's slices holding its inputs, as a small table of their
+    own (a few numbers each; the worker makes their dicts). Slices are sorted by ``idx0``: one
+    bisection each, so a plan of millions of slices is cut in one pass."""
+    starts = plan.slices.idx0()
     for k in ks:
         lo, hi = shard_range(k, sink.shard_size, sink.n_inputs)
-        first = max(0, bisect.bisect_right(starts, lo) - 1)
-        yield k, plan.slices[first:bisect.bisect_left(starts, hi)]
+        yield k, plan.slices.view(plan.slices.position(lo), bisect.bisect_left(starts, hi))
 
 
 def _feed(writer: ShardWriter, samples: list[Sample]) -> None:
