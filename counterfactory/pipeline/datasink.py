@@ -32,6 +32,7 @@ import numpy as np
 
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.inputs import InputPlan, pipeline_rows, read_slice
+from counterfactory.pipeline.remote_shards import put_shard
 from counterfactory.pipeline.slices import SliceTable
 from counterfactory.pipeline.writer import PartEncoder, ShardWriter, shard_range
 from counterfactory.sample import RunSettings, Sample, decode_batch
@@ -81,14 +82,25 @@ class ShardSink:
     shard_size: int
     n_inputs: int
     pairs: bool = True
+    remote: str | None = None  # an object-store root: the spec's staging prefix there (remote_shards.py)
 
     def writer(self, k: int) -> ShardWriter:
+        if self.remote:  # each node writes its shard in its own working folder, then puts it on the store
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         if not Path(self.out_dir).is_dir():  # made by the driver: a node that cannot see it
             raise RuntimeError(f"the staging folder {self.out_dir} is not visible on this node: the workers write "
                                "the shards, so on a multi-node cluster the output root (for an object-store root: "
                                "$COUNTERFACTORY_CACHE) must be a folder every node mounts")
         lo, hi = shard_range(k, self.shard_size, self.n_inputs)
         return ShardWriter(Path(self.out_dir), self.dataset, k, lo, hi, pairs=self.pairs)
+
+    def close(self, writer: ShardWriter) -> dict[str, Any]:
+        """Finish the shard (and on an object-store root put it there, its journal entry last):
+        its journal entry without the rows, the task's result."""
+        entry = writer.finish()
+        if self.remote:
+            put_shard(Path(self.out_dir), self.remote, entry)
+        return entry
 
 
 def shard_slices(plan: InputPlan, sink: ShardSink, ks: list[int]) -> Iterator[tuple[int, SliceTable]]:
@@ -120,7 +132,7 @@ def make_and_write_shard(k: int, slices: list[dict[str, Any]], *, sink: ShardSin
             st.apply(samples)
         chain.encoder.encode_samples(samples)
         _feed(writer, samples)
-    return writer.finish()
+    return sink.close(writer)
 
 
 def add_shard_column(batch: dict[str, np.ndarray], *, shard_size: int) -> dict[str, np.ndarray]:
@@ -133,7 +145,7 @@ def write_group(batch: dict[str, np.ndarray], *, sink: ShardSink) -> dict[str, n
     rows = {k: v[order] for k, v in batch.items() if k != "shard"}
     writer = sink.writer(int(batch["shard"][0]))
     _feed(writer, decode_batch(rows))
-    return entry_batch(writer.finish())
+    return entry_batch(sink.close(writer))
 
 
 def entry_batch(entry: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -150,10 +162,10 @@ def write_local(batches: Iterator[dict[str, np.ndarray]], sink: ShardSink) -> It
         for s in decode_batch(batch):
             k = s.idx // sink.shard_size
             if writer is not None and writer.k != k:
-                yield writer.finish()
+                yield sink.close(writer)
                 writer = None
             if writer is None:
                 writer = sink.writer(k)
             _feed(writer, [s])
     if writer is not None:
-        yield writer.finish()
+        yield sink.close(writer)
