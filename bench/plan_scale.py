@@ -2,7 +2,7 @@
 (each one question on one of three small images), in a child process: its CPU seconds and peak
 RSS. The manifest is written to a temporary folder and deleted after.
 
-Usage: python bench/plan_scale.py N [N ...] [--keep-dir DIR]
+Usage: python bench/plan_scale.py N [N ...] [--full]  (--full: a run's plan with its slices)
 """
 
 import argparse
@@ -21,6 +21,10 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_PLAN = ("import sys; from counterfactory.pipeline.config import load_config; "
+             "from counterfactory.pipeline.inputs import plan_inputs; "
+             "p = plan_inputs(load_config(sys.argv[1], []), per_slice=8); "
+             "print(f'stage plan ({p.n} inputs, {len(p.slices)} slices)')")
 
 
 def write_inputs(folder: Path, n: int) -> Path:
@@ -48,6 +52,7 @@ def write_inputs(folder: Path, n: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("n", type=int, nargs="+")
+    ap.add_argument("--full", action="store_true", help="a run's plan (plan_inputs with its slices), not the dry run")
     args = ap.parse_args()
     for n in args.n:
         folder = Path(tempfile.mkdtemp(prefix="cf-plan-scale-"))
@@ -55,7 +60,9 @@ def main() -> None:
             cfg = write_inputs(folder, n)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", "from counterfactory.cli import main; main()", "run", str(cfg), "--dry-run"],
+            cmd = ([sys.executable, "-c", FULL_PLAN, str(cfg)] if args.full else
+                   [sys.executable, "-c", "from counterfactory.cli import main; main()", "run", str(cfg), "--dry-run"])
+            r = subprocess.run(cmd,
                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.perf_counter() - t0
             after = resource.getrusage(resource.RUSAGE_CHILDREN)

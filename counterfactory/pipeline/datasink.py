@@ -89,8 +89,8 @@ class ShardSink:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         if not Path(self.out_dir).is_dir():  # made by the driver: a node that cannot see it
             raise RuntimeError(f"the staging folder {self.out_dir} is not visible on this node: the workers write "
-                               "the shards, so on a multi-node cluster the output root (for an object-store root: "
-                               "$COUNTERFACTORY_CACHE) must be a folder every node mounts")
+                               "the shards, so on a multi-node cluster a local output root must be a folder every "
+                               "node mounts (or use an object-store root: each node puts its shards there)")
         lo, hi = shard_range(k, self.shard_size, self.n_inputs)
         return ShardWriter(Path(self.out_dir), self.dataset, k, lo, hi, pairs=self.pairs)
 

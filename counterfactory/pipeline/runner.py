@@ -502,7 +502,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
         raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
     # limited: the limit left inputs out (a --limit at or above the input count is a full run)
-    limited = limit is not None and plan_inputs(cfg, limit + 1).n > limit
+    limited = limit is not None and plan_inputs(cfg, limit + 1, count_only=True).n > limit
     ds_dir, root = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = ds_dir.workdir()
