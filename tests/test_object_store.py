@@ -297,3 +297,31 @@ def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_pat
     assert res.content_id == local.content_id
     assert not [n for n, _, _ in ds.list() if n.startswith(".staging-")]
     assert main(["verify", f"{root}/demo/{res.label}"]) == 0
+
+
+def test_cross_shard_duplicate_on_the_store(s3, tmp_path, monkeypatch):
+    """The duplicate pass rewrites a shard the writer already put on the store: the new one goes
+    there too (the driver still uploads no shard), and the version equals a local root's."""
+    uploaded: list[str] = []
+    real_upload = RemoteDir.upload
+
+    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
+        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
+        uploaded.extend(names)
+        return names
+
+    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    res = run_pipeline(_dup_cfg(tmp_path / "r", f"s3://{BUCKET}/dups"), local=True)
+    monkeypatch.undo()
+    local = run_pipeline(_dup_cfg(tmp_path / "l"), local=True)
+    assert res.content_id == local.content_id and res.manifest["counts"]["rejected_inputs"] >= 4
+    assert uploaded and not [n for n in uploaded if n.endswith(".tar")], uploaded
+    assert main(["verify", f"s3://{BUCKET}/dups/demo/{res.label}"]) == 0
+
+
+def _dup_cfg(tmp: Path, root: str | None = None):
+    # the same 2 scenes x 2 questions twice: inputs 4..7 repeat 0..3, in other shards of 3
+    cfg = make_config(tmp, [scenes_input(2), scenes_input(2)], output={"shard_size": 3})
+    if root:
+        cfg.output.root = root
+    return cfg
