@@ -96,3 +96,16 @@ def test_kill_during_duplicate_rewrite_resumes_to_the_same(tmp_path, monkeypatch
     res2 = run_pipeline(cfg2, local=True, progress=False)
     assert res2.content_id == ref.content_id
     assert json.loads((res2.out_dir / "summary.json").read_text())["resumed"]["shards"] == 3
+
+
+def test_duplicates_found_at_close_count_in_the_failure_budget(tmp_path):
+    from counterfactory.publish import FailureBudgetExceeded
+
+    cfg = _cfg(tmp_path, "budget", 3)
+    cfg.failure_budget.max_reject_share = 0.25  # 2 of 8; the 4 copies are found only at close
+    with pytest.raises(FailureBudgetExceeded, match="4 of them duplicates"):
+        run_pipeline(cfg, local=True, progress=False)
+    cfg.failure_budget.max_reject_share = 1.0  # the same spec: resumes with every shard
+    res = run_pipeline(cfg, local=True, progress=False)
+    _check(res)
+    assert json.loads((res.out_dir / "summary.json").read_text())["resumed"]["shards"] == 3

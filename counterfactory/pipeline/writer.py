@@ -597,6 +597,14 @@ class DatasetCommit:
             by_reason.update((r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in e["rejects"])
         index_w.close()
         rejects_w.close()
+        cap = self.max_rejected_inputs
+        if cap is not None and rejected_inputs > cap:  # duplicates across shards are found only here
+            index_tmp.unlink()
+            rejects_tmp.unlink()
+            raise FailureBudgetExceeded(
+                f"failure budget exceeded: {rejected_inputs} of {self.n_inputs} inputs rejected "
+                f"(failure_budget.max_reject_share allows {cap}), {self.reject_counts['shard/duplicate']} of them "
+                "duplicates of earlier inputs in other shards; every shard kept, rerun the same spec to resume")
         os.replace(index_tmp, self.out_dir / INDEX)
         os.replace(rejects_tmp, self.out_dir / REJECTS)
         atomic_write(self.out_dir / CONFIG, yaml.safe_dump(self.config, sort_keys=False).encode())
