@@ -43,11 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["failure_budget.refuse_on_audit=true"] if args.strict else [])]
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        _print_plan(cfg, plan_inputs(cfg, args.limit).n)
+        _print_plan(cfg, plan_inputs(cfg, args.limit, count_only=True).n)  # streamed: no slice kept
         return 0
     from counterfactory.pipeline.runner import run_pipeline
 
-    total = plan_inputs(cfg, args.limit).n  # counting is cheap (no image is read)
+    total = plan_inputs(cfg, args.limit, count_only=True).n  # counting is cheap (no image is read)
     with console.RunProgress(total, f"{cfg.dataset}", enabled=not args.quiet) as display:
         res = run_pipeline(cfg, limit=args.limit, progress=args.verbose, command=args.command_line,
                            force=args.force, latest=args.latest, on_progress=display, verbose=args.verbose)

@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from counterfactory.layout import (
@@ -56,6 +57,7 @@ def finish_reused(ds_dir: Dataset, version: Version, staging: Path) -> None:
     if not ds_dir.is_local:
         repair_remote(ds_dir, version)
         shutil.rmtree(staging, ignore_errors=True)
+        ds_dir.delete_tree(staging.name)  # a staging prefix left by a publish cut after its commit
 
 
 def _publish_by_rename(staging: Path, ds_dir: Dataset, make_info: Callable[[str], dict[str, Any]],
@@ -84,7 +86,9 @@ def _publish_by_rename(staging: Path, ds_dir: Dataset, make_info: Callable[[str]
 def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], dict[str, Any]],
                        finish: Callable[[Path, dict[str, Any]], None], *, set_latest: bool = True) -> Version:
     """Upload the staging folder as ``DATASET/vN`` on the object store: a claim naming the
-    content, every file, then ``manifest.json``, then ``version.json`` (the commit marker: a
+    content, the shards copied server-side from the spec's staging prefix where the writers put
+    them (issue 26; uploaded from here only when some are missing there), every other file, then
+    ``manifest.json``, then ``version.json`` (the commit marker: a
     label folder without it is an unfinished upload, never taken as a version), then
     ``latest``. A rerun after an upload was cut off finishes the same label. The local staging
     folder becomes the version's local mirror, without its shards.
@@ -102,6 +106,7 @@ def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], 
             return None
 
     unfinished = [v.label for v in list_versions(ds) if not v.info and claim_of(v.label) == ours]
+    direct = _staged_shards(staging, ds.child(staging.name))
     for _ in range(100):
         label = unfinished.pop(0) if unfinished else next_label(ds)
         target = ds.child(label)
@@ -114,7 +119,10 @@ def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], 
         info = make_info(label)
         atomic_write(staging / VERSION_FILE, json.dumps(info, indent=2, sort_keys=True).encode())
         finish(staging, info)
-        ds.upload(staging, label, last=(MANIFEST, VERSION_FILE), skip={LOCK, JOURNAL})
+        if direct:  # the shards the workers put in the staging prefix: copied on the store
+            _copy_on_store(ds, staging.name, label, direct)
+        ds.upload(staging, label, last=(MANIFEST, VERSION_FILE),
+                  skip={LOCK, JOURNAL, *(PurePosixPath(n).name for n in direct)})
         got = json.loads(target.read_bytes(VERSION_FILE))
         if (got.get("spec_id"), got.get("content_id")) != (info["spec_id"], info["content_id"]):
             raise StorageError(f"{target.uri}: another run published this label at the same time; "
@@ -122,6 +130,7 @@ def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], 
         target.delete(CLAIM)
         if set_latest:
             finish_remote(ds, label)
+        ds.delete_tree(staging.name)  # the staging prefix: its shards are the version's now
         mirror = target.workdir()
         shutil.rmtree(mirror, ignore_errors=True)
         for tar in [*staging.glob("*.tar"), *staging.glob(f"{PAIRS_DIR}/*.tar")]:
@@ -130,6 +139,32 @@ def _publish_by_upload(staging: Path, ds: RemoteDir, make_info: Callable[[str], 
         shutil.rmtree(mirror / JOURNAL, ignore_errors=True)
         return Version(label, target, info)
     raise RuntimeError(f"could not allocate a version label in {ds}")
+
+
+def _staged_shards(staging: Path, remote: RemoteDir) -> list[str]:
+    """The version's tar files (shards and pair shards) when every one of them is in the
+    spec's staging prefix on the store at its manifest size (the writers put them there); a
+    shard missing here (written on another node) is fetched for the card. [] otherwise: the
+    local files are uploaded as they are."""
+    manifest = json.loads((staging / MANIFEST).read_bytes())
+    want = {s["name"]: s["bytes"] for s in manifest["shards"]}
+    want.update({n: f["bytes"] for n, f in manifest["files"].items() if n.startswith(f"{PAIRS_DIR}/")})
+    got = remote.sizes(sorted(want))
+    if any(got[n] != size for n, size in want.items()):
+        return []
+    remote.download([n for n in sorted(want) if not (staging / n).is_file()], staging)
+    return sorted(want)
+
+
+def _copy_on_store(ds: RemoteDir, staging: str, label: str, names: list[str]) -> None:
+    """Server-side copies from the staging prefix into the version folder, sizes checked."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda n: ds.copy(f"{staging}/{n}", f"{label}/{n}"), names))
+    want = ds.sizes([f"{staging}/{n}" for n in names])
+    got = ds.sizes([f"{label}/{n}" for n in names])
+    bad = [n for n in names if got[f"{label}/{n}"] != want[f"{staging}/{n}"]]
+    if bad:
+        raise StorageError(f"{ds.uri}/{label}: {len(bad)} shard(s) not copied whole, e.g. {bad[0]}")
 
 
 def finish_remote(ds: Dataset, label: str) -> None:

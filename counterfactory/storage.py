@@ -7,9 +7,10 @@ An output root is either a local path (``file://`` accepted) or a filesystem URI
 not know are opened with fsspec (``memory://``, or any installed fsspec implementation) and
 wrapped as a pyarrow filesystem, so the rest of the code sees one interface.
 
-Writing to an object store is staged: a run writes its shards to a local staging folder (the
-same resumable staging a local root uses) and ``RemoteDir.upload`` copies the finished version
-up, files first and the commit marker (``version.json``) last, so a reader never takes a
+Writing to an object store: each shard's writing task puts its shard, pair shard and journal
+entry into the spec's staging prefix on the store as it finishes (``pipeline/remote_shards.py``);
+at publish the shards are copied server-side into the version's folder and ``RemoteDir.upload``
+sends the small files, the commit marker (``version.json``) last, so a reader never takes a
 half-uploaded version for a complete one. Single-object PUTs are atomic on every object store;
 renames are not, which is why nothing is renamed remotely.
 """
@@ -277,6 +278,21 @@ class RemoteDir(Folder):
     def _upload_file(self, src: Path, rel: str) -> None:
         with open(src, "rb") as fin, self.fs.open_output_stream(self._p(rel)) as fout:
             shutil.copyfileobj(fin, fout, COPY_CHUNK)
+
+    def put(self, src: Path, rel: str) -> None:
+        """One local file to ``rel`` (one PUT, or a multipart upload completed at once)."""
+        self._upload_file(src, rel)
+
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """A server-side copy inside this folder (S3 CopyObject): no byte passes through here."""
+        self.fs.copy_file(self._p(src_rel), self._p(dst_rel))
+
+    def delete_tree(self, rel: str) -> None:
+        """``rel`` and everything under it (nothing when it is absent)."""
+        try:
+            self.fs.delete_dir(self._p(rel))
+        except FileNotFoundError:
+            pass
 
     def upload(self, local_dir: Path, rel: str, *, last: Sequence[str] = (),
                skip: Iterable[str] = (), threads: int = 8) -> list[str]:

@@ -242,3 +242,86 @@ def test_inputs_named_by_s3_uris_are_read_from_the_bucket(s3, tmp_path):
     vremote, vlocal = run_stages(vcfg, load_records(vcfg), stop_after="ingest")
     assert vremote.ok and vlocal.ok, (vremote.meta.get("reject"), vlocal.meta.get("reject"))
     assert vremote.key == vlocal.key
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL (not an Exception: nothing swallows it)."""
+
+
+def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_path, monkeypatch):
+    """Issue 26: each shard's writer puts it (pair shard, journal entry last) in the spec's
+    staging prefix on the store; a run killed after two shards resumes from the store on a machine
+    without its local working folder; the driver's publish uploads no shard (server-side copies),
+    the staging prefix is gone after, and the content id is a local root's."""
+    import shutil
+
+    from counterfactory.pipeline import writer as writer_mod
+
+    root = f"s3://{BUCKET}/direct"
+    real = writer_mod.DatasetCommit.on_write_result
+    seen = {"n": 0}
+
+    def killed_after_two(self, entry):
+        real(self, entry)
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise _Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(writer_mod.DatasetCommit, "on_write_result", killed_after_two)
+        with pytest.raises(_Killed):
+            run_pipeline(_cfg(tmp_path / "a", root), local=True)
+    ds = RemoteDir(f"{root}/demo")
+    (prefix,) = [n for n, is_dir, _ in ds.list() if n.startswith(".staging-")]
+    stored = {n for n, is_dir, _ in ds.list(prefix, recursive=True) if not is_dir}
+    assert {f"{prefix}/demo-00000{k}.tar" for k in (0, 1)} <= stored
+    assert {f"{prefix}/.journal/00000{k}.json" for k in (0, 1)} <= stored
+    for staging in V.staging_dirs(ds):  # another machine: no local working folder
+        shutil.rmtree(staging)
+    uploaded: list[str] = []
+    real_upload = RemoteDir.upload
+
+    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
+        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
+        uploaded.extend(names)
+        return names
+
+    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    res = run_pipeline(_cfg(tmp_path / "b", root), local=True)
+    monkeypatch.undo()
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["resumed"]["shards"] == 2
+    assert uploaded and not [n for n in uploaded if n.endswith(".tar")], uploaded  # metadata only
+    assert uploaded[-1] == "version.json"
+    local = run_pipeline(_cfg(tmp_path / "c"), local=True)
+    assert res.content_id == local.content_id
+    assert not [n for n, _, _ in ds.list() if n.startswith(".staging-")]
+    assert main(["verify", f"{root}/demo/{res.label}"]) == 0
+
+
+def test_cross_shard_duplicate_on_the_store(s3, tmp_path, monkeypatch):
+    """The duplicate pass rewrites a shard the writer already put on the store: the new one goes
+    there too (the driver still uploads no shard), and the version equals a local root's."""
+    uploaded: list[str] = []
+    real_upload = RemoteDir.upload
+
+    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
+        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
+        uploaded.extend(names)
+        return names
+
+    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    res = run_pipeline(_dup_cfg(tmp_path / "r", f"s3://{BUCKET}/dups"), local=True)
+    monkeypatch.undo()
+    local = run_pipeline(_dup_cfg(tmp_path / "l"), local=True)
+    assert res.content_id == local.content_id and res.manifest["counts"]["rejected_inputs"] >= 4
+    assert uploaded and not [n for n in uploaded if n.endswith(".tar")], uploaded
+    assert main(["verify", f"s3://{BUCKET}/dups/demo/{res.label}"]) == 0
+
+
+def _dup_cfg(tmp: Path, root: str | None = None):
+    # the same 2 scenes x 2 questions twice: inputs 4..7 repeat 0..3, in other shards of 3
+    cfg = make_config(tmp, [scenes_input(2), scenes_input(2)], output={"shard_size": 3})
+    if root:
+        cfg.output.root = root
+    return cfg

@@ -32,6 +32,8 @@ import numpy as np
 
 from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.inputs import InputPlan, pipeline_rows, read_slice
+from counterfactory.pipeline.remote_shards import put_shard
+from counterfactory.pipeline.slices import SliceTable
 from counterfactory.pipeline.writer import PartEncoder, ShardWriter, shard_range
 from counterfactory.sample import RunSettings, Sample, decode_batch
 
@@ -80,24 +82,35 @@ class ShardSink:
     shard_size: int
     n_inputs: int
     pairs: bool = True
+    remote: str | None = None  # an object-store root: the spec's staging prefix there (remote_shards.py)
 
     def writer(self, k: int) -> ShardWriter:
+        if self.remote:  # each node writes its shard in its own working folder, then puts it on the store
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         if not Path(self.out_dir).is_dir():  # made by the driver: a node that cannot see it
             raise RuntimeError(f"the staging folder {self.out_dir} is not visible on this node: the workers write "
-                               "the shards, so on a multi-node cluster the output root (for an object-store root: "
-                               "$COUNTERFACTORY_CACHE) must be a folder every node mounts")
+                               "the shards, so on a multi-node cluster a local output root must be a folder every "
+                               "node mounts (or use an object-store root: each node puts its shards there)")
         lo, hi = shard_range(k, self.shard_size, self.n_inputs)
         return ShardWriter(Path(self.out_dir), self.dataset, k, lo, hi, pairs=self.pairs)
 
+    def close(self, writer: ShardWriter) -> dict[str, Any]:
+        """Finish the shard (and on an object-store root put it there, its journal entry last):
+        its journal entry without the rows, the task's result."""
+        entry = writer.finish()
+        if self.remote:
+            put_shard(Path(self.out_dir), self.remote, entry)
+        return entry
 
-def shard_slices(plan: InputPlan, sink: ShardSink, ks: list[int]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """For each shard of ``ks``: the plan's slices holding its inputs (slices are sorted by
-    ``idx0``; one bisection each, so a plan of millions of slices is cut in one pass)."""
-    starts = [sl["idx0"] for sl in plan.slices]
+
+def shard_slices(plan: InputPlan, sink: ShardSink, ks: list[int]) -> Iterator[tuple[int, SliceTable]]:
+    """For each shard of ``ks``: the plan's slices holding its inputs, as a small table of their
+    own (a few numbers each; the worker makes their dicts). Slices are sorted by ``idx0``: one
+    bisection each, so a plan of millions of slices is cut in one pass."""
+    starts = plan.slices.idx0()
     for k in ks:
         lo, hi = shard_range(k, sink.shard_size, sink.n_inputs)
-        first = max(0, bisect.bisect_right(starts, lo) - 1)
-        yield k, plan.slices[first:bisect.bisect_left(starts, hi)]
+        yield k, plan.slices.view(plan.slices.position(lo), bisect.bisect_left(starts, hi))
 
 
 def _feed(writer: ShardWriter, samples: list[Sample]) -> None:
@@ -119,7 +132,7 @@ def make_and_write_shard(k: int, slices: list[dict[str, Any]], *, sink: ShardSin
             st.apply(samples)
         chain.encoder.encode_samples(samples)
         _feed(writer, samples)
-    return writer.finish()
+    return sink.close(writer)
 
 
 def add_shard_column(batch: dict[str, np.ndarray], *, shard_size: int) -> dict[str, np.ndarray]:
@@ -132,7 +145,7 @@ def write_group(batch: dict[str, np.ndarray], *, sink: ShardSink) -> dict[str, n
     rows = {k: v[order] for k, v in batch.items() if k != "shard"}
     writer = sink.writer(int(batch["shard"][0]))
     _feed(writer, decode_batch(rows))
-    return entry_batch(writer.finish())
+    return entry_batch(sink.close(writer))
 
 
 def entry_batch(entry: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -149,10 +162,10 @@ def write_local(batches: Iterator[dict[str, np.ndarray]], sink: ShardSink) -> It
         for s in decode_batch(batch):
             k = s.idx // sink.shard_size
             if writer is not None and writer.k != k:
-                yield writer.finish()
+                yield sink.close(writer)
                 writer = None
             if writer is None:
                 writer = sink.writer(k)
             _feed(writer, [s])
     if writer is not None:
-        yield writer.finish()
+        yield sink.close(writer)

@@ -18,6 +18,7 @@ their records; splitting them would split each format's rules across files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -39,6 +40,7 @@ from counterfactory.pipeline.config import (
     VideoManifestInput,
 )
 from counterfactory.pipeline.refs import UnsupportedURI, _image_ref
+from counterfactory.pipeline.slices import SliceTable
 from counterfactory.rules import QUESTION_KINDS, classify_question, exhaustive_categories, plural
 
 MAX_LINE_BYTES = 16 << 20  # one manifest line (an image, its questions and polygons)
@@ -48,7 +50,7 @@ def _uri_reject(origin: str, image: str, exc: UnsupportedURI, **extra: Any) -> d
     return {"origin": origin, "uri": image, **extra, "error": f"unsupported_uri: {exc}"}
 
 
-def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
+def _question_items(line: dict[str, Any], classify: bool = True) -> list[dict[str, Any]]:
     if "questions" in line:
         qs = line["questions"]
         if not isinstance(qs, list):
@@ -61,8 +63,9 @@ def _question_items(line: dict[str, Any]) -> list[dict[str, Any]]:
     for q in items:
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise ValueError("every question needs a non-empty 'question' string")
-        q.setdefault("kind", classify_question(q["question"]))
-        if q["kind"] not in QUESTION_KINDS:  # an unknown kind would get no answer rule downstream
+        if classify or "kind" in q:  # counting only: a classified question always has a valid kind
+            q.setdefault("kind", classify_question(q["question"]))
+        if "kind" in q and q["kind"] not in QUESTION_KINDS:  # an unknown kind would get no answer rule downstream
             raise ValueError(f"'kind' {str(q['kind'])[:40]!r} is not a question kind: one of {', '.join(QUESTION_KINDS)}")
         targets = q.get("targets")
         if isinstance(targets, str):  # "targets": "cup" means the one target "cup", not c, u, p
@@ -144,9 +147,16 @@ def _bad_line(origin: str, raw: str, exc: Exception | str, error: str = "bad_man
     return {"origin": origin, "uri": raw.strip()[:200], **extra, "error": f"{error}: {exc}"}
 
 
-def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "annotated") -> list[dict[str, Any]]:
+@functools.lru_cache(maxsize=4096)
+def _cached_ref(image: str, root: Path, home: str | None) -> str:
+    return _image_ref(image, root, home)  # many lines (one per question) name one image
+
+
+def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "annotated",
+                   classify: bool = True) -> list[dict[str, Any]]:
     """The records of one manifest line: one per question, or one carrying the line's error.
-    ``exhaustive`` is the input's declaration; the line's own ``exhaustive`` replaces it."""
+    ``exhaustive`` is the input's declaration; the line's own ``exhaustive`` replaces it.
+    ``classify=False`` (the planner, which only counts) leaves a question without a kind."""
     origin, raw = ln.origin, ln.text
     try:
         if ln.error:
@@ -154,9 +164,11 @@ def _manifest_line(ln: _Line, root: Path, home: str | None, exhaustive: Any = "a
         line = json.loads(raw)
         if not isinstance(line, dict):
             raise ValueError("a manifest line must be a JSON object")
-        _check_unicode(line)
-        image = _image_ref(line.get("image"), root, home)
-        questions = _question_items(line)
+        if "\\u" in raw:  # decoded UTF-8 holds no surrogate: only a \u escape can spell one
+            _check_unicode(line)
+        image = line.get("image")
+        image = _cached_ref(image, root, home) if isinstance(image, str) else _image_ref(image, root, home)
+        questions = _question_items(line, classify)
         objects = line.get("objects", [])
         if not isinstance(objects, list):
             raise ValueError("'objects' must be a list")
@@ -370,51 +382,57 @@ class InputPlan:
 
     The driver never holds the records themselves: it makes one pass to count them (a manifest
     line is parsed, then dropped; a procedural scene is counted without being built) and records
-    where each slice starts. Each slice is read where it is processed, by ``read_slice`` on a Ray
-    worker, so driver memory does not grow with the input set and the reading runs in parallel.
-    Record ``idx`` numbers are global and dense: slice ``k`` holds ``idx0 .. idx0 + n - 1``.
-    COCO annotations are one JSON document that every slice would have to parse again, so their
-    records travel inside their slices."""
+    where each slice starts, compactly (``slices.SliceTable``: a few numbers per slice, the
+    shared fields once per input). Each slice is read where it is processed, by ``read_slice`` on
+    a Ray worker, so the reading runs in parallel. Record ``idx`` numbers are global and dense:
+    slice ``k`` holds ``idx0 .. idx0 + n - 1``. COCO annotations are one JSON document that every
+    slice would have to parse again, so their records travel inside their slices. A counting plan
+    (``plan_inputs(..., count_only=True)``: a dry run, a progress total) keeps no slice at all."""
 
     n: int = 0
-    slices: list[dict[str, Any]] = field(default_factory=list)
+    slices: SliceTable = field(default_factory=SliceTable)
     sources: dict[str, str] = field(default_factory=dict)  # ref -> role ("annotations" | "media")
 
 
 class _Planner:
-    def __init__(self, plan: InputPlan, per_slice: int, limit: int | None, max_inputs: int | None = None) -> None:
+    def __init__(self, plan: InputPlan, per_slice: int, limit: int | None, max_inputs: int | None = None,
+                 keep: bool = True) -> None:
         self.plan, self.per_slice, self.limit = plan, max(1, per_slice), limit
         self.max_inputs = max_inputs
-        self.open: dict[str, Any] | None = None
+        self.keep = keep  # False: count only (no slice, no source list)
+        self.open: int | None = None  # position of the slice being filled
+        self.open_base: dict[str, Any] | None = None
 
     def full(self) -> bool:
         return self.limit is not None and self.plan.n >= self.limit
 
     def add(self, base: dict[str, Any], records: int, refs: Iterable[str] = (), *,
-            first: int | None = None, start: int | None = None,
-            inline: list[dict[str, Any]] | None = None) -> None:
-        """One unit (a scene, a clip, a manifest line, a COCO image) of ``records`` records."""
+            first: int | None = None, start: int | None = None, end: int | None = None,
+            lineno: int | None = None, inline: list[dict[str, Any]] | None = None) -> None:
+        """One unit (a scene, a clip, a manifest line, a COCO image) of ``records`` records;
+        a manifest line gives its byte range (``start``, ``end``) and the line number before it."""
         take = records if self.limit is None else min(records, self.limit - self.plan.n)
         if take <= 0:
             return
         if self.max_inputs is not None and self.plan.n + take > self.max_inputs:
             raise InputError(f"inputs: more than limits.max_inputs = {self.max_inputs} input records "
                              "(raise the limit, or use --limit, if this is meant)")
-        sl = self.open
+        if not self.keep:
+            self.plan.n += take
+            return
+        t, i = self.plan.slices, self.open
         # at most per_slice records, unless one unit alone has more: a slice is one batch
-        if sl is None or sl["base"] is not base or sl["n"] + take > self.per_slice:
-            sl = self.open = {"base": base, "idx0": self.plan.n, "n": 0, "units": 0}
-            if first is not None:
-                sl["first"] = first
-            if start is not None:
-                sl["start"] = start
-            if inline is not None:
-                sl["records"] = []
-            self.plan.slices.append(sl)
-        sl["n"] += take
-        sl["units"] += 1
+        if i is None or self.open_base is not base or t.cols["n"][i] + take > self.per_slice:
+            uses = (("first",) if first is not None else ()) + (("start", "end", "lineno") if start is not None else ())
+            i = self.open = t.open(base, uses, inline=inline is not None, idx0=self.plan.n,
+                                   first=first or 0, start=start or 0, lineno=lineno or 0)
+            self.open_base = base
+        t.cols["n"][i] += take
+        t.cols["units"][i] += 1
+        if end is not None:
+            t.cols["end"][i] = end
         if inline is not None:
-            sl["records"].extend(inline[:take])
+            t.inline[i].extend(inline[:take])
         self.plan.n += take
         for ref in refs:
             self.plan.sources.setdefault(ref, "media")
@@ -424,25 +442,28 @@ def _source_refs(records: list[dict[str, Any]]) -> list[str]:
     return [r["uri"] for r in records if isinstance(r.get("uri"), str) and r["uri"] and "error" not in r]
 
 
-def _seal(path: Path, slices: list[dict[str, Any]]) -> None:
+def _seal(path: Path, table: SliceTable, first: int) -> None:
     """Each manifest slice gets the digest of its bytes: a worker reading other bytes at those
     offsets (the file changed after planning) turns the slice's inputs into rejects."""
+    start, end = table.cols["start"], table.cols["end"]
     with open(path, "rb") as f:
-        for sl in slices:
-            f.seek(sl["start"])
-            sl["blake2b"] = hashlib.blake2b(f.read(sl["end"] - sl["start"]), digest_size=16).hexdigest()
+        for i in range(first, len(table)):
+            f.seek(start[i])
+            table.seal(i, hashlib.blake2b(f.read(end[i] - start[i]), digest_size=16).digest())
 
 
-def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 8) -> InputPlan:
+def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 8,
+                count_only: bool = False) -> InputPlan:
     """Count the records of every input (the first ``limit``) and cut them into slices of whole
     units, at most ``per_slice`` records each (unless one unit alone has more): the runner uses
-    the first stage's batch size, so a slice is one block and one batch of the pipeline."""
+    the first stage's batch size, so a slice is one block and one batch of the pipeline.
+    ``count_only``: the count alone, in memory that does not grow with the inputs (a dry run)."""
     plan = InputPlan()
     for inp in cfg.inputs:
         path = getattr(inp, "path", None)
-        if path:  # annotation files are sources too, read or not
+        if path and not count_only:  # annotation files are sources too, read or not
             plan.sources[str(cfg.path(path))] = "annotations"
-    pl = _Planner(plan, per_slice, limit, cfg.limits.max_inputs)
+    pl = _Planner(plan, per_slice, limit, cfg.limits.max_inputs, keep=not count_only)
     for inp in cfg.inputs:
         if pl.full():
             break
@@ -453,14 +474,16 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
                 if pl.full():
                     break
                 # a scene always has >= 4 distinct questions (config caps questions_per_scene at 4)
-                pl.add(base, inp.questions_per_scene, [f"procedural://{inp.seed}/{i}?size={w}x{h}"], first=i)
+                pl.add(base, inp.questions_per_scene, () if count_only else
+                       [f"procedural://{inp.seed}/{i}?size={w}x{h}"], first=i)
         elif isinstance(inp, ProceduralVideoInput):
             base = {"kind": "procedural_video", "seed": inp.seed, "size": list(inp.size),
                     "frames": inp.frames, "fps": inp.fps}
             for i in range(inp.count):
                 if pl.full():
                     break
-                pl.add(base, 1, [video_scenes.clip_uri(inp.seed, i, inp.size, inp.frames, inp.fps)], first=i)
+                pl.add(base, 1, () if count_only else
+                       [video_scenes.clip_uri(inp.seed, i, inp.size, inp.frames, inp.fps)], first=i)
         elif isinstance(inp, ManifestInput | VideoManifestInput):
             video = isinstance(inp, VideoManifestInput)
             mpath = cfg.path(inp.path)
@@ -475,21 +498,18 @@ def plan_inputs(cfg: PipelineConfig, limit: int | None = None, per_slice: int = 
             for ln in _jsonl(mpath):
                 if pl.full():
                     break
-                recs = _video_line(ln, root, home) if video else _manifest_line(ln, root, home, inp.exhaustive)
-                pl.add(base, len(recs), _source_refs(recs), start=ln.start)
-                if pl.open is not None and pl.open.get("start") == ln.start:
-                    pl.open["lineno"] = ln.lineno - 1
-                if pl.open is not None and pl.open["base"] is base:
-                    pl.open["end"] = ln.end
-            _seal(mpath, plan.slices[first_slice:])
+                recs = (_video_line(ln, root, home) if video
+                        else _manifest_line(ln, root, home, inp.exhaustive, classify=False))
+                pl.add(base, len(recs), () if count_only else _source_refs(recs), start=ln.start, end=ln.end,
+                       lineno=ln.lineno - 1)
+            if not count_only:
+                _seal(mpath, plan.slices, first_slice)
         elif isinstance(inp, CocoInput):
             base = {"kind": "records"}
             for recs in _coco_records(inp, cfg):
                 if pl.full():
                     break
-                pl.add(base, len(recs), _source_refs(recs), inline=recs)
-    for sl in plan.slices:  # the shared fields written out: a slice travels alone to a worker
-        sl.update(sl.pop("base"))
+                pl.add(base, len(recs), () if count_only else _source_refs(recs), inline=recs)
     return plan
 
 
@@ -546,6 +566,10 @@ def pipeline_rows(records: list[dict[str, Any]], first_idx: int, start: int, see
     ]
 
 
-def slices_from(plan: InputPlan, start: int) -> list[dict[str, Any]]:
+def slices_from(plan: InputPlan, start: int) -> SliceTable:
     """The slices holding inputs at or after ``start`` (a resumed run skips whole slices)."""
-    return [sl for sl in plan.slices if sl["idx0"] + sl["n"] > start]
+    t = plan.slices
+    i = t.position(start)
+    if i < len(t) and t.cols["idx0"][i] + t.cols["n"][i] <= start:
+        i += 1
+    return t.view(i, len(t))

@@ -502,7 +502,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
     if not n_inputs:  # an empty version would become `latest` and answer every rerun of this spec
         raise RunStopped("no inputs: the configured inputs hold no record (an empty manifest?); nothing published")
     # limited: the limit left inputs out (a --limit at or above the input count is a full run)
-    limited = limit is not None and plan_inputs(cfg, limit + 1).n > limit
+    limited = limit is not None and plan_inputs(cfg, limit + 1, count_only=True).n > limit
     ds_dir, root = dataset_location(cfg)
     # where shards are staged: the dataset folder, or for an object store a local working folder
     work = ds_dir.workdir()
@@ -531,14 +531,16 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
         # or fewer CPUs, has the same manifest (the placement goes to version.json)
         saved, placement = split_placement(cfg.resolved())
         share = cfg.failure_budget.max_reject_share
+        # an object-store root: the writers put each shard in the spec's staging prefix there
+        remote = None if ds_dir.is_local else ds_dir.child(staging.name).uri
         writer = DatasetCommit(staging, cfg.dataset, cfg.output.shard_size, n_inputs,
                                saved, cfg.config_hash(),
                                max_rejected_inputs=None if share is None else int(share * n_inputs),
                                fill_missing=cfg.failure_budget.max_errored_blocks > 0,
-                               pairs=cfg.output.pairs)
+                               pairs=cfg.output.pairs, remote=remote)
         todo = writer.on_write_start()
         start = writer.resumed_inputs
-        sink = ShardSink(str(staging), cfg.dataset, cfg.output.shard_size, n_inputs, cfg.output.pairs)
+        sink = ShardSink(str(staging), cfg.dataset, cfg.output.shard_size, n_inputs, cfg.output.pairs, remote)
         stream = _Stream()
         cpu0 = _own_cpu()
         if todo and local:

@@ -55,6 +55,15 @@ from counterfactory.layout import (
     atomic_write,
     sha256_file,
 )
+from counterfactory.pipeline.dedupe import KeysSeen, drop_inputs
+from counterfactory.pipeline.remote_shards import (
+    fetch,
+    journal_name,
+    keep_entry,
+    put_shard,
+    remote_dir,
+    remote_entries,
+)
 from counterfactory.publish import FailureBudgetExceeded
 from counterfactory.sample import Sample, decode_batch, encode_batch
 
@@ -382,8 +391,10 @@ class DatasetCommit:
 
     def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
                  config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
-                 fill_missing: bool = False, pairs: bool = True) -> None:
+                 fill_missing: bool = False, pairs: bool = True, remote: str | None = None) -> None:
         self.out_dir = out_dir
+        # an object-store root: the staging prefix the writers put shards and journal entries in
+        self.remote = remote
         self.pairs = pairs
         # failure budget: more rejected inputs than this stops the run (None: no limit)
         self.max_rejected_inputs = max_rejected_inputs
@@ -419,6 +430,8 @@ class DatasetCommit:
     def on_write_start(self) -> list[int]:
         """Keep every journaled shard whose files still match their checksums; return the shards
         still to write (a kill leaves each shard whole or absent, in any pattern)."""
+        if self.remote:
+            return self._resume_remote()
         jdir = self.out_dir / JOURNAL
         for path in sorted(jdir.glob("[0-9]*.json")) if jdir.is_dir() else []:
             e = read_journal(self.out_dir, int(path.stem)) if path.stem.isdigit() else None
@@ -429,6 +442,31 @@ class DatasetCommit:
             self.resumed_shards += 1
             self.resumed_inputs += e["hi"] - e["lo"]
         return [k for k in range(self.n_shards) if k not in self.done]
+
+    def _resume_remote(self) -> list[int]:
+        """On an object store the store's journal entries decide (a kill on another machine, a
+        shard written on another node): each one whose objects are there is kept, and copied
+        into the local journal; a local entry the store lacks is written again."""
+        kept = remote_entries(self.remote, self.n_shards)
+        jdir = self.out_dir / JOURNAL
+        for path in sorted(jdir.glob("*.json")) if jdir.is_dir() else []:
+            if not path.stem.isdigit() or int(path.stem) not in kept:
+                path.unlink(missing_ok=True)
+        for k, e in sorted(kept.items()):
+            if (e["lo"], e["hi"]) != self.shard_range(k) or e["k"] != k:
+                continue
+            keep_entry(self.out_dir, e)
+            self._count(e)
+            self.resumed_shards += 1
+            self.resumed_inputs += e["hi"] - e["lo"]
+        return [k for k in range(self.n_shards) if k not in self.done]
+
+    def _journal(self, k: int) -> dict[str, Any] | None:
+        e = read_journal(self.out_dir, k)
+        if e is None and self.remote:  # written on another node: its entry is on the store
+            fetch(self.out_dir, self.remote, [journal_name(k)])
+            e = read_journal(self.out_dir, k)
+        return e
 
     def _intact(self, e: dict[str, Any]) -> bool:
         k = e.get("k")
@@ -475,6 +513,8 @@ class DatasetCommit:
         import shutil
 
         shutil.rmtree(self.out_dir / JOURNAL, ignore_errors=True)
+        if self.remote:
+            remote_dir(self.remote).delete_tree(JOURNAL)
 
     # -- the end ----------------------------------------------------------------------------
     def _write_missing(self, k: int) -> dict[str, Any]:
@@ -485,7 +525,31 @@ class DatasetCommit:
         why = {"stage": "pipeline", "reason": "errored_block", "detail": "the block holding this input failed after retries"}
         for i in range(lo, hi):
             w.add(i, "", "rejected", {"reject": why}, {})
-        return w.finish()
+        entry = w.finish()
+        if self.remote:
+            put_shard(self.out_dir, self.remote, entry)
+        return entry
+
+    def _drop_later_copies(self, e: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        """Shard ``e["k"]`` rewritten without its copies of keys an earlier shard keeps; the run's
+        counts follow (the failure budget was checked on the counts before)."""
+        if self.remote:  # the shard may have been written on another node or machine
+            fetch(self.out_dir, self.remote, [sh["name"] for sh in (e["shard"], e.get("pair_shard")) if sh])
+        new = drop_inputs(self.out_dir, e, keys, _TarShard)
+        if self.remote:  # the new shard replaces the stored one, its journal entry last
+            put_shard(self.out_dir, self.remote, new)
+        self.samples += new["samples"] - e["samples"]
+        self.rejected_inputs += new["rejected_inputs"] - e["rejected_inputs"]
+        self.reject_counts.update(new["input_reject_reasons"])
+        self.reject_counts.subtract(e["input_reject_reasons"])
+        self.variant_reject_stages.update(new["variant_reject_stages"])
+        self.variant_reject_stages.subtract(e["variant_reject_stages"])
+        self.variant_counts.update(new["variant_counts"])
+        self.variant_counts.subtract(e["variant_counts"])
+        for c in (self.reject_counts, self.variant_reject_stages, self.variant_counts):
+            for key in [key for key, n in c.items() if n <= 0]:
+                del c[key]
+        return new
 
     def on_write_complete(self) -> dict[str, Any]:
         missing = [k for k in range(self.n_shards) if k not in self.done]
@@ -509,11 +573,15 @@ class DatasetCommit:
         variants: Counter[str] = Counter()
         by_reason: Counter[tuple[str, str, str]] = Counter()
         samples = rejected_inputs = 0
+        seen = KeysSeen()  # the cross-shard duplicate rule (see dedupe.py)
         # one shard's journal at a time, in shard order: driver memory does not grow with the run
         for k in range(self.n_shards):
-            e = read_journal(self.out_dir, k)
+            e = self._journal(k)
             if e is None:
                 raise RuntimeError(f"shard {k}: its journal entry is gone; nothing finalized")
+            if later := seen.later(e):
+                e = self._drop_later_copies(e, later)
+            seen.take(e)
             shards.append(e["shard"])
             if self.pairs and e["pair_shard"]:
                 pair_shards.append(e["pair_shard"])
@@ -529,6 +597,14 @@ class DatasetCommit:
             by_reason.update((r["stage"], r["reason"], "variant" if r["variant"] else "input") for r in e["rejects"])
         index_w.close()
         rejects_w.close()
+        cap = self.max_rejected_inputs
+        if cap is not None and rejected_inputs > cap:  # duplicates across shards are found only here
+            index_tmp.unlink()
+            rejects_tmp.unlink()
+            raise FailureBudgetExceeded(
+                f"failure budget exceeded: {rejected_inputs} of {self.n_inputs} inputs rejected "
+                f"(failure_budget.max_reject_share allows {cap}), {self.reject_counts['shard/duplicate']} of them "
+                "duplicates of earlier inputs in other shards; every shard kept, rerun the same spec to resume")
         os.replace(index_tmp, self.out_dir / INDEX)
         os.replace(rejects_tmp, self.out_dir / REJECTS)
         atomic_write(self.out_dir / CONFIG, yaml.safe_dump(self.config, sort_keys=False).encode())
