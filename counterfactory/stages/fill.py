@@ -349,32 +349,38 @@ def _smallest(a: np.ndarray, k: int) -> np.ndarray:
     return cand[np.argsort(flat[cand], kind="stable")][:k]
 
 
-def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, ok: np.ndarray,
-                 top: int = 8) -> tuple[int, int]:
+def _allowed(integ: np.ndarray, th: int, tw: int, step: int = 1) -> np.ndarray:
+    """Offsets (every ``step``-th) whose ``th`` x ``tw`` box holds no blocked pixel, from the
+    blocked pixels' integral image: one answer for every offset at once."""
+    a, b = integ[th::step, tw::step], integ[: -th : step, tw::step]
+    c, d = integ[th::step, : -tw : step], integ[: -th : step, : -tw : step]
+    return (a - b - c + d) == 0
+
+
+def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, integ: np.ndarray,
+                 top: int = 8) -> tuple[int, int] | None:
     """The allowed offset whose ring matches best. The search runs on gray at half resolution
     (matchTemplate is most of the cost); the ``top`` best coarse offsets are scored in color at
     full resolution (the exact masked SSD, one ``cv2.norm`` each), and the best of them is
-    refined within +-2 px; ties go to the first index (deterministic). Before (issue 27) each of
+    refined within +-2 px; ties go to the first index (deterministic). Offsets whose box
+    touches a pixel of the integral image ``integ`` are not allowed; None: no offset is. Before (issue 27) each of
     the top 4 was refined, a matchTemplate each: twice the cost, and on the bench's scenes the
     chosen offsets' SSD is the same on average (as many better as worse)."""
     imgf = src.imgf
     th, tw = ctx.shape[:2]
-    rmask3 = cv2.merge([rmask] * ctx.shape[2])
     if min(th, tw) < 24:
-        ssd = np.where(ok, _ssd(imgf, ctx, rmask3), np.inf)
-        return np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+        return _exhaustive(imgf, ctx, rmask, _allowed(integ, th, tw))
     gs = src.gray_half
     cs = cv2.resize(cv2.cvtColor(ctx, cv2.COLOR_RGB2GRAY), (tw // 2, th // 2), interpolation=cv2.INTER_AREA)
     ms = (cv2.resize(rmask, (tw // 2, th // 2), interpolation=cv2.INTER_AREA) > 0.99).astype(np.float32)
     coarse = _ssd(gs, cs, ms)
     # coarse offset (cy, cx) is full-resolution offset (2cy, 2cx): allowed if that one is
-    ok_s = ok[::2, ::2]
+    ok_s = _allowed(integ, th, tw, 2)
     ch, cw = min(coarse.shape[0], ok_s.shape[0]), min(coarse.shape[1], ok_s.shape[1])
     coarse = np.where(ok_s[:ch, :cw], coarse[:ch, :cw], np.inf)
     order = _smallest(coarse, top)
-    if not len(order):
-        ssd = np.where(ok, _ssd(imgf, ctx, rmask3), np.inf)
-        return np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+    if not len(order):  # no even offset allowed: perhaps an odd one
+        return _exhaustive(imgf, ctx, rmask, _allowed(integ, th, tw))
     m8 = (rmask > 0).astype(np.uint8)
     best, (by, bx) = np.inf, (0, 0)
     for flat in order:
@@ -382,12 +388,25 @@ def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, ok: np.ndarra
         d = cv2.norm(imgf[2 * cy : 2 * cy + th, 2 * cx : 2 * cx + tw], ctx, cv2.NORM_L2SQR, m8)
         if d < best:
             best, (by, bx) = d, (2 * cy, 2 * cx)
-    H, W = ok.shape
-    y0, y1, x0, x1 = max(0, by - 2), min(H, by + 3), max(0, bx - 2), min(W, bx + 3)
-    local = _ssd(np.ascontiguousarray(imgf[y0 : y1 + th - 1, x0 : x1 + tw - 1]), ctx, rmask3)[: y1 - y0, : x1 - x0]
-    local = np.where(ok[y0:y1, x0:x1], local, np.inf)
-    i = int(np.argmin(local))
-    return y0 + i // local.shape[1], x0 + i % local.shape[1]
+    # the +-2 px window around it, exact too (25 norms cost half a matchTemplate of the window)
+    y0, x0 = max(0, by - 2), max(0, bx - 2)
+    ok = _allowed(integ[y0 : by + 3 + th, x0 : bx + 3 + tw], th, tw)
+    y, x = by, bx
+    for wy in range(y0, y0 + ok.shape[0]):
+        for wx in range(x0, x0 + ok.shape[1]):
+            if ok[wy - y0, wx - x0] and (wy, wx) != (by, bx):
+                d = cv2.norm(imgf[wy : wy + th, wx : wx + tw], ctx, cv2.NORM_L2SQR, m8)
+                if d < best:
+                    best, y, x = d, wy, wx
+    return y, x
+
+
+def _exhaustive(imgf: np.ndarray, ctx: np.ndarray, rmask: np.ndarray, ok: np.ndarray) -> tuple[int, int] | None:
+    """The best allowed offset over the whole image at full resolution (a small template)."""
+    if not ok.any():
+        return None
+    ssd = np.where(ok, _ssd(imgf, ctx, cv2.merge([rmask] * ctx.shape[2])), np.inf)
+    return np.unravel_index(int(np.argmin(ssd)), ssd.shape)
 
 
 def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarray,
@@ -395,7 +414,7 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     """Fill one piece in ``out`` from its best-matching offset; False when no offset is allowed."""
     h, w = piece.shape
     area = cv2.countNonZero(piece)
-    rp = int(np.clip(round(0.3 * np.sqrt(area)), min_ring, max_ring))
+    rp = min(max(round(0.3 * area**0.5), min_ring), max_ring)
     # the piece grown by the ring, on the crop that holds it (a 49 x 49 dilation of the whole
     # image was most of this function's own time; issue 27): the same pixels
     py0, py1, px0, px1 = bbox(piece)
@@ -420,14 +439,12 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
         surface = on_ring > surface_share * n_ring
     # offsets whose box (piece + ring) touches the hole or a forbidden object are invalid: one
     # integral image answers every offset at once
-    integ = src.blocked_integral(surface)
-    blocked = integ[th:, tw:] - integ[:-th, tw:] - integ[th:, :-tw] + integ[:-th, :-tw]
-    ok = blocked == 0
-    if not ok.any():
-        return False
     ctx = out[y0:y1, x0:x1].astype(np.float32)
     rmask = (ring > 0).astype(np.float32)
-    sy, sx = _best_offset(src, ctx, rmask, ok)
+    found = _best_offset(src, ctx, rmask, src.blocked_integral(surface))
+    if found is None:
+        return False
+    sy, sx = found
     patch = src.imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
     diff = (ctx - patch) * rmask[..., None]
