@@ -81,27 +81,14 @@ def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = No
         y1, x1 = min(hole.shape[0], y1 + pad), min(hole.shape[1], x1 + pad)
         crop = np.ascontiguousarray(out[y0:y1, x0:x1])
         cm = np.ascontiguousarray(todo[y0:y1, x0:x1])
-        # _relight gives these pixels its field alone: Telea's fill only sets the level of the
-        # low-pass next to them, so a large leftover is inpainted at a lower resolution (at most
-        # _TELEA_PIXELS of it) and upsampled; full resolution was 60 % of a photo's fill time
-        f = int(np.ceil(np.sqrt(cv2.countNonZero(cm) / _TELEA_PIXELS)))
-        if f > 1:
-            ch, cw = cm.shape
-            sw, sh = -(-cw // f), -(-ch // f)
-            small = cv2.resize(crop, (sw, sh), interpolation=cv2.INTER_AREA)
-            smask = cv2.dilate((cv2.resize(cm, (sw, sh), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8),
-                               np.ones((3, 3), np.uint8))  # no hole pixel averaged into a known one
-            filled = cv2.inpaint(small, smask, max(2, -(-radius // f)), cv2.INPAINT_TELEA)
-            filled = cv2.resize(filled, (cw, ch), interpolation=cv2.INTER_LINEAR)
-        else:
-            filled = cv2.inpaint(crop, cm, radius, cv2.INPAINT_TELEA)
+        # a lower resolution here was tried (issue 27): _relight gives these pixels its field
+        # alone, but the low-pass of the pixels around them, the field's boundary values, reads
+        # Telea's fill; at half resolution a wide leftover's error grew by 0.4-0.6 levels
+        filled = cv2.inpaint(crop, cm, radius, cv2.INPAINT_TELEA)
         sel = cm > 0
         out[y0:y1, x0:x1][sel] = filled[sel]
     return _relight(out, hole, forbid, todo, light_sigma)
 
-
-# Telea's leftovers (what no copy fits) are inpainted on at most about this many pixels
-_TELEA_PIXELS = 16384
 
 # the membrane is solved on at most about this many unknowns (the hole downscaled by an integer
 # factor, then upsampled): the field is smooth at light_sigma >= 8 px; a banded Cholesky this
@@ -138,7 +125,7 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         sub = (slice(y0 - fy0, y1 - fy0), slice(x0 - fx0, x1 - fx0))
         plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known, sub)
         free = comp[y0:y1, x0:x1] > 0
-        delta = _membrane_delta(low[sub] - plane, known[sub], free)
+        delta, fine = _membrane_delta(low[sub] - plane, known[sub], free)
         box = out[y0:y1, x0:x1]
         # a copy keeps its texture, faded out over ``sg`` toward Telea's pixels, which take the
         # field alone (Telea's fronts meet in creases; a texture that stops at a straight cut
@@ -148,7 +135,9 @@ def _relight(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: np.nd
         if cv2.countNonZero(sm):
             keep = np.minimum(cv2.distanceTransform((sm == 0).astype(np.uint8), cv2.DIST_L2, 5) / sg, 1.0)
         lo = low[sub]
-        base = lo + keep[..., None] * (box.astype(np.float32) - lo)
+        # where the texture fades out, so does the low-pass's detail the membrane's grid cannot
+        # see: Telea's pixels take the field alone
+        base = lo + keep[..., None] * (box.astype(np.float32) - lo) - (1 - keep[..., None]) * fine
         box[free] = np.clip(np.rint(base[free] + delta[free]), 0, 255).astype(np.uint8)
     return out
 
@@ -216,31 +205,40 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
+def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``u - g`` on ``free`` pixels (zero elsewhere), where ``u`` is harmonic on ``free`` and
     equals the smooth field ``g`` on ``known`` pixels (Dirichlet); pixels neither known nor free
     and the box's edge (the image border) are not linked (Neumann). A large ``free`` is solved
     on a grid downscaled by an integer factor and the difference upsampled (bilinear): it
-    vanishes toward the known pixels, so the upsampling leaves no step there."""
+    vanishes toward the known pixels, so the upsampling leaves no step there. Second: what of
+    ``g`` the grid does not see (``g`` less its upsampled block means, on ``free``; zero at full
+    resolution): a pixel that takes the field alone subtracts it, so its value does not depend
+    on the detail of what was there (Telea's fill)."""
     h, w = known.shape
     n_free = int(np.count_nonzero(free))
     f = max(1, int(np.ceil(np.sqrt(n_free / _MAX_UNKNOWNS))))
     if f > 1:
         hc, wc = -(-h // f), -(-w // f)
 
-        def block_mean(a: np.ndarray) -> np.ndarray:  # exact means of f x f blocks (zero-padded)
+        def block_sum(a: np.ndarray) -> np.ndarray:  # sums of f x f blocks / f² (zero-padded)
             a = cv2.copyMakeBorder(np.ascontiguousarray(a, np.float32), 0, hc * f - h, 0, wc * f - w,
                                    cv2.BORDER_CONSTANT, value=0)
             return cv2.resize(a, (wc, hc), interpolation=cv2.INTER_AREA)
 
-        k, u = block_mean(known), block_mean(free)
-        gk = block_mean(g * known[..., None]) / np.maximum(k, 1e-6)[..., None]
+        k, u = block_sum(known), block_sum(free)
+        gk = block_sum(g * known[..., None]) / np.maximum(k, 1e-6)[..., None]
+        gf = block_sum(g * free[..., None]) / np.maximum(u, 1e-6)[..., None]  # the free pixels' mean
         known_c = (k > 0) & ((u == 0) | (k >= u))
         free_c = (u > 0) & ~known_c
-        d = _membrane_delta(gk, known_c, free_c) + np.where(free_c[..., None], gk - block_mean(g), 0)
-        up = cv2.resize(d.astype(np.float32), (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
-        return np.where(free[..., None], up, 0).astype(np.float32)
-    return _harmonic(g, known, free)
+        d = _membrane_delta(gk, known_c, free_c)[0] + np.where(free_c[..., None], gk - gf, 0)
+        g_c = np.where(free_c[..., None], gf, gk)
+
+        def up(a: np.ndarray) -> np.ndarray:
+            return cv2.resize(a.astype(np.float32), (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
+
+        sel = free[..., None]
+        return np.where(sel, up(d), 0).astype(np.float32), np.where(sel, g - up(g_c), 0).astype(np.float32)
+    return _harmonic(g, known, free), np.zeros(g.shape, np.float32)
 
 
 def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
