@@ -78,7 +78,7 @@ def _reference_membrane(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> n
     n = int(free.sum())
     a = sp.lil_matrix((n, n))
     b = np.zeros((n, g.shape[2]))
-    for y, x in zip(*np.nonzero(free)):
+    for y, x in zip(*np.nonzero(free), strict=True):
         p = idx[y, x]
         for qy, qx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
             if 0 <= qy < h and 0 <= qx < w and (free[qy, qx] or known[qy, qx]):
