@@ -6,10 +6,12 @@ This fill copies real background instead, the way shift-map and exemplar methods
 one offset per piece of the hole so it stays cheap and deterministic:
 
 1. every connected piece of the hole is matched by its ring (the known pixels around it) against
-   the whole image: masked sum of squared differences (``cv2.matchTemplate`` with a mask), over
-   the offsets where the piece plus its ring lands on pixels that are neither the hole nor a
-   forbidden object (another annotated object; one that covers most of the ring is the surface
-   the object stands on, e.g. a saucer under a cup, and may be copied);
+   the whole image: masked sum of squared differences, over the offsets where the piece plus its
+   ring lands on pixels that are neither the hole nor a forbidden object (another annotated
+   object; one that covers most of the ring is the surface the object stands on, e.g. a saucer
+   under a cup, and may be copied). Coarse to fine (``_best_offset``): one ``cv2.matchTemplate``
+   in gray at half resolution, the best few offsets scored exactly in color, the best of them
+   refined within +-2 px;
 2. the best offset's pixels are pasted into the piece, plus a smooth correction: the ring's
    color mismatch spread inward by normalized Gaussian convolution, so there is no seam;
 3. a piece with no such offset (it is too big to fit elsewhere) is cut in two along its longer
@@ -29,6 +31,11 @@ one offset per piece of the hole so it stays cheap and deterministic:
 
 Pixels outside the hole are copied from the input bit for bit; single-threaded OpenCV and a
 first-index argmin make the same input give the same bytes.
+
+Cost (issue 27): what every piece reads of the image is made once per call (``_Source``); the
+plane comes from its normal equations, the membrane from one banded Cholesky solve on at most
+``_MAX_UNKNOWNS`` grid cells. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than
+before (BENCHMARKS.md, "Issue 27, part fill").
 """
 
 from __future__ import annotations
@@ -159,12 +166,12 @@ def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
 
 def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: float = 0.5) -> np.ndarray:
     """The least-squares plane through ``low`` (per channel) at ``where`` (every ``step``-th
-    row and column, ~1000 points: on a copy's pixels the plane cancels out, it matters where
-    the hole meets the image border and for Telea's pixels), on the part ``sub`` of the box (the membrane's; each value is
-    the one the whole box's plane has there), clipped to the range it was fitted on widened by
-    ``slack`` of it on each side (a gradient goes on past the hole's edge, but not without
-    end). Solved by its normal equations, whose sums are row and column sums of the box (no
-    per-point matrix, no BLAS)."""
+    row and column, ~1000 points: on a copy's pixels the plane cancels out; it matters where
+    the hole meets the image border and for Telea's pixels), on the part ``sub`` of the box
+    (the membrane's; each value is the one the whole box's plane has there), clipped to the
+    range it was fitted on widened by ``slack`` of it on each side (a gradient goes on past the
+    hole's edge, but not without end). Solved by its normal equations, whose sums are row and
+    column sums of the box (no per-point matrix, no BLAS)."""
     h, w = where.shape
     s = float(max(h, w))
     step = max(1, int(np.sqrt(np.count_nonzero(where) / 1000)))
@@ -245,7 +252,7 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     """``_membrane_delta`` at full resolution: the five-point Laplace equation on every pixel of
     the box (a pixel not free is its own equation, ``u = g``), ordered along the box's longer
     side so the matrix is a band as wide as the shorter one: symmetric positive definite, one
-    banded Cholesky solve (LAPACK pbsv; ``n * side**2`` operations, ~1 ms at 1,024 unknowns)."""
+    banded Cholesky solve (LAPACK pbsv; ``n * side**2`` operations, ~0.2 ms at 512 unknowns)."""
     import scipy.linalg as sl  # scikit-image's dependency; imported only when a hole is filled
 
     out = np.zeros(g.shape, np.float32)
