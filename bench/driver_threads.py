@@ -85,10 +85,25 @@ def main() -> None:
             snaps["after"] = threads_cpu()
 
     runner._Stream.consume = consume
+    after_stream: dict[str, float] = {}
+
+    def timed(name, fn):  # the driver's work after the stream, on its main thread
+        def wrapper(*a, **kw):
+            c0 = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                after_stream[name] = after_stream.get(name, 0.0) + time.thread_time() - c0
+        return wrapper
+
+    real_stats, real_complete = runner._ray_operator_stats, runner.DatasetCommit.on_write_complete
+    runner._ray_operator_stats = timed("ray_operator_stats", real_stats)
+    runner.DatasetCommit.on_write_complete = timed("on_write_complete", real_complete)
     t0 = time.perf_counter()
     res = run_pipeline(scenes_config(args.n, root / "run", args.cpus), progress=False)
     wall = time.perf_counter() - t0
     runner._Stream.consume = real
+    runner._ray_operator_stats, runner.DatasetCommit.on_write_complete = real_stats, real_complete
     before, after = snaps["before"], {**seen, **snaps["after"]}
     stop.set()
     w.join()
@@ -109,6 +124,7 @@ def main() -> None:
     print(json.dumps({"total_cpu_s": round(total, 3), "ms_per_input": round(1000 * total / args.n, 3),
                       "ms_per_stream_s": round(1000 * total / stream, 1), "stream_s": stream, "run_wall_s": round(wall, 2),
                       "driver_cpu_seconds": summary["pipeline"]["driver_cpu_seconds"],
+                      **{f"{k}_cpu_s": round(v, 3) for k, v in after_stream.items()},
                       "samples": res.manifest["counts"]["samples"]}))
 
 

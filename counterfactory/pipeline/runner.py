@@ -239,6 +239,9 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: S
     step its rows are the fragments written (``k``, ``first``, ``n``; see ``_assembled_entries``)."""
     import ray
 
+    from counterfactory.pipeline.ray_driver import event_driven_executor
+
+    event_driven_executor()  # the driver's own CPU: Ray Data's loop wakes on events, not ten times a second
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
@@ -378,9 +381,21 @@ def _own_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _blocks(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The run's output blocks (small rows: journal entries or fragment counts) as numpy
+    columns, each as it comes, with no prefetching thread (``iter_batches`` adds one, polling,
+    for rows the driver takes one at a time)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for ref in bundle.block_refs:
+            yield BlockAccessor.for_block(ray.get(ref)).to_numpy()
+
+
 def _entries(ds: Any) -> Iterator[dict[str, Any]]:
     """The journal entries of the shards the workers wrote, as they finish (any order)."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    for batch in _blocks(ds):
         for raw in batch["entry"]:
             yield json.loads(raw)
 
@@ -411,7 +426,7 @@ def _assembled_entries(ds: Any, sink: ShardSink, todo: list[int], retries: int) 
                 return
 
     drop_fragments(sink)  # a killed run's fragments: cut by other batches, never mixed in
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+    for batch in _blocks(ds):
         for k, first, n in zip(batch["k"].tolist(), batch["first"].tolist(), batch["n"].tolist(), strict=True):
             got = frags.setdefault(k, set()) if k in need else None
             if got is None or (first, n) in got:
