@@ -25,6 +25,8 @@ from typing import Any
 # how often the executor's loop still runs when no task ends (its timers: autoscaling, the
 # no-progress guard, metrics, are per second or slower)
 IDLE_WAKE_S = 0.5
+# set to 1: Ray Data's loop left as it is (a comparison, or a Ray Data whose internals moved)
+POLLING_ENV = "COUNTERFACTORY_RAY_DATA_POLLING"
 CONSUMER_POLL_S = 0.05
 
 

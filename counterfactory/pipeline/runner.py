@@ -239,9 +239,10 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: S
     step its rows are the fragments written (``k``, ``first``, ``n``; see ``_assembled_entries``)."""
     import ray
 
-    from counterfactory.pipeline.ray_driver import event_driven_executor
+    from counterfactory.pipeline.ray_driver import POLLING_ENV, event_driven_executor
 
-    event_driven_executor()  # the driver's own CPU: Ray Data's loop wakes on events, not ten times a second
+    if os.environ.get(POLLING_ENV) != "1":  # Ray Data's own 0.1 s polling loop, e.g. to compare
+        event_driven_executor()  # the driver's own CPU: Ray Data's loop wakes on events, not ten times a second
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
