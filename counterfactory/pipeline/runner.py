@@ -390,8 +390,12 @@ def _blocks(ds: Any) -> Iterator[dict[str, np.ndarray]]:
     from ray.data.block import BlockAccessor
 
     for bundle in ds.iter_internal_ref_bundles():
-        for ref in bundle.block_refs:
-            yield BlockAccessor.for_block(ray.get(ref)).to_numpy()
+        slices = getattr(bundle, "slices", None) or (None,) * len(bundle.blocks)
+        for ref, part in zip(bundle.block_refs, slices, strict=True):
+            block = BlockAccessor.for_block(ray.get(ref))
+            if part is not None:  # a bundle may carry part of a block (Ray Data's splitting)
+                block = BlockAccessor.for_block(block.slice(part.start_offset, part.end_offset))
+            yield block.to_numpy()
 
 
 def _entries(ds: Any) -> Iterator[dict[str, Any]]:
