@@ -7,9 +7,10 @@
              the whole run, of the stream alone (first input read to last row written), the
              per-run cost outside the stream (planning, closing the writer, card, publish), and
              the marginal cost of a pair between two sizes, where any fixed cost cancels
-  writer     the shard writer (ShardWriter per shard + DatasetCommit) vs a plain tarfile loop
-             writing the same member bytes (with and without an fsync: ours fsyncs every
-             shard), without and with the pairs/ copy, and the image encode cost
+  writer     the shard writer (ShardWriter per shard fed decoded samples, as a shard task feeds
+             it, + DatasetCommit) vs a plain tarfile loop writing the same member bytes (with and
+             without an fsync: ours fsyncs every shard), without and with the pairs/ copy, wall
+             and CPU time, and the image encode cost
   driver     the driver process's own CPU per input (RUSAGE_SELF around the run, Ray's threads
              in the driver included) and its peak RSS, with and without a first shard 30 s late
              (issue 26: the driver commits metadata, so a straggler holds nothing back)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -70,6 +72,7 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.peak = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -86,9 +89,13 @@ class PeakRSS:
         return total
 
     def _run(self) -> None:
+        c0 = time.thread_time()
         while not self._stop.is_set():
             self.peak = max(self.peak, self._sample())
             time.sleep(0.2)
+        # its own CPU: it runs in the driver, so RUSAGE_SELF counts it (every Ray process's
+        # /proc entries read five times a second: tens of ms a second); taken out of the driver
+        self.cpu = time.thread_time() - c0
 
     def __enter__(self):
         self._t.start()
@@ -110,16 +117,21 @@ class PeakDriverRSS(PeakRSS):
         return driver_rss()
 
 
-def timed_run(cfg, *, local: bool) -> tuple[float, int, int, float, float]:
+def timed_run(cfg, *, local: bool, sample_all: bool = True) -> tuple[float, int, int, float, float]:
     """Wall seconds, samples, peak RSS, this process's CPU seconds (for the in-process floor the
     CPU time is the figure least disturbed by other load on the machine), and the seconds of the
-    stream alone (first input read to last row written, from the run's summary.json)."""
-    with PeakRSS() as mem:
+    stream alone (first input read to last row written, from the run's summary.json).
+    ``sample_all=False``: no sampling of every Ray process's RSS (the driver's own CPU measured)."""
+    with PeakRSS() if sample_all else PeakDriverRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         res = run_pipeline(cfg, local=local, progress=False)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     stream = json.loads((res.out_dir / "summary.json").read_text())["pipeline"]["wall_seconds"]
+    TIMED["sampler_cpu_s"] = mem.cpu
     return dt, res.manifest["counts"]["samples"], mem.peak, cpu, stream
+
+
+TIMED: dict[str, float] = {}  # the last timed_run's RSS sampler CPU (taken out of the driver's)
 
 
 def ray_child(n: int, cpus: int, root: str) -> None:
@@ -134,14 +146,20 @@ def ray_child(n: int, cpus: int, root: str) -> None:
     env = {k: v for k, v in os.environ.items() if k == "COUNTERFACTORY_STRAGGLER_S"}
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     run_pipeline(scenes_config(min(n, 32), Path(root) / "warm", cpus), progress=False)  # warm workers
+    # --only driver: the driver's own CPU, so no sampler of every Ray process beside it (its
+    # cost, tens of ms a second, is the driver's otherwise); the driver's RSS sampler's own CPU
+    # is taken out of both figures (the stream's pro rata of its wall seconds)
+    driver_only = os.environ.get("COUNTERFACTORY_BENCH_DRIVER") == "1"
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     with PeakDriverRSS() as drv:
-        dt, samples, peak, _, stream = timed_run(cfg, local=False)
+        dt, samples, peak, _, stream = timed_run(cfg, local=False, sample_all=not driver_only)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    driver_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    sampler = drv.cpu + TIMED["sampler_cpu_s"]
+    driver_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) - sampler
     pipe = json.loads(max(Path(root).glob("demo/v*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())["pipeline"]
+    stream_cpu = pipe.get("driver_cpu_seconds") - sampler * min(1.0, stream / dt)
     print(json.dumps({"seconds": dt, "samples": samples, "peak_rss": peak, "stream_seconds": stream,
-                      "driver_cpu_s": driver_cpu, "driver_stream_cpu_s": pipe.get("driver_cpu_seconds"),
+                      "driver_cpu_s": driver_cpu, "driver_stream_cpu_s": stream_cpu, "sampler_cpu_s": sampler,
                       "driver_peak_rss": drv.peak, "inputs": n}))
 
 
@@ -175,7 +193,8 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     write, already loaded by Ray Data in a real run), then ``rounds`` rounds, the three writers
     interleaved in each, each output deleted before the next write; medians reported."""
 
-    from counterfactory.pipeline.datasink import ShardSink, write_local
+    from counterfactory.pipeline.datasink import ShardSink
+    from counterfactory.pipeline.datasink import _feed as feed
     from counterfactory.pipeline.runner import local_batches
     from counterfactory.pipeline.writer import DatasetCommit, PartEncoder
     from counterfactory.sample import decode_batch
@@ -195,34 +214,42 @@ def bench_writer(n: int, root: Path, rounds: int = 3) -> dict:
     n_images = sum(len(s.arrays["parts"]) - 1 for b in encoded for s in decode_batch(b) if s.ok)
     samples = [(s.key, s.arrays["parts"]) for b in encoded for s in decode_batch(b) if s.ok]
 
-    def plain(fsync: bool) -> float:
-        t0 = time.perf_counter()
-        _plain_tar(samples, root / "plain.tar", fsync)
-        dt = time.perf_counter() - t0
-        (root / "plain.tar").unlink()
-        return dt
+    # what a shard task hands its writer: decoded samples, in input order (make_and_write_shard);
+    # the plain loop gets the same members already decoded, so neither pays the decode
+    decoded = [s for b in encoded for s in decode_batch(b)]
 
-    def ours(pairs: bool = False) -> float:
-        t0 = time.perf_counter()
+    def plain(fsync: bool) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        _plain_tar(samples, root / "plain.tar", fsync)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        (root / "plain.tar").unlink()
+        return dt, cpu
+
+    def ours(pairs: bool = False) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         out = root / "ours"
         commit = DatasetCommit(out, "bench", 256, len(records), {}, "x", pairs=pairs)
         commit.on_write_start()
-        for entry in write_local(iter(encoded), ShardSink(str(out), "bench", 256, len(records), pairs)):
-            commit.on_write_result(entry)
+        sink = ShardSink(str(out), "bench", 256, len(records), pairs)
+        for k, group in itertools.groupby(decoded, key=lambda s: s.idx // sink.shard_size):
+            writer = sink.writer(k)
+            feed(writer, list(group))
+            commit.on_write_result(writer.finish())
         commit.on_write_complete()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         shutil.rmtree(out)
-        return dt
+        return dt, cpu
 
     plain(False), ours()  # warm-up, untimed
-    times: dict[str, list[float]] = {"plain_s": [], "plain_fsync_s": [], "ours_s": [], "ours_pairs_s": []}
+    times: dict[str, list[tuple[float, float]]] = {"plain_s": [], "plain_fsync_s": [], "ours_s": [], "ours_pairs_s": []}
     for _ in range(rounds):
         times["plain_s"].append(plain(False))
         times["ours_s"].append(ours())
         times["plain_fsync_s"].append(plain(True))
         times["ours_pairs_s"].append(ours(pairs=True))
     mb = sum(len(v) for _, p in samples for v in p.values()) / 1e6
-    return {"samples": len(samples), "MB": mb, **{k: statistics.median(v) for k, v in times.items()},
+    return {"samples": len(samples), "MB": mb, **{k: statistics.median(t for t, _ in v) for k, v in times.items()},
+            **{k.replace("_s", "_cpu_s"): statistics.median(c for _, c in v) for k, v in times.items()},
             "rounds": rounds, "encode_ms_per_image": 1000 * encode_s / max(n_images, 1), "stages_s": stages_s}
 
 
@@ -257,8 +284,9 @@ def main() -> None:
         # taken over the same stretch of the VM's drifting speed
         short = {n: [] for n in growth_ns if n < args.n}
         for r in range(rounds if {"floor", "ray"} & only else 0):
-            dt, samples, peak, cpu, _ = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
-            timings["floor"].append({"seconds": dt, "samples": samples, "peak_rss": peak, "cpu": cpu})
+            dt, samples, peak, cpu, stream = timed_run(scenes_config(args.n, tmp / f"floor-{r}"), local=True)
+            timings["floor"].append({"seconds": dt, "samples": samples, "peak_rss": peak, "cpu": cpu,
+                                     "stream_seconds": stream})
             if "ray" in only:
                 for cpus in (1, 2):
                     timings[f"ray{cpus}"].append(run_ray(args.n, cpus, tmp / f"ray{cpus}-{r}"))
@@ -278,9 +306,13 @@ def main() -> None:
         for cpus in (1, 2):
             if timings[f"ray{cpus}"]:
                 med, lo, hi = rate(timings[f"ray{cpus}"])
+                # the stream alone (first input read to last shard committed): the serial part after
+                # it (the card, the audit at publish) weighs on the whole run's ratio, not on this one
+                stream = (statistics.median(x["samples"] / x["stream_seconds"] for x in timings[f"ray{cpus}"])
+                          / statistics.median(x["samples"] / x["stream_seconds"] for x in timings["floor"]))
                 rows.append((f"ray pipeline, {cpus} CPU, N={args.n}, median of {rounds}",
                              f"{med:.1f} pairs/s (range {lo:.1f}-{hi:.1f}) = {med / floor:.2f}x floor "
-                             f"(range {lo / floor:.2f}-{hi / floor:.2f}x)"))
+                             f"(range {lo / floor:.2f}-{hi / floor:.2f}x); the stream alone {stream:.2f}x"))
         if "growth" in only:
             per_n: dict[int, dict[str, float]] = {}
             for n in growth_ns:
@@ -318,15 +350,18 @@ def main() -> None:
             rows.append((f"writer, {w['samples']} samples, {w['MB']:.0f} MB (median of {w['rounds']})",
                          f"ours {w['MB'] / w['ours_s']:.0f} MB/s vs plain tarfile {w['MB'] / w['plain_s']:.0f} MB/s "
                          f"= {w['plain_s'] / w['ours_s']:.2f}x; vs plain tarfile + fsync "
-                         f"{w['MB'] / w['plain_fsync_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_s']:.2f}x"))
+                         f"{w['MB'] / w['plain_fsync_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_s']:.2f}x; "
+                         f"CPU {1000 * w['ours_cpu_s']:.0f} vs {1000 * w['plain_fsync_cpu_s']:.0f} ms = "
+                         f"{w['plain_fsync_cpu_s'] / w['ours_cpu_s']:.2f}x"))
             rows.append(("writer with the pairs/ copy beside each shard (same MB counted once)",
                          f"{w['MB'] / w['ours_pairs_s']:.0f} MB/s = {w['plain_fsync_s'] / w['ours_pairs_s']:.2f}x "
-                         "plain tarfile + fsync"))
+                         f"plain tarfile + fsync; CPU {1000 * w['ours_pairs_cpu_s']:.0f} ms = "
+                         f"{w['plain_fsync_cpu_s'] / w['ours_pairs_cpu_s']:.2f}x"))
             rows.append(("image encode (JPEG q95 / PNG, on the workers)",
                          f"{w['encode_ms_per_image']:.2f} ms/image"))
         if "driver" in only:
             straggle = {"COUNTERFACTORY_STRAGGLER_S": "30"}
-            for label, env in (("", None), (", first shard 30 s late", straggle)):
+            for label, env in (("", {"COUNTERFACTORY_BENCH_DRIVER": "1"}), (", first shard 30 s late", straggle)):
                 d = run_ray(args.n, 2, tmp / f"driver{len(label)}", env)
                 print(json.dumps({"driver_run": label, **d}), flush=True)
                 rows.append((f"driver process (ray, 2 CPU, N={args.n}{label})",

@@ -102,7 +102,7 @@ def test_two_runs_are_byte_identical_and_match_the_plain_loop(tmp_path, demo_run
 
 def test_content_id_does_not_depend_on_placement(tmp_path, demo_run):
     """Shard k holds inputs [k * shard_size, (k + 1) * shard_size): one CPU per run or two, a
-    stage moved into an actor pool (its shards then gathered by a groupby) and the plain loop
+    stage moved into an actor pool (its shards then assembled from per-batch fragments) and the plain loop
     all write the same manifest; the placement is recorded in version.json, not config.yaml."""
     ref = (demo_run.out_dir / "manifest.json").read_bytes()
     one = run_pipeline(_demo(tmp_path / "one", "ray.num_cpus=1"), limit=LIMIT, progress=False)

@@ -8,7 +8,9 @@ sizes, task order, retries or the cluster's size. The rows of one shard meet in 
   stages batch by batch and streams each finished sample into its ``ShardWriter``
   (``make_and_write_shard``; read by ``source.ShardTasks``). Memory stays one batch deep.
 - a stage in an actor pool (models): the stages run as map steps over the ranges of the shards
-  still to write, and ``groupby(shard).map_groups(write_group)`` writes each shard from its rows.
+  still to write; the last step saves each batch's rows as per-shard fragments in the staging
+  folder (``write_fragments``) and the driver has a task assemble each shard from its fragments
+  as soon as its range is complete (``assemble_shard``): the write streams, memory stays bounded.
 - ``local=True``: the plain loop gives rows in input order; ``write_local`` cuts them into shards.
 
 Each writer returns its shard's journal entry without the rows (checksums and counts, well under a
@@ -22,6 +24,8 @@ import bisect
 import itertools
 import json
 import os
+import pickle
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +45,11 @@ _CHAINS: dict[str, StageChain] = {}
 # bench/run.py --only driver: shard 0's task sleeps this many seconds first (a straggler: one slow
 # input, a task retried after its node was lost), to show the driver holds nothing back for it
 STRAGGLER_ENV = "COUNTERFACTORY_STRAGGLER_S"
+# the same after an actor step: the batch holding the run's last input sleeps this many seconds
+# before its fragments are written (tests: the other shards are on disk before it is computed)
+STRAGGLER_LAST_ENV = "COUNTERFACTORY_STRAGGLER_LAST_S"
+# after an actor step: per-batch pieces of each shard, assembled once the shard's range is in
+FRAGMENTS = ".fragments"
 
 
 def chain_key(specs: list[StageSpec], run: RunSettings, encode: dict | None) -> str:
@@ -135,23 +144,61 @@ def make_and_write_shard(k: int, slices: list[dict[str, Any]], *, sink: ShardSin
     return sink.close(writer)
 
 
-def add_shard_column(batch: dict[str, np.ndarray], *, shard_size: int) -> dict[str, np.ndarray]:
-    return {**batch, "shard": batch["idx"] // shard_size}
+def fragment_path(sink: ShardSink, k: int, first: int, n: int) -> Path:
+    return Path(sink.out_dir) / FRAGMENTS / f"{k:06d}" / f"{first:012d}-{n}.pkl"
 
 
-def write_group(batch: dict[str, np.ndarray], *, sink: ShardSink) -> dict[str, np.ndarray]:
-    """``map_groups`` over the shard column: every row of one shard, in any order."""
-    order = np.argsort(batch["idx"], kind="stable")
-    rows = {k: v[order] for k, v in batch.items() if k != "shard"}
-    writer = sink.writer(int(batch["shard"][0]))
-    _feed(writer, decode_batch(rows))
-    return entry_batch(sink.close(writer))
+def write_fragments(batch: dict[str, np.ndarray], *, sink: ShardSink) -> dict[str, np.ndarray]:
+    """After an actor step, the last map step (a CPU task, the parts already encoded): the batch's
+    rows cut by shard, each piece saved in the staging folder as a fragment named by its shard, its
+    first input and its row count (tmp + rename: a retried batch writes the same file again). Only
+    ``(k, first, n)`` per fragment goes on to the driver, which has a shard assembled
+    (``assemble_shard``) once its fragments cover its range: the write streams, memory bounded."""
+    idx = batch["idx"]
+    if os.environ.get(STRAGGLER_LAST_ENV) and (idx == sink.n_inputs - 1).any():
+        time.sleep(float(os.environ[STRAGGLER_LAST_ENV]))
+    order = np.argsort(idx, kind="stable")
+    rows = {c: v[order] for c, v in batch.items()}
+    shards = rows["idx"] // sink.shard_size
+    cuts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(order)]
+    out: dict[str, list[int]] = {"k": [], "first": [], "n": []}
+    for a, b in itertools.pairwise(cuts):
+        k, first, n = int(shards[a]), int(rows["idx"][a]), b - a
+        path = fragment_path(sink, k, first, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps({c: v[a:b] for c, v in rows.items()}, protocol=5))
+        os.replace(tmp, path)
+        for key, val in (("k", k), ("first", first), ("n", n)):
+            out[key].append(val)
+    return {key: np.array(val, dtype=np.int64) for key, val in out.items()}
 
 
-def entry_batch(entry: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A shard's result as one row: what travels to the driver."""
-    return {"k": np.array([entry["k"]], dtype=np.int64),
-            "entry": np.array([json.dumps(entry, sort_keys=True)], dtype=object)}
+def assemble_shard(k: int, fragments: list[tuple[int, int]], sink: ShardSink) -> dict[str, Any]:
+    """Shard ``k`` from the fragments the driver counted, in input order (the same ShardWriter and
+    bytes as every other path); returns its journal entry. Fragments are read as the next input
+    needs them, so a shard's rows are in memory one fragment deep when the fragments are
+    contiguous; an input present twice (a retried batch cut otherwise) is taken once."""
+    writer = sink.writer(k)
+    todo = sorted(fragments)
+    held: dict[int, Sample] = {}
+    for want in range(writer.lo, writer.hi):
+        while want not in held and todo and todo[0][0] <= want:
+            first, n = todo.pop(0)
+            rows = pickle.loads(fragment_path(sink, k, first, n).read_bytes())  # noqa: S301 - our own staging files
+            for s in decode_batch(rows):
+                if s.idx >= want:
+                    held.setdefault(s.idx, s)
+        if want not in held:
+            raise RuntimeError(f"shard {k}: input {want} is in none of its fragments")
+        _feed(writer, [held.pop(want)])
+    return sink.close(writer)
+
+
+def drop_fragments(sink: ShardSink, k: int | None = None) -> None:
+    """A shard's fragments once it is journaled (``k``), or all of them (a run's start and end)."""
+    root = Path(sink.out_dir) / FRAGMENTS
+    shutil.rmtree(root if k is None else root / f"{k:06d}", ignore_errors=True)
 
 
 def write_local(batches: Iterator[dict[str, np.ndarray]], sink: ShardSink) -> Iterator[dict[str, Any]]:

@@ -44,10 +44,11 @@ from counterfactory.pipeline.chain import StageChain, StageSpec
 from counterfactory.pipeline.config import ConfigError, PipelineConfig
 from counterfactory.pipeline.datasink import (
     ShardSink,
-    add_shard_column,
+    assemble_shard,
     batches_of,
     cached_chain,
-    write_group,
+    drop_fragments,
+    write_fragments,
     write_local,
 )
 from counterfactory.pipeline.inputs import (
@@ -228,11 +229,20 @@ def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str
     return staged(batches, [*fns, finish])
 
 
+def uses_actors(cfg: PipelineConfig) -> bool:
+    return any(step.actors for step in plan_steps(cfg))
+
+
 def build_dataset(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: ShardSink):
     """The run as a Ray dataset whose rows are the written shards' journal entries (``k``,
-    ``entry``): the shards ``todo`` are written by the workers (see ``datasink``)."""
+    ``entry``): the shards ``todo`` are written by the workers (see ``datasink``). With an actor
+    step its rows are the fragments written (``k``, ``first``, ``n``; see ``_assembled_entries``)."""
     import ray
 
+    from counterfactory.pipeline.ray_driver import POLLING_ENV, event_driven_executor
+
+    if os.environ.get(POLLING_ENV) != "1":  # Ray Data's own 0.1 s polling loop, e.g. to compare
+        event_driven_executor()  # the driver's own CPU: Ray Data's loop wakes on events, not ten times a second
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
@@ -304,9 +314,10 @@ def build_dataset(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: S
         ds = ds.map_batches(_chain_task, fn_kwargs={"specs": [], "run": run, "encode": encode},
                             batch_size=steps[-1].resources.batch_size, batch_format="numpy", num_cpus=1,
                             max_retries=retries)
-    ds = ds.map_batches(add_shard_column, fn_kwargs={"shard_size": sink.shard_size}, batch_format="numpy",
-                        num_cpus=1, max_retries=retries)
-    return ds.groupby("shard").map_groups(write_group, fn_kwargs={"sink": sink}, batch_format="numpy")
+    # each batch's rows saved as per-shard fragments; the driver has each shard assembled as soon
+    # as its fragments are all in (``_assembled_entries``): no all-to-all step, the write streams
+    return ds.map_batches(write_fragments, fn_kwargs={"sink": sink}, batch_size=None, batch_format="numpy",
+                          num_cpus=1, max_retries=retries)
 
 
 def dataset_location(cfg: PipelineConfig) -> tuple[versions.Dataset, str]:
@@ -371,11 +382,68 @@ def _own_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _blocks(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The run's output blocks (small rows: journal entries or fragment counts) as numpy
+    columns, each as it comes, with no prefetching thread (``iter_batches`` adds one, polling,
+    for rows the driver takes one at a time)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    for bundle in ds.iter_internal_ref_bundles():
+        slices = getattr(bundle, "slices", None) or (None,) * len(bundle.blocks)
+        for ref, part in zip(bundle.block_refs, slices, strict=True):
+            block = BlockAccessor.for_block(ray.get(ref))
+            if part is not None:  # a bundle may carry part of a block (Ray Data's splitting)
+                block = BlockAccessor.for_block(block.slice(part.start_offset, part.end_offset))
+            yield block.to_numpy()
+
+
 def _entries(ds: Any) -> Iterator[dict[str, Any]]:
     """The journal entries of the shards the workers wrote, as they finish (any order)."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    for batch in _blocks(ds):
         for raw in batch["entry"]:
             yield json.loads(raw)
+
+
+def _assembled_entries(ds: Any, sink: ShardSink, todo: list[int], retries: int) -> Iterator[dict[str, Any]]:
+    """After an actor step: the fragments written, counted per shard as they stream in; a shard
+    whose range is all in is assembled by a Ray task at once, and its journal entry yielded when
+    that task ends (any order), its fragments then dropped. A shard left incomplete (a block Ray
+    Data gave up on, within max_errored_blocks) is never assembled: the commit fills it at close."""
+    import ray
+
+    assemble = ray.remote(assemble_shard).options(num_cpus=1, max_retries=retries)
+    need = {k: hi - lo for k in todo for lo, hi in [shard_range(k, sink.shard_size, sink.n_inputs)]}
+    # Ray Data hands over each row once (a retried task's outputs replace the failed attempt's),
+    # so a shard's fragments partition its range; a name seen twice is the same file
+    frags: dict[int, set[tuple[int, int]]] = {}
+    running: list[Any] = []
+
+    def finished(block: bool) -> Iterator[dict[str, Any]]:
+        nonlocal running
+        while running:
+            ready, running = ray.wait(running, num_returns=1 if block else len(running), timeout=None if block else 0)
+            for ref in ready:
+                entry = ray.get(ref)
+                drop_fragments(sink, entry["k"])
+                yield entry
+            if not block:
+                return
+
+    drop_fragments(sink)  # a killed run's fragments: cut by other batches, never mixed in
+    for batch in _blocks(ds):
+        for k, first, n in zip(batch["k"].tolist(), batch["first"].tolist(), batch["n"].tolist(), strict=True):
+            got = frags.setdefault(k, set()) if k in need else None
+            if got is None or (first, n) in got:
+                continue
+            got.add((first, n))
+            need[k] -= n
+            if need[k] <= 0:
+                del need[k]
+                running.append(assemble.remote(k, sorted(frags.pop(k)), sink))
+        yield from finished(block=False)
+    yield from finished(block=True)
+    drop_fragments(sink)
 
 
 def _local_entries(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: ShardSink) -> Iterator[dict[str, Any]]:
@@ -551,7 +619,9 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
 
             ray.data.DataContext.get_current().enable_progress_bars = progress
             ds = build_dataset(cfg, plan, todo, sink)
-            stream.consume(_entries(ds), writer, on_progress)
+            entries = (_assembled_entries(ds, sink, todo, cfg.failure_budget.system_retries)
+                       if uses_actors(cfg) else _entries(ds))
+            stream.consume(entries, writer, on_progress)
             stream.ray_ops = _ray_operator_stats(ds)
         manifest = writer.on_write_complete()
         driver_cpu = _own_cpu() - cpu0  # the stream and the commit: what grows with the inputs
