@@ -162,6 +162,9 @@ def test_strict_refuses_a_dataset_over_the_thresholds(tmp_path, capsys):
     assert main(["run", str(cfg_path), "--quiet"]) == 0
     readme = (ds / "v1" / "README.md").read_text()
     assert "**Warnings**" in readme and "blackout: a probe on image statistics" in readme
+    # the Ray path's writers computed the sample's statistics in the stream (issue 27)
+    cost = json.loads((ds / "v1" / "card.json").read_text())["audit"]["cost"]
+    assert cost["from_shards"] == 0 and cost["from_stream"] > 0
     capsys.readouterr()
     assert main(["audit", "demo", "--root", str(tmp_path / "out"), "--json"]) == 3  # over: scripts can gate
     got = json.loads(capsys.readouterr().out)
