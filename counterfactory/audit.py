@@ -21,44 +21,52 @@ variant type:
     an original (never right), answered with anything but the abstention on a variant, and
     "unknown" on an original for an object it shows.
 
-Deterministic: the sample is the ``sample_pairs`` keys with the smallest sha256(seed, key), read
-in key order; folds are unshuffled; the solvers are deterministic. Card files are outside the
-manifest, so the audit never changes a content id. Cost: one pass over the shards that hold the
-sampled keys, two JPEG decodes and a few OpenCV filters per pair, and small linear models
-(~0.1 s per pair on one core; ``cost`` in the result says what this one took).
+Deterministic: the sample is the keys whose sha256(seed:key) falls under a cut that gives
+``sample_pairs`` of the planned inputs in expectation (``audit_features.AuditSample``: decided
+per sample, so the writers compute its image statistics in the stream), taken in key order;
+folds are unshuffled; the solvers are deterministic. Card files and the features (``audit/``)
+are outside the manifest, so the audit never changes a content id. Cost at publish: the index
+once, one small features file per shard that holds sampled keys, and small linear models; the
+decodes and OpenCV filters (two per pair) ran on the workers (``cost``: seconds here and summed
+in the stream). A version without features (older, or ``from_shards``) is read from its shards.
 
-One module (~470 lines) because the four measures share one sampled read of the shards and one
-result; the markdown and command-line renderings of that result sit at its end.
+One module (~470 lines) because the four measures share one sample and one result; the image
+statistics live in ``audit_features``; the markdown and command-line renderings sit at its end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import yaml
-from PIL import Image
 
 from counterfactory.audit_config import AuditConfig
+from counterfactory.audit_features import (  # noqa: F401 - window_features & co: the audit's API
+    WINDOW_FEATURES,
+    AuditSample,
+    _cells,
+    _cells_of,
+    image_features,
+    presupposing,
+    read_features,
+    sample_record,
+    window_features,
+)
 from counterfactory.index import answers_of
-from counterfactory.layout import CONFIG, INDEX
+from counterfactory.layout import CONFIG, INDEX, MANIFEST
 from counterfactory.publish import FailureBudgetExceeded
 from counterfactory.rules import ANSWER_RULES
-from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
 from counterfactory.stages.verify import CONTROLS
 from counterfactory.storage import read_parquet
 
-FORMAT = "counterfactory-audit/1"
-# window features, in this order (see window_features)
-WINDOW_FEATURES = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std", "saturation", "log_laplacian",
-                   "log_gradient", "log_highpass_energy", "flat_share", "blockiness_h", "blockiness_v")
+FORMAT = "counterfactory-audit/2"
 _STATS = ("min", "p10", "p50", "p90", "max", "std")
+_MAX_EXAMPLES = 5  # presupposing questions quoted in the result
 _MIN_PAIRS = 6  # fewer pairs of a variant: no probe (a 2-fold AUC of 4 pairs says nothing)
 
 
@@ -67,99 +75,52 @@ class AuditFailed(FailureBudgetExceeded):
     nothing published."""
 
 
-# -- image statistics (never the mask) -----------------------------------------------------------
-def _cells(x: np.ndarray, grid: int) -> np.ndarray:
-    """Mean of ``x`` over each cell of a grid x grid split (area resampling, deterministic)."""
-    return cv2.resize(x.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
-
-
-def _cells_of(maps: list[np.ndarray], grid: int) -> list[np.ndarray]:
-    """``_cells`` of each map, four maps to one resize (OpenCV's area resampling takes at most
-    four channels at a non-integer scale; per channel it is the same arithmetic, so the same
-    numbers as one call per map at a quarter of the calls)."""
-    out: list[np.ndarray] = []
-    for i in range(0, len(maps), 4):
-        group = maps[i : i + 4]
-        stack = cv2.merge([m.astype(np.float32, copy=False) for m in group]) if len(group) > 1 else group[0]
-        cells = cv2.resize(stack, (grid, grid), interpolation=cv2.INTER_AREA).reshape(grid, grid, -1)
-        out.extend(cells[..., c] for c in range(len(group)))
-    return out
-
-
-def window_features(img: np.ndarray, grid: int) -> np.ndarray:
-    """(grid*grid, len(WINDOW_FEATURES)) statistics of an RGB uint8 image, one row per window."""
-    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
-    sat = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0
-    lap = np.abs(cv2.Laplacian(gray, cv2.CV_32F, ksize=3))
-    grad = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
-    hp = gray - cv2.GaussianBlur(gray, (0, 0), 1.0)
-    maps = [lab[..., c] for c in range(3)] + [lab[..., c] ** 2 for c in range(3)]
-    maps += [sat, lap, grad, hp * hp, (lap < 2).astype(np.float32)]
-    # JPEG blockiness: neighbour differences across the 8-pixel block grid over those inside it
-    for axis in (1, 0):
-        d = np.abs(np.diff(gray, axis=axis))
-        d = np.concatenate([d, np.zeros_like(d[:, :1] if axis else d[:1])], axis=axis)
-        idx = np.arange(gray.shape[axis])
-        edge = ((idx % 8) == 7).astype(np.float32)
-        edge = edge[None, :] if axis else edge[:, None]
-        edge = np.broadcast_to(edge, gray.shape)
-        maps += [d * edge, edge, d * (1 - edge), 1 - edge]
-    c = _cells_of(maps, grid)
-    cols = [(c[i], np.sqrt(np.maximum(c[3 + i] - c[i] * c[i], 0))) for i in range(3)]
-    feats = [cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], c[6],
-             np.log1p(c[7]), np.log1p(c[8]), np.log1p(c[9]), c[10]]
-    for j in (11, 15):
-        at = c[j] / np.maximum(c[j + 1], 1e-6)
-        inside = c[j + 2] / np.maximum(c[j + 3], 1e-6)
-        feats.append(np.log1p(at) - np.log1p(inside))
-    return np.stack([f.reshape(-1) for f in feats], axis=1).astype(np.float64)
-
-
-def image_features(win: np.ndarray) -> np.ndarray:
-    """One vector per image: each window feature's spread over the windows (an edit shows as an
-    outlying window: a flat fill is a minimum of texture, a pasted shape a maximum of saturation)."""
-    q = np.percentile(win, [0, 10, 50, 90, 100], axis=0)
-    return np.concatenate([q.reshape(-1), win.std(axis=0)])
-
-
-def _decode(data: bytes, gray: bool = False) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L" if gray else "RGB"))
-
-
-def _part(sample: dict[str, Any], name: str) -> bytes | None:
-    for ext in ("jpg", "png", "jpeg", "webp"):
-        if f"{name}.{ext}" in sample:
-            return sample[f"{name}.{ext}"]
-    return None
-
-
-# -- sampling and reading -------------------------------------------------------------------------
+# -- the sample and its statistics (counterfactory.audit_features) ------------------------------------
 def _read_config(vdir: Path) -> dict[str, Any]:
     p = vdir / CONFIG
     return yaml.safe_load(p.read_text()) if p.exists() else {}
 
 
-def _chosen(keys: list[str], n: int, seed: int) -> list[str]:
-    rank = sorted(keys, key=lambda k: (hashlib.sha256(f"{seed}:{k}".encode()).hexdigest(), k))
-    return sorted(rank[:n])
-
-
-def _read_samples(vdir: Path, wanted: set[str], shard_names: set[str]) -> dict[str, dict[str, Any]]:
-    """The wanted samples, read with the safe shard reader (shards.json, member checks); from
-    ``shards``, not ``loader``, which imports torch (seconds at publish)."""
+def _records_from_shards(vdir: Path, by_shard: dict[str, set[str]], sample: AuditSample) -> list[dict[str, Any]]:
+    """The old path, for shards without a features file (a version written before features were
+    computed in the stream, or a file lost): their wanted samples read with the safe shard reader
+    (shards.json, member checks; ``shards``, not ``loader``, which imports torch) and computed by
+    the same ``sample_record`` the writers run."""
     from counterfactory.shards import read_shard, resolve_shards
 
     shards, _ = resolve_shards(str(vdir))
-    out: dict[str, dict[str, Any]] = {}
+    out = []
     for sh in shards:
-        if sh.url.rsplit("/", 1)[-1] not in shard_names:
+        wanted = by_shard.get(sh.url.rsplit("/", 1)[-1])
+        if not wanted:
             continue
-        for s in read_shard(sh):
-            if s["__key__"] in wanted:
-                out[s["__key__"]] = s
+        for smp in read_shard(sh):
+            if smp["__key__"] in wanted:
+                out.append(sample_record(smp["__key__"], smp["json"], smp, sample.grid, sample.abstain))
     return out
+
+
+def sample_records(vdir: Path, by_shard: dict[str, set[str]], sample: AuditSample,
+                   from_shards: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The records of the sampled keys (``{shard: keys}``): from each shard's features file
+    (computed in the stream), else from the shard itself (``from_shards`` forces that: the
+    equality test). Returns (records by key, where they came from and their in-stream seconds)."""
+    out: dict[str, dict[str, Any]] = {}
+    how = {"stream_samples": 0, "shard_samples": 0, "stream_seconds": 0.0}
+    missing: dict[str, set[str]] = {}
+    for shard, keys in sorted(by_shard.items()):
+        got = None if from_shards else read_features(vdir, shard, sample)
+        if got is None or not keys <= {r["key"] for r in got[0]}:
+            missing[shard] = keys
+            continue
+        out.update((r["key"], r) for r in got[0] if r["key"] in keys)
+        how["stream_samples"] += len(keys)
+        how["stream_seconds"] += got[1]
+    if missing:
+        recs = _records_from_shards(vdir, missing, sample)
+        out.update((r["key"], r) for r in recs)
+        how["shard_samples"] = len(recs)
+    return out, how
 
 
 # -- (a) detectability -------------------------------------------------------------------------------
@@ -304,36 +265,19 @@ def _tfidf_weighted(texts: list[str], ys: list[Any]) -> tuple[Any, Any, tuple[li
     return vec, x, ([a for _, a in keys], np.array([pairs[k] for k in keys], np.float64))
 
 
-# -- (d) presupposition -------------------------------------------------------------------------------
-def presupposing(doc: dict[str, Any], abstain: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(finding, image, item) for one sample's JSON: ``on_original`` (an attribute question
-    about an object the original does not show), ``answered_on_absent`` (answered with anything
-    but the abstention on a variant without its object), ``abstained_on_absent`` (the rule:
-    DeFacto's abstention), ``orig_abstain_on_present`` ("unknown" on an original that shows it).
-    Presence comes from the item's targets and the edit records (``qa.subject_present``)."""
-    out = []
-    for it in doc.get("qa", []):
-        for v, a in sorted(it["answers"].items()):
-            if v != "orig" and v not in doc.get("edits", {}):
-                continue
-            present = subject_present(it, doc, v)
-            if v == "orig" and present and a == abstain:
-                out.append(("orig_abstain_on_present", v, it))
-            if it["kind"] not in PRESUPPOSING_KINDS or present:
-                continue
-            what = "on_original" if v == "orig" else "answered_on_absent" if a != abstain else "abstained_on_absent"
-            out.append((what, v, it))
-    return out
-
-
 # -- the audit ----------------------------------------------------------------------------------------
-def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any] | None = None) -> dict[str, Any]:
+def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any] | None = None, *,
+                  from_shards: bool = False) -> dict[str, Any]:
     """The shortcut audit of one version folder (or a staging folder about to be published).
 
     ``settings``: an ``AuditConfig`` (or its dict); default: the ``audit:`` section of the
-    version's ``config.yaml``. Returns a JSON-able dict: ``detectability``, ``blind``,
-    ``balance``, ``presupposition`` (all per variant where it applies), ``thresholds``,
-    ``warnings`` (one line each; empty when the dataset is under every threshold), ``cost``."""
+    version's ``config.yaml``. The sample: the index's keys under the hash cut of
+    ``audit_features.AuditSample`` (``sample_pairs`` of the manifest's inputs in expectation).
+    Its image statistics come from the features the writers computed in the stream
+    (``audit/*.npz``), else (``from_shards``, an older version, settings other than the run's)
+    from the shards. Returns a JSON-able dict: ``detectability``, ``blind``, ``balance``,
+    ``presupposition`` (all per variant where it applies), ``thresholds``, ``warnings`` (one line
+    each; empty when the dataset is under every threshold), ``cost``."""
     t0 = time.perf_counter()
     vdir = Path(version_dir)
     cfg = _read_config(vdir)
@@ -350,7 +294,8 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     per_v: dict[str, Counter[str]] = defaultdict(Counter)
     per_vk: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
     for r in index:
-        for kind, ans in zip(r["question_kinds"], answers_of(r["answers"]), strict=True):
+        r["answers"] = answers_of(r["answers"])
+        for kind, ans in zip(r["question_kinds"], r["answers"], strict=True):
             for v, a in ans.items():
                 per_v[v][a] += 1
                 per_vk[v][kind][a] += 1
@@ -361,61 +306,51 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
                           "answers": {k: dict(sorted(c.most_common(6), key=lambda t: (-t[1], t[0])))
                                       for k, c in sorted(per_vk[v].items())}}
 
-    chosen = _chosen([r["key"] for r in index], s.sample_pairs, s.seed)
+    n_inputs = json.loads((vdir / MANIFEST).read_bytes())["counts"]["inputs"]
+    sample = AuditSample(seed=s.seed, sample_pairs=s.sample_pairs, n_inputs=n_inputs, grid=s.grid, abstain=abstain)
+    chosen = sorted(r["key"] for r in index if s.sample_pairs and sample.wants(r["key"]))
     by_key = {r["key"]: r for r in index}
-    samples = _read_samples(vdir, set(chosen), {by_key[k]["shard"] for k in chosen}) if chosen else {}
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for k in chosen:
+        by_shard[by_key[k]["shard"]].add(k)
+    records, how = sample_records(vdir, by_shard, sample, from_shards)
 
     pairs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     rows: list[dict[str, Any]] = []
-    pres = Counter()
+    pres: Counter[str] = Counter()
     examples: list[str] = []
-    exhaustive = Counter()
+    exhaustive: Counter[str] = Counter()
     images = 0
     for g, key in enumerate(chosen):
-        smp = samples.get(key)
-        if smp is None:
+        rec = records.get(key)
+        if rec is None:
             continue
-        doc = smp["json"]  # read_shard parses it
-        ex = doc.get("source", {}).get("exhaustive")
-        exhaustive["all categories" if ex == "*" else "listed categories" if ex else
-                   "none" if ex == [] else "not recorded"] += 1
-        for it in doc["qa"]:
-            for v, a in sorted(it["answers"].items()):
-                rows.append({"g": g, "v": v, "q": it["question"], "k": it["kind"], "a": a,
-                             "orig": it["answers"]["orig"]})
-        for what, v, it in presupposing(doc, abstain):
-            pres[what] += 1
-            if what in ("on_original", "answered_on_absent") and len(examples) < 5:
-                examples.append(f"{key} {v}: {it['question']!r} -> {it['answers'][v]!r}")
-        orig_data = _part(smp, "orig")
-        if orig_data is None:  # a clip: the image probe does not apply
+        exhaustive[rec["exhaustive"]] += 1
+        # (b) the blind answerers' rows: this sample's questions, from the index
+        r = by_key[key]
+        for q, kind, ans in zip(r["questions"], r["question_kinds"], r["answers"], strict=True):
+            for v, a in sorted(ans.items()):
+                rows.append({"g": g, "v": v, "q": q, "k": kind, "a": a, "orig": ans.get("orig")})
+        pres.update(rec["presupposition"])
+        examples += rec["examples"][:_MAX_EXAMPLES - len(examples)]
+        images += rec["images"]
+        if rec["orig_win"] is None:  # a clip: the image probe does not apply
             continue
-        orig = _decode(orig_data)
-        images += 1
-        ow = window_features(orig, s.grid)
+        ow = rec["orig_win"].astype(np.float64)
         of = image_features(ow)
-        for v in doc["variants"]:
-            data = _part(smp, v)
-            if data is None:
-                continue
-            cf = _decode(data)
-            images += 1
-            if cf.shape != orig.shape:
-                continue
-            cw = window_features(cf, s.grid)
-            # the region the edit changed: its own mask, the control's, else the evidence's
-            region = doc["edits"].get(v, {}).get("region")
-            mask_data = None if region == "global" else (
-                _part(smp, f"{v}_mask") or (_part(smp, "control_mask") if region == "control" else None)
-                or _part(smp, "mask"))
-            cover = None
-            if mask_data is not None:
-                cover = _cells((_decode(mask_data, gray=True) > 0).astype(np.float32), s.grid).reshape(-1)
-            pairs[v].append({"orig_img": of, "cf_img": image_features(cw), "orig_win": ow, "cf_win": cw,
-                             "cover": cover})
+        for p in rec["pairs"]:
+            cw = p["cf_win"].astype(np.float64)
+            pairs[p["v"]].append({"orig_img": of, "cf_img": image_features(cw), "orig_win": ow, "cf_win": cw,
+                                  "cover": p["cover"]})
 
-    detect = {v: _probe(pairs[v], s.folds, s.grid) for v in sorted(pairs)}
-    blind = _blind(rows, variants_all, s.folds) if rows else {}
+    import sklearn.linear_model  # noqa: F401 - its BLAS and OpenMP libraries loaded before they are limited
+    from threadpoolctl import threadpool_limits
+
+    # one thread: these fits are small (a few hundred rows), and idle BLAS/OpenMP threads spinning
+    # between their calls cost 4x the fits' own CPU (issue 27: 23 -> 5 CPU s at N=300, same figures)
+    with threadpool_limits(limits=1):
+        detect = {v: _probe(pairs[v], s.folds, s.grid) for v in sorted(pairs)}
+        blind = _blind(rows, variants_all, s.folds) if rows else {}
     presupposition = {"questions_checked": sum(1 for r in rows if r["v"] == "orig"),
                       "on_original": pres["on_original"], "answered_on_absent": pres["answered_on_absent"],
                       "abstained_on_absent": pres["abstained_on_absent"],
@@ -424,7 +359,8 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     warnings = _warnings(s, detect, blind, balance, presupposition)
     return {
         "format": FORMAT,
-        "sample": {"samples": len(index), "audited": len(samples), "seed": s.seed,
+        "sample": {"samples": len(index), "audited": len(records), "seed": s.seed, "inputs": n_inputs,
+                   "expected": min(s.sample_pairs, n_inputs),
                    "exhaustive_annotations": dict(sorted(exhaustive.items()))},
         "detectability": detect,
         "blind": blind,
@@ -432,7 +368,11 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         "presupposition": presupposition,
         "thresholds": thresholds,
         "warnings": warnings,
-        "cost": {"images_decoded": images, "seconds": round(time.perf_counter() - t0, 1)},
+        # seconds: at publish (this call); stream_seconds: the statistics computed on the workers
+        # (summed over shards); the sample counts say where each sample's statistics came from
+        "cost": {"images_decoded": images, "from_stream": how["stream_samples"], "from_shards": how["shard_samples"],
+                 "stream_seconds": round(how["stream_seconds"], 2),
+                 "seconds": round(time.perf_counter() - t0, 2)},
     }
 
 
@@ -478,9 +418,13 @@ def render_markdown(a: dict[str, Any]) -> str:
     """The card's audit section (markdown tables; values are numbers and variant names)."""
     if not a:
         return "_not computed (audit.sample_pairs: 0)_"
-    lines = [f"Audited {a['sample']['audited']} of {a['sample']['samples']} samples "
-             f"(seed {a['sample']['seed']}; {a['cost']['images_decoded']} images decoded; its time is under "
-             "Time per stage). Exhaustive annotations (absence asserted only for these): "
+    smp, cost = a["sample"], a["cost"]
+    where = (f"{cost.get('from_stream', 0)} samples' statistics computed in the stream, "
+             f"{cost.get('from_shards', 0)} read back from the shards")
+    lines = [f"Audited {smp['audited']} of {smp['samples']} samples: a hash sample (seed {smp['seed']}) of "
+             f"expected size {smp.get('expected', '-')} of {smp.get('inputs', '-')} inputs; "
+             f"{cost['images_decoded']} images decoded ({where}); its time, on the workers (audit_in_stream) and "
+             "at publish (audit), is under Time per stage. Exhaustive annotations (absence asserted only for these): "
              + (", ".join(f"{k} {n}" for k, n in a["sample"]["exhaustive_annotations"].items()) or "-") + ".", ""]
     if a["warnings"]:
         lines += ["**Warnings** (over the config's `audit:` thresholds):", ""]

@@ -13,8 +13,10 @@ class AuditConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sample_pairs: int = Field(256, ge=0, description="at most this many samples are read for the image probe, "
-                              "blind answerers and presupposition check (0: audit off)")
+    sample_pairs: int = Field(256, ge=0, description="expected size of the audit's sample (image probe, blind "
+                              "answerers, presupposition check): the keys whose sha256(seed:key) falls under the cut "
+                              "that keeps this many of the inputs; their statistics are computed in the stream "
+                              "(0: audit off)")
     folds: int = Field(5, ge=2, le=20, description="cross-validation folds (grouped by sample)")
     seed: int = 0
     grid: int = Field(8, ge=2, le=32, description="the probe's windows: a grid x grid split of each image")

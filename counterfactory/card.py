@@ -285,7 +285,9 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         commands.insert(0, f"{info['command']}   # the command that made it")
     changes = _changes(vdir, info)
     audit = _audit(vdir, cfg)
-    audit_seconds = audit["cost"].pop("seconds", None) if audit else None  # timing: the rest is reproducible
+    # timing (at publish; in the stream, on the workers): the rest is reproducible
+    audit_seconds = audit["cost"].pop("seconds", None) if audit else None
+    audit_stream_seconds = audit["cost"].pop("stream_seconds", None) if audit else None
     parts = manifest["counts"].get("parts") or {}
     media = next((p.split(".", 1)[1] for p in sorted(parts) if p.startswith("orig.")), "jpg")
     card_cfg = cfg.get("card") or {}
@@ -330,7 +332,7 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "models": models,
         "stages": [{"name": s["name"], "backend": s.get("backend", "default")} for s in stages_cfg],
         "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {}),
-                   "audit_seconds": audit_seconds},
+                   "audit_seconds": audit_seconds, "audit_stream_seconds": audit_stream_seconds},
         "regenerate": commands,
         "changes": changes,
         "inputs": input_kinds(cfg),
@@ -378,7 +380,8 @@ def _audit(vdir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
         return audit.audit_version(vdir, settings)
     except Exception as exc:  # noqa: BLE001 - a card is still written; the failure is its warning
         msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"], "cost": {"seconds": None}}
+        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"],
+                "cost": {"seconds": None, "stream_seconds": None}}
 
 
 def _display_root(root: str | None) -> str:
@@ -475,7 +478,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     timing = _table(["stage", "seconds (summed over samples)"],
                     [[k, f"{v:.3f}"] for k, v in sorted(t["stage_seconds"].items())]
                     + [["wall", "-" if t["wall_seconds"] is None else f"{t['wall_seconds']:.3f}"]]
-                    + ([["audit", f"{t['audit_seconds']:.3f}"]] if t.get("audit_seconds") is not None else []))
+                    + ([["audit", f"{t['audit_seconds']:.3f}"]] if t.get("audit_seconds") is not None else [])
+                    + ([["audit_in_stream", f"{t['audit_stream_seconds']:.3f}"]]
+                       if t.get("audit_stream_seconds") is not None else []))
     ch = card["changes"]
     if ch is None:
         changes = "None: this is the first version of the dataset."

@@ -37,6 +37,7 @@ VERSION_FILE = "version.json"
 CARD_JSON = "card.json"
 README = "README.md"
 PLOTS_DIR = "plots"
+AUDIT_DIR = "audit"  # the audit's per-shard features (audit_features), outside the manifest like the card
 PAIRS_DIR = "pairs"  # the pairs layout: one sample per original x variant, the same members in each
 JOURNAL = ".journal"  # per-shard resume journal of a staging folder
 LOCK = ".lock"

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from counterfactory import __version__
+from counterfactory.audit_features import AuditCollector, audit_sample, write_plan
 from counterfactory.index import (
     INDEX_SCHEMA,
     REJECT_SCHEMA,
@@ -278,6 +279,8 @@ class ShardWriter:
         self.variant_counts: Counter[str] = Counter()
         self.kind_counts: Counter[str] = Counter()
         self.part_counts: Counter[str] = Counter()
+        # the shortcut audit's sampled samples, statistics computed here (issue 27; None: audit off)
+        self.audit = AuditCollector.open(out_dir, self.name)
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> None:
         for s in decode_batch(batch):
@@ -320,6 +323,8 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         self._tar.write_sample(key, parts)
+        if self.audit is not None:
+            self.audit.add(key, parts)
         if self._pair_tar is not None:
             # the sample's own fields (what KEY.json holds), so pairs and shard never disagree
             for pair_key, members in pair_samples({**meta, "key": key}, parts):
@@ -354,6 +359,8 @@ class ShardWriter:
         pair = None
         if self._pair_tar is not None:
             pair = self._close(self._pair_tar, self.out_dir / PAIRS_DIR / self.name, f"{PAIRS_DIR}/{self.name}")
+        if self.audit is not None:  # before the journal entry: a journaled shard has its features
+            self.audit.finish()
         whole = [r for r in self.rejects if r["variant"] is None]
         entry = {
             "k": self.k, "lo": self.lo, "hi": self.hi,
@@ -430,6 +437,7 @@ class DatasetCommit:
     def on_write_start(self) -> list[int]:
         """Keep every journaled shard whose files still match their checksums; return the shards
         still to write (a kill leaves each shard whole or absent, in any pattern)."""
+        write_plan(self.out_dir, audit_sample(self.config, self.n_inputs))
         if self.remote:
             return self._resume_remote()
         jdir = self.out_dir / JOURNAL
