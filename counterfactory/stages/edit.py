@@ -301,7 +301,7 @@ class ClassicalEdit(Stage):
         raise Skip("attribute_unreadable", f"no edit color reads as itself on this {measured} region")
 
     def _flip(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:
-        out = np.ascontiguousarray(sample.arrays["image"][:, ::-1])
+        out = cv2.flip(sample.arrays["image"], 1)  # the exact mirror, as [:, ::-1] (issue 27: ~10x faster)
         return out, None, {"method": "mirror", "region": "global", "affects": ["*"]}
 
     def _count(self, sample: Sample, rng) -> tuple[np.ndarray, Any, dict]:

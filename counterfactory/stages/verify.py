@@ -47,7 +47,7 @@ from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.invented import copied_object, other_objects
-from counterfactory.stages.shared import ring
+from counterfactory.stages.shared import bbox, ring
 
 # every edit type except the control counts as a counterfactual
 CONTROLS = ("random_mask",)
@@ -59,8 +59,17 @@ FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
+def _box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The bounding box of a uint8 mask's pixels (the whole image when it has none): where a
+    masked figure reads (issue 27: uint8 sums are exact integers, so a mean over the box is the
+    same number as over the whole image)."""
+    y0, y1, x0, x1 = bbox(mask)
+    return (slice(y0, y1), slice(x0, x1)) if y1 > y0 else (slice(None), slice(None))
+
+
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    return np.array(cv2.mean(img, mask=sel)[:3])
+    win = _box(sel)
+    return np.array(cv2.mean(img[win], mask=sel[win])[:3])
 
 
 @register
@@ -101,9 +110,12 @@ class PixelVerify(Stage):
         absdiff = cv2.absdiff(out, img)
         # channel sum, saturating at 255: non-zero exactly where any channel changed
         changed = cv2.transform(absdiff, _ONES)
-        changed[region > 0] = 0
-        n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(region)
-        inside = cv2.mean(absdiff, mask=region)[:3]
+        # the region's pixels cleared, and its mean taken, on its bounding box
+        win = _box(region)
+        sub = region[win]
+        changed[win][sub > 0] = 0
+        n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(sub)
+        inside = cv2.mean(absdiff[win], mask=sub)[:3]
         return {
             "outside_changed_frac": round(cv2.countNonZero(changed) / n_out, 6) if n_out else 0.0,
             "inside_mad": round(float(np.mean(inside)), 3),
@@ -139,7 +151,7 @@ class PixelVerify(Stage):
                     vm["fill_contrast"] = round(after, 3)
                     vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
                 if "new_value" in edit and "color_before" in edit:
-                    vm["color_after"] = color_name(cv2.mean(out, mask=region)[:3])
+                    vm["color_after"] = color_name(_mean_color(out, region))
                     vm["color_target"] = edit["new_value"]
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
