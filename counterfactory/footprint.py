@@ -171,11 +171,11 @@ def _gradients(out: np.ndarray, g: np.ndarray | None = None) -> tuple[np.ndarray
 
 
 def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_px: int = 8,
-                   grads: tuple[np.ndarray, np.ndarray] | None = None, around: np.ndarray | None = None) -> float:
+                   grads: tuple[np.ndarray, ...] | None = None, around: np.ndarray | None = None) -> float:
     """Mean |gradient . outline normal| on the core mask's contour (inside the edited region,
     off the image border) in ``out``, over the ring's mean gradient magnitude times 2/pi (what
     isotropic texture gives across any line). 0.0 when there is no contour to measure.
-    ``grads``: ``_gradients(out)`` when the caller has them already; ``around``: ``region``'s ring."""
+    ``grads``: ``_gradients(out)`` (and their magnitude) when the caller has them already; ``around``: ``region``'s ring."""
     core, region = _u8(core), _u8(region)
     h, w = core.shape
     contour = cv2.morphologyEx(core, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
@@ -184,14 +184,13 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     rng_m = ring(region, ring_px) if around is None else _u8(around)
     if not cv2.countNonZero(contour) or not cv2.countNonZero(rng_m):
         return 0.0
-    gx, gy = _gradients(out) if grads is None else grads
+    gx, gy, *mag = _gradients(out) if grads is None else grads
     # the outline's normal: the gradient of the smoothed core mask
     cm = cv2.GaussianBlur(core.astype(np.float32) / 255, (0, 0), 2.0)
     nx, ny = cv2.Sobel(cm, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(cm, cv2.CV_32F, 0, 1, ksize=3)
     norm = cv2.magnitude(nx, ny) + 1e-6
     across = cv2.absdiff(gx * nx / norm + gy * ny / norm, 0.0)
-    mag = cv2.magnitude(gx, gy)
-    base = cv2.mean(mag, mask=rng_m)[0] * _ISOTROPIC
+    base = cv2.mean(mag[0] if mag else cv2.magnitude(gx, gy), mask=rng_m)[0] * _ISOTROPIC
     val = cv2.mean(across, mask=contour)[0]
     return round(float(val / max(base, 1.0)), 4)
 
@@ -228,7 +227,8 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
     m = {"texture_ratio": texture_ratio(out, region, ring_px, hp=hp, around=around), "flat_patch": found,
          "flat_share": share_in, "flat_share_ring": share_ring,
          "color_distance": color_distance(out, region, ring_px, around=around)}
-    grads = _gradients(out, g)
+    gx, gy = _gradients(out, g)
+    grads = (gx, gy, cv2.magnitude(gx, gy))  # the magnitude once for both scores
     if core is not None:
         m["boundary_score"] = boundary_score(out, np.ascontiguousarray(core[win]), region, ring_px, grads, around)
     m["seam_score"] = boundary_score(out, region, region, ring_px, grads, around)
@@ -279,10 +279,13 @@ def object_texture(img: np.ndarray, core: np.ndarray | None, ring_px: int = 8) -
 
 
 def insert_metrics(orig: np.ndarray, out: np.ndarray, obj: np.ndarray, region: np.ndarray,
-                   core: np.ndarray | None = None, ring_px: int = 8) -> dict:
+                   core: np.ndarray | None = None, ring_px: int = 8,
+                   look_of: tuple[tuple[float | None, bool], bool] | None = None) -> dict:
     """An inserted object (``obj``, blended inside ``region``) against its surroundings and
     against the image's real object (``core``, in ``orig``); see the module's docstring.
-    The insert's figures are read on the crop around it (``window``; the same numbers)."""
+    The insert's figures are read on the crop around it (``window``; the same numbers).
+    ``look_of``: (``object_texture(orig, core, ring_px)``, ``achromatic(orig)``) when the caller
+    has them (a sample computes them once for edit and verify)."""
     win = window(out.shape, ring_px, obj, region)
     if win is not None:
         out, obj, region = out[win], np.ascontiguousarray(obj[win]), np.ascontiguousarray(region[win])
@@ -292,9 +295,9 @@ def insert_metrics(orig: np.ndarray, out: np.ndarray, obj: np.ndarray, region: n
     around = ring(_u8(region), ring_px)
     hp = highpass(out)
     found, share_in, share_ring = flat_patch(out, inner, hp=hp, around=around)
-    ref, ref_flat = object_texture(orig, core, ring_px)
+    (ref, ref_flat), gray_orig = look_of or (object_texture(orig, core, ring_px), achromatic(orig))
     return {"insert_texture_ratio": texture_ratio(out, inner, hp=hp, around=around),
             "insert_flat_patch": found, "insert_flat_share": share_in, "insert_flat_share_ring": share_ring,
             "object_texture_ratio": ref, "object_flat_patch": ref_flat,
-            "achromatic": achromatic(orig),
+            "achromatic": gray_orig,
             "insert_chroma": round(float(cv2.mean(spread(out), mask=inner)[0]), 3)}

@@ -110,3 +110,51 @@ def test_copied_object_finds_a_copy_and_no_copy_on_crops():
     assert copied_object(img, clean, region, [("box", obj)])["invented_ncc"] < 0.5
     assert copied_object(img, out, np.zeros_like(region), [("box", obj)]) == {"invented_ncc": 0.0,
                                                                               "invented_category": None}
+
+
+def _sample(rng: np.random.Generator):
+    from counterfactory.sample import Sample
+
+    img = _image(rng, 96, 128)
+    core = (_blob(rng, 96, 128, "inside") > 0).astype(np.uint8)
+    return Sample(idx=0, key="k", status="ok", meta={"run_seed": 0}, arrays={"image": img, "mask_core": core})
+
+
+def test_sample_memo_computes_once_per_array_and_is_never_serialized():
+    from counterfactory.sample import decode_batch, encode_batch
+
+    s = _sample(np.random.default_rng(0))
+    calls = []
+
+    def fig():
+        calls.append(1)
+        return float(s.arrays["image"].mean())
+
+    first = s.memo("mean", fig, "image")
+    assert s.memo("mean", fig, "image") == first and len(calls) == 1
+    s.arrays["image"] = s.arrays["image"] + 1  # a stage replaces an array: computed again
+    assert s.memo("mean", fig, "image") == first + 1 and len(calls) == 2
+    s.arrays.pop("image")
+    s.arrays["image"] = np.zeros((4, 4, 3), np.uint8)
+    assert s.memo("mean", fig, "image") == 0.0 and len(calls) == 3
+    (back,) = decode_batch(encode_batch([s]))
+    assert back._memo == {} and back.key == s.key  # the memo is not shipped
+    assert np.array_equal(back.arrays["image"], s.arrays["image"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_original_look_is_what_edit_and_verify_computed_each(seed):
+    from counterfactory.stages.shared import original_look
+
+    rng = np.random.default_rng(seed)
+    s = _sample(rng)
+    img, core = s.arrays["image"], s.arrays["mask_core"]
+    look = original_look(s)
+    assert look == (fp.object_texture(img, core), fp.achromatic(img))
+    assert original_look(s) is look  # once per sample
+    assert original_look(s, 6) == (fp.object_texture(img, core, 6), fp.achromatic(img))
+    out = img.copy()
+    region = _blob(rng, 96, 128, "border")
+    obj = cv2.erode(region, np.ones((7, 7), np.uint8)) > 0
+    out[obj] = (200, 30, 30)
+    assert fp.insert_metrics(img, out, obj, region, core, 8, look) == fp.insert_metrics(img, out, obj, region, core, 8)

@@ -58,9 +58,11 @@ from counterfactory.stages.shared import (
     annotated_keepout,
     annotated_mask,
     bbox,
+    box_of,
     control_variant,
     disk,
     flat_fill,
+    original_look,
     place_shape,
 )
 
@@ -139,8 +141,10 @@ def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: fl
     """Set the hue inside ``region`` to the named ``target`` hue. Saturation and value (texture,
     shading) are kept, except that a target that needs light to read as itself (yellow turns
     olive when dark) has its value lifted to the level the name needs."""
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
-    sel = region > 0
+    # on the region's bounding box (issue 27): every step is per pixel, so the same pixels
+    box = box_of(region)
+    hsv = cv2.cvtColor(np.ascontiguousarray(img[box]), cv2.COLOR_RGB2HSV_FULL)
+    sel = region[box] > 0
     sat = hsv[..., 1][sel].astype(np.float64) / 255
     if not sel.any() or sat.mean() < min_saturation:
         raise Skip("achromatic_evidence", f"mean saturation {sat.mean() if sel.any() else 0:.2f} < {min_saturation}")
@@ -153,7 +157,7 @@ def recolor(img: np.ndarray, region: np.ndarray, target: str, min_saturation: fl
             v[sel] = np.minimum(255, v[sel] * (200 / max(mean_v, 1.0)))
             recolored[..., 2] = np.rint(v).astype(np.uint8)
     out = img.copy()
-    out[sel] = cv2.cvtColor(recolored, cv2.COLOR_HSV2RGB_FULL)[sel]
+    out[box][sel] = cv2.cvtColor(recolored, cv2.COLOR_HSV2RGB_FULL)[sel]
     return out
 
 
@@ -163,8 +167,11 @@ def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,
     within 25 degrees of the annotated color's hue (else of the strongest hue bin), their
     largest connected part. The coffee in a red cup, a white rim or the table seen through a
     loose polygon are not part of it."""
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for the full circle
-    sel = core > 0
+    # the colors on the core's bounding box only (issue 27: nothing outside the core is read);
+    # the connected parts on the whole image, as before
+    box = box_of(core)
+    hsv = cv2.cvtColor(np.ascontiguousarray(img[box]), cv2.COLOR_RGB2HSV_FULL)  # hue 0..255 for the full circle
+    sel = core[box] > 0
     sat_ok = sel & (hsv[..., 1] >= max(0.15, 0.6 * min_saturation) * 255) & (hsv[..., 2] >= 40)
     if not sat_ok.any():
         return np.zeros(core.shape, np.uint8)
@@ -175,7 +182,8 @@ def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,
     if annotated in HUES:  # the color the answer names: the part of the object that has it
         peak = int(round(HUES[annotated] / 360 * 256)) % 256
     dist = np.abs(((hsv[..., 0].astype(np.int64) - peak + 128) % 256) - 128)
-    near = (sat_ok & (dist <= 18)).astype(np.uint8)  # 18/256 of the circle: ~25 degrees
+    near = np.zeros(core.shape, np.uint8)
+    near[box] = sat_ok & (dist <= 18)  # 18/256 of the circle: ~25 degrees
     n, labels, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
     if n < 2:
         return np.zeros(core.shape, np.uint8)
@@ -355,7 +363,8 @@ class ClassicalEdit(Stage):
         alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
         sel = region[win] > 0
         alpha[~sel] = 0.0
-        paint, look = insert_paint(img, obj, region, sample.arrays.get("mask_core"), color, r, rng)
+        paint, look = insert_paint(img, obj, region, sample.arrays.get("mask_core"), color, r, rng,
+                                   original_look(sample))
         blended = np.clip(np.rint(alpha * paint + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
         out = img.copy()
         out[win][sel] = blended[sel].astype(np.uint8)
@@ -431,7 +440,8 @@ class ClassicalEdit(Stage):
 
 
 def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.ndarray | None, color: str,
-                 r: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+                 r: float, rng: np.random.Generator,
+                 look_of: tuple[tuple[float | None, bool], bool] | None = None) -> tuple[np.ndarray, dict]:
     """The pixels an inserted object is painted with over ``region``'s bounding box (float32
     RGB, before the feathered blend), and how (the edit record's ``method`` and look fields).
 
@@ -448,8 +458,7 @@ def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.
     object is gray, its level 90 away from the spot's luminance, and every channel equal."""
     y0, y1, x0, x1 = bbox(region)
     win = (slice(y0, y1), slice(x0, x1))
-    ref, _ = footprint.object_texture(img, core)
-    gray_img = footprint.achromatic(img)
+    (ref, _), gray_img = look_of or (footprint.object_texture(img, core), footprint.achromatic(img))
     photo = ref is None or ref >= footprint.PHOTO_OBJECT_TEXTURE
     albedo = np.array(scenes.COLORS.get(color, (220, 40, 40)), np.float32)
     if not photo and not gray_img:

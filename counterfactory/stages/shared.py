@@ -136,6 +136,14 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return y, y + h, x, x + w
 
 
+def box_of(mask: np.ndarray) -> tuple[slice, slice]:
+    """(rows, columns) of the bounding box of a mask's non-zero pixels, the whole image when it
+    has none: where a per-pixel step or a masked figure needs to read (issue 27; uint8 sums are
+    exact integers, so a masked mean over the box is the same number as over the whole image)."""
+    x, y, w, h = cv2.boundingRect(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8))
+    return (slice(y, y + h), slice(x, x + w)) if w and h else (slice(None), slice(None))
+
+
 def det_mask(det: dict[str, Any], w: int, h: int) -> np.ndarray:
     """A detection's pixels (bool, h x w): its polygon, else its box."""
     if "polygon" in det:
@@ -397,6 +405,17 @@ def control_variant(sample: Sample, p: FlatFillParams) -> tuple[np.ndarray, np.n
         raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
                    "clear of every annotated object and its box")
     return flat_fill(sample.arrays["image"], ctrl, p.fill), ctrl, record
+
+
+def original_look(sample: Sample, ring_px: int = 8) -> tuple[tuple[float | None, bool], bool]:
+    """(``footprint.object_texture`` of the original's real object (its core), whether the
+    original is ``footprint.achromatic``): what an insert takes its look from (edit) and is held
+    to (verify), computed once per sample (issue 27)."""
+    def look() -> tuple[tuple[float | None, bool], bool]:
+        img = sample.arrays["image"]
+        return footprint.object_texture(img, sample.arrays.get("mask_core"), ring_px), footprint.achromatic(img)
+
+    return sample.memo(f"original_look/{ring_px}", look, "image", "mask_core")
 
 
 # --- where an inserted object goes ----------------------------------------------------------

@@ -47,7 +47,7 @@ from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.invented import copied_object, other_objects
-from counterfactory.stages.shared import bbox, ring
+from counterfactory.stages.shared import box_of, original_look, ring
 
 # every edit type except the control counts as a counterfactual
 CONTROLS = ("random_mask",)
@@ -59,16 +59,8 @@ FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
-def _box(mask: np.ndarray) -> tuple[slice, slice]:
-    """The bounding box of a uint8 mask's pixels (the whole image when it has none): where a
-    masked figure reads (issue 27: uint8 sums are exact integers, so a mean over the box is the
-    same number as over the whole image)."""
-    y0, y1, x0, x1 = bbox(mask)
-    return (slice(y0, y1), slice(x0, x1)) if y1 > y0 else (slice(None), slice(None))
-
-
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    win = _box(sel)
+    win = box_of(sel)
     return np.array(cv2.mean(img[win], mask=sel[win])[:3])
 
 
@@ -108,16 +100,18 @@ class PixelVerify(Stage):
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
         absdiff = cv2.absdiff(out, img)
-        # channel sum, saturating at 255: non-zero exactly where any channel changed
-        changed = cv2.transform(absdiff, _ONES)
-        # the region's pixels cleared, and its mean taken, on its bounding box
-        win = _box(region)
+        # the region's mean taken, and its pixels cleared, on its bounding box
+        win = box_of(region)
         sub = region[win]
-        changed[win][sub > 0] = 0
         n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(sub)
         inside = cv2.mean(absdiff[win], mask=sub)[:3]
+        absdiff[win][sub > 0] = 0
+        n_changed = 0
+        if cv2.countNonZero(absdiff.reshape(absdiff.shape[0], -1)):  # some channel changed outside
+            # channel sum, saturating at 255: non-zero exactly where any channel changed
+            n_changed = cv2.countNonZero(cv2.transform(absdiff, _ONES))
         return {
-            "outside_changed_frac": round(cv2.countNonZero(changed) / n_out, 6) if n_out else 0.0,
+            "outside_changed_frac": round(n_changed / n_out, 6) if n_out else 0.0,
             "inside_mad": round(float(np.mean(inside)), 3),
         }
 
@@ -158,7 +152,8 @@ class PixelVerify(Stage):
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
                     vm.update(copied_object(img, out, region, other_objects(m, a, edit)))
                 if edit.get("inserted_category") and edit.get("region") == "inserted":
-                    vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core")))
+                    vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core"),
+                                                   original_look(sample, p.footprint_ring_px)))
             metrics[v] = vm
             failure = self._failure(v, vm)
             if too_big and v in REMOVAL:
@@ -170,11 +165,11 @@ class PixelVerify(Stage):
             raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
 
     def _insert_metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray, edit: dict[str, Any],
-                        core: np.ndarray | None) -> dict[str, Any]:
+                        core: np.ndarray | None, look_of: Any = None) -> dict[str, Any]:
         h, w = img.shape[:2]
         # the object as the edit painted it (its polygon); a backend that records none: its region
         obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
-        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px, look_of)
         # issue 31: the step where the pasted pixels end (a cut-out's border as pasted: a hard
         # cut, a box of its old background), as the fill's seam; a real cut-out's own texture
         return m | {"insert_seam_score": footprint.boundary_score(out, region, region, self.params.footprint_ring_px),
