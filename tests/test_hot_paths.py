@@ -158,3 +158,15 @@ def test_original_look_is_what_edit_and_verify_computed_each(seed):
     obj = cv2.erode(region, np.ones((7, 7), np.uint8)) > 0
     out[obj] = (200, 30, 30)
     assert fp.insert_metrics(img, out, obj, region, core, 8, look) == fp.insert_metrics(img, out, obj, region, core, 8)
+
+
+def test_scenes_drawn_in_place_are_their_polygon_masks():
+    from counterfactory import scenes
+
+    for seed, index, size in [(0, i, (256, 256)) for i in range(40)] + [(5, i, (97, 301)) for i in range(40)]:
+        spec = scenes.scene_spec(seed, index, size)
+        want = scenes.render_background(spec)
+        for obj in spec["objects"]:  # render_scene before issue 27
+            want[scenes.polygon_mask(obj["polygon"], *size)] = np.asarray(scenes.COLORS[obj["attributes"]["color"]],
+                                                                          np.uint8)
+        assert np.array_equal(scenes.render_scene(spec), want)
