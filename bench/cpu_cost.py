@@ -66,7 +66,9 @@ def profile(n: int, top: int = 25, sort: str = "tottime") -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
     cfg = bench_run.scenes_config(n, tmp)
     records = load_records(cfg)
-    pr = cProfile.Profile()
+    # CPU time, not wall time: on a loaded machine a wall-clock profile charges other processes'
+    # time to whatever call was running
+    pr = cProfile.Profile(time.process_time)
     c0 = time.process_time()
     pr.enable()
     # the chain as the floor runs it: the part encoder on the samples (issue 27: the profile

@@ -123,8 +123,8 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         y0, y1, x0, x1 = int(oky.min()), int(oky.max()) + 1, int(okx.min()), int(okx.max()) + 1
         th2, tw2 = tm.shape
         ncc = cv2.matchTemplate(win[y0:y1 + th2 - 1, x0:x1 + tw2 - 1], tpl, cv2.TM_CCOEFF_NORMED, mask=tm)
-        ncc = np.nan_to_num(ncc, nan=0.0, posinf=0.0, neginf=0.0)
-        score = float(np.clip(ncc[ok[y0:y1, x0:x1]].max(), -1.0, 1.0))
+        vals = np.nan_to_num(ncc[ok[y0:y1, x0:x1]], nan=0.0, posinf=0.0, neginf=0.0)  # the placements read only
+        score = float(np.clip(vals.max(), -1.0, 1.0))
         if score > best:
             best, best_cat = score, cat
     return {"invented_ncc": round(best, 4), "invented_category": best_cat}
