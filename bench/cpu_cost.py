@@ -78,7 +78,13 @@ def profile(n: int, top: int = 25, sort: str = "tottime") -> None:
         pass
     pr.disable()
     print(f"stage code + encoding, {n} inputs: {1000 * (time.process_time() - c0) / n:.1f} CPU ms/input under cProfile")
-    pstats.Stats(pr).sort_stats(sort).print_stats(top)
+    st = pstats.Stats(pr)
+    # per stage: the cumulative CPU of each stage's ``process`` and of the part encoder
+    per = {f"{Path(f).parent.name}/{Path(f).stem}.{fn}": ct for (f, _, fn), (_, _, _, ct, _) in st.stats.items()
+           if "counterfactory" in f and (fn == "process" and "/stages/" in f or fn == "encode_samples")}
+    print("per stage, cumulative CPU ms/input: " + ", ".join(
+        f"{k} {1000 * v / n:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])))
+    st.sort_stats(sort).print_stats(top)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -218,6 +218,7 @@ class ClassicalEdit(Stage):
         super().__init__(params, run)
         cv2.setNumThreads(1)
         self._fills: deque[tuple[np.ndarray, ...]] = deque(maxlen=_FILL_CACHE_ENTRIES)
+        self._ann: tuple[Sample, np.ndarray] | None = None
 
     def _inpaint(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None) -> np.ndarray:
         p = self.params
@@ -241,7 +242,7 @@ class ClassicalEdit(Stage):
         would. Read-only; the last few are kept (newest looked at first)."""
         img, mask = sample.arrays["image"], sample.arrays["mask"]
         # the annotations are part of the key: the patch fill never copies another object
-        forbid = annotated_mask(sample)
+        forbid = self._annotated(sample)
         for im, m, fb, filled in reversed(self._fills):
             if (im.shape == img.shape and np.array_equal(m, mask) and np.array_equal(fb, forbid)
                     and np.array_equal(im, img)):
@@ -253,7 +254,18 @@ class ClassicalEdit(Stage):
             self._fills.popleft()
         return filled
 
+    def _annotated(self, sample: Sample) -> np.ndarray:
+        """``annotated_mask(sample)`` once per sample while its edits are made (issue 27: remove,
+        count and swap each asked for it; the sample's annotations do not change meanwhile).
+        Read-only: every caller reads it."""
+        if self._ann is None or self._ann[0] is not sample:
+            ann = annotated_mask(sample)
+            ann.flags.writeable = False
+            self._ann = (sample, ann)
+        return self._ann[1]
+
     def process(self, sample: Sample) -> None:
+        self._ann = None
         sample.begin_variants()
         for v in self.params.variants:
             rng = np.random.default_rng([sample.seed, _SALT.get(v, 0)])
@@ -331,7 +343,7 @@ class ClassicalEdit(Stage):
         # instances), so remove's fill serves here too; it was made with every instance as a
         # hole, so no kept instance's color bleeds into the fill.
         if cv2.countNonZero(cv2.bitwise_and(region, cv2.bitwise_not(mask))):
-            filled = self._inpaint(img, region, annotated_mask(sample))
+            filled = self._inpaint(img, region, self._annotated(sample))
         else:
             filled = self._evidence_filled(sample)
         out = img.copy()
@@ -370,7 +382,7 @@ class ClassicalEdit(Stage):
         out[win][sel] = blended[sel].astype(np.uint8)
         # what the object reads as in the output, not what was asked for (shading can darken a
         # cyan into a blue; on a grayscale photograph it is gray)
-        seen = color_name(cv2.mean(out, mask=obj.astype(np.uint8))[:3])
+        seen = color_name(cv2.mean(out[win], mask=obj[win].astype(np.uint8))[:3])  # obj lies inside the box
         return out, region, {"method": look.pop("method"), "region": "inserted", "affects": [shape],
                              "inserted_category": shape, "inserted_instances": 1,
                              "new_value": seen, "polygon": poly} | look
@@ -427,9 +439,9 @@ class ClassicalEdit(Stage):
             # and inpaint only the part of b's hole outside it
             rest = cv2.bitwise_and(hole_b, cv2.bitwise_not(mask))
             filled = self._evidence_filled(sample)
-            out = self._inpaint(filled, rest, annotated_mask(sample)) if cv2.countNonZero(rest) else filled.copy()
+            out = self._inpaint(filled, rest, self._annotated(sample)) if cv2.countNonZero(rest) else filled.copy()
         else:
-            out = self._inpaint(img, hole, annotated_mask(sample))
+            out = self._inpaint(img, hole, self._annotated(sample))
         out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
         out[b_to] = _shift(img, -dx, -dy)[b_to]
         region = hole.copy()
