@@ -170,3 +170,30 @@ def test_scenes_drawn_in_place_are_their_polygon_masks():
             want[scenes.polygon_mask(obj["polygon"], *size)] = np.asarray(scenes.COLORS[obj["attributes"]["color"]],
                                                                           np.uint8)
         assert np.array_equal(scenes.render_scene(spec), want)
+
+
+def test_annotated_keepout_draws_each_polygon_once():
+    from counterfactory import scenes
+    from counterfactory.sample import Sample
+    from counterfactory.stages.shared import annotated_keepout, annotated_mask
+
+    spec = scenes.scene_spec(2, 7, (160, 128))
+    ann = [{"category": o["category"], "polygons": [o["polygon"]],
+            "box": [int(min(p[0] for p in o["polygon"])), int(min(p[1] for p in o["polygon"])),
+                    int(max(p[0] for p in o["polygon"])) + 3, int(max(p[1] for p in o["polygon"])) + 3]}
+           for o in spec["objects"]]
+    ann.append({"category": "loose", "polygons": [], "box": [5, 5, 20, 30]})
+    core = np.zeros((128, 160), np.uint8)
+    core[60:70, 60:80] = 1
+    s = Sample(idx=0, key="k", status="ok", meta={"annotated": ann, "instances": []},
+               arrays={"mask": core * 255, "mask_core": core})
+    for skip in ((), (0,), (0, len(ann) - 1)):
+        want = annotated_mask(s) if not skip else np.zeros((128, 160), np.uint8)  # the code before issue 27
+        for i, o in enumerate(ann):
+            if i in skip:
+                continue
+            for poly in o.get("polygons") or []:
+                want[scenes.polygon_mask(poly, 160, 128)] = 255
+            x0, y0, x1, y1 = o["box"]
+            want[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 255
+        assert np.array_equal(annotated_keepout(s, skip=skip), want)

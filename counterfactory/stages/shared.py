@@ -234,7 +234,7 @@ def annotated_keepout(sample: Sample, skip: tuple[int, ...] = ()) -> np.ndarray:
     for i, o in enumerate(sample.meta.get("annotated", [])):
         if i in skip:
             continue
-        for poly in o.get("polygons") or []:
+        for poly in (o.get("polygons") or []) if skip else []:  # else annotated_mask drew them already
             out[scenes.polygon_mask(poly, w, h)] = 255
         if o.get("box"):
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
