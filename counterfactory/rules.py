@@ -106,10 +106,14 @@ def side_of_x(x: float, width: int, lo: float = 0.4, hi: float = 0.6) -> str | N
 
 def side_of(mask, lo: float = 0.4, hi: float = 0.6) -> str | None:
     """"left"/"right" from a mask's centroid, None when it is too central to say."""
+    import cv2
     import numpy as np
 
-    xs = np.nonzero(mask)[1]
-    return side_of_x(float(xs.mean()), mask.shape[1], lo, hi) if len(xs) else None
+    # the centroid from OpenCV's moments (issue 27): sums of integer columns, exact in float64, so
+    # m10 / m00 is the same float as the mean of np.nonzero's columns, without listing them
+    mask = np.asarray(mask)
+    m = cv2.moments(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8), binaryImage=True)
+    return side_of_x(m["m10"] / m["m00"], mask.shape[1], lo, hi) if m["m00"] else None
 
 
 def classify_question(question: str) -> str:

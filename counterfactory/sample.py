@@ -21,6 +21,7 @@ import json
 import pickle
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypedDict
 
@@ -145,6 +146,9 @@ class Sample:
     status: str
     meta: SampleMeta
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # figures of this sample's arrays computed once and read by several stages (``memo``); never
+    # serialized (``encode_batch``): a row decoded in another process computes them again
+    _memo: dict[str, tuple[tuple[Any, ...], Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -196,6 +200,19 @@ class Sample:
         self.meta.get("edits", {}).pop(variant, None)
         for item in self.meta.get("qa", []):
             item["answers"].pop(variant, None)
+
+    def memo(self, name: str, fn: Callable[[], Any], *arrays: str) -> Any:
+        """``fn()``, computed once per sample while the arrays named ``arrays`` are the same
+        objects (issue 27: a statistic of the original that edit and verify both read, e.g. the
+        real object's texture). Stages never change an array in place, they replace it, so a
+        replaced array (or one added or dropped) computes it again."""
+        deps = tuple(self.arrays.get(k) for k in arrays)
+        hit = self._memo.get(name)
+        if hit is not None and len(hit[0]) == len(deps) and all(a is b for a, b in zip(hit[0], deps, strict=True)):
+            return hit[1]
+        value = fn()
+        self._memo[name] = (deps, value)
+        return value
 
     @property
     def seed(self) -> int:

@@ -35,11 +35,15 @@ _SLACK = 2
 _URI = re.compile(r"^procedural://(\d+)/(\d+)(?:\?size=(\d+)x(\d+))?$")
 
 
+def _points(polygon: Any) -> np.ndarray:
+    """A polygon's vertices as OpenCV rasterizes them (rounded to whole pixels)."""
+    return np.round(np.asarray(polygon, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
+
+
 def polygon_mask(polygon: Any, width: int, height: int) -> np.ndarray:
     """HxW bool mask of a polygon; the single rasterization shared by rendering and masks."""
     mask = np.zeros((height, width), np.uint8)
-    pts = np.round(np.asarray(polygon, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
-    cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8)
+    cv2.fillPoly(mask, [_points(polygon)], 1, lineType=cv2.LINE_8)
     return mask.view(bool)
 
 
@@ -157,9 +161,10 @@ def render_scene(spec: dict) -> np.ndarray:
     w, h = spec["width"], spec["height"]
     img = _background(spec["background"], w, h)
     for obj in spec["objects"]:
-        img[polygon_mask(obj["polygon"], w, h)] = np.asarray(
-            COLORS[obj["attributes"]["color"]], np.uint8
-        )
+        # drawn in place with polygon_mask's rasterization (issue 27: no whole-image mask and
+        # boolean index per object; the same pixels, pinned by a test)
+        cv2.fillPoly(img, [_points(obj["polygon"])], tuple(int(c) for c in COLORS[obj["attributes"]["color"]]),
+                     lineType=cv2.LINE_8)
     return img
 
 

@@ -69,13 +69,12 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
     object can lie there) and ``invented_category``."""
     region = region > 0
     n_region = int(np.count_nonzero(region))
-    g_orig, g_out = _float3(orig), _float3(out)
     h, w = region.shape
     best, best_cat = 0.0, None
-    ry, rx = np.nonzero(region)
     if not n_region:
         return {"invented_ncc": 0.0, "invented_category": None}
-    ry0, ry1, rx0, rx1 = int(ry.min()), int(ry.max()) + 1, int(rx.min()), int(rx.max()) + 1
+    rx0, ry0, rw, rh = cv2.boundingRect(region.view(np.uint8))
+    ry1, rx1 = ry0 + rh, rx0 + rw
     for cat, m in objects:
         m = np.ascontiguousarray(m, dtype=bool)
         area = int(np.count_nonzero(m))
@@ -87,7 +86,8 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         oy0, oy1 = max(0, by - OUTLINE_PX), min(h, by + bh + OUTLINE_PX)
         ox0, ox1 = max(0, bx - OUTLINE_PX), min(w, bx + bw + OUTLINE_PX)
         th, tw = oy1 - oy0, ox1 - ox0
-        tpl = g_orig[oy0:oy1, ox0:ox1]
+        # only the crops are converted to float (issue 27: the same values, not two whole images)
+        tpl = _float3(orig[oy0:oy1, ox0:ox1])
         tmask = cv2.dilate(m[oy0:oy1, ox0:ox1].view(np.uint8), np.ones((2 * OUTLINE_PX + 1,) * 2, np.uint8)) > 0
         if float(tpl[tmask].std(axis=0).max()) < MIN_TEMPLATE_STD:
             continue
@@ -99,7 +99,7 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         # filled pixels a copy could sit on: the region, less the object's own place (where an
         # untouched object would match itself)
         free = (region[wy0:wy1, wx0:wx1] & ~m[wy0:wy1, wx0:wx1]).astype(np.float32)
-        win = g_out[wy0:wy1, wx0:wx1]
+        win = _float3(out[wy0:wy1, wx0:wx1])
         k = min(1.0, WORK_SIDE / max(th, tw))
         tm = tmask.astype(np.float32)
         if k < 1.0:
@@ -123,8 +123,8 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         y0, y1, x0, x1 = int(oky.min()), int(oky.max()) + 1, int(okx.min()), int(okx.max()) + 1
         th2, tw2 = tm.shape
         ncc = cv2.matchTemplate(win[y0:y1 + th2 - 1, x0:x1 + tw2 - 1], tpl, cv2.TM_CCOEFF_NORMED, mask=tm)
-        ncc = np.nan_to_num(ncc, nan=0.0, posinf=0.0, neginf=0.0)
-        score = float(np.clip(ncc[ok[y0:y1, x0:x1]].max(), -1.0, 1.0))
+        vals = np.nan_to_num(ncc[ok[y0:y1, x0:x1]], nan=0.0, posinf=0.0, neginf=0.0)  # the placements read only
+        score = float(np.clip(vals.max(), -1.0, 1.0))
         if score > best:
             best, best_cat = score, cat
     return {"invented_ncc": round(best, 4), "invented_category": best_cat}

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from counterfactory import scenes
+from counterfactory import footprint, scenes
 from counterfactory.layout import sha256_file
 from counterfactory.sample import Reject, Sample
 from counterfactory.storage import (
@@ -127,15 +127,21 @@ def dilate(mask: np.ndarray, px: int) -> np.ndarray:
 
 def ring(mask: np.ndarray, px: int) -> np.ndarray:
     """The ``px``-wide band around a uint8 mask (the mask's own pixels cleared)."""
-    out = cv2.dilate(mask, disk(px))
-    out[mask > 0] = 0
-    return out
+    return footprint.ring(mask, px)
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of a uint8 mask's non-zero pixels."""
     x, y, w, h = cv2.boundingRect(mask)
     return y, y + h, x, x + w
+
+
+def box_of(mask: np.ndarray) -> tuple[slice, slice]:
+    """(rows, columns) of the bounding box of a mask's non-zero pixels, the whole image when it
+    has none: where a per-pixel step or a masked figure needs to read (issue 27; uint8 sums are
+    exact integers, so a masked mean over the box is the same number as over the whole image)."""
+    x, y, w, h = cv2.boundingRect(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8))
+    return (slice(y, y + h), slice(x, x + w)) if w and h else (slice(None), slice(None))
 
 
 def det_mask(det: dict[str, Any], w: int, h: int) -> np.ndarray:
@@ -228,7 +234,7 @@ def annotated_keepout(sample: Sample, skip: tuple[int, ...] = ()) -> np.ndarray:
     for i, o in enumerate(sample.meta.get("annotated", [])):
         if i in skip:
             continue
-        for poly in o.get("polygons") or []:
+        for poly in (o.get("polygons") or []) if skip else []:  # else annotated_mask drew them already
             out[scenes.polygon_mask(poly, w, h)] = 255
         if o.get("box"):
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
@@ -367,7 +373,13 @@ class FlatFillParams(BaseModel):
 def flat_fill(media: np.ndarray, region: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
     """A copy of an image (H x W x 3) or clip (T x H x W x 3) with ``region`` set to ``fill``."""
     out = media.copy()
-    out[region > 0] = np.array(fill, np.uint8)
+    # on the region's bounding box (issue 27: the whole-image boolean index cost ~1 ms a call)
+    sel = region > 0 if region.ndim != 2 else None
+    if sel is None:
+        y0, y1, x0, x1 = bbox(region)
+        out[y0:y1, x0:x1][region[y0:y1, x0:x1] > 0] = np.array(fill, np.uint8)
+    else:
+        out[sel] = np.array(fill, np.uint8)
     return out
 
 
@@ -393,6 +405,17 @@ def control_variant(sample: Sample, p: FlatFillParams) -> tuple[np.ndarray, np.n
         raise Skip("no_room_for_control", f"no rectangle or ellipse of area {cv2.countNonZero(mask)} "
                    "clear of every annotated object and its box")
     return flat_fill(sample.arrays["image"], ctrl, p.fill), ctrl, record
+
+
+def original_look(sample: Sample, ring_px: int = 8) -> tuple[tuple[float | None, bool], bool]:
+    """(``footprint.object_texture`` of the original's real object (its core), whether the
+    original is ``footprint.achromatic``): what an insert takes its look from (edit) and is held
+    to (verify), computed once per sample (issue 27)."""
+    def look() -> tuple[tuple[float | None, bool], bool]:
+        img = sample.arrays["image"]
+        return footprint.object_texture(img, sample.arrays.get("mask_core"), ring_px), footprint.achromatic(img)
+
+    return sample.memo(f"original_look/{ring_px}", look, "image", "mask_core")
 
 
 # --- where an inserted object goes ----------------------------------------------------------

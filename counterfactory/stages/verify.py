@@ -47,7 +47,7 @@ from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
 from counterfactory.stages.invented import copied_object, other_objects
-from counterfactory.stages.shared import ring
+from counterfactory.stages.shared import box_of, original_look, ring
 
 # every edit type except the control counts as a counterfactual
 CONTROLS = ("random_mask",)
@@ -60,7 +60,8 @@ _ONES = np.ones((1, 3), np.float32)
 
 
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    return np.array(cv2.mean(img, mask=sel)[:3])
+    win = box_of(sel)
+    return np.array(cv2.mean(img[win], mask=sel[win])[:3])
 
 
 @register
@@ -99,13 +100,18 @@ class PixelVerify(Stage):
     def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
         absdiff = cv2.absdiff(out, img)
-        # channel sum, saturating at 255: non-zero exactly where any channel changed
-        changed = cv2.transform(absdiff, _ONES)
-        changed[region > 0] = 0
-        n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(region)
-        inside = cv2.mean(absdiff, mask=region)[:3]
+        # the region's mean taken, and its pixels cleared, on its bounding box
+        win = box_of(region)
+        sub = region[win]
+        n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(sub)
+        inside = cv2.mean(absdiff[win], mask=sub)[:3]
+        absdiff[win][sub > 0] = 0
+        n_changed = 0
+        if cv2.countNonZero(absdiff.reshape(absdiff.shape[0], -1)):  # some channel changed outside
+            # channel sum, saturating at 255: non-zero exactly where any channel changed
+            n_changed = cv2.countNonZero(cv2.transform(absdiff, _ONES))
         return {
-            "outside_changed_frac": round(cv2.countNonZero(changed) / n_out, 6) if n_out else 0.0,
+            "outside_changed_frac": round(n_changed / n_out, 6) if n_out else 0.0,
             "inside_mad": round(float(np.mean(inside)), 3),
         }
 
@@ -139,14 +145,15 @@ class PixelVerify(Stage):
                     vm["fill_contrast"] = round(after, 3)
                     vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
                 if "new_value" in edit and "color_before" in edit:
-                    vm["color_after"] = color_name(cv2.mean(out, mask=region)[:3])
+                    vm["color_after"] = color_name(_mean_color(out, region))
                     vm["color_target"] = edit["new_value"]
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
                     vm.update(copied_object(img, out, region, other_objects(m, a, edit)))
                 if edit.get("inserted_category") and edit.get("region") == "inserted":
-                    vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core")))
+                    vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core"),
+                                                   original_look(sample, p.footprint_ring_px)))
             metrics[v] = vm
             failure = self._failure(v, vm)
             if too_big and v in REMOVAL:
@@ -158,11 +165,11 @@ class PixelVerify(Stage):
             raise Reject("no_valid_counterfactual", "every counterfactual variant failed verification")
 
     def _insert_metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray, edit: dict[str, Any],
-                        core: np.ndarray | None) -> dict[str, Any]:
+                        core: np.ndarray | None, look_of: Any = None) -> dict[str, Any]:
         h, w = img.shape[:2]
         # the object as the edit painted it (its polygon); a backend that records none: its region
         obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
-        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px)
+        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px, look_of)
         # issue 31: the step where the pasted pixels end (a cut-out's border as pasted: a hard
         # cut, a box of its old background), as the fill's seam; a real cut-out's own texture
         return m | {"insert_seam_score": footprint.boundary_score(out, region, region, self.params.footprint_ring_px),
