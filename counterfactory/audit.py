@@ -50,7 +50,6 @@ from counterfactory.audit_features import (  # noqa: F401 - window_features & co
     WINDOW_FEATURES,
     AuditSample,
     _cells,
-    _cells_of,
     image_features,
     presupposing,
     read_features,

@@ -18,6 +18,7 @@ this, a file lost): the same bytes in, the same numbers out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ from PIL import Image
 from counterfactory.audit_config import AuditConfig
 from counterfactory.layout import AUDIT_DIR, atomic_write
 from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
+from counterfactory.stages.shared import one_blas_thread
 
 FEATURES_FORMAT = "counterfactory-audit-features/1"
 PLAN = "plan.json"  # audit/plan.json in a staging folder: the sample rule the writers apply
@@ -119,27 +121,49 @@ def features_path(out_dir: Path, shard: str) -> Path:
 
 
 # -- image statistics (never the mask) ---------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _area_weights(n: int, grid: int) -> np.ndarray:
+    """(grid, n): each cell's share of each of ``n`` pixels when they are cut into ``grid`` equal
+    cells (an area resampling's weights; the rows sum to 1)."""
+    size = n / grid
+    lo = np.arange(grid)[:, None] * size
+    j = np.arange(n)[None, :]
+    w = (np.clip(np.minimum(lo + size, j + 1) - np.maximum(lo, j), 0, None) / size).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def _cells_stack(maps: np.ndarray, grid: int, rows: np.ndarray | None = None,
+                 cols: np.ndarray | None = None) -> np.ndarray:
+    """(k, grid, grid) means of (k, h, w) float32 maps over each cell of a grid x grid split, as two
+    matrix products with the area weights (one pass over the pixels for every map at once, where
+    an area resize took one pass per map). ``rows``/``cols``: other weights (a pixel mask folded in)."""
+    k, h, w = maps.shape
+    wr = _area_weights(h, grid) if rows is None else rows
+    wc = _area_weights(w, grid) if cols is None else cols
+    return wr @ (maps.reshape(k * h, w) @ wc.T).reshape(k, h, wc.shape[0])
+
+
 def _cells(x: np.ndarray, grid: int) -> np.ndarray:
-    """Mean of ``x`` over each cell of a grid x grid split (area resampling, deterministic)."""
-    return cv2.resize(x.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+    """Mean of ``x`` over each cell of a grid x grid split (float32, deterministic)."""
+    with one_blas_thread():  # the same products on one thread wherever they run
+        return _cells_stack(x.astype(np.float32)[None], grid)[0]
 
 
-def _cells_of(maps: list[np.ndarray], grid: int) -> list[np.ndarray]:
-    """``_cells`` of each map, four maps to one resize (OpenCV's area resampling takes at most
-    four channels at a non-integer scale; per channel it is the same arithmetic, so the same
-    numbers as one call per map at a quarter of the calls)."""
-    out: list[np.ndarray] = []
-    for i in range(0, len(maps), 4):
-        group = maps[i : i + 4]
-        stack = cv2.merge([m.astype(np.float32, copy=False) for m in group]) if len(group) > 1 else group[0]
-        cells = cv2.resize(stack, (grid, grid), interpolation=cv2.INTER_AREA).reshape(grid, grid, -1)
-        out.extend(cells[..., c] for c in range(len(group)))
-    return out
+def _block_edges(n: int) -> np.ndarray:
+    """1 on the last pixel of each 8-pixel JPEG block along an axis of ``n`` pixels."""
+    return (np.arange(n) % 8 == 7).astype(np.float32)
 
 
 def window_features(img: np.ndarray, grid: int) -> np.ndarray:
     """(grid*grid, len(WINDOW_FEATURES)) statistics of an RGB uint8 image, one row per window.
     Every value is computed in float32 (so a float32 copy of the result loses nothing)."""
+    with one_blas_thread():  # its matrix products are small: BLAS's threads would only spin
+        return _window_features(img, grid)
+
+
+def _window_features(img: np.ndarray, grid: int) -> np.ndarray:
+    h, w = img.shape[:2]
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
     lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
     sat = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0
@@ -150,26 +174,36 @@ def window_features(img: np.ndarray, grid: int) -> np.ndarray:
     sx, sy = cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1)
     grad = np.sqrt(sx * sx + sy * sy)
     hp = gray - cv2.GaussianBlur(gray, (0, 0), 1.0)
-    maps = [lab[..., c] for c in range(3)] + [lab[..., c] ** 2 for c in range(3)]
-    maps += [sat, lap, grad, hp * hp, (lap < 2).astype(np.float32)]
-    # JPEG blockiness: neighbour differences across the 8-pixel block grid over those inside it
-    for axis in (1, 0):
-        d = np.abs(np.diff(gray, axis=axis))
-        d = np.concatenate([d, np.zeros_like(d[:, :1] if axis else d[:1])], axis=axis)
-        idx = np.arange(gray.shape[axis])
-        edge = ((idx % 8) == 7).astype(np.float32)
-        edge = edge[None, :] if axis else edge[:, None]
-        edge = np.broadcast_to(edge, gray.shape)
-        maps += [d * edge, edge, d * (1 - edge), 1 - edge]
-    c = _cells_of(maps, grid)
+    maps = np.empty((11, h, w), np.float32)
+    maps[0:3] = lab.transpose(2, 0, 1)
+    np.square(maps[0:3], out=maps[3:6])
+    maps[6], maps[7], maps[8], maps[9], maps[10] = sat, lap, grad, hp * hp, lap < 2
+    c = _cells_stack(maps, grid)
     cols = [(c[i], np.sqrt(np.maximum(c[3 + i] - c[i] * c[i], 0))) for i in range(3)]
     feats = [cols[0][0], cols[1][0], cols[2][0], cols[0][1], cols[1][1], cols[2][1], c[6],
              np.log1p(c[7]), np.log1p(c[8]), np.log1p(c[9]), c[10]]
-    for j in (11, 15):
-        at = c[j] / np.maximum(c[j + 1], 1e-6)
-        inside = c[j + 2] / np.maximum(c[j + 3], 1e-6)
+    # JPEG blockiness: neighbour differences across the 8-pixel block grid over those inside it
+    # (the block mask folded into the weights: the mean of d * edge over a cell is d weighted by
+    # the cell's weights times edge)
+    wr, wc = _area_weights(h, grid), _area_weights(w, grid)
+    for axis in (1, 0):
+        d = np.zeros((h, w), np.float32)
+        (d[:, :-1] if axis else d[:-1])[...] = np.abs(np.diff(gray, axis=axis))
+        wa = wc if axis else wr
+        edge = _block_edges(wa.shape[1])
+        split = np.concatenate([wa * edge, wa * (1 - edge)])  # (2 grid, n)
+        if axis:
+            both = _cells_stack(d[None], grid, cols=split)[0]  # (grid, 2 grid)
+            on, off = both[:, :grid], both[:, grid:]
+        else:
+            both = _cells_stack(d[None], grid, rows=split)[0]  # (2 grid, grid)
+            on, off = both[:grid], both[grid:]
+        share = wa @ edge  # each cell's share of edge pixels along the axis, the same across it
+        share = share[None, :] if axis else share[:, None]
+        at = on / np.maximum(share, 1e-6)
+        inside = off / np.maximum(1 - share, 1e-6)
         feats.append(np.log1p(at) - np.log1p(inside))
-    return np.stack([f.reshape(-1) for f in feats], axis=1).astype(np.float64)
+    return np.stack([np.broadcast_to(f, (grid, grid)).reshape(-1) for f in feats], axis=1).astype(np.float64)
 
 
 def image_features(win: np.ndarray) -> np.ndarray:

@@ -13,13 +13,21 @@ from counterfactory import audit
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (250, 311), (17, 9), (480, 640)])
-def test_cells_of_equals_one_resize_per_map(shape):
+def test_cells_by_area_weights_equal_an_area_resize_per_map(shape):
+    """The window means as two matrix products with the area weights, every map at once: the
+    numbers of OpenCV's area resize of each map (to float32 rounding)."""
+    import cv2
+
+    from counterfactory.audit_features import _cells_stack
+
     rng = np.random.default_rng(shape[0])
-    maps = [rng.normal(0, 50, shape).astype(np.float32) for _ in range(19)]
-    got = audit._cells_of(maps, 8)
-    assert len(got) == 19
+    maps = rng.normal(0, 50, (19, *shape)).astype(np.float32)
+    got = _cells_stack(maps, 8)
+    assert got.shape == (19, 8, 8) and got.dtype == np.float32
     for g, m in zip(got, maps, strict=True):
-        assert np.array_equal(g, audit._cells(m, 8))
+        ref = cv2.resize(m, (8, 8), interpolation=cv2.INTER_AREA)
+        assert np.allclose(g, ref, rtol=1e-5, atol=1e-3)
+        assert np.allclose(g, audit._cells(m, 8), rtol=1e-6, atol=1e-4)  # one map: another kernel
 
 
 def _templated(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from counterfactory.stages.shared import bbox, disk
+from counterfactory.stages.shared import bbox, disk, one_blas_thread
 
 
 def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None, *,
@@ -197,21 +197,6 @@ def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: 
     return np.clip(plane, (lo - slack * (hi - lo)).astype(np.float32), (hi + slack * (hi - lo)).astype(np.float32))
 
 
-_BLAS = None
-
-
-def _one_blas_thread():
-    """A context in which BLAS/LAPACK run on one thread: OpenBLAS threads a small banded
-    factorization, and on a loaded machine its threads wait on each other (100x slower); the
-    fill runs in one process per CPU anyway."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController  # scikit-learn's dependency
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
 def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``u - g`` on ``free`` pixels (zero elsewhere), where ``u`` is harmonic on ``free`` and
     equals the smooth field ``g`` on ``known`` pixels (Dirichlet); pixels neither known nor free
@@ -296,7 +281,7 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     ab[ww] = diag.ravel()
     ab[ww - 1] = link_x.ravel()
     ab[0] = link_y.ravel()
-    with _one_blas_thread():
+    with one_blas_thread():
         u = sl.solveh_banded(ab, rhs.reshape(-1, c), check_finite=False).reshape(hh, ww, c)
     d = np.where(fr[..., None], u - gg, 0.0).astype(np.float32)
     out[y0:y1, x0:x1] = d.transpose(1, 0, 2) if tr else d

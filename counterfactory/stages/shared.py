@@ -452,3 +452,19 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
             obj = scenes.polygon_mask(poly, w, h)
             return poly, obj, cv2.dilate(obj.astype(np.uint8) * 255, CLONE_MARGIN)
     raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
+
+
+_BLAS = None
+
+
+def one_blas_thread():
+    """A context in which BLAS/LAPACK run on one thread. The work runs in one process per CPU
+    (Ray workers, the plain loop): OpenBLAS's own threads only wait on each other there, and for
+    the small products of the fill's membrane and the audit's window statistics they cost 2-100x
+    the work itself (measured on this 2-core machine; worse when it is loaded)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController  # scikit-learn's dependency
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
