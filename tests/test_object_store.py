@@ -248,6 +248,20 @@ class _Killed(BaseException):
     """Stands in for SIGKILL (not an Exception: nothing swallows it)."""
 
 
+def _record_uploads(monkeypatch) -> list[str]:
+    """The names ``RemoteDir.upload`` puts from here on (what the driver uploads at publish)."""
+    uploaded: list[str] = []
+    real_upload = RemoteDir.upload
+
+    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
+        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
+        uploaded.extend(names)
+        return names
+
+    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    return uploaded
+
+
 def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_path, monkeypatch):
     """Issue 26: each shard's writer puts it (pair shard, journal entry last) in the spec's
     staging prefix on the store; a run killed after two shards resumes from the store on a machine
@@ -278,15 +292,7 @@ def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_pat
     assert {f"{prefix}/.journal/00000{k}.json" for k in (0, 1)} <= stored
     for staging in V.staging_dirs(ds):  # another machine: no local working folder
         shutil.rmtree(staging)
-    uploaded: list[str] = []
-    real_upload = RemoteDir.upload
-
-    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
-        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
-        uploaded.extend(names)
-        return names
-
-    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    uploaded = _record_uploads(monkeypatch)
     res = run_pipeline(_cfg(tmp_path / "b", root), local=True)
     monkeypatch.undo()
     summary = json.loads((res.out_dir / "summary.json").read_text())
@@ -302,15 +308,7 @@ def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_pat
 def test_cross_shard_duplicate_on_the_store(s3, tmp_path, monkeypatch):
     """The duplicate pass rewrites a shard the writer already put on the store: the new one goes
     there too (the driver still uploads no shard), and the version equals a local root's."""
-    uploaded: list[str] = []
-    real_upload = RemoteDir.upload
-
-    def recording_upload(self, local_dir, rel, *, last=(), skip=(), threads=8):
-        names = real_upload(self, local_dir, rel, last=last, skip=skip, threads=threads)
-        uploaded.extend(names)
-        return names
-
-    monkeypatch.setattr(RemoteDir, "upload", recording_upload)
+    uploaded = _record_uploads(monkeypatch)
     res = run_pipeline(_dup_cfg(tmp_path / "r", f"s3://{BUCKET}/dups"), local=True)
     monkeypatch.undo()
     local = run_pipeline(_dup_cfg(tmp_path / "l"), local=True)
