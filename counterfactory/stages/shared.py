@@ -4,8 +4,8 @@ control variant with its parameters, shape placing for inserts, detection masks.
 
 One copy of each: the image stages (``ingest``, ``segment``, ``edit``, ``verify``), the model
 backends (``models/*``) and the video package (``video/*``) import them from here. A little over
-~450 lines on purpose: split by topic, these helpers would import one another (placement uses
-the rings and the control region; the control variant uses the fill and the placement).
+~450 lines on purpose: one place to look for each helper, and the helpers build on one another
+(the morphology under the control region and the placement).
 """
 
 from __future__ import annotations
