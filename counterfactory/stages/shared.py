@@ -142,8 +142,8 @@ def box_of(mask: np.ndarray) -> tuple[slice, slice]:
     """(rows, columns) of the bounding box of a mask's non-zero pixels, the whole image when it
     has none: where a per-pixel step or a masked figure needs to read (issue 27; uint8 sums are
     exact integers, so a masked mean over the box is the same number as over the whole image)."""
-    x, y, w, h = cv2.boundingRect(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8))
-    return (slice(y, y + h), slice(x, x + w)) if w and h else (slice(None), slice(None))
+    y0, y1, x0, x1 = bbox(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8))
+    return (slice(y0, y1), slice(x0, x1)) if y1 > y0 and x1 > x0 else (slice(None), slice(None))
 
 
 def det_mask(det: dict[str, Any], w: int, h: int) -> np.ndarray:
