@@ -59,6 +59,17 @@ FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
+def _clear(dst: np.ndarray, mask: np.ndarray) -> None:
+    """``dst[mask > 0] = 0`` in place (``dst`` may be a view): cv2.copyTo of zeros, ~8x faster
+    than numpy's boolean assignment on a region's box."""
+    try:
+        if cv2.copyTo(np.zeros_like(dst), mask, dst) is dst:
+            return
+    except cv2.error:  # a view OpenCV cannot wrap
+        pass
+    dst[mask > 0] = 0
+
+
 def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
     win = box_of(sel)
     return np.array(cv2.mean(img[win], mask=sel[win])[:3])
@@ -105,14 +116,15 @@ class PixelVerify(Stage):
         sub = region[win]
         n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(sub)
         inside = cv2.mean(absdiff[win], mask=sub)[:3]
-        absdiff[win][sub > 0] = 0
+        _clear(absdiff[win], sub)
         n_changed = 0
         if cv2.countNonZero(absdiff.reshape(absdiff.shape[0], -1)):  # some channel changed outside
             # channel sum, saturating at 255: non-zero exactly where any channel changed
             n_changed = cv2.countNonZero(cv2.transform(absdiff, _ONES))
         return {
             "outside_changed_frac": round(n_changed / n_out, 6) if n_out else 0.0,
-            "inside_mad": round(float(np.mean(inside)), 3),
+            # np.mean of the three: their sum in order over 3 (the same float, without numpy's call)
+            "inside_mad": round((inside[0] + inside[1] + inside[2]) / 3, 3),
         }
 
     def process(self, sample: Sample) -> None:
@@ -169,16 +181,16 @@ class PixelVerify(Stage):
         h, w = img.shape[:2]
         # the object as the edit painted it (its polygon); a backend that records none: its region
         obj = scenes.polygon_mask(edit["polygon"], w, h) if edit.get("polygon") else region > 0
-        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px, look_of)
         # issue 31: the step where the pasted pixels end (a cut-out's border as pasted: a hard
-        # cut, a box of its old background), as the fill's seam; a real cut-out's own texture
-        return m | {"insert_seam_score": footprint.boundary_score(out, region, region, self.params.footprint_ring_px),
-                    "cutout": bool(edit.get("cutout"))}
+        # cut, a box of its old background), as the fill's seam (``seam``: on the insert's crop);
+        # a real cut-out's own texture
+        m = footprint.insert_metrics(img, out, obj, region, core, self.params.footprint_ring_px, look_of, seam=True)
+        return m | {"cutout": bool(edit.get("cutout"))}
 
     @staticmethod
     def _global_metrics(v: str, img: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-        if v == "flip":
-            return {"mirror_exact": bool(np.array_equal(out, img[:, ::-1]))}
+        if v == "flip":  # against OpenCV's mirror: comparing with the reversed view cost ~15x more
+            return {"mirror_exact": bool(np.array_equal(out, cv2.flip(img, 1)))}
         return {}
 
     def _failure(self, v: str, vm: dict[str, Any]) -> tuple[str, str] | None:
