@@ -83,9 +83,8 @@ def ring(region: np.ndarray, px: int) -> np.ndarray:
     H, W = region.shape[:2]
     win = slice(max(0, y - px), min(H, y + h + px)), slice(max(0, x - px), min(W, x + w + px))
     crop = region[win]
-    band = cv2.dilate(crop, _disk(px))
-    band[crop > 0] = 0
-    out[win] = band
+    # the region's own pixels cleared with OpenCV (issue 27: ~1,400 calls per 300 inputs)
+    out[win] = cv2.bitwise_and(cv2.dilate(crop, _disk(px)), 255, mask=cv2.compare(crop, 0, cv2.CMP_EQ))
     return out
 
 

@@ -56,7 +56,7 @@ from counterfactory.stages.shared import (
     FlatFillParams,
     Skip,
     annotated_keepout,
-    annotated_mask,
+    annotated_mask_of,
     bbox,
     box_of,
     control_variant,
@@ -182,13 +182,21 @@ def dominant_region(img: np.ndarray, core: np.ndarray, min_saturation: float,
     if annotated in HUES:  # the color the answer names: the part of the object that has it
         peak = int(round(HUES[annotated] / 360 * 256)) % 256
     dist = np.abs(((hsv[..., 0].astype(np.int64) - peak + 128) % 256) - 128)
-    near = np.zeros(core.shape, np.uint8)
-    near[box] = sat_ok & (dist <= 18)  # 18/256 of the circle: ~25 degrees
+    # the connected parts on the box too, grown to even coordinates (issue 27): every candidate
+    # pixel lies in it, and OpenCV's block-based labelling scans it on the whole image's 2 x 2
+    # grid, so the parts, their labels and areas are the same (pinned by a test)
+    ys, xs = box  # a real box: the core has pixels (sat_ok has)
+    y0, x0 = ys.start & ~1, xs.start & ~1
+    cbox = (slice(y0, ys.stop), slice(x0, xs.stop))
+    near = np.zeros((ys.stop - y0, xs.stop - x0), np.uint8)
+    near[ys.start - y0:, xs.start - x0:] = sat_ok & (dist <= 18)  # 18/256 of the circle: ~25 degrees
     n, labels, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
+    out = np.zeros(core.shape, np.uint8)
     if n < 2:
-        return np.zeros(core.shape, np.uint8)
+        return out
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return (labels == biggest).astype(np.uint8) * 255
+    out[cbox] = (labels == biggest).view(np.uint8) * 255
+    return out
 
 
 @register
@@ -259,16 +267,15 @@ class ClassicalEdit(Stage):
         count and swap each asked for it; the sample's annotations do not change meanwhile).
         Read-only: every caller reads it."""
         if self._ann is None or self._ann[0] is not sample:
-            ann = annotated_mask(sample)
-            ann.flags.writeable = False
-            self._ann = (sample, ann)
+            self._ann = (sample, annotated_mask_of(sample))  # the one the control reads too
         return self._ann[1]
 
     def process(self, sample: Sample) -> None:
         self._ann = None
         sample.begin_variants()
+        seed = sample.seed
         for v in self.params.variants:
-            rng = np.random.default_rng([sample.seed, _SALT.get(v, 0)])
+            rng = _LazyRng([seed, _SALT.get(v, 0)])
             try:
                 out, region, info = getattr(self, f"_{v}")(sample, rng)
             except Skip as s:
@@ -379,7 +386,7 @@ class ClassicalEdit(Stage):
                                    original_look(sample))
         blended = np.clip(np.rint(alpha * paint + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
         out = img.copy()
-        out[win][sel] = blended[sel].astype(np.uint8)
+        _paste(out[win], blended.astype(np.uint8), sel.view(np.uint8))
         # what the object reads as in the output, not what was asked for (shading can darken a
         # cyan into a blue; on a grayscale photograph it is gray)
         seen = color_name(cv2.mean(out[win], mask=obj[win].astype(np.uint8))[:3])  # obj lies inside the box
@@ -412,12 +419,12 @@ class ClassicalEdit(Stage):
         if not others:
             raise Skip("not_applicable", "no annotated object with a polygon on the other side to swap with")
         cat_b, b, j = others[int(rng.integers(len(others)))]
-        ya, xa = np.nonzero(a)
-        yb, xb = np.nonzero(b)
-        dx, dy = int(round(xb.mean() - xa.mean())), int(round(yb.mean() - ya.mean()))
+        (xa, ya), (xb, yb) = _centroid(a), _centroid(b)
+        dx, dy = int(round(xb - xa)), int(round(yb - ya))
         a_to = _shift(a, dx, dy)
         b_to = _shift(b, -dx, -dy)
-        if a_to.sum() != a.sum() or b_to.sum() != b.sum() or (a_to & b_to).any():
+        if (_count(a_to) != _count(a) or _count(b_to) != _count(b)
+                or cv2.countNonZero(cv2.bitwise_and(a_to.view(np.uint8), b_to.view(np.uint8)))):
             raise Skip("not_applicable", "the swapped objects would leave the image or overlap")
         side_new = side_of(a_to)
         if side_new in (None, side_a):
@@ -442,13 +449,28 @@ class ClassicalEdit(Stage):
             out = self._inpaint(filled, rest, self._annotated(sample)) if cv2.countNonZero(rest) else filled.copy()
         else:
             out = self._inpaint(img, hole, self._annotated(sample))
-        out[a_to] = _shift(img, dx, dy)[a_to]  # exact pixel copies, integer translation
-        out[b_to] = _shift(img, -dx, -dy)[b_to]
+        _paste(out, _shift(img, dx, dy), a_to.view(np.uint8))  # exact pixel copies, integer translation
+        _paste(out, _shift(img, -dx, -dy), b_to.view(np.uint8))
         region = hole.copy()
         region[a_to | b_to] = 255
         return out, region, {"method": f"cut-paste+{self._method}", "region": "swap",
                              "affects": sample.meta["targets"], "new_value": side_new, "swapped_with": cat_b,
                              "translation": [dx, dy]}
+
+
+class _LazyRng:
+    """``np.random.default_rng(seed)``, made when an edit first draws from it (issue 27: half the
+    edits draw nothing, and a generator costs ~30 us to seed); the same draws."""
+
+    __slots__ = ("_seed", "_rng")
+
+    def __init__(self, seed: list[int]) -> None:
+        self._seed, self._rng = seed, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self._seed)
+        return getattr(self._rng, name)
 
 
 def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.ndarray | None, color: str,
@@ -520,6 +542,19 @@ def _band_ratio(g: np.ndarray, mask: np.ndarray) -> float:
     fine = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 0.7)), mask=mask)[0]
     coarse = cv2.mean(cv2.absdiff(g, cv2.GaussianBlur(g, (0, 0), 1.5)), mask=mask)[0]
     return fine / coarse if coarse > 0 else 0.0
+
+
+def _count(m: np.ndarray) -> int:
+    """Pixels of a bool mask (its sum), counted by OpenCV."""
+    return cv2.countNonZero(m.view(np.uint8))
+
+
+def _centroid(m: np.ndarray) -> tuple[float, float]:
+    """(mean column, mean row) of a bool mask's pixels from OpenCV's moments: sums of integer
+    coordinates, exact in float64, so the same floats as the means of ``np.nonzero``'s (as
+    ``rules.side_of`` reads them; issue 27)."""
+    mo = cv2.moments(m.view(np.uint8), binaryImage=True)
+    return mo["m10"] / mo["m00"], mo["m01"] / mo["m00"]
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:

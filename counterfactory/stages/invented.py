@@ -31,9 +31,25 @@ WORK_SIDE = 32  # px: an object's template is at most this long at the scale it 
 
 
 def other_objects(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                  edit: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+                  edit: dict[str, Any], annotated: list[tuple[str, np.ndarray]] | None = None,
+                  ) -> list[tuple[str, np.ndarray]]:
     """(category, bool mask) of every annotated object an edit's fill must not reproduce: the
-    objects that are not the evidence, and (``count``) the evidence instances that stay."""
+    objects that are not the evidence, and (``count``) the evidence instances that stay.
+    ``annotated``: ``annotated_others(sample_meta, arrays)`` when the caller has it (the same
+    for every variant of a sample)."""
+    targets = set(sample_meta.get("targets", []))
+    out = list(annotated_others(sample_meta, arrays) if annotated is None else annotated)
+    inst = arrays.get("instance_masks")
+    removed = edit.get("removed_indices")
+    if inst is not None and removed is not None:
+        cat = next(iter(targets), "evidence")
+        out += [(cat, inst[i] > 0) for i in range(len(inst)) if i not in set(removed)]
+    return out
+
+
+def annotated_others(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """(category, bool mask) of each annotated object that is not the evidence (its polygons,
+    else its box); read-only masks."""
     h, w = arrays["mask"].shape
     targets = set(sample_meta.get("targets", []))
     out: list[tuple[str, np.ndarray]] = []
@@ -47,12 +63,8 @@ def other_objects(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray],
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
             m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
         if m.any():
+            m.flags.writeable = False
             out.append((o["category"], m))
-    inst = arrays.get("instance_masks")
-    removed = edit.get("removed_indices")
-    if inst is not None and removed is not None:
-        cat = next(iter(targets), "evidence")
-        out += [(cat, inst[i] > 0) for i in range(len(inst)) if i not in set(removed)]
     return out
 
 

@@ -225,6 +225,18 @@ def annotated_mask(sample: Sample) -> np.ndarray:
     return out
 
 
+def annotated_mask_of(sample: Sample) -> np.ndarray:
+    """``annotated_mask(sample)``, made once per sample (read-only; issue 27: the fill, the
+    control and the swap each drew every polygon again). Kept while the sample's evidence masks
+    are the same arrays: segment sets them with the instances they are made of."""
+    def make() -> np.ndarray:
+        m = annotated_mask(sample)
+        m.flags.writeable = False
+        return m
+
+    return sample.memo("annotated_mask", make, "mask", "mask_core")
+
+
 def annotated_keepout(sample: Sample, skip: tuple[int, ...] = ()) -> np.ndarray:
     """uint8 0/255: every annotated object's pixels (``annotated_mask``) and its box (a hand-drawn
     polygon on a photo is loose: a spoon's handle can lie outside it, never outside its box).
@@ -232,7 +244,7 @@ def annotated_keepout(sample: Sample, skip: tuple[int, ...] = ()) -> np.ndarray:
     ``meta["annotated"]`` left out (the objects a swap moves; the evidence's instances and core
     are then left out too, the caller moves them)."""
     h, w = sample.arrays["mask"].shape
-    out = annotated_mask(sample) if not skip else np.zeros((h, w), np.uint8)
+    out = annotated_mask_of(sample).copy() if not skip else np.zeros((h, w), np.uint8)
     for i, o in enumerate(sample.meta.get("annotated", [])):
         if i in skip:
             continue
@@ -283,15 +295,28 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         if not (bw <= w and bh <= h):
             continue
         free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
-        ys, xs = np.nonzero(free)
-        if not len(ys):
+        y, x = _nth_true(free, rng)
+        if y < 0:
             continue
-        i = int(rng.integers(len(ys)))
-        y, x = int(ys[i]), int(xs[i])
         out = np.zeros((h, w), np.uint8)
         out[y : y + bh, x : x + bw][shape] = 255
         return out
     return None
+
+
+def _nth_true(free: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """(row, column) of a uniformly drawn True of a 2-D bool array, (-1, -1) when it has none:
+    the ``rng.integers(n)``-th in row-major order, as ``np.nonzero`` lists them (issue 27: the
+    same draw and spot, found from the row counts instead of listing every free spot)."""
+    per_row = np.count_nonzero(free, axis=1)
+    cum = np.cumsum(per_row)
+    n = int(cum[-1]) if len(cum) else 0
+    if not n:
+        return -1, -1
+    i = int(rng.integers(n))
+    y = int(np.searchsorted(cum, i, side="right"))
+    before = int(cum[y - 1]) if y else 0
+    return y, int(np.flatnonzero(free[y])[i - before])
 
 
 def _neutral_shape(kind: str, bw: int, bh: int) -> np.ndarray:
@@ -379,7 +404,11 @@ def flat_fill(media: np.ndarray, region: np.ndarray, fill: tuple[int, int, int])
     sel = region > 0 if region.ndim != 2 else None
     if sel is None:
         y0, y1, x0, x1 = bbox(region)
-        out[y0:y1, x0:x1][region[y0:y1, x0:x1] > 0] = np.array(fill, np.uint8)
+        win, sub = out[y0:y1, x0:x1], region[y0:y1, x0:x1]
+        color = np.empty_like(win)
+        color[...] = np.array(fill, np.uint8)
+        if cv2.copyTo(color, sub, win) is not win:  # a view OpenCV could not write into
+            win[sub > 0] = np.array(fill, np.uint8)
     else:
         out[sel] = np.array(fill, np.uint8)
     return out
@@ -452,7 +481,11 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
         cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
         if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, CLONE_MARGIN) > 0)).any():
             obj = scenes.polygon_mask(poly, w, h)
-            return poly, obj, cv2.dilate(obj.astype(np.uint8) * 255, CLONE_MARGIN)
+            # the margin dilated on the box it can reach (a dilation's border adds nothing): the
+            # same region as on the whole image
+            region = np.zeros((h, w), np.uint8)
+            region[y0:y1, x0:x1] = cv2.dilate(obj[y0:y1, x0:x1].astype(np.uint8) * 255, CLONE_MARGIN)
+            return poly, obj, region
     raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
 

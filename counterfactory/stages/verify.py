@@ -46,7 +46,7 @@ from counterfactory import footprint, scenes
 from counterfactory.rules import ANSWER_RULES, color_name
 from counterfactory.sample import Reject, Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.invented import copied_object, other_objects
+from counterfactory.stages.invented import annotated_others, copied_object, other_objects
 from counterfactory.stages.shared import box_of, original_look, ring
 
 # every edit type except the control counts as a counterfactual
@@ -162,7 +162,8 @@ class PixelVerify(Stage):
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
                     vm.update(footprint.footprint_metrics(img, out, region, core, p.footprint_ring_px))
-                    vm.update(copied_object(img, out, region, other_objects(m, a, edit)))
+                    others = sample.memo("invented/annotated", lambda: annotated_others(m, a), "mask")
+                    vm.update(copied_object(img, out, region, other_objects(m, a, edit, others)))
                 if edit.get("inserted_category") and edit.get("region") == "inserted":
                     vm.update(self._insert_metrics(img, out, region, edit, a.get("mask_core"),
                                                    original_look(sample, p.footprint_ring_px)))
