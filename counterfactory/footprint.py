@@ -196,7 +196,8 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     """Mean |gradient . outline normal| on the core mask's contour (inside the edited region,
     off the image border) in ``out``, over the ring's mean gradient magnitude times 2/pi (what
     isotropic texture gives across any line). 0.0 when there is no contour to measure.
-    ``grads``: ``_gradients(out)`` (and their magnitude) when the caller has them already; ``around``: ``region``'s ring."""
+    ``grads``: ``_gradients(out)`` (and their magnitude, and the base: its mean on ``around``
+    times 2/pi) when the caller has them already; ``around``: ``region``'s ring."""
     core = _u8(core)
     region = core if region is core else _u8(region)
     contour = cv2.bitwise_and(cv2.morphologyEx(core, cv2.MORPH_GRADIENT, _SQUARE3), region)
@@ -205,7 +206,11 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     if not cv2.countNonZero(contour) or not cv2.countNonZero(rng_m):
         return 0.0
     gx, gy, *mag = _gradients(out) if grads is None else grads
-    base = cv2.mean(mag[0] if mag else cv2.magnitude(gx, gy), mask=rng_m)[0] * _ISOTROPIC
+    # (``grads`` may carry the base already: the magnitude's mean on this ring, times 2/pi)
+    if len(mag) > 1:
+        base = mag[1]
+    else:
+        base = cv2.mean(mag[0] if mag else cv2.magnitude(gx, gy), mask=rng_m)[0] * _ISOTROPIC
     # the outline's normal (the gradient of the smoothed core mask) is read on the contour only:
     # computed on the contour's box and the 9 px its 17-tap Gaussian and Sobel reach (at the
     # array's edge, to the edge: the same border), the same values there (issue 27)
@@ -254,7 +259,9 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
          "flat_share": share_in, "flat_share_ring": share_ring,
          "color_distance": color_distance(out, region, ring_px, around=around)}
     gx, gy = _gradients(out, g)
-    grads = (gx, gy, cv2.magnitude(gx, gy))  # the magnitude once for both scores
+    mag = cv2.magnitude(gx, gy)
+    # the magnitude and its ring mean (both scores' base) once for both scores
+    grads = (gx, gy, mag, cv2.mean(mag, mask=around)[0] * _ISOTROPIC)
     if core is not None:
         m["boundary_score"] = boundary_score(out, np.ascontiguousarray(core[win]), region, ring_px, grads, around)
     m["seam_score"] = boundary_score(out, region, region, ring_px, grads, around)

@@ -225,7 +225,7 @@ class ClassicalEdit(Stage):
     def __init__(self, params=None, run=None) -> None:
         super().__init__(params, run)
         cv2.setNumThreads(1)
-        self._fills: deque[tuple[np.ndarray, ...]] = deque(maxlen=_FILL_CACHE_ENTRIES)
+        self._fills: deque[tuple[Any, ...]] = deque(maxlen=_FILL_CACHE_ENTRIES)  # (signature, arrays...)
         self._ann: tuple[Sample, np.ndarray] | None = None
 
     def _inpaint(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None) -> np.ndarray:
@@ -251,14 +251,17 @@ class ClassicalEdit(Stage):
         img, mask = sample.arrays["image"], sample.arrays["mask"]
         # the annotations are part of the key: the patch fill never copies another object
         forbid = self._annotated(sample)
-        for im, m, fb, filled in reversed(self._fills):
-            if (im.shape == img.shape and np.array_equal(m, mask) and np.array_equal(fb, forbid)
-                    and np.array_equal(im, img)):
+        # the mask's area and box first (issue 27): an entry of another mask is passed over
+        # without comparing whole arrays; a hit is still found by exact comparison
+        m8 = mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8)
+        sig = (img.shape, cv2.countNonZero(m8), cv2.boundingRect(m8))
+        for sg, im, m, fb, filled in reversed(self._fills):
+            if sg == sig and np.array_equal(m, mask) and np.array_equal(fb, forbid) and np.array_equal(im, img):
                 return filled
         filled = self._inpaint(img, mask, forbid)
         filled.flags.writeable = False
-        self._fills.append((img.copy(), mask.copy(), forbid, filled))
-        while len(self._fills) > 1 and sum(a.nbytes for e in self._fills for a in e) > _FILL_CACHE_BYTES:
+        self._fills.append((sig, img.copy(), mask.copy(), forbid, filled))
+        while len(self._fills) > 1 and sum(a.nbytes for e in self._fills for a in e[1:]) > _FILL_CACHE_BYTES:
             self._fills.popleft()
         return filled
 

@@ -158,7 +158,7 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
         if not np.isfinite(top):  # a flat window's 0/0: read as no correlation
             top = np.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0).max()
         # (a -inf beside finite values would read as 0 too: a score <= 0 never beats ``best``)
-        score = float(np.clip(top, -1.0, 1.0))
+        score = min(1.0, max(-1.0, float(top)))  # np.clip's number without its call
         if score > best:
             best, best_cat = score, cat
     return {"invented_ncc": round(best, 4), "invented_category": best_cat}
