@@ -112,8 +112,14 @@ def side_of(mask, lo: float = 0.4, hi: float = 0.6) -> str | None:
     # the centroid from OpenCV's moments (issue 27): sums of integer columns, exact in float64, so
     # m10 / m00 is the same float as the mean of np.nonzero's columns, without listing them
     mask = np.asarray(mask)
-    m = cv2.moments(mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8), binaryImage=True)
-    return side_of_x(m["m10"] / m["m00"], mask.shape[1], lo, hi) if m["m00"] else None
+    m8 = mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8)
+    # on the mask's bounding box (issue 27: ~900 whole-image moments per 200 inputs): the box's
+    # column sum plus its offset times the count is the whole image's, the same integer
+    x, y, w, h = cv2.boundingRect(m8)
+    if not w or not h:
+        return None
+    m = cv2.moments(m8[y:y + h, x:x + w], binaryImage=True)
+    return side_of_x((m["m10"] + x * m["m00"]) / m["m00"], mask.shape[1], lo, hi) if m["m00"] else None
 
 
 def classify_question(question: str) -> str:

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from counterfactory.rules import side_of
 from counterfactory.stages import invented
-from counterfactory.stages.edit import dominant_region
+from counterfactory.stages.edit import _centroid, _LazyRng, dominant_region
 from counterfactory.stages.shared import _nth_true, box_of, flat_fill
 from counterfactory.stages.verify import PixelVerify
 
@@ -119,3 +120,27 @@ def test_pixel_metrics_equal_the_old_ones(seed):
     if seed % 2:  # a few pixels outside changed too
         out[rng.integers(0, 50, 5), rng.integers(0, 60, 5)] += 1
     assert PixelVerify()._metrics(img, out, region) == _old_metrics(img, out, region)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_side_and_centroid_on_the_box_equal_np_nonzero_means(seed):
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 200, 2))
+    m = np.zeros((h, w), bool)
+    y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+    m[y0:int(rng.integers(y0, h + 1)), x0:int(rng.integers(x0, w + 1))] = True
+    m &= rng.random((h, w)) < 0.7
+    ys, xs = np.nonzero(m)
+    if not len(xs):
+        assert side_of(m) is None
+        return
+    f = (xs.mean() + 0.5) / w
+    assert side_of(m) == side_of(m.astype(np.uint8) * 255) == ("left" if f < 0.4 else "right" if f > 0.6 else None)
+    assert _centroid(m) == (xs.mean(), ys.mean())
+
+
+def test_lazy_generator_draws_as_the_generator():
+    a, b = _LazyRng([5, 17]), np.random.default_rng([5, 17])
+    assert a.integers(1000) == b.integers(1000)
+    assert np.array_equal(a.standard_normal(4), b.standard_normal(4))
+    assert a.permutation(9).tolist() == b.permutation(9).tolist() and a.uniform(0, 1) == b.uniform(0, 1)

@@ -465,15 +465,15 @@ class _LazyRng:
     """``np.random.default_rng(seed)``, made when an edit first draws from it (issue 27: half the
     edits draw nothing, and a generator costs ~30 us to seed); the same draws."""
 
-    __slots__ = ("_seed", "_rng")
-
     def __init__(self, seed: list[int]) -> None:
         self._seed, self._rng = seed, None
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # only for names not found: the generator's
         if self._rng is None:
             self._rng = np.random.default_rng(self._seed)
-        return getattr(self._rng, name)
+        value = getattr(self._rng, name)
+        setattr(self, name, value)  # its bound method, found directly from now on
+        return value
 
 
 def insert_paint(img: np.ndarray, obj: np.ndarray, region: np.ndarray, core: np.ndarray | None, color: str,
@@ -556,8 +556,10 @@ def _centroid(m: np.ndarray) -> tuple[float, float]:
     """(mean column, mean row) of a bool mask's pixels from OpenCV's moments: sums of integer
     coordinates, exact in float64, so the same floats as the means of ``np.nonzero``'s (as
     ``rules.side_of`` reads them; issue 27)."""
-    mo = cv2.moments(m.view(np.uint8), binaryImage=True)
-    return mo["m10"] / mo["m00"], mo["m01"] / mo["m00"]
+    m8 = m.view(np.uint8)
+    x, y, w, h = cv2.boundingRect(m8)  # on its box: the offset times the count added back, exactly
+    mo = cv2.moments(m8[y:y + h, x:x + w], binaryImage=True)
+    return (mo["m10"] + x * mo["m00"]) / mo["m00"], (mo["m01"] + y * mo["m00"]) / mo["m00"]
 
 
 def _shift(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:
