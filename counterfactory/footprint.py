@@ -155,11 +155,7 @@ def texture_ratio(out: np.ndarray, region: np.ndarray, ring_px: int = 8, hp: np.
     rng_m = ring(region, ring_px) if around is None else _u8(around)
     if not cv2.countNonZero(region) or not cv2.countNonZero(rng_m):
         return 1.0
-    hp = highpass(out) if hp is None else hp
-    inside, around = cv2.mean(hp, mask=region)[0], cv2.mean(hp, mask=rng_m)[0]
-    if around < _MIN_RING_ENERGY:
-        return 1.0
-    return round(float(inside / around), 4)
+    return _texture(highpass(out) if hp is None else hp, region, rng_m)
 
 
 def flat_patch(out: np.ndarray, region: np.ndarray, ring_px: int = 8,
@@ -167,18 +163,40 @@ def flat_patch(out: np.ndarray, region: np.ndarray, ring_px: int = 8,
     """(found, flat share of the region, flat share of the ring) for the flat-texture detector."""
     region = _u8(region)
     rng_m = ring(region, ring_px) if around is None else _u8(around)
-    if not cv2.countNonZero(region) or not cv2.countNonZero(rng_m):
+    n_in, n_ring = cv2.countNonZero(region), cv2.countNonZero(rng_m)
+    if not n_in or not n_ring:
         return False, 0.0, 0.0
-    hp = highpass(out) if hp is None else hp
+    return _flat(highpass(out) if hp is None else hp, region, rng_m, n_in, n_ring)
+
+
+def _texture(hp: np.ndarray, region: np.ndarray, rng_m: np.ndarray) -> float:
+    """``texture_ratio`` of a non-empty uint8 0/255 region and ring on the high-pass ``hp``."""
+    inside, around = cv2.mean(hp, mask=region)[0], cv2.mean(hp, mask=rng_m)[0]
+    if around < _MIN_RING_ENERGY:
+        return 1.0
+    return round(float(inside / around), 4)
+
+
+def _flat(hp: np.ndarray, region: np.ndarray, rng_m: np.ndarray, n_in: int, n_ring: int) -> tuple[bool, float, float]:
+    """``flat_patch`` of a non-empty uint8 0/255 region and ring (``n_in``, ``n_ring`` pixels)."""
     local = cv2.boxFilter(hp, -1, (FLAT_WINDOW, FLAT_WINDOW))
     ref = _median(local[rng_m > 0])
     if ref < _MIN_RING_ENERGY:
         return False, 0.0, 1.0
     # the shares as counts (issue 27): a bool mean is the count over the size, the same float
     flat = (local < FLAT_FRACTION * ref).view(np.uint8)
-    share_in = cv2.countNonZero(cv2.bitwise_and(flat, region)) / cv2.countNonZero(region)
-    share_ring = cv2.countNonZero(cv2.bitwise_and(flat, rng_m)) / cv2.countNonZero(rng_m)
+    share_in = cv2.countNonZero(cv2.bitwise_and(flat, region)) / n_in
+    share_ring = cv2.countNonZero(cv2.bitwise_and(flat, rng_m)) / n_ring
     return bool(share_in > 0.5 and share_ring < 0.5), round(share_in, 4), round(share_ring, 4)
+
+
+def _texture_and_flat(hp: np.ndarray, region: np.ndarray, rng_m: np.ndarray) -> tuple[float, tuple[bool, float, float]]:
+    """(``texture_ratio``, ``flat_patch``) of a uint8 0/255 region and ring that the caller has
+    normalized already: the masks counted once for both (issue 27)."""
+    n_in, n_ring = cv2.countNonZero(region), cv2.countNonZero(rng_m)
+    if not n_in or not n_ring:
+        return 1.0, (False, 0.0, 0.0)
+    return _texture(hp, region, rng_m), _flat(hp, region, rng_m, n_in, n_ring)
 
 
 _SQUARE3 = np.ones((3, 3), np.uint8)
@@ -254,8 +272,8 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
     around = ring(region, ring_px)
     g = gray(out)
     hp = highpass(out, g)
-    found, share_in, share_ring = flat_patch(out, region, ring_px, hp=hp, around=around)
-    m = {"texture_ratio": texture_ratio(out, region, ring_px, hp=hp, around=around), "flat_patch": found,
+    tex, (found, share_in, share_ring) = _texture_and_flat(hp, region, around)
+    m = {"texture_ratio": tex, "flat_patch": found,
          "flat_share": share_in, "flat_share_ring": share_ring,
          "color_distance": color_distance(out, region, ring_px, around=around)}
     gx, gy = _gradients(out, g)
@@ -310,9 +328,8 @@ def object_texture(img: np.ndarray, core: np.ndarray | None, ring_px: int = 8) -
     inner = interior(core)
     if not cv2.countNonZero(inner):
         return None, False
-    around = ring(core, ring_px)
-    hp = highpass(img)
-    return texture_ratio(img, inner, hp=hp, around=around), flat_patch(img, inner, hp=hp, around=around)[0]
+    tex, (found, _, _) = _texture_and_flat(highpass(img), inner, ring(core, ring_px))
+    return tex, found
 
 
 def insert_metrics(orig: np.ndarray, out: np.ndarray, obj: np.ndarray, region: np.ndarray,
@@ -335,9 +352,9 @@ def insert_metrics(orig: np.ndarray, out: np.ndarray, obj: np.ndarray, region: n
     around = ring(region, ring_px)
     g = gray(out)
     hp = highpass(out, g)
-    found, share_in, share_ring = flat_patch(out, inner, hp=hp, around=around)
+    tex, (found, share_in, share_ring) = _texture_and_flat(hp, inner, around)
     (ref, ref_flat), gray_orig = look_of or (object_texture(orig, core, ring_px), achromatic(orig))
-    m = {"insert_texture_ratio": texture_ratio(out, inner, hp=hp, around=around),
+    m = {"insert_texture_ratio": tex,
          "insert_flat_patch": found, "insert_flat_share": share_in, "insert_flat_share_ring": share_ring,
          "object_texture_ratio": ref, "object_flat_patch": ref_flat,
          "achromatic": gray_orig,

@@ -317,14 +317,15 @@ class ClassicalEdit(Stage):
         region = dominant_region(img, core, p.attribute_min_saturation, annotated)
         if cv2.countNonZero(region) < 0.2 * cv2.countNonZero(core):
             raise Skip("achromatic_evidence", "no colored region covers a fifth of the object")
-        measured = color_name(cv2.mean(img, mask=region)[:3])
+        box = box_of(region)  # the masked means on its box: the same sums and count (issue 27)
+        measured = color_name(cv2.mean(img[box], mask=region[box])[:3])
         # neither the measured nor the annotated color: either would leave the answer unchanged;
         # a target that does not read as its own name after the edit is not used
         choices = [c for c in EDIT_COLORS if c not in (measured, annotated)]
         for i in rng.permutation(len(choices)):
             target = choices[int(i)]
             out = recolor(img, region, target, p.attribute_min_saturation)
-            if color_name(cv2.mean(out, mask=region)[:3]) == target:
+            if color_name(cv2.mean(out[box], mask=region[box])[:3]) == target:
                 # color_before is the original's answer (the annotation), not the measured name
                 return out, region, {"method": "hue-set", "region": "evidence", "affects": sample.meta["targets"],
                                      "new_value": target, "color_before": annotated}

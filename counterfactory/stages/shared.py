@@ -269,8 +269,12 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     drawn, so a spot is missed only when none exists. ``area``: the shape's area when not the
     evidence's (a clip's largest frame). None when nothing fits."""
     h, w = evidence.shape
-    blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
-    keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
+    if avoid is not None and evidence.dtype == avoid.dtype == np.uint8:
+        # 1 where either is non-zero, as below, in OpenCV passes (issue 27): the same integral
+        keepout = cv2.min(cv2.dilate(cv2.bitwise_or(evidence, avoid), disk(gap)), 1)
+    else:
+        blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
+        keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
     integ = cv2.integral(keepout)
     area = cv2.countNonZero(evidence) if area is None else area
     if not area:
