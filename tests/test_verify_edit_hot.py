@@ -12,7 +12,9 @@ import pytest
 from counterfactory.rules import side_of
 from counterfactory.stages import invented
 from counterfactory.stages.edit import _centroid, _LazyRng, dominant_region
-from counterfactory.stages.shared import _nth_true, box_of, flat_fill
+from counterfactory import scenes
+from counterfactory.sample import Sample
+from counterfactory.stages.shared import _nth_true, annotated_mask, box_of, flat_fill
 from counterfactory.stages.verify import PixelVerify
 
 
@@ -144,3 +146,23 @@ def test_lazy_generator_draws_as_the_generator():
     assert a.integers(1000) == b.integers(1000)
     assert np.array_equal(a.standard_normal(4), b.standard_normal(4))
     assert a.permutation(9).tolist() == b.permutation(9).tolist() and a.uniform(0, 1) == b.uniform(0, 1)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_annotated_mask_draws_polygon_mask_s_union(seed):
+    """Polygons drawn straight into the union: the pixels of polygon_mask, overlaps included."""
+    rng = np.random.default_rng(seed)
+    h, w = 60, 80
+    objs = []
+    for _ in range(int(rng.integers(1, 5))):
+        polys = [rng.uniform(-10, 90, (int(rng.integers(3, 9)), 2)).tolist() for _ in range(int(rng.integers(1, 3)))]
+        objs.append({"category": "x", "polygons": polys})
+    objs.append({"category": "y", "box": [5.4, 6.6, 20.2, 30.9]})
+    s = Sample(idx=0, key="k", status="ok", meta={"annotated": objs, "instances": []},
+               arrays={"mask": np.zeros((h, w), np.uint8)})
+    want = np.zeros((h, w), np.uint8)
+    for o in objs:
+        for poly in o.get("polygons") or []:
+            want[scenes.polygon_mask(poly, w, h)] = 255
+    want[7:31, 5:20] = 255
+    assert np.array_equal(annotated_mask(s), want)

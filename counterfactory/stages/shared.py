@@ -215,8 +215,11 @@ def annotated_mask(sample: Sample) -> np.ndarray:
     out = np.zeros((h, w), np.uint8)
     for o in [*sample.meta.get("annotated", []), *sample.meta.get("instances", [])]:
         if o.get("polygons"):
+            # drawn straight into the union (issue 27): polygon_mask's rasterization (fillPoly,
+            # 8-connected, its rounded points), without a whole-image mask and index per polygon;
+            # one call each (several contours in one call would leave their overlap empty)
             for poly in o["polygons"]:
-                out[scenes.polygon_mask(poly, w, h)] = 255
+                cv2.fillPoly(out, [scenes._points(poly)], 255, lineType=cv2.LINE_8)
         elif o.get("box"):
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
             out[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 255
