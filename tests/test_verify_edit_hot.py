@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
+from counterfactory import scenes
 from counterfactory.rules import side_of
+from counterfactory.sample import Sample
 from counterfactory.stages import invented
 from counterfactory.stages.edit import _centroid, _LazyRng, dominant_region
-from counterfactory import scenes
-from counterfactory.sample import Sample
 from counterfactory.stages.shared import _nth_true, annotated_mask, box_of, flat_fill
 from counterfactory.stages.verify import PixelVerify
 
