@@ -79,6 +79,7 @@ def test_flat_fill_on_its_box(seed):
     want = img.copy()
     want[region > 0] = (7, 8, 9)
     assert np.array_equal(flat_fill(img, region, (7, 8, 9)), want)
+    assert np.array_equal(flat_fill(img, np.zeros_like(region), (7, 8, 9)), img)  # an empty region
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -470,6 +470,8 @@ class _LazyRng:
         self._seed, self._rng = seed, None
 
     def __getattr__(self, name: str) -> Any:  # only for names not found: the generator's
+        if name.startswith("_"):  # its own fields (before __init__ ran: copy, pickle) and dunders
+            raise AttributeError(name)
         if self._rng is None:
             self._rng = np.random.default_rng(self._seed)
         value = getattr(self._rng, name)

@@ -412,10 +412,15 @@ def flat_fill(media: np.ndarray, region: np.ndarray, fill: tuple[int, int, int])
     if sel is None:
         y0, y1, x0, x1 = bbox(region)
         win, sub = out[y0:y1, x0:x1], region[y0:y1, x0:x1]
-        color = np.empty_like(win)
-        color[...] = np.array(fill, np.uint8)
-        if cv2.copyTo(color, sub, win) is not win:  # a view OpenCV could not write into
-            win[sub > 0] = np.array(fill, np.uint8)
+        if win.size:
+            color = np.empty_like(win)
+            color[...] = np.array(fill, np.uint8)
+            try:
+                done = cv2.copyTo(color, sub, win) is win
+            except cv2.error:  # a view or mask OpenCV cannot take
+                done = False
+            if not done:
+                win[sub > 0] = np.array(fill, np.uint8)
     else:
         out[sel] = np.array(fill, np.uint8)
     return out
