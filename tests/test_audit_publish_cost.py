@@ -91,3 +91,22 @@ print("sklearn.linear_model" in sys.modules, "matplotlib.figure" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(audit_on), "True"]
+
+
+def test_the_blind_answerers_fitted_dense_answer_as_sparse(monkeypatch):
+    """Small TF-IDF matrices are fitted dense (scipy.sparse's per-iteration overhead): the same
+    objective, the same answers as the sparse fit."""
+    rng = np.random.default_rng(3)
+    shapes, colors = ["circle", "square", "star", "triangle", "cup"], ["red", "blue", "green"]
+    rows = []
+    for g in range(40):
+        for s in rng.choice(shapes, 3, replace=False):
+            a = str(rng.choice(colors))
+            for v, ans in (("orig", a), ("remove", "unknown" if rng.random() < 0.7 else a)):
+                rows.append({"g": g, "v": v, "q": f"what color is the {s}?", "k": "color", "a": ans, "orig": a})
+            e = str(rng.choice(["yes", "no"]))
+            rows.append({"g": g, "v": "orig", "q": f"is there a {s}?", "k": "existence", "a": e, "orig": e})
+    dense = audit._blind(rows, ["remove"], 4)
+    monkeypatch.setattr(audit, "_DENSE_CELLS", 0)
+    assert audit._blind(rows, ["remove"], 4) == dense
+    assert 0 < dense["orig"]["text_only"] < 1
