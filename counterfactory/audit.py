@@ -306,31 +306,37 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         settings = cfg.get("audit") or {}
     s = settings if isinstance(settings, AuditConfig) else AuditConfig.model_validate(settings)
     abstain = cfg.get("abstain_answer", "unknown")
-    index = read_parquet(vdir / INDEX, columns=["key", "shard", "variants", "questions",
-                                                          "question_kinds", "answers"]).to_pylist()
-    variants_all = sorted({v for r in index for v in r["variants"]})
+    n_inputs = json.loads((vdir / MANIFEST).read_bytes())["counts"]["inputs"]
+    sample = AuditSample(seed=s.seed, sample_pairs=s.sample_pairs, n_inputs=n_inputs, grid=s.grid, abstain=abstain)
 
-    # (c) label balance: every row of the index (no image is read for it)
+    # one pass over the index, a batch of rows at a time: (c) label balance from every row (no
+    # image is read for it), and only the sampled rows kept (the index is never held as rows)
+    table = read_parquet(vdir / INDEX, columns=["key", "shard", "variants", "questions", "question_kinds", "answers"])
+    n_rows = table.num_rows
+    variant_set: set[str] = set()
+    by_key: dict[str, dict[str, Any]] = {}
     balance: dict[str, Any] = {}
     per_v: dict[str, Counter[str]] = defaultdict(Counter)
     per_vk: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
-    for r in index:
-        r["answers"] = answers_of(r["answers"])
-        for kind, ans in zip(r["question_kinds"], r["answers"], strict=True):
-            for v, a in ans.items():
-                per_v[v][a] += 1
-                per_vk[v][kind][a] += 1
+    for batch in table.to_batches(max_chunksize=4096):
+        for r in batch.to_pylist():
+            variant_set.update(r["variants"])
+            r["answers"] = answers_of(r["answers"])
+            for kind, ans in zip(r["question_kinds"], r["answers"], strict=True):
+                for v, a in ans.items():
+                    per_v[v][a] += 1
+                    per_vk[v][kind][a] += 1
+            if s.sample_pairs and sample.wants(r["key"]):
+                by_key[r["key"]] = r
+    del table
+    variants_all = sorted(variant_set)
     for v in ["orig", *variants_all]:
         n = sum(per_v[v].values())
         if n:
             balance[v] = {"rows": n, "abstain_share": round(per_v[v][abstain] / n, 4),
                           "answers": {k: dict(sorted(c.most_common(6), key=lambda t: (-t[1], t[0])))
                                       for k, c in sorted(per_vk[v].items())}}
-
-    n_inputs = json.loads((vdir / MANIFEST).read_bytes())["counts"]["inputs"]
-    sample = AuditSample(seed=s.seed, sample_pairs=s.sample_pairs, n_inputs=n_inputs, grid=s.grid, abstain=abstain)
-    chosen = sorted(r["key"] for r in index if s.sample_pairs and sample.wants(r["key"]))
-    by_key = {r["key"]: r for r in index}
+    chosen = sorted(by_key)
     by_shard: dict[str, set[str]] = defaultdict(set)
     for k in chosen:
         by_shard[by_key[k]["shard"]].add(k)
@@ -391,7 +397,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     warnings = _warnings(s, detect, blind, balance, presupposition)
     return {
         "format": FORMAT,
-        "sample": {"samples": len(index), "audited": len(records), "seed": s.seed, "inputs": n_inputs,
+        "sample": {"samples": n_rows, "audited": len(records), "seed": s.seed, "inputs": n_inputs,
                    "expected": min(s.sample_pairs, n_inputs),
                    "exhaustive_annotations": dict(sorted(exhaustive.items()))},
         "detectability": detect,
