@@ -112,6 +112,7 @@ _PUBLISH_IMPORTS = ("matplotlib.figure", "matplotlib.backends.backend_agg", "mat
 _AUDIT_IMPORTS = ("sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection", "sklearn.pipeline",
                   "sklearn.preprocessing", "sklearn.feature_extraction.text", "threadpoolctl")
 _prewarmed: set[str] = set()
+_prewarm_threads: list[threading.Thread] = []
 
 
 def prewarm_publish(audit: bool) -> None:
@@ -130,7 +131,16 @@ def prewarm_publish(audit: bool) -> None:
             except Exception:  # noqa: BLE001 - see the docstring
                 return
 
-    threading.Thread(target=run, name="counterfactory-prewarm", daemon=True).start()
+    t = threading.Thread(target=run, name="counterfactory-prewarm", daemon=True)
+    t.start()
+    _prewarm_threads.append(t)
+
+
+def finish_prewarm() -> None:
+    """Wait for the prewarm imports (publish needs those modules next; the thread ends here,
+    not at some later point of the process)."""
+    while _prewarm_threads:
+        _prewarm_threads.pop().join()
 
 
 def write_plan(out_dir: Path, sample: AuditSample | None) -> None:

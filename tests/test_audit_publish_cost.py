@@ -110,3 +110,14 @@ def test_the_blind_answerers_fitted_dense_answer_as_sparse(monkeypatch):
     monkeypatch.setattr(audit, "_DENSE_CELLS", 0)
     assert audit._blind(rows, ["remove"], 4) == dense
     assert 0 < dense["orig"]["text_only"] < 1
+
+
+def test_no_prewarm_thread_outlives_publish(tmp_path):
+    import threading
+
+    from counterfactory.pipeline.runner import run_pipeline
+    from tests.conftest import make_config, scenes_input
+
+    res = run_pipeline(make_config(tmp_path, [scenes_input(3, seed=1)]), local=True, progress=False)
+    assert (res.out_dir / "card.json").exists()
+    assert not [t for t in threading.enumerate() if t.name == "counterfactory-prewarm"]
