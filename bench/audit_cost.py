@@ -6,9 +6,10 @@ first shard to manifest, the stages included), the shortcut audit at publish tim
 (CPU seconds, and how much it raised the peak RSS: ``ru_maxrss`` before and after it), and, where
 the audit's image statistics are computed in the stream (``audit_features.AuditCollector``), their
 CPU cost per sampled sample. Prints one line; ``--profile`` adds a cProfile of what runs after the
-stream (top entries by cumulative time).
+stream (top entries by cumulative time). ``--records VERSION_DIR``: ``sample_record`` alone (what
+the writers run per sampled sample) on a published version's shards, best of ``--reps`` passes.
 
-Usage: python bench/audit_cost.py [--n 1000] [--profile]
+Usage: python bench/audit_cost.py [--n 1000] [--profile] | --records VERSION_DIR [--reps 3]
 Run two commits back to back under the same load: copy this file into the old commit's
 worktree (it imports the counterfactory of the tree it sits in).
 """
@@ -115,12 +116,42 @@ def measure(n: int, profile: bool = False) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def records(vdir: str, reps: int = 3) -> str:
+    """The in-stream statistics alone: ``sample_record`` on the sampled samples of a published
+    version's shards (read once, in memory), the best of ``reps`` passes in CPU ms per sampled
+    sample, and a digest of the window rows and covers (same digest = same numbers)."""
+    import hashlib
+
+    from counterfactory import audit_features as af
+    from counterfactory.shards import read_shard, resolve_shards
+
+    manifest = json.loads((Path(vdir) / "manifest.json").read_text())
+    sample = af.AuditSample(seed=0, sample_pairs=256, n_inputs=manifest["counts"]["inputs"], grid=8, abstain="unknown")
+    shards, _ = resolve_shards(vdir)
+    samples = [smp for sh in shards for smp in read_shard(sh) if sample.wants(smp["__key__"])]
+    best = float("inf")
+    for _ in range(reps):
+        c0 = time.process_time()
+        recs = [af.sample_record(smp["__key__"], smp["json"], smp, sample.grid, sample.abstain) for smp in samples]
+        best = min(best, time.process_time() - c0)
+    h = hashlib.sha256()
+    for r in recs:
+        h.update(b"" if r["orig_win"] is None else r["orig_win"].tobytes())
+        for p in r["pairs"]:
+            h.update(p["v"].encode() + p["cf_win"].tobytes() + (b"" if p["cover"] is None else p["cover"].tobytes()))
+    images = sum(r["images"] for r in recs)
+    return (f"sample_record on {len(samples)} sampled samples ({images / len(samples):.1f} images each): "
+            f"{1000 * best / len(samples):.2f} CPU ms per sampled sample (best of {reps}); digest {h.hexdigest()[:16]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--records", default=None, help="time sample_record alone on this published version's shards")
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    print(measure(args.n, args.profile))
+    print(records(args.records, args.reps) if args.records else measure(args.n, args.profile))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from counterfactory.audit_features import (  # noqa: F401 - window_features & co
     AuditSample,
     _cells,
     image_features,
+    image_features_many,
     presupposing,
     read_features,
     sample_record,
@@ -67,6 +68,12 @@ FORMAT = "counterfactory-audit/2"
 _STATS = ("min", "p10", "p50", "p90", "max", "std")
 _MAX_EXAMPLES = 5  # presupposing questions quoted in the result
 _MIN_PAIRS = 6  # fewer pairs of a variant: no probe (a 2-fold AUC of 4 pairs says nothing)
+# the probes' solver: Newton steps with a Cholesky solve (13 or 78 standardized features, a few
+# hundred to ~30,000 rows): ~6 iterations where lbfgs took 15-50, at half the CPU; the same
+# strictly convex objective, so the figures move only within lbfgs's tolerance (issue 27: AUCs by
+# <= 3e-4 on the bench's 252 sampled samples)
+_PROBE_SOLVER = "newton-cholesky"
+_DENSE_CELLS = 1 << 21  # a TF-IDF matrix up to this many cells (16 MiB) is fitted dense
 
 
 class AuditFailed(FailureBudgetExceeded):
@@ -141,7 +148,7 @@ def _probe(pairs: list[dict[str, Any]], folds: int, grid: int) -> dict[str, Any]
     groups = np.repeat(np.arange(n), 2)
 
     def model() -> Any:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, solver=_PROBE_SOLVER))
 
     prob = cross_val_predict(model(), x, y, groups=groups, cv=GroupKFold(k), method="predict_proba")[:, 1]
     out: dict[str, Any] = {"pairs": n, "auc": round(float(roc_auc_score(y, prob)), 4)}
@@ -184,16 +191,23 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
 
     texts = [r["q"] + " kind_" + r["k"] for r in rows]
 
+    fitted: dict[tuple[tuple[str, Any], ...], tuple[Any, Any]] = {}
+
     def fit_predict(train: list[int], test: list[int], out: list[Any]) -> None:
         ys = [rows[i]["a"] for i in train]
         if len(set(ys)) == 1:
             for i in test:
                 out[i] = ys[0]
             return
-        vec, xt, (ty, tw) = _tfidf_weighted([texts[i] for i in train], ys)
-        clf = LogisticRegression(C=10.0, max_iter=5000).fit(xt, ty, sample_weight=tw)
+        # the same training rows, the same classifier: a variant whose answers are the original's
+        # (random_mask) on the same folds is fitted once
+        seen = tuple(zip((texts[i] for i in train), ys, strict=True))
+        if seen not in fitted:
+            vec, xt, (ty, tw) = _tfidf_weighted([texts[i] for i in train], ys)
+            fitted[seen] = (vec, LogisticRegression(C=10.0, max_iter=5000).fit(_small_dense(xt), ty, sample_weight=tw))
+        vec, clf = fitted[seen]
         uniq = list(dict.fromkeys(texts[j] for j in test))
-        pred = dict(zip(uniq, clf.predict(vec(uniq)), strict=True))
+        pred = dict(zip(uniq, clf.predict(_small_dense(vec(uniq))), strict=True))
         for i in test:
             out[i] = pred[texts[i]]
 
@@ -231,6 +245,14 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
             res["text_given_variant"] = acc(per_v)
         out[v] = res
     return out
+
+
+def _small_dense(x: Any) -> Any:
+    """A small sparse matrix as a dense array: the merged TF-IDF rows are a few hundred by a few
+    hundred, where scipy.sparse's per-iteration products and transposes cost lbfgs more than the
+    arithmetic (issue 27: the blind answerers' fits -15 %; the same objective, summed in another
+    order; the same accuracies on the bench's and the demo's samples)."""
+    return x.toarray() if x.shape[0] * x.shape[1] <= _DENSE_CELLS else x
 
 
 def _tfidf_weighted(texts: list[str], ys: list[Any]) -> tuple[Any, Any, tuple[list[Any], np.ndarray]]:
@@ -284,31 +306,37 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         settings = cfg.get("audit") or {}
     s = settings if isinstance(settings, AuditConfig) else AuditConfig.model_validate(settings)
     abstain = cfg.get("abstain_answer", "unknown")
-    index = read_parquet(vdir / INDEX, columns=["key", "shard", "variants", "questions",
-                                                          "question_kinds", "answers"]).to_pylist()
-    variants_all = sorted({v for r in index for v in r["variants"]})
+    n_inputs = json.loads((vdir / MANIFEST).read_bytes())["counts"]["inputs"]
+    sample = AuditSample(seed=s.seed, sample_pairs=s.sample_pairs, n_inputs=n_inputs, grid=s.grid, abstain=abstain)
 
-    # (c) label balance: every row of the index (no image is read for it)
+    # one pass over the index, a batch of rows at a time: (c) label balance from every row (no
+    # image is read for it), and only the sampled rows kept (the index is never held as rows)
+    table = read_parquet(vdir / INDEX, columns=["key", "shard", "variants", "questions", "question_kinds", "answers"])
+    n_rows = table.num_rows
+    variant_set: set[str] = set()
+    by_key: dict[str, dict[str, Any]] = {}
     balance: dict[str, Any] = {}
     per_v: dict[str, Counter[str]] = defaultdict(Counter)
     per_vk: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
-    for r in index:
-        r["answers"] = answers_of(r["answers"])
-        for kind, ans in zip(r["question_kinds"], r["answers"], strict=True):
-            for v, a in ans.items():
-                per_v[v][a] += 1
-                per_vk[v][kind][a] += 1
+    for batch in table.to_batches(max_chunksize=4096):
+        for r in batch.to_pylist():
+            variant_set.update(r["variants"])
+            r["answers"] = answers_of(r["answers"])
+            for kind, ans in zip(r["question_kinds"], r["answers"], strict=True):
+                for v, a in ans.items():
+                    per_v[v][a] += 1
+                    per_vk[v][kind][a] += 1
+            if s.sample_pairs and sample.wants(r["key"]):
+                by_key[r["key"]] = r
+    del table
+    variants_all = sorted(variant_set)
     for v in ["orig", *variants_all]:
         n = sum(per_v[v].values())
         if n:
             balance[v] = {"rows": n, "abstain_share": round(per_v[v][abstain] / n, 4),
                           "answers": {k: dict(sorted(c.most_common(6), key=lambda t: (-t[1], t[0])))
                                       for k, c in sorted(per_vk[v].items())}}
-
-    n_inputs = json.loads((vdir / MANIFEST).read_bytes())["counts"]["inputs"]
-    sample = AuditSample(seed=s.seed, sample_pairs=s.sample_pairs, n_inputs=n_inputs, grid=s.grid, abstain=abstain)
-    chosen = sorted(r["key"] for r in index if s.sample_pairs and sample.wants(r["key"]))
-    by_key = {r["key"]: r for r in index}
+    chosen = sorted(by_key)
     by_shard: dict[str, set[str]] = defaultdict(set)
     for k in chosen:
         by_shard[by_key[k]["shard"]].add(k)
@@ -320,6 +348,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     examples: list[str] = []
     exhaustive: Counter[str] = Counter()
     images = 0
+    wins: list[np.ndarray] = []  # each image's windows once: an original, then its variants
     for g, key in enumerate(chosen):
         rec = records.get(key)
         if rec is None:
@@ -336,18 +365,28 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
         if rec["orig_win"] is None:  # a clip: the image probe does not apply
             continue
         ow = rec["orig_win"].astype(np.float64)
-        of = image_features(ow)
+        wins.append(ow)
+        of = len(wins) - 1
         for p in rec["pairs"]:
             cw = p["cf_win"].astype(np.float64)
-            pairs[p["v"]].append({"orig_img": of, "cf_img": image_features(cw), "orig_win": ow, "cf_win": cw,
+            wins.append(cw)
+            pairs[p["v"]].append({"orig_img": of, "cf_img": len(wins) - 1, "orig_win": ow, "cf_win": cw,
                                   "cover": p["cover"]})
+    # every image's summary at once (~1,700 percentile calls were 0.3 s): the same numbers
+    img_feats = image_features_many(wins)
+    for ps in pairs.values():
+        for p in ps:
+            p["orig_img"], p["cf_img"] = img_feats[p["orig_img"]], img_feats[p["cf_img"]]
 
     import sklearn.linear_model  # noqa: F401 - its BLAS and OpenMP libraries loaded before they are limited
+    from sklearn import config_context
     from threadpoolctl import threadpool_limits
 
     # one thread: these fits are small (a few hundred rows), and idle BLAS/OpenMP threads spinning
-    # between their calls cost 4x the fits' own CPU (issue 27: 23 -> 5 CPU s at N=300, same figures)
-    with threadpool_limits(limits=1):
+    # between their calls cost 4x the fits' own CPU (issue 27: 23 -> 5 CPU s at N=300, same figures).
+    # The inputs are ours and finite, the parameters fixed here: scikit-learn's per-call finiteness
+    # checks and parameter validation (signature inspection per call) are skipped, the same numbers
+    with threadpool_limits(limits=1), config_context(assume_finite=True, skip_parameter_validation=True):
         detect = {v: _probe(pairs[v], s.folds, s.grid) for v in sorted(pairs)}
         blind = _blind(rows, variants_all, s.folds) if rows else {}
     presupposition = {"questions_checked": sum(1 for r in rows if r["v"] == "orig"),
@@ -358,7 +397,7 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     warnings = _warnings(s, detect, blind, balance, presupposition)
     return {
         "format": FORMAT,
-        "sample": {"samples": len(index), "audited": len(records), "seed": s.seed, "inputs": n_inputs,
+        "sample": {"samples": n_rows, "audited": len(records), "seed": s.seed, "inputs": n_inputs,
                    "expected": min(s.sample_pairs, n_inputs),
                    "exhaustive_annotations": dict(sorted(exhaustive.items()))},
         "detectability": detect,

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from counterfactory import audit
+from counterfactory.audit_features import finish_prewarm
 from counterfactory.diff import diff
 from counterfactory.index import answers_of, metrics_of, pair_features
 from counterfactory.layout import (
@@ -673,6 +674,7 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     ``AuditFailed`` here, so nothing is published and no card is written."""
     card = compute_card(vdir)
     _gate(vdir, card)
+    finish_prewarm()  # the driver's publish imports (audit_features.prewarm_publish): done by now
     (vdir / PLOTS_DIR).mkdir(exist_ok=True)
     for name, data in render_plots(card).items():
         atomic_write(vdir / name, data)
