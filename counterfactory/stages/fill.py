@@ -195,31 +195,34 @@ def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: 
     the hole meets the image border and for Telea's pixels), on the part ``sub`` of the box
     (the membrane's; each value is the one the whole box's plane has there), clipped to the
     range it was fitted on widened by ``slack`` of it on each side (a gradient goes on past the
-    hole's edge, but not without end). Solved by its normal equations, whose sums are row and
-    column sums of the box (no per-point matrix, no BLAS)."""
-    h, w = where.shape
-    s = float(max(h, w))
+    hole's edge, but not without end). Solved in closed form from the centred normal equations,
+    whose sums are image moments (``cv2.moments``, in double: four calls, issue 27); points on a
+    line (rank 1) take the gradient along it only, as the least-norm solution does."""
     step = max(1, int(np.sqrt(np.count_nonzero(where) / 1000)))
-    where, low = where[::step, ::step], low[::step, ::step]
-    x = np.arange(0, w, step) / s - 0.5
-    y = np.arange(0, h, step) / s - 0.5
-    wf = where.astype(np.float32)
-    wv = low * wf[..., None]
-    col_w, row_w = wf.sum(0, dtype=np.float64), wf.sum(1, dtype=np.float64)
-    col_v, row_v = wv.sum(0, dtype=np.float64), wv.sum(1, dtype=np.float64)  # (w, 3), (h, 3)
-    sxy = float(y @ (wf * x.astype(np.float32)).sum(1, dtype=np.float64))
-    n, sx, sy = col_w.sum(), x @ col_w, y @ row_w
-    normal = np.array([[n, sx, sy], [sx, (x * x) @ col_w, sxy], [sy, sxy, (y * y) @ row_w]])
-    rhs = np.stack([col_v.sum(0), x @ col_v, y @ row_v])
-    coef = np.linalg.lstsq(normal, rhs, rcond=None)[0]  # a line of points (rank 2) as lstsq did
-    m8 = where.astype(np.uint8)
+    m8 = where[::step, ::step].astype(np.uint8)
+    low = low[::step, ::step]
+    mw = cv2.moments(m8, binaryImage=True)
+    n = mw["m00"]
+    mx, my = mw["m10"] / n, mw["m01"] / n  # the points' mean, in the step grid's columns and rows
+    sxx, sxy, syy = mw["mu20"], mw["mu11"], mw["mu02"]  # central second moments
+    wv = low * m8[..., None]
+    mv = [cv2.moments(np.ascontiguousarray(wv[..., c])) for c in range(low.shape[2])]
+    mean_v = np.array([m["m00"] for m in mv]) / n
+    # sum((x - mx) v), sum((y - my) v) per channel
+    cxv = np.array([m["m10"] for m in mv]) - mx * mean_v * n
+    cyv = np.array([m["m01"] for m in mv]) - my * mean_v * n
+    det = sxx * syy - sxy * sxy
+    if det > 1e-9 * max(sxx * syy, 1e-300):
+        bx, by = (syy * cxv - sxy * cyv) / det, (sxx * cyv - sxy * cxv) / det
+    else:  # collinear (or one point): the slope along the line, none across it
+        tr = sxx + syy
+        bx, by = (sxx * cxv + sxy * cyv) / max(tr * tr, 1e-300), (sxy * cxv + syy * cyv) / max(tr * tr, 1e-300)
     lo, hi = np.zeros(low.shape[2]), np.zeros(low.shape[2])
     for c in range(low.shape[2]):
         lo[c], hi[c] = cv2.minMaxLoc(np.ascontiguousarray(low[..., c]), m8)[:2]
-    gx = (np.arange(sub[1].start, sub[1].stop) / s - 0.5)[None, :, None]
-    gy = (np.arange(sub[0].start, sub[0].stop) / s - 0.5)[:, None, None]
-    # (c0 + x c1) + y c2 as before, the first sum once per column
-    plane = ((coef[0] + gx * coef[1]) + gy * coef[2]).astype(np.float32)
+    gx = ((np.arange(sub[1].start, sub[1].stop) / step - mx)[None, :, None] * bx).astype(np.float32)
+    gy = ((np.arange(sub[0].start, sub[0].stop) / step - my)[:, None, None] * by + mean_v).astype(np.float32)
+    plane = gx + gy
     np.maximum(plane, (lo - slack * (hi - lo)).astype(np.float32), out=plane)  # np.clip, without its overhead
     return np.minimum(plane, (hi + slack * (hi - lo)).astype(np.float32), out=plane)
 
@@ -239,24 +242,23 @@ def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple
     if f > 1:
         hc, wc = -(-h // f), -(-w // f)
 
-        def block_sum(a: np.ndarray) -> np.ndarray:  # sums of f x f blocks / f² (zero-padded)
-            a = cv2.copyMakeBorder(np.ascontiguousarray(a, np.float32), 0, hc * f - h, 0, wc * f - w,
-                                   cv2.BORDER_CONSTANT, value=0)
-            return cv2.resize(a, (wc, hc), interpolation=cv2.INTER_AREA)
-
-        k, u = block_sum(known), block_sum(free)
-        gk = block_sum(g * known[..., None]) / np.maximum(k, 1e-6)[..., None]
-        gf = block_sum(g * free[..., None]) / np.maximum(u, 1e-6)[..., None]  # the free pixels' mean
+        kf = np.dstack([known, free]).astype(np.float32)
+        # the block sums / f² of known, free, g on known and g on free as one eight-channel image
+        # (one border and one resize, issue 27); the blocks past the box's edge are zero-padded
+        bs = cv2.resize(cv2.copyMakeBorder(np.concatenate([kf, g * kf[..., :1], g * kf[..., 1:]], axis=2),
+                                           0, hc * f - h, 0, wc * f - w, cv2.BORDER_CONSTANT, value=0),
+                        (wc, hc), interpolation=cv2.INTER_AREA)
+        k, u = bs[..., 0], bs[..., 1]
+        gk = bs[..., 2:5] / np.maximum(k, 1e-6)[..., None]
+        gf = bs[..., 5:8] / np.maximum(u, 1e-6)[..., None]  # the free pixels' mean
         known_c = (k > 0) & ((u == 0) | (k >= u))
         free_c = (u > 0) & ~known_c
         d = _membrane_delta(gk, known_c, free_c)[0] + np.where(free_c[..., None], gk - gf, 0)
         g_c = np.where(free_c[..., None], gf, gk)
-
-        def up(a: np.ndarray) -> np.ndarray:
-            return cv2.resize(a.astype(np.float32), (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
-
+        both = cv2.resize(np.concatenate([d, g_c], axis=2).astype(np.float32), (wc * f, hc * f),
+                          interpolation=cv2.INTER_LINEAR)[:h, :w]
         sel = free[..., None]
-        return np.where(sel, up(d), 0).astype(np.float32), np.where(sel, g - up(g_c), 0).astype(np.float32)
+        return np.where(sel, both[..., :3], 0).astype(np.float32), np.where(sel, g - both[..., 3:], 0).astype(np.float32)
     return _harmonic(g, known, free), np.zeros(g.shape, np.float32)
 
 
@@ -301,7 +303,8 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     # a free part that touches no known pixel (walled in by the border) takes the known mean: a
     # tiny pull toward it keeps the system regular
     eps = 1e-6
-    kmean = g[known].mean(axis=0) if known.any() else np.zeros(c)
+    nk = np.count_nonzero(known)
+    kmean = (g.reshape(-1, c).T @ known.reshape(-1).astype(g.dtype)) / nk if nk else np.zeros(c)
     diag = np.where(fr, nb + eps, 1.0)
     rhs = np.where(fr[..., None], rhs + eps * kmean, gg)
     ab = np.zeros((ww + 1, hh * ww))  # upper band: row ww the diagonal, row ww - k the k-th above
@@ -410,7 +413,9 @@ def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, integ: np.nda
         d = cv2.norm(imgf[2 * cy : 2 * cy + th, 2 * cx : 2 * cx + tw], ctx, cv2.NORM_L2SQR, m8)
         if d < best:
             best, (by, bx) = d, (2 * cy, 2 * cx)
-    # the +-2 px window around it, exact too (25 norms cost half a matchTemplate of the window)
+    # the +-2 px window around it, exact too (25 norms cost half a matchTemplate of the window;
+    # climbing from the best neighbour instead, 8-13 norms, was tried in issue 27: the error
+    # against the object-free render grew by 0.004 on the validity scenes)
     y0, x0 = max(0, by - 2), max(0, bx - 2)
     ok = _allowed(integ[y0 : by + 3 + th, x0 : bx + 3 + tw], th, tw)
     y, x = by, bx
@@ -469,11 +474,21 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     sy, sx = found
     patch = src.imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
-    diff = (ctx - patch) * rmask[..., None]
     sigma = max(2.0, 0.5 * rp)
-    num = cv2.GaussianBlur(diff, (0, 0), sigma)
-    den = cv2.GaussianBlur(rmask, (0, 0), sigma)[..., None]
-    corr = num / np.maximum(den, 1e-3)
-    patch = np.clip(np.rint(patch + corr), 0, 255).astype(np.uint8)
+    nd = _smooth(cv2.merge([*cv2.split((ctx - patch) * rmask[..., None]), rmask]), sigma)
+    corr = nd[..., :3] / np.maximum(nd[..., 3:], 1e-3)
+    patch = _to_u8(corr + patch)
     np.copyto(out[y0:y1, x0:x1], patch, where=piece[y0:y1, x0:x1, None] > 0)
     return True
+
+
+def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of ``a`` (float32; the seam's mismatch and its weight as one four-channel
+    image). From sigma 4 on it runs at half resolution (block means, sigma / 2, bilinear back):
+    the correction it makes is smooth at that scale, and the full-resolution blur, a kernel of
+    8 sigma + 1 taps, was a third of a piece's cost (issue 27)."""
+    h, w = a.shape[:2]
+    if sigma < 4 or min(h, w) < 16:
+        return cv2.GaussianBlur(a, (0, 0), sigma)
+    small = cv2.resize(a, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cv2.GaussianBlur(small, (0, 0), sigma / 2), (w, h), interpolation=cv2.INTER_LINEAR)
