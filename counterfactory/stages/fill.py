@@ -64,13 +64,13 @@ def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = No
     src = _Source(img, hole, forbid)
     todo = hole.copy()  # still unfilled
     n, labels = cv2.connectedComponents(hole, connectivity=8)
-    pieces = [((labels == i).astype(np.uint8) * 255, 0) for i in range(1, n)]
+    pieces = [(cv2.compare(labels, i, cv2.CMP_EQ), 0) for i in range(1, n)]
     # each part's box and area for _relight (connectedComponentsWithStats costs 5x as much)
     parts = [(i, *cv2.boundingRect(p), cv2.countNonZero(p)) for i, (p, _) in enumerate(pieces, 1)]
     while pieces:
         piece, depth = pieces.pop(0)
         if _fill_piece(out, src, todo, piece, min_ring, max_ring, surface_share):
-            todo[piece > 0] = 0
+            cv2.subtract(todo, piece, dst=todo)  # both 0/255
             continue
         y0, y1, x0, x1 = bbox(piece)
         if depth >= max_depth or (y1 - y0 < 8 and x1 - x0 < 8):
@@ -163,15 +163,13 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     base += delta
     # the whole box at once, written where the part is (boolean indexing of three channels was
     # most of this function's own time): the same rounding, pixel for pixel
-    np.copyto(box, _to_u8(base), where=free[..., None])
+    cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
 
 
 def _to_u8(a: np.ndarray) -> np.ndarray:
-    """``np.clip(np.rint(a), 0, 255).astype(np.uint8)`` of a float32 array, in place."""
-    np.rint(a, out=a)
-    np.maximum(a, 0, out=a)
-    np.minimum(a, 255, out=a)
-    return a.astype(np.uint8)
+    """``np.clip(np.rint(a), 0, 255).astype(np.uint8)`` of a float32 array in one call (OpenCV's
+    saturating conversion rounds half to even as ``np.rint`` does)."""
+    return cv2.add(a, 0, dtype=cv2.CV_8U)
 
 
 def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -228,7 +226,7 @@ def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: 
 
 
 def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``u - g`` on ``free`` pixels (zero elsewhere), where ``u`` is harmonic on ``free`` and
+    """``u - g`` on ``free`` pixels (the only ones read), where ``u`` is harmonic on ``free`` and
     equals the smooth field ``g`` on ``known`` pixels (Dirichlet); pixels neither known nor free
     and the box's edge (the image border) are not linked (Neumann). A large ``free`` is solved
     on a grid downscaled by an integer factor and the difference upsampled (bilinear): it
@@ -257,8 +255,7 @@ def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple
         g_c = np.where(free_c[..., None], gf, gk)
         both = cv2.resize(np.concatenate([d, g_c], axis=2).astype(np.float32), (wc * f, hc * f),
                           interpolation=cv2.INTER_LINEAR)[:h, :w]
-        sel = free[..., None]
-        return np.where(sel, both[..., :3], 0).astype(np.float32), np.where(sel, g - both[..., 3:], 0).astype(np.float32)
+        return both[..., :3], g - both[..., 3:]  # read on free pixels only
     return _harmonic(g, known, free), np.zeros(g.shape, np.float32)
 
 
@@ -284,20 +281,12 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     frf, knf = fr.astype(np.float64), kn.astype(np.float64)
     # links between 4-neighbours: free-free pairs are unknowns on both sides; free-known pairs
     # move the known value to the right-hand side
-    nb = np.zeros((hh, ww))  # free or known neighbours of each pixel
-    rhs = np.zeros((hh, ww, c))
+    # free or known neighbours of each pixel, and the sum of the known ones' values: one 3 x 3
+    # filter each (zero past the box's edge)
+    nb = cv2.filter2D(frf + knf, -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
+    rhs = cv2.filter2D(gg * knf[..., None], -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
     link_x = np.zeros((hh, ww))  # -1 between (i, j - 1) and (i, j), both free
     link_y = np.zeros((hh, ww))  # -1 between (i - 1, j) and (i, j), both free
-    lk = frf + knf
-    nb[:, 1:] += lk[:, :-1]
-    nb[:, :-1] += lk[:, 1:]
-    nb[1:] += lk[:-1]
-    nb[:-1] += lk[1:]
-    gk = gg * knf[..., None]
-    rhs[:, 1:] += gk[:, :-1]
-    rhs[:, :-1] += gk[:, 1:]
-    rhs[1:] += gk[:-1]
-    rhs[:-1] += gk[1:]
     link_x[:, 1:] = -(frf[:, 1:] * frf[:, :-1])
     link_y[1:] = -(frf[1:] * frf[:-1])
     # a free part that touches no known pixel (walled in by the border) takes the known mean: a
@@ -321,6 +310,9 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     d = np.where(fr[..., None], u - gg, 0.0).astype(np.float32)
     out[y0:y1, x0:x1] = d.transpose(1, 0, 2) if tr else d
     return out
+
+
+_CROSS = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float64)  # the four neighbours
 
 
 class _Source:
@@ -478,7 +470,7 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     nd = _smooth(cv2.merge([*cv2.split((ctx - patch) * rmask[..., None]), rmask]), sigma)
     corr = nd[..., :3] / np.maximum(nd[..., 3:], 1e-3)
     patch = _to_u8(corr + patch)
-    np.copyto(out[y0:y1, x0:x1], patch, where=piece[y0:y1, x0:x1, None] > 0)
+    cv2.copyTo(patch, piece[y0:y1, x0:x1], out[y0:y1, x0:x1])  # in place, where the piece is
     return True
 
 
