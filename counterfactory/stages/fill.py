@@ -146,14 +146,15 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known, sub)
     free = labels[y0:y1, x0:x1] == i
     lo = low[sub]
-    delta, fine = _membrane_delta(lo - plane, known[sub], free)
+    sm = smear[y0:y1, x0:x1]
+    smeared = cv2.countNonZero(sm) > 0
+    delta, fine = _membrane_delta(lo - plane, known[sub], free, fine=smeared)
     box = out[y0:y1, x0:x1]
     # a copy keeps its texture, faded out over ``sg`` toward Telea's pixels, which take the
     # field alone (Telea's fronts meet in creases; a texture that stops at a straight cut
     # shows the cut)
-    sm = smear[y0:y1, x0:x1]
     base = box.astype(np.float32) - lo
-    if cv2.countNonZero(sm):
+    if smeared:
         keep = np.minimum(cv2.distanceTransform((sm == 0).astype(np.uint8), cv2.DIST_L2, 5) / sg, 1.0)
         # where the texture fades out, so does the low-pass's detail the membrane's grid cannot
         # see: Telea's pixels take the field alone
@@ -225,7 +226,8 @@ def _plane(low: np.ndarray, where: np.ndarray, sub: tuple[slice, slice], slack: 
     return np.minimum(plane, (hi + slack * (hi - lo)).astype(np.float32), out=plane)
 
 
-def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray,
+                    fine: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """``u - g`` on ``free`` pixels (the only ones read), where ``u`` is harmonic on ``free`` and
     equals the smooth field ``g`` on ``known`` pixels (Dirichlet); pixels neither known nor free
     and the box's edge (the image border) are not linked (Neumann). A large ``free`` is solved
@@ -233,7 +235,8 @@ def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple
     vanishes toward the known pixels, so the upsampling leaves no step there. Second: what of
     ``g`` the grid does not see (``g`` less its upsampled block means, on ``free``; zero at full
     resolution): a pixel that takes the field alone subtracts it, so its value does not depend
-    on the detail of what was there (Telea's fill)."""
+    on the detail of what was there (Telea's fill); None unless ``fine`` (only Telea's pixels
+    read it)."""
     h, w = known.shape
     n_free = int(np.count_nonzero(free))
     f = max(1, int(np.ceil(np.sqrt(n_free / _MAX_UNKNOWNS))))
@@ -251,12 +254,14 @@ def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> tuple
         gf = bs[..., 5:8] / np.maximum(u, 1e-6)[..., None]  # the free pixels' mean
         known_c = (k > 0) & ((u == 0) | (k >= u))
         free_c = (u > 0) & ~known_c
-        d = _membrane_delta(gk, known_c, free_c)[0] + np.where(free_c[..., None], gk - gf, 0)
+        d = _membrane_delta(gk, known_c, free_c, fine=False)[0] + np.where(free_c[..., None], gk - gf, 0)
+        if not fine:
+            return cv2.resize(d.astype(np.float32), (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w], None
         g_c = np.where(free_c[..., None], gf, gk)
         both = cv2.resize(np.concatenate([d, g_c], axis=2).astype(np.float32), (wc * f, hc * f),
                           interpolation=cv2.INTER_LINEAR)[:h, :w]
         return both[..., :3], g - both[..., 3:]  # read on free pixels only
-    return _harmonic(g, known, free), np.zeros(g.shape, np.float32)
+    return _harmonic(g, known, free), np.zeros(g.shape, np.float32) if fine else None
 
 
 def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
