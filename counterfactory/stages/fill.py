@@ -129,19 +129,35 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     H, W = hole.shape
     cy1, cx1 = cy0 + bh, cx0 + bw
     sg = float(sigma) if sigma is not None else min(max(0.1 * np.sqrt(area), 8.0), 32.0)
+    m = int(np.ceil(4 * sg))
+    # the membrane's box: known pixels around the part at least two of its grid cells deep
+    b = 2 * int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))) + 1
+    y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
+    inside = (y0, x0, y1, x1) == (cy0 - b, cx0 - b, cy1 + b, cx1 + b)
+    if inside and not cv2.countNonZero(smear[y0:y1, x0:x1]) and cv2.countNonZero(hole[y0:y1, x0:x1]) == area:
+        # every free pixel's neighbours are free or known (no image border, no other part: no
+        # Neumann edge) and none is Telea's: the plane, harmonic, cancels (u - g is the same
+        # with or without it, up to the coarse grid's part-filled cells), so neither the plane
+        # nor the low-pass of its wider box is made (issue 27)
+        py0, px0, py1, px1 = max(0, y0 - m), max(0, x0 - m), min(H, y1 + m), min(W, x1 + m)
+        lo = _lowpass(out[py0:py1, px0:px1], sg)[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
+        box = out[y0:y1, x0:x1]
+        free = labels[y0:y1, x0:x1] == i
+        delta = _membrane_delta(lo, hole[y0:y1, x0:x1] == 0, free, fine=False)[0]
+        base = box.astype(np.float32) - lo
+        base = lo + base
+        base += delta
+        cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
+        return
     # the plane is fitted to the surroundings within ``reach``; the low-pass needs 4 sigma more
     reach = int(max(2 * sg, 0.5 * np.sqrt(area), 2 * np.sqrt(area / _MAX_UNKNOWNS) + 3))
     fy0, fx0, fy1, fx1 = max(0, cy0 - reach), max(0, cx0 - reach), min(H, cy1 + reach), min(W, cx1 + reach)
-    m = int(np.ceil(4 * sg))
     py0, px0, py1, px1 = max(0, fy0 - m), max(0, fx0 - m), min(H, fy1 + m), min(W, fx1 + m)
     low = _lowpass(out[py0:py1, px0:px1], sg)[fy0 - py0 : fy1 - py0, fx0 - px0 : fx1 - px0]
     known = hole[fy0:fy1, fx0:fx1] == 0
     if not known.any():
         return
     fit = known & (forbid[fy0:fy1, fx0:fx1] == 0)  # another object is no lighting
-    # the membrane's box: known pixels around the part at least two of its grid cells deep
-    b = 2 * int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))) + 1
-    y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
     sub = (slice(y0 - fy0, y1 - fy0), slice(x0 - fx0, x1 - fx0))
     plane = _plane(low, fit if np.count_nonzero(fit) >= 16 else known, sub)
     free = labels[y0:y1, x0:x1] == i
