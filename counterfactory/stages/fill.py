@@ -350,6 +350,7 @@ class _Source:
     may touch when no object is a piece's surface (the usual case)."""
 
     def __init__(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray) -> None:
+        self.img = img
         self.imgf = img.astype(np.float32)
         self.hole = hole
         self.n_obj, self.objs = cv2.connectedComponents(forbid, connectivity=8)
@@ -414,7 +415,7 @@ def _smallest(a: np.ndarray, k: int) -> np.ndarray:
     index (what a stable argsort gives, without sorting the whole array)."""
     flat = a.ravel()
     if flat.size > k:
-        v = flat[np.argpartition(flat, k - 1)[:k]].max()
+        v = np.partition(flat, k - 1)[k - 1]  # the k-th smallest (no index array: 2.5x cheaper)
         cand = np.flatnonzero(flat <= v) if np.isfinite(v) else np.flatnonzero(np.isfinite(flat))
     else:
         cand = np.flatnonzero(np.isfinite(flat))
@@ -453,10 +454,13 @@ def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, integ: np.nda
     if not len(order):  # no even offset allowed: perhaps an odd one
         return _exhaustive(imgf, ctx, rmask, _allowed(integ, th, tw))
     m8 = (rmask > 0).astype(np.uint8)
+    # the exact SSDs on the 8-bit pixels (``ctx`` holds an image's values): the same sums as in
+    # float32, at half the cost
+    img8, ctx8 = src.img, ctx.astype(np.uint8)
     best, (by, bx) = np.inf, (0, 0)
     for flat in order:
         cy, cx = divmod(int(flat), coarse.shape[1])
-        d = cv2.norm(imgf[2 * cy : 2 * cy + th, 2 * cx : 2 * cx + tw], ctx, cv2.NORM_L2SQR, m8)
+        d = cv2.norm(img8[2 * cy : 2 * cy + th, 2 * cx : 2 * cx + tw], ctx8, cv2.NORM_L2SQR, m8)
         if d < best:
             best, (by, bx) = d, (2 * cy, 2 * cx)
     # the +-2 px window around it, exact too (25 norms cost half a matchTemplate of the window;
@@ -468,7 +472,7 @@ def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, integ: np.nda
     for wy in range(y0, y0 + ok.shape[0]):
         for wx in range(x0, x0 + ok.shape[1]):
             if ok[wy - y0, wx - x0] and (wy, wx) != (by, bx):
-                d = cv2.norm(imgf[wy : wy + th, wx : wx + tw], ctx, cv2.NORM_L2SQR, m8)
+                d = cv2.norm(img8[wy : wy + th, wx : wx + tw], ctx8, cv2.NORM_L2SQR, m8)
                 if d < best:
                     best, y, x = d, wy, wx
     return y, x
