@@ -9,9 +9,9 @@ one offset per piece of the hole so it stays cheap and deterministic:
    the whole image: masked sum of squared differences, over the offsets where the piece plus its
    ring lands on pixels that are neither the hole nor a forbidden object (another annotated
    object; one that covers most of the ring is the surface the object stands on, e.g. a saucer
-   under a cup, and may be copied). Coarse to fine (``_best_offset``): one ``cv2.matchTemplate``
-   in gray at half resolution, the best few offsets scored exactly in color, the best of them
-   refined within +-2 px;
+   under a cup, and may be copied). Coarse to fine (``_best_offset``): one masked SSD over every
+   offset in gray at half resolution (from the image's spectra, ``_Source.coarse_ssd``), the
+   best few offsets scored exactly in color, the best of them refined within +-2 px;
 2. the best offset's pixels are pasted into the piece, plus a smooth correction: the ring's
    color mismatch spread inward by normalized Gaussian convolution, so there is no seam;
 3. a piece with no such offset (it is too big to fit elsewhere) is cut in two along its longer
@@ -32,10 +32,13 @@ one offset per piece of the hole so it stays cheap and deterministic:
 Pixels outside the hole are copied from the input bit for bit; single-threaded OpenCV and a
 first-index argmin make the same input give the same bytes.
 
-Cost (issue 27): what every piece reads of the image is made once per call (``_Source``); the
-plane comes from its normal equations, the membrane from one banded Cholesky solve on at most
-``_MAX_UNKNOWNS`` grid cells. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than
-before (BENCHMARKS.md, "Issue 27, part fill").
+Cost (issue 27): what every piece reads of the image is made once per call (``_Source``: the
+gray copy's spectra too, so a piece's coarse search is one inverse transform); the plane comes
+from image moments, the membrane from one banded Cholesky solve on at most ``_MAX_UNKNOWNS``
+grid cells, and a part walled in by known pixels with no Telea pixel needs no plane at all
+(``_plane_cancels``); the seam's blur runs at half resolution. On bench/cpu_cost.py's scenes the
+fill costs ~2.3x less CPU than at 67ed51a, and about 1.6x less again than at 03e4ddf
+(BENCHMARKS.md, "Issue 27, part fill" and "part fill, second pass").
 """
 
 from __future__ import annotations
@@ -345,9 +348,9 @@ _CROSS = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float64)  # the four nei
 
 class _Source:
     """What every piece's search reads of one image, made once per ``patch_fill`` call: the
-    input (the only source of copied pixels; never a fill), its gray half-resolution copy for
-    the coarse search, the other objects, and the integral image of the pixels no source box
-    may touch when no object is a piece's surface (the usual case)."""
+    input (the only source of copied pixels; never a fill), its gray half-resolution copy and
+    that copy's spectra for the coarse search, the other objects, and the integral image of the
+    pixels no source box may touch when no object is a piece's surface (the usual case)."""
 
     def __init__(self, img: np.ndarray, hole: np.ndarray, forbid: np.ndarray) -> None:
         self.img = img
@@ -433,8 +436,8 @@ def _allowed(integ: np.ndarray, th: int, tw: int, step: int = 1) -> np.ndarray:
 def _best_offset(src: _Source, ctx: np.ndarray, rmask: np.ndarray, integ: np.ndarray,
                  top: int = 8) -> tuple[int, int] | None:
     """The allowed offset whose ring matches best. The search runs on gray at half resolution
-    (matchTemplate is most of the cost); the ``top`` best coarse offsets are scored in color at
-    full resolution (the exact masked SSD, one ``cv2.norm`` each), and the best of them is
+    (``src.coarse_ssd``); the ``top`` best coarse offsets are scored in color at full
+    resolution (the exact masked SSD, one ``cv2.norm`` each), and the best of them is
     refined within +-2 px; ties go to the first index (deterministic). Offsets whose box
     touches a pixel of the integral image ``integ`` are not allowed; None: no offset is. Before (issue 27) each of
     the top 4 was refined, a matchTemplate each: twice the cost, and on the bench's scenes the
