@@ -264,30 +264,42 @@ def _membrane_delta(g: np.ndarray, known: np.ndarray, free: np.ndarray,
     on the detail of what was there (Telea's fill); None unless ``fine`` (only Telea's pixels
     read it)."""
     h, w = known.shape
+    c = g.shape[2]
     n_free = int(np.count_nonzero(free))
     f = max(1, int(np.ceil(np.sqrt(n_free / _MAX_UNKNOWNS))))
     if f > 1:
         hc, wc = -(-h // f), -(-w // f)
 
-        kf = np.dstack([known, free]).astype(np.float32)
-        # the block sums / f² of known, free, g on known and g on free as one eight-channel image
-        # (one border and one resize, issue 27); the blocks past the box's edge are zero-padded
-        bs = cv2.resize(cv2.copyMakeBorder(np.concatenate([kf, g * kf[..., :1], g * kf[..., 1:]], axis=2),
-                                           0, hc * f - h, 0, wc * f - w, cv2.BORDER_CONSTANT, value=0),
-                        (wc, hc), interpolation=cv2.INTER_AREA)
-        k, u = bs[..., 0], bs[..., 1]
-        gk = bs[..., 2:5] / np.maximum(k, 1e-6)[..., None]
-        gf = bs[..., 5:8] / np.maximum(u, 1e-6)[..., None]  # the free pixels' mean
+        kn, fr = known.astype(np.float32), free.astype(np.float32)
+        gs = cv2.split(np.ascontiguousarray(g, np.float32))
+        # the block sums / f² of known, free, g on known and g on free as one image (one border
+        # and one resize, issue 27); the blocks past the box's edge are zero-padded
+        bs = cv2.split(cv2.resize(cv2.copyMakeBorder(cv2.merge([kn, fr, *(a * kn for a in gs), *(a * fr for a in gs)]),
+                                                     0, hc * f - h, 0, wc * f - w, cv2.BORDER_CONSTANT, value=0),
+                                  (wc, hc), interpolation=cv2.INTER_AREA))
+        k, u = bs[0], bs[1]
+        kk, uu = np.maximum(k, 1e-6), np.maximum(u, 1e-6)
+        gk = _merge([a / kk for a in bs[2 : 2 + c]])
+        gf = _merge([a / uu for a in bs[2 + c :]])  # the free pixels' mean
         known_c = (k > 0) & ((u == 0) | (k >= u))
         free_c = (u > 0) & ~known_c
-        d = _membrane_delta(gk, known_c, free_c, fine=False)[0] + np.where(free_c[..., None], gk - gf, 0)
+        d = _membrane_delta(gk, known_c, free_c, fine=False)[0] + (gk - gf) * _merge([free_c.astype(np.float32)] * c)
         if not fine:
-            return cv2.resize(d.astype(np.float32), (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w], None
-        g_c = np.where(free_c[..., None], gf, gk)
+            return cv2.resize(d, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w], None
+        g_c = np.where(_merge([free_c.view(np.uint8)] * c).view(bool), gf, gk)
         both = cv2.resize(np.concatenate([d, g_c], axis=2).astype(np.float32), (wc * f, hc * f),
                           interpolation=cv2.INTER_LINEAR)[:h, :w]
         return both[..., :3], g - both[..., 3:]  # read on free pixels only
     return _harmonic(g, known, free), np.zeros(g.shape, np.float32) if fine else None
+
+
+def _merge(planes: list[np.ndarray]) -> np.ndarray:
+    """``planes`` (2-D, one dtype) as the channels of one contiguous array (``cv2.merge``, which
+    returns one plane as 2-D: given back with its channel axis). Elementwise work on whole
+    arrays instead of numpy broadcasting a trailing axis of 3, which runs a short inner loop at
+    ~10x the cost (issue 27)."""
+    m = cv2.merge(planes)
+    return m if m.ndim == 3 else m[..., None]
 
 
 def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -315,7 +327,7 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     # free or known neighbours of each pixel, and the sum of the known ones' values: one 3 x 3
     # filter each (zero past the box's edge)
     nb = cv2.filter2D(frf + knf, -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
-    rhs = cv2.filter2D(gg * knf[..., None], -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
+    rhs = cv2.filter2D(gg * _merge([knf] * c), -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
     link_x = np.zeros((hh, ww))  # -1 between (i, j - 1) and (i, j), both free
     link_y = np.zeros((hh, ww))  # -1 between (i - 1, j) and (i, j), both free
     link_x[:, 1:] = -(frf[:, 1:] * frf[:, :-1])
@@ -326,7 +338,8 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     nk = np.count_nonzero(known)
     kmean = (g.reshape(-1, c).T @ known.reshape(-1).astype(g.dtype)) / nk if nk else np.zeros(c)
     diag = np.where(fr, nb + eps, 1.0)
-    rhs = np.where(fr[..., None], rhs + eps * kmean, gg)
+    fr3 = _merge([fr.view(np.uint8)] * c).view(bool)
+    rhs = np.where(fr3, rhs + _merge([np.full((hh, ww), eps * v) for v in kmean]), gg)
     ab = np.zeros((ww + 1, hh * ww))  # upper band: row ww the diagonal, row ww - k the k-th above
     ab[ww] = diag.ravel()
     ab[ww - 1] = link_x.ravel()
@@ -338,7 +351,7 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
         u = u.reshape(hh, ww, c)
     else:
         u = sl.solveh_banded(ab, rhs.reshape(-1, c), check_finite=False).reshape(hh, ww, c)
-    d = np.where(fr[..., None], u - gg, 0.0).astype(np.float32)
+    d = np.where(fr3, u - gg, 0.0).astype(np.float32)
     out[y0:y1, x0:x1] = d.transpose(1, 0, 2) if tr else d
     return out
 
@@ -528,8 +541,9 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     patch = src.imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
     sigma = max(2.0, 0.5 * rp)
-    nd = _smooth(cv2.merge([*cv2.split((ctx - patch) * rmask[..., None]), rmask]), sigma)
-    corr = nd[..., :3] / np.maximum(nd[..., 3:], 1e-3)
+    nd = cv2.split(_smooth(cv2.merge([*(a * rmask for a in cv2.split(ctx - patch)), rmask]), sigma))
+    den = np.maximum(nd[3], 1e-3)
+    corr = cv2.merge([a / den for a in nd[:3]])
     patch = _to_u8(corr + patch)
     cv2.copyTo(patch, piece[y0:y1, x0:x1], out[y0:y1, x0:x1])  # in place, where the piece is
     return True
