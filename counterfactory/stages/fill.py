@@ -36,9 +36,10 @@ Cost (issue 27): what every piece reads of the image is made once per call (``_S
 gray copy's spectra too, so a piece's coarse search is one inverse transform); the plane comes
 from image moments, the membrane from one banded Cholesky solve on at most ``_MAX_UNKNOWNS``
 grid cells, and a part walled in by known pixels with no Telea pixel needs no plane at all
-(``_plane_cancels``); the seam's blur runs at half resolution. On bench/cpu_cost.py's scenes the
-fill costs ~2.3x less CPU than at 67ed51a, and about 1.6x less again than at 03e4ddf
-(BENCHMARKS.md, "Issue 27, part fill" and "part fill, second pass").
+(``_plane_cancels``); channels are worked on as whole planes, not by numpy's broadcasting of a
+trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than at
+67ed51a, and about 1.5x less again than at 03e4ddf (BENCHMARKS.md, "Issue 27, part fill" and
+"part fill, second pass").
 """
 
 from __future__ import annotations
@@ -541,21 +542,12 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     patch = src.imgf[sy : sy + th, sx : sx + tw]
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
     sigma = max(2.0, 0.5 * rp)
-    nd = cv2.split(_smooth(cv2.merge([*(a * rmask for a in cv2.split(ctx - patch)), rmask]), sigma))
+    # the mismatch and its weight blurred as one four-channel image (one call, not two; at half
+    # resolution it was 4% cheaper still, but the seam score grew by 0.001-0.002, issue 27)
+    nd = cv2.split(cv2.GaussianBlur(cv2.merge([*(a * rmask for a in cv2.split(ctx - patch)), rmask]), (0, 0), sigma))
     den = np.maximum(nd[3], 1e-3)
     corr = cv2.merge([a / den for a in nd[:3]])
     patch = _to_u8(corr + patch)
     cv2.copyTo(patch, piece[y0:y1, x0:x1], out[y0:y1, x0:x1])  # in place, where the piece is
     return True
 
-
-def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of ``a`` (float32; the seam's mismatch and its weight as one four-channel
-    image). From sigma 4 on it runs at half resolution (block means, sigma / 2, bilinear back):
-    the correction it makes is smooth at that scale, and the full-resolution blur, a kernel of
-    8 sigma + 1 taps, was a third of a piece's cost (issue 27)."""
-    h, w = a.shape[:2]
-    if sigma < 4 or min(h, w) < 16:
-        return cv2.GaussianBlur(a, (0, 0), sigma)
-    small = cv2.resize(a, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    return cv2.resize(cv2.GaussianBlur(small, (0, 0), sigma / 2), (w, h), interpolation=cv2.INTER_LINEAR)
