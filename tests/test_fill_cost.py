@@ -52,19 +52,75 @@ def test_search_finds_the_exact_match_the_whole_image_search_finds(seed):
     assert tuple(int(v) for v in fill._best_offset(src, ctx, rmask, integ)) == (sy, sx)
 
 
-def test_one_match_template_per_piece(monkeypatch):
-    """matchTemplate (the search's cost) runs once per piece: the coarse search; the candidates
-    and the refinement are exact norms (before issue 27: 1 + up to 4 per piece)."""
-    calls = []
-    real = cv2.matchTemplate
-    monkeypatch.setattr(fill.cv2, "matchTemplate", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_one_coarse_search_per_piece(monkeypatch):
+    """The coarse search (the search's cost) is one inverse transform per piece, from the
+    spectra of the image and its square made once per call; the candidates and the refinement
+    are exact norms (before issue 27: 1 + up to 4 matchTemplates per piece; then one per piece,
+    each transforming the image twice and inverting twice)."""
+    counts = {"idft": 0, "dft": 0, "matchTemplate": 0}
+    for name in counts:
+        real = getattr(cv2, name)
+        monkeypatch.setattr(fill.cv2, name, lambda *a, _n=name, _f=real, **k: counts.__setitem__(_n, counts[_n] + 1) or _f(*a, **k))
     img = _texture(3)
     hole = np.zeros(img.shape[:2], np.uint8)
     cv2.circle(hole, (80, 80), 20, 255, -1)
     cv2.rectangle(hole, (170, 120), (215, 160), 255, -1)
     out = patch_fill(img, hole)
-    assert len(calls) == 2  # two pieces
+    assert counts == {"idft": 2, "dft": 2 + 2 * 2, "matchTemplate": 0}  # two pieces
     assert np.array_equal(out[hole == 0], img[hole == 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_coarse_ssd_is_the_masked_ssd_match_template_gives(seed):
+    """The spectra's masked SSD is cv2.matchTemplate's (TM_SQDIFF with a 0/1 mask) at every
+    offset, to float32 precision, on an image whose sides are no transform-friendly sizes: the
+    same best offset and the same few best ones (all that the search reads of it)."""
+    rng = np.random.default_rng(seed)
+    img = _texture(seed, 202, 154)  # gray at half resolution: 101 x 77
+    src = fill._Source(img, np.zeros(img.shape[:2], np.uint8), np.zeros(img.shape[:2], np.uint8))
+    g = src.gray_half
+    th, tw = 31, 23
+    y, x = int(rng.integers(0, g.shape[0] - th)), int(rng.integers(0, g.shape[1] - tw))
+    tmpl = g[y : y + th, x : x + tw] + rng.normal(0, 2, (th, tw)).astype(np.float32)
+    mask = np.zeros((th, tw), np.uint8)
+    cv2.ellipse(mask, (tw // 2, th // 2), (tw // 2, th // 2), 0, 0, 360, 1, -1)
+    cv2.ellipse(mask, (tw // 2, th // 2), (tw // 4, th // 4), 0, 0, 360, 0, -1)
+    mask = mask.astype(np.float32)
+    ref = cv2.matchTemplate(g, tmpl, cv2.TM_SQDIFF, mask=mask)
+    got = src.coarse_ssd(tmpl, mask)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-4 * ref.max()
+    assert np.argmin(got) == np.argmin(ref) == y * ref.shape[1] + x
+    assert set(np.argsort(ref, None)[:8]) <= set(np.argsort(got, None)[:12])
+
+
+def test_a_walled_in_part_fits_no_plane_and_keeps_its_fill(monkeypatch):
+    """A hole inside the image filled by copies: every free pixel's neighbours are free or
+    known, so the plane, harmonic, cancels and none is fitted (nor the low-pass of its wider
+    box); the fill is the one the full relight (plane and membrane) gives, within a level. A
+    hole on the image border still fits its plane (there it carries the gradient on)."""
+    from tests.test_fill import _gradient_image
+
+    planes = []
+    real = fill._plane
+    monkeypatch.setattr(fill, "_plane", lambda *a, **k: planes.append(1) or real(*a, **k))
+    img = _gradient_image(0)
+    hole = np.zeros(img.shape[:2], np.uint8)
+    cv2.circle(hole, (120, 80), 22, 255, -1)
+    fast = patch_fill(img, hole)
+    assert not planes
+    monkeypatch.setattr(fill, "_plane_cancels", lambda *a: False)
+    full = patch_fill(img, hole)
+    assert planes
+    d = np.abs(fast.astype(int) - full.astype(int))[hole > 0]
+    assert d.max() <= 1 and d.mean() < 0.1, (d.max(), d.mean())
+    monkeypatch.undo()
+    monkeypatch.setattr(fill, "_plane", lambda *a, **k: planes.append(1) or real(*a, **k))
+    planes.clear()
+    border = np.zeros(img.shape[:2], np.uint8)
+    cv2.circle(border, (235, 80), 22, 255, -1)
+    patch_fill(img, border)
+    assert planes
 
 
 def _reference_membrane(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
