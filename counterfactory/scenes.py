@@ -60,7 +60,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
         start = {"square": math.pi / 4, "triangle": -math.pi / 2}.get(shape, 0.0)
         ang = rot + start + np.arange(n) * 2 * math.pi / n
     xs, ys = cx + radii * np.cos(ang), cy + radii * np.sin(ang)
-    return [[round(float(x), 2), round(float(y), 2)] for x, y in zip(xs, ys, strict=True)]
+    # tolist: Python floats at once, not a numpy scalar per coordinate (the same values)
+    return [[round(x, 2), round(y, 2)] for x, y in zip(xs.tolist(), ys.tolist(), strict=True)]
 
 
 def scene_spec(seed: int, index: int, size: tuple[int, int] = (256, 256)) -> dict:
