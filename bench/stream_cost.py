@@ -54,6 +54,11 @@ def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, s
             except OSError:  # the thread just ended: its last reading stays
                 continue
             cpu[int(tid)] = (int(f[11]) + int(f[12])) / tick
+            if int(tid) not in names:  # a thread Python did not start: the kernel's name for it
+                try:
+                    names.setdefault(-int(tid), Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+                except OSError:
+                    pass
         time.sleep(0.02)
 
 
@@ -65,6 +70,10 @@ def threads(n: int, audit: bool) -> str:
             cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"sample_pairs": 0})})
         plan = plan_inputs(cfg, n)
         (tmp / "out").mkdir()
+        if audit:  # the driver's plan, as DatasetCommit.on_write_start writes it: the writers read it
+            from counterfactory.audit_features import audit_sample, write_plan
+
+            write_plan(tmp / "out", audit_sample(cfg.model_dump(mode="json"), n))
         sink = ShardSink(str(tmp / "out"), "d", cfg.output.shard_size, n)
         # the samples straight to the writer where this tree can (s27encode), else its rows
         kw = {"as_samples": True} if "as_samples" in inspect.signature(local_batches).parameters else {}
@@ -83,12 +92,17 @@ def threads(n: int, audit: bool) -> str:
         own = sum(c for t, c in cpu.items() if names.get(t) == "monitor")
         role = {"MainThread": "writer" + (" + audit collector" if audit else ""), "cf-read": "reader",
                 "cf-step0": "stages"}
-        # threads Python did not start (OpenBLAS, OpenCV pools): summed as "native"
+        # threads Python did not start (OpenBLAS, OpenCV pools): summed as "native", by name
         native = sum(c for t, c in cpu.items() if t not in names)
+        kinds: dict[str, float] = {}
+        for t, c in cpu.items():
+            if t not in names:
+                kinds[names.get(-t, "?")] = kinds.get(names.get(-t, "?"), 0.0) + c
         per = [f"{role.get(names[t], names[t])} {1000 * c / pairs:.2f}"
                for t, c in sorted(cpu.items(), key=lambda kv: -kv[1])
                if t in names and names[t] not in ("MainThread", "monitor") and c >= 0.01]
-        per.append(f"native threads {1000 * native / pairs:.2f}")
+        per.append(f"native threads {1000 * native / pairs:.2f} (" + ", ".join(
+            f"{k} {1000 * c / pairs:.2f}" for k, c in sorted(kinds.items(), key=lambda kv: -kv[1]) if c) + ")")
         last = max((names[t] for t in names if names[t].startswith("cf-step")), default="")
         per = [p.replace(last, "part encoder", 1) if last and p.startswith(last) else p for p in per]
         return (f"stream, {n} inputs, {pairs} pairs, audit {'on' if audit else 'off'}: {1000 * (total - own) / pairs:.1f} "
