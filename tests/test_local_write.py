@@ -45,20 +45,3 @@ def test_plain_loop_writes_its_samples_as_it_would_write_their_rows(tmp_path, mo
     journal, files = _written(tmp_path / "samples", samples, n)
     assert files == ref_files and len(files) == 2 * 3  # shards and their pairs/ copies
     assert journal == ref_journal
-
-
-def test_the_overlapped_loop_runs_blas_on_one_thread_and_gives_it_back():
-    """The loop's threads are its parallelism: an OpenBLAS worker beside them only spins (issue
-    27). Inside every step BLAS has one thread; after the loop, what it had before."""
-    from threadpoolctl import threadpool_info
-
-    from counterfactory.pipeline.overlap import staged
-
-    def blas_threads(_: object = None) -> list[int]:
-        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-
-    before = blas_threads()
-    assert before, "numpy without a BLAS threadpool threadpoolctl can see"
-    seen = list(staged(iter(range(3)), [blas_threads, lambda x: (x, blas_threads())]))
-    assert all(inner == [1] * len(before) and outer == [1] * len(before) for outer, inner in seen)
-    assert blas_threads() == before

@@ -10,16 +10,10 @@ GIL in their kernels, and CUDA launches are asynchronous.
 
 Outputs are the loop's, byte for byte: each step's stage objects live in one thread and see the
 batches in input order (FIFO queues), and every random choice is seeded per sample.
-
-BLAS (numpy's OpenBLAS) runs on one thread while the loop runs: the loop's own threads are the
-parallelism, and an OpenBLAS worker woken by a small product from any of them spins after it
-(0.3-3.5 CPU ms per pair of the CPU default in ``bench/stream_cost.py --threads 300 --audit``,
-issue 27). A Ray worker already runs so (``OMP_NUM_THREADS=1``), the same products.
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -84,11 +78,9 @@ def staged(source: Iterator[Any], steps: list[Callable[[Any], Any]], depth: int 
     threads = [threading.Thread(target=read, name="cf-read", daemon=True)]
     threads += [threading.Thread(target=work, args=(fn, queues[i], queues[i + 1]), name=f"cf-step{i}", daemon=True)
                 for i, fn in enumerate(steps)]
-    blas = _one_blas_thread()
-    blas.__enter__()
+    for t in threads:
+        t.start()
     try:
-        for t in threads:
-            t.start()
         while True:
             item = get(queues[-1])
             if item is _END:
@@ -100,13 +92,3 @@ def staged(source: Iterator[Any], steps: list[Callable[[Any], Any]], depth: int 
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        blas.__exit__(None, None, None)
-
-
-def _one_blas_thread() -> Any:
-    """BLAS limited to one thread until ``__exit__`` (process-wide: every thread of the loop)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency; without it BLAS keeps its threads
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
