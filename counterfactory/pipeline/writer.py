@@ -101,8 +101,8 @@ def encode_mask(arr: np.ndarray) -> bytes:
     values where no filter helps. Rows unfiltered, deflated by zlib's run-length strategy (level
     1): ~5x less CPU and about half the bytes (issue 27, s27encode); the same bytes as OpenCV
     5's ``imencode`` with ``IMWRITE_PNG_FILTER_NONE`` and ``IMWRITE_PNG_STRATEGY_RLE`` at level
-    1 (masks of 32 KiB and more), but fixed by zlib alone, whichever OpenCV is installed. Anything but a 2-D uint8 array
-    goes through OpenCV as before."""
+    1 (masks of 32 KiB and more), but fixed by zlib alone, whichever OpenCV is installed.
+    Anything but a 2-D uint8 array goes through OpenCV as before."""
     if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
         return _encode_image(arr, "png", 0)
     h, w = arr.shape
