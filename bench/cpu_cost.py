@@ -11,7 +11,7 @@ alone, in CPU seconds.
 ``--stream N``: the stage code and the part encoder alone (what the floor's stream runs), CPU ms
 per input and a digest of the rows (same digest = same bytes), without the writer or the audit.
 
-Usage: python bench/cpu_cost.py [--n 1000] [--profile 120 [--sort cumulative]] [--stream 300]
+Usage: python bench/cpu_cost.py [--n 1000 [--sampler]] [--profile 120 [--sort cumulative]] [--stream 300]
 [--audit outputs/demo/v1]
 Run two commits side by side (a ``git worktree`` of the old one, each with its own PYTHONPATH)
 at the same time: then both see the same load.
@@ -20,9 +20,11 @@ at the same time: then both see the same load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
+import resource
 import shutil
 import sys
 import tempfile
@@ -38,14 +40,23 @@ import run as bench_run  # noqa: E402
 from counterfactory.pipeline.runner import local_batches, run_pipeline  # noqa: E402
 
 
-def floor(n: int) -> str:
+def floor(n: int, sampler: bool = False) -> str:
+    """The whole floor run in this process. Its peak RSS is the kernel's ``ru_maxrss`` (one
+    process, no children): the figures before issue 27's s27encode part ran it inside
+    ``bench_run.PeakRSS``, a thread that lists every process of the machine through psutil five
+    times a second, and charged that thread's CPU to the floor (``run.py``'s ``timed_run``
+    subtracts it, this did not). ``sampler``: that old instrument again, its own CPU printed
+    beside the floor's, so the old rows can be compared (old figure = floor + sampler)."""
     tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
     try:
         cfg = bench_run.scenes_config(n, tmp)
-        with bench_run.PeakRSS() as mem:
+        with bench_run.PeakRSS() if sampler else contextlib.nullcontext() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             res = run_pipeline(cfg, local=True, progress=False)
             cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        sampler_cpu = mem.cpu if sampler else 0.0
+        cpu -= sampler_cpu
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         summary = json.loads((res.out_dir / "summary.json").read_text())
         stream = summary["pipeline"]["wall_seconds"]
         card = json.loads((res.out_dir / "card.json").read_text())
@@ -53,7 +64,9 @@ def floor(n: int) -> str:
         s = res.manifest["counts"]["samples"]
         return (f"N={n}: {s} pairs, CPU {1000 * cpu / s:.1f} ms/pair ({s / wall:.1f} pairs/s wall); wall: stream "
                 f"{stream:.1f} s, after it {wall - stream:.1f} s (audit {card['timing']['audit_seconds']} s); "
-                f"peak RSS {mem.peak / 2**20:.0f} MiB; content id {info['content_id'][:16]}")
+                f"peak RSS {peak / 2**20:.0f} MiB; content id {info['content_id'][:16]}"
+                + (f"; the psutil sampler's own CPU {sampler_cpu:.2f} s ({1000 * sampler_cpu / s:.1f} ms/pair, "
+                   f"peak RSS by it {mem.peak / 2**20:.0f} MiB), left out above" if sampler else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -137,6 +150,8 @@ def main() -> None:
     ap.add_argument("--sort", default="tottime", help="profile order: tottime (own time) or cumulative")
     ap.add_argument("--top", type=int, default=25, help="profile entries printed")
     ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
+    ap.add_argument("--sampler", action="store_true", help="the floor inside the old psutil RSS sampler "
+                    "(bench/run.PeakRSS), its own CPU printed apart: compares with rows measured before s27encode")
     args = ap.parse_args()
     if args.audit:
         print(audit_cost(args.audit))
@@ -145,7 +160,7 @@ def main() -> None:
     elif args.profile:
         profile(args.profile, args.top, args.sort)
     else:
-        print(floor(args.n))
+        print(floor(args.n, args.sampler))
 
 
 if __name__ == "__main__":

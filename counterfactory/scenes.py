@@ -7,6 +7,8 @@ Objects are painted with exactly the rasterization of ``polygon_mask``, so a mas
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from typing import Any
@@ -60,11 +62,24 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
         start = {"square": math.pi / 4, "triangle": -math.pi / 2}.get(shape, 0.0)
         ang = rot + start + np.arange(n) * 2 * math.pi / n
     xs, ys = cx + radii * np.cos(ang), cy + radii * np.sin(ang)
-    return [[round(float(x), 2), round(float(y), 2)] for x, y in zip(xs, ys, strict=True)]
+    # tolist: Python floats at once, not a numpy scalar per coordinate (the same values)
+    return [[round(x, 2), round(y, 2)] for x, y in zip(xs.tolist(), ys.tolist(), strict=True)]
 
 
 def scene_spec(seed: int, index: int, size: tuple[int, int] = (256, 256)) -> dict:
-    """Geometry and background parameters for scene ``index`` of ``seed`` (no pixels)."""
+    """Geometry and background parameters for scene ``index`` of ``seed`` (no pixels): a fresh
+    dict each call. The reader makes a scene's record from its spec and ingest renders it from
+    the spec again, in the same process in the plain loop and in a shard's task: the last few
+    hundred specs are kept as JSON text (issue 27: ~0.4 ms of Python per spec, ~20 us to load)."""
+    return json.loads(_spec_json(seed, index, int(size[0]), int(size[1])))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_json(seed: int, index: int, w: int, h: int) -> str:
+    return json.dumps(_make_spec(seed, index, (w, h)))
+
+
+def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
     w, h = int(size[0]), int(size[1])
     if min(w, h) < 32:
         raise ValueError(f"scene size {w}x{h} too small (min side 32)")

@@ -197,3 +197,57 @@ def test_index_and_rejects_name_an_image_or_a_clip_by_its_source_uri(tmp_path):
     rejects = pq.read_table(tmp_path / "rejects.parquet").to_pylist()
     assert [(r["source"], r["origin"], r["variant"]) for r in rejects] == [
         ("x.png", "m:1", "blackout"), ("c.mp4", "m:2", "blackout"), ("gone.mp4", "m:3", None)]
+
+
+def _masks() -> list:
+    """Masks as the stages make them (0/255 shapes, dilated blobs, empty, full, odd sizes)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    out = [np.zeros((256, 256), np.uint8), np.full((64, 48), 255, np.uint8), np.zeros((1, 17), np.uint8)]
+    for h, w in ((256, 256), (97, 131), (480, 640)):
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(3):
+            cv2.circle(m, (int(rng.integers(w)), int(rng.integers(h))), int(rng.integers(4, 40)), 255, -1)
+        out.append(cv2.dilate(m, np.ones((5, 5), np.uint8)))
+    out.append(((rng.random((33, 70)) > 0.5) * 255).astype(np.uint8))  # no runs at all
+    out.append(rng.integers(0, 256, (20, 30), dtype=np.uint8))  # not binary: still lossless
+    return out
+
+
+def test_mask_png_reads_back_the_same_array_in_every_reader():
+    """issue 27 (s27encode): the mask parts are written by ``encode_mask`` (rows unfiltered,
+    zlib's run-length strategy) instead of libpng's all-filters default; PIL (the loader, the
+    export recipes, webdataset's decoders) and OpenCV read the very same 0/255 array back, and a
+    stage's mask takes about half the bytes."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+    from webdataset.autodecode import Decoder, imagehandler
+
+    from counterfactory.export_recipes import _mask
+    from counterfactory.pipeline.writer import encode_mask
+
+    for m in _masks():
+        png = encode_mask(m)
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.mode == "L" and im.size == (m.shape[1], m.shape[0])
+            assert np.array_equal(np.asarray(im), m)
+        assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), m)
+        assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE), m)
+        got = Decoder([imagehandler("l8")])({"__key__": "k", "mask.png": png})["mask.png"]
+        assert np.array_equal(got, m)
+        assert np.array_equal(_mask(png), m > 0)
+        # OpenCV >= 4.11 can say the same (libpng narrows zlib's window under 32 KiB of rows)
+        if hasattr(cv2, "IMWRITE_PNG_FILTER") and (m.shape[1] + 1) * m.shape[0] >= 32768:
+            ref = cv2.imencode(".png", m, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER,
+                                           cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY,
+                                           cv2.IMWRITE_PNG_STRATEGY_RLE])[1].tobytes()
+            if len(ref) < 8192:  # one IDAT chunk (libpng splits larger streams)
+                assert png == ref
+    blobs = _masks()[3:6]
+    old = sum(len(cv2.imencode(".png", m, [cv2.IMWRITE_PNG_COMPRESSION, 3])[1]) for m in blobs)
+    assert sum(len(encode_mask(m)) for m in blobs) < 0.75 * old
+    # anything else still goes through OpenCV
+    assert cv2.imdecode(np.frombuffer(encode_mask(np.zeros((8, 8, 3), np.uint8)), np.uint8), -1).shape == (8, 8, 3)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from counterfactory.sample import RunSettings, StageStartError, decode_batch, encode_batch
+from counterfactory.sample import RunSettings, Sample, StageStartError, decode_batch, encode_batch
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,14 @@ class StageChain:
         self.encoder = encoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return encode_batch(self.samples(batch))
+
+    def samples(self, batch: dict[str, np.ndarray]) -> list[Sample]:
+        """The batch's samples after every stage (and the encoder), not encoded back into rows:
+        for a writer in the same process (the plain loop's ``datasink.write_local``)."""
         samples = decode_batch(batch)
         for st in self.stages:
             st.apply(samples)
         if self.encoder is not None:  # on the samples: no pickle round trip of the raw arrays
             self.encoder.encode_samples(samples)
-        return encode_batch(samples)
+        return samples

@@ -201,12 +201,13 @@ def drop_fragments(sink: ShardSink, k: int | None = None) -> None:
     shutil.rmtree(root if k is None else root / f"{k:06d}", ignore_errors=True)
 
 
-def write_local(batches: Iterator[dict[str, np.ndarray]], sink: ShardSink) -> Iterator[dict[str, Any]]:
+def write_local(batches: Iterator[dict[str, np.ndarray] | list[Sample]], sink: ShardSink) -> Iterator[dict[str, Any]]:
     """Rows in input order (the plain loop): each shard closed when the next one's first input
-    arrives, and at the end; yields each shard's journal entry."""
+    arrives, and at the end; yields each shard's journal entry. A batch is rows or, from
+    ``local_batches(as_samples=True)``, its samples as they are (as ``make_and_write_shard``'s)."""
     writer: ShardWriter | None = None
     for batch in batches:
-        for s in decode_batch(batch):
+        for s in batch if isinstance(batch, list) else decode_batch(batch):
             k = s.idx // sink.shard_size
             if writer is not None and writer.k != k:
                 yield sink.close(writer)

@@ -177,12 +177,15 @@ def plan_steps(cfg: PipelineConfig, stop_after: str | None = None) -> list[Step]
 
 def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]], *, stop_after: str | None = None,
                   encode: bool = True, batch_size: int = 8, start: int = 0, end: int | None = None,
-                  overlap: bool = False) -> Iterator[dict[str, Any]]:
+                  overlap: bool = False, as_samples: bool = False) -> Iterator[Any]:
     """The same stage code in a plain loop in this process, no Ray: for tests, debugging and
     the benchmark floor. ``inputs`` is a run's input plan (read slice by slice) or a list of
     records; inputs ``[start, end)`` only. ``stop_after`` ends after the named stage (arrays left unencoded). ``overlap``
     runs the reader, each step and the encoder in threads of their own (``overlap.staged``):
-    the same outputs, with host work beside the device work instead of between it."""
+    the same outputs, with host work beside the device work instead of between it. ``as_samples``:
+    each batch as its list of ``Sample`` objects, not rows: a writer in this process takes them as
+    a shard task's writer does (issue 27: no JSON and pickle round trip of every row on its way
+    from the encoder to the writer)."""
     run = cfg.run_settings()
     specs = [spec for step in plan_steps(cfg, stop_after) for spec in step.specs]
     encoder = (PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
@@ -198,12 +201,13 @@ def local_batches(cfg: PipelineConfig, inputs: InputPlan | list[dict[str, Any]],
         rows = itertools.takewhile(lambda r: r["idx"] < end, rows)
     batches = batches_of(rows, batch_size)
     if not overlap:
-        yield from (chain(b) for b in batches)
+        yield from (chain.samples(b) if as_samples else chain(b) for b in batches)
         return
-    yield from _overlapped(chain, plan_steps(cfg, stop_after), batches)
+    yield from _overlapped(chain, plan_steps(cfg, stop_after), batches, as_samples)
 
 
-def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str, Any]],
+                as_samples: bool = False) -> Iterator[Any]:
     """``chain``'s stages grouped by plan step, one thread per step (see ``overlap.staged``)."""
     from counterfactory.pipeline.overlap import staged
     from counterfactory.sample import decode_batch, encode_batch
@@ -224,7 +228,7 @@ def _overlapped(chain: StageChain, steps: list[Step], batches: Iterator[dict[str
     def finish(samples: Any) -> dict[str, Any]:
         if chain.encoder is not None:
             chain.encoder.encode_samples(samples)
-        return encode_batch(samples)
+        return samples if as_samples else encode_batch(samples)
 
     return staged(batches, [*fns, finish])
 
@@ -451,7 +455,7 @@ def _local_entries(cfg: PipelineConfig, plan: InputPlan, todo: list[int], sink: 
     for _, run in itertools.groupby(enumerate(todo), key=lambda t: t[1] - t[0]):
         ks = [k for _, k in run]
         lo, hi = shard_range(ks[0], sink.shard_size, sink.n_inputs)[0], shard_range(ks[-1], sink.shard_size, sink.n_inputs)[1]
-        yield from write_local(local_batches(cfg, plan, start=lo, end=hi, overlap=True), sink)
+        yield from write_local(local_batches(cfg, plan, start=lo, end=hi, overlap=True, as_samples=True), sink)
 
 
 def _ray_operator_stats(ds: Any) -> list[dict[str, Any]]:

@@ -199,9 +199,14 @@ class TemplateQA(Stage):
                 continue
             # questions about the object an edit brought in follow the insert rule
             rule_edit = "insert" if e.get("inserted_category") in it["targets"] else v
-            side = _placed_side(e, m)
-            if ((it["answer"] == abstain and it["kind"] != "existence")  # nothing to compute from
-                    or (ANSWER_RULES[rule_edit].get(it["kind"]) == "new_side" and side is None)):  # too central
+            if it["answer"] == abstain and it["kind"] != "existence":  # nothing to compute from
+                answers[v] = abstain
+                continue
+            # the placed object's side only where the rule asks for it (issue 27: a whole-image
+            # rasterization and moments per question and variant otherwise)
+            needs_side = ANSWER_RULES[rule_edit].get(it["kind"]) == "new_side"
+            side = _placed_side(e, m) if needs_side else None
+            if needs_side and side is None:  # too central
                 answers[v] = abstain
                 continue
             try:

@@ -1,0 +1,164 @@
+"""What the floor's stream spends outside the stages (issue 27, s27encode), in CPU time.
+
+``--threads N``: the overlapped plain loop as the floor runs it (``local_batches(overlap=True)``
+into ``datasink.write_local``, no publish), each thread's CPU per pair read from
+``/proc/self/task`` (a monitor thread, its own CPU left out): the stages (``cf-step0``), the part
+encoder (the last step), the reader and the writer (the main thread). The shortcut audit's
+collector runs in the writer; ``--audit`` keeps it, by default it is off (``audit.sample_pairs=0``)
+so the writer's own figure shows.
+
+``--parts N``: the part encoder and the shard writer alone on the verified samples of N inputs,
+each timed best of ``--rounds`` in CPU time: ``PartEncoder.encode_samples`` (JPEG, PNG masks,
+JSON), then ``ShardWriter`` (shard and ``pairs/`` tars, hashes, index rows, journal).
+
+Run two commits side by side (a copy of the old tree with this file in its bench/, each with
+its own PYTHONPATH) at the same time, as ``bench/cpu_cost.py`` says.
+Usage: python bench/stream_cost.py --threads 300 [--audit] | --parts 120 [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import run as bench_run  # noqa: E402
+
+from counterfactory.pipeline.datasink import ShardSink, write_local  # noqa: E402
+from counterfactory.pipeline.inputs import plan_inputs  # noqa: E402
+from counterfactory.pipeline.runner import local_batches  # noqa: E402
+from counterfactory.pipeline.writer import PartEncoder, ShardWriter  # noqa: E402
+from counterfactory.sample import decode_batch  # noqa: E402
+
+
+def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, str]) -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.is_set():
+        for t in threading.enumerate():
+            if t.native_id:
+                names[t.native_id] = t.name
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                f = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread just ended: its last reading stays
+                continue
+            cpu[int(tid)] = (int(f[11]) + int(f[12])) / tick
+            if int(tid) not in names:  # a thread Python did not start: the kernel's name for it
+                try:
+                    names.setdefault(-int(tid), Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+                except OSError:
+                    pass
+        time.sleep(0.02)
+
+
+def threads(n: int, audit: bool) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="cf-stream-"))
+    try:
+        cfg = bench_run.scenes_config(n, tmp)
+        if not audit:
+            cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"sample_pairs": 0})})
+        plan = plan_inputs(cfg, n)
+        (tmp / "out").mkdir()
+        if audit:  # the driver's plan, as DatasetCommit.on_write_start writes it: the writers read it
+            from counterfactory.audit_features import audit_sample, write_plan
+
+            write_plan(tmp / "out", audit_sample(cfg.model_dump(mode="json"), n))
+        sink = ShardSink(str(tmp / "out"), "d", cfg.output.shard_size, n)
+        # the samples straight to the writer where this tree can (s27encode), else its rows
+        kw = {"as_samples": True} if "as_samples" in inspect.signature(local_batches).parameters else {}
+        cpu: dict[int, float] = {}
+        names: dict[int, str] = {}
+        stop = threading.Event()
+        mon = threading.Thread(target=_thread_cpu, args=(stop, cpu, names), name="monitor")
+        mon.start()
+        m0, c0 = time.thread_time(), time.process_time()
+        entries = list(write_local(local_batches(cfg, plan, overlap=True, **kw), sink))
+        total, main = time.process_time() - c0, time.thread_time() - m0
+        time.sleep(0.1)
+        stop.set()
+        mon.join()
+        pairs = sum(e["samples"] for e in entries)
+        own = sum(c for t, c in cpu.items() if names.get(t) == "monitor")
+        role = {"MainThread": "writer" + (" + audit collector" if audit else ""), "cf-read": "reader",
+                "cf-step0": "stages"}
+        # threads Python did not start (OpenBLAS, OpenCV pools): summed as "native", by name
+        native = sum(c for t, c in cpu.items() if t not in names)
+        kinds: dict[str, float] = {}
+        for t, c in cpu.items():
+            if t not in names:
+                kinds[names.get(-t, "?")] = kinds.get(names.get(-t, "?"), 0.0) + c
+        per = [f"{role.get(names[t], names[t])} {1000 * c / pairs:.2f}"
+               for t, c in sorted(cpu.items(), key=lambda kv: -kv[1])
+               if t in names and names[t] not in ("MainThread", "monitor") and c >= 0.01]
+        per.append(f"native threads {1000 * native / pairs:.2f} (" + ", ".join(
+            f"{k} {1000 * c / pairs:.2f}" for k, c in sorted(kinds.items(), key=lambda kv: -kv[1]) if c) + ")")
+        last = max((names[t] for t in names if names[t].startswith("cf-step")), default="")
+        per = [p.replace(last, "part encoder", 1) if last and p.startswith(last) else p for p in per]
+        return (f"stream, {n} inputs, {pairs} pairs, audit {'on' if audit else 'off'}: {1000 * (total - own) / pairs:.1f} "
+                f"CPU ms/pair; per thread, CPU ms/pair: {role['MainThread']} {1000 * main / pairs:.2f}, " + ", ".join(per))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parts(n: int, rounds: int) -> str:
+    from tests.conftest import load_records
+
+    tmp = Path(tempfile.mkdtemp(prefix="cf-stream-"))
+    try:
+        cfg = bench_run.scenes_config(n, tmp)
+        verified = [s for b in local_batches(cfg, load_records(cfg), encode=False) for s in decode_batch(b)]
+        enc = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
+        best_enc = best_write = float("inf")
+        encoded = []
+        for r in range(rounds):
+            batch = [copy.copy(s) for s in verified]
+            for s in batch:
+                s.arrays, s.meta = dict(s.arrays), copy.deepcopy(s.meta)
+            c0 = time.process_time()
+            enc.encode_samples(batch)
+            best_enc = min(best_enc, time.process_time() - c0)
+            encoded = batch
+            out = tmp / f"w{r}"
+            out.mkdir()
+            w = ShardWriter(out, "d", 0, 0, len(encoded))
+            c0 = time.process_time()
+            for i, s in enumerate(encoded):
+                w.add(i, s.key, s.status, s.meta, s.arrays.get("parts", {}))
+            w.finish()
+            best_write = min(best_write, time.process_time() - c0)
+        ok = [s for s in encoded if s.ok]
+        png = [len(b) for s in ok for name, b in s.arrays["parts"].items() if name.endswith(".png")]
+        return (f"{len(verified)} samples ({len(ok)} accepted), best of {rounds}: part encoder "
+                f"{1000 * best_enc / len(verified):.2f} CPU ms/sample, writer (shard + pairs/ + journal) "
+                f"{1000 * best_write / len(verified):.2f} CPU ms/sample; {len(png)} PNG masks, "
+                f"{sum(png) / max(1, len(png)):.0f} B each on average")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=0, help="per-thread CPU of the floor's stream on this many inputs")
+    ap.add_argument("--audit", action="store_true", help="with --threads: the audit's collector on")
+    ap.add_argument("--parts", type=int, default=0, help="the part encoder and the writer alone on this many inputs")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if args.parts:
+        print(parts(args.parts, args.rounds))
+    else:
+        print(threads(args.threads or 300, args.audit))
+
+
+if __name__ == "__main__":
+    main()
