@@ -115,3 +115,14 @@ def test_a_flat_fill_is_no_copy(noise):
     out[region > 0] = fill[region > 0]
     got = copied_object(img, out, region, [("blob", obj)])
     assert got["invented_ncc"] < 0.5
+
+
+def test_a_flat_window_or_template_reads_zero_without_a_warning(recwarn):
+    rng = np.random.default_rng(5)
+    tm = np.ones((8, 8), np.float32)
+    ok = np.ones((13, 13), bool)
+    tpl = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    assert invented._best_masked_ncc(np.full((20, 20, 3), 201, np.float32), tpl, tm, ok) == 0.0
+    win = rng.uniform(0, 255, (20, 20, 3)).astype(np.float32)
+    assert invented._best_masked_ncc(win, np.full((8, 8, 3), 9, np.float32), tm, ok) == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

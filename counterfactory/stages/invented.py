@@ -125,8 +125,8 @@ def _best_masked_ncc(win: np.ndarray, tpl: np.ndarray, tm: np.ndarray, ok: np.nd
     var = s[:, 3] - np.einsum("kc,kc->k", s[:, :3], s[:, :3]) / n
     # a flat window (0/0, as OpenCV's NaN and inf, read as no correlation): its variance lost in
     # float32's rounding of the sum of squares
-    good = var > _FLAT * s[:, 3]
-    if not good.any():
+    good = (var > 0) & (var > _FLAT * s[:, 3])
+    if not good.any() or tnorm2 <= 0:
         return 0.0
     ys, xs, var = ys[good], xs[good], var[good]
     r = cv2.matchTemplate(wz, tz, cv2.TM_CCORR)[ys, xs] / np.sqrt(tnorm2 * var)
