@@ -120,23 +120,23 @@ def _best_masked_ncc(win: np.ndarray, tpl: np.ndarray, tm: np.ndarray, ok: np.nd
     planes[:, :3 * w].reshape(-1, 3, w)[:] = wz.transpose(0, 2, 1)
     cv2.transform(cv2.multiply(wz, wz), _SUM3, dst=planes[:, 3 * w:])
     sums = cv2.matchTemplate(planes, tm, cv2.TM_CCORR)
-    ys, xs = np.nonzero(ok)
-    s = sums[ys[:, None], xs[:, None] + np.arange(0, 4 * w, w)].astype(np.float64)  # (k, 4)
-    var = s[:, 3] - np.einsum("kc,kc->k", s[:, :3], s[:, :3]) / n
+    ow = ok.shape[1]  # each plane's sums at the placements read (row-major, as np.flatnonzero)
+    s1r, s1g, s1b, s2 = (sums[:, c * w:c * w + ow][ok].astype(np.float64) for c in range(4))
+    var = s2 - (s1r * s1r + s1g * s1g + s1b * s1b) / n
     # a flat window (0/0, as OpenCV's NaN and inf, read as no correlation): its variance lost in
     # float32's rounding of the sum of squares
-    good = (var > 0) & (var > _FLAT * s[:, 3])
+    good = (var > 0) & (var > _FLAT * s2)
     if not good.any() or tnorm2 <= 0:
         return 0.0
-    ys, xs, var = ys[good], xs[good], var[good]
-    r = cv2.matchTemplate(wz, tz, cv2.TM_CCORR)[ys, xs] / np.sqrt(tnorm2 * var)
+    r = cv2.matchTemplate(wz, tz, cv2.TM_CCORR)[ok][good] / np.sqrt(tnorm2 * var[good])
     top = float(r.max())
     if top < floor - REFINE_MARGIN:
         return top
     near = np.flatnonzero(r >= top - REFINE_MARGIN)
     if len(near) > REFINE_MAX:
         near = near[np.argpartition(r[near], -REFINE_MAX)[-REFINE_MAX:]]
-    return max(-1.0, min(1.0, _exact_ncc(win, tpl, tmu, ys[near], xs[near])))
+    ys, xs = np.divmod(np.flatnonzero(ok)[np.flatnonzero(good)[near]], ow)
+    return max(-1.0, min(1.0, _exact_ncc(win, tpl, tmu, ys, xs)))
 
 
 def _exact_ncc(win: np.ndarray, tpl: np.ndarray, tmu: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
