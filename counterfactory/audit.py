@@ -228,9 +228,11 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
             for i in tr:
                 by_kind[rows[i]["k"]][rows[i]["a"]] += 1
             overall = Counter(rows[i]["a"] for i in tr)
+            # each kind's majority once per fold (the most frequent answer, ties by name)
+            major = {kind: min(c.items(), key=lambda t: (-t[1], t[0]))[0] for kind, c in by_kind.items()}
+            fallback = min(overall.items(), key=lambda t: (-t[1], t[0]))[0] if overall else None
             for i in te:
-                c = by_kind.get(rows[i]["k"]) or overall
-                pooled_major[i] = sorted(c.items(), key=lambda t: (-t[1], t[0]))[0][0]
+                pooled_major[i] = major.get(rows[i]["k"], fallback)
     out: dict[str, dict[str, Any]] = {}
     for v in ["orig", *variants]:
         idx = [i for i, r in enumerate(rows) if r["v"] == v]
