@@ -645,8 +645,7 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         fig = Figure(figsize=(4 * ncol, 2.6 * nrow))
         for i, metric in enumerate(sorted(by_metric)):
             ax = fig.add_subplot(nrow, ncol, i + 1)
-            for variant, h in by_metric[metric]:
-                ax.stairs(h["counts"], h["edges"], color=colour[variant], linewidth=1.2)
+            _outlines(ax, [(h, colour[variant]) for variant, h in by_metric[metric]])
             style(ax, f"{metric} (n={max(h['n'] for _, h in by_metric[metric])})",
                   METRIC_UNITS.get(metric, metric))
         if by_metric:
@@ -664,6 +663,30 @@ def render_plots(card: dict[str, Any]) -> dict[str, bytes]:
         fig.subplots_adjust(left=0.05, right=0.98, bottom=0.85 / height, top=1 - 0.45 / height, hspace=0.8, wspace=0.25)
         out["plots/metrics.png"] = png(fig)
         return out
+
+
+def _outlines(ax: Any, hists: list[tuple[dict[str, Any], str]]) -> None:
+    """Each histogram's step outline (what ``ax.stairs(counts, edges)`` draws: up from 0 at the
+    first edge, along the counts, down to 0 at the last) in one LineCollection, one colour per
+    histogram, and the limits ``stairs`` would autoscale to (x: the edges with 5 % margins; y:
+    from 0, its sticky baseline, with a 5 % margin on top): one artist per panel instead of one per variant (issue 27: the card's figures
+    are matplotlib artists, created and drawn one by one)."""
+    from matplotlib.collections import LineCollection
+
+    lines = []
+    for h, _ in hists:
+        edges, counts = np.asarray(h["edges"], np.float64), np.asarray(h["counts"], np.float64)
+        xy = np.empty((2 * len(counts) + 2, 2))
+        xy[:, 0] = np.repeat(edges, 2)
+        xy[0, 1] = xy[-1, 1] = 0.0
+        xy[1:-1, 1] = np.repeat(counts, 2)
+        lines.append(xy)
+    ax.add_collection(LineCollection(lines, colors=[c for _, c in hists], linewidths=1.2), autolim=False)
+    lo, hi = min(float(x[0, 0]) for x in lines), max(float(x[-1, 0]) for x in lines)
+    top = max(float(x[:, 1].max()) for x in lines)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5  # matplotlib's default 5 % margins (no sticky x edge)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(0.0, 1.05 * top if top > 0 else 1.0)
 
 
 def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
