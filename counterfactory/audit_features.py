@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from counterfactory.audit_config import AuditConfig
-from counterfactory.layout import AUDIT_DIR, atomic_write
+from counterfactory.layout import AUDIT_DIR, atomic_write, features_name
 from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
 from counterfactory.stages.shared import one_blas_thread
 
@@ -163,8 +163,7 @@ def read_plan(out_dir: Path) -> AuditSample | None:
 
 
 def features_path(out_dir: Path, shard: str) -> Path:
-    """``audit/NAME.npz`` for shard ``NAME.tar``."""
-    return Path(out_dir) / AUDIT_DIR / (shard.rsplit("/", 1)[-1].removesuffix(".tar") + ".npz")
+    return Path(out_dir) / features_name(shard)
 
 
 # -- image statistics (never the mask) ---------------------------------------------------------------

@@ -51,6 +51,12 @@ LABEL_RE = re.compile(r"^v(\d+)$")
 MEMBER_NAME = re.compile(r"^(pairs/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
+def features_name(shard: str) -> str:
+    """``audit/NAME.npz`` for shard ``NAME.tar``: its audit features (``audit_features``), in a
+    staging or version folder and in a staging prefix on an object store."""
+    return f"{AUDIT_DIR}/{shard.rsplit('/', 1)[-1].removesuffix('.tar')}.npz"
+
+
 # -- checksums and atomic writes ----------------------------------------------------------------
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -21,6 +21,7 @@ from counterfactory.layout import (
     PAIRS_DIR,
     VERSION_FILE,
     atomic_write,
+    features_name,
 )
 from counterfactory.storage import RemoteDir, StorageError
 from counterfactory.versions import (
@@ -153,6 +154,11 @@ def _staged_shards(staging: Path, remote: RemoteDir) -> list[str]:
     if any(got[n] != size for n, size in want.items()):
         return []
     remote.download([n for n in sorted(want) if not (staging / n).is_file()], staging)
+    # the audit features of shards written on another node or machine: the audit reads them
+    # instead of decoding those shards (a shard without any is read by the audit as before)
+    features = [features_name(s["name"]) for s in manifest["shards"]]
+    stored = remote.sizes([n for n in features if not (staging / n).is_file()])
+    remote.download([n for n, size in stored.items() if size is not None], staging)
     return sorted(want)
 
 

@@ -290,6 +290,9 @@ def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_pat
     stored = {n for n, is_dir, _ in ds.list(prefix, recursive=True) if not is_dir}
     assert {f"{prefix}/demo-00000{k}.tar" for k in (0, 1)} <= stored
     assert {f"{prefix}/.journal/00000{k}.json" for k in (0, 1)} <= stored
+    # each shard's audit features go with it (before its marker), so another machine's audit
+    # reads them instead of decoding the shards
+    assert {f"{prefix}/audit/demo-00000{k}.npz" for k in (0, 1)} <= stored
     for staging in V.staging_dirs(ds):  # another machine: no local working folder
         shutil.rmtree(staging)
     uploaded = _record_uploads(monkeypatch)
@@ -297,6 +300,8 @@ def test_writers_put_shards_on_the_store_and_another_machine_resumes(s3, tmp_pat
     monkeypatch.undo()
     summary = json.loads((res.out_dir / "summary.json").read_text())
     assert summary["resumed"]["shards"] == 2
+    cost = json.loads((res.out_dir / "card.json").read_text())["audit"]["cost"]
+    assert cost["from_shards"] == 0 and cost["from_stream"] > 0, cost
     assert uploaded and not [n for n in uploaded if n.endswith(".tar")], uploaded  # metadata only
     assert uploaded[-1] == "version.json"
     local = run_pipeline(_cfg(tmp_path / "c"), local=True)

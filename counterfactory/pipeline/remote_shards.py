@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from counterfactory.layout import JOURNAL, atomic_write
+from counterfactory.layout import JOURNAL, atomic_write, features_name
 from counterfactory.storage import RemoteDir
 
 
@@ -31,13 +31,16 @@ def journal_name(k: int) -> str:
 
 
 def put_shard(out_dir: Path, uri: str, entry: dict[str, Any]) -> None:
-    """Put shard ``entry["k"]`` (its tar, its pair tar, then its journal entry: the marker) from
-    ``out_dir`` to the staging prefix ``uri``. Single-object PUTs: a reader sees an object whole
-    or not at all, and the marker only after the shard."""
+    """Put shard ``entry["k"]`` (its tar, its pair tar, its audit features when it has any, then
+    its journal entry: the marker) from ``out_dir`` to the staging prefix ``uri``. Single-object
+    PUTs: a reader sees an object whole or not at all, and the marker only after the shard."""
     remote = remote_dir(uri)
     for sh in (entry["shard"], entry.get("pair_shard")):
         if sh:
             remote.put(out_dir / sh["name"], sh["name"])
+    features = features_name(entry["shard"]["name"])
+    if (out_dir / features).is_file():  # the audit at publish reads it, not the shard, on any machine
+        remote.put(out_dir / features, features)
     remote.put(out_dir / journal_name(entry["k"]), journal_name(entry["k"]))
 
 
