@@ -20,6 +20,10 @@ Cost (issue 27, ~20 -> ~10 CPU ms per sampled sample): a variant changes the pix
 original's take the original's rows; the others are computed on one crop around them (a global
 edit, a flip, on the whole image). Members are decoded by OpenCV (BGR, the same pixels as
 Pillow's), each mask once per sample, BLAS held to one thread once per sample.
+
+~530 lines on purpose: the sample rule, the statistics and the features file are one contract
+between the writers and the audit (the same numbers from the stream and from a shard); the
+audit's fits live in ``audit``.
 """
 
 from __future__ import annotations

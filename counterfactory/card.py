@@ -10,7 +10,7 @@ so they never change a content id; the PNGs are written without software/date me
 The markdown skeleton is ``CARD_TEMPLATE``; ``data_cards/TEMPLATE.md`` is a copy kept equal
 by a test.
 
-One module (~680 lines, a third of it the markdown template and the plot code) because the
+One module (~730 lines, a third of it the markdown template and the plot code) because the
 figures are computed once into one ``card`` dict that the markdown, ``card.json`` and the plots
 all render; it sits below the pipeline (the runner calls ``write_card`` at publish).
 """

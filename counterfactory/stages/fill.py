@@ -40,6 +40,9 @@ grid cells, and a part walled in by known pixels with no Telea pixel needs no pl
 trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than at
 67ed51a, and about 1.5x less again than at 03e4ddf (BENCHMARKS.md, "Issue 27, part fill" and
 "part fill, second pass").
+
+~550 lines on purpose: the search, the relight and the membrane read the same ``_Source`` and
+hand each other crops; split into modules they would pass a dozen arrays across every call.
 """
 
 from __future__ import annotations
