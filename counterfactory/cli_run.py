@@ -28,10 +28,17 @@ def _print_plan(cfg, n_inputs: int) -> None:
         t.add_column(col, no_wrap=col != "stages (backend)")
     for step in plan_steps(cfg):
         r = step.resources
-        t.add_row("\n".join(f"{s.name} ({s.backend})" for s in step.specs), "actors" if step.actors else "tasks",
+        t.add_row("\n".join(_spec_label(s) for s in step.specs), "actors" if step.actors else "tasks",
                   str(r.num_cpus), str(r.num_gpus), str(r.concurrency or 1) if step.actors else "auto",
                   str(r.batch_size))
     con.print(t)
+
+
+def _spec_label(spec) -> str:
+    """``edit (diffusers-inpaint)``; a model stage split by the plan (issue 28) names its part:
+    ``edit (diffusers-inpaint): host before`` in a CPU step, ``: model`` in the actor step."""
+    part = {"all": "", "model": ": model"}.get(spec.part, f": host {spec.part}")
+    return f"{spec.name} ({spec.backend}){part}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

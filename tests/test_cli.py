@@ -56,6 +56,17 @@ def test_dry_run_takes_an_override_after_the_flag(capsys: pytest.CaptureFixture)
     assert "shard_size: 7" in out
 
 
+def test_dry_run_names_the_parts_of_a_split_model_stage(capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table to the terminal
+    rc, out, err = run_cli(capsys, "run", str(DEMO.parent / "gpu_fast.yaml"), "--dry-run")
+    assert rc == 0, err
+    for part in ("segment (sam-hf): model", "segment (sam-hf): host after", "edit (diffusers-inpaint): host before",
+                 "edit (diffusers-inpaint): model", "verify (redetect): host before"):
+        assert part in out
+    assert "ingest (default) " in out and "ingest (default):" not in out
+
+
 def test_version_and_help(capsys: pytest.CaptureFixture) -> None:
     from counterfactory import __version__
 
