@@ -42,8 +42,13 @@ from counterfactory.pipeline.writer import PartEncoder, ShardWriter  # noqa: E40
 from counterfactory.sample import decode_batch  # noqa: E402
 
 
-def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, str]) -> None:
+def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, str], every: float = 0.02,
+                trace: list[tuple[float, float]] | None = None) -> None:
+    """Each thread's CPU seconds (user + system, from ``/proc/self/task``) into ``cpu`` by thread
+    id, its name into ``names``, every ``every`` seconds until ``stop``; ``trace``: the main
+    thread's CPU over time, as (``perf_counter``, seconds) pairs."""
     tick = os.sysconf("SC_CLK_TCK")
+    main = threading.main_thread().native_id
     while not stop.is_set():
         for t in threading.enumerate():
             if t.native_id:
@@ -59,7 +64,9 @@ def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, s
                     names.setdefault(-int(tid), Path(f"/proc/self/task/{tid}/comm").read_text().strip())
                 except OSError:
                     pass
-        time.sleep(0.02)
+        if trace is not None:
+            trace.append((time.perf_counter(), cpu.get(main, 0.0)))
+        time.sleep(every)
 
 
 def threads(n: int, audit: bool) -> str:
