@@ -13,7 +13,7 @@ JSON), then ``ShardWriter`` (shard and ``pairs/`` tars, hashes, index rows, jour
 
 Run two commits side by side (a copy of the old tree with this file in its bench/, each with
 its own PYTHONPATH) at the same time, as ``bench/cpu_cost.py`` says.
-Usage: python bench/stream_cost.py --threads 300 [--audit] | --parts 120 [--rounds 5]
+Usage: python bench/stream_cost.py --threads 300 [--audit] | --parts 120 [--rounds 5] [--questions 2]
 """
 
 from __future__ import annotations
@@ -118,12 +118,16 @@ def threads(n: int, audit: bool) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def parts(n: int, rounds: int) -> str:
+def parts(n: int, rounds: int, questions: int = 1) -> str:
     from tests.conftest import load_records
 
     tmp = Path(tempfile.mkdtemp(prefix="cf-stream-"))
     try:
         cfg = bench_run.scenes_config(n, tmp)
+        if questions != 1:  # inputs of one image, one per question (the demo asks 2 per scene)
+            cfg = cfg.model_copy(update={"inputs": [i.model_copy(update={"questions_per_scene": questions,
+                                                                          "count": -(-n // questions)})
+                                                    for i in cfg.inputs]})
         verified = [s for b in local_batches(cfg, load_records(cfg), encode=False) for s in decode_batch(b)]
         enc = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
         best_enc = best_write = float("inf")
@@ -160,9 +164,11 @@ def main() -> None:
     ap.add_argument("--audit", action="store_true", help="with --threads: the audit's collector on")
     ap.add_argument("--parts", type=int, default=0, help="the part encoder and the writer alone on this many inputs")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--questions", type=int, default=1, help="with --parts: questions per scene (inputs of one "
+                    "image in a row, as the demo's 2; N inputs = N / questions scenes)")
     args = ap.parse_args()
     if args.parts:
-        print(parts(args.parts, args.rounds))
+        print(parts(args.parts, args.rounds, args.questions))
     else:
         print(threads(args.threads or 300, args.audit))
 
