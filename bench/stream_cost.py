@@ -13,7 +13,7 @@ JSON), then ``ShardWriter`` (shard and ``pairs/`` tars, hashes, index rows, jour
 
 Run two commits side by side (a copy of the old tree with this file in its bench/, each with
 its own PYTHONPATH) at the same time, as ``bench/cpu_cost.py`` says.
-Usage: python bench/stream_cost.py --threads 300 [--audit] | --parts 120 [--rounds 5] [--questions 2]
+Usage: python bench/stream_cost.py --threads 300 [--audit] | --parts 120 [--rounds 5] [--questions 2] [--floors]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -118,7 +119,7 @@ def threads(n: int, audit: bool) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def parts(n: int, rounds: int, questions: int = 1) -> str:
+def parts(n: int, rounds: int, questions: int = 1, floors: bool = False) -> str:
     from tests.conftest import load_records
 
     tmp = Path(tempfile.mkdtemp(prefix="cf-stream-"))
@@ -150,12 +151,56 @@ def parts(n: int, rounds: int, questions: int = 1) -> str:
             best_write = min(best_write, time.process_time() - c0)
         ok = [s for s in encoded if s.ok]
         png = [len(b) for s in ok for name, b in s.arrays["parts"].items() if name.endswith(".png")]
-        return (f"{len(verified)} samples ({len(ok)} accepted), best of {rounds}: part encoder "
+        line = (f"{len(verified)} samples ({len(ok)} accepted), best of {rounds}: part encoder "
                 f"{1000 * best_enc / len(verified):.2f} CPU ms/sample, writer (shard + pairs/ + journal) "
                 f"{1000 * best_write / len(verified):.2f} CPU ms/sample; {len(png)} PNG masks, "
                 f"{sum(png) / max(1, len(png)):.0f} B each on average")
+        return line + ("\n" + _floors(verified, tmp / f"w{rounds - 1}", rounds, cfg) if floors else "")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _floors(verified: list, out: Path, rounds: int, cfg: Any) -> str:
+    """What no change of ours can take off the encoder and the writer while the bytes stay the
+    same, best of ``rounds`` in CPU time: the codec calls alone (every picture and mask of the
+    accepted samples through ``_encode_image`` / ``encode_mask``, as the encoder calls them), and
+    the shard's and ``pairs/`` shard's bytes (as written) hashed with sha256 and written to a file,
+    one update and one write per sample's worth, then fsynced."""
+    import hashlib
+
+    from counterfactory.pipeline.writer import _encode_image, encode_mask
+
+    fmt, q = cfg.output.image_format, cfg.output.jpeg_quality
+    pics = [a for s in verified if s.ok for k, a in s.arrays.items() if k == "image" or k.startswith("variant/")]
+    masks = [a for s in verified if s.ok for k, a in s.arrays.items()
+             if k == "mask" or (k.startswith("mask/") and k[5:] in s.meta["variants"])]
+    data = [(out / "d-000000.tar").read_bytes(), (out / "pairs" / "d-000000.tar").read_bytes()]
+    step = max(1, sum(map(len, data)) // max(1, 2 * len(verified)))  # about one sample's bytes
+
+    def best(fn: Any) -> float:
+        t = float("inf")
+        for _ in range(rounds):
+            c0 = time.process_time()
+            fn()
+            t = min(t, time.process_time() - c0)
+        return 1000 * t / len(verified)
+
+    def hash_write() -> None:
+        with open(out / "floor.bin", "wb", buffering=0) as f:
+            for buf in data:
+                sha = hashlib.sha256()
+                for i in range(0, len(buf), step):
+                    chunk = buf[i:i + step]
+                    sha.update(chunk)
+                    f.write(chunk)
+            os.fsync(f.fileno())
+
+    jpeg = best(lambda: [_encode_image(a, fmt, q) for a in pics])
+    png = best(lambda: [encode_mask(a) for a in masks])
+    hw = best(hash_write)
+    return (f"floors, CPU ms/sample: codecs {jpeg + png:.2f} ({len(pics) / len(verified):.1f} pictures "
+            f"{jpeg:.2f}, {len(masks) / len(verified):.1f} masks {png:.2f}); sha256 + write + fsync of the shard "
+            f"and pairs/ bytes ({sum(map(len, data)) / len(verified) / 1e3:.0f} KB/sample) {hw:.2f}")
 
 
 def main() -> None:
@@ -166,9 +211,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--questions", type=int, default=1, help="with --parts: questions per scene (inputs of one "
                     "image in a row, as the demo's 2; N inputs = N / questions scenes)")
+    ap.add_argument("--floors", action="store_true", help="with --parts: the codecs alone and the sha256 + write "
+                    "of the written bytes alone (what the same bytes cost at least)")
     args = ap.parse_args()
     if args.parts:
-        print(parts(args.parts, args.rounds, args.questions))
+        print(parts(args.parts, args.rounds, args.questions, args.floors))
     else:
         print(threads(args.threads or 300, args.audit))
 
