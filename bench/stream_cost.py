@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import run as bench_run  # noqa: E402
 
+from counterfactory.pipeline import writer  # noqa: E402
 from counterfactory.pipeline.datasink import ShardSink, write_local  # noqa: E402
 from counterfactory.pipeline.inputs import plan_inputs  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
@@ -131,6 +132,7 @@ def parts(n: int, rounds: int, questions: int = 1, floors: bool = False) -> str:
                                                     for i in cfg.inputs]})
         verified = [s for b in local_batches(cfg, load_records(cfg), encode=False) for s in decode_batch(b)]
         enc = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
+        encodes = _pictures_encoded(PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality), verified)
         best_enc = best_write = float("inf")
         encoded = []
         for r in range(rounds):
@@ -154,10 +156,27 @@ def parts(n: int, rounds: int, questions: int = 1, floors: bool = False) -> str:
         line = (f"{len(verified)} samples ({len(ok)} accepted), best of {rounds}: part encoder "
                 f"{1000 * best_enc / len(verified):.2f} CPU ms/sample, writer (shard + pairs/ + journal) "
                 f"{1000 * best_write / len(verified):.2f} CPU ms/sample; {len(png)} PNG masks, "
-                f"{sum(png) / max(1, len(png)):.0f} B each on average")
+                f"{sum(png) / max(1, len(png)):.0f} B each on average; {encodes} pictures encoded of "
+                f"{sum(1 + len(s.meta['variants']) for s in ok)}")
         return line + ("\n" + _floors(verified, tmp / f"w{rounds - 1}", rounds, cfg) if floors else "")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pictures_encoded(enc: PartEncoder, verified: list) -> int:
+    """How many pictures ``enc`` encodes for copies of ``verified`` (``_encode_image`` calls: a
+    tree that reuses the bytes a source's questions share encodes fewer)."""
+    calls: list[int] = []
+    real = writer._encode_image
+    writer._encode_image = lambda *a: calls.append(1) or real(*a)
+    try:
+        batch = [copy.copy(s) for s in verified]
+        for s in batch:
+            s.arrays, s.meta = dict(s.arrays), copy.deepcopy(s.meta)
+        enc.encode_samples(batch)
+    finally:
+        writer._encode_image = real
+    return len(calls)
 
 
 def _floors(verified: list, out: Path, rounds: int, cfg: Any) -> str:
