@@ -305,3 +305,20 @@ def test_encoder_reuses_the_parts_a_source_image_shares_across_its_questions(mon
     assert len(calls) == 3 + 2 + 3  # b: its original and edit (its flip is a's); c: all three
     assert b.arrays["parts"]["orig.jpg"] == b_orig != a.arrays["parts"]["orig.jpg"]
     assert b.arrays["parts"]["flip.jpg"] == a.arrays["parts"]["flip.jpg"] == c.arrays["parts"]["flip.jpg"]
+
+
+def test_encoder_reuse_never_trusts_an_array_changed_in_place():
+    """The kept array is compared, not trusted: a later sample whose picture is the same memory
+    (a view, or the very object, changed in place since) is encoded afresh."""
+    import numpy as np
+
+    from counterfactory.pipeline import writer
+
+    a, b = _questions_of_one_image(np.random.default_rng(5), 2)
+    shared = a.arrays["image"]
+    b.arrays["image"] = shared  # the same object in both samples
+    enc = writer.PartEncoder()
+    enc.encode_samples([a])
+    shared[:8] = 0  # changed in place after a was encoded
+    enc.encode_samples([b])
+    assert b.arrays["parts"]["orig.jpg"] == writer._encode_image(shared, "jpg", 95) != a.arrays["parts"]["orig.jpg"]
