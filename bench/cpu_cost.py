@@ -11,7 +11,7 @@ alone, in CPU seconds.
 ``--stream N``: the stage code and the part encoder alone (what the floor's stream runs), CPU ms
 per input and a digest of the rows (same digest = same bytes), without the writer or the audit.
 
-Usage: python bench/cpu_cost.py [--n 1000 [--sampler] [--threads]] [--profile 120 [--sort cumulative]] [--stream 300]
+Usage: python bench/cpu_cost.py [--n 1000 [--sampler] [--threads]] [--profile 120 [--sort cumulative]] [--stream 300 [--questions 2]]
 [--audit outputs/demo/v1]
 Run two commits side by side (a ``git worktree`` of the old one, each with its own PYTHONPATH)
 at the same time: then both see the same load.
@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import run as bench_run  # noqa: E402
+from stream_cost import with_questions  # noqa: E402
 
 from counterfactory.pipeline.runner import local_batches, run_pipeline  # noqa: E402
 
@@ -155,7 +156,7 @@ def profile(n: int, top: int = 25, sort: str = "tottime") -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def stream(n: int) -> str:
+def stream(n: int, questions: int = 1) -> str:
     """The stage code and the part encoder alone, as the floor's chain runs them (no cProfile, no
     writer, no audit): CPU ms per input, and a digest of every sample it returns (keys, status,
     meta, encoded parts; the per-stage wall seconds left out), so two commits can be compared for
@@ -169,7 +170,7 @@ def stream(n: int) -> str:
 
     tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
     try:
-        cfg = bench_run.scenes_config(n, tmp)
+        cfg = with_questions(bench_run.scenes_config(n, tmp), n, questions)
         records = load_records(cfg)
         digest = hashlib.sha256()
         spent = 0.0  # the digest's own CPU, left out
@@ -186,7 +187,9 @@ def stream(n: int) -> str:
                         digest.update(name.encode() + bytes(parts[name]))
             spent += time.process_time() - d0
         cpu = time.process_time() - c0 - spent
-        return f"stream alone, {n} inputs: {1000 * cpu / n:.1f} CPU ms/input; rows digest {digest.hexdigest()[:16]}"
+        n = len(records)
+        return (f"stream alone, {n} inputs" + (f" ({questions} questions per scene)" if questions != 1 else "")
+                + f": {1000 * cpu / n:.1f} CPU ms/input; rows digest {digest.hexdigest()[:16]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -207,6 +210,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="profile the stage code on this many inputs instead")
     ap.add_argument("--stream", type=int, default=0, help="CPU and a digest of the stage code + encoder alone "
                     "on this many inputs instead")
+    ap.add_argument("--questions", type=int, default=1, help="with --stream: questions per scene (inputs of one "
+                    "image in a row, as the demo's 2)")
     ap.add_argument("--sort", default="tottime", help="profile order: tottime (own time) or cumulative")
     ap.add_argument("--top", type=int, default=25, help="profile entries printed")
     ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
@@ -218,7 +223,7 @@ def main() -> None:
     if args.audit:
         print(audit_cost(args.audit))
     elif args.stream:
-        print(stream(args.stream))
+        print(stream(args.stream, args.questions))
     elif args.profile:
         profile(args.profile, args.top, args.sort)
     else:

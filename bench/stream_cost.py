@@ -120,25 +120,29 @@ def threads(n: int, audit: bool) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def with_questions(cfg: Any, n: int, questions: int) -> Any:
+    """The bench's config with ``questions`` questions per scene: inputs of one image in a row,
+    one per question (the demo asks 2), about ``n`` inputs in all."""
+    if questions == 1:
+        return cfg
+    return cfg.model_copy(update={"inputs": [i.model_copy(update={"questions_per_scene": questions,
+                                                                   "count": -(-n // questions)})
+                                             for i in cfg.inputs]})
+
+
 def parts(n: int, rounds: int, questions: int = 1, floors: bool = False) -> str:
     from tests.conftest import load_records
 
     tmp = Path(tempfile.mkdtemp(prefix="cf-stream-"))
     try:
-        cfg = bench_run.scenes_config(n, tmp)
-        if questions != 1:  # inputs of one image, one per question (the demo asks 2 per scene)
-            cfg = cfg.model_copy(update={"inputs": [i.model_copy(update={"questions_per_scene": questions,
-                                                                          "count": -(-n // questions)})
-                                                    for i in cfg.inputs]})
+        cfg = with_questions(bench_run.scenes_config(n, tmp), n, questions)
         verified = [s for b in local_batches(cfg, load_records(cfg), encode=False) for s in decode_batch(b)]
         enc = PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality)
         encodes = _pictures_encoded(PartEncoder(cfg.output.image_format, cfg.output.jpeg_quality), verified)
         best_enc = best_write = float("inf")
         encoded = []
         for r in range(rounds):
-            batch = [copy.copy(s) for s in verified]
-            for s in batch:
-                s.arrays, s.meta = dict(s.arrays), copy.deepcopy(s.meta)
+            batch = _copies(verified)
             c0 = time.process_time()
             enc.encode_samples(batch)
             best_enc = min(best_enc, time.process_time() - c0)
@@ -157,25 +161,36 @@ def parts(n: int, rounds: int, questions: int = 1, floors: bool = False) -> str:
                 f"{1000 * best_enc / len(verified):.2f} CPU ms/sample, writer (shard + pairs/ + journal) "
                 f"{1000 * best_write / len(verified):.2f} CPU ms/sample; {len(png)} PNG masks, "
                 f"{sum(png) / max(1, len(png)):.0f} B each on average; {encodes} pictures encoded of "
-                f"{sum(1 + len(s.meta['variants']) for s in ok)}")
+                f"{sum(1 + len(s.meta['variants']) for s in ok)} (the parts equal to each sample's encoded alone)")
         return line + ("\n" + _floors(verified, tmp / f"w{rounds - 1}", rounds, cfg) if floors else "")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _copies(samples: list) -> list:
+    out = [copy.copy(s) for s in samples]
+    for s in out:
+        s.arrays, s.meta = dict(s.arrays), copy.deepcopy(s.meta)
+    return out
+
+
 def _pictures_encoded(enc: PartEncoder, verified: list) -> int:
     """How many pictures ``enc`` encodes for copies of ``verified`` (``_encode_image`` calls: a
-    tree that reuses the bytes a source's questions share encodes fewer)."""
+    tree that reuses the bytes a source's questions share encodes fewer); its parts are checked
+    equal to each sample's encoded alone by an encoder of its own."""
     calls: list[int] = []
     real = writer._encode_image
     writer._encode_image = lambda *a: calls.append(1) or real(*a)
     try:
-        batch = [copy.copy(s) for s in verified]
-        for s in batch:
-            s.arrays, s.meta = dict(s.arrays), copy.deepcopy(s.meta)
+        batch = _copies(verified)
         enc.encode_samples(batch)
     finally:
         writer._encode_image = real
+    alone = _copies(verified)
+    for s in alone:
+        PartEncoder(enc.fmt, enc.quality).encode_samples([s])
+    if [s.arrays for s in batch] != [s.arrays for s in alone]:
+        raise AssertionError("the encoder's parts differ from each sample's encoded alone")
     return len(calls)
 
 
