@@ -42,7 +42,7 @@ from counterfactory.pipeline.runner import local_batches, run_pipeline  # noqa: 
 
 
 class ThreadCPU:
-    """Each thread's CPU during a run, read from ``/proc/self/task`` every 0.1 s by a thread of
+    """Each thread's CPU during a run, read from ``/proc/self/task`` every 0.25 s by a thread of
     its own (``stream_cost._thread_cpu``; its own CPU is reported and left out): the lead's
     per-thread figures of a floor run, by role."""
 
@@ -56,14 +56,14 @@ class ThreadCPU:
         self.trace: list[tuple[float, float]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=_thread_cpu, name="monitor",
-                                       args=(self.stop, self.cpu, self.names, 0.1, self.trace))
+                                       args=(self.stop, self.cpu, self.names, 0.25, self.trace))
 
     def __enter__(self) -> ThreadCPU:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        time.sleep(0.15)  # one more reading after the run
+        time.sleep(0.3)  # one more reading after the run
         self.stop.set()
         self.thread.join()
 
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="profile entries printed")
     ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
     ap.add_argument("--threads", action="store_true", help="with --n: each thread's CPU per pair too (from "
-                    "/proc, read every 0.1 s by a monitor thread whose own CPU is left out)")
+                    "/proc, read every 0.25 s by a monitor thread whose own CPU is left out)")
     ap.add_argument("--sampler", action="store_true", help="the floor inside the old psutil RSS sampler "
                     "(bench/run.PeakRSS), its own CPU printed apart: compares with rows measured before s27encode")
     args = ap.parse_args()

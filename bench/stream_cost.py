@@ -61,7 +61,7 @@ def _thread_cpu(stop: threading.Event, cpu: dict[int, float], names: dict[int, s
             except OSError:  # the thread just ended: its last reading stays
                 continue
             cpu[int(tid)] = (int(f[11]) + int(f[12])) / tick
-            if int(tid) not in names:  # a thread Python did not start: the kernel's name for it
+            if int(tid) not in names and -int(tid) not in names:  # a thread Python did not start: its kernel name, once
                 try:
                     names.setdefault(-int(tid), Path(f"/proc/self/task/{tid}/comm").read_text().strip())
                 except OSError:
