@@ -11,7 +11,7 @@ alone, in CPU seconds.
 ``--stream N``: the stage code and the part encoder alone (what the floor's stream runs), CPU ms
 per input and a digest of the rows (same digest = same bytes), without the writer or the audit.
 
-Usage: python bench/cpu_cost.py [--n 1000 [--sampler]] [--profile 120 [--sort cumulative]] [--stream 300]
+Usage: python bench/cpu_cost.py [--n 1000 [--sampler] [--threads]] [--profile 120 [--sort cumulative]] [--stream 300 [--questions 2]]
 [--audit outputs/demo/v1]
 Run two commits side by side (a ``git worktree`` of the old one, each with its own PYTHONPATH)
 at the same time: then both see the same load.
@@ -36,11 +36,63 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import run as bench_run  # noqa: E402
+from stream_cost import with_questions  # noqa: E402
 
 from counterfactory.pipeline.runner import local_batches, run_pipeline  # noqa: E402
 
 
-def floor(n: int, sampler: bool = False) -> str:
+class ThreadCPU:
+    """Each thread's CPU during a run, read from ``/proc/self/task`` every 0.25 s by a thread of
+    its own (``stream_cost._thread_cpu``; its own CPU is reported and left out): the lead's
+    per-thread figures of a floor run, by role."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from stream_cost import _thread_cpu
+
+        self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.trace: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=_thread_cpu, name="monitor",
+                                       args=(self.stop, self.cpu, self.names, 0.25, self.trace))
+
+    def __enter__(self) -> ThreadCPU:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.3)  # one more reading after the run
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def own(self) -> float:
+        return sum(c for t, c in self.cpu.items() if self.names.get(t) == "monitor")
+
+    def report(self, pairs: int, stream_end: float) -> str:
+        """CPU ms/pair by role; the main thread cut where the stream ended (``stream_end``, a
+        ``perf_counter`` time): the writer and the audit's features before, publish after."""
+        by: dict[str, float] = {}
+        steps = sorted({n for n in self.names.values() if n.startswith("cf-step")})
+        for t, c in self.cpu.items():
+            name = self.names.get(t, f"native ({self.names.get(-t, '?')})")
+            if name == "monitor":
+                continue
+            if name.startswith("cf-step"):  # the plain loop's steps: the last is the part encoder
+                name = "part encoder" if name == steps[-1] else f"stages ({name})"
+            role = {"cf-read": "reader (inputs, scene render)", "MainThread": "main"}.get(name, name)
+            by[role] = by.get(role, 0.0) + c
+        main = by.pop("main", 0.0)
+        in_stream = max((c for t, c in self.trace if t <= stream_end), default=0.0)
+        by["main: writer + audit features (stream)"] = in_stream
+        by["main: publish (after the stream)"] = main - in_stream
+        return "; ".join(f"{k} {1000 * v / pairs:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v >= 0.005) \
+            + f" (monitor's own {1000 * self.own / pairs:.2f}, left out)"
+
+
+def floor(n: int, sampler: bool = False, threads: bool = False) -> str:
     """The whole floor run in this process. Its peak RSS is the kernel's ``ru_maxrss`` (one
     process, no children): the figures before issue 27's s27encode part ran it inside
     ``bench_run.PeakRSS``, a thread that lists every process of the machine through psutil five
@@ -50,12 +102,13 @@ def floor(n: int, sampler: bool = False) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
     try:
         cfg = bench_run.scenes_config(n, tmp)
-        with bench_run.PeakRSS() if sampler else contextlib.nullcontext() as mem:
+        with (bench_run.PeakRSS() if sampler else contextlib.nullcontext() as mem,
+              ThreadCPU() if threads else contextlib.nullcontext() as per):
             t0, c0 = time.perf_counter(), time.process_time()
             res = run_pipeline(cfg, local=True, progress=False)
             cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         sampler_cpu = mem.cpu if sampler else 0.0
-        cpu -= sampler_cpu
+        cpu -= sampler_cpu + (per.own if threads else 0.0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         summary = json.loads((res.out_dir / "summary.json").read_text())
         stream = summary["pipeline"]["wall_seconds"]
@@ -66,7 +119,8 @@ def floor(n: int, sampler: bool = False) -> str:
                 f"{stream:.1f} s, after it {wall - stream:.1f} s (audit {card['timing']['audit_seconds']} s); "
                 f"peak RSS {peak / 2**20:.0f} MiB; content id {info['content_id'][:16]}"
                 + (f"; the psutil sampler's own CPU {sampler_cpu:.2f} s ({1000 * sampler_cpu / s:.1f} ms/pair, "
-                   f"peak RSS by it {mem.peak / 2**20:.0f} MiB), left out above" if sampler else ""))
+                   f"peak RSS by it {mem.peak / 2**20:.0f} MiB), left out above" if sampler else "")
+                + (f"\nper thread, CPU ms/pair: {per.report(s, t0 + stream)}" if threads else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -86,8 +140,9 @@ def profile(n: int, top: int = 25, sort: str = "tottime") -> None:
     pr.enable()
     # the chain as the floor runs it: the part encoder on the samples (issue 27: the profile
     # used to pickle every raw array after verify and unpickle it for a separate encoder, a
-    # round trip the floor never makes)
-    for _ in local_batches(cfg, records):
+    # round trip the floor never makes), and the samples kept as they are (s28write: no row
+    # encode of meta JSON and pickled parts, which the floor's writer does not ask for either)
+    for _ in local_batches(cfg, records, as_samples=True):
         pass
     pr.disable()
     print(f"stage code + encoding, {n} inputs: {1000 * (time.process_time() - c0) / n:.1f} CPU ms/input under cProfile")
@@ -101,32 +156,40 @@ def profile(n: int, top: int = 25, sort: str = "tottime") -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def stream(n: int) -> str:
+def stream(n: int, questions: int = 1) -> str:
     """The stage code and the part encoder alone, as the floor's chain runs them (no cProfile, no
-    writer, no audit): CPU ms per input, and a digest of every row it returns (keys, status, meta,
-    encoded parts; the per-stage wall seconds left out), so two commits can be compared for the same bytes in a fraction of a run."""
+    writer, no audit): CPU ms per input, and a digest of every sample it returns (keys, status,
+    meta, encoded parts; the per-stage wall seconds left out), so two commits can be compared for
+    the same bytes in a fraction of a run. The samples are taken as the floor's writer takes them
+    (s28write: before, each batch was encoded into rows, meta JSON and pickled parts, and the
+    digest's own work was counted too: ~1 CPU ms/input that the floor never spends); the digest
+    is the same as the rows' was (the meta as a row holds it: ``json.dumps(sort_keys=True)``)."""
     import hashlib
-    import pickle
 
     from tests.conftest import load_records
 
     tmp = Path(tempfile.mkdtemp(prefix="cf-cpu-"))
     try:
-        cfg = bench_run.scenes_config(n, tmp)
+        cfg = with_questions(bench_run.scenes_config(n, tmp), n, questions)
         records = load_records(cfg)
         digest = hashlib.sha256()
+        spent = 0.0  # the digest's own CPU, left out
         c0 = time.process_time()
-        for b in local_batches(cfg, records):
-            for i in range(len(b["idx"])):
-                meta = json.loads(b["meta"][i])
+        for samples in local_batches(cfg, records, as_samples=True):
+            d0 = time.process_time()
+            for sm in samples:
+                meta = json.loads(json.dumps(sm.meta, sort_keys=True))  # the row's meta
                 meta.pop("seconds", None)  # wall time per stage: not part of the output
-                digest.update(f"{b['idx'][i]}|{b['key'][i]}|{b['status'][i]}|{json.dumps(meta, sort_keys=True)}".encode())
-                if len(b["blob"][i]):
-                    parts = pickle.loads(b["blob"][i])["parts"]
+                digest.update(f"{sm.idx}|{sm.key}|{sm.status}|{json.dumps(meta, sort_keys=True)}".encode())
+                if sm.ok and sm.arrays:  # a row's blob: only an accepted sample's parts
+                    parts = sm.arrays["parts"]
                     for name in sorted(parts):
                         digest.update(name.encode() + bytes(parts[name]))
-        cpu = time.process_time() - c0
-        return f"stream alone, {n} inputs: {1000 * cpu / n:.1f} CPU ms/input; rows digest {digest.hexdigest()[:16]}"
+            spent += time.process_time() - d0
+        cpu = time.process_time() - c0 - spent
+        n = len(records)
+        return (f"stream alone, {n} inputs" + (f" ({questions} questions per scene)" if questions != 1 else "")
+                + f": {1000 * cpu / n:.1f} CPU ms/input; rows digest {digest.hexdigest()[:16]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -147,20 +210,24 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="profile the stage code on this many inputs instead")
     ap.add_argument("--stream", type=int, default=0, help="CPU and a digest of the stage code + encoder alone "
                     "on this many inputs instead")
+    ap.add_argument("--questions", type=int, default=1, help="with --stream: questions per scene (inputs of one "
+                    "image in a row, as the demo's 2)")
     ap.add_argument("--sort", default="tottime", help="profile order: tottime (own time) or cumulative")
     ap.add_argument("--top", type=int, default=25, help="profile entries printed")
     ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
+    ap.add_argument("--threads", action="store_true", help="with --n: each thread's CPU per pair too (from "
+                    "/proc, read every 0.25 s by a monitor thread whose own CPU is left out)")
     ap.add_argument("--sampler", action="store_true", help="the floor inside the old psutil RSS sampler "
                     "(bench/run.PeakRSS), its own CPU printed apart: compares with rows measured before s27encode")
     args = ap.parse_args()
     if args.audit:
         print(audit_cost(args.audit))
     elif args.stream:
-        print(stream(args.stream))
+        print(stream(args.stream, args.questions))
     elif args.profile:
         profile(args.profile, args.top, args.sort)
     else:
-        print(floor(args.n, args.sampler))
+        print(floor(args.n, args.sampler, args.threads))
 
 
 if __name__ == "__main__":

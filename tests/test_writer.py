@@ -251,3 +251,74 @@ def test_mask_png_reads_back_the_same_array_in_every_reader():
     assert sum(len(encode_mask(m)) for m in blobs) < 0.75 * old
     # anything else still goes through OpenCV
     assert cv2.imdecode(np.frombuffer(encode_mask(np.zeros((8, 8, 3), np.uint8)), np.uint8), -1).shape == (8, 8, 3)
+
+
+def _questions_of_one_image(rng, n: int = 3):
+    """``n`` encoder-ready samples of one source image (one per question, as inputs are made):
+    the same original, a flip shared by all, an edit and a mask of each question's own."""
+    import numpy as np
+
+    from counterfactory.sample import Sample
+
+    img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    flip = np.ascontiguousarray(img[:, ::-1])
+    out = []
+    for q in range(n):
+        mask = np.zeros((48, 64), np.uint8)
+        mask[4 * q:4 * q + 10, 5:20] = 255
+        edit = img.copy()
+        edit[mask > 0] = 10 * q
+        meta = {**META, "source": {**META["source"], "sha256": "same-image"}, "variants": ["remove", "flip"],
+                "edits": {"remove": {}, "flip": {}}}
+        out.append(Sample(q, f"k{q}", "ok", meta, {"image": img.copy(), "mask": mask, "variant/remove": edit,
+                                                   "variant/flip": flip.copy()}))
+    return out
+
+
+def test_encoder_reuses_the_parts_a_source_image_shares_across_its_questions(monkeypatch):
+    """s28write: consecutive inputs of one image (one per question) share its original and any
+    picture their edits share; those are encoded once, the bytes the same as each sample encoded
+    on its own. Another source, or the same source with another array, is encoded afresh."""
+    import numpy as np
+
+    from counterfactory.pipeline import writer
+
+    rng = np.random.default_rng(3)
+    alone = _questions_of_one_image(rng)
+    for s in alone:
+        writer.PartEncoder().encode_samples([s])
+    calls = []
+    real = writer._encode_image
+    monkeypatch.setattr(writer, "_encode_image", lambda arr, *a: calls.append(1) or real(arr, *a))
+    together = _questions_of_one_image(np.random.default_rng(3))
+    writer.PartEncoder().encode_samples(together)
+    assert [s.arrays["parts"] for s in together] == [s.arrays["parts"] for s in alone]
+    assert len(calls) == 3 + 2  # original and flip once, each question's own edit
+    a, b, c = _questions_of_one_image(np.random.default_rng(4))
+    b.arrays["image"] = b.arrays["image"][::-1].copy()  # the same source, another original
+    c.meta["source"] = {**c.meta["source"], "sha256": "another-image"}
+    b_orig = real(b.arrays["image"], "jpg", 95)
+    calls.clear()
+    enc = writer.PartEncoder()
+    enc.encode_samples([a])
+    enc.encode_samples([b, c])  # the encoder keeps its last sample across batches
+    assert len(calls) == 3 + 2 + 3  # b: its original and edit (its flip is a's); c: all three
+    assert b.arrays["parts"]["orig.jpg"] == b_orig != a.arrays["parts"]["orig.jpg"]
+    assert b.arrays["parts"]["flip.jpg"] == a.arrays["parts"]["flip.jpg"] == c.arrays["parts"]["flip.jpg"]
+
+
+def test_encoder_reuse_never_trusts_an_array_changed_in_place():
+    """The kept array is compared, not trusted: a later sample whose picture is the same memory
+    (a view, or the very object, changed in place since) is encoded afresh."""
+    import numpy as np
+
+    from counterfactory.pipeline import writer
+
+    a, b = _questions_of_one_image(np.random.default_rng(5), 2)
+    shared = a.arrays["image"]
+    b.arrays["image"] = shared  # the same object in both samples
+    enc = writer.PartEncoder()
+    enc.encode_samples([a])
+    shared[:8] = 0  # changed in place after a was encoded
+    enc.encode_samples([b])
+    assert b.arrays["parts"]["orig.jpg"] == writer._encode_image(shared, "jpg", 95) != a.arrays["parts"]["orig.jpg"]
