@@ -97,6 +97,15 @@ def _u8(mask: np.ndarray) -> np.ndarray:
     return (mask > 0).astype(np.uint8) * 255
 
 
+def _rect(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``cv2.boundingRect`` of a mask's non-zero pixels: of a uint8 or bool mask as it is (issue
+    27: ``_u8``'s compare over a whole image first cost as much as the rectangle)."""
+    if (mask.size and mask.dtype in (np.uint8, np.bool_) and mask.ndim == 2 and mask.strides[1] == 1
+            and mask.strides[0] >= mask.shape[1]):
+        return cv2.boundingRect(mask.view(np.uint8))
+    return cv2.boundingRect(_u8(mask))
+
+
 def _median(v: np.ndarray) -> float:
     """``np.median`` of a 1-D float32 array, the same number (the same order statistics; of an
     even count the mean of the middle two, in float32 as ``np.mean`` takes it) without its
@@ -298,7 +307,7 @@ def window(shape: tuple[int, ...], ring_px: int, *masks: np.ndarray | None) -> t
     figure reads the same pixels as on the whole image: at an image border the crop reaches the
     border (so OpenCV's reflected border is the same one), elsewhere it stops ``ring_px`` +
     ``_READ_PX`` away. None when the masks are empty."""
-    boxes = [cv2.boundingRect(_u8(m)) for m in masks if m is not None]
+    boxes = [_rect(m) for m in masks if m is not None]
     boxes = [b for b in boxes if b[2] and b[3]]
     if not boxes:
         return None
