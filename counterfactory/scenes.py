@@ -79,6 +79,13 @@ def _spec_json(seed: int, index: int, w: int, h: int) -> str:
     return json.dumps(_make_spec(seed, index, (w, h)))
 
 
+def _pick(rng: np.random.Generator, items: list[str]) -> str:
+    """``str(rng.choice(items))``, the same draw: ``Generator.choice`` of a list with replacement
+    and no weights takes one ``integers(0, len(items))`` (int64) and indexes; this is that call
+    alone (issue 27: choice's array conversion cost ~5x the draw; pinned by tests/test_scenes.py)."""
+    return items[int(rng.integers(0, len(items), dtype=np.int64))]
+
+
 def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
     w, h = int(size[0]), int(size[1])
     if min(w, h) < 32:
@@ -88,7 +95,7 @@ def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
     background = {
         "base": [int(v) for v in rng.integers(100, 180) + rng.integers(-15, 16, 3)],
         "gradient": [round(float(v), 2) for v in rng.uniform(-25, 25, 2)],  # total change in x, y
-        "pattern": str(rng.choice(["stripes", "checker"])),
+        "pattern": _pick(rng, ["stripes", "checker"]),
         "period": int(rng.integers(8, 24)),
         "angle": round(float(rng.uniform(0, math.pi)), 3),
         "pattern_amp": round(float(rng.uniform(3, 8)), 2),
@@ -107,7 +114,7 @@ def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
             if repeatable and rng.random() < 0.4
             else [s for s in SHAPES if counts[s] < 3]
         )
-        shape = str(rng.choice(pool))
+        shape = _pick(rng, pool)
         r = float(rng.uniform(0.05, 0.125)) * m
         spot = None
         for attempt in range(120):
@@ -148,8 +155,11 @@ def _background(bg: dict, w: int, h: int) -> np.ndarray:
     if bg["pattern"] == "stripes":
         pat = np.sin((x * (w * math.cos(a)) + y * (h * math.sin(a))) * np.float32(2 * math.pi / p))
     else:
-        pat = ((np.arange(w)[None, :] // p) ^ (np.arange(h)[:, None] // p)) & 1
-        pat = pat.astype(np.float32) * 2 - 1
+        # 2 ((i // p) ^ (j // p) & 1) - 1 as the outer product of the two ±1 parities (the same
+        # exact ±1.0 values; issue 27: one float32 product, not integer planes of the image)
+        sx = ((np.arange(w) // p) & 1).astype(np.float32) * 2 - 1
+        sy = ((np.arange(h) // p) & 1).astype(np.float32) * 2 - 1
+        pat = np.multiply.outer(sy, -sx)
     lum = gx * (x - 0.5) + gy * (y - 0.5) + np.float32(bg["pattern_amp"]) * pat
     lum += (rng.random((h, w), dtype=np.float32) - 0.5) * np.float32(2 * bg["noise_amp"])
     # Smooth per-channel blotches: coarse noise upsampled (bilinear is deterministic in cv2).
