@@ -59,11 +59,18 @@ FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
+_ZEROS = np.zeros((512, 512, 3), np.uint8)
+_ZEROS.flags.writeable = False  # only ever read: the zeros copied under a mask
+
+
 def _clear(dst: np.ndarray, mask: np.ndarray) -> None:
     """``dst[mask > 0] = 0`` in place (``dst`` may be a view): cv2.copyTo of zeros, ~8x faster
-    than numpy's boolean assignment on a region's box."""
+    than numpy's boolean assignment on a region's box; the zeros a view of one read-only
+    block when the box fits in it (issue 27: no new array per variant)."""
+    h, w = dst.shape[:2]
+    fits = dst.dtype == np.uint8 and dst.ndim == 3 and dst.shape[2] == 3 and h <= 512 and w <= 512
     try:
-        if cv2.copyTo(np.zeros_like(dst), mask, dst) is dst:
+        if cv2.copyTo(_ZEROS[:h, :w] if fits else np.zeros_like(dst), mask, dst) is dst:
             return
     except cv2.error:  # a view OpenCV cannot wrap
         pass
