@@ -155,11 +155,8 @@ def _background(bg: dict, w: int, h: int) -> np.ndarray:
     if bg["pattern"] == "stripes":
         pat = np.sin((x * (w * math.cos(a)) + y * (h * math.sin(a))) * np.float32(2 * math.pi / p))
     else:
-        # 2 ((i // p) ^ (j // p) & 1) - 1 as the outer product of the two ±1 parities (the same
-        # exact ±1.0 values; issue 27: one float32 product, not integer planes of the image)
-        sx = ((np.arange(w) // p) & 1).astype(np.float32) * 2 - 1
-        sy = ((np.arange(h) // p) & 1).astype(np.float32) * 2 - 1
-        pat = np.multiply.outer(sy, -sx)
+        pat = ((np.arange(w)[None, :] // p) ^ (np.arange(h)[:, None] // p)) & 1
+        pat = pat.astype(np.float32) * 2 - 1
     lum = gx * (x - 0.5) + gy * (y - 0.5) + np.float32(bg["pattern_amp"]) * pat
     lum += (rng.random((h, w), dtype=np.float32) - 0.5) * np.float32(2 * bg["noise_amp"])
     # Smooth per-channel blotches: coarse noise upsampled (bilinear is deterministic in cv2).

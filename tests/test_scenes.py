@@ -180,10 +180,10 @@ def test_record_and_uri() -> None:
 
 
 def test_specs_and_pixels_pinned() -> None:
-    """Issue 27 (s28verify): the scene spec's draws (``_pick`` for ``Generator.choice``) and the
-    background (the checker as an outer product of parities) were made cheaper with the same
-    bytes; this digest of 80 specs, their pixels and records (both patterns, three sizes) is
-    what 386b596 made, so any change to a scene's bytes fails here, not only in a content id."""
+    """Issue 27 (s28verify): the scene spec's draws (``_pick`` for ``Generator.choice``) were made
+    cheaper with the same bytes; this digest of 80 specs, their pixels and records (both
+    patterns, three sizes) is what 386b596 made, so any change to a scene's bytes fails here,
+    not only in a content id."""
     h = hashlib.sha256()
     cases = ([(1, i, (256, 256)) for i in range(40)] + [(5, i, (97, 61)) for i in range(20)]
              + [(9, i, (320, 200)) for i in range(20)])
