@@ -56,13 +56,15 @@ def annotated_others(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray])
     for o in sample_meta.get("annotated", []):
         if o["category"] in targets:
             continue
-        m = np.zeros((h, w), bool)
-        for poly in o.get("polygons") or []:
+        polys = o.get("polygons") or []
+        # the first polygon's own fresh mask, the others OR-ed in (issue 27: no blank image first)
+        m = scenes.polygon_mask(polys[0], w, h) if polys else np.zeros((h, w), bool)
+        for poly in polys[1:]:
             m |= scenes.polygon_mask(poly, w, h)
-        if not m.any() and o.get("box"):
+        if not cv2.countNonZero(m.view(np.uint8)) and o.get("box"):
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
             m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
-        if m.any():
+        if cv2.countNonZero(m.view(np.uint8)):
             m.flags.writeable = False
             out.append((o["category"], m))
     return out
