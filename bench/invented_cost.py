@@ -8,6 +8,11 @@ their answers compared: ``invented_ncc`` as stored (4 places), the decision agai
 inputs, so the load is the same for both.
 
 Usage: python bench/invented_cost.py [N] --old /tmp/before-2659781/counterfactory/stages/invented.py
+[--old-footprint /tmp/before-386b596/counterfactory/footprint.py]
+
+``--old-footprint`` (issue 27, part s28verify): verify's ``footprint_metrics`` and
+``insert_metrics`` calls too, each made to the older ``footprint.py`` as well, timed and compared
+the same way (every figure of the returned dict).
 """
 
 from __future__ import annotations
@@ -26,9 +31,41 @@ sys.path.append(str(REPO / "bench"))
 import cv2  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402, F401 - the fill imports it once per process, not per input
 
+from counterfactory import footprint  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
 from counterfactory.stages import verify  # noqa: E402
 from tests.conftest import load_records  # noqa: E402
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _compare_footprint(old_path: str) -> dict:
+    """Patch ``footprint_metrics`` and ``insert_metrics`` (as verify calls them) to run the old
+    module's function too on every call; returns the running tallies."""
+    old_fp = _load(old_path, "old_footprint")
+    tally: dict = {}
+    for name in ("footprint_metrics", "insert_metrics"):
+        new_f, old_f = getattr(footprint, name), getattr(old_fp, name)
+        t = tally[name] = {"old": 0.0, "new": 0.0, "calls": 0, "differ": 0}
+
+        def both(*a, _new=new_f, _old=old_f, _t=t, **k):
+            c = time.process_time()
+            b = _old(*a, **k)
+            _t["old"] += time.process_time() - c
+            c = time.process_time()
+            r = _new(*a, **k)
+            _t["new"] += time.process_time() - c
+            _t["calls"] += 1
+            _t["differ"] += r != b
+            return r
+
+        setattr(footprint, name, both)
+    return tally
 
 
 def main() -> None:
@@ -37,10 +74,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("n", nargs="?", type=int, default=300)
     ap.add_argument("--old", required=True, help="an older counterfactory/stages/invented.py")
+    ap.add_argument("--old-footprint", default=None, help="an older counterfactory/footprint.py: also compare "
+                    "verify's footprint_metrics and insert_metrics calls")
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("old_invented", args.old)
-    old_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old_mod)
+    old_mod = _load(args.old, "old_invented")
+    tally = _compare_footprint(args.old_footprint) if args.old_footprint else {}
     threshold = verify.PixelVerify.Params().max_invented_ncc
     new, old = verify.copied_object, old_mod.copied_object
     cpu = {"old": 0.0, "new": 0.0}
@@ -73,6 +111,9 @@ def main() -> None:
     print(f"invented_ncc stored differently: {seen['stored']} of {n} (at most {seen['diff']:.4f}); decisions "
           f"(> {threshold}) changed: {seen['decision']}; categories changed: {seen['category']}; "
           f"highest score: {seen['max']}")
+    for name, t in tally.items():
+        print(f"{name}: {t['calls']} calls, old {1000 * t['old'] / args.n:.3f} / new {1000 * t['new'] / args.n:.3f} CPU "
+              f"ms per input ({t['old'] / t['new']:.2f}x); results that differ: {t['differ']}")
 
 
 if __name__ == "__main__":

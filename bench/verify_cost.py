@@ -4,7 +4,9 @@ Runs the floor's chain (``local_batches``, as ``bench/cpu_cost.py --stream``) on
 procedural set with accumulating CPU-time timers (``time.process_time``, no profiler) around
 ``verify.process``, its parts (``copied_object``, ``footprint_metrics``, ``_insert_metrics``,
 ``_metrics``) and each edit; "edit outside the fill" is ``edit.process`` less the time inside
-its fill (``ClassicalEdit._inpaint``).
+its fill (``ClassicalEdit._inpaint``). Issue 27, part s28verify: also ingest, localize, segment
+and qa, and the reader (``read_slice``: the scenes' specs, records and questions, which the
+floor's reader thread runs), with their sum ("ingest group").
 
 Usage: python bench/verify_cost.py [N]   (default 300)
 Two commits side by side: run it at the same time with each one's PYTHONPATH (this checkout's
@@ -29,7 +31,7 @@ import scipy.sparse.linalg  # noqa: E402, F401 - the fill imports it once per pr
 
 from counterfactory import footprint  # noqa: E402
 from counterfactory.pipeline.runner import local_batches  # noqa: E402
-from counterfactory.stages import edit, verify  # noqa: E402
+from counterfactory.stages import edit, ingest, localize, qa, segment, verify  # noqa: E402
 from tests.conftest import load_records  # noqa: E402
 
 ACC: collections.Counter = collections.Counter()
@@ -62,8 +64,14 @@ def main() -> None:
     for name in ("process", "_inpaint", "_remove", "_count", "_swap", "_insert", "_random_mask", "_attribute",
                  "_blackout", "_flip"):
         _timed(edit.ClassicalEdit, name, f"edit.{name}")
+    for owner, label in ((ingest.Ingest, "ingest"), (localize.AnnotationLocalize, "localize"),
+                         (segment.ClassicalSegment, "segment"), (qa.TemplateQA, "qa")):
+        _timed(owner, "process", f"{label}.process")
     cfg = bench_run.scenes_config(n, Path(tempfile.mkdtemp(prefix="cf-verify-cost-")))
-    records = load_records(cfg)
+    t = time.process_time()
+    records = load_records(cfg)  # the reader's part (read_slice on every slice), outside the chain's total
+    ACC["reader: read_slice"] += time.process_time() - t
+    CALLS["reader: read_slice"] += 1
     c0 = time.process_time()
     for _ in local_batches(cfg, records):
         pass
@@ -74,6 +82,9 @@ def main() -> None:
     v, outside = ACC["verify.process"], ACC["edit.process"] - ACC["edit._inpaint"]
     print(f"verify {1000 * v / n:.2f} + edit outside the fill {1000 * outside / n:.2f} = "
           f"{1000 * (v + outside) / n:.2f} CPU ms/input")
+    group = sum(ACC[k] for k in ("ingest.process", "localize.process", "segment.process", "qa.process",
+                                 "reader: read_slice"))
+    print(f"ingest group (ingest + localize + segment + qa + reader) {1000 * group / n:.2f} CPU ms/input")
 
 
 if __name__ == "__main__":

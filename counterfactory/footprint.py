@@ -97,6 +97,15 @@ def _u8(mask: np.ndarray) -> np.ndarray:
     return (mask > 0).astype(np.uint8) * 255
 
 
+def _rect(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``cv2.boundingRect`` of a mask's non-zero pixels: of a uint8 or bool mask as it is (issue
+    27: ``_u8``'s compare over a whole image first cost as much as the rectangle)."""
+    if (mask.size and mask.dtype in (np.uint8, np.bool_) and mask.ndim == 2 and mask.strides[1] == 1
+            and mask.strides[0] >= mask.shape[1]):
+        return cv2.boundingRect(mask.view(np.uint8))
+    return cv2.boundingRect(_u8(mask))
+
+
 def _median(v: np.ndarray) -> float:
     """``np.median`` of a 1-D float32 array, the same number (the same order statistics; of an
     even count the mean of the middle two, in float32 as ``np.mean`` takes it) without its
@@ -218,9 +227,16 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     times 2/pi) when the caller has them already; ``around``: ``region``'s ring."""
     core = _u8(core)
     region = core if region is core else _u8(region)
+    rng_m = ring(region, ring_px) if around is None else _u8(around)
+    return _boundary(out, core, region, rng_m, grads)
+
+
+def _boundary(out: np.ndarray, core: np.ndarray, region: np.ndarray, rng_m: np.ndarray,
+              grads: tuple[np.ndarray, ...] | None) -> float:
+    """``boundary_score`` of uint8 0/255 masks the caller has normalized already (``rng_m``: the
+    region's ring); issue 27: footprint_metrics and insert_metrics hand theirs over as they are."""
     contour = cv2.bitwise_and(cv2.morphologyEx(core, cv2.MORPH_GRADIENT, _SQUARE3), region)
     contour[:2], contour[-2:], contour[:, :2], contour[:, -2:] = 0, 0, 0, 0
-    rng_m = ring(region, ring_px) if around is None else _u8(around)
     if not cv2.countNonZero(contour) or not cv2.countNonZero(rng_m):
         return 0.0
     gx, gy, *mag = _gradients(out) if grads is None else grads
@@ -234,13 +250,24 @@ def boundary_score(out: np.ndarray, core: np.ndarray, region: np.ndarray, ring_p
     # array's edge, to the edge: the same border), the same values there (issue 27)
     h, w = core.shape
     x, y, bw, bh = cv2.boundingRect(contour)
-    win = slice(max(0, y - _NORMAL_PX), min(h, y + bh + _NORMAL_PX)), slice(max(0, x - _NORMAL_PX),
-                                                                            min(w, x + bw + _NORMAL_PX))
-    cm = cv2.GaussianBlur(core[win].astype(np.float32) / 255, (0, 0), 2.0)
-    nx, ny = cv2.Sobel(cm, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(cm, cv2.CV_32F, 0, 1, ksize=3)
-    norm = cv2.magnitude(nx, ny) + 1e-6
-    across = cv2.absdiff(gx[win] * nx / norm + gy[win] * ny / norm, 0.0)
-    val = cv2.mean(across, mask=contour[win])[0]
+    y0, x0 = max(0, y - _NORMAL_PX), max(0, x - _NORMAL_PX)
+    win = slice(y0, min(h, y + bh + _NORMAL_PX)), slice(x0, min(w, x + bw + _NORMAL_PX))
+    cm = core[win].astype(np.float32)
+    cm /= 255
+    cm = cv2.GaussianBlur(cm, (0, 0), 2.0)
+    # the products on the contour's own box: the mean reads no pixel outside it (issue 27:
+    # the same per-pixel float32 operations in the same order, in place, on fewer pixels)
+    inner = slice(y - y0, y - y0 + bh), slice(x - x0, x - x0 + bw)
+    box = slice(y, y + bh), slice(x, x + bw)
+    nx, ny = cv2.Sobel(cm, cv2.CV_32F, 1, 0, ksize=3)[inner], cv2.Sobel(cm, cv2.CV_32F, 0, 1, ksize=3)[inner]
+    norm = cv2.magnitude(nx, ny)
+    norm += 1e-6
+    across = gx[box] * nx
+    across /= norm
+    dy = gy[box] * ny
+    dy /= norm
+    across += dy
+    val = cv2.mean(cv2.absdiff(across, 0.0), mask=contour[box])[0]
     return round(float(val / max(base, 1.0)), 4)
 
 
@@ -281,8 +308,8 @@ def footprint_metrics(orig: np.ndarray, out: np.ndarray, region: np.ndarray, cor
     # the magnitude and its ring mean (both scores' base) once for both scores
     grads = (gx, gy, mag, cv2.mean(mag, mask=around)[0] * _ISOTROPIC)
     if core is not None:
-        m["boundary_score"] = boundary_score(out, np.ascontiguousarray(core[win]), region, ring_px, grads, around)
-    m["seam_score"] = boundary_score(out, region, region, ring_px, grads, around)
+        m["boundary_score"] = _boundary(out, _u8(np.ascontiguousarray(core[win])), region, around, grads)
+    m["seam_score"] = _boundary(out, region, region, around, grads)
     return m
 
 
@@ -298,7 +325,7 @@ def window(shape: tuple[int, ...], ring_px: int, *masks: np.ndarray | None) -> t
     figure reads the same pixels as on the whole image: at an image border the crop reaches the
     border (so OpenCV's reflected border is the same one), elsewhere it stops ``ring_px`` +
     ``_READ_PX`` away. None when the masks are empty."""
-    boxes = [cv2.boundingRect(_u8(m)) for m in masks if m is not None]
+    boxes = [_rect(m) for m in masks if m is not None]
     boxes = [b for b in boxes if b[2] and b[3]]
     if not boxes:
         return None
@@ -360,5 +387,5 @@ def insert_metrics(orig: np.ndarray, out: np.ndarray, obj: np.ndarray, region: n
          "achromatic": gray_orig,
          "insert_chroma": round(float(cv2.mean(spread(out), mask=inner)[0]), 3)}
     if seam:
-        m["insert_seam_score"] = boundary_score(out, region, region, ring_px, _gradients(out, g), around)
+        m["insert_seam_score"] = _boundary(out, region, region, around, _gradients(out, g))
     return m

@@ -79,6 +79,13 @@ def _spec_json(seed: int, index: int, w: int, h: int) -> str:
     return json.dumps(_make_spec(seed, index, (w, h)))
 
 
+def _pick(rng: np.random.Generator, items: list[str]) -> str:
+    """``str(rng.choice(items))``, the same draw: ``Generator.choice`` of a list with replacement
+    and no weights takes one ``integers(0, len(items))`` (int64) and indexes; this is that call
+    alone (issue 27: choice's array conversion cost ~5x the draw; pinned by tests/test_scenes.py)."""
+    return items[int(rng.integers(0, len(items), dtype=np.int64))]
+
+
 def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
     w, h = int(size[0]), int(size[1])
     if min(w, h) < 32:
@@ -88,7 +95,7 @@ def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
     background = {
         "base": [int(v) for v in rng.integers(100, 180) + rng.integers(-15, 16, 3)],
         "gradient": [round(float(v), 2) for v in rng.uniform(-25, 25, 2)],  # total change in x, y
-        "pattern": str(rng.choice(["stripes", "checker"])),
+        "pattern": _pick(rng, ["stripes", "checker"]),
         "period": int(rng.integers(8, 24)),
         "angle": round(float(rng.uniform(0, math.pi)), 3),
         "pattern_amp": round(float(rng.uniform(3, 8)), 2),
@@ -107,7 +114,7 @@ def _make_spec(seed: int, index: int, size: tuple[int, int]) -> dict:
             if repeatable and rng.random() < 0.4
             else [s for s in SHAPES if counts[s] < 3]
         )
-        shape = str(rng.choice(pool))
+        shape = _pick(rng, pool)
         r = float(rng.uniform(0.05, 0.125)) * m
         spot = None
         for attempt in range(120):

@@ -179,3 +179,22 @@ def test_spread_and_achromatic_equal_numpy(seed):
         assert fp.achromatic(img, tol) == bool(np.percentile(ref, 99.5) <= tol), tol
     view = img[:, ::-1]  # a mirrored view (negative strides) reads the same
     assert np.array_equal(fp.spread(view), ref[:, ::-1].astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_boundary_score_on_the_contour_box_equals_the_whole_image(seed):
+    """Issue 27 (s28verify): the normal's products on the contour's own box, in place, and the
+    masks handed over as they are (``_boundary``): the whole-image number, for an outline inside,
+    at or across the border, a core with holes, and a core that leaves the region."""
+    rng = np.random.default_rng(500 + seed)
+    h, w = (int(rng.integers(40, 180)), int(rng.integers(40, 180)))
+    out = _image(rng, h, w, gray=bool(seed % 4 == 0))
+    region = _blob(rng, h, w, "border" if seed % 3 == 0 else "inside")
+    core = cv2.erode(region, np.ones((5, 5), np.uint8))
+    if seed % 5 == 1:  # holes in the core
+        core[rng.random(core.shape) > 0.97] = 0
+    if seed % 5 == 2:  # a core partly outside the region
+        core = np.roll(core, int(rng.integers(3, 9)), axis=1)
+    ring_px = int(rng.choice([4, 8]))
+    assert fp.boundary_score(out, core, region, ring_px) == _old_boundary_score(out, core, region, ring_px)
+    assert fp.boundary_score(out, region, region, ring_px) == _old_boundary_score(out, region, region, ring_px)

@@ -177,3 +177,19 @@ def test_record_and_uri() -> None:
     assert parse_procedural_uri("procedural://1/2") == (1, 2, (256, 256))
     with pytest.raises(ValueError):
         parse_procedural_uri("file:///tmp/x.png")
+
+
+def test_specs_and_pixels_pinned() -> None:
+    """Issue 27 (s28verify): the scene spec's draws (``_pick`` for ``Generator.choice``) were made
+    cheaper with the same bytes; this digest of 80 specs, their pixels and records (both
+    patterns, three sizes) is what 386b596 made, so any change to a scene's bytes fails here,
+    not only in a content id."""
+    h = hashlib.sha256()
+    cases = ([(1, i, (256, 256)) for i in range(40)] + [(5, i, (97, 61)) for i in range(20)]
+             + [(9, i, (320, 200)) for i in range(20)])
+    for seed, i, size in cases:
+        s = scene_spec(seed, i, size)
+        h.update(json.dumps(s, sort_keys=True).encode())
+        h.update(render_scene(s).tobytes())
+        h.update(json.dumps(scene_record(seed, i, size, 3), sort_keys=True).encode())
+    assert h.hexdigest() == "1b9c2187028ecbfc8730744762de99c61f200ac1e0bafb58a2dae5a0d1cafd51"

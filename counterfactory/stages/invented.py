@@ -56,13 +56,15 @@ def annotated_others(sample_meta: dict[str, Any], arrays: dict[str, np.ndarray])
     for o in sample_meta.get("annotated", []):
         if o["category"] in targets:
             continue
-        m = np.zeros((h, w), bool)
-        for poly in o.get("polygons") or []:
+        polys = o.get("polygons") or []
+        # the first polygon's own fresh mask, the others OR-ed in (issue 27: no blank image first)
+        m = scenes.polygon_mask(polys[0], w, h) if polys else np.zeros((h, w), bool)
+        for poly in polys[1:]:
             m |= scenes.polygon_mask(poly, w, h)
-        if not m.any() and o.get("box"):
+        if not cv2.countNonZero(m.view(np.uint8)) and o.get("box"):
             x0, y0, x1, y1 = (int(round(v)) for v in o["box"])
             m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
-        if m.any():
+        if cv2.countNonZero(m.view(np.uint8)):
             m.flags.writeable = False
             out.append((o["category"], m))
     return out
@@ -163,17 +165,19 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
     """The best correlation of any of ``objects`` (templates from ``orig``) with ``out`` at a
     position where it lies mostly on the filled ``region``: ``invented_ncc`` (-1..1, 0.0 when no
     object can lie there) and ``invented_category``."""
-    region = region > 0
-    n_region = int(np.count_nonzero(region))
+    # a uint8 or bool region as it is (OpenCV reads non-zero); a bool copy only of each window
+    # (issue 27: the whole image's ``region > 0`` cost as much as the window's work)
+    reg = region.view(np.uint8) if region.dtype in (np.uint8, np.bool_) else (region > 0).view(np.uint8)
+    n_region = cv2.countNonZero(reg)
     h, w = region.shape
     best, best_cat = 0.0, None
     if not n_region:
         return {"invented_ncc": 0.0, "invented_category": None}
-    rx0, ry0, rw, rh = cv2.boundingRect(region.view(np.uint8))
+    rx0, ry0, rw, rh = cv2.boundingRect(reg)
     ry1, rx1 = ry0 + rh, rx0 + rw
     for cat, m in objects:
         m = np.ascontiguousarray(m, dtype=bool)
-        area = int(np.count_nonzero(m))
+        area = cv2.countNonZero(m.view(np.uint8))
         if not area or area * min_cover > n_region:
             continue  # too big to fit into the fill
         # the object and a thin band of what was around it: a flat object (a drawn star) is
@@ -196,7 +200,7 @@ def copied_object(orig: np.ndarray, out: np.ndarray, region: np.ndarray,
             continue
         # filled pixels a copy could sit on: the region, less the object's own place (where an
         # untouched object would match itself)
-        free = (region[wy0:wy1, wx0:wx1] & ~m[wy0:wy1, wx0:wx1]).astype(np.float32)
+        free = ((reg[wy0:wy1, wx0:wx1] != 0) & ~m[wy0:wy1, wx0:wx1]).astype(np.float32)
         win = None  # at the object's own scale: only the placements' part is read (below)
         k = min(1.0, WORK_SIDE / max(th, tw))
         tm = tmask.astype(np.float32)

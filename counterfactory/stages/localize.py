@@ -9,6 +9,7 @@ dropped, and a question left with no evidence is rejected.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,18 @@ def instance_polygons(obj: dict[str, Any]) -> list[list[list[float]]]:
     return []
 
 
-def _clip_box(obj: dict[str, Any], w: int, h: int) -> list[int] | None:
-    polys = instance_polygons(obj)
+def _clip_box(obj: dict[str, Any], w: int, h: int, polys: list[list[list[float]]] | None = None) -> list[int] | None:
+    """The instance's box (its polygons' extent, else its box) clipped to the image; None when
+    nothing of it is left. ``polys``: ``instance_polygons(obj)`` when the caller has them."""
+    polys = instance_polygons(obj) if polys is None else polys
     if polys:
-        pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polys])
-        x0, y0 = pts.min(axis=0)
-        x1, y1 = pts.max(axis=0)
+        # the extent in Python over the points (issue 27: numpy's concatenate and reductions
+        # cost more than the few dozen points): min and max pick the same numbers as float64
+        xs = [float(q[0]) for p in polys for q in p]
+        ys = [float(q[1]) for p in polys for q in p]
+        if not all(map(math.isfinite, xs + ys)):  # ingest rejects such a polygon; numpy's min read NaN as None too
+            return None
+        x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
     elif "box" in obj and len(obj["box"]) == 4:
         x0, y0, x1, y1 = (float(v) for v in obj["box"])
     else:
@@ -80,14 +87,18 @@ class AnnotationLocalize(Stage):
                     # template questions must ask about the same narrowed evidence
                     m["target_phrase"] = f"{named.pop()} {targets[0]}"
         w, h = m["source"]["width"], m["source"]["height"]
+        # each object's polygons and clipped box once (issue 27: the evidence's were made twice)
+        geometry = {}
+        for o in objects:
+            polys = instance_polygons(o)
+            geometry[id(o)] = polys, _clip_box(o, w, h, polys)
         instances, dropped = [], 0
         for o in chosen:
-            box = _clip_box(o, w, h)
+            polys, box = geometry[id(o)]
             if box is None or min(box[2] - box[0], box[3] - box[1]) < self.params.min_box_side:
                 dropped += 1
                 continue
             inst = {"category": o["category"], "box": box, "attributes": o.get("attributes", {})}
-            polys = instance_polygons(o)
             if polys:
                 inst["polygons"] = polys
             instances.append(inst)
@@ -99,6 +110,5 @@ class AnnotationLocalize(Stage):
             m.setdefault("notes", []).append(f"localize: {dropped} instance(s) outside the image dropped")
         m.pop("objects", None)
         # every annotated object's box: an inserted object must not cover any of them
-        m["annotated"] = [{"category": o["category"], "box": b}
-                          | ({"polygons": instance_polygons(o)} if instance_polygons(o) else {})
-                          for o in objects if (b := _clip_box(o, w, h))]
+        m["annotated"] = [{"category": o["category"], "box": b} | ({"polygons": polys} if polys else {})
+                          for o in objects for polys, b in (geometry[id(o)],) if b]

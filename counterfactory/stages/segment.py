@@ -77,9 +77,10 @@ class ClassicalSegment(Stage):
         grabcuts = 0
         for i, inst in enumerate(sample.meta["instances"]):
             if inst.get("polygons"):
-                m = np.zeros((h, w), np.uint8)
-                for poly in inst["polygons"]:
-                    m |= polygon_mask(poly, w, h).astype(np.uint8)
+                # polygon_mask's own 0/1 buffer (a fresh array per call), the rest OR-ed in
+                m = polygon_mask(inst["polygons"][0], w, h).view(np.uint8)
+                for poly in inst["polygons"][1:]:
+                    m |= polygon_mask(poly, w, h).view(np.uint8)
                 method = "polygon"
             elif grabcuts >= self.params.grabcut_max_boxes and self.params.box_refine == "grabcut":
                 x0, y0, x1, y1 = inst["box"]
@@ -90,7 +91,7 @@ class ClassicalSegment(Stage):
                 m, method = self._grabcut(img, inst["box"], sample.seed + i)
                 grabcuts += 1
             inst["mask_method"] = method
-            inst["mask_area"] = int(m.sum())
+            inst["mask_area"] = cv2.countNonZero(m)  # a 0/1 mask: its sum (issue 27: OpenCV's count, not numpy's sum)
             core |= m
             per_instance.append(m)
         sample.arrays["instance_masks"] = np.stack(per_instance)  # 0/1, for edits of some instances

@@ -11,7 +11,9 @@ backends (``models/*``) and the video package (``video/*``) import them from her
 from __future__ import annotations
 
 import hashlib
+import math
 import stat
+import statistics
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,7 +51,9 @@ def sample_key(source_sha256: str, question: str) -> str:
 
 def array_digest(arr: np.ndarray) -> str:
     """The sha256 of a rendered (procedural) source: its pixels and its shape."""
-    return hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+    h = hashlib.sha256(np.ascontiguousarray(arr))  # its buffer, not a copy of it (the same digest)
+    h.update(str(arr.shape).encode())
+    return h.hexdigest()
 
 
 def local_source(ref: str) -> Path:
@@ -167,8 +171,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def margin_px(instances: list[dict[str, Any]], dilate_px: int, dilate_frac: float) -> int:
     """The dilation margin: ``dilate_px`` plus ``dilate_frac`` of the square root of the median
     instance area (the typical instance, not the union: 24 coins are not one big coin)."""
-    typical = float(np.median([i["mask_area"] for i in instances])) if instances else 0.0
-    return dilate_px + int(round(dilate_frac * np.sqrt(typical)))
+    # statistics.median: np.median's number for these integers (the middle one, or the mean of
+    # the middle two) without its array machinery (issue 27)
+    typical = float(statistics.median([i["mask_area"] for i in instances])) if instances else 0.0
+    return dilate_px + int(round(dilate_frac * math.sqrt(typical)))
 
 
 def set_evidence_mask(sample: Sample, core: np.ndarray, dilate_px: int, dilate_frac: float) -> None:
@@ -179,8 +185,10 @@ def set_evidence_mask(sample: Sample, core: np.ndarray, dilate_px: int, dilate_f
     mask = dilate(core, px)
     sample.arrays["mask_core"] = core * 255
     sample.arrays["mask"] = mask * 255
-    sample.meta["mask"] = {"core_area": int(core.sum()), "area": int(mask.sum()),
-                           "area_frac": round(float(mask.sum()) / (h * w), 6), "dilate_px": px}
+    # 0/1 masks: their sums are their counts (issue 27: OpenCV's count, not numpy's sum)
+    area = cv2.countNonZero(mask)
+    sample.meta["mask"] = {"core_area": cv2.countNonZero(core), "area": area,
+                           "area_frac": round(float(area) / (h * w), 6), "dilate_px": px}
 
 
 def set_clip_masks(sample: Sample, core: np.ndarray, labels: np.ndarray, dilate_px: int, dilate_frac: float) -> None:

@@ -59,19 +59,27 @@ FILLED = ("remove", "count")
 _ONES = np.ones((1, 3), np.float32)
 
 
+_ZEROS = np.zeros((512, 512, 3), np.uint8)
+_ZEROS.flags.writeable = False  # only ever read: the zeros copied under a mask
+
+
 def _clear(dst: np.ndarray, mask: np.ndarray) -> None:
     """``dst[mask > 0] = 0`` in place (``dst`` may be a view): cv2.copyTo of zeros, ~8x faster
-    than numpy's boolean assignment on a region's box."""
+    than numpy's boolean assignment on a region's box; the zeros a view of one read-only
+    block when the box fits in it (issue 27: no new array per variant)."""
+    h, w = dst.shape[:2]
+    fits = dst.dtype == np.uint8 and dst.ndim == 3 and dst.shape[2] == 3 and h <= 512 and w <= 512
     try:
-        if cv2.copyTo(np.zeros_like(dst), mask, dst) is dst:
+        if cv2.copyTo(_ZEROS[:h, :w] if fits else np.zeros_like(dst), mask, dst) is dst:
             return
     except cv2.error:  # a view OpenCV cannot wrap
         pass
     dst[mask > 0] = 0
 
 
-def _mean_color(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    win = box_of(sel)
+def _mean_color(img: np.ndarray, sel: np.ndarray, win: tuple[slice, slice] | None = None) -> np.ndarray:
+    """The mean color under ``sel`` (``win``: ``box_of(sel)`` when the caller has it)."""
+    win = box_of(sel) if win is None else win
     return np.array(cv2.mean(img[win], mask=sel[win])[:3])
 
 
@@ -108,11 +116,12 @@ class PixelVerify(Stage):
         max_invented_ncc: float = Field(0.9, ge=0, le=1, description="remove/count: correlation of the fill with "
                                         "another annotated object placed on it, at most (object_invented)")
 
-    def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray) -> dict[str, Any]:
+    def _metrics(self, img: np.ndarray, out: np.ndarray, region: np.ndarray,
+                 win: tuple[slice, slice] | None = None) -> dict[str, Any]:
         # OpenCV reductions with masks: several times faster than numpy fancy indexing here
         absdiff = cv2.absdiff(out, img)
-        # the region's mean taken, and its pixels cleared, on its bounding box
-        win = box_of(region)
+        # the region's mean taken, and its pixels cleared, on its bounding box (``win``)
+        win = box_of(region) if win is None else win
         sub = region[win]
         n_out = img.shape[0] * img.shape[1] - cv2.countNonZero(sub)
         inside = cv2.mean(absdiff[win], mask=sub)[:3]
@@ -137,7 +146,7 @@ class PixelVerify(Stage):
         if area_frac < p.min_area_frac:
             raise Reject("mask_area_out_of_bounds", f"mask_area_frac={area_frac} < {p.min_area_frac}")
         too_big = area_frac > p.max_area_frac
-        band = ring(mask, p.ring_px)
+        band = None  # the evidence's ring: only an inpainted variant reads it (issue 27)
         for v in list(m["variants"]):
             out = sample.variant(v)
             edit = m["edits"][v]
@@ -145,19 +154,23 @@ class PixelVerify(Stage):
                 vm = self._global_metrics(v, img, out)
             else:
                 region = sample.region(v, mask)
-                vm = self._metrics(img, out, region)
+                box = box_of(region)  # once for every figure of this region (issue 27)
+                vm = self._metrics(img, out, region, box)
                 if v in CONTROLS:
                     vm["control_overlap_px"] = int(cv2.countNonZero(cv2.bitwise_and(region, mask)))
+                if edit.get("inpainted") and band is None:
+                    band = ring(mask, p.ring_px)
                 if edit.get("inpainted") and cv2.countNonZero(band):
                     # the filled region should blend with its surroundings, unlike the object did
                     ring_v = band if region is mask else ring(region, p.ring_px)
-                    before = float(np.abs(_mean_color(img, region) - _mean_color(img, ring_v)).max())
-                    after = float(np.abs(_mean_color(out, region) - _mean_color(out, ring_v)).max())
+                    rbox = box_of(ring_v)
+                    before = float(np.abs(_mean_color(img, region, box) - _mean_color(img, ring_v, rbox)).max())
+                    after = float(np.abs(_mean_color(out, region, box) - _mean_color(out, ring_v, rbox)).max())
                     vm["object_contrast"] = round(before, 3)
                     vm["fill_contrast"] = round(after, 3)
                     vm["contrast_ratio"] = round(after / before, 4) if before > 0 else 0.0
                 if "new_value" in edit and "color_before" in edit:
-                    vm["color_after"] = color_name(_mean_color(out, region))
+                    vm["color_after"] = color_name(_mean_color(out, region, box))
                     vm["color_target"] = edit["new_value"]
                 if v in FILLED and edit.get("inpainted"):
                     core = cv2.bitwise_and(a["mask_core"], region)
