@@ -142,15 +142,7 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
     inside = (y0, x0, y1, x1) == (cy0 - b, cx0 - b, cy1 + b, cx1 + b)
     if inside and _plane_cancels(hole[y0:y1, x0:x1], smear[y0:y1, x0:x1], area):
-        py0, px0, py1, px1 = max(0, y0 - m), max(0, x0 - m), min(H, y1 + m), min(W, x1 + m)
-        lo = _lowpass(out[py0:py1, px0:px1], sg)[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
-        box = out[y0:y1, x0:x1]
-        free = labels[y0:y1, x0:x1] == i
-        delta = _membrane_delta(lo, hole[y0:y1, x0:x1] == 0, free, fine=False)[0]
-        base = box.astype(np.float32) - lo
-        base = lo + base
-        base += delta
-        cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
+        _relight_walled(out, hole, labels, i, cy0, cx0, cy1, cx1, sg, area)
         return
     # the plane is fitted to the surroundings within ``reach``; the low-pass needs 4 sigma more
     reach = int(max(2 * sg, 0.5 * np.sqrt(area), 2 * np.sqrt(area / _MAX_UNKNOWNS) + 3))
@@ -184,6 +176,47 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     # the whole box at once, written where the part is (boolean indexing of three channels was
     # most of this function's own time): the same rounding, pixel for pixel
     cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
+
+
+def _relight_walled(out: np.ndarray, hole: np.ndarray, labels: np.ndarray, i: int, cy0: int, cx0: int,
+                    cy1: int, cx1: int, sg: float, area: int) -> None:
+    """``_relight_part`` of a walled-in part (``_plane_cancels``), all on one coarse grid (issue
+    27, s28fill): the box's block means (cells of ``f`` ~ ``sg / 2`` pixels a side), their
+    low-pass at ``sg / f`` cells, the membrane of the known cells' low-pass over the free cells
+    (a cell more than half free is free), and ``u - g`` upsampled bilinearly onto the free
+    pixels: ``box + u - g``. Both fields are smooth at ``sg``, two cells. Before, the low-pass
+    was made on a grid of its own (``sg // 4``), upsampled to every pixel and summed into the
+    membrane's blocks (at most ``_MAX_UNKNOWNS`` free cells, often a quarter of ``sg``) again:
+    1.2x the fill's cost, and on bench/fill_quality.py's scenes and photos the same figures
+    to +-0.002 (BENCHMARKS.md, "Issue 27, session 5, part s28fill")."""
+    H, W = hole.shape
+    f = max(2, int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))), round(sg / 2))
+    b = 2 * f + 1  # known cells around the part at least two deep
+    # the membrane's box, whole cells from its top-left corner (known pixels at least the
+    # caller's depth inside the image), and the low-pass's margin
+    y0, x0 = max(0, cy0 - b), max(0, cx0 - b)
+    nh, nw = -(-(cy1 + b - y0) // f), -(-(cx1 + b - x0) // f)
+    y1, x1 = y0 + nh * f, x0 + nw * f
+    mc = int(np.ceil(4 * sg / f))  # cells
+    py0, px0, py1, px1 = y0 - mc * f, x0 - mc * f, y1 + mc * f, x1 + mc * f
+    # reflected past the image's edge, as the Gaussian's border is; the hole lies b inside it
+    t, lft, bot, rgt = max(0, -py0), max(0, -px0), max(0, py1 - H), max(0, px1 - W)
+    crop = out[py0 + t : py1 - bot, px0 + lft : px1 - rgt].astype(np.float32)
+    if t or lft or bot or rgt:
+        crop = cv2.copyMakeBorder(crop, t, bot, lft, rgt, cv2.BORDER_REFLECT)
+    small = cv2.resize(crop, ((px1 - px0) // f, (py1 - py0) // f), interpolation=cv2.INTER_AREA)
+    lo = cv2.GaussianBlur(small, (0, 0), sg / f, borderType=cv2.BORDER_REFLECT)[mc : mc + nh, mc : mc + nw]
+    # the box's pixels in the image (a box past the image's edge has no hole pixel there)
+    by1, bx1 = min(H, y1), min(W, x1)
+    fm = labels[y0:by1, x0:bx1] == i
+    free = np.zeros((nh * f, nw * f), np.float32)
+    free[: by1 - y0, : bx1 - x0] = fm
+    share = cv2.resize(free, (nw, nh), interpolation=cv2.INTER_AREA)  # the free share of each cell
+    free_c = share > 0.5
+    d = _harmonic(lo, ~free_c, free_c)
+    delta = cv2.resize(d, (nw * f, nh * f), interpolation=cv2.INTER_LINEAR)[: by1 - y0, : bx1 - x0]
+    box = out[y0:by1, x0:bx1]
+    cv2.copyTo(_to_u8(box.astype(np.float32) + delta), fm.view(np.uint8), box)
 
 
 def _plane_cancels(hole: np.ndarray, smear: np.ndarray, area: int) -> bool:
