@@ -33,14 +33,17 @@ def main() -> None:
     ap.add_argument("--tree", default=None, help="the checkout whose counterfactory runs (default: this one)")
     a = ap.parse_args()
     tree = Path(a.tree).resolve() if a.tree else REPO
-    sys.path[:0] = [str(tree), str(REPO / "bench"), str(REPO)]
+    sys.path[:0] = [str(tree), str(tree / "bench")]
     import cv2
-    import run as bench_run
+    import run as bench_run  # the tree's own (it puts its tree first on the path)
+
+    import counterfactory
 
     from counterfactory.pipeline.runner import local_batches, plan_steps
     from counterfactory.sample import Sample
     from tests.conftest import load_records
 
+    assert Path(counterfactory.__file__).resolve().is_relative_to(tree), counterfactory.__file__
     cv2.setNumThreads(1)
     cfg = bench_run.scenes_config(a.n, Path(tempfile.mkdtemp(prefix="cf-edit-")))
     before = [s for b in local_batches(cfg, load_records(cfg), stop_after="segment", as_samples=True)

@@ -492,10 +492,12 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
         raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
     half = CLONE_MARGIN.shape[0] // 2
     # A try whose center square holds a keepout pixel is refused before its polygon is made
-    # (issue 27, s28fill: most refused tries, ~0.2 ms each): the square's pixels lie within
-    # sqrt(2) s + 0.71 (the center rounded) of the center, and the polygon with its vertices
-    # rounded (<= 0.72 px) still holds the disk of radius inradius - 0.72, whose pixels at least
-    # 1 px inside are filled: the object covers the square, the exact test below would refuse it
+    # (issue 27, s28fill: most refused tries, ~0.1 ms each): a pixel of the square of half-side
+    # s lies within sqrt(2) s + 0.71 (the center rounded) of the center, and the polygon with
+    # its vertices rounded (<= 0.72 px) still holds the disk of radius inradius - 0.72, whose
+    # pixels at least 1 px inside are filled; the margin's disk (radius 6: every offset of
+    # squared length <= 36) reaches 4 px further in every direction (4^2 + 4^2 <= 36). So the
+    # region covers the square of half-side s + 4: the exact test below would refuse the try
     s = int((_inradius(shape) * r - 3) / np.sqrt(2)) if shape in scenes.SHAPES else -1
     integ = cv2.integral(keepout.view(np.uint8)) if s >= 0 else None
     for _ in range(tries):
@@ -503,24 +505,26 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
         rot = float(rng.uniform(0, np.pi))
         if integ is not None:
             ix, iy = int(round(cx)), int(round(cy))
-            if (integ[iy + s + 1, ix + s + 1] - integ[iy - s, ix + s + 1] - integ[iy + s + 1, ix - s]
-                    + integ[iy - s, ix - s]):
+            ya, yb, xa, xb = max(0, iy - s - 4), min(h, iy + s + 5), max(0, ix - s - 4), min(w, ix + s + 5)
+            if integ[yb, xb] - integ[ya, xb] - integ[yb, xa] + integ[ya, xa]:
                 continue
         poly = scenes.shape_polygon(shape, cx, cy, r, rot)
         # Each try is tested in the polygon's box grown by the margin (the region cannot reach
         # past it), with the rasterization scenes.polygon_mask uses; full-size masks only for
-        # the spot that fits.
+        # the spot that fits, from the same window (the polygon's pixels and its dilation)
         pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32)
         x0, y0 = max(0, int(pts[:, 0].min()) - half), max(0, int(pts[:, 1].min()) - half)
         x1, y1 = min(w, int(pts[:, 0].max()) + half + 1), min(h, int(pts[:, 1].max()) + half + 1)
         win = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
-        if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, CLONE_MARGIN) > 0)).any():
-            obj = scenes.polygon_mask(poly, w, h)
+        grown = cv2.dilate(win, CLONE_MARGIN)
+        if not (keepout[y0:y1, x0:x1] & (grown > 0)).any():
+            obj = np.zeros((h, w), bool)
+            obj[y0:y1, x0:x1] = win > 0
             # the margin dilated on the box it can reach (a dilation's border adds nothing): the
             # same region as on the whole image
             region = np.zeros((h, w), np.uint8)
-            region[y0:y1, x0:x1] = cv2.dilate(obj[y0:y1, x0:x1].astype(np.uint8) * 255, CLONE_MARGIN)
+            region[y0:y1, x0:x1] = grown
             return poly, obj, region
     raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
