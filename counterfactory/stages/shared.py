@@ -275,7 +275,8 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     h, w = evidence.shape
     if avoid is not None and evidence.dtype == avoid.dtype == np.uint8:
         # 1 where either is non-zero, as below, in OpenCV passes (issue 27): the same integral
-        keepout = cv2.min(cv2.dilate(cv2.bitwise_or(evidence, avoid), disk(gap)), 1)
+        # 0/255: a box sum is zero exactly where the 0/1 one is (issue 27, s28fill: no cv2.min)
+        keepout = cv2.dilate(cv2.bitwise_or(evidence, avoid), disk(gap))
     else:
         blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
         keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
@@ -302,8 +303,10 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         bh, bw = shape.shape
         if not (bw <= w and bh <= h):
             continue
-        free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
-        y, x = _nth_true(free, rng)
+        # the box sums of every spot in OpenCV passes on the integral's int32 views (issue 27,
+        # s28fill: numpy's three subtractions and compare were most of a try): the same integers
+        box = cv2.add(cv2.subtract(integ[bh:, bw:], integ[:-bh, bw:]), cv2.subtract(integ[:-bh, :-bw], integ[bh:, :-bw]))
+        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ), rng)
         if y < 0:
             continue
         out = np.zeros((h, w), np.uint8)
@@ -315,8 +318,12 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
 def _nth_true(free: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     """(row, column) of a uniformly drawn True of a 2-D bool array, (-1, -1) when it has none:
     the ``rng.integers(n)``-th in row-major order, as ``np.nonzero`` lists them (issue 27: the
-    same draw and spot, found from the row counts instead of listing every free spot)."""
-    per_row = np.count_nonzero(free, axis=1)
+    same draw and spot, found from the row counts instead of listing every free spot). Or a
+    0/255 uint8 mask (``cv2.compare``'s), its row counts by OpenCV."""
+    if free.dtype == np.uint8:
+        per_row = cv2.reduce(free, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() // 255
+    else:
+        per_row = np.count_nonzero(free, axis=1)
     cum = np.cumsum(per_row)
     n = int(cum[-1]) if len(cum) else 0
     if not n:
