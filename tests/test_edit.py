@@ -263,6 +263,26 @@ def test_placement_refuses_crowded_tries_without_their_polygon(monkeypatch):
     assert n_fit > 50 and n_tries > 500  # the shortcut is taken, on many tries
 
 
+def test_insert_blend_by_planes_is_numpys_broadcast():
+    """The insert's feathered blend with alpha as three planes and OpenCV's saturating
+    conversion (issue 27, s28fill) gives the bytes of numpy's broadcast, rint and clip, for
+    flat and shaded, grained paints (halves and out-of-range values included)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+        alpha = cv2.GaussianBlur((rng.random((h, w)) > 0.5).astype(np.float32), (0, 0), 0.8)
+        alpha[rng.random((h, w)) < 0.2] = 0.0
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        paint = (rng.normal(128, 90, (h, w, 3)).astype(np.float32) if rng.random() < 0.5
+                 else np.broadcast_to(np.array([220.5, 40, 255.5], np.float32), (h, w, 3)))
+        paint = np.where(rng.random((h, w, 3)) < 0.1, np.round(paint) + 0.5, paint).astype(np.float32)
+        a = alpha[..., None]
+        want = np.clip(np.rint(a * paint + (1 - a) * img.astype(np.float32)), 0, 255).astype(np.uint8)
+        a3 = cv2.merge([alpha] * 3)
+        got = cv2.add(a3 * paint + (1 - a3) * img.astype(np.float32), 0, dtype=cv2.CV_8U)
+        assert np.array_equal(got, want)
+
+
 def test_paste_writes_through_views_and_falls_back():
     rng = np.random.default_rng(0)
     src = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)

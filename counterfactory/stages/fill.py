@@ -36,12 +36,14 @@ Cost (issue 27): what every piece reads of the image is made once per call (``_S
 gray copy's spectra too, so a piece's coarse search is one inverse transform); the plane comes
 from image moments, the membrane from one banded Cholesky solve on at most ``_MAX_UNKNOWNS``
 grid cells, and a part walled in by known pixels with no Telea pixel needs no plane at all
-(``_plane_cancels``); channels are worked on as whole planes, not by numpy's broadcasting of a
-trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than at
-67ed51a, and about 1.5x less again than at 03e4ddf (BENCHMARKS.md, "Issue 27, part fill" and
-"part fill, second pass").
+(``_plane_cancels``) and is relit on one coarse grid, its low-pass and membrane both on
+cells about ``sigma / 2`` wide (``_relight_walled``); channels are worked on as whole planes, not
+by numpy's broadcasting of a trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs
+~2.3x less CPU than at 67ed51a, about 1.5x less again than at 03e4ddf, and ~1.2x less again
+than at 386b596 (BENCHMARKS.md, "Issue 27, part fill", "part fill, second pass" and "session 5,
+part s28fill").
 
-~550 lines on purpose: the search, the relight and the membrane read the same ``_Source`` and
+~600 lines on purpose: the search, the relight and the membrane read the same ``_Source`` and
 hand each other crops; split into modules they would pass a dozen arrays across every call.
 """
 
