@@ -349,11 +349,11 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     import scipy.linalg as sl  # loaded by _relight before its BLAS limit
 
     out = np.zeros(g.shape, np.float32)
-    ys, xs = np.nonzero(free)
-    if not len(ys):
+    bx, by, bw, bh = cv2.boundingRect(free.view(np.uint8))
+    if not bw:
         return out
     # the box of the free pixels and one pixel around: the rest takes no part
-    y0, y1, x0, x1 = max(0, ys.min() - 1), min(free.shape[0], ys.max() + 2), max(0, xs.min() - 1), min(free.shape[1], xs.max() + 2)
+    y0, y1, x0, x1 = max(0, by - 1), min(free.shape[0], by + bh + 1), max(0, bx - 1), min(free.shape[1], bx + bw + 1)
     fr, kn, gg = free[y0:y1, x0:x1], known[y0:y1, x0:x1], g[y0:y1, x0:x1].astype(np.float64)
     tr = fr.shape[0] < fr.shape[1]
     if tr:  # rows along the longer side: the band is the shorter one
@@ -367,22 +367,19 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     # filter each (zero past the box's edge)
     nb = cv2.filter2D(frf + knf, -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
     rhs = cv2.filter2D(gg * _merge([knf] * c), -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
-    link_x = np.zeros((hh, ww))  # -1 between (i, j - 1) and (i, j), both free
-    link_y = np.zeros((hh, ww))  # -1 between (i - 1, j) and (i, j), both free
-    link_x[:, 1:] = -(frf[:, 1:] * frf[:, :-1])
-    link_y[1:] = -(frf[1:] * frf[:-1])
+    # upper band: row ww the diagonal, row ww - k the k-th above; the links written into it
+    # (issue 27, s28fill: no arrays of their own, the same values)
+    ab = np.zeros((ww + 1, hh * ww))
+    ab[ww - 1].reshape(hh, ww)[:, 1:] = -(frf[:, 1:] * frf[:, :-1])  # -1 between (i, j - 1) and (i, j), both free
+    ab[0].reshape(hh, ww)[1:] = -(frf[1:] * frf[:-1])  # -1 between (i - 1, j) and (i, j), both free
     # a free part that touches no known pixel (walled in by the border) takes the known mean: a
     # tiny pull toward it keeps the system regular
     eps = 1e-6
     nk = np.count_nonzero(known)
     kmean = (g.reshape(-1, c).T @ known.reshape(-1).astype(g.dtype)) / nk if nk else np.zeros(c)
-    diag = np.where(fr, nb + eps, 1.0)
-    fr3 = _merge([fr.view(np.uint8)] * c).view(bool)
-    rhs = np.where(fr3, rhs + _merge([np.full((hh, ww), eps * v) for v in kmean]), gg)
-    ab = np.zeros((ww + 1, hh * ww))  # upper band: row ww the diagonal, row ww - k the k-th above
-    ab[ww] = diag.ravel()
-    ab[ww - 1] = link_x.ravel()
-    ab[0] = link_y.ravel()
+    ab[ww] = np.where(fr, nb + eps, 1.0).ravel()
+    fr3 = fr[..., None]  # broadcast over the channels (selection only)
+    rhs = np.where(fr3, rhs + eps * kmean, gg)
     if ww > 1:  # LAPACK pbsv as solveh_banded calls it, without its checks and copies
         _, u, info = sl.lapack.dpbsv(ab, rhs.reshape(-1, c), lower=0, overwrite_ab=1, overwrite_b=1)
         if info:
