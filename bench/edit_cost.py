@@ -38,7 +38,6 @@ def main() -> None:
     import run as bench_run  # the tree's own (it puts its tree first on the path)
 
     import counterfactory
-
     from counterfactory.pipeline.runner import local_batches, plan_steps
     from counterfactory.sample import Sample
     from tests.conftest import load_records

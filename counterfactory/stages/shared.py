@@ -474,7 +474,7 @@ def original_look(sample: Sample, ring_px: int = 8) -> tuple[tuple[float | None,
 CLONE_MARGIN = disk(6)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _inradius(shape: str) -> float:
     """The radius of the largest disk about a ``shape``'s center inside it, over its radius
     (rotation-invariant): the least distance from the center to an edge of its polygon."""
