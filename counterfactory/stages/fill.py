@@ -185,8 +185,8 @@ def _relight_walled(out: np.ndarray, hole: np.ndarray, labels: np.ndarray, i: in
     """``_relight_part`` of a walled-in part (``_plane_cancels``), all on one coarse grid (issue
     27, s28fill): the box's block means (cells of ``f`` ~ ``sg / 2`` pixels a side), their
     low-pass at ``sg / f`` cells, the membrane of the known cells' low-pass over the free cells
-    (a cell more than half free is free), and ``u - g`` upsampled bilinearly onto the free
-    pixels: ``box + u - g``. Both fields are smooth at ``sg``, two cells. Before, the low-pass
+    (a cell is what most of its pixels are, as in ``_membrane_delta``), and ``u - g`` upsampled
+    bilinearly onto the free pixels: ``box + u - g``. Both fields are smooth at ``sg``, two cells. Before, the low-pass
     was made on a grid of its own (``sg // 4``), upsampled to every pixel and summed into the
     membrane's blocks (at most ``_MAX_UNKNOWNS`` free cells, often a quarter of ``sg``) again:
     1.2x the fill's cost, and on bench/fill_quality.py's scenes and photos the same figures
@@ -208,14 +208,17 @@ def _relight_walled(out: np.ndarray, hole: np.ndarray, labels: np.ndarray, i: in
         crop = cv2.copyMakeBorder(crop, t, bot, lft, rgt, cv2.BORDER_REFLECT)
     small = cv2.resize(crop, ((px1 - px0) // f, (py1 - py0) // f), interpolation=cv2.INTER_AREA)
     lo = cv2.GaussianBlur(small, (0, 0), sg / f, borderType=cv2.BORDER_REFLECT)[mc : mc + nh, mc : mc + nw]
-    # the box's pixels in the image (a box past the image's edge has no hole pixel there)
+    # the box's pixels in the image; each cell's known and free shares (past the image's edge,
+    # and on another part of the hole in the box, neither: not linked, as in _membrane_delta)
     by1, bx1 = min(H, y1), min(W, x1)
     fm = labels[y0:by1, x0:bx1] == i
-    free = np.zeros((nh * f, nw * f), np.float32)
-    free[: by1 - y0, : bx1 - x0] = fm
-    share = cv2.resize(free, (nw, nh), interpolation=cv2.INTER_AREA)  # the free share of each cell
-    free_c = share > 0.5
-    d = _harmonic(lo, ~free_c, free_c)
+    shares = np.zeros((nh * f, nw * f, 2), np.float32)
+    shares[: by1 - y0, : bx1 - x0, 0] = hole[y0:by1, x0:bx1] == 0
+    shares[: by1 - y0, : bx1 - x0, 1] = fm
+    k, u = cv2.split(cv2.resize(shares, (nw, nh), interpolation=cv2.INTER_AREA))
+    known_c = (k > 0) & ((u == 0) | (k >= u))
+    free_c = (u > 0) & ~known_c
+    d = _harmonic(lo, known_c, free_c)
     delta = cv2.resize(d, (nw * f, nh * f), interpolation=cv2.INTER_LINEAR)[: by1 - y0, : bx1 - x0]
     box = out[y0:by1, x0:bx1]
     cv2.copyTo(_to_u8(box.astype(np.float32) + delta), fm.view(np.uint8), box)
