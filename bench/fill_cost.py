@@ -3,7 +3,8 @@ the fills that bench/cpu_cost.py's procedural inputs ask for (captured once from
 in a plain loop), in CPU time, the best of ``--rounds``. ``--against TREE``: also the
 ``stages/fill.py`` of another checkout (a ``git worktree`` of an older commit), loaded in the
 same process and run alternately with this one on the same arguments, so that both see the same
-load; prints both and their ratio.
+load; prints both and their ratio, and a digest of each one's fills (the same digest = the same
+bytes; the hashing is inside the timed loop, the same for both).
 
 Usage: python bench/fill_cost.py [--n 120] [--rounds 4] [--against /tmp/before]
 """
@@ -11,6 +12,7 @@ Usage: python bench/fill_cost.py [--n 120] [--rounds 4] [--against /tmp/before]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import sys
 import tempfile
@@ -67,15 +69,18 @@ def main() -> None:
     if a.against:
         fills["against"] = _module(Path(a.against) / "counterfactory/stages/fill.py", "fill_against")
     best = dict.fromkeys(fills, float("inf"))
+    digest = {}
     for _ in range(a.rounds):
         for name, mod in fills.items():
+            h = hashlib.sha256()
             c0 = time.process_time()
             for img, hole, forbid, kw in calls:
-                mod.patch_fill(img, hole, forbid, **kw)
+                h.update(mod.patch_fill(img, hole, forbid, **kw))
             best[name] = min(best[name], 1000 * (time.process_time() - c0))
+            digest[name] = h.hexdigest()[:16]
     for name, ms in best.items():
         print(f"{name}: {len(calls)} fills of {a.n} inputs, {ms / len(calls):.2f} CPU ms/fill, "
-              f"{ms / a.n:.2f} CPU ms/input (best of {a.rounds})")
+              f"{ms / a.n:.2f} CPU ms/input (best of {a.rounds}); fills digest {digest[name]}")
     if a.against:
         print(f"against / this: {best['against'] / best['this']:.2f}x")
 

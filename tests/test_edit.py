@@ -219,6 +219,70 @@ def test_windowed_placement_equals_whole_image_placement(segmented):
     assert n > 50
 
 
+def test_placement_refuses_crowded_tries_without_their_polygon(monkeypatch):
+    """Tries whose center square meets the keepout are refused before their polygon is made
+    (issue 27, s28fill), and the placement stays the whole-image reference's, draw for draw, on
+    crowded images (many boxes, tries refused either way) for every shape and odd radii."""
+    made = []
+    real = scenes.shape_polygon
+    for shape in scenes.SHAPES if hasattr(shared, "_inradius") else ():
+        shared._inradius(shape)  # each shape's own polygon, once per process: not a try
+    monkeypatch.setattr(scenes, "shape_polygon", lambda *a: made.append(1) or real(*a))
+    n_fit = n_tries = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        h, w = int(rng.integers(120, 260)), int(rng.integers(120, 260))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.circle(mask, (int(rng.integers(w)), int(rng.integers(h))), int(rng.integers(5, 40)), 255, -1)
+        boxes = []
+        for _ in range(int(rng.integers(0, 9))):
+            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+            boxes.append({"box": [x0, y0, x0 + int(rng.integers(3, 60)), y0 + int(rng.integers(3, 60))]})
+        s = Sample(0, "k", "ok", {"annotated": boxes}, {"mask": mask})
+        for shape in scenes.SHAPES:
+            r = float(rng.uniform(6, 0.2 * min(h, w)))
+            got = want = None
+            made.clear()
+            try:
+                got = shared.place_shape(s, shape, r, np.random.default_rng(seed), 12)
+            except shared.Skip:
+                pass
+            n_made = len(made)
+            made.clear()
+            try:
+                want = _place_shape_full(s, shape, r, np.random.default_rng(seed), 12)
+            except shared.Skip:
+                pass
+            n_tries += len(made)  # the reference makes one polygon per try
+            assert n_made <= len(made)
+            n_fit += n_made < len(made)
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert got[0] == want[0]
+                assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
+    assert n_fit > 50 and n_tries > 500  # the shortcut is taken, on many tries
+
+
+def test_insert_blend_by_planes_is_numpys_broadcast():
+    """The insert's feathered blend with alpha as three planes and OpenCV's saturating
+    conversion (issue 27, s28fill) gives the bytes of numpy's broadcast, rint and clip, for
+    flat and shaded, grained paints (halves and out-of-range values included)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+        alpha = cv2.GaussianBlur((rng.random((h, w)) > 0.5).astype(np.float32), (0, 0), 0.8)
+        alpha[rng.random((h, w)) < 0.2] = 0.0
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        paint = (rng.normal(128, 90, (h, w, 3)).astype(np.float32) if rng.random() < 0.5
+                 else np.broadcast_to(np.array([220.5, 40, 255.5], np.float32), (h, w, 3)))
+        paint = np.where(rng.random((h, w, 3)) < 0.1, np.round(paint) + 0.5, paint).astype(np.float32)
+        a = alpha[..., None]
+        want = np.clip(np.rint(a * paint + (1 - a) * img.astype(np.float32)), 0, 255).astype(np.uint8)
+        a3 = cv2.merge([alpha] * 3)
+        got = cv2.add(a3 * paint + (1 - a3) * img.astype(np.float32), 0, dtype=cv2.CV_8U)
+        assert np.array_equal(got, want)
+
+
 def test_paste_writes_through_views_and_falls_back():
     rng = np.random.default_rng(0)
     src = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)

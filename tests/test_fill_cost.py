@@ -123,6 +123,31 @@ def test_a_walled_in_part_fits_no_plane_and_keeps_its_fill(monkeypatch):
     assert planes
 
 
+def test_a_walled_in_part_is_relit_on_one_coarse_grid(monkeypatch):
+    """Issue 27, s28fill: a walled-in part's low-pass and membrane are made on one grid of
+    cells about sigma / 2 wide (no full-resolution low-pass, no second grid), and its fill's
+    low-pass stays within half a level of the full relight's (plane, membrane, the
+    low-pass at every pixel) on a lit gradient; the membrane's system is a few hundred cells."""
+    from tests.test_fill import _gradient_image, _lowpass_error
+
+    lows, sizes = [], []
+    real_low, real_harm = fill._lowpass, fill._harmonic
+    monkeypatch.setattr(fill, "_lowpass", lambda *a, **k: lows.append(1) or real_low(*a, **k))
+    monkeypatch.setattr(fill, "_harmonic", lambda g, k, f: sizes.append(int(f.sum())) or real_harm(g, k, f))
+    img = _gradient_image(0)
+    hole = np.zeros(img.shape[:2], np.uint8)
+    cv2.circle(hole, (120, 80), 30, 255, -1)
+    fast = patch_fill(img, hole)
+    assert not lows and sizes and max(sizes) < 0.1 * cv2.countNonZero(hole)
+    monkeypatch.setattr(fill, "_plane_cancels", lambda *a: False)
+    full = patch_fill(img, hole)
+    assert lows
+    d = np.abs(cv2.GaussianBlur(fast.astype(np.float32), (0, 0), 4)
+               - cv2.GaussianBlur(full.astype(np.float32), (0, 0), 4))[hole > 0]
+    assert d.max() < 0.5 and d.mean() < 0.1, (d.max(), d.mean())
+    assert np.abs(_lowpass_error(fast, img, hole)).mean() <= np.abs(_lowpass_error(full, img, hole)).mean() + 0.05
+
+
 def _reference_membrane(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     """The five-point Laplace equation by a sparse direct solve, written out pixel by pixel."""
     import scipy.sparse as sp

@@ -69,6 +69,10 @@ def test_control_spot_from_row_counts_is_np_nonzero_s(seed):
     want = (int(ys[i]), int(xs[i])) if len(ys) and (i := int(a.integers(len(ys)))) >= 0 else (-1, -1)
     assert _nth_true(free, b) == want
     assert a.integers(1 << 30) == b.integers(1 << 30)  # the same draws consumed
+    # a 0/255 uint8 mask (cv2.compare's, issue 27 s28fill): the same spot and draws
+    c, d = np.random.default_rng(seed), np.random.default_rng(seed)
+    assert _nth_true(free.view(np.uint8) * np.uint8(255), c) == _nth_true(free, d) == want
+    assert c.integers(1 << 30) == d.integers(1 << 30)
 
 
 @pytest.mark.parametrize("seed", range(10))

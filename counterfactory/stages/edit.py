@@ -383,14 +383,18 @@ class ClassicalEdit(Stage):
         # the region reaches 6 px past it, so the box gives the same pixels as the whole image.
         y0, y1, x0, x1 = bbox(region)
         win = (slice(y0, y1), slice(x0, x1))
-        alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)[..., None]
+        alpha = cv2.GaussianBlur(obj[win].astype(np.float32), (0, 0), 0.8)
         sel = region[win] > 0
         alpha[~sel] = 0.0
         paint, look = insert_paint(img, obj, region, sample.arrays.get("mask_core"), color, r, rng,
                                    original_look(sample))
-        blended = np.clip(np.rint(alpha * paint + (1 - alpha) * img[win].astype(np.float32)), 0, 255)
+        # alpha as three planes, not numpy's broadcasting of a trailing axis (issue 27, s28fill):
+        # the same float32 products and sum; OpenCV's saturating conversion rounds half to even
+        # as np.clip(np.rint(...)) did
+        a3 = cv2.merge([alpha] * 3)
+        blended = cv2.add(a3 * paint + (1 - a3) * img[win].astype(np.float32), 0, dtype=cv2.CV_8U)
         out = img.copy()
-        _paste(out[win], blended.astype(np.uint8), sel.view(np.uint8))
+        _paste(out[win], blended, sel.view(np.uint8))
         # what the object reads as in the output, not what was asked for (shading can darken a
         # cyan into a blue; on a grayscale photograph it is gray)
         seen = color_name(cv2.mean(out[win], mask=obj[win].astype(np.uint8))[:3])  # obj lies inside the box

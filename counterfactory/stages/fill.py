@@ -36,12 +36,14 @@ Cost (issue 27): what every piece reads of the image is made once per call (``_S
 gray copy's spectra too, so a piece's coarse search is one inverse transform); the plane comes
 from image moments, the membrane from one banded Cholesky solve on at most ``_MAX_UNKNOWNS``
 grid cells, and a part walled in by known pixels with no Telea pixel needs no plane at all
-(``_plane_cancels``); channels are worked on as whole planes, not by numpy's broadcasting of a
-trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs ~2.3x less CPU than at
-67ed51a, and about 1.5x less again than at 03e4ddf (BENCHMARKS.md, "Issue 27, part fill" and
-"part fill, second pass").
+(``_plane_cancels``) and is relit on one coarse grid, its low-pass and membrane both on
+cells about ``sigma / 2`` wide (``_relight_walled``); channels are worked on as whole planes, not
+by numpy's broadcasting of a trailing axis of 3. On bench/cpu_cost.py's scenes the fill costs
+~2.3x less CPU than at 67ed51a, about 1.5x less again than at 03e4ddf, and ~1.2x less again
+than at 386b596 (BENCHMARKS.md, "Issue 27, part fill", "part fill, second pass" and "session 5,
+part s28fill").
 
-~550 lines on purpose: the search, the relight and the membrane read the same ``_Source`` and
+~600 lines on purpose: the search, the relight and the membrane read the same ``_Source`` and
 hand each other crops; split into modules they would pass a dozen arrays across every call.
 """
 
@@ -142,15 +144,7 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     y0, x0, y1, x1 = max(0, cy0 - b), max(0, cx0 - b), min(H, cy1 + b), min(W, cx1 + b)
     inside = (y0, x0, y1, x1) == (cy0 - b, cx0 - b, cy1 + b, cx1 + b)
     if inside and _plane_cancels(hole[y0:y1, x0:x1], smear[y0:y1, x0:x1], area):
-        py0, px0, py1, px1 = max(0, y0 - m), max(0, x0 - m), min(H, y1 + m), min(W, x1 + m)
-        lo = _lowpass(out[py0:py1, px0:px1], sg)[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
-        box = out[y0:y1, x0:x1]
-        free = labels[y0:y1, x0:x1] == i
-        delta = _membrane_delta(lo, hole[y0:y1, x0:x1] == 0, free, fine=False)[0]
-        base = box.astype(np.float32) - lo
-        base = lo + base
-        base += delta
-        cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
+        _relight_walled(out, hole, labels, i, cy0, cx0, cy1, cx1, sg, area)
         return
     # the plane is fitted to the surroundings within ``reach``; the low-pass needs 4 sigma more
     reach = int(max(2 * sg, 0.5 * np.sqrt(area), 2 * np.sqrt(area / _MAX_UNKNOWNS) + 3))
@@ -184,6 +178,50 @@ def _relight_part(out: np.ndarray, hole: np.ndarray, forbid: np.ndarray, smear: 
     # the whole box at once, written where the part is (boolean indexing of three channels was
     # most of this function's own time): the same rounding, pixel for pixel
     cv2.copyTo(_to_u8(base), free.view(np.uint8), box)
+
+
+def _relight_walled(out: np.ndarray, hole: np.ndarray, labels: np.ndarray, i: int, cy0: int, cx0: int,
+                    cy1: int, cx1: int, sg: float, area: int) -> None:
+    """``_relight_part`` of a walled-in part (``_plane_cancels``), all on one coarse grid (issue
+    27, s28fill): the box's block means (cells of ``f`` ~ ``sg / 2`` pixels a side), their
+    low-pass at ``sg / f`` cells, the membrane of the known cells' low-pass over the free cells
+    (a cell is what most of its pixels are, as in ``_membrane_delta``), and ``u - g`` upsampled
+    bilinearly onto the free pixels: ``box + u - g``. Both fields are smooth at ``sg``, two cells. Before, the low-pass
+    was made on a grid of its own (``sg // 4``), upsampled to every pixel and summed into the
+    membrane's blocks (at most ``_MAX_UNKNOWNS`` free cells, often a quarter of ``sg``) again:
+    1.2x the fill's cost, and on bench/fill_quality.py's scenes and photos the same figures
+    to +-0.002 (BENCHMARKS.md, "Issue 27, session 5, part s28fill")."""
+    H, W = hole.shape
+    f = max(2, int(np.ceil(np.sqrt(area / _MAX_UNKNOWNS))), round(sg / 2))
+    b = 2 * f + 1  # known cells around the part at least two deep
+    # the membrane's box, whole cells from its top-left corner (known pixels at least the
+    # caller's depth inside the image), and the low-pass's margin
+    y0, x0 = max(0, cy0 - b), max(0, cx0 - b)
+    nh, nw = -(-(cy1 + b - y0) // f), -(-(cx1 + b - x0) // f)
+    y1, x1 = y0 + nh * f, x0 + nw * f
+    mc = int(np.ceil(4 * sg / f))  # cells
+    py0, px0, py1, px1 = y0 - mc * f, x0 - mc * f, y1 + mc * f, x1 + mc * f
+    # reflected past the image's edge, as the Gaussian's border is; the hole lies b inside it
+    t, lft, bot, rgt = max(0, -py0), max(0, -px0), max(0, py1 - H), max(0, px1 - W)
+    crop = out[py0 + t : py1 - bot, px0 + lft : px1 - rgt].astype(np.float32)
+    if t or lft or bot or rgt:
+        crop = cv2.copyMakeBorder(crop, t, bot, lft, rgt, cv2.BORDER_REFLECT)
+    small = cv2.resize(crop, ((px1 - px0) // f, (py1 - py0) // f), interpolation=cv2.INTER_AREA)
+    lo = cv2.GaussianBlur(small, (0, 0), sg / f, borderType=cv2.BORDER_REFLECT)[mc : mc + nh, mc : mc + nw]
+    # the box's pixels in the image; each cell's known and free shares (past the image's edge,
+    # and on another part of the hole in the box, neither: not linked, as in _membrane_delta)
+    by1, bx1 = min(H, y1), min(W, x1)
+    fm = labels[y0:by1, x0:bx1] == i
+    shares = np.zeros((nh * f, nw * f, 2), np.float32)
+    shares[: by1 - y0, : bx1 - x0, 0] = hole[y0:by1, x0:bx1] == 0
+    shares[: by1 - y0, : bx1 - x0, 1] = fm
+    k, u = cv2.split(cv2.resize(shares, (nw, nh), interpolation=cv2.INTER_AREA))
+    known_c = (k > 0) & ((u == 0) | (k >= u))
+    free_c = (u > 0) & ~known_c
+    d = _harmonic(lo, known_c, free_c)
+    delta = cv2.resize(d, (nw * f, nh * f), interpolation=cv2.INTER_LINEAR)[: by1 - y0, : bx1 - x0]
+    box = out[y0:by1, x0:bx1]
+    cv2.copyTo(_to_u8(box.astype(np.float32) + delta), fm.view(np.uint8), box)
 
 
 def _plane_cancels(hole: np.ndarray, smear: np.ndarray, area: int) -> bool:
@@ -314,11 +352,11 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     import scipy.linalg as sl  # loaded by _relight before its BLAS limit
 
     out = np.zeros(g.shape, np.float32)
-    ys, xs = np.nonzero(free)
-    if not len(ys):
+    bx, by, bw, bh = cv2.boundingRect(free.view(np.uint8))
+    if not bw:
         return out
     # the box of the free pixels and one pixel around: the rest takes no part
-    y0, y1, x0, x1 = max(0, ys.min() - 1), min(free.shape[0], ys.max() + 2), max(0, xs.min() - 1), min(free.shape[1], xs.max() + 2)
+    y0, y1, x0, x1 = max(0, by - 1), min(free.shape[0], by + bh + 1), max(0, bx - 1), min(free.shape[1], bx + bw + 1)
     fr, kn, gg = free[y0:y1, x0:x1], known[y0:y1, x0:x1], g[y0:y1, x0:x1].astype(np.float64)
     tr = fr.shape[0] < fr.shape[1]
     if tr:  # rows along the longer side: the band is the shorter one
@@ -332,22 +370,19 @@ def _harmonic(g: np.ndarray, known: np.ndarray, free: np.ndarray) -> np.ndarray:
     # filter each (zero past the box's edge)
     nb = cv2.filter2D(frf + knf, -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
     rhs = cv2.filter2D(gg * _merge([knf] * c), -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
-    link_x = np.zeros((hh, ww))  # -1 between (i, j - 1) and (i, j), both free
-    link_y = np.zeros((hh, ww))  # -1 between (i - 1, j) and (i, j), both free
-    link_x[:, 1:] = -(frf[:, 1:] * frf[:, :-1])
-    link_y[1:] = -(frf[1:] * frf[:-1])
+    # upper band: row ww the diagonal, row ww - k the k-th above; the links written into it
+    # (issue 27, s28fill: no arrays of their own, the same values)
+    ab = np.zeros((ww + 1, hh * ww))
+    ab[ww - 1].reshape(hh, ww)[:, 1:] = -(frf[:, 1:] * frf[:, :-1])  # -1 between (i, j - 1) and (i, j), both free
+    ab[0].reshape(hh, ww)[1:] = -(frf[1:] * frf[:-1])  # -1 between (i - 1, j) and (i, j), both free
     # a free part that touches no known pixel (walled in by the border) takes the known mean: a
     # tiny pull toward it keeps the system regular
     eps = 1e-6
     nk = np.count_nonzero(known)
     kmean = (g.reshape(-1, c).T @ known.reshape(-1).astype(g.dtype)) / nk if nk else np.zeros(c)
-    diag = np.where(fr, nb + eps, 1.0)
-    fr3 = _merge([fr.view(np.uint8)] * c).view(bool)
-    rhs = np.where(fr3, rhs + _merge([np.full((hh, ww), eps * v) for v in kmean]), gg)
-    ab = np.zeros((ww + 1, hh * ww))  # upper band: row ww the diagonal, row ww - k the k-th above
-    ab[ww] = diag.ravel()
-    ab[ww - 1] = link_x.ravel()
-    ab[0] = link_y.ravel()
+    ab[ww] = np.where(fr, nb + eps, 1.0).ravel()
+    fr3 = fr[..., None]  # broadcast over the channels (selection only)
+    rhs = np.where(fr3, rhs + eps * kmean, gg)
     if ww > 1:  # LAPACK pbsv as solveh_banded calls it, without its checks and copies
         _, u, info = sl.lapack.dpbsv(ab, rhs.reshape(-1, c), lower=0, overwrite_ab=1, overwrite_b=1)
         if info:
@@ -546,11 +581,16 @@ def _fill_piece(out: np.ndarray, src: _Source, todo: np.ndarray, piece: np.ndarr
     # seam: spread the ring's mismatch inward (normalized convolution), add it to the copy
     sigma = max(2.0, 0.5 * rp)
     # the mismatch and its weight blurred as one four-channel image (one call, not two; at half
-    # resolution it was 4% cheaper still, but the seam score grew by 0.001-0.002, issue 27)
-    nd = cv2.split(cv2.GaussianBlur(cv2.merge([*(a * rmask for a in cv2.split(ctx - patch)), rmask]), (0, 0), sigma))
+    # resolution it was 4% cheaper still, but the seam score grew by 0.001-0.002, issue 27);
+    # what follows on the piece's box only, all that is written (issue 27, s28fill). Blurring
+    # only the piece's columns in the second pass was tried: 1 ulp off GaussianBlur's floats on
+    # a third of the boxes (the vectorized loop's tail falls on other columns)
+    qy0, qy1, qx0, qx1 = py0 - y0, py1 - y0, px0 - x0, px1 - x0  # the piece's box in the box
+    blurred = cv2.GaussianBlur(cv2.merge([*(a * rmask for a in cv2.split(ctx - patch)), rmask]), (0, 0), sigma)
+    nd = cv2.split(blurred[qy0:qy1, qx0:qx1])
     den = np.maximum(nd[3], 1e-3)
     corr = cv2.merge([a / den for a in nd[:3]])
-    patch = _to_u8(corr + patch)
-    cv2.copyTo(patch, piece[y0:y1, x0:x1], out[y0:y1, x0:x1])  # in place, where the piece is
+    patch = _to_u8(corr + patch[qy0:qy1, qx0:qx1])
+    cv2.copyTo(patch, piece[py0:py1, px0:px1], out[py0:py1, px0:px1])  # in place, where the piece is
     return True
 

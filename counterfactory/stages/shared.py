@@ -10,6 +10,7 @@ backends (``models/*``) and the video package (``video/*``) import them from her
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import stat
@@ -282,7 +283,8 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     h, w = evidence.shape
     if avoid is not None and evidence.dtype == avoid.dtype == np.uint8:
         # 1 where either is non-zero, as below, in OpenCV passes (issue 27): the same integral
-        keepout = cv2.min(cv2.dilate(cv2.bitwise_or(evidence, avoid), disk(gap)), 1)
+        # 0/255: a box sum is zero exactly where the 0/1 one is (issue 27, s28fill: no cv2.min)
+        keepout = cv2.dilate(cv2.bitwise_or(evidence, avoid), disk(gap))
     else:
         blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
         keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
@@ -309,8 +311,10 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         bh, bw = shape.shape
         if not (bw <= w and bh <= h):
             continue
-        free = (integ[bh:, bw:] - integ[:-bh, bw:] - integ[bh:, :-bw] + integ[:-bh, :-bw]) == 0
-        y, x = _nth_true(free, rng)
+        # the box sums of every spot in OpenCV passes on the integral's int32 views (issue 27,
+        # s28fill: numpy's three subtractions and compare were most of a try): the same integers
+        box = cv2.add(cv2.subtract(integ[bh:, bw:], integ[:-bh, bw:]), cv2.subtract(integ[:-bh, :-bw], integ[bh:, :-bw]))
+        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ), rng)
         if y < 0:
             continue
         out = np.zeros((h, w), np.uint8)
@@ -322,8 +326,12 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
 def _nth_true(free: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     """(row, column) of a uniformly drawn True of a 2-D bool array, (-1, -1) when it has none:
     the ``rng.integers(n)``-th in row-major order, as ``np.nonzero`` lists them (issue 27: the
-    same draw and spot, found from the row counts instead of listing every free spot)."""
-    per_row = np.count_nonzero(free, axis=1)
+    same draw and spot, found from the row counts instead of listing every free spot). Or a
+    0/255 uint8 mask (``cv2.compare``'s), its row counts by OpenCV."""
+    if free.dtype == np.uint8:
+        per_row = cv2.reduce(free, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() // 255
+    else:
+        per_row = np.count_nonzero(free, axis=1)
     cum = np.cumsum(per_row)
     n = int(cum[-1]) if len(cum) else 0
     if not n:
@@ -474,6 +482,16 @@ def original_look(sample: Sample, ring_px: int = 8) -> tuple[tuple[float | None,
 CLONE_MARGIN = disk(6)
 
 
+@functools.cache
+def _inradius(shape: str) -> float:
+    """The radius of the largest disk about a ``shape``'s center inside it, over its radius
+    (rotation-invariant): the least distance from the center to an edge of its polygon."""
+    p = np.asarray(scenes.shape_polygon(shape, 0.0, 0.0, 1000.0, 0.0))
+    a, d = p, np.roll(p, -1, axis=0) - p
+    t = np.clip(-(a * d).sum(1) / np.maximum((d * d).sum(1), 1e-12), 0.0, 1.0)
+    return float(np.hypot(*(a + t[:, None] * d).T).min()) / 1000.0
+
+
 def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
                 tries: int) -> tuple[list[list[float]], np.ndarray, np.ndarray]:
     """Where an inserted object goes: a ``shape`` of radius ``r`` whose region (with a margin
@@ -488,23 +506,40 @@ def place_shape(sample: Sample, shape: str, r: float, rng: np.random.Generator,
     if h <= 2 * m or w <= 2 * m:
         raise Skip("no_room_for_insert", f"image {w}x{h} too small for a {shape} of radius {r:.0f}")
     half = CLONE_MARGIN.shape[0] // 2
+    # A try whose center square holds a keepout pixel is refused before its polygon is made
+    # (issue 27, s28fill: most refused tries, ~0.1 ms each): a pixel of the square of half-side
+    # s lies within sqrt(2) s + 0.71 (the center rounded) of the center, and the polygon with
+    # its vertices rounded (<= 0.72 px) still holds the disk of radius inradius - 0.72, whose
+    # pixels at least 1 px inside are filled; the margin's disk (radius 6: every offset of
+    # squared length <= 36) reaches 4 px further in every direction (4^2 + 4^2 <= 36). So the
+    # region covers the square of half-side s + 4: the exact test below would refuse the try
+    s = int((_inradius(shape) * r - 3) / np.sqrt(2)) if shape in scenes.SHAPES else -1
+    integ = cv2.integral(keepout.view(np.uint8)) if s >= 0 else None
     for _ in range(tries):
         cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
-        poly = scenes.shape_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)))
+        rot = float(rng.uniform(0, np.pi))
+        if integ is not None:
+            ix, iy = int(round(cx)), int(round(cy))
+            ya, yb, xa, xb = max(0, iy - s - 4), min(h, iy + s + 5), max(0, ix - s - 4), min(w, ix + s + 5)
+            if integ[yb, xb] - integ[ya, xb] - integ[yb, xa] + integ[ya, xa]:
+                continue
+        poly = scenes.shape_polygon(shape, cx, cy, r, rot)
         # Each try is tested in the polygon's box grown by the margin (the region cannot reach
         # past it), with the rasterization scenes.polygon_mask uses; full-size masks only for
-        # the spot that fits.
+        # the spot that fits, from the same window (the polygon's pixels and its dilation)
         pts = np.round(np.asarray(poly, dtype=np.float64)).astype(np.int32)
         x0, y0 = max(0, int(pts[:, 0].min()) - half), max(0, int(pts[:, 1].min()) - half)
         x1, y1 = min(w, int(pts[:, 0].max()) + half + 1), min(h, int(pts[:, 1].max()) + half + 1)
         win = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(win, [(pts - np.array([x0, y0], np.int32)).reshape(-1, 1, 2)], 255, lineType=cv2.LINE_8)
-        if not (keepout[y0:y1, x0:x1] & (cv2.dilate(win, CLONE_MARGIN) > 0)).any():
-            obj = scenes.polygon_mask(poly, w, h)
+        grown = cv2.dilate(win, CLONE_MARGIN)
+        if not (keepout[y0:y1, x0:x1] & (grown > 0)).any():
+            obj = np.zeros((h, w), bool)
+            obj[y0:y1, x0:x1] = win > 0
             # the margin dilated on the box it can reach (a dilation's border adds nothing): the
             # same region as on the whole image
             region = np.zeros((h, w), np.uint8)
-            region[y0:y1, x0:x1] = cv2.dilate(obj[y0:y1, x0:x1].astype(np.uint8) * 255, CLONE_MARGIN)
+            region[y0:y1, x0:x1] = grown
             return poly, obj, region
     raise Skip("no_room_for_insert", f"no spot for a {shape} of radius {r:.0f} clear of annotated objects")
 
