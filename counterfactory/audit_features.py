@@ -207,6 +207,23 @@ def _axis_plan(n: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return lo, hi, edge, share
 
 
+@functools.lru_cache(maxsize=1024)
+def _crop_plan(n: int, grid: int, c0: int, c1: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Along an axis of ``n`` pixels, for cells [c0, c1): the crop [p0, p1) that holds their
+    pixels plus the filters' reach, their weights on it, those weights split into the block-edge
+    pixels' and the others' (stacked: 2 (c1 - c0) rows), and their share of edge pixels. Made once
+    per size and cell range (a sample's variants share most ranges), the same arrays every time."""
+    lo, hi, edge, share = _axis_plan(n, grid)
+    p0, p1 = max(0, int(lo[c0]) - _REACH), min(n, int(hi[c1 - 1]) + _REACH)
+    w = _area_weights(n, grid)[c0:c1, p0:p1]
+    e = edge[p0:p1]
+    both = np.concatenate([w * e, w * (1 - e)])
+    sh = share[c0:c1]
+    for a in (both, sh):
+        a.setflags(write=False)
+    return p0, p1, w, both, sh
+
+
 def _cells_stack(maps: np.ndarray, grid: int, rows: np.ndarray | None = None,
                  cols: np.ndarray | None = None) -> np.ndarray:
     """(k, grid, grid) means of (k, h, w) float32 maps over each cell of a grid x grid split, as two
@@ -240,15 +257,10 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     """(r1 - r0, c1 - c0, len(WINDOW_FEATURES)) float32 statistics of the windows of rows
     [r0, r1) and columns [c0, c1) of the grid, computed on the crop of ``img`` that holds their
     cells plus the filters' reach (the whole image for the whole grid)."""
-    hh, ww = img.shape[:2]
-    ylo, yhi, yedge, yshare = _axis_plan(hh, grid)
-    xlo, xhi, xedge, xshare = _axis_plan(ww, grid)
-    y0, y1 = max(0, int(ylo[r0]) - _REACH), min(hh, int(yhi[r1 - 1]) + _REACH)
-    x0, x1 = max(0, int(xlo[c0]) - _REACH), min(ww, int(xhi[c1 - 1]) + _REACH)
+    y0, y1, wr, wr_both, yshare = _crop_plan(img.shape[0], grid, r0, r1)
+    x0, x1, wc, wc_both, xshare = _crop_plan(img.shape[1], grid, c0, c1)
     im = img[y0:y1, x0:x1]
     h, w = im.shape[:2]
-    wr = _area_weights(hh, grid)[r0:r1, y0:y1]
-    wc = _area_weights(ww, grid)[c0:c1, x0:x1]
     to_gray, to_lab, to_hsv = _CODES[bgr]
     gray = cv2.cvtColor(im, to_gray).astype(np.float32)
     maps = np.empty((12, h, w), np.float32)
@@ -277,13 +289,11 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     maps[11, -1] = 0
     inner = (maps.reshape(12 * h, w) @ wc.T).reshape(12, h, c1 - c0)
     c = wr @ inner[:11]
-    ey = yedge[y0:y1]
-    v_both = np.concatenate([wr * ey, wr * (1 - ey)]) @ inner[11]  # (2 rows, cols)
+    v_both = wr_both @ inner[11]  # (2 rows, cols)
     dh = np.empty((h, w), np.float32)
     dh[:, -1] = 0
     np.abs(np.subtract(gray[:, 1:], gray[:, :-1], out=dh[:, :-1]), out=dh[:, :-1])
-    ex = xedge[x0:x1]
-    h_both = wr @ (dh @ np.concatenate([wc * ex, wc * (1 - ex)]).T)  # (rows, 2 cols)
+    h_both = wr @ (dh @ wc_both.T)  # (rows, 2 cols)
     nr, nc = r1 - r0, c1 - c0
     out = np.empty((nr, nc, len(WINDOW_FEATURES)), np.float32)
     out[..., 0:3] = c[0:3].transpose(1, 2, 0)
@@ -292,8 +302,8 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     out[..., 6] = c[6]
     out[..., 7:10] = np.log1p(c[7:10]).transpose(1, 2, 0)
     out[..., 10] = c[10]
-    for j, (on, off, share) in enumerate(((h_both[:, :nc], h_both[:, nc:], xshare[None, c0:c1]),
-                                          (v_both[:nr], v_both[nr:], yshare[r0:r1, None]))):
+    for j, (on, off, share) in enumerate(((h_both[:, :nc], h_both[:, nc:], xshare[None, :]),
+                                          (v_both[:nr], v_both[nr:], yshare[:, None]))):
         at = on / np.maximum(share, 1e-6)
         inside = off / np.maximum(1 - share, 1e-6)
         out[..., 11 + j] = np.log1p(at) - np.log1p(inside)
