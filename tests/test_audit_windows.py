@@ -151,3 +151,81 @@ def test_a_window_outside_the_reach_of_a_change_has_the_same_whole_image_statist
             rows = af._window_rows(cf, 8, bgr=False)
             assert 0 < (~keep).sum() <= 4
             assert np.array_equal(rows[keep], base[keep]) and not np.array_equal(rows, base)
+
+
+def _changed_by_definition(orig: np.ndarray, cf: np.ndarray, grid: int) -> np.ndarray:
+    """A window changed = a pixel of its cell plus the filters' reach differs (window by window)."""
+    hh, ww = orig.shape[:2]
+    ylo, yhi, _, _ = af._axis_plan(hh, grid)
+    xlo, xhi, _, _ = af._axis_plan(ww, grid)
+    diff = np.any(orig != cf, axis=2)
+    return np.array([[diff[max(0, ylo[r] - af._REACH):yhi[r] + af._REACH,
+                           max(0, xlo[c] - af._REACH):xhi[c] + af._REACH].any() for c in range(grid)]
+                     for r in range(grid)])
+
+
+@pytest.mark.parametrize("side", [1672, 1680])  # 255 * 3 * side^2 under 2^31 (int32 sums), and past it
+def test_changed_windows_stay_exact_where_the_difference_sums_near_the_integer_limit(side):
+    # every pixel saturated but one window's area and the reach around it: the integral's sums
+    # come within 1 % of 2^31 (int32) or pass it (float64), and the windows must still be exact
+    orig = np.zeros((side, side, 3), np.uint8)
+    cf = np.full_like(orig, 255)
+    lo, hi, _, _ = af._axis_plan(side, 8)
+    cf[lo[5] - af._REACH:hi[6] + af._REACH, lo[2] - af._REACH:hi[3] + af._REACH] = 0
+    cf[(lo[6] + hi[6]) // 2, (lo[3] + hi[3]) // 2] = 7  # one pixel of window (6, 3) differs again
+    got = af._changed_windows(orig, cf, 8)
+    assert np.array_equal(got, _changed_by_definition(orig, cf, 8))
+    assert not got[5, 2] and got[6, 3] and got.sum() == 64 - 3
+
+
+@pytest.mark.parametrize("n", [256, 250, 311, 96, 140])
+def test_a_crop_plan_is_the_whole_axis_weights_cut_to_its_cells(n):
+    w = af._area_weights(n, 8)
+    lo, hi, edge, share = af._axis_plan(n, 8)
+    for c0, c1 in [(0, 8), (0, 1), (3, 5), (7, 8), (2, 7)]:
+        p0, p1, wc, both, sh = af._crop_plan(n, 8, c0, c1)
+        assert (p0, p1) == (max(0, int(lo[c0]) - af._REACH), min(n, int(hi[c1 - 1]) + af._REACH))
+        assert np.array_equal(wc, w[c0:c1, p0:p1])
+        e = edge[p0:p1]
+        assert np.array_equal(both, np.concatenate([wc * e, wc * (1 - e)])) and np.array_equal(sh, share[c0:c1])
+        assert af._crop_plan(n, 8, c0, c1)[3] is both  # made once per size and cell range
+
+
+@pytest.mark.parametrize("size", [(256, 256), (250, 311)])
+def test_an_edit_of_two_far_objects_is_computed_on_two_crops_not_the_span_between_them(size, monkeypatch):
+    img = _scene(4, size)
+    h, w = img.shape[:2]
+    cf, _ = _patched(img, h // 16, w // 16, min(h, w) // 10)  # top left ...
+    cf[h - h // 6:h - h // 16, w - w // 6:w - w // 16] = (200, 30, 40)  # ... and bottom right
+    orig_b, cf_b = af._decode(_jpeg(img)), af._decode(_jpeg(cf))
+    computed = []
+    real = af._block_features
+    monkeypatch.setattr(af, "_block_features", lambda im, g, bgr, r0, r1, c0, c1: computed.append(
+        (r1 - r0) * (c1 - c0)) or real(im, g, bgr, r0, r1, c0, c1))
+    with one_blas_thread():
+        orig_rows = af._window_rows(orig_b, 8)
+        computed.clear()
+        got = af._variant_rows(orig_b, cf_b, orig_rows, 8)
+        whole = real(cf_b, 8, True, 0, 8, 0, 8).reshape(64, -1)
+    changed = af._changed_windows(orig_b, cf_b, 8)
+    ri, ci = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+    span = (ri[-1] - ri[0] + 1) * (ci[-1] - ci[0] + 1)
+    assert len(computed) == 2 and sum(computed) + af._CROP_WINDOWS < span  # two crops, fewer windows
+    c = changed.reshape(-1)
+    assert np.array_equal(got[~c], orig_rows[~c])
+    np.testing.assert_allclose(np.delete(got, [3, 4, 5], axis=1), np.delete(whole, [3, 4, 5], axis=1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, 3:6], whole[:, 3:6], atol=2e-3)
+
+
+def test_touching_changed_windows_are_one_crop_and_a_flip_the_whole_grid():
+    ch = np.zeros((8, 8), bool)
+    ch[2:4, 2:5] = True
+    ch[4, 5] = True  # touches diagonally: one group
+    assert af._crops(ch) == [(2, 5, 2, 6)]
+    near = ch.copy()
+    near[4, 7] = True  # a second group, but two boxes (12 + 1 + a crop's cost) hold more than one (3 x 6)
+    assert af._crops(near) == [(2, 5, 2, 8)]
+    ch[7, 0] = True  # far away: two boxes (12 + 1 + 6) rather than one of 6 x 6
+    assert af._crops(ch) == [(2, 5, 2, 6), (7, 8, 0, 1)]
+    assert af._crops(np.ones((8, 8), bool)) == [(0, 8, 0, 8)]
