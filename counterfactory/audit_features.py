@@ -179,8 +179,6 @@ _REACH = 4
 _CODES = {False: (cv2.COLOR_RGB2GRAY, cv2.COLOR_RGB2LAB, cv2.COLOR_RGB2HSV),
           True: (cv2.COLOR_BGR2GRAY, cv2.COLOR_BGR2LAB, cv2.COLOR_BGR2HSV)}
 _FULL_SHARE = 0.6  # a variant whose changed windows span more of the grid than this: computed whole
-# a window block's fixed cost (~0.14 ms: ~40 calls) in windows of a 256-px image's pixel work (~0.023 ms each)
-_CROP_WINDOWS = 6
 
 
 @functools.lru_cache(maxsize=64)
@@ -330,38 +328,14 @@ def _changed_windows(orig: np.ndarray, cf: np.ndarray, grid: int) -> np.ndarray:
     return (s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]) > 0
 
 
-def _crops(changed: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """The window ranges (r0, r1, c0, c1) to compute for a variant's ``changed`` windows: the box
-    around each group of touching changed windows (an edit of two objects, a swap, is two small
-    crops rather than the span between them) when those boxes hold fewer windows than the one box
-    around all of them, counting each further crop as ``_CROP_WINDOWS`` windows (its fixed cost);
-    the whole grid when that one box spans most of it (a flip)."""
-    g = changed.shape[0]
-    ri, ci = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
-    one = (int(ri[0]), int(ri[-1]) + 1, int(ci[0]), int(ci[-1]) + 1)
-    area = (one[1] - one[0]) * (one[3] - one[2])
-    n, _, stats, _ = cv2.connectedComponentsWithStats(changed.astype(np.uint8), connectivity=8)
-    boxes = [(int(y), int(y + h), int(x), int(x + w)) for x, y, w, h, _ in stats[1:n].tolist()]
-    split = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in boxes) + _CROP_WINDOWS * (len(boxes) - 1)
-    if len(boxes) > 1 and split < min(area, g * g):
-        return boxes
-    return [(0, g, 0, g)] if area > _FULL_SHARE * g * g else [one]
-
-
 def _variant_rows(orig: np.ndarray, cf: np.ndarray, orig_rows: np.ndarray, grid: int) -> np.ndarray:
     """A variant's window rows: the original's where the variant left the window's pixels (and the
-    filters' reach) as they were, computed on crops around the changed windows elsewhere, on the
+    filters' reach) as they were, computed on the crop around the changed windows elsewhere, on the
     whole image when they span most of it (a flip)."""
     changed = _changed_windows(orig, cf, grid)
     out = orig_rows.copy()
     if not changed.any():
         return out
-    full = out.reshape(grid, grid, -1)
-    for r0, r1, c0, c1 in _crops(changed):
-        block = _block_features(cf, grid, True, r0, r1, c0, c1)
-        sub = changed[r0:r1, c0:c1]
-        full[r0:r1, c0:c1][sub] = block[sub]
-    return out
     ri, ci = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
     r0, r1, c0, c1 = int(ri[0]), int(ri[-1]) + 1, int(ci[0]), int(ci[-1]) + 1
     if (r1 - r0) * (c1 - c0) > _FULL_SHARE * grid * grid:
