@@ -310,21 +310,33 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _reach_bounds(n: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along an axis of ``n`` pixels: each cell's first and last + 1 pixel widened by the filters'
+    reach (clipped to the image)."""
+    lo, hi, _, _ = _axis_plan(n, grid)
+    out = np.maximum(lo - _REACH, 0), np.minimum(hi + _REACH, n)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 def _changed_windows(orig: np.ndarray, cf: np.ndarray, grid: int) -> np.ndarray:
     """(grid, grid) bool: the windows whose cell or the filters' reach around it holds a pixel that
     differs between the two images (the others have the same statistics in both): the sums of the
     absolute differences over each window's cell plus the reach, from one integral image."""
     hh, ww = orig.shape[:2]
-    ylo, yhi, _, _ = _axis_plan(hh, grid)
-    xlo, xhi, _, _ = _axis_plan(ww, grid)
-    k = orig.shape[2] if orig.ndim == 3 else 1
-    # the channels side by side in one plane: a window's columns [x0, x1) are [k x0, k x1) there
-    # int32 sums: exact (at most 255 * 3 * h * w, under 2^31 up to 2.8 Mpx; larger: float64, exact
-    # under 2^53) and a quarter of the float64 integral's CPU on the bench's images
-    depth = cv2.CV_32S if 255 * k * hh * ww < 1 << 31 else cv2.CV_64F
-    s = cv2.integral(cv2.absdiff(orig, cf).reshape(hh, ww * k), sdepth=depth)
-    y0, y1 = np.maximum(ylo - _REACH, 0)[:, None], np.minimum(yhi + _REACH, hh)[:, None]
-    x0, x1 = k * np.maximum(xlo - _REACH, 0)[None, :], k * np.minimum(xhi + _REACH, ww)[None, :]
+    d = cv2.absdiff(orig, cf)
+    if d.ndim == 3:  # a pixel differs where a channel does: the channels' differences OR'd into one plane
+        planes = cv2.split(d)
+        d = planes[0]
+        for p in planes[1:]:
+            d = cv2.bitwise_or(d, p)
+    # int32 sums: exact (at most 255 * h * w, under 2^31 up to 8.4 Mpx; larger: float64, exact under 2^53)
+    s = cv2.integral(d, sdepth=cv2.CV_32S if 255 * hh * ww < 1 << 31 else cv2.CV_64F)
+    y0, y1 = _reach_bounds(hh, grid)
+    x0, x1 = _reach_bounds(ww, grid)
+    y0, y1 = y0[:, None], y1[:, None]
     return (s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]) > 0
 
 
