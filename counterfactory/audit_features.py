@@ -19,9 +19,12 @@ Cost (issue 27, ~20 -> ~10 CPU ms per sampled sample): a variant changes the pix
 (and JPEG's blocks around it), so its windows whose pixels and the filters' reach are the
 original's take the original's rows; the others are computed on one crop around them (a global
 edit, a flip, on the whole image). Members are decoded by OpenCV (BGR, the same pixels as
-Pillow's), each mask once per sample, BLAS held to one thread once per sample.
+Pillow's), each mask once per sample, BLAS held to one thread once per sample; a crop's weights
+are made once per image size and cell range, the changed windows come from one int32 integral of
+the channels' OR'd differences (session 5: ~3 % less, the same numbers; decoding and the changed
+windows' pixel work are ~7.5 of the ~11 ms: BENCHMARKS.md, part s28audit).
 
-~530 lines on purpose: the sample rule, the statistics and the features file are one contract
+~565 lines on purpose: the sample rule, the statistics and the features file are one contract
 between the writers and the audit (the same numbers from the stream and from a shard); the
 audit's fits live in ``audit``.
 """
