@@ -7,9 +7,12 @@ first shard to manifest, the stages included), the shortcut audit at publish tim
 the audit's image statistics are computed in the stream (``audit_features.AuditCollector``), their
 CPU cost per sampled sample. Prints one line; ``--profile`` adds a cProfile of what runs after the
 stream (top entries by cumulative time). ``--records VERSION_DIR``: ``sample_record`` alone (what
-the writers run per sampled sample) on a published version's shards, best of ``--reps`` passes.
+the writers run per sampled sample) on a published version's shards, best of ``--reps`` passes;
+with ``--against OLD_TREE`` both trees' ``audit_features`` are loaded into this process and run
+in turn on each sample (order alternating), so a load that changes by the second, as on a shared
+machine, falls on both alike: two separate runs at the same time differed by up to 40 % there.
 
-Usage: python bench/audit_cost.py [--n 1000] [--profile] | --records VERSION_DIR [--reps 3]
+Usage: python bench/audit_cost.py [--n 1000] [--profile] | --records VERSION_DIR [--reps 3] [--against OLD_TREE]
 Run two commits back to back under the same load: copy this file into the old commit's
 worktree (it imports the counterfactory of the tree it sits in).
 """
@@ -144,14 +147,58 @@ def records(vdir: str, reps: int = 3) -> str:
             f"{1000 * best / len(samples):.2f} CPU ms per sampled sample (best of {reps}); digest {h.hexdigest()[:16]}")
 
 
+def records_against(vdir: str, old_tree: str, reps: int = 3) -> str:
+    """``sample_record`` of this tree and of ``old_tree`` (its ``counterfactory/audit_features.py``,
+    loaded under another module name; what it imports comes from this tree) on the same sampled
+    samples, interleaved per sample, ``reps`` rounds: CPU ms per sampled sample of each, and
+    whether their records are the same numbers."""
+    import importlib.util
+
+    import numpy as np
+
+    from counterfactory import audit_features as af
+    from counterfactory.shards import read_shard, resolve_shards
+
+    spec = importlib.util.spec_from_file_location(
+        "audit_features_old", Path(old_tree) / "counterfactory" / "audit_features.py")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look their module up
+    spec.loader.exec_module(old)
+    manifest = json.loads((Path(vdir) / "manifest.json").read_text())
+    sample = af.AuditSample(seed=0, sample_pairs=256, n_inputs=manifest["counts"]["inputs"], grid=8, abstain="unknown")
+    shards, _ = resolve_shards(vdir)
+    samples = [smp for sh in shards for smp in read_shard(sh) if sample.wants(smp["__key__"])]
+    spent = {"old": 0.0, "new": 0.0}
+    same = True
+    for rnd in range(reps):
+        for i, smp in enumerate(samples):
+            got = {}
+            for name, mod in (("old", old), ("new", af)) if (i + rnd) % 2 == 0 else (("new", af), ("old", old)):
+                c0 = time.process_time()
+                got[name] = mod.sample_record(smp["__key__"], smp["json"], smp, sample.grid, sample.abstain)
+                spent[name] += time.process_time() - c0
+            a, b = got["old"], got["new"]
+            same = same and np.array_equal(a["orig_win"], b["orig_win"]) and all(
+                p["v"] == q["v"] and np.array_equal(p["cf_win"], q["cf_win"]) and np.array_equal(p["cover"], q["cover"])
+                for p, q in zip(a["pairs"], b["pairs"], strict=True))
+    per = {k: 1000 * v / (reps * len(samples)) for k, v in spent.items()}
+    return (f"sample_record on {len(samples)} sampled samples x {reps}, interleaved per sample: {old_tree} "
+            f"{per['old']:.2f}, this tree {per['new']:.2f} CPU ms per sampled sample ({100 * (per['new'] / per['old'] - 1):+.1f} %); "
+            f"records {'bit-identical' if same else 'DIFFER'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--records", default=None, help="time sample_record alone on this published version's shards")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--against", default=None, help="with --records: another tree, run interleaved per sample")
     args = ap.parse_args()
-    print(records(args.records, args.reps) if args.records else measure(args.n, args.profile))
+    if args.records and args.against:
+        print(records_against(args.records, args.against, args.reps))
+    else:
+        print(records(args.records, args.reps) if args.records else measure(args.n, args.profile))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ Cost (issue 27, ~20 -> ~10 CPU ms per sampled sample): a variant changes the pix
 (and JPEG's blocks around it), so its windows whose pixels and the filters' reach are the
 original's take the original's rows; the others are computed on one crop around them (a global
 edit, a flip, on the whole image). Members are decoded by OpenCV (BGR, the same pixels as
-Pillow's), each mask once per sample, BLAS held to one thread once per sample.
+Pillow's), each mask once per sample, BLAS held to one thread once per sample; a crop's weights
+are made once per image size and cell range, the changed windows come from one int32 integral of
+the channels' OR'd differences (session 5: ~3 % less, the same numbers; decoding and the changed
+windows' pixel work are ~7.5 of the ~11 ms: BENCHMARKS.md, part s28audit).
 
-~530 lines on purpose: the sample rule, the statistics and the features file are one contract
+~565 lines on purpose: the sample rule, the statistics and the features file are one contract
 between the writers and the audit (the same numbers from the stream and from a shard); the
 audit's fits live in ``audit``.
 """
@@ -207,6 +210,23 @@ def _axis_plan(n: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return lo, hi, edge, share
 
 
+@functools.lru_cache(maxsize=1024)
+def _crop_plan(n: int, grid: int, c0: int, c1: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Along an axis of ``n`` pixels, for cells [c0, c1): the crop [p0, p1) that holds their
+    pixels plus the filters' reach, their weights on it, those weights split into the block-edge
+    pixels' and the others' (stacked: 2 (c1 - c0) rows), and their share of edge pixels. Made once
+    per size and cell range (a sample's variants share most ranges), the same arrays every time."""
+    lo, hi, edge, share = _axis_plan(n, grid)
+    p0, p1 = max(0, int(lo[c0]) - _REACH), min(n, int(hi[c1 - 1]) + _REACH)
+    w = _area_weights(n, grid)[c0:c1, p0:p1]
+    e = edge[p0:p1]
+    both = np.concatenate([w * e, w * (1 - e)])
+    sh = share[c0:c1]
+    for a in (both, sh):
+        a.setflags(write=False)
+    return p0, p1, w, both, sh
+
+
 def _cells_stack(maps: np.ndarray, grid: int, rows: np.ndarray | None = None,
                  cols: np.ndarray | None = None) -> np.ndarray:
     """(k, grid, grid) means of (k, h, w) float32 maps over each cell of a grid x grid split, as two
@@ -240,15 +260,10 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     """(r1 - r0, c1 - c0, len(WINDOW_FEATURES)) float32 statistics of the windows of rows
     [r0, r1) and columns [c0, c1) of the grid, computed on the crop of ``img`` that holds their
     cells plus the filters' reach (the whole image for the whole grid)."""
-    hh, ww = img.shape[:2]
-    ylo, yhi, yedge, yshare = _axis_plan(hh, grid)
-    xlo, xhi, xedge, xshare = _axis_plan(ww, grid)
-    y0, y1 = max(0, int(ylo[r0]) - _REACH), min(hh, int(yhi[r1 - 1]) + _REACH)
-    x0, x1 = max(0, int(xlo[c0]) - _REACH), min(ww, int(xhi[c1 - 1]) + _REACH)
+    y0, y1, wr, wr_both, yshare = _crop_plan(img.shape[0], grid, r0, r1)
+    x0, x1, wc, wc_both, xshare = _crop_plan(img.shape[1], grid, c0, c1)
     im = img[y0:y1, x0:x1]
     h, w = im.shape[:2]
-    wr = _area_weights(hh, grid)[r0:r1, y0:y1]
-    wc = _area_weights(ww, grid)[c0:c1, x0:x1]
     to_gray, to_lab, to_hsv = _CODES[bgr]
     gray = cv2.cvtColor(im, to_gray).astype(np.float32)
     maps = np.empty((12, h, w), np.float32)
@@ -277,12 +292,11 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     maps[11, -1] = 0
     inner = (maps.reshape(12 * h, w) @ wc.T).reshape(12, h, c1 - c0)
     c = wr @ inner[:11]
-    ey = yedge[y0:y1]
-    v_both = np.concatenate([wr * ey, wr * (1 - ey)]) @ inner[11]  # (2 rows, cols)
-    dh = np.zeros((h, w), np.float32)
+    v_both = wr_both @ inner[11]  # (2 rows, cols)
+    dh = np.empty((h, w), np.float32)
+    dh[:, -1] = 0
     np.abs(np.subtract(gray[:, 1:], gray[:, :-1], out=dh[:, :-1]), out=dh[:, :-1])
-    ex = xedge[x0:x1]
-    h_both = wr @ (dh @ np.concatenate([wc * ex, wc * (1 - ex)]).T)  # (rows, 2 cols)
+    h_both = wr @ (dh @ wc_both.T)  # (rows, 2 cols)
     nr, nc = r1 - r0, c1 - c0
     out = np.empty((nr, nc, len(WINDOW_FEATURES)), np.float32)
     out[..., 0:3] = c[0:3].transpose(1, 2, 0)
@@ -291,11 +305,22 @@ def _block_features(img: np.ndarray, grid: int, bgr: bool, r0: int, r1: int, c0:
     out[..., 6] = c[6]
     out[..., 7:10] = np.log1p(c[7:10]).transpose(1, 2, 0)
     out[..., 10] = c[10]
-    for j, (on, off, share) in enumerate(((h_both[:, :nc], h_both[:, nc:], xshare[None, c0:c1]),
-                                          (v_both[:nr], v_both[nr:], yshare[r0:r1, None]))):
+    for j, (on, off, share) in enumerate(((h_both[:, :nc], h_both[:, nc:], xshare[None, :]),
+                                          (v_both[:nr], v_both[nr:], yshare[:, None]))):
         at = on / np.maximum(share, 1e-6)
         inside = off / np.maximum(1 - share, 1e-6)
         out[..., 11 + j] = np.log1p(at) - np.log1p(inside)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _reach_bounds(n: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along an axis of ``n`` pixels: each cell's first and last + 1 pixel widened by the filters'
+    reach (clipped to the image)."""
+    lo, hi, _, _ = _axis_plan(n, grid)
+    out = np.maximum(lo - _REACH, 0), np.minimum(hi + _REACH, n)
+    for a in out:
+        a.setflags(write=False)
     return out
 
 
@@ -304,13 +329,17 @@ def _changed_windows(orig: np.ndarray, cf: np.ndarray, grid: int) -> np.ndarray:
     differs between the two images (the others have the same statistics in both): the sums of the
     absolute differences over each window's cell plus the reach, from one integral image."""
     hh, ww = orig.shape[:2]
-    ylo, yhi, _, _ = _axis_plan(hh, grid)
-    xlo, xhi, _, _ = _axis_plan(ww, grid)
-    k = orig.shape[2] if orig.ndim == 3 else 1
-    # the channels side by side in one plane: a window's columns [x0, x1) are [k x0, k x1) there
-    s = cv2.integral(cv2.absdiff(orig, cf).reshape(hh, ww * k), sdepth=cv2.CV_64F)  # exact: integers under 2^53
-    y0, y1 = np.maximum(ylo - _REACH, 0)[:, None], np.minimum(yhi + _REACH, hh)[:, None]
-    x0, x1 = k * np.maximum(xlo - _REACH, 0)[None, :], k * np.minimum(xhi + _REACH, ww)[None, :]
+    d = cv2.absdiff(orig, cf)
+    if d.ndim == 3:  # a pixel differs where a channel does: the channels' differences OR'd into one plane
+        planes = cv2.split(d)
+        d = planes[0]
+        for p in planes[1:]:
+            d = cv2.bitwise_or(d, p)
+    # int32 sums: exact (at most 255 * h * w, under 2^31 up to 8.4 Mpx; larger: float64, exact under 2^53)
+    s = cv2.integral(d, sdepth=cv2.CV_32S if 255 * hh * ww < 1 << 31 else cv2.CV_64F)
+    y0, y1 = _reach_bounds(hh, grid)
+    x0, x1 = _reach_bounds(ww, grid)
+    y0, y1 = y0[:, None], y1[:, None]
     return (s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]) > 0
 
 

@@ -151,3 +151,42 @@ def test_a_window_outside_the_reach_of_a_change_has_the_same_whole_image_statist
             rows = af._window_rows(cf, 8, bgr=False)
             assert 0 < (~keep).sum() <= 4
             assert np.array_equal(rows[keep], base[keep]) and not np.array_equal(rows, base)
+
+
+def _changed_by_definition(orig: np.ndarray, cf: np.ndarray, grid: int) -> np.ndarray:
+    """A window changed = a pixel of its cell plus the filters' reach differs (window by window)."""
+    hh, ww = orig.shape[:2]
+    ylo, yhi, _, _ = af._axis_plan(hh, grid)
+    xlo, xhi, _, _ = af._axis_plan(ww, grid)
+    diff = np.any(orig != cf, axis=2)
+    return np.array([[diff[max(0, ylo[r] - af._REACH):yhi[r] + af._REACH,
+                           max(0, xlo[c] - af._REACH):xhi[c] + af._REACH].any() for c in range(grid)]
+                     for r in range(grid)])
+
+
+@pytest.mark.parametrize("side", [2900, 2910])  # 255 * side^2 under 2^31 (int32 sums), and past it
+def test_changed_windows_stay_exact_where_the_difference_sums_near_the_integer_limit(side):
+    # every pixel saturated but one window's area and the reach around it: the integral's sums
+    # come within 1 % of 2^31 (int32) or pass it (float64), and the windows must still be exact
+    orig = np.zeros((side, side, 3), np.uint8)
+    cf = np.full_like(orig, 255)
+    lo, hi, _, _ = af._axis_plan(side, 8)
+    cf[lo[5] - af._REACH:hi[6] + af._REACH, lo[2] - af._REACH:hi[3] + af._REACH] = 0
+    cf[(lo[6] + hi[6]) // 2, (lo[3] + hi[3]) // 2] = 7  # one pixel of window (6, 3) differs again
+    got = af._changed_windows(orig, cf, 8)
+    assert np.array_equal(got, _changed_by_definition(orig, cf, 8))
+    assert not got[5, 2] and got[6, 3] and got.sum() == 64 - 3
+
+
+@pytest.mark.parametrize("n", [256, 250, 311, 96, 140])
+def test_a_crop_plan_is_the_whole_axis_weights_cut_to_its_cells(n):
+    w = af._area_weights(n, 8)
+    lo, hi, edge, share = af._axis_plan(n, 8)
+    for c0, c1 in [(0, 8), (0, 1), (3, 5), (7, 8), (2, 7)]:
+        p0, p1, wc, both, sh = af._crop_plan(n, 8, c0, c1)
+        assert (p0, p1) == (max(0, int(lo[c0]) - af._REACH), min(n, int(hi[c1 - 1]) + af._REACH))
+        assert np.array_equal(wc, w[c0:c1, p0:p1])
+        e = edge[p0:p1]
+        assert np.array_equal(both, np.concatenate([wc * e, wc * (1 - e)])) and np.array_equal(sh, share[c0:c1])
+        assert af._crop_plan(n, 8, c0, c1)[3] is both  # made once per size and cell range
+
