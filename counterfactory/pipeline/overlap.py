@@ -8,6 +8,9 @@ encoder) runs in its own thread, joined by bounded queues: while the edit model 
 compresses batch ``i-1``. Threads are enough: torch, OpenCV, PIL's codecs and numpy release the
 GIL in their kernels, and CUDA launches are asynchronous.
 
+Used where the plan has a model step (``runner._local_entries``): with CPU stages only there is
+no device to hide work behind, and threads on the same cores only trade the GIL.
+
 Outputs are the loop's, byte for byte: each step's stage objects live in one thread and see the
 batches in input order (FIFO queues), and every random choice is seeded per sample.
 """
