@@ -288,7 +288,10 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     else:
         blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
         keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
-    integ = cv2.integral(keepout)
+    # int32 sums only while they cannot wrap (a 0/255 keepout: 255 * h * w; OpenCV's int32
+    # subtract below saturates, so a wrapped integral would misplace spots): float64 past that,
+    # exact under 2^53 (4000 x 3000 with most of it kept out wrapped)
+    integ = cv2.integral(keepout, sdepth=cv2.CV_32S if 255 * h * w < 1 << 31 else cv2.CV_64F)
     area = cv2.countNonZero(evidence) if area is None else area
     if not area:
         return None
