@@ -317,7 +317,9 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         # the box sums of every spot in OpenCV passes on the integral's int32 views (issue 27,
         # s28fill: numpy's three subtractions and compare were most of a try): the same integers
         box = cv2.add(cv2.subtract(integ[bh:, bw:], integ[:-bh, bw:]), cv2.subtract(integ[:-bh, :-bw], integ[bh:, :-bw]))
-        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ), rng)
+        # a 1 x 1 box (the shape as large as the image) beside a number is a scalar to OpenCV
+        # (a 4 x 1 answer of spots that do not exist): numpy's compare there
+        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ) if box.size > 1 else box == 0, rng)
         if y < 0:
             continue
         out = np.zeros((h, w), np.uint8)
