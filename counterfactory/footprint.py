@@ -267,7 +267,10 @@ def _boundary(out: np.ndarray, core: np.ndarray, region: np.ndarray, rng_m: np.n
     dy = gy[box] * ny
     dy /= norm
     across += dy
-    val = cv2.mean(cv2.absdiff(across, 0.0), mask=contour[box])[0]
+    # numpy's abs in place, not cv2.absdiff(across, 0.0): OpenCV reads a 1 x 1 array beside a
+    # number as a scalar (a 4 x 1 result, then cv2.mean's size check fails), and the contour's
+    # box is 1 x 1 for a one-pixel contour (a small core near the border); the same floats
+    val = cv2.mean(np.abs(across, out=across), mask=contour[box])[0]
     return round(float(val / max(base, 1.0)), 4)
 
 

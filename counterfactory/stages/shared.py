@@ -288,7 +288,10 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
     else:
         blocked = evidence > 0 if avoid is None else (evidence > 0) | (avoid > 0)
         keepout = cv2.dilate(blocked.astype(np.uint8), disk(gap))
-    integ = cv2.integral(keepout)
+    # int32 sums only while they cannot wrap (a 0/255 keepout: 255 * h * w; OpenCV's int32
+    # subtract below saturates, so a wrapped integral would misplace spots): float64 past that,
+    # exact under 2^53 (4000 x 3000 with most of it kept out wrapped)
+    integ = cv2.integral(keepout, sdepth=cv2.CV_32S if 255 * h * w < 1 << 31 else cv2.CV_64F)
     area = cv2.countNonZero(evidence) if area is None else area
     if not area:
         return None
@@ -314,7 +317,9 @@ def control_mask(evidence: np.ndarray, rng: np.random.Generator, tries: int, gap
         # the box sums of every spot in OpenCV passes on the integral's int32 views (issue 27,
         # s28fill: numpy's three subtractions and compare were most of a try): the same integers
         box = cv2.add(cv2.subtract(integ[bh:, bw:], integ[:-bh, bw:]), cv2.subtract(integ[:-bh, :-bw], integ[bh:, :-bw]))
-        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ), rng)
+        # a 1 x 1 box (the shape as large as the image) beside a number is a scalar to OpenCV
+        # (a 4 x 1 answer of spots that do not exist): numpy's compare there
+        y, x = _nth_true(cv2.compare(box, 0, cv2.CMP_EQ) if box.size > 1 else box == 0, rng)
         if y < 0:
             continue
         out = np.zeros((h, w), np.uint8)
