@@ -210,7 +210,9 @@ def _axis_plan(n: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return lo, hi, edge, share
 
 
-@functools.lru_cache(maxsize=1024)
+# 256: one image size's ranges at grid 8 (<= 36 per axis) for a few sizes at once; bounded so a
+# manifest of many large sizes keeps <= ~64 MB of plans (4000 px, grid 8: <= 256 KB a plan)
+@functools.lru_cache(maxsize=256)
 def _crop_plan(n: int, grid: int, c0: int, c1: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
     """Along an axis of ``n`` pixels, for cells [c0, c1): the crop [p0, p1) that holds their
     pixels plus the filters' reach, their weights on it, those weights split into the block-edge
