@@ -322,3 +322,24 @@ def test_encoder_reuse_never_trusts_an_array_changed_in_place():
     shared[:8] = 0  # changed in place after a was encoded
     enc.encode_samples([b])
     assert b.arrays["parts"]["orig.jpg"] == writer._encode_image(shared, "jpg", 95) != a.arrays["parts"]["orig.jpg"]
+
+
+def test_encoder_keeps_at_most_its_byte_cap_of_the_last_sample(monkeypatch):
+    """The kept pictures are bounded (a huge photo's variants are not held a sample longer):
+    over the cap a part is encoded afresh, with the same bytes."""
+    import numpy as np
+
+    from counterfactory.pipeline import writer
+
+    a, b = _questions_of_one_image(np.random.default_rng(6), 2)
+    cap = a.arrays["image"].nbytes
+    monkeypatch.setattr(writer, "_REUSE_MAX_BYTES", cap)  # the original alone fits
+    enc = writer.PartEncoder()
+    enc.encode_samples([a])
+    assert list(enc._last) == ["orig.jpg"] and enc._kept == cap
+    calls = []
+    real = writer._encode_image
+    monkeypatch.setattr(writer, "_encode_image", lambda arr, *args: calls.append(1) or real(arr, *args))
+    enc.encode_samples([b])
+    assert len(calls) == 2  # its edit and its flip (kept no longer); the original reused
+    assert b.arrays["parts"]["flip.jpg"] == a.arrays["parts"]["flip.jpg"]

@@ -203,6 +203,11 @@ class _TarShard:
         self.f.close()
 
 
+# PartEncoder._reuse keeps the last sample's pictures one sample longer: at most this many bytes
+# of them (a 12 Mpx photo with eight variants would otherwise hold ~300 MB for nothing)
+_REUSE_MAX_BYTES = 64 << 20
+
+
 class PartEncoder:
     """Last map step, on the workers: arrays -> encoded tar members (image encode is the costly
     part of writing, so it runs in parallel rather than in the driver)."""
@@ -214,6 +219,7 @@ class PartEncoder:
         # the last sample's source sha256 and its pictures by part name, (array, bytes): see ``_reuse``
         self._last_source: str | None = None
         self._last: dict[str, tuple[np.ndarray, bytes]] = {}
+        self._kept = 0  # bytes of the arrays in ``_last`` (at most _REUSE_MAX_BYTES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         samples = decode_batch(batch)
@@ -259,7 +265,7 @@ class PartEncoder:
         are encoded afresh: the kept array then holds what was encoded, even if a stage broke the
         rule that arrays are replaced, never changed in place."""
         prev = self._last if source is not None and source == self._last_source else {}
-        self._last_source, self._last = source, {}
+        self._last_source, self._last, self._kept = source, {}, 0
 
         def cached(encode: Any) -> Any:
             def part(name: str, arr: np.ndarray) -> bytes:
@@ -269,7 +275,8 @@ class PartEncoder:
                     data = hit[1]
                 else:
                     data = encode(arr)
-                self._last[name] = (arr, data)
+                if source is not None and (keep := self._kept + arr.nbytes) <= _REUSE_MAX_BYTES:
+                    self._last[name], self._kept = (arr, data), keep
                 return data
             return part
 
