@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from counterfactory import helper_process
 from counterfactory.audit_config import AuditConfig
 from counterfactory.layout import AUDIT_DIR, atomic_write, features_name
 from counterfactory.stages.qa import PRESUPPOSING_KINDS, subject_present
@@ -115,7 +116,9 @@ def audit_sample(config: dict[str, Any], n_inputs: int) -> AuditSample | None:
 # what publish imports (the audit's fits, the card's plots): ~1.7 CPU s of imports (scikit-learn
 # pulls scipy.stats and pandas), done on a daemon thread of the driver while the stream runs rather
 # than after its last shard (issue 27: what runs after the stream)
-_PUBLISH_IMPORTS = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker", "matplotlib.lines")
+# pandas: pyarrow imports it at its first conversion of Python rows (the index, at publish: 0.3 s)
+_PUBLISH_IMPORTS = ("pandas", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker",
+                    "matplotlib.lines")
 _AUDIT_IMPORTS = ("sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection", "sklearn.pipeline",
                   "sklearn.preprocessing", "sklearn.feature_extraction.text", "threadpoolctl")
 _prewarmed: set[str] = set()
@@ -123,10 +126,11 @@ _prewarm_threads: list[threading.Thread] = []
 
 
 def prewarm_publish(audit: bool) -> None:
-    """Import, on a daemon thread, the modules publish will need (the audit's only when it runs);
-    once per process. Nothing is computed: an import that fails here fails again, loudly, where
-    it is needed."""
-    names = [m for m in (*_PUBLISH_IMPORTS, *(_AUDIT_IMPORTS if audit else ())) if m not in _prewarmed]
+    """Import, on a daemon thread, the modules publish will need (the audit's only when it runs
+    here: with the helper process up, it imports them and fits there); once per process. Nothing
+    is computed: an import that fails here fails again, loudly, where it is needed."""
+    here = audit and not helper_process.start()
+    names = [m for m in (*_PUBLISH_IMPORTS, *(_AUDIT_IMPORTS if here else ())) if m not in _prewarmed]
     if not names:
         return
     _prewarmed.update(names)
@@ -524,12 +528,17 @@ def unpack(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 class AuditCollector:
     """In a ``ShardWriter``: the sampled samples' records of one shard, written beside it
     (``audit/SHARD.npz``) when the shard closes, before its journal entry (a journaled shard has
-    its features; a shard written again writes them again)."""
+    its features; a shard written again writes them again). In the driver (a run in one
+    process) each record is computed by the helper process while the writer goes on; in a Ray
+    task, here. At most ``_PENDING`` samples' members wait for the helper at once."""
+
+    _PENDING = 16
 
     def __init__(self, out_dir: Path, shard: str, sample: AuditSample) -> None:
         self.out_dir, self.shard, self.sample = Path(out_dir), shard, sample
         self.records: list[dict[str, Any]] = []
         self.seconds = 0.0
+        self._pending: list[tuple[Any, tuple[Any, ...]]] = []  # (future, its arguments), in order
 
     @classmethod
     def open(cls, out_dir: Path, shard: str) -> AuditCollector | None:
@@ -541,18 +550,35 @@ class AuditCollector:
         raw = parts.get("json")
         if raw is None or not self.sample.wants(key):
             return
-        t0 = time.perf_counter()
         doc = json.loads(raw) if isinstance(raw, bytes | bytearray | str) else raw
-        self.records.append(sample_record(key, doc, parts, self.sample.grid, self.sample.abstain))
-        self.seconds += time.perf_counter() - t0
+        args = (key, doc, dict(parts), self.sample.grid, self.sample.abstain)  # the writer's dict, not held
+        self._pending.append((helper_process.submit(timed_record, *args), args))
+        while self._pending and (self._pending[0][0] is None or len(self._pending) > self._PENDING):
+            self._collect()
+
+    def _collect(self) -> None:
+        fut, args = self._pending.pop(0)
+        rec, seconds = helper_process.result(fut, timed_record, *args)
+        self.records.append(rec)
+        self.seconds += seconds
 
     def finish(self) -> None:
+        while self._pending:
+            self._collect()
         path = features_path(self.out_dir, self.shard)
         if not self.records:
             path.unlink(missing_ok=True)  # a stale file of an earlier run of this shard
             return
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, pack(self.records, self.sample, self.shard, self.seconds))
+
+
+def timed_record(key: str, doc: dict[str, Any], parts: dict[str, Any], grid: int,
+                 abstain: str) -> tuple[dict[str, Any], float]:
+    """``sample_record`` and the seconds it took (where it ran: the card states the audit's cost)."""
+    t0 = time.perf_counter()
+    rec = sample_record(key, doc, parts, grid, abstain)
+    return rec, time.perf_counter() - t0
 
 
 def read_features(out_dir: Path, shard: str, sample: AuditSample) -> tuple[list[dict[str, Any]], float] | None:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from counterfactory import audit
+from counterfactory import audit, helper_process
 from counterfactory.audit_features import finish_prewarm
 from counterfactory.diff import diff
 from counterfactory.index import answers_of, metrics_of, pair_features
@@ -212,8 +212,9 @@ def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def compute_card(vdir: Path) -> dict[str, Any]:
-    """All figures of the card, from the files of one version folder."""
+def compute_card(vdir: Path, *, with_audit: bool = True) -> dict[str, Any]:
+    """All figures of the card, from the files of one version folder (``with_audit=False``:
+    the audit's place left empty, for ``attach_audit``)."""
     manifest = json.loads((vdir / MANIFEST).read_text())
     cfg = yaml.safe_load((vdir / CONFIG).read_text())
     info = json.loads((vdir / VERSION_FILE).read_text()) if (vdir / VERSION_FILE).exists() else {}
@@ -285,14 +286,10 @@ def compute_card(vdir: Path) -> dict[str, Any]:
     if info.get("command"):
         commands.insert(0, f"{info['command']}   # the command that made it")
     changes = _changes(vdir, info)
-    audit = _audit(vdir, cfg)
-    # timing (at publish; in the stream, on the workers): the rest is reproducible
-    audit_seconds = audit["cost"].pop("seconds", None) if audit else None
-    audit_stream_seconds = audit["cost"].pop("stream_seconds", None) if audit else None
     parts = manifest["counts"].get("parts") or {}
     media = next((p.split(".", 1)[1] for p in sorted(parts) if p.startswith("orig.")), "jpg")
     card_cfg = cfg.get("card") or {}
-    return {
+    card = {
         "format": "counterfactory-card/1",
         "dataset": dataset,
         "version": label,
@@ -333,12 +330,22 @@ def compute_card(vdir: Path) -> dict[str, Any]:
         "models": models,
         "stages": [{"name": s["name"], "backend": s.get("backend", "default")} for s in stages_cfg],
         "timing": {"wall_seconds": summary.get("wall_seconds"), "stage_seconds": summary.get("stage_seconds", {}),
-                   "audit_seconds": audit_seconds, "audit_stream_seconds": audit_stream_seconds},
+                   "audit_seconds": None, "audit_stream_seconds": None},
         "regenerate": commands,
         "changes": changes,
         "inputs": input_kinds(cfg),
-        "audit": audit,
+        "audit": None,
     }
+    return attach_audit(card, _audit(vdir, cfg)) if with_audit else card
+
+
+def attach_audit(card: dict[str, Any], audit: dict[str, Any] | None) -> dict[str, Any]:
+    """The audit's block and its timing (at publish; in the stream, on the workers: the rest of
+    the card is reproducible) put into a card."""
+    card["audit"] = audit
+    card["timing"]["audit_seconds"] = audit["cost"].pop("seconds", None) if audit else None
+    card["timing"]["audit_stream_seconds"] = audit["cost"].pop("stream_seconds", None) if audit else None
+    return card
 
 
 # -- inputs and the shortcut audit (counterfactory.audit) ------------------------------------------
@@ -695,11 +702,18 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     The runner calls it on the staging folder just before the publish rename: a dataset over
     the audit's thresholds with ``failure_budget.refuse_on_audit`` (``run --strict``) raises
     ``AuditFailed`` here, so nothing is published and no card is written."""
-    card = compute_card(vdir)
-    _gate(vdir, card)
+    cfg = yaml.safe_load((vdir / CONFIG).read_text())
+    # the audit (~2 s of fits at N=1,000) on the helper process while this one computes the rest
+    # and draws the plots (~1 s); computed here when there is no helper (helper_process)
+    pending = helper_process.submit(_audit, vdir, cfg)
+    card = compute_card(vdir, with_audit=pending is None)
     finish_prewarm()  # the driver's publish imports (audit_features.prewarm_publish): done by now
+    plots = render_plots(card)
+    if pending is not None:
+        attach_audit(card, helper_process.result(pending, _audit, vdir, cfg))
+    _gate(vdir, card)
     (vdir / PLOTS_DIR).mkdir(exist_ok=True)
-    for name, data in render_plots(card).items():
+    for name, data in plots.items():
         atomic_write(vdir / name, data)
     atomic_write(vdir / CARD_JSON, json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False).encode())
     atomic_write(vdir / README, render_markdown(card).encode())

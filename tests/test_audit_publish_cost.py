@@ -77,20 +77,28 @@ def test_the_blind_answerers_fit_the_same_rows_once(monkeypatch):
     assert got["random_mask"] == got["orig"] and got["remove"]["text_given_variant"] == 1.0
 
 
-@pytest.mark.parametrize("audit_on", [True, False])
-def test_the_driver_imports_publish_s_modules_while_the_stream_runs(tmp_path, audit_on):
+@pytest.mark.parametrize("audit_on,helper", [(True, True), (True, False), (False, True)])
+def test_publish_s_imports_start_while_the_stream_runs(tmp_path, audit_on, helper):
+    """The driver imports the plots' modules (and pandas, which pyarrow's first conversion of
+    rows imports) on a thread; the audit's scikit-learn is imported by the helper process, or by
+    the driver's thread when there is no helper."""
     code = f"""
 import sys, threading
+from counterfactory import helper_process
 from counterfactory.audit_features import AuditSample, write_plan
 assert "sklearn" not in sys.modules and "matplotlib.figure" not in sys.modules
+helper_process._failed = not {helper}
 write_plan({str(tmp_path)!r}, AuditSample(0, 8, 10, 8, "unknown") if {audit_on} else None)
 for t in threading.enumerate():
     if t.name == "counterfactory-prewarm":
         t.join()
-print("sklearn.linear_model" in sys.modules, "matplotlib.figure" in sys.modules)
+there = helper_process.run(eval, "'sklearn.linear_model' in __import__('sys').modules")
+print("sklearn.linear_model" in sys.modules, "matplotlib.figure" in sys.modules, "pandas" in sys.modules,
+      helper_process.running(), there)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(audit_on), "True"]
+    in_helper = audit_on and helper
+    assert out == [str(audit_on and not helper), "True", "True", str(in_helper), str(audit_on)]
 
 
 def test_the_blind_answerers_fitted_dense_answer_as_sparse(monkeypatch):

@@ -1,0 +1,150 @@
+"""The driver's helper process: the shortcut audit's work beside the stream (issue 27).
+
+A run in one process (the plain loop, ``local=True``) keeps one core busy with the stages; the
+audit's per-sample statistics (~11 ms per sampled sample) and its fits at publish (~2 s, while
+the card's plots take ~1 s) are Python and numpy that would hold the same interpreter's lock.
+So the driver starts one worker process when a run's audit is on (``start``, from
+``audit_features.write_plan``), which imports scikit-learn while the stream runs and then takes
+the sampled samples' statistics from the writer and the audit's fits from publish; the driver
+keeps the stages, the encoder, the writer and the plots. A Ray run's writers are Ray tasks in
+other processes: they compute their statistics where they run, and only publish uses this
+process. The same functions run either way, so the numbers are the same (same bytes in).
+
+loky's ``ProcessPoolExecutor`` (the executor scikit-learn's joblib ships): its workers start as
+fresh interpreters that do not re-import the caller's ``__main__`` (a script without a
+``__name__`` guard stays safe), and a dead worker is a ``BrokenProcessPool`` on its futures, not
+a hang. Whatever goes wrong with the helper (it cannot start, it dies), the caller computes the
+same thing itself (``run``/``result``): the helper only moves work, it never decides it. The
+worker leaves when the driver dies (a parent watch), and at the driver's exit (``shutdown``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+# what the helper imports when it starts, before any work: the audit's fits (~1.5 s of
+# scikit-learn, which pulls scipy.stats and pandas) and its statistics
+WARM_IMPORTS = ("counterfactory.audit", "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection",
+                "sklearn.pipeline", "sklearn.preprocessing", "sklearn.feature_extraction.text", "threadpoolctl")
+_PARENT_POLL_S = 1.0
+
+_lock = threading.Lock()
+_executor: Any = None
+_failed = False  # it could not start or it died: this process computes everything itself
+
+
+def _init(parent: int) -> None:
+    """In the worker: one thread for OpenCV and BLAS (it is one process beside a busy driver, and
+    small products on idle BLAS threads cost more than they save), a watch that ends the worker
+    when its driver is gone, then the imports."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1)
+    except ImportError:  # pragma: no cover - scikit-learn requires it
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="counterfactory-parent-watch", daemon=True).start()
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - an import that fails here fails again where it is needed
+            pass
+
+
+def _noop() -> None:
+    return None
+
+
+def start() -> bool:
+    """Start the helper once per process (later calls: whether it is up). Never raises: a helper
+    that cannot start leaves this process to compute what it would have."""
+    global _executor, _failed
+    with _lock:
+        if _executor is not None or _failed:
+            return _executor is not None
+        try:
+            from loky import ProcessPoolExecutor
+
+            _executor = ProcessPoolExecutor(max_workers=1, initializer=_init, initargs=(os.getpid(),))
+            _executor.submit(_noop)  # the worker starts (and imports) now, while the stream runs
+        except Exception:  # noqa: BLE001 - see the docstring
+            _executor, _failed = None, True
+            return False
+        atexit.register(shutdown)
+        return True
+
+
+def running() -> bool:
+    return _executor is not None
+
+
+def submit(fn: Callable[..., Any], *args: Any) -> Future | None:
+    """``fn(*args)`` on the helper (a module-level function, arguments that pickle), or None
+    when there is no helper: the caller runs it itself."""
+    ex = _executor
+    if ex is None:
+        return None
+    try:
+        return ex.submit(fn, *args)
+    except Exception:  # noqa: BLE001 - a broken or shut down pool: the caller computes it
+        _give_up()
+        return None
+
+
+def result(fut: Future | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """The result of ``submit(fn, *args)``, or ``fn(*args)`` computed here when the helper was
+    not there or failed (whatever it raised: a dead worker, or an error ``fn`` raises here too)."""
+    if fut is not None:
+        try:
+            return fut.result()
+        except Exception:  # noqa: BLE001 - see the docstring: computed here, errors raised here
+            if fut.exception() is not None and _is_broken(fut.exception()):
+                _give_up()
+    return fn(*args)
+
+
+def run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, on the helper when there is one (this thread waits for it)."""
+    return result(submit(fn, *args), fn, *args)
+
+
+def _is_broken(exc: BaseException) -> bool:
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(exc, BrokenProcessPool) or type(exc).__name__ in ("TerminatedWorkerError", "ShutdownExecutorError")
+
+
+def _give_up() -> None:
+    global _executor, _failed
+    with _lock:
+        ex, _executor, _failed = _executor, None, True
+    if ex is not None:
+        try:
+            ex.shutdown(wait=False, kill_workers=True)
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+
+
+def shutdown() -> None:
+    """Stop the helper (at exit; tests). A later ``start`` starts a new one."""
+    global _executor
+    with _lock:
+        ex, _executor = _executor, None
+    if ex is not None:
+        ex.shutdown(wait=True)
