@@ -129,3 +129,48 @@ def test_no_prewarm_thread_outlives_publish(tmp_path):
     res = run_pipeline(make_config(tmp_path, [scenes_input(3, seed=1)]), local=True, progress=False)
     assert (res.out_dir / "card.json").exists()
     assert not [t for t in threading.enumerate() if t.name == "counterfactory-prewarm"]
+
+
+def test_warm_coefficients_map_by_answer_and_term():
+    prev = (["no", "red", "yes"], np.array([2, 5, 9]), np.arange(9.0).reshape(3, 3), np.array([10.0, 20.0, 30.0]))
+    coef, icpt = audit._warm_coef(prev, ["blue", "no", "yes"], np.array([5, 7, 2]))
+    # blue: a new answer (0); no: row 0 of prev; yes: row 2. Terms 5 -> col 1, 7 new, 2 -> col 0
+    assert np.array_equal(coef, [[0, 0, 0], [1, 0, 0], [7, 0, 6]]) and np.array_equal(icpt, [0, 10, 30])
+    binary = (["no", "yes"], np.array([1, 2]), np.array([[4.0, 5.0]]), np.array([1.5]))
+    c, i = audit._warm_coef(binary, ["no", "yes"], np.array([2, 3]))
+    assert np.array_equal(c, [[5, 0]]) and np.array_equal(i, [1.5])
+    assert audit._warm_coef(binary, ["no", "red", "yes"], np.array([2])) is None
+    assert audit._warm_coef(prev, ["no", "yes"], np.array([2])) is None
+    assert audit._warm_coef(None, ["no", "yes"], np.array([2])) is None
+
+
+def test_warm_started_blind_answerers_take_fewer_steps_to_the_same_accuracies(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    shapes, colors = ["circle", "square", "star", "triangle", "cup", "ring"], ["red", "blue", "green", "gray"]
+    rows = []
+    for g in range(80):
+        for s in rng.choice(shapes, 3, replace=False):
+            a = str(rng.choice(colors, p=[0.4, 0.3, 0.2, 0.1]))
+            for v, ans in (("orig", a), ("remove", "unknown" if rng.random() < 0.7 else a)):
+                rows.append({"g": g, "v": v, "q": f"what color is the {s}?", "k": "color", "a": ans, "orig": a})
+            e = str(rng.choice(["yes", "no"]))
+            rows.append({"g": g, "v": "orig", "q": f"is there a {s}?", "k": "existence", "a": e, "orig": e})
+    steps = {"n": 0}
+    real = LogisticRegression.fit
+
+    def counting(self, *a, **k):
+        out = real(self, *a, **k)
+        steps["n"] += int(np.max(out.n_iter_))
+        return out
+
+    monkeypatch.setattr(LogisticRegression, "fit", counting)
+    warm = audit._blind(rows, ["remove"], 5)
+    warm_steps, steps["n"] = steps["n"], 0
+    monkeypatch.setattr(audit, "_warm_coef", lambda *a: None)
+    cold = audit._blind(rows, ["remove"], 5)
+    assert warm_steps < 0.9 * steps["n"]
+    for v in cold:
+        for k, x in cold[v].items():
+            assert abs(warm[v][k] - x) <= 0.01, (v, k, warm[v][k], x)
