@@ -78,6 +78,9 @@ def start() -> bool:
     with _lock:
         if _executor is not None or _failed:
             return _executor is not None
+        if _cpus() < 2:  # nothing beside the stream to run on: it would only add its start-up
+            _failed = True
+            return False
         try:
             from loky import ProcessPoolExecutor
 
@@ -88,6 +91,13 @@ def start() -> bool:
             return False
         atexit.register(shutdown)
         return True
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def running() -> bool:

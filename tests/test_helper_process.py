@@ -159,3 +159,11 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("top level") == 1 and out.stdout.count("published") == 1
     assert sorted(p.name for p in (tmp_path / "out").glob("*/v*")) == ["v1"]
+
+
+def test_no_helper_on_one_cpu(monkeypatch):
+    monkeypatch.setattr(helper_process, "_executor", None)
+    monkeypatch.setattr(helper_process, "_failed", False)
+    monkeypatch.setattr(helper_process, "_cpus", lambda: 1)
+    assert not helper_process.start() and not helper_process.running()
+    assert helper_process.submit(len, "abc") is None and helper_process.run(len, "abc") == 3
