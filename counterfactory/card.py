@@ -579,6 +579,27 @@ METRIC_UNITS = {
     "mirror_exact": "mirror exact (1 = yes)",
     "redetect_score": "detector score on the edited image (0-1)",
     "redetect_score_orig": "detector score on the original (0-1)",
+    # the footprint checks (footprint.py; verify's thresholds): the fill or insert against its ring
+    "texture_ratio": "fill's high-pass energy / its ring's (ratio)",
+    "flat_patch": "flat patch in the fill (1 = yes)",
+    "flat_share": "flat share of the region (fraction)",
+    "flat_share_ring": "flat share of the ring (fraction)",
+    "color_distance": "region vs ring colour histograms (Hellinger, 0-1)",
+    "boundary_score": "edges along the removed object's outline / the ring's (ratio)",
+    "seam_score": "edges along the region's border / the ring's (ratio)",
+    "fill_contrast": "object contrast left in the fill (0-255 levels)",
+    "invented_ncc": "best match of another object inside the fill (NCC, -1 to 1)",
+    "invented_score": "detector score of an object found in the fill (0-1)",
+    "insert_texture_ratio": "insert's high-pass energy / its ring's (ratio)",
+    "insert_flat_patch": "flat patch in the insert (1 = yes)",
+    "insert_flat_share": "flat share of the insert (fraction)",
+    "insert_flat_share_ring": "flat share of the insert's ring (fraction)",
+    "insert_seam_score": "edges along the insert's border / the ring's (ratio)",
+    "insert_chroma": "insert's channel spread (0-255 levels; 0 = gray)",
+    "achromatic": "grayscale image (1 = yes)",
+    "object_texture_ratio": "the original object's high-pass energy / its ring's (ratio)",
+    "object_flat_patch": "flat patch in the original object (1 = yes)",
+    "cutout": "a real cut-out inserted (1 = yes)",
 }
 
 

@@ -79,3 +79,10 @@ def test_constant_metrics_are_named_not_plotted():
     assert not _coloured(_image(card_mod.render_plots({"histograms": only_constant})["plots/metrics.png"])).any()
     assert {"inside_mad", "outside_changed_frac", "mask_area_frac"} <= set(card_mod.METRIC_UNITS)
     assert all("(" in u for u in card_mod.METRIC_UNITS.values())  # every label names its unit
+
+
+def test_every_metric_of_the_demo_card_has_its_axis_label():
+    """A panel's x axis names what it measures and its unit (the metric's key otherwise)."""
+    card = json.loads((REPO / "data_cards" / "demo" / "card.json").read_text())
+    metrics = {k.partition(".")[2] or k for k in card["histograms"]}
+    assert metrics and metrics <= set(card_mod.METRIC_UNITS), sorted(metrics - set(card_mod.METRIC_UNITS))
