@@ -125,11 +125,14 @@ _prewarmed: set[str] = set()
 _prewarm_threads: list[threading.Thread] = []
 
 
-def prewarm_publish(audit: bool) -> None:
+def prewarm_publish(audit: bool, helper: bool = False) -> None:
     """Import, on a daemon thread, the modules publish will need (the audit's only when it runs
-    here: with the helper process up, it imports them and fits there); once per process. Nothing
-    is computed: an import that fails here fails again, loudly, where it is needed."""
-    here = audit and not helper_process.start()
+    here); once per process. ``helper``: the audit's work goes to the helper process (started
+    here; it imports them there), for a run whose shard writers are in this process: a Ray run's
+    writers compute their statistics in their tasks, and a helper only for publish's fits would
+    hold ~290 MB beside them to save ~1 s. Nothing is computed: an import that fails here fails
+    again, loudly, where it is needed."""
+    here = audit and not (helper and helper_process.start())
     names = [m for m in (*_PUBLISH_IMPORTS, *(_AUDIT_IMPORTS if here else ())) if m not in _prewarmed]
     if not names:
         return
@@ -154,10 +157,11 @@ def finish_prewarm() -> None:
         _prewarm_threads.pop().join()
 
 
-def write_plan(out_dir: Path, sample: AuditSample | None) -> None:
+def write_plan(out_dir: Path, sample: AuditSample | None, helper: bool = False) -> None:
     """The driver's word to the writers of ``out_dir`` (before the first shard): the sample rule,
-    or none (audit off: no features are computed). The driver's publish imports start here."""
-    prewarm_publish(sample is not None)
+    or none (audit off: no features are computed). The driver's publish imports start here, and
+    the helper process when the writers are in this process (``helper``)."""
+    prewarm_publish(sample is not None, helper)
     path = Path(out_dir) / AUDIT_DIR / PLAN
     if sample is None:
         path.unlink(missing_ok=True)

@@ -88,7 +88,7 @@ from counterfactory import helper_process
 from counterfactory.audit_features import AuditSample, write_plan
 assert "sklearn" not in sys.modules and "matplotlib.figure" not in sys.modules
 helper_process._failed = not {helper}
-write_plan({str(tmp_path)!r}, AuditSample(0, 8, 10, 8, "unknown") if {audit_on} else None)
+write_plan({str(tmp_path)!r}, AuditSample(0, 8, 10, 8, "unknown") if {audit_on} else None, helper=True)
 for t in threading.enumerate():
     if t.name == "counterfactory-prewarm":
         t.join()

@@ -153,11 +153,13 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
         from pathlib import Path
         print("top level", flush=True)
         res = run_pipeline(make_config(Path({str(tmp_path)!r}), [scenes_input(4, seed=5)]), local=True, progress=False)
-        print("published", res.out_dir.name, flush=True)
+        from counterfactory import helper_process
+        print("published", res.out_dir.name, "helper", helper_process.running(), flush=True)
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("top level") == 1 and out.stdout.count("published") == 1
+    assert "helper True" in out.stdout  # a local run's audit went to the helper
     assert sorted(p.name for p in (tmp_path / "out").glob("*/v*")) == ["v1"]
 
 
@@ -167,3 +169,22 @@ def test_no_helper_on_one_cpu(monkeypatch):
     monkeypatch.setattr(helper_process, "_cpus", lambda: 1)
     assert not helper_process.start() and not helper_process.running()
     assert helper_process.submit(len, "abc") is None and helper_process.run(len, "abc") == 3
+
+
+def test_a_ray_run_s_driver_starts_no_helper(tmp_path):
+    """Ray's shard tasks compute their statistics where they run: the driver of a Ray run keeps
+    the audit's imports on its thread and starts no helper (it would hold ~290 MB beside the
+    workers to save ~1 s at publish)."""
+    code = textwrap.dedent(f"""
+        import threading
+        from counterfactory import helper_process
+        from counterfactory.audit_features import AuditSample, write_plan
+        write_plan({str(tmp_path)!r}, AuditSample(0, 8, 10, 8, "unknown"))
+        for t in threading.enumerate():
+            if t.name == "counterfactory-prewarm":
+                t.join()
+        import sys
+        print(helper_process.running(), "sklearn.linear_model" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["False", "True"]

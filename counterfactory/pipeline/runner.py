@@ -614,7 +614,7 @@ def run_pipeline(cfg: PipelineConfig, *, limit: int | None = None, progress: boo
                                saved, cfg.config_hash(),
                                max_rejected_inputs=None if share is None else int(share * n_inputs),
                                fill_missing=cfg.failure_budget.max_errored_blocks > 0,
-                               pairs=cfg.output.pairs, remote=remote)
+                               pairs=cfg.output.pairs, remote=remote, writers_here=local)
         todo = writer.on_write_start()
         start = writer.resumed_inputs
         sink = ShardSink(str(staging), cfg.dataset, cfg.output.shard_size, n_inputs, cfg.output.pairs, remote)

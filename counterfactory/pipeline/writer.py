@@ -452,8 +452,12 @@ class DatasetCommit:
 
     def __init__(self, out_dir: Path, dataset: str, shard_size: int, n_inputs: int,
                  config: dict[str, Any], config_hash: str, *, max_rejected_inputs: int | None = None,
-                 fill_missing: bool = False, pairs: bool = True, remote: str | None = None) -> None:
+                 fill_missing: bool = False, pairs: bool = True, remote: str | None = None,
+                 writers_here: bool = False) -> None:
         self.out_dir = out_dir
+        # the shard writers run in this process (a run in one process): the audit's helper
+        # process takes their statistics and publish's fits (audit_features.write_plan)
+        self.writers_here = writers_here
         # an object-store root: the staging prefix the writers put shards and journal entries in
         self.remote = remote
         self.pairs = pairs
@@ -491,7 +495,7 @@ class DatasetCommit:
     def on_write_start(self) -> list[int]:
         """Keep every journaled shard whose files still match their checksums; return the shards
         still to write (a kill leaves each shard whole or absent, in any pattern)."""
-        write_plan(self.out_dir, audit_sample(self.config, self.n_inputs))
+        write_plan(self.out_dir, audit_sample(self.config, self.n_inputs), helper=self.writers_here)
         if self.remote:
             return self._resume_remote()
         jdir = self.out_dir / JOURNAL
