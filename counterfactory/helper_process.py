@@ -3,12 +3,13 @@
 A run in one process (the plain loop, ``local=True``) keeps one core busy with the stages; the
 audit's per-sample statistics (~11 ms per sampled sample) and its fits at publish (~2 s, while
 the card's plots take ~1 s) are Python and numpy that would hold the same interpreter's lock.
-So the driver starts one worker process when a run's audit is on (``start``, from
+So the driver of such a run starts one worker process when its audit is on (``start``, from
 ``audit_features.write_plan``), which imports scikit-learn while the stream runs and then takes
 the sampled samples' statistics from the writer and the audit's fits from publish; the driver
 keeps the stages, the encoder, the writer and the plots. A Ray run's writers are Ray tasks in
-other processes: they compute their statistics where they run, and only publish uses this
-process. The same functions run either way, so the numbers are the same (same bytes in).
+other processes that compute their statistics where they run: its driver starts no helper (one
+already up in the process still takes publish's fits). The same functions run either way, so the
+numbers are the same (same bytes in).
 
 loky's ``ProcessPoolExecutor`` (the executor scikit-learn's joblib ships): its workers start as
 fresh interpreters that do not re-import the caller's ``__main__`` (a script without a
