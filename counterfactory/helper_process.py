@@ -15,7 +15,8 @@ fresh interpreters that do not re-import the caller's ``__main__`` (a script wit
 ``__name__`` guard stays safe), and a dead worker is a ``BrokenProcessPool`` on its futures, not
 a hang. Whatever goes wrong with the helper (it cannot start, it dies), the caller computes the
 same thing itself (``run``/``result``): the helper only moves work, it never decides it. The
-worker leaves when the driver dies (a parent watch), and at the driver's exit (``shutdown``).
+worker leaves when the driver dies (a parent watch), and at the driver's exit (killed: its queued
+work is nobody's then, ``_at_exit``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,9 @@ def _init(parent: int) -> None:
     when its driver is gone, then the imports."""
     import cv2
 
+    # a Ctrl-C at a terminal reaches the whole process group: the driver handles it (and ends
+    # this worker at its exit); here it would only print a traceback of whatever was running
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     try:
         from threadpoolctl import threadpool_limits
@@ -89,7 +94,11 @@ def start() -> bool:
         except Exception:  # noqa: BLE001 - see the docstring
             _executor, _failed = None, True
             return False
-        atexit.register(shutdown)
+        try:
+            # after loky's own hook (registered by the submit above): these run in reverse order
+            threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # pragma: no cover - Python < 3.9, or exiting already
+            atexit.register(_at_exit)
         return True
 
 
@@ -149,6 +158,15 @@ def _give_up() -> None:
             ex.shutdown(wait=False, kill_workers=True)
         except Exception:  # noqa: BLE001 - it is already gone
             pass
+
+
+def _at_exit() -> None:
+    """At the interpreter's exit: whatever the helper still has queued is nobody's now (a run
+    interrupted mid-stream, a publish that raised while its audit ran there), so the worker is
+    killed, not waited for. loky's own exit hook joins its manager thread, which lets the worker
+    finish every queued task first (an interrupted publish waited for the whole audit); this one
+    runs before it. A thread still running a pipeline then computes its work itself (``result``)."""
+    _give_up()
 
 
 def shutdown() -> None:

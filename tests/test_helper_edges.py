@@ -1,0 +1,122 @@
+"""The helper process at its edges (issue 27, review of session 30): the driver's exit does not
+wait for the helper's queued work, a Ctrl-C at a terminal is the driver's alone, and the blind
+answerers' warm starts never cost the audit."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from counterfactory import audit, helper_process
+from tests.conftest import REPO
+
+
+def test_the_driver_s_exit_does_not_wait_for_the_helper_s_queue(tmp_path):
+    """An interrupted run (or a publish that raised while its audit ran on the helper) leaves work
+    queued there: the driver exits at once and the worker is gone, rather than loky's exit hook
+    letting the worker finish every queued task first (20 s here)."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        from counterfactory import helper_process
+        assert helper_process.start()
+        print(helper_process.run(os.getpid), flush=True)
+        for _ in range(4):
+            helper_process.submit(time.sleep, 5)
+        time.sleep(0.3)
+        if sys.argv[1] == "interrupted":
+            raise KeyboardInterrupt
+    """)
+    for how in ("exits", "interrupted"):
+        p = subprocess.Popen([sys.executable, "-c", code, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+        worker = int(p.stdout.readline())
+        t0 = time.monotonic()
+        try:
+            p.wait(timeout=12)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        took = time.monotonic() - t0
+        gone = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < gone:
+            time.sleep(0.1)
+        if _alive(worker):  # never left behind by a failing test
+            import os
+
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail(f"{how}: the helper outlived its driver")
+        assert took < 5, f"{how}: the driver waited {took:.1f} s for the helper's queue"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_ctrl_c_is_the_driver_s():
+    """A terminal's SIGINT reaches the process group: the helper ignores it (the driver stops it)."""
+    assert helper_process.start()
+    assert helper_process.run(signal.getsignal, signal.SIGINT) == signal.SIG_IGN
+
+
+def _rows(n: int = 60) -> list[dict]:
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "cat", "dog", "left", "right", "two", "three"]
+    out = []
+    for g in range(n):
+        for v in ("orig", "remove", "flip"):
+            q = f"is there a {words[g % 8]} {words[(g * 3) % 8]}?"
+            a = ["yes", "no", "unknown", "left"][int(rng.integers(0, 4 if v == "flip" else 2))]
+            out.append({"g": g, "v": v, "q": q, "k": "existence", "a": a, "orig": "yes"})
+    return out
+
+
+def test_a_warm_start_scikit_learn_refuses_is_a_cold_fit(monkeypatch):
+    rows = _rows()
+    with monkeypatch.context() as m:
+        m.setattr(audit, "_warm_coef", lambda prev, classes, cols: None)
+        cold = audit._blind(rows, ["remove", "flip"], 5)
+    # a start of the wrong shape for this fit (what a mapping bug would hand lbfgs)
+    monkeypatch.setattr(audit, "_warm_coef", lambda prev, classes, cols: (np.zeros((7, 3)), np.zeros(7))
+                        if prev is not None else None)
+    assert audit._blind(rows, ["remove", "flip"], 5) == cold
+
+
+@pytest.mark.parametrize("prev_classes,classes", [
+    (["no", "yes"], ["no", "unknown", "yes"]),  # binary, then multinomial: a cold start
+    (["no", "unknown", "yes"], ["no", "yes"]),
+    (["no", "yes"], ["unknown", "yes"]),  # another binary pair: cold
+    (["a", "b", "c"], ["d", "e", "f"]),  # no answer in common: zeros
+    ([1, 2, 3], [2, 3, 4]),  # numbers as answers
+])
+def test_warm_coef_maps_answers_and_terms(prev_classes, classes):
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    p_cols, cols = np.array([0, 2, 4, 6]), np.array([1, 3, 5])  # no term in common either
+    rows = 1 if len(prev_classes) == 2 else len(prev_classes)
+    prev = (prev_classes, p_cols, rng.normal(size=(rows, 4)), rng.normal(size=rows))
+    init = audit._warm_coef(prev, classes, cols)
+    binary, p_binary = len(classes) == 2, len(prev_classes) == 2
+    if binary != p_binary or (binary and prev_classes != classes):
+        assert init is None
+        return
+    coef, icpt = init
+    assert coef.shape == (1 if binary else len(classes), len(cols)) and not coef.any()
+    shared = [c in prev_classes for c in classes]
+    assert (icpt != 0).tolist() == shared
+    x = rng.normal(size=(30, len(cols)))
+    y = [classes[i % len(classes)] for i in range(30)]
+    clf = LogisticRegression(C=10.0, max_iter=5000, warm_start=True)
+    clf.coef_, clf.intercept_ = init
+    clf.fit(x, y)  # scikit-learn takes the start
+    assert audit._fit_answerer(x, y, np.ones(30), prev, cols).classes_.tolist() == sorted(classes)
