@@ -120,3 +120,26 @@ def test_warm_coef_maps_answers_and_terms(prev_classes, classes):
     clf.coef_, clf.intercept_ = init
     clf.fit(x, y)  # scikit-learn takes the start
     assert audit._fit_answerer(x, y, np.ones(30), prev, cols).classes_.tolist() == sorted(classes)
+
+
+def test_the_collector_bounds_the_bytes_it_holds(tmp_path, monkeypatch):
+    """Large members (12-megapixel PNGs: ~200 MB a sample) wait for the helper up to a byte bound,
+    not sixteen samples' worth; the records keep their order."""
+    import json
+
+    from counterfactory import audit_features
+
+    sample = audit_features.AuditSample(seed=0, sample_pairs=10, n_inputs=10, grid=8, abstain="unknown")
+    col = audit_features.AuditCollector(tmp_path, "demo-000000.tar", sample)
+    monkeypatch.setattr(helper_process, "submit", lambda fn, *args: object())
+    monkeypatch.setattr(helper_process, "result", lambda fut, fn, *args: ({"key": args[0]}, 0.5))
+    monkeypatch.setattr(audit_features, "pack", lambda records, *a: json.dumps([r["key"] for r in records]).encode())
+    doc = json.dumps({"qa": [], "variants": [], "edits": {}}).encode()
+    big = bytes(30 << 20)  # one object: the test holds 30 MB, the collector counts each sample's
+    for i in range(10):
+        col.add(f"k{i}", {"json": doc, "orig.png": big})
+        held = sum(len(a[2]["orig.png"]) for _, a, *_ in col._pending)
+        assert held - (30 << 20) <= col._PENDING_BYTES  # beyond the oldest
+        assert col._pending  # one always overlaps the helper, however large
+    col.finish()
+    assert [r["key"] for r in col.records] == [f"k{i}" for i in range(10)]
