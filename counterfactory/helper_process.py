@@ -42,6 +42,20 @@ _executor: Any = None
 _failed = False  # it could not start or it died: this process computes everything itself
 
 
+def _forked() -> None:
+    """In a child forked from a driver (``os.fork``, a fork-started ``multiprocessing`` pool):
+    the helper is the parent's, and the executor copied here has no thread to run it, so work
+    submitted to it would wait forever. The child computes everything itself (starting a loky
+    pool inside a fork of one is not worth its risks for what the helper saves)."""
+    global _executor, _failed, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _executor, _failed = None, True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def _init(parent: int) -> None:
     """In the worker: one thread for OpenCV and BLAS (it is one process beside a busy driver, and
     small products on idle BLAS threads cost more than they save), a watch that ends the worker

@@ -143,3 +143,26 @@ def test_the_collector_bounds_the_bytes_it_holds(tmp_path, monkeypatch):
         assert col._pending  # one always overlaps the helper, however large
     col.finish()
     assert [r["key"] for r in col.records] == [f"k{i}" for i in range(10)]
+
+
+@pytest.mark.skipif(not hasattr(signal, "alarm"), reason="POSIX fork")
+def test_a_forked_child_computes_itself(tmp_path):
+    """A child forked from a driver with a helper (``os.fork``, a fork-started multiprocessing
+    pool) got a copy of the executor with no thread to run it: its first helper work waited
+    forever. It computes itself, and leaves the parent's helper working."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from counterfactory import helper_process
+        assert helper_process.start()
+        parent_helper = helper_process.run(os.getpid)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a hang is a death by SIGALRM
+            ok = helper_process.run(os.getpid) == os.getpid() and not helper_process.running()
+            sys.exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        print(status, helper_process.run(os.getpid) == parent_helper != os.getpid(), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True"], (out.stdout, out.stderr[-2000:])
