@@ -166,3 +166,59 @@ def test_a_forked_child_computes_itself(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "True"], (out.stdout, out.stderr[-2000:])
+
+
+def _dying_record(*args):
+    """``timed_record``, except that the helper process kills itself at its Nth call (the count in
+    a file named by its driver's pid; in the driver, which has another parent, it never fires)."""
+    import os
+    from pathlib import Path
+
+    from counterfactory.audit_features import sample_record
+
+    marker = Path(f"/tmp/counterfactory-kill-helper-{os.getppid()}")
+    if marker.exists():
+        n = int(marker.read_text())
+        if n <= 1:
+            marker.unlink()
+            os._exit(1)
+        marker.write_text(str(n - 1))
+    t0 = time.perf_counter()
+    return sample_record(*args), time.perf_counter() - t0
+
+
+def test_a_helper_killed_mid_run_loses_nothing(tmp_path, monkeypatch):
+    """The helper dies at its 5th sample of a run: the driver computes the rest (and whatever was
+    queued), the features and the card's audit are those of a run with no helper."""
+    import os
+    from pathlib import Path
+
+    from counterfactory import audit_features
+    from counterfactory.pipeline.runner import run_pipeline
+    from tests.conftest import make_config, scenes_input
+    from tests.test_helper_process import _card_audit, _features
+
+    def cfg(name):
+        return make_config(tmp_path / name, [scenes_input(8, seed=3)], output={"shard_size": 6},
+                           audit={"sample_pairs": 1000})
+
+    with monkeypatch.context() as m:
+        m.setattr(helper_process, "_executor", None)
+        m.setattr(helper_process, "_failed", True)
+        inline = run_pipeline(cfg("inline"), local=True, progress=False)
+    helper_process.shutdown()
+    monkeypatch.setattr(helper_process, "_failed", False)
+    assert helper_process.start()
+    marker = Path(f"/tmp/counterfactory-kill-helper-{os.getpid()}")
+    marker.write_text("5")
+    monkeypatch.setattr(audit_features, "timed_record", _dying_record)
+    try:
+        killed = run_pipeline(cfg("killed"), local=True, progress=False)
+    finally:
+        left = marker.exists()
+        marker.unlink(missing_ok=True)
+    assert not left and not helper_process.running()  # it died, and the driver took over
+    fa, fb = _features(inline.out_dir), _features(killed.out_dir)
+    assert len(fa) == 3 and fa == fb
+    assert _card_audit(inline.out_dir) == _card_audit(killed.out_dir)
+    assert killed.content_id == inline.content_id
