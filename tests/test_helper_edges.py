@@ -16,7 +16,11 @@ import pytest
 from counterfactory import audit, helper_process
 from tests.conftest import REPO
 
+# the helper starts only beside another CPU (helper_process.start)
+needs_helper = pytest.mark.skipif(helper_process._cpus() < 2, reason="no helper process on one CPU")
 
+
+@needs_helper
 def test_the_driver_s_exit_does_not_wait_for_the_helper_s_queue(tmp_path):
     """An interrupted run (or a publish that raised while its audit ran on the helper) leaves work
     queued there: the driver exits at once and the worker is gone, rather than loky's exit hook
@@ -62,6 +66,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@needs_helper
 def test_a_ctrl_c_is_the_driver_s():
     """A terminal's SIGINT reaches the process group: the helper ignores it (the driver stops it)."""
     assert helper_process.start()
@@ -145,6 +150,7 @@ def test_the_collector_bounds_the_bytes_it_holds(tmp_path, monkeypatch):
     assert [r["key"] for r in col.records] == [f"k{i}" for i in range(10)]
 
 
+@needs_helper
 @pytest.mark.skipif(not hasattr(signal, "alarm"), reason="POSIX fork")
 def test_a_forked_child_computes_itself(tmp_path):
     """A child forked from a driver with a helper (``os.fork``, a fork-started multiprocessing
@@ -187,6 +193,7 @@ def _dying_record(*args):
     return sample_record(*args), time.perf_counter() - t0
 
 
+@needs_helper
 def test_a_helper_killed_mid_run_loses_nothing(tmp_path, monkeypatch):
     """The helper dies at its 5th sample of a run: the driver computes the rest (and whatever was
     queued), the features and the card's audit are those of a run with no helper."""
