@@ -191,7 +191,6 @@ def _probe(pairs: list[dict[str, Any]], folds: int, grid: int) -> dict[str, Any]
 # -- (b) blind answerers -----------------------------------------------------------------------------
 def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[str, dict[str, Any]]:
     """rows: {"g": sample number, "v": image, "q": question, "k": kind, "a": answer, "orig": answer}."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
 
     groups = np.array([r["g"] for r in rows])
@@ -216,11 +215,7 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
         seen = tuple(zip((texts[i] for i in train), ys, strict=True))
         if seen not in fitted:
             vec, xt, (ty, tw) = _tfidf_weighted([texts[i] for i in train], ys, terms)
-            init = _warm_coef(last[0], sorted(set(ty)), vec.cols)
-            clf = LogisticRegression(C=10.0, max_iter=5000, warm_start=init is not None)
-            if init is not None:
-                clf.coef_, clf.intercept_ = init
-            fitted[seen] = (vec, clf.fit(_small_dense(xt), ty, sample_weight=tw))
+            fitted[seen] = (vec, _fit_answerer(_small_dense(xt), ty, tw, last[0], vec.cols))
         vec, clf = fitted[seen]
         last[0] = (clf.classes_.tolist(), vec.cols, clf.coef_, clf.intercept_)
         uniq = list(dict.fromkeys(texts[j] for j in test))
@@ -266,6 +261,23 @@ def _blind(rows: list[dict[str, Any]], variants: list[str], folds: int) -> dict[
             res["text_given_variant"] = acc(per_v)
         out[v] = res
     return out
+
+
+def _fit_answerer(x: Any, ty: list[Any], tw: np.ndarray, prev: Any, cols: np.ndarray) -> Any:
+    """A blind answerer fitted on (x, ty) with weights tw, started at the previous fold's fit
+    (``_warm_coef``) where it maps onto this one. The start only saves iterations: whatever goes
+    wrong with it (an answer set or a start scikit-learn refuses) is a cold fit, never a lost audit."""
+    from sklearn.linear_model import LogisticRegression
+
+    try:
+        init = _warm_coef(prev, sorted(set(ty)), cols)
+        if init is not None:
+            clf = LogisticRegression(C=10.0, max_iter=5000, warm_start=True)
+            clf.coef_, clf.intercept_ = init
+            return clf.fit(x, ty, sample_weight=tw)
+    except Exception:  # noqa: BLE001 - see the docstring: an error of the data itself is raised below
+        pass
+    return LogisticRegression(C=10.0, max_iter=5000).fit(x, ty, sample_weight=tw)
 
 
 def _warm_coef(prev: Any, classes: list[Any], cols: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

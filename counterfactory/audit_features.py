@@ -534,15 +534,19 @@ class AuditCollector:
     (``audit/SHARD.npz``) when the shard closes, before its journal entry (a journaled shard has
     its features; a shard written again writes them again). In the driver (a run in one
     process) each record is computed by the helper process while the writer goes on; in a Ray
-    task, here. At most ``_PENDING`` samples' members wait for the helper at once."""
+    task, here. At most ``_PENDING`` samples' members wait for the helper at once, and at most
+    ``_PENDING_BYTES`` of them beyond the oldest (12-megapixel PNG members are ~200 MB a sample:
+    sixteen of them held for a slow helper were gigabytes the inline writer never held)."""
 
     _PENDING = 16
+    _PENDING_BYTES = 64 << 20
 
     def __init__(self, out_dir: Path, shard: str, sample: AuditSample) -> None:
         self.out_dir, self.shard, self.sample = Path(out_dir), shard, sample
         self.records: list[dict[str, Any]] = []
         self.seconds = 0.0
-        self._pending: list[tuple[Any, tuple[Any, ...]]] = []  # (future, its arguments), in order
+        self._pending: list[tuple[Any, tuple[Any, ...], int]] = []  # (future, its arguments, bytes), in order
+        self._pending_bytes = 0
 
     @classmethod
     def open(cls, out_dir: Path, shard: str) -> AuditCollector | None:
@@ -556,12 +560,16 @@ class AuditCollector:
             return
         doc = json.loads(raw) if isinstance(raw, bytes | bytearray | str) else raw
         args = (key, doc, dict(parts), self.sample.grid, self.sample.abstain)  # the writer's dict, not held
-        self._pending.append((helper_process.submit(timed_record, *args), args))
-        while self._pending and (self._pending[0][0] is None or len(self._pending) > self._PENDING):
+        size = sum(len(v) for v in parts.values() if isinstance(v, bytes | bytearray | memoryview))
+        self._pending.append((helper_process.submit(timed_record, *args), args, size))
+        self._pending_bytes += size
+        while self._pending and (self._pending[0][0] is None or len(self._pending) > self._PENDING
+                                 or (len(self._pending) > 1 and self._pending_bytes > self._PENDING_BYTES)):
             self._collect()
 
     def _collect(self) -> None:
-        fut, args = self._pending.pop(0)
+        fut, args, size = self._pending.pop(0)
+        self._pending_bytes -= size
         rec, seconds = helper_process.result(fut, timed_record, *args)
         self.records.append(rec)
         self.seconds += seconds

@@ -16,7 +16,8 @@ fresh interpreters that do not re-import the caller's ``__main__`` (a script wit
 ``__name__`` guard stays safe), and a dead worker is a ``BrokenProcessPool`` on its futures, not
 a hang. Whatever goes wrong with the helper (it cannot start, it dies), the caller computes the
 same thing itself (``run``/``result``): the helper only moves work, it never decides it. The
-worker leaves when the driver dies (a parent watch), and at the driver's exit (``shutdown``).
+worker leaves when the driver dies (a parent watch), and at the driver's exit (killed: its queued
+work is nobody's then, ``_at_exit``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +43,29 @@ _executor: Any = None
 _failed = False  # it could not start or it died: this process computes everything itself
 
 
+def _forked() -> None:
+    """In a child forked from a driver (``os.fork``, a fork-started ``multiprocessing`` pool):
+    the helper is the parent's, and the executor copied here has no thread to run it, so work
+    submitted to it would wait forever. The child computes everything itself (starting a loky
+    pool inside a fork of one is not worth its risks for what the helper saves)."""
+    global _executor, _failed, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _executor, _failed = None, True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def _init(parent: int) -> None:
     """In the worker: one thread for OpenCV and BLAS (it is one process beside a busy driver, and
     small products on idle BLAS threads cost more than they save), a watch that ends the worker
     when its driver is gone, then the imports."""
     import cv2
 
+    # a Ctrl-C at a terminal reaches the whole process group: the driver handles it (and ends
+    # this worker at its exit); here it would only print a traceback of whatever was running
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     try:
         from threadpoolctl import threadpool_limits
@@ -90,7 +109,11 @@ def start() -> bool:
         except Exception:  # noqa: BLE001 - see the docstring
             _executor, _failed = None, True
             return False
-        atexit.register(shutdown)
+        try:
+            # after loky's own hook (registered by the submit above): these run in reverse order
+            threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # pragma: no cover - Python < 3.9, or exiting already
+            atexit.register(_at_exit)
         return True
 
 
@@ -150,6 +173,15 @@ def _give_up() -> None:
             ex.shutdown(wait=False, kill_workers=True)
         except Exception:  # noqa: BLE001 - it is already gone
             pass
+
+
+def _at_exit() -> None:
+    """At the interpreter's exit: whatever the helper still has queued is nobody's now (a run
+    interrupted mid-stream, a publish that raised while its audit ran there), so the worker is
+    killed, not waited for. loky's own exit hook joins its manager thread, which lets the worker
+    finish every queued task first (an interrupted publish waited for the whole audit); this one
+    runs before it. A thread still running a pipeline then computes its work itself (``result``)."""
+    _give_up()
 
 
 def shutdown() -> None:
