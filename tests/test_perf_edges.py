@@ -63,3 +63,32 @@ def test_boundary_score_of_a_one_pixel_contour():
     assert F.footprint_metrics(orig, out, dot, dot)["seam_score"] == 0.0
     obj = cv2.erode(dot, np.ones((3, 3), np.uint8)) > 0
     assert F.insert_metrics(orig, out, obj, dot, dot, seam=True)["insert_seam_score"] == 0.0
+
+
+def test_inpaint_of_a_one_row_image_is_deterministic():
+    """OpenCV's Telea reads past a one-row image: its output changed from call to call (12 of
+    200 random 1 x N cases here). ``shared.cv_inpaint`` inpaints such an image with a replicated
+    row on each side; every other size is ``cv2.inpaint`` itself, byte for byte."""
+    from counterfactory.stages.shared import cv_inpaint
+
+    rng = np.random.default_rng(1)
+    for _ in range(120):
+        n = int(rng.integers(2, 80))
+        img = rng.integers(0, 255, (1, n, 3), dtype=np.uint8)
+        mask = np.zeros((1, n), np.uint8)
+        a = int(rng.integers(0, n))
+        mask[0, a:int(rng.integers(a, n)) + 1] = 255
+        r = int(rng.integers(1, 8))
+        outs = set()
+        for _ in range(12):
+            churn = [np.full(int(rng.integers(1, 5000)), 77, np.uint8) for _ in range(3)]  # other heap contents
+            out = cv_inpaint(img, mask, r)
+            assert out.shape == img.shape and np.array_equal(out[:, mask[0] == 0], img[:, mask[0] == 0])
+            outs.add(out.tobytes())
+            del churn
+        assert len(outs) == 1
+    for shape in [(2, 40), (40, 1), (33, 47)]:
+        img = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+        mask = np.zeros(shape, np.uint8)
+        mask[shape[0] // 3: shape[0] // 2 + 1, shape[1] // 3: shape[1] // 2 + 1] = 255
+        assert np.array_equal(cv_inpaint(img, mask, 3), cv2.inpaint(img, mask, 3, cv2.INPAINT_TELEA))

@@ -60,6 +60,7 @@ from counterfactory.stages.shared import (
     bbox,
     box_of,
     control_variant,
+    cv_inpaint,
     disk,
     flat_fill,
     original_look,
@@ -109,17 +110,17 @@ def inpaint(img: np.ndarray, mask: np.ndarray, radius: int, method: str, work_ma
         if area * scale**2 * (coarse_radius / radius) ** 2 + band_area >= area:
             inner = None
     if inner is None:
-        filled = cv2.inpaint(crop, cmask, radius, flag)
+        filled = cv_inpaint(crop, cmask, radius, flag)
     else:
         sw, sh = max(1, round(cw * scale)), max(1, round(ch * scale))
         small = cv2.resize(crop, (sw, sh), interpolation=cv2.INTER_AREA)
         smask = (cv2.resize(cmask, (sw, sh), interpolation=cv2.INTER_NEAREST) > 0).astype(np.uint8)
         smask = cv2.dilate(smask, np.ones((3, 3), np.uint8))  # no hole pixels averaged into known ones
-        coarse = cv2.inpaint(small, smask, coarse_radius, flag)
+        coarse = cv_inpaint(small, smask, coarse_radius, flag)
         coarse = cv2.resize(coarse, (cw, ch), interpolation=cv2.INTER_CUBIC)
         crop = crop.copy()
         _paste(crop, coarse, inner)  # the coarse interior becomes known pixels
-        filled = cv2.inpaint(crop, cv2.subtract(cmask, inner), radius, flag)
+        filled = cv_inpaint(crop, cv2.subtract(cmask, inner), radius, flag)
     out = img.copy()
     _paste(out[y0:y1, x0:x1], filled, cmask)
     return out

@@ -52,7 +52,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from counterfactory.stages.shared import bbox, disk, one_blas_thread
+from counterfactory.stages.shared import bbox, cv_inpaint, disk, one_blas_thread
 
 
 def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = None, *,
@@ -102,7 +102,7 @@ def patch_fill(img: np.ndarray, hole: np.ndarray, forbid: np.ndarray | None = No
         # a lower resolution here was tried (issue 27): _relight gives these pixels its field
         # alone, but the low-pass of the pixels around them, the field's boundary values, reads
         # Telea's fill; at half resolution a wide leftover's error grew by 0.4-0.6 levels
-        filled = cv2.inpaint(crop, cm, radius, cv2.INPAINT_TELEA)
+        filled = cv_inpaint(crop, cm, radius, cv2.INPAINT_TELEA)
         sel = cm > 0
         out[y0:y1, x0:x1][sel] = filled[sel]
     return _relight(out, hole, forbid, todo, light_sigma, labels, parts)

@@ -137,6 +137,20 @@ def ring(mask: np.ndarray, px: int) -> np.ndarray:
     return footprint.ring(mask, px)
 
 
+def cv_inpaint(img: np.ndarray, mask: np.ndarray, radius: float, flag: int = cv2.INPAINT_TELEA) -> np.ndarray:
+    """``cv2.inpaint``, deterministic on a one-row image too: OpenCV's Telea reads past the
+    image when it has a single row (its output then changed from call to call: 12 of 200 random
+    1 x N cases, not one N x 1 or 2 x N), so such an image is inpainted with one replicated row
+    (and mask row) on each side, then cut back. Every other size is inpainted as it is, byte for
+    byte as before. The mask's rows are replicated too: a pad pixel beside the hole is hole, so
+    no copy of the hole's own pixels becomes a known pixel."""
+    if img.shape[0] != 1:
+        return cv2.inpaint(img, mask, radius, flag)
+    padded = cv2.inpaint(cv2.copyMakeBorder(img, 1, 1, 0, 0, cv2.BORDER_REPLICATE),
+                         cv2.copyMakeBorder(mask, 1, 1, 0, 0, cv2.BORDER_REPLICATE), radius, flag)
+    return np.ascontiguousarray(padded[1:2])
+
+
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of a uint8 mask's non-zero pixels."""
     x, y, w, h = cv2.boundingRect(mask)

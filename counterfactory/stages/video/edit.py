@@ -14,7 +14,13 @@ from pydantic import Field
 
 from counterfactory.sample import Sample, Stage
 from counterfactory.stages import register
-from counterfactory.stages.shared import FlatFillParams, Skip, control_variant, flat_fill
+from counterfactory.stages.shared import (
+    FlatFillParams,
+    Skip,
+    control_variant,
+    cv_inpaint,
+    flat_fill,
+)
 
 VideoEditType = Literal["remove", "blackout", "random_mask", "reverse", "shuffle", "freeze"]
 TEMPORAL_EDITS = ("reverse", "shuffle", "freeze")
@@ -41,7 +47,7 @@ def temporal_fill(frames: np.ndarray, masks: np.ndarray, radius: int = 3, method
     never[ys[~seen], xs[~seen]] = 1
     if never.any():
         flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
-        filled = cv2.inpaint(np.ascontiguousarray(plate), never, radius, flag)
+        filled = cv_inpaint(np.ascontiguousarray(plate), never, radius, flag)
         plate[never > 0] = filled[never > 0]
     for t in range(len(frames)):
         out[t][sel[t]] = plate[sel[t]]
