@@ -402,8 +402,11 @@ def _decode(data: bytes, gray: bool = False) -> np.ndarray:
     return arr if gray else arr[..., ::-1].copy()
 
 
+_PICTURE_EXTS = ("jpg", "png", "jpeg", "webp")  # the members the statistics read (a clip's mp4: none)
+
+
 def _part(sample: dict[str, Any], name: str) -> bytes | None:
-    for ext in ("jpg", "png", "jpeg", "webp"):
+    for ext in _PICTURE_EXTS:
         if f"{name}.{ext}" in sample:
             return sample[f"{name}.{ext}"]
     return None
@@ -559,8 +562,10 @@ class AuditCollector:
         if raw is None or not self.sample.wants(key):
             return
         doc = json.loads(raw) if isinstance(raw, bytes | bytearray | str) else raw
-        args = (key, doc, dict(parts), self.sample.grid, self.sample.abstain)  # the writer's dict, not held
-        size = sum(len(v) for v in parts.values() if isinstance(v, bytes | bytearray | memoryview))
+        # the pictures alone (what sample_record reads; not the writer's dict, not a clip's video)
+        pictures = {k: v for k, v in parts.items() if k.rpartition(".")[2] in _PICTURE_EXTS}
+        args = (key, doc, pictures, self.sample.grid, self.sample.abstain)
+        size = sum(len(v) for v in pictures.values() if isinstance(v, bytes | bytearray | memoryview))
         self._pending.append((helper_process.submit(timed_record, *args), args, size))
         self._pending_bytes += size
         while self._pending and (self._pending[0][0] is None or len(self._pending) > self._PENDING
