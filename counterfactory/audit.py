@@ -503,6 +503,21 @@ def audit_version(version_dir: str | Path, settings: AuditConfig | dict[str, Any
     }
 
 
+def card_audit(version_dir: str | Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The audit as a card carries it: None when the config turns it off (``audit.sample_pairs:
+    0``); a failure is the card's warning, not the run's (``error``, one line). Here rather than
+    in ``card`` so that the helper process that runs it at publish imports the audit alone."""
+    settings = cfg.get("audit") or {}
+    if settings.get("sample_pairs", 1) == 0:
+        return None
+    try:
+        return audit_version(version_dir, settings)
+    except Exception as exc:  # noqa: BLE001 - a card is still written; the failure is its warning
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"],
+                "cost": {"seconds": None, "stream_seconds": None}}
+
+
 def _all_abstain(v: str) -> bool:
     rules = ANSWER_RULES.get(v)
     return bool(rules) and all(r == "abstain" for k, r in rules.items())

@@ -336,7 +336,7 @@ def compute_card(vdir: Path, *, with_audit: bool = True) -> dict[str, Any]:
         "inputs": input_kinds(cfg),
         "audit": None,
     }
-    return attach_audit(card, _audit(vdir, cfg)) if with_audit else card
+    return attach_audit(card, audit.card_audit(vdir, cfg)) if with_audit else card
 
 
 def attach_audit(card: dict[str, Any], audit: dict[str, Any] | None) -> dict[str, Any]:
@@ -377,19 +377,6 @@ def _exhaustive_text(ex: Any) -> str:
     if ex == "annotated":
         return "the categories each image annotates"
     return ", ".join(str(c) for c in ex) or "none"
-
-
-def _audit(vdir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """The shortcut audit, or None when the config turns it off (``audit.sample_pairs: 0``)."""
-    settings = cfg.get("audit") or {}
-    if settings.get("sample_pairs", 1) == 0:
-        return None
-    try:
-        return audit.audit_version(vdir, settings)
-    except Exception as exc:  # noqa: BLE001 - a card is still written; the failure is its warning
-        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-        return {"error": msg, "warnings": [f"the audit could not be computed ({msg})"],
-                "cost": {"seconds": None, "stream_seconds": None}}
 
 
 def _display_root(root: str | None) -> str:
@@ -726,12 +713,12 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     cfg = yaml.safe_load((vdir / CONFIG).read_text())
     # the audit (~2 s of fits at N=1,000) on the helper process while this one computes the rest
     # and draws the plots (~1 s); computed here when there is no helper (helper_process)
-    pending = helper_process.submit(_audit, vdir, cfg)
+    pending = helper_process.submit(audit.card_audit, vdir, cfg)
     card = compute_card(vdir, with_audit=pending is None)
     finish_prewarm()  # the driver's publish imports (audit_features.prewarm_publish): done by now
     plots = render_plots(card)
     if pending is not None:
-        attach_audit(card, helper_process.result(pending, _audit, vdir, cfg))
+        attach_audit(card, helper_process.result(pending, audit.card_audit, vdir, cfg))
     _gate(vdir, card)
     (vdir / PLOTS_DIR).mkdir(exist_ok=True)
     for name, data in plots.items():
