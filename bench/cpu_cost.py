@@ -11,7 +11,7 @@ alone, in CPU seconds.
 ``--stream N``: the stage code and the part encoder alone (what the floor's stream runs), CPU ms
 per input and a digest of the rows (same digest = same bytes), without the writer or the audit.
 
-Usage: python bench/cpu_cost.py [--n 1000 [--sampler] [--threads]] [--profile 120 [--sort cumulative]] [--stream 300 [--questions 2]]
+Usage: python bench/cpu_cost.py [--n 1000 [--sampler] [--threads] [--no-helper]] [--profile 120 [--sort cumulative]] [--stream 300 [--questions 2]]
 [--audit outputs/demo/v1]
 Run two commits side by side (a ``git worktree`` of the old one, each with its own PYTHONPATH)
 at the same time: then both see the same load.
@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--audit", default=None, help="time the audit of this published version instead")
     ap.add_argument("--threads", action="store_true", help="with --n: each thread's CPU per pair too (from "
                     "/proc, read every 0.25 s by a monitor thread whose own CPU is left out)")
+    ap.add_argument("--no-helper", action="store_true", help="with --n: no helper process (the driver "
+                    "computes the audit's statistics and fits itself, as before session 6): the same bytes")
     ap.add_argument("--sampler", action="store_true", help="the floor inside the old psutil RSS sampler "
                     "(bench/run.PeakRSS), its own CPU printed apart: compares with rows measured before s27encode")
     args = ap.parse_args()
@@ -231,6 +233,10 @@ def main() -> None:
     elif args.profile:
         profile(args.profile, args.top, args.sort)
     else:
+        if args.no_helper:
+            from counterfactory import helper_process
+
+            helper_process._failed = True  # as if it could not start: everything computed in the driver
         print(floor(args.n, args.sampler, args.threads))
 
 
