@@ -123,28 +123,23 @@ def helper_cpu() -> float:
     process (``counterfactory/helper_process.py``, a loky worker) and loky's resource tracker.
     A run in one process hands them the audit's statistics and fits, so the floor's CPU counts
     them beside its own (``process_time`` does not see a child)."""
-    total = 0.0
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "loky" in " ".join(p.cmdline() or []):
-                t = p.cpu_times()
-                total += t.user + t.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+    return sum(t.user + t.system for t in _of_loky("loky", lambda p: p.cpu_times()))
 
 
 def helper_rss() -> int:
     """Peak RSS of the helper process (the kernel's high-water mark, VmHWM: its RSS after a run is
     lower than while publish's fits ran there; its RSS now where /proc has no peak)."""
-    total = 0
+    return sum(_of_loky("popen_loky", _peak_rss))
+
+
+def _of_loky(mark: str, read):
+    """``read(p)`` of each child process of this one whose command line holds ``mark``."""
     for p in psutil.Process().children(recursive=True):
         try:
-            if "popen_loky" in " ".join(p.cmdline() or []):
-                total += _peak_rss(p)
+            if mark in " ".join(p.cmdline() or []):
+                yield read(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
 
 
 def _peak_rss(p: psutil.Process) -> int:

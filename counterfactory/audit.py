@@ -30,7 +30,7 @@ once, one small features file per shard that holds sampled keys, and small linea
 decodes and OpenCV filters (two per pair) ran on the workers (``cost``: seconds here and summed
 in the stream). A version without features (older, or ``from_shards``) is read from its shards.
 
-One module (~540 lines) because the four measures share one sample and one result; the image
+One module (~610 lines) because the four measures share one sample and one result; the image
 statistics live in ``audit_features``; the markdown and command-line renderings sit at its end.
 """
 

@@ -24,7 +24,7 @@ are made once per image size and cell range, the changed windows come from one i
 the channels' OR'd differences (session 5: ~3 % less, the same numbers; decoding and the changed
 windows' pixel work are ~7.5 of the ~11 ms: BENCHMARKS.md, part s28audit).
 
-~565 lines on purpose: the sample rule, the statistics and the features file are one contract
+~610 lines on purpose: the sample rule, the statistics and the features file are one contract
 between the writers and the audit (the same numbers from the stream and from a shard); the
 audit's fits live in ``audit``.
 """

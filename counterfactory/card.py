@@ -10,7 +10,7 @@ so they never change a content id; the PNGs are written without software/date me
 The markdown skeleton is ``CARD_TEMPLATE``; ``data_cards/TEMPLATE.md`` is a copy kept equal
 by a test.
 
-One module (~730 lines, a third of it the markdown template and the plot code) because the
+One module (~750 lines, a third of it the markdown template and the plot code) because the
 figures are computed once into one ``card`` dict that the markdown, ``card.json`` and the plots
 all render; it sits below the pipeline (the runner calls ``write_card`` at publish).
 """
@@ -719,7 +719,7 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     plots = render_plots(card)
     if pending is not None:
         attach_audit(card, helper_process.result(pending, audit.card_audit, vdir, cfg))
-    _gate(vdir, card)
+    _gate(card, cfg)
     (vdir / PLOTS_DIR).mkdir(exist_ok=True)
     for name, data in plots.items():
         atomic_write(vdir / name, data)
@@ -728,8 +728,7 @@ def write_card(vdir: Path, **_: Any) -> dict[str, Any]:
     return card
 
 
-def _gate(vdir: Path, card: dict[str, Any]) -> None:
-    cfg = yaml.safe_load((vdir / CONFIG).read_text()) if (vdir / CONFIG).exists() else {}
+def _gate(card: dict[str, Any], cfg: dict[str, Any]) -> None:
     warnings = (card.get("audit") or {}).get("warnings") or []
     if warnings and (cfg.get("failure_budget") or {}).get("refuse_on_audit"):
         more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""

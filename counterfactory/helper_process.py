@@ -147,8 +147,8 @@ def result(fut: Future | None, fn: Callable[..., Any], *args: Any) -> Any:
     if fut is not None:
         try:
             return fut.result()
-        except Exception:  # noqa: BLE001 - see the docstring: computed here, errors raised here
-            if fut.exception() is not None and _is_broken(fut.exception()):
+        except Exception as exc:  # noqa: BLE001 - see the docstring: computed here, errors raised here
+            if _is_broken(exc):
                 _give_up()
     return fn(*args)
 
@@ -159,9 +159,12 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _is_broken(exc: BaseException) -> bool:
+    """A dead or shut down pool (loky's TerminatedWorkerError is a BrokenProcessPool)."""
     from concurrent.futures.process import BrokenProcessPool
 
-    return isinstance(exc, BrokenProcessPool) or type(exc).__name__ in ("TerminatedWorkerError", "ShutdownExecutorError")
+    from loky.process_executor import ShutdownExecutorError
+
+    return isinstance(exc, BrokenProcessPool | ShutdownExecutorError)
 
 
 def _give_up() -> None:
@@ -185,7 +188,8 @@ def _at_exit() -> None:
 
 
 def shutdown() -> None:
-    """Stop the helper (at exit; tests). A later ``start`` starts a new one."""
+    """Stop the helper, its queue done first (tests; the interpreter's exit kills it instead:
+    ``_at_exit``). A later ``start`` starts a new one."""
     global _executor
     with _lock:
         ex, _executor = _executor, None

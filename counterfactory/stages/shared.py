@@ -4,7 +4,7 @@ control variant with its parameters, shape placing for inserts, detection masks.
 
 One copy of each: the image stages (``ingest``, ``segment``, ``edit``, ``verify``), the model
 backends (``models/*``) and the video package (``video/*``) import them from here. A little over
-~450 lines on purpose: one place to look for each helper, and the helpers build on one another
+~580 lines on purpose: one place to look for each helper, and the helpers build on one another
 (the morphology under the control region and the placement).
 """
 
